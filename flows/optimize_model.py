@@ -1,0 +1,41 @@
+"""``auto-opt``: one model, one target. Reads like the DAG: wiring only, no I/O, no numerics."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from grove.request import AutoOptRequest
+from tasks.capture_onnx import capture_onnx
+from tasks.download_model import download_model, resolve_source
+from tasks.evaluate import evaluate, fingerprint_text
+from tasks.package_genai import export_output, package_genai
+from tasks.publish_report import publish_report
+from tasks.quantize_int4 import quantize_int4
+
+__all__ = ["auto_opt"]
+
+
+@flow(name="auto-opt", log_prints=False)
+def auto_opt(request: AutoOptRequest) -> dict[str, object]:
+    """Source -> HF folder -> ONNX (reference) -> quantized -> evaluated -> packaged -> output path."""
+    source = resolve_source(request.model_name_or_path, request.revision)
+    text_sha = fingerprint_text(request.eval_data or "builtin:GPL-3")
+    hf_model = download_model(source, request.download, request.store)
+    reference = capture_onnx(hf_model, request.reference_capture)
+    reference_eval = evaluate(reference, request.evaluation(text_sha, gate=False))
+
+    if request.int4 is not None:
+        model = quantize_int4(reference, request.int4)
+    elif request.capture != request.reference_capture:
+        model = capture_onnx(hf_model, request.capture)
+    else:
+        model = reference
+    evaluation = (
+        evaluate(model, request.evaluation(text_sha, gate=True), reference=reference)
+        if model is not reference
+        else reference_eval
+    )
+    package = package_genai(model, evaluation, reference_eval, request.package)
+    report = export_output(package, request.output_path)
+    publish_report(report, request.output_path)
+    return report

@@ -1,0 +1,115 @@
+"""``grove``: Olive's command line, run as a cached Prefect DAG.
+
+Errors the user can fix print one line (``grove: error: ...``) and exit 2; nothing is left at
+the output path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from grove import __version__
+
+__all__ = ["main"]
+
+_LOG_LEVELS = {0: "DEBUG", 1: "INFO", 2: "WARNING", 3: "ERROR", 4: "CRITICAL"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    return int(args.run(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grove", description="Hardware-aware model optimization on Prefect.")
+    parser.add_argument("--version", action="version", version=f"grove {__version__}")
+    sub = parser.add_subparsers(title="commands")
+
+    p = sub.add_parser("auto-opt", help="optimize one model for one target (Olive's auto-opt)")
+    p.add_argument("-m", "--model_name_or_path", required=True,
+                   help="hub id, local HF folder, .gguf file, s3:// folder, or pkg:<module>/<path>")
+    p.add_argument("-o", "--output_path", required=True, help="folder to write the optimized model to")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--provider", choices=["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider"])
+    p.add_argument("--use_ort_genai", action="store_true", default=True,
+                   help="write an onnxruntime-genai folder (always on for decoder LLMs)")
+    p.add_argument("--precision", choices=["int4", "int8", "fp16", "fp32"], default="int4")
+    p.add_argument("--log_level", type=int, choices=range(5), default=1,
+                   help="0 debug, 1 info (default: shows each node), 2 warning, 3 error, 4 critical")
+    p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--task", default="text-generation")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default $GROVE_STORE or "
+                   "~/.cache/grove/store)")
+    p.add_argument("--int4_algorithm", choices=["affine", "rtn", "hqq", "k_quant", "builder"])
+    p.add_argument("--block_size", type=int, choices=[16, 32, 64, 128, 256], default=32)
+    p.add_argument("--symmetric", action="store_true", help="symmetric int4 blocks (rtn)")
+    p.add_argument("--eval_data", help="UTF-8 text file for perplexity (default: the GPL-3 text shipped with Grove)")
+    p.add_argument("--eval_tokens", type=int, default=2048, help="tokens scored for perplexity")
+    p.add_argument("--min_top1_agreement", type=float,
+                   help="fail if top-1 agreement with the fp32 model is lower than this")
+    p.set_defaults(run=_auto_opt)
+
+    s = sub.add_parser("server", help="the local Prefect server that grove starts on demand")
+    s.add_argument("action", choices=["status", "start", "stop"])
+    s.set_defaults(run=_server)
+    return parser
+
+
+def _auto_opt(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", _LOG_LEVELS[args.log_level])
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("grove").setLevel(_LOG_LEVELS[args.log_level])
+    from pydantic import ValidationError
+
+    from grove.errors import GroveError
+    from grove.request import AutoOptRequest
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("run", "log_level") and v is not None}
+    try:
+        request = AutoOptRequest(**fields)
+        from grove.runner import preflight, run_auto_opt
+
+        preflight(request)
+        report = run_auto_opt(request)
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        return _fail(f"invalid request: {problems}")
+    except GroveError as exc:
+        return _fail(str(exc))
+    from grove.report import format_report
+
+    print(format_report(report, request.output_path))
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from grove import server
+
+    if args.action == "stop":
+        print("stopped" if server.stop_server() else "no grove server is running")
+    elif args.action == "start":
+        server.ensure_api()
+        print(f"Prefect UI: {(server.server_status() or {}).get('ui_url')}")
+    else:
+        state = server.server_status()
+        print(f"running: UI {state['ui_url']}, API {state['api_url']}" if state else "not running")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"grove: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The few named errors Grove raises. Each message says what was asked, why it cannot work,
+and what to do instead; the CLI prints it as one line and exits non-zero."""
+
+from __future__ import annotations
+
+__all__ = [
+    "GroveError",
+    "InvalidRequest",
+    "ModelSourceError",
+    "MissingExtra",
+    "ParityError",
+    "StoreError",
+    "UnsupportedArchitecture",
+]
+
+
+class GroveError(Exception):
+    """Base class: an error the user can act on (never a bug)."""
+
+    exit_code = 2
+
+
+class InvalidRequest(GroveError):
+    """Flags or config that contradict each other or name something that does not exist."""
+
+
+class ModelSourceError(GroveError):
+    """The model cannot be found, read or trusted."""
+
+
+class StoreError(GroveError):
+    """The artifact store is unreachable, or an artifact in it is missing or corrupt."""
+
+
+class MissingExtra(GroveError):
+    def __init__(self, package: str, install_hint: str) -> None:
+        super().__init__(f"this step needs the Python package '{package}', which is not installed; {install_hint}")
+        self.package = package
+
+
+class UnsupportedArchitecture(GroveError):
+    def __init__(self, model_type: str, supported: list[str], path: str = "") -> None:
+        where = f" for the {path} path" if path else ""
+        super().__init__(
+            f"model_type '{model_type}' is not supported{where}; supported: {', '.join(supported)}. "
+            "Pick a model of one of these architectures, or open an issue with the model id."
+        )
+        self.model_type = model_type
+        self.supported = supported
+
+
+class ParityError(GroveError):
+    """A transformation changed the model's outputs beyond the tolerance for its precision."""
+
+    def __init__(self, what: str, measured: float, limit: float, detail: str = "") -> None:
+        super().__init__(
+            f"parity check failed: {what} = {measured:.4g}, limit {limit:.4g}{'; ' + detail if detail else ''}. "
+            "The transformed model does not match its reference; try a higher precision, a smaller block size, "
+            "or another algorithm, or relax the limit explicitly if this is expected."
+        )
+        self.what = what
+        self.measured = measured
+        self.limit = limit

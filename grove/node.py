@@ -1,0 +1,139 @@
+"""The node contract: run a node body once per recipe, commit its output, and let Prefect's
+task cache use the very same key.
+
+A task module defines a config (``StepConfig`` subclass) and a body
+``build(inputs: list[Path], config, out: Path) -> metrics``; its Prefect task calls
+:func:`run_node`. :data:`RECIPE_CACHE` is the task's cache policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prefect.cache_policies import CachePolicy
+from prefect.serializers import JSONSerializer
+
+from grove.artifacts import Artifact, Metric, Source, StepConfig, recipe_digest
+from grove.store import ArtifactStore
+
+__all__ = ["RECIPE_CACHE", "RESULT_SERIALIZER", "cache_key", "node_logger", "run_node", "store_for"]
+
+C = TypeVar("C", bound=StepConfig)
+Build = Callable[[list[Path], C, Path], Mapping[str, Metric]]
+
+_DECODER = "grove.node.decode_artifact_json"
+# Prefect's default JSON decoder imports any class a record names; ours only rebuilds
+# Grove's own artifact types, so a record in a shared bucket cannot import arbitrary code.
+RESULT_SERIALIZER = JSONSerializer(object_decoder=_DECODER)
+_ALLOWED_CLASSES = {"grove.artifacts.Artifact": Artifact, "grove.artifacts.Source": Source}
+
+_stores: dict[str, ArtifactStore] = {}
+
+
+def store_for(uri: str) -> ArtifactStore:
+    if uri not in _stores:
+        _stores[uri] = ArtifactStore(uri)
+    return _stores[uri]
+
+
+def decode_artifact_json(obj: dict[str, Any]) -> Any:
+    cls = _ALLOWED_CLASSES.get(obj.get("__class__", "")) if "__class__" in obj else None
+    if "__class__" in obj and cls is None:
+        raise ValueError(f"refusing to decode {obj['__class__']!r} from a result record")
+    return cls.model_validate(obj["data"]) if cls else obj
+
+
+def node_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The Prefect run logger inside a run, else the module logger (plain function calls)."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("grove")
+
+
+def _split_inputs(inputs: Mapping[str, Any]) -> tuple[StepConfig, list[Artifact | Source], str]:
+    config = next(v for v in inputs.values() if isinstance(v, StepConfig))
+    parents = [v for v in inputs.values() if isinstance(v, (Artifact, Source))]
+    store = inputs.get("store") or next(p.store for p in parents if isinstance(p, Artifact))
+    return config, parents, str(store)
+
+
+def cache_key(config: StepConfig, parents: list[Artifact | Source]) -> str:
+    return f"{config.NODE}-{recipe_digest(config, parents)}"
+
+
+@dataclass
+class _RecipeCache(CachePolicy):
+    """Key = recipe digest. Before Prefect looks the key up, make sure a hit is honest: the
+    artifact must be complete in the store and the record must be Grove-JSON; otherwise the
+    stale record is dropped so the task runs again."""
+
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        config, parents, uri = _split_inputs(inputs)
+        key = cache_key(config, parents)
+        store = store_for(uri)
+        digest = key.split("-")[-1]
+        if store.manifest(config.NODE, digest) is None or not _record_is_safe(store, key):
+            store.drop_result_record(key)
+        return key
+
+
+RECIPE_CACHE = _RecipeCache()
+
+
+def _record_is_safe(store: ArtifactStore, key: str) -> bool:
+    path = f"{store.root}/prefect-results/{key}"
+    try:
+        record = json.loads(store.fs.cat_file(path))
+    except FileNotFoundError:
+        return True
+    except ValueError:
+        return False
+    serializer = record.get("metadata", {}).get("serializer", {})
+    return serializer.get("type") == "json" and serializer.get("object_decoder") == _DECODER
+
+
+def run_node(config: C, parents: list[Artifact | Source], store_uri: str, build: Build[C]) -> Artifact:
+    """Build the artifact for (config, parents) unless the store already holds it."""
+    log = node_logger()
+    store = store_for(store_uri)
+    digest = recipe_digest(config, parents)
+    existing = store.manifest(config.NODE, digest)
+    if existing is not None:
+        log.info("%s/%s already in the store; reusing it", config.NODE, digest[:12])
+        return Artifact(node=config.NODE, digest=digest, store=store.uri, metrics=existing.metrics)
+    local_inputs = [store_for(p.store).fetch(p.node, p.digest) for p in parents if isinstance(p, Artifact)]
+    work = Path(tempfile.mkdtemp(prefix=f"grove-{config.NODE}-"))
+    try:
+        start = time.perf_counter()
+        metrics = dict(build(local_inputs, config, work))
+        seconds = time.perf_counter() - start
+        metrics.setdefault("seconds", round(seconds, 2))
+        manifest = store.commit(
+            work,
+            node=config.NODE,
+            node_version=config.VERSION,
+            digest=digest,
+            config=config.recipe(),
+            inputs=[p.digest for p in parents],
+            metrics=metrics,
+            seconds=seconds,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size_mb = sum(f.size for f in manifest.files) / 1e6
+    log.info("%s/%s built in %.1f s (%.1f MB)", config.NODE, digest[:12], seconds, size_mb)
+    return Artifact(node=config.NODE, digest=digest, store=store.uri, metrics=manifest.metrics)

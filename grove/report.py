@@ -1,0 +1,56 @@
+"""The auto-opt report as a terminal table and as Prefect artifacts (dashboard)."""
+
+from __future__ import annotations
+
+__all__ = ["ROWS", "format_report", "markdown_report", "table_rows"]
+
+ROWS = (
+    ("size_mb", "size on disk (MB)"),
+    ("perplexity", "perplexity"),
+    ("prefill_ms", "prefill (ms)"),
+    ("decode_tok_s", "decode (tokens/s)"),
+    ("top1_agreement", "top-1 agreement vs fp32"),
+)
+
+
+def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
+    metrics = report.get("metrics") or {}
+    reference = report.get("reference_fp32") or {}
+    assert isinstance(metrics, dict) and isinstance(reference, dict)
+    rows = []
+    for key, label in ROWS:
+        out, ref = metrics.get(key), reference.get(key)
+        ratio = round(out / ref, 3) if isinstance(out, (int, float)) and isinstance(ref, (int, float)) and ref else None
+        rows.append({"metric": label, "output": out, "fp32 reference": ref, "ratio": ratio})
+    return rows
+
+
+def format_report(report: dict[str, object], output_path: str) -> str:
+    target = report.get("target") or {}
+    assert isinstance(target, dict)
+    head = (f"Optimized {report.get('model')} -> {output_path}\n"
+            f"target: {target.get('device')}/{target.get('provider')} {target.get('precision')}"
+            + (f" ({target.get('int4_algorithm')}, block {target.get('block_size')})" if target.get("block_size") else ""))
+    rows = table_rows(report)
+    cols = ["metric", "output", "fp32 reference", "ratio"]
+    cells = [[_fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    metrics = report.get("metrics") or {}
+    sample = metrics.get("sample") if isinstance(metrics, dict) else None
+    tail = f"\nsample answer to the evaluation prompt:\n  {sample!s:.300}" if sample else ""
+    files = ", ".join(str(f) for f in report.get("files", []))  # type: ignore[union-attr]
+    return f"{head}\n\n" + "\n".join(lines) + f"\n\nfiles: {files}{tail}"
+
+
+def markdown_report(report: dict[str, object], output_path: str) -> str:
+    return "```\n" + format_report(report, output_path) + "\n```"
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

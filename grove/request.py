@@ -1,0 +1,105 @@
+"""The auto-opt request: every flag validated together before any work starts, then split
+into the typed configs of the nodes that will run."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from grove.store import default_store_uri
+from tasks.capture_onnx import CaptureConfig
+from tasks.download_model import DownloadConfig
+from tasks.evaluate import EvalConfig
+from tasks.package_genai import PackageConfig
+from tasks.quantize_int4 import Int4Algorithm, Int4Config
+
+__all__ = ["PROVIDER_DEVICE", "AutoOptRequest"]
+
+Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider"]
+Precision = Literal["int4", "int8", "fp16", "fp32"]
+PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "gpu", "DmlExecutionProvider": "gpu"}
+_EP_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
+
+
+class AutoOptRequest(BaseModel):
+    """What ``grove auto-opt`` was asked to do (Olive's flags plus Grove's own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_name_or_path: str = Field(description="hub id, local folder, .gguf file, s3:// folder or pkg:<module>/<path>")
+    output_path: str = Field(description="folder the optimized model is written to")
+    device: Literal["cpu", "gpu"] = Field("cpu", description="target hardware")
+    provider: Provider | None = Field(None, description="execution provider; default follows --device")
+    precision: Precision = Field("int4", description="weight precision of the output")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="allow the model's own Python code")
+    task: str = Field("text-generation", description="what the model is for")
+    use_ort_genai: bool = Field(True, description="produce an onnxruntime-genai folder (decoder LLMs)")
+    store: str = Field(default_factory=default_store_uri, description="artifact store URI (file path or s3://)")
+    int4_algorithm: Int4Algorithm | None = Field(None, description="int4 algorithm; default: affine on CPU, "
+                                                 "builder on GPU")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block")
+    symmetric: bool = Field(False, description="symmetric int4 blocks (rtn only)")
+    eval_data: str | None = Field(None, description="text file for perplexity (default: builtin GPL-3 text)")
+    eval_tokens: int = Field(2048, ge=16, description="tokens scored for perplexity")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="fail if parity with fp32 is lower")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AutoOptRequest:
+        problems = []
+        if self.provider and PROVIDER_DEVICE[self.provider] != self.device:
+            problems.append(f"--provider {self.provider} runs on {PROVIDER_DEVICE[self.provider]}, not "
+                            f"--device {self.device}; pass --device {PROVIDER_DEVICE[self.provider]} or another provider")
+        if self.precision == "fp16" and self.device == "cpu":
+            problems.append("--precision fp16 targets GPUs (onnxruntime's CPU kernels for these graphs are fp32); "
+                            "for CPU pass --precision int4, int8 or fp32")
+        if self.device == "gpu" and self.int4_algorithm not in (None, "builder"):
+            problems.append(f"--int4_algorithm {self.int4_algorithm} is for CPU graphs; on gpu use 'builder'")
+        if self.precision != "int4" and self.int4_algorithm is not None:
+            problems.append(f"--int4_algorithm applies to --precision int4, not {self.precision}")
+        if self.task not in ("text-generation", "text-generation-with-past"):
+            problems.append(f"--task {self.task} is not supported by auto-opt yet; supported: text-generation")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # -- node configs -------------------------------------------------------------------------
+    @property
+    def execution_provider(self) -> str:
+        return _EP_SHORT[self.provider or ("CUDAExecutionProvider" if self.device == "gpu" else "CPUExecutionProvider")]
+
+    @property
+    def download(self) -> DownloadConfig:
+        return DownloadConfig(trust_remote_code=self.trust_remote_code)
+
+    @property
+    def reference_capture(self) -> CaptureConfig:
+        precision = "fp32" if self.execution_provider == "cpu" else "fp16"
+        return CaptureConfig(precision=precision, execution_provider=self.execution_provider)  # type: ignore[arg-type]
+
+    @property
+    def capture(self) -> CaptureConfig:
+        return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider)  # type: ignore[arg-type]
+
+    @property
+    def int4(self) -> Int4Config | None:
+        """The int4 node's config, or None when the builder quantizes (or no int4 is asked)."""
+        algorithm = self.int4_algorithm or ("affine" if self.device == "cpu" else "builder")
+        if self.precision != "int4" or algorithm == "builder":
+            return None
+        return Int4Config(algorithm=algorithm, block_size=self.block_size, symmetric=self.symmetric)
+
+    def evaluation(self, text_sha256: str, *, gate: bool) -> EvalConfig:
+        from tasks._decoder_io import BUILTIN_TEXT
+
+        return EvalConfig(text=self.eval_data or BUILTIN_TEXT, text_sha256=text_sha256, ppl_tokens=self.eval_tokens,
+                          provider=self.execution_provider,  # type: ignore[arg-type]
+                          min_top1_agreement=self.min_top1_agreement if gate else None)
+
+    @property
+    def package(self) -> PackageConfig:
+        int4 = self.int4
+        algorithm = int4.algorithm if int4 else ("builder" if self.precision == "int4" else None)
+        return PackageConfig(model=self.model_name_or_path, target={
+            "device": self.device, "provider": self.execution_provider, "precision": self.precision,
+            "int4_algorithm": algorithm, "block_size": int4.block_size if int4 else None})

@@ -1,0 +1,158 @@
+"""The embedded Prefect API: one local server shared by every ``grove`` command.
+
+Prefect's own ephemeral mode starts a temporary server inside each process (8-12 s here, every
+time). Grove instead starts one ``prefect server start`` on loopback the first time it is
+needed, records its URL in ``$GROVE_HOME/server.json``, and reuses it from then on; the server
+stops itself after ``GROVE_SERVER_IDLE`` seconds (default 3600) without a grove command. The
+UI is therefore there for a user who wants to look (``grove server status`` prints its URL).
+A ``PREFECT_API_URL`` in the environment always wins: then Grove uses that server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["ensure_api", "grove_home", "server_status", "stop_server"]
+
+
+def grove_home() -> Path:
+    return Path(os.environ.get("GROVE_HOME", Path.home() / ".grove"))
+
+
+def _state_file() -> Path:
+    return grove_home() / "server.json"
+
+
+def _healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:  # noqa: S310 - loopback only
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _touch() -> None:
+    (grove_home() / "last-used").touch()
+
+
+def server_status() -> dict[str, object] | None:
+    """The running embedded server's state, or None."""
+    try:
+        state: dict[str, object] = json.loads(_state_file().read_text())
+    except (OSError, ValueError):
+        return None
+    return state if _healthy(str(state["api_url"])) else None
+
+
+@contextlib.contextmanager
+def _lock() -> Iterator[None]:
+    grove_home().mkdir(parents=True, exist_ok=True)
+    with open(grove_home() / "server.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_api(timeout: float = 120.0) -> str:
+    """Point this process at a Prefect API (starting the embedded server if needed)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    with _lock():
+        state = server_status()
+        if state is None:
+            state = _start(timeout)
+    _touch()
+    url = str(state["api_url"])
+    os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+def _start(timeout: float) -> dict[str, object]:
+    home = grove_home()
+    port = _free_port()
+    log = open(home / "server.log", "ab")  # noqa: SIM115 - handed to the daemon
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "grove.server", "--serve", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + timeout
+    print(f"grove: starting the local Prefect server on 127.0.0.1:{port} (once; reused by later runs)",
+          file=sys.stderr)
+    while not _healthy(url, timeout=1.0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the local Prefect server did not start; see {home / 'server.log'}")
+        time.sleep(0.3)
+    state = {"pid": proc.pid, "port": port, "api_url": url, "ui_url": f"http://127.0.0.1:{port}"}
+    _state_file().write_text(json.dumps(state))
+    return state
+
+
+def stop_server() -> bool:
+    state = server_status()
+    if state is None:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(int(str(state["pid"])), signal.SIGTERM)
+    _state_file().unlink(missing_ok=True)
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(port: int) -> int:
+    """Daemon body: run ``prefect server start`` and stop it once grove has been idle."""
+    home = grove_home()
+    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false")
+    env.pop("PREFECT_API_URL", None)
+    idle = float(os.environ.get("GROVE_SERVER_IDLE", "3600"))
+    child = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--analytics-off"],
+        env=env, stdin=subprocess.DEVNULL,
+    )
+
+    def _stop(*_: object) -> None:
+        child.terminate()
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while child.poll() is None:
+            time.sleep(5)
+            last = (home / "last-used").stat().st_mtime if (home / "last-used").exists() else time.time()
+            if time.time() - last > idle:
+                child.terminate()
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=20)
+        if child.poll() is None:
+            child.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m grove.server")
+    parser.add_argument("--serve", action="store_true")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    sys.exit(_serve(args.port))

@@ -1,0 +1,265 @@
+"""Content-addressed artifact store over fsspec (``file://`` and ``s3://``).
+
+Layout under the store root::
+
+    artifacts/<node>/<digest>/<files...>
+    artifacts/<node>/<digest>/manifest.json      <- written last: the commit point
+    prefect-results/<node>-<digest>               <- Prefect's cache record (JSON)
+
+An artifact exists only once its manifest exists and every file it lists has the listed
+size. Anything else (a crashed upload, a deleted file) is treated as absent and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from grove.errors import StoreError
+
+if TYPE_CHECKING:
+    import fsspec
+
+__all__ = ["ArtifactStore", "FileEntry", "Manifest", "default_store_uri", "sha256_file"]
+
+MANIFEST = "manifest.json"
+_CHUNK = 8 * 1024 * 1024
+
+
+def default_store_uri() -> str:
+    """``$GROVE_STORE`` or ``~/.cache/grove/store``."""
+    env = os.environ.get("GROVE_STORE")
+    if env:
+        return env
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grove" / "store")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    path: str
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """What an artifact is, where it came from, and what it measured."""
+
+    model_config = ConfigDict(frozen=True)
+    node: str
+    node_version: int
+    digest: str
+    config: dict[str, object] = Field(default_factory=dict)
+    inputs: list[str] = Field(default_factory=list, description="digests of the input artifacts")
+    files: list[FileEntry]
+    metrics: dict[str, object] = Field(default_factory=dict)
+    created_at: float
+    seconds: float = Field(description="wall time the node took to build this artifact")
+
+
+class ArtifactStore:
+    """One store root. Cheap to construct; holds an fsspec filesystem."""
+
+    def __init__(self, uri: str | None = None) -> None:
+        import fsspec.core
+
+        uri = uri or default_store_uri()
+        if "://" not in uri:
+            uri = str(Path(uri).expanduser().resolve())
+        self.uri = uri.rstrip("/")
+        fs, root = fsspec.core.url_to_fs(self.uri, **_storage_options(self.uri))
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.root: str = root.rstrip("/")
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.is_local = isinstance(fs, LocalFileSystem)
+
+    # -- paths ------------------------------------------------------------------------------
+    def artifact_path(self, node: str, digest: str) -> str:
+        return f"{self.root}/artifacts/{node}/{digest}"
+
+    def local_path(self, node: str, digest: str) -> Path:
+        if not self.is_local:
+            raise StoreError(f"{self.uri} is not a local store")
+        return Path(self.artifact_path(node, digest))
+
+    def check_reachable(self) -> None:
+        """Raise StoreError naming the cause if the store cannot be written."""
+        probe = f"{self.root}/.grove-probe-{uuid.uuid4().hex}"
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe(probe, b"ok")
+            self.fs.rm(probe)
+        except Exception as exc:  # noqa: BLE001 - any backend failure means "unusable store"
+            hint = (
+                "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and that the bucket exists"
+                if self.uri.startswith("s3://")
+                else "check the path exists and is writable, or pass --store"
+            )
+            raise StoreError(f"artifact store {self.uri} is not usable: {exc.__class__.__name__}: {exc}; {hint}") from exc
+
+    # -- read side --------------------------------------------------------------------------
+    def manifest(self, node: str, digest: str) -> Manifest | None:
+        """The manifest if the artifact is complete, else None (a partial artifact is absent)."""
+        base = self.artifact_path(node, digest)
+        try:
+            raw = self.fs.cat_file(f"{base}/{MANIFEST}")
+        except FileNotFoundError:
+            return None
+        try:
+            manifest = Manifest.model_validate_json(raw)
+        except ValueError:
+            return None
+        try:
+            listing = {
+                _relative(info["name"], base): int(info.get("size") or 0)
+                for info in self.fs.find(base, detail=True).values()
+            }
+        except FileNotFoundError:
+            return None
+        for entry in manifest.files:
+            if listing.get(entry.path) != entry.size:
+                return None
+        return manifest
+
+    def fetch(self, node: str, digest: str, cache_dir: Path | None = None) -> Path:
+        """A local folder holding the artifact's files (the store itself when local)."""
+        manifest = self.manifest(node, digest)
+        if manifest is None:
+            raise StoreError(f"artifact {node}/{digest[:12]} is missing or incomplete in {self.uri}")
+        if self.is_local:
+            return Path(self.artifact_path(node, digest))
+        cache_dir = cache_dir or Path(default_store_uri()).parent / "fetched"
+        dest = cache_dir / node / digest
+        if (dest / MANIFEST).exists():
+            return dest
+        staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=_ensure(cache_dir / node)))
+        for entry in manifest.files:
+            target = staging / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(f"{self.artifact_path(node, digest)}/{entry.path}", str(target))
+            if sha256_file(target) != entry.sha256:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise StoreError(f"{node}/{digest[:12]}/{entry.path}: checksum mismatch after download")
+        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        try:
+            staging.rename(dest)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+        return dest
+
+    # -- write side -------------------------------------------------------------------------
+    def commit(
+        self,
+        local_dir: Path,
+        *,
+        node: str,
+        node_version: int,
+        digest: str,
+        config: dict[str, object],
+        inputs: list[str],
+        metrics: dict[str, object],
+        seconds: float,
+    ) -> Manifest:
+        """Upload every file of ``local_dir``, then the manifest. Returns the manifest."""
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+        if not files:
+            raise StoreError(f"node {node} produced no files")
+        entries = [
+            FileEntry(path=p.relative_to(local_dir).as_posix(), size=p.stat().st_size, sha256=sha256_file(p))
+            for p in files
+        ]
+        manifest = Manifest(
+            node=node,
+            node_version=node_version,
+            digest=digest,
+            config=config,
+            inputs=inputs,
+            files=entries,
+            metrics=metrics,
+            created_at=time.time(),
+            seconds=round(seconds, 3),
+        )
+        base = self.artifact_path(node, digest)
+        if self.is_local:
+            self._commit_local(local_dir, Path(base), manifest)
+        else:
+            for path, entry in zip(files, entries, strict=True):
+                self.fs.put_file(str(path), f"{base}/{entry.path}")
+            self.fs.pipe(f"{base}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
+        return manifest
+
+    def _commit_local(self, local_dir: Path, base: Path, manifest: Manifest) -> None:
+        # Stage beside the final place, then rename: readers see all files or none.
+        base.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{base.name[:12]}-", dir=base.parent))
+        for entry in manifest.files:
+            src, dst = local_dir / entry.path, staging / entry.path
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)  # same filesystem: free; node outputs are never modified again
+            except OSError:
+                shutil.copy2(src, dst)
+        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        if base.exists():  # an incomplete leftover, or a concurrent identical commit
+            shutil.rmtree(base, ignore_errors=True)
+        try:
+            staging.rename(base)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def discard(self, node: str, digest: str) -> None:
+        """Remove an artifact (used when a cached entry is found incomplete)."""
+        base = self.artifact_path(node, digest)
+        if self.fs.exists(base):
+            self.fs.rm(base, recursive=True)
+
+    # -- Prefect result records -------------------------------------------------------------
+    @property
+    def results_uri(self) -> str:
+        return f"{self.uri}/prefect-results"
+
+    def drop_result_record(self, key: str) -> None:
+        path = f"{self.root}/prefect-results/{key}"
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+
+def _relative(name: str, base: str) -> str:
+    name = name.replace("\\", "/")
+    base = base.replace("\\", "/").rstrip("/")
+    idx = name.find(base)
+    return name[idx + len(base) + 1 :] if idx >= 0 else name
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _storage_options(uri: str) -> dict[str, object]:
+    # s3fs reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY itself; the endpoint is explicit so
+    # that MinIO, rclone or moto work with the same variable the AWS CLI uses.
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        opts: dict[str, object] = {"use_listings_cache": False}
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+    return {}

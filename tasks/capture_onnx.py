@@ -1,0 +1,84 @@
+"""Node ``capture-onnx`` for decoder LLMs: onnxruntime-genai's model builder turns a Hugging
+Face folder into ``model.onnx`` + ``model.onnx.data`` + ``genai_config.json`` + tokenizer
+files, the layout onnxruntime-genai loads (what Olive's ModelBuilder pass produces)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from prefect import task
+from pydantic import Field
+
+from grove.artifacts import Artifact, StepConfig
+from grove.errors import ModelSourceError
+from grove.node import RECIPE_CACHE, node_logger, run_node
+from tasks.registry import arch_spec
+
+__all__ = ["CaptureConfig", "capture_onnx"]
+
+BuilderPrecision = Literal["fp32", "fp16", "int8", "int4"]
+BuilderProvider = Literal["cpu", "cuda", "dml"]
+
+
+class CaptureConfig(StepConfig):
+    NODE = "capture-onnx"
+    VERSION = 1
+    precision: BuilderPrecision = Field("fp32", description="weight precision the builder writes")
+    execution_provider: BuilderProvider = Field("cpu", description="provider the graph is built for")
+
+    @classmethod
+    def cpu(cls) -> CaptureConfig:
+        return cls(precision="fp32", execution_provider="cpu")
+
+    @classmethod
+    def cuda(cls) -> CaptureConfig:
+        return cls(precision="fp16", execution_provider="cuda")
+
+
+@task(name="capture-onnx", cache_policy=RECIPE_CACHE)
+def capture_onnx(model: Artifact, config: CaptureConfig) -> Artifact:
+    """HF folder artifact -> genai model folder artifact."""
+    return run_node(config, [model], model.store, _capture)
+
+
+def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, object]:
+    from onnxruntime_genai.models import builder
+
+    (hf_dir,) = inputs
+    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type", "")
+    arch_spec(model_type)  # raises UnsupportedArchitecture with the supported list
+    chatter = io.StringIO()
+    # The builder prints progress to stdout; keep it for the log instead of the terminal.
+    with (tempfile.TemporaryDirectory(prefix="grove-builder-") as cache, contextlib.redirect_stdout(chatter),
+          contextlib.redirect_stderr(chatter)):
+        try:
+            extra = builder.parse_extra_options(None, str(hf_dir), str(out), config.precision,
+                                                config.execution_provider, str(cache), [])
+            builder.create_model(None, str(hf_dir), str(out), config.precision, config.execution_provider,
+                                 str(cache), **extra)
+        except (ValueError, NotImplementedError, KeyError) as exc:
+            raise ModelSourceError(f"the onnxruntime-genai model builder cannot export this {model_type} model "
+                                   f"({exc.__class__.__name__}: {exc})") from exc
+    logging.getLogger("grove.builder").debug(chatter.getvalue()[-4000:])
+    _copy_chat_template(hf_dir, out)
+    node_logger().info("captured %s at %s for %s", model_type, config.precision, config.execution_provider)
+    return {"model_type": model_type, "precision": config.precision, "nodes": _node_count(out / "model.onnx")}
+
+
+def _copy_chat_template(hf_dir: Path, out: Path) -> None:
+    # genai reads the template from tokenizer_config.json; some models keep it in a .jinja file.
+    src = hf_dir / "chat_template.jinja"
+    if src.exists() and not (out / src.name).exists():
+        (out / src.name).write_text(src.read_text())
+
+
+def _node_count(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)

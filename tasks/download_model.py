@@ -1,0 +1,116 @@
+"""Node ``download-model``: bring a resolved source into the store as a clean Hugging Face
+folder (config, safetensors, tokenizer, chat template). GGUF files are dequantized to fp32
+here, so every later node sees one format."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from prefect import task
+from pydantic import Field
+
+from grove.artifacts import Artifact, Source, StepConfig
+from grove.errors import ModelSourceError
+from grove.node import RECIPE_CACHE, node_logger, run_node
+from tasks import _sources
+from tasks.registry import arch_spec
+
+__all__ = ["DownloadConfig", "download_model", "resolve_source"]
+
+
+class DownloadConfig(StepConfig):
+    NODE = "download-model"
+    VERSION = 1
+    trust_remote_code: bool = Field(False, description="allow the model's own Python code (hub models only)")
+
+
+@task(name="resolve-source", retries=2, retry_delay_seconds=[2, 5], persist_result=False)
+def resolve_source(name_or_path: str, revision: str | None = None) -> Source:
+    """Pin the source to exact bytes (hub commit or file hashes). Never cached: this is what
+    detects upstream change."""
+    source = _sources.resolve(name_or_path, revision)
+    arch_spec(source.model_type)  # unsupported architectures stop here, before any download
+    return source
+
+
+@task(name="download-model", cache_policy=RECIPE_CACHE, retries=0)
+def download_model(source: Source, config: DownloadConfig, store: str) -> Artifact:
+    return run_node(config, [source], store, lambda _inputs, cfg, out: _download(source, cfg, out))
+
+
+def _download(source: Source, config: DownloadConfig, out: Path) -> dict[str, object]:
+    log = node_logger()
+    if source.kind == "gguf":
+        _convert_gguf(Path(source.location), out)
+    else:
+        folder = _fetch_folder(source, config)
+        for rel in source.files:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / rel, out / rel)
+        _check_safetensors(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log.info("model %s (%s) ready: %.1f MB", source.location, source.model_type, size / 1e6)
+    return {"model_type": source.model_type, "source": source.location, "source_digest": source.digest}
+
+
+def _fetch_folder(source: Source, config: DownloadConfig) -> Path:
+    if source.kind == "local":
+        return Path(source.location)
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        patterns = _sources.HUB_PATTERNS + (["*.py"] if config.trust_remote_code else [])
+        return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns))
+    from grove.store import ArtifactStore
+
+    s3 = ArtifactStore(source.location)
+    local = Path.home() / ".cache" / "grove" / "s3-sources" / source.digest
+    for rel in source.files:
+        if not (local / rel).exists():
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            s3.fs.get_file(f"{s3.root}/{rel}", str(local / rel))
+    return local
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Read every safetensors header and check the file holds all the bytes it declares."""
+    import json
+    import struct
+
+    for path in folder.rglob("*.safetensors"):
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if path.stat().st_size < 8 + n + end:
+                raise ValueError(f"file has {path.stat().st_size} bytes, header declares {8 + n + end}")
+        except (ValueError, KeyError, struct.error, UnicodeDecodeError, MemoryError) as exc:
+            raise ModelSourceError(f"'{path.name}' is not a valid safetensors file ({exc}); the weights are "
+                                   "corrupt or truncated: download the model again") from exc
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    # transformers dequantizes GGUF to fp32, but (5.x) refuses to save a GGUF-loaded model
+    # ("quantized with gguf and is not serializable"): rebuild a plain model from its config
+    # and copy the state dict across.
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad files
+        raise ModelSourceError(f"transformers could not load '{path}' ({exc.__class__.__name__}: {exc}); "
+                               "the GGUF is corrupt or of an architecture transformers cannot dequantize") from exc
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ModelSourceError(f"'{path}': GGUF tensors do not match the config (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+    clean.tie_weights()
+    clean.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

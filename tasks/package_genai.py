@@ -1,0 +1,107 @@
+"""Node ``package-genai``: the final output folder (model, genai_config.json, tokenizer files,
+chat template, ``grove_report.json``) as one artifact, and ``export-output``, which copies it
+to the user's output path atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from prefect import task
+from pydantic import Field
+
+from grove import __version__
+from grove.artifacts import Artifact, StepConfig
+from grove.errors import InvalidRequest
+from grove.node import RECIPE_CACHE, node_logger, run_node, store_for
+
+__all__ = ["PackageConfig", "export_output", "package_genai"]
+
+REPORT = "grove_report.json"
+
+
+class PackageConfig(StepConfig):
+    NODE = "package-genai"
+    VERSION = 1
+    model: str = Field(description="what the user asked for (hub id or path), for the report")
+    target: dict[str, str | int | None] = Field(description="device, provider, precision, algorithm, block size")
+
+
+@task(name="package-genai", cache_policy=RECIPE_CACHE)
+def package_genai(model: Artifact, evaluation: Artifact, reference: Artifact, config: PackageConfig) -> Artifact:
+    """Model folder + its evaluation + the fp32 reference's evaluation -> output folder artifact."""
+    return run_node(config, [model, evaluation, reference], model.store, _package)
+
+
+def _package(inputs: list[Path], config: PackageConfig, out: Path) -> dict[str, object]:
+    model_dir, eval_dir, ref_dir = inputs
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "manifest.json":
+            shutil.copy2(f, out / f.name)
+    metrics = json.loads((eval_dir / "eval.json").read_text())
+    reference = json.loads((ref_dir / "eval.json").read_text())
+    report = {
+        "grove_version": __version__,
+        "model": config.model,
+        "target": config.target,
+        "metrics": metrics,
+        "reference_fp32": reference,
+        "ratios": {
+            "size_vs_fp32": _ratio(metrics.get("size_mb"), reference.get("size_mb")),
+            "perplexity_vs_fp32": _ratio(metrics.get("perplexity"), reference.get("perplexity")),
+            "decode_speed_vs_fp32_onnx": _ratio(metrics.get("decode_tok_s"), reference.get("decode_tok_s")),
+        },
+        "lineage": [_lineage(d) for d in inputs],
+        "files": sorted(f.name for f in out.iterdir()),
+    }
+    (out / REPORT).write_text(json.dumps(report, indent=2))
+    return {k: v for k, v in metrics.items() if k != "sample"}
+
+
+def _ratio(a: object, b: object) -> float | None:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return round(a / b, 4)
+    return None
+
+
+def _lineage(folder: Path) -> dict[str, object]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {k: manifest[k] for k in ("node", "node_version", "digest", "inputs", "config", "seconds")}
+
+
+@task(name="export-output", persist_result=False)
+def export_output(package: Artifact, output_path: str) -> dict[str, object]:
+    """Copy the package to ``output_path`` (replacing an earlier Grove output there) and return
+    the report. Written beside the target and renamed, so a failure leaves nothing half-written."""
+    target = Path(output_path).expanduser().resolve()
+    if target.exists() and any(target.iterdir()) and not (target / REPORT).exists():
+        raise InvalidRequest(f"output path {target} exists and is not a Grove output; choose an empty or new folder")
+    src = store_for(package.store).fetch(package.node, package.digest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.grove-", dir=target.parent))
+    try:
+        for f in src.iterdir():
+            if f.is_file() and f.name != "manifest.json":
+                _copy_file(f, staging / f.name)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    node_logger().info("wrote %s", target)
+    report: dict[str, object] = json.loads((target / REPORT).read_text())
+    return report
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    # A copy, not a hard link: users edit their outputs, and the store must stay intact.
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as exc:
+        raise InvalidRequest(f"cannot write {dst.parent}: {exc.strerror}; free some space or choose another "
+                             "--output_path") from exc
+    os.chmod(dst, 0o644)

@@ -1,0 +1,22 @@
+"""Task ``publish-report``: the run's metrics as Prefect artifacts, so the dashboard shows a
+metrics table and a readable report on the flow run's page."""
+
+from __future__ import annotations
+
+import re
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from grove.report import markdown_report, table_rows
+
+__all__ = ["publish_report"]
+
+
+@task(name="publish-report", persist_result=False)
+def publish_report(report: dict[str, object], output_path: str) -> None:
+    slug = re.sub(r"[^a-z0-9-]+", "-", str(report.get("model", "model")).lower()).strip("-")[-40:] or "model"
+    create_table_artifact(key=f"metrics-{slug}", table=table_rows(report),
+                          description=f"auto-opt metrics for {report.get('model')}")
+    create_markdown_artifact(key=f"report-{slug}", markdown=markdown_report(report, output_path),
+                             description=f"auto-opt report for {report.get('model')}")

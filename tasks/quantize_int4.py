@@ -1,0 +1,110 @@
+"""Node ``quantize-int4``: rewrite the constant-weight MatMuls of a genai ONNX model as 4-bit
+``MatMulNBits`` blocks. The other files of the model folder (genai_config.json, tokenizer,
+chat template) are carried over unchanged."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from prefect import task
+from pydantic import Field, model_validator
+
+from grove.artifacts import Artifact, StepConfig
+from grove.errors import InvalidRequest
+from grove.node import RECIPE_CACHE, node_logger, run_node
+
+__all__ = ["INT4_ALGORITHMS", "Int4Config", "quantize_int4"]
+
+Int4Algorithm = Literal["affine", "rtn", "hqq", "k_quant", "builder"]
+INT4_ALGORITHMS: tuple[str, ...] = ("affine", "rtn", "hqq", "k_quant", "builder")
+
+
+class Int4Config(StepConfig):
+    NODE = "quantize-int4"
+    VERSION = 1
+    algorithm: Int4Algorithm = Field(
+        "affine",
+        description="affine: min/max blocks with a float zero point, run on the fast integer kernel plus a "
+        "block-sum correction (Grove); rtn: onnxruntime round-to-nearest; hqq: half-quadratic (accurate, slow "
+        "CPU kernel); k_quant: onnxruntime k-quant; builder: onnxruntime-genai builder's own int4",
+    )
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weights per quantization block; "
+                                                      "smaller = more accurate, larger file")
+    symmetric: bool = Field(False, description="symmetric blocks (no zero point); rtn only")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type; 4 = int8 "
+                                                   "activations, fastest on CPU")
+
+    @model_validator(mode="after")
+    def _check(self) -> Int4Config:
+        if self.symmetric and self.algorithm not in ("rtn", "builder"):
+            raise ValueError(f"symmetric=True applies to rtn only; {self.algorithm} chooses its own zero points")
+        return self
+
+    @classmethod
+    def cpu(cls) -> Int4Config:
+        return cls(algorithm="affine", block_size=32, accuracy_level=4)
+
+    @classmethod
+    def cuda(cls) -> Int4Config:
+        return cls(algorithm="builder", block_size=32, accuracy_level=4)
+
+
+@task(name="quantize-int4", cache_policy=RECIPE_CACHE)
+def quantize_int4(model: Artifact, config: Int4Config) -> Artifact:
+    """fp32 genai model -> int4 genai model. Never mutates the input artifact."""
+    if config.algorithm == "builder":
+        raise InvalidRequest("algorithm 'builder' quantizes during capture; use capture_onnx(precision='int4')")
+    return run_node(config, [model], model.store, _quantize)
+
+
+def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, object]:
+    (src,) = inputs
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model.onnx") and f.name != "manifest.json":
+            shutil.copy2(f, out / f.name)
+    if config.algorithm == "affine":
+        from tasks import _int4_affine
+
+        stats = _int4_affine.quantize(src / "model.onnx", out / "model.onnx", block_size=config.block_size,
+                                      accuracy_level=config.accuracy_level)
+    else:
+        stats = _quantize_ort(src / "model.onnx", out / "model.onnx", config)
+    node_logger().info("int4 %s block %d: %s", config.algorithm, config.block_size, stats)
+    return {"algorithm": config.algorithm, "block_size": config.block_size, **stats}
+
+
+def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]:
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    algo: mnq.WeightOnlyQuantConfig
+    if config.algorithm == "hqq":
+        algo = mnq.HQQWeightOnlyQuantConfig(block_size=config.block_size)
+    elif config.algorithm == "k_quant":
+        algo = mnq.KQuantWeightOnlyQuantConfig()
+    else:
+        algo = mnq.DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
+                                                accuracy_level=config.accuracy_level)
+    quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(src)), block_size=config.block_size,
+                                         is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
+                                         algo_config=algo)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
+    _rename_external_data(dst)
+    n = sum(1 for node in quantizer.model.model.graph.node if node.op_type == "MatMulNBits")
+    return {"matmuls_quantized": n}
+
+
+def _rename_external_data(model_path: Path) -> None:
+    # onnxruntime's save writes "<name>.onnx.data" already in 1.32; older versions used other
+    # names. genai expects model.onnx.data, so normalise when needed.
+    expected = model_path.with_name(model_path.name + ".data")
+    if expected.exists():
+        return
+    import onnx
+
+    model = onnx.load(str(model_path))
+    onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=expected.name)

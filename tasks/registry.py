@@ -1,0 +1,38 @@
+"""What Grove supports, as data: architectures by Hugging Face ``model_type``.
+
+Nothing registers itself on import; adding an architecture is one line here plus a tiny
+model in ``tests/tiny_models.py`` that proves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from grove.errors import UnsupportedArchitecture
+
+__all__ = ["ARCHITECTURES", "ArchSpec", "arch_spec"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    path: str  # "decoder": onnxruntime-genai model builder; "encoder": torch.onnx export
+    gguf: bool = False  # transformers can load this architecture from a GGUF file
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec("decoder", gguf=True),
+    "mistral": ArchSpec("decoder", gguf=True),
+    "qwen2": ArchSpec("decoder", gguf=True),
+    "qwen3": ArchSpec("decoder", gguf=True),
+    "phi3": ArchSpec("decoder", gguf=True),
+    "gemma": ArchSpec("decoder"),
+    "gemma2": ArchSpec("decoder", gguf=True),
+}
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    """The spec for ``model_type``; raises UnsupportedArchitecture listing what is supported."""
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise UnsupportedArchitecture(model_type, sorted(ARCHITECTURES))
+    return spec
