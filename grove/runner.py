@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grove.errors import InvalidRequest
 from grove.request import AutoOptRequest
 from grove.store import ArtifactStore
 
-__all__ = ["preflight", "result_storage", "run_auto_opt"]
+if TYPE_CHECKING:
+    from prefect.states import State
+
+__all__ = ["preflight", "result_storage", "run_auto_opt", "run_auto_opt_state"]
 
 
 def preflight(request: AutoOptRequest) -> None:
@@ -48,15 +52,23 @@ def result_storage(store_uri: str) -> object:
 
 
 def run_auto_opt(request: AutoOptRequest) -> dict[str, object]:
+    """Run the auto-opt flow against the configured (or embedded) Prefect API; returns the report."""
+    state = run_auto_opt_state(request)
+    report: dict[str, object] = state.result()
+    return report
+
+
+def run_auto_opt_state(request: AutoOptRequest) -> State:
+    """Like run_auto_opt, but returns the flow run's final state (tests read its task runs)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from grove.server import ensure_api
 
-    # Prefect reads its settings at import, which happened before the API was known.
+    # Prefect reads its settings at import, which may have happened before the API was known.
     with temporary_settings(updates={PREFECT_API_URL: ensure_api()}):
         from flows.optimize_model import auto_opt
         from grove.node import RESULT_SERIALIZER
 
         flow = auto_opt.with_options(result_storage=result_storage(request.store),  # type: ignore[arg-type]
                                      result_serializer=RESULT_SERIALIZER, persist_result=True)
-        return flow(request)
+        return flow(request, return_state=True)

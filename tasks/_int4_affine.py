@@ -44,10 +44,11 @@ _MS = "com.microsoft"
 class QuantizedWeight:
     """One weight in MatMulNBits layout (N output columns, nb = K / block_size blocks)."""
 
-    packed: np.ndarray  # uint8 [N, nb, block_size / 2], element 2i in the low nibble
+    packed: np.ndarray  # uint8 [N, nb, block_size * bits / 8]; 4 bits: element 2i in the low nibble
     scales: np.ndarray  # float32 [N, nb]
-    zero_points: np.ndarray | None  # uint8 [N, ceil(nb / 2)], block 2j in the low nibble; None = 8
+    zero_points: np.ndarray | None  # uint8 [N, ceil(nb / 2)], block 2j in the low nibble; None = 2**(bits-1)
     correction: np.ndarray | None  # float32 [nb, N]: C = -s * (z - round(z)); None = exact
+    bits: int = 4
 
 
 def _pack_nibbles(v: np.ndarray) -> np.ndarray:
@@ -66,12 +67,25 @@ def _minmax_scale(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s, -lo / s
 
 
-def quantize_weight(w: np.ndarray, block_size: int = 32, mode: str = "affine") -> QuantizedWeight:
-    """Quantize a [K, N] fp32 weight (K divisible by block_size) to 4 bits, blocks along K."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+def _quantize_int8(blocks: np.ndarray) -> QuantizedWeight:
+    """Symmetric 8 bits, s = absmax / 127 (the GGUF Q8_0 grid), stored with offset 128."""
+    s = np.abs(blocks).max(-1) / 127
+    s = np.where(s == 0, 1.0, s).astype(np.float32)
+    q = np.clip(np.rint(blocks / s[..., None]), -127, 127) + 128
+    return QuantizedWeight(q.astype(np.uint8), s, None, None, bits=8)
+
+
+def quantize_weight(w: np.ndarray, block_size: int = 32, mode: str = "affine", bits: int = 4) -> QuantizedWeight:
+    """Quantize a [K, N] fp32 weight (K divisible by block_size), blocks along K.
+
+    ``bits=8`` is always symmetric (``mode`` only applies to 4 bits).
+    """
+    if mode not in MODES or bits not in (4, 8):
+        raise ValueError(f"mode must be one of {MODES} and bits 4 or 8, got {mode!r}, {bits}")
     k, n = w.shape
     blocks = np.ascontiguousarray(w.T, dtype=np.float32).reshape(n, k // block_size, block_size)
+    if bits == 8:
+        return _quantize_int8(blocks)
     if mode == "sym":
         # Same convention as onnxruntime's RTN: the signed absmax maps to -8.
         lo, hi = blocks.min(-1), blocks.max(-1)
@@ -89,9 +103,10 @@ def quantize_weight(w: np.ndarray, block_size: int = 32, mode: str = "affine") -
 
 def dequantize(qw: QuantizedWeight, block_size: int = 32) -> np.ndarray:
     """Reconstruct the [K, N] weight the quantized graph computes with (for tests)."""
-    q = np.stack([qw.packed & 15, qw.packed >> 4], -1).reshape(qw.packed.shape[0], -1, block_size)
+    q = qw.packed if qw.bits == 8 else np.stack([qw.packed & 15, qw.packed >> 4], -1)
+    q = q.reshape(qw.packed.shape[0], -1, block_size).astype(np.float32)
     nb = q.shape[1]
-    zi = np.full(qw.scales.shape, 8.0, np.float32)
+    zi = np.full(qw.scales.shape, 2.0 ** (qw.bits - 1), np.float32)
     if qw.zero_points is not None:
         zi = np.stack([qw.zero_points & 15, qw.zero_points >> 4], -1).reshape(len(zi), -1)[:, :nb]
     w = qw.scales[..., None] * (q - zi[..., None].astype(np.float32))
@@ -103,8 +118,9 @@ def dequantize(qw: QuantizedWeight, block_size: int = 32) -> np.ndarray:
 class _Rewriter:
     """Rewrites one graph in place; caches what several nodes share."""
 
-    def __init__(self, graph: onnx.GraphProto, block_size: int, mode: str, correction_dtype: str):
-        self.graph, self.bs, self.mode = graph, block_size, mode
+    def __init__(self, graph: onnx.GraphProto, block_size: int, mode: str, correction_dtype: str, head_bits: int):
+        self.graph, self.bs, self.mode, self.head_bits = graph, block_size, mode, head_bits
+        self.head_weights: set[str] = set()  # lm_head / embedding weights, quantized with head_bits
         self.c_dtype = np.dtype(correction_dtype)
         self.inits = {t.name: t for t in graph.initializer}
         self.quantized: dict[str, QuantizedWeight] = {}
@@ -144,8 +160,9 @@ class _Rewriter:
     def quantize(self, name: str) -> QuantizedWeight:
         """Quantize (once) and register the MatMulNBits initializers of weight ``name``."""
         if name not in self.quantized:
-            qw = quantize_weight(numpy_helper.to_array(self.inits[name]), self.bs, self.mode)
-            self.add_init(name + "_Q4", qw.packed)
+            bits = self.head_bits if name in self.head_weights else 4
+            qw = quantize_weight(numpy_helper.to_array(self.inits[name]), self.bs, self.mode, bits)
+            self.add_init(name + "_qweight", qw.packed)
             self.add_init(name + "_scales", qw.scales)
             if qw.zero_points is not None:
                 self.add_init(name + "_zp", qw.zero_points)
@@ -167,9 +184,9 @@ class _Rewriter:
         """MatMul(x, W) -> MatMulNBits(x, q, s, zi) [+ blocksum(x) @ C]."""
         w_name, (k, n) = mm.input[1], self.inits[mm.input[1]].dims
         qw = self.quantize(w_name)
-        inputs = [mm.input[0], w_name + "_Q4", w_name + "_scales"] + ([w_name + "_zp"] if qw.zero_points is not None else [])
+        inputs = [mm.input[0], w_name + "_qweight", w_name + "_scales"] + ([w_name + "_zp"] if qw.zero_points is not None else [])
         out = mm.output[0] if qw.correction is None else mm.output[0] + "/int4_main"
-        self.node("MatMulNBits", inputs, out, _MS, K=k, N=n, bits=4, block_size=self.bs, accuracy_level=4)
+        self.node("MatMulNBits", inputs, out, _MS, K=k, N=n, bits=qw.bits, block_size=self.bs, accuracy_level=4)
         if qw.correction is not None:
             c = self.float_const(w_name + "_int4_corr", qw.correction)
             corr = self.node("MatMul", [self.blocksum(mm.input[0], k), c], mm.output[0] + "/int4_corr")
@@ -184,12 +201,13 @@ class _Rewriter:
             self.node("Cast", [self.node("Gather", [table, ids], out + "/fp16")], out, to=TensorProto.FLOAT)
             return
         qw = self.quantize(w_name)
-        shape = self.add_init(f"int4_embed_shape_{v}_{k // 2}", np.array([v, k // 2], np.int64))
-        data = self.node("Reshape", [w_name + "_Q4", shape], w_name + "_Q4_2d")
+        row = k * qw.bits // 8
+        shape = self.add_init(f"int4_embed_shape_{v}_{row}", np.array([v, row], np.int64))
+        data = self.node("Reshape", [w_name + "_qweight", shape], w_name + "_qweight_2d")
         zp = [w_name + "_zp"] if qw.zero_points is not None else []
         main = out if qw.correction is None else out + "/int4_main"
         self.node("GatherBlockQuantized", [data, ids, w_name + "_scales"] + zp, main, _MS,
-                  bits=4, block_size=self.bs, gather_axis=0, quantize_axis=1)
+                  bits=qw.bits, block_size=self.bs, gather_axis=0, quantize_axis=1)
         if qw.correction is not None:
             c = self.node("Gather", [self.float_const(w_name + "_int4_corr_T", qw.correction.T), ids], out + "/int4_c")
             self.node("Add", [main, self.node("MatMul", [c, self.indicator(k, True)], out + "/int4_corr")], out)
@@ -198,6 +216,7 @@ class _Rewriter:
         """The [K, V] weight behind an embedding Gather: tied (Transpose of lm_head) or its own."""
         src = producers.get(g.input[0])
         if src is not None and src.op_type == "Transpose" and self.quantizable(src.input[0]):
+            self.head_weights.add(src.input[0])
             return src.input[0]
         t = self.inits.get(g.input[0])
         if src is not None or t is None or len(t.dims) != 2 or t.data_type != TensorProto.FLOAT:
@@ -205,11 +224,15 @@ class _Rewriter:
         # Untied table [V, K]: expose its transpose (not stored in the graph) like a MatMul weight.
         name = g.input[0] + "_KxV"
         self.inits[name] = numpy_helper.from_array(numpy_helper.to_array(t).T.copy(), name)
+        self.head_weights.add(name)
         return name if self.quantizable(name) else None
 
     def run(self, embedding: str) -> None:
         """Rewrite every quantizable MatMul and the embedding Gather, then drop dead parts."""
         producers = {o: n for n in self.graph.node for o in n.output}
+        outputs = {o.name for o in self.graph.output}
+        # The lm_head is the weight MatMul that writes a graph output (logits); tied embeddings share it.
+        self.head_weights = {n.input[1] for n in self.graph.node if n.op_type == "MatMul" and n.output[0] in outputs}
         for node in list(self.graph.node):
             if node.op_type == "MatMul" and self.quantizable(node.input[1]):
                 self.rewrite_matmul(node)
@@ -245,21 +268,24 @@ def quantize(
     mode: str = "affine",
     embedding: str = "gbq",
     correction_dtype: str = "float32",
+    head_bits: int = 8,
 ) -> Path:
     """Quantize ``model_in_dir/model.onnx`` to int4 into ``model_out_dir``; return the new model path.
 
     Writes model.onnx + model.onnx.data (one external data file) and copies every other file of
     the folder (genai_config.json, tokenizer files), so the result loads with onnxruntime-genai.
     ``mode``: affine | asym | sym; ``embedding``: gbq | fp16 | keep; ``correction_dtype``:
-    float32 | float16 (storage of C; onnxruntime folds the Cast at session creation).
+    float32 | float16 (storage of C; onnxruntime folds the Cast at session creation);
+    ``head_bits``: 4 | 8 for the lm_head and embedding (8 = symmetric, the GGUF Q8_0 grid).
     """
     src, dst = Path(model_in_dir), Path(model_out_dir)
-    if mode not in MODES or embedding not in EMBEDDINGS or block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"bad arguments: mode={mode!r} embedding={embedding!r} block_size={block_size}")
+    if (mode not in MODES or embedding not in EMBEDDINGS or head_bits not in (4, 8)
+            or block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"bad arguments: {mode=} {embedding=} {head_bits=} {block_size=}")
     if src.resolve() == dst.resolve():
         raise ValueError("model_out_dir must differ from model_in_dir")
     model = onnx.load(str(src / "model.onnx"))
-    rw = _Rewriter(model.graph, block_size, mode, correction_dtype)
+    rw = _Rewriter(model.graph, block_size, mode, correction_dtype, head_bits)
     rw.run(embedding)
     if not any(o.domain == _MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(_MS, 1))

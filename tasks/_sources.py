@@ -21,7 +21,7 @@ __all__ = ["HUB_PATTERNS", "resolve"]
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma": "gemma",
-              "gemma2": "gemma2", "mistral": "mistral"}
+              "mistral": "mistral"}
 
 
 def resolve(name_or_path: str, revision: str | None = None) -> Source:

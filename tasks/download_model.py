@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from pydantic import Field
@@ -92,25 +93,57 @@ def _check_safetensors(folder: Path) -> None:
 
 
 def _convert_gguf(path: Path, out: Path) -> None:
-    # transformers dequantizes GGUF to fp32, but (5.x) refuses to save a GGUF-loaded model
-    # ("quantized with gguf and is not serializable"): rebuild a plain model from its config
-    # and copy the state dict across.
+    """Dequantize a GGUF to an fp32 safetensors folder with its tokenizer and chat template."""
+    try:
+        model, tokenizer = _load_gguf_once(path)
+    except (ImportError, AttributeError, TypeError, KeyError):
+        model, tokenizer = _load_gguf_public(path)  # transformers' internals moved: slower public path
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad files
+        raise ModelSourceError(f"transformers could not load '{path}' ({exc.__class__.__name__}: {exc}); "
+                               "the GGUF is corrupt or of an architecture transformers cannot dequantize") from exc
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _load_gguf_once(path: Path) -> tuple[Any, Any]:
+    # transformers 5.24's public from_pretrained(gguf_file=...) parses the GGUF header about five
+    # times (config, model, tokenizer; ~2.5 s each here) and then refuses to save_pretrained a
+    # GGUF-loaded model. Its own loader, called directly, needs two parses: metadata, then
+    # tensors mapped onto a weightless (meta) model of the right config.
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers.integrations.gguf import convert_gguf_tokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    meta = load_gguf_checkpoint(str(path), return_tensors=False)
+    config_dict = dict(meta["config"])
+    model_type = config_dict.pop("model_type")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**config_dict), dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model,
+                                   torch_dtype=torch.float32)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    if unexpected or any(p.is_meta for p in model.parameters()):
+        raise ModelSourceError(f"'{path}': GGUF tensors do not match the config (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+    vocab = meta["tokenizer"]
+    fast, extra = convert_gguf_tokenizer(model_type, vocab)
+    specials = {f"{n}_token": vocab["tokens"][vocab[f"{n}_token_id"]] for n in ("bos", "eos", "unk", "pad")
+                if vocab.get(f"{n}_token_id") is not None}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=fast, **meta["tokenizer_config"], **extra, **specials)
+    return model, tokenizer
+
+
+def _load_gguf_public(path: Path) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name
-    try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad files
-        raise ModelSourceError(f"transformers could not load '{path}' ({exc.__class__.__name__}: {exc}); "
-                               "the GGUF is corrupt or of an architecture transformers cannot dequantize") from exc
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise ModelSourceError(f"'{path}': GGUF tensors do not match the config (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})")
-    clean.tie_weights()
-    clean.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
+    model.tie_weights()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -26,7 +26,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": ArchSpec("decoder", gguf=True),
     "phi3": ArchSpec("decoder", gguf=True),
     "gemma": ArchSpec("decoder"),
-    "gemma2": ArchSpec("decoder", gguf=True),
 }
 
 

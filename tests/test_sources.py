@@ -1,0 +1,79 @@
+"""Model sources resolve to digests that pin exact bytes; bad sources fail with the fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from grove.errors import ModelSourceError, UnsupportedArchitecture
+from tasks import _sources
+from tasks.download_model import DownloadConfig, _download
+from tasks.registry import arch_spec
+
+
+def test_local_folder_digest_follows_content(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    folder = shutil.copytree(tiny_dir("llama"), tmp_path / "m")
+    first = _sources.resolve(str(folder))
+    assert first.kind == "local" and first.model_type == "llama"
+    assert _sources.resolve(str(folder)).digest == first.digest
+
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace('"rms_norm_eps"', '"rms_norm_eps" ', 1))
+    assert _sources.resolve(str(folder)).digest != first.digest
+
+
+def _fake_hub_cache(model: Path, repo: str, sha: str) -> None:
+    # The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<sha>/...}
+    root = Path(os.environ["HF_HOME"]) / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model, root / "snapshots" / sha)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(sha)
+
+
+def test_hub_id_resolves_from_local_cache_when_offline(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    _fake_hub_cache(tiny_dir("qwen2"), "grove-test/tiny-qwen2", sha)
+
+    source = _sources.resolve("grove-test/tiny-qwen2")
+    assert (source.kind, source.digest, source.model_type) == ("hub", sha, "qwen2")
+    out = tmp_path / "out"
+    out.mkdir()
+    _download(source, DownloadConfig(), out)
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_unknown_hub_id_offline_says_how_to_supply_it() -> None:
+    with pytest.raises(ModelSourceError, match=r"not in the local Hugging Face cache.*huggingface-cli download"):
+        _sources.resolve("nobody/does-not-exist")
+
+
+def test_missing_path() -> None:
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        _sources.resolve("./no/such/model")
+
+
+def test_truncated_gguf(tmp_path: Path) -> None:
+    from tests.conftest import smollm2_gguf
+
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(smollm2_gguf().read_bytes()[:1_000_000])
+    with pytest.raises(ModelSourceError, match="truncated or corrupt"):
+        _sources.resolve(str(bad))
+
+
+def test_corrupt_safetensors_fails_at_download(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    folder = shutil.copytree(tiny_dir("llama"), tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelSourceError, match="not a valid safetensors file"):
+        _download(_sources.resolve(str(folder)), DownloadConfig(), out)
+
+
+def test_unsupported_architecture_lists_supported() -> None:
+    with pytest.raises(UnsupportedArchitecture, match="supported: gemma, llama, mistral, phi3, qwen2, qwen3"):
+        arch_spec("mamba")

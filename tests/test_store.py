@@ -1,0 +1,72 @@
+"""The artifact store: atomic commit, completeness, fetch; the same contract on S3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from grove.errors import StoreError
+from grove.store import ArtifactStore, sha256_file
+
+
+def _files(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "model.onnx").write_bytes(b"graph" * 100)
+    (src / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 40)
+    return src
+
+
+def _commit(store: ArtifactStore, src: Path, digest: str = "d" * 64):  # noqa: ANN202
+    return store.commit(src, node="quantize-int4", node_version=1, digest=digest, config={"block_size": 32},
+                        inputs=["a" * 64], metrics={"size_mb": 1.0}, seconds=0.5)
+
+
+def test_commit_writes_files_then_manifest_with_hashes(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path / "store"))
+    manifest = _commit(store, _files(tmp_path))
+
+    assert [f.path for f in manifest.files] == ["model.onnx", "sub/weights.bin"]
+    assert manifest.files[1].sha256 == sha256_file(tmp_path / "src" / "sub" / "weights.bin")
+    assert store.manifest("quantize-int4", "d" * 64) == manifest
+    assert not list((tmp_path / "store" / "artifacts" / "quantize-int4").glob(".*")), "staging left behind"
+
+
+def test_missing_or_truncated_file_makes_the_artifact_absent(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path / "store"))
+    _commit(store, _files(tmp_path))
+    folder = store.local_path("quantize-int4", "d" * 64)
+
+    (folder / "sub" / "weights.bin").write_bytes(b"short")
+    assert store.manifest("quantize-int4", "d" * 64) is None
+    (folder / "sub" / "weights.bin").unlink()
+    assert store.manifest("quantize-int4", "d" * 64) is None
+    with pytest.raises(StoreError, match="missing or incomplete"):
+        store.fetch("quantize-int4", "d" * 64)
+
+
+def test_no_manifest_means_not_there(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path / "store"))
+    _commit(store, _files(tmp_path))
+    (store.local_path("quantize-int4", "d" * 64) / "manifest.json").unlink()
+    assert store.manifest("quantize-int4", "d" * 64) is None
+
+
+def test_unwritable_store_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreError, match="not usable"):
+        ArtifactStore(str(blocker / "store")).check_reachable()
+
+
+def test_s3_store_round_trip(s3_store: str, tmp_path: Path) -> None:
+    store = ArtifactStore(s3_store)
+    store.check_reachable()
+    manifest = _commit(store, _files(tmp_path))
+
+    assert store.manifest("quantize-int4", "d" * 64) == manifest
+    local = store.fetch("quantize-int4", "d" * 64, cache_dir=tmp_path / "fetched")
+    assert sha256_file(local / "sub" / "weights.bin") == manifest.files[1].sha256
+    store.fs.rm(f"{store.artifact_path('quantize-int4', 'd' * 64)}/model.onnx")
+    assert store.manifest("quantize-int4", "d" * 64) is None

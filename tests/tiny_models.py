@@ -1,0 +1,63 @@
+"""Tiny randomly initialised models of each supported decoder family, with a small real BPE
+tokenizer trained on the GPL-3 text, so tests exercise every architecture in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from grove.store import sha256_file  # noqa: F401 - re-exported for tests
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VOCAB = 512
+_COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(tie_word_embeddings=False),
+    "mistral": dict(sliding_window=None, tie_word_embeddings=False),
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(head_dim=16, tie_word_embeddings=True),
+    "phi3": dict(original_max_position_embeddings=256, tie_word_embeddings=False),
+    "gemma": dict(head_dim=16, tie_word_embeddings=True),
+}
+
+
+def tokenizer(folder: Path) -> None:
+    """Train a 512-token byte-level BPE on the GPL-3 text and save it as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tasks._decoder_io import BUILTIN_TEXT, read_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([read_text(BUILTIN_TEXT)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+def build(family: str, folder: Path, seed: int = 0) -> Path:
+    """Save a tiny random ``family`` model (safetensors + tokenizer) to ``folder``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **_COMMON, **FAMILIES[family])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init is near-uniform; widen it so logits have a clear top-1
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer(folder)
+    return folder
