@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _auto_opt(args: argparse.Namespace) -> int:
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", _LOG_LEVELS[args.log_level])
+    os.environ["PREFECT_LOGGING_LEVEL"] = _LOG_LEVELS[args.log_level]
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("grove").setLevel(_LOG_LEVELS[args.log_level])

@@ -23,10 +23,13 @@ def preflight(request: AutoOptRequest) -> None:
     from tasks import _sources
     from tasks._decoder_io import read_text
     from tasks.package_genai import REPORT
+    from tasks.download_model import check_safetensors
     from tasks.registry import arch_spec
 
     source = _sources.resolve(request.model_name_or_path, request.revision)
     arch_spec(source.model_type)
+    if source.kind == "local":
+        check_safetensors(Path(source.location))
     out = Path(request.output_path).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).exists())):
         raise InvalidRequest(f"output path {out} exists and is not an earlier Grove output; choose a new folder")

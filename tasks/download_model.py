@@ -17,7 +17,7 @@ from grove.node import RECIPE_CACHE, node_logger, run_node
 from tasks import _sources
 from tasks.registry import arch_spec
 
-__all__ = ["DownloadConfig", "download_model", "resolve_source"]
+__all__ = ["DownloadConfig", "check_safetensors", "download_model", "resolve_source"]
 
 
 class DownloadConfig(StepConfig):
@@ -49,7 +49,7 @@ def _download(source: Source, config: DownloadConfig, out: Path) -> dict[str, ob
         for rel in source.files:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder / rel, out / rel)
-        _check_safetensors(out)
+        check_safetensors(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log.info("model %s (%s) ready: %.1f MB", source.location, source.model_type, size / 1e6)
     return {"model_type": source.model_type, "source": source.location, "source_digest": source.digest}
@@ -74,7 +74,7 @@ def _fetch_folder(source: Source, config: DownloadConfig) -> Path:
     return local
 
 
-def _check_safetensors(folder: Path) -> None:
+def check_safetensors(folder: Path) -> None:
     """Read every safetensors header and check the file holds all the bytes it declares."""
     import json
     import struct

@@ -67,8 +67,8 @@ def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, ob
     if config.algorithm == "affine":
         from tasks import _int4_affine
 
-        stats = _int4_affine.quantize(src / "model.onnx", out / "model.onnx", block_size=config.block_size,
-                                      accuracy_level=config.accuracy_level)
+        _int4_affine.quantize(src, out, block_size=config.block_size)
+        stats = {}
     else:
         stats = _quantize_ort(src / "model.onnx", out / "model.onnx", config)
     node_logger().info("int4 %s block %d: %s", config.algorithm, config.block_size, stats)

@@ -1,0 +1,99 @@
+"""The auto-opt flow on a real Prefect server: outputs, report, and the cache contract
+(identical rerun = every node Cached; a deleted artifact is rebuilt, never dangling)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from grove.request import AutoOptRequest
+from grove.runner import run_auto_opt_state
+from grove.store import ArtifactStore
+
+CACHED_NODES = {"download-model", "capture-onnx", "quantize-int4", "evaluate", "package-genai"}
+GENAI_FILES = {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
+               "grove_report.json"}
+
+
+def _request(model: Path, out: Path, store: str, **kw: object) -> AutoOptRequest:
+    return AutoOptRequest(model_name_or_path=str(model), output_path=str(out), store=store, eval_tokens=128, **kw)
+
+
+def _task_states(state) -> dict[str, list[str]]:  # noqa: ANN001
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name if run.state else "?")
+    return states
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_auto_opt_outputs_a_genai_folder_with_a_report(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    state = run_auto_opt_state(_request(tiny_dir("qwen2"), out, store))
+
+    assert state.is_completed()
+    assert GENAI_FILES <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "grove_report.json").read_text())
+    assert report["target"]["precision"] == "int4"
+    assert report["metrics"]["perplexity"] > 1 and report["reference_fp32"]["perplexity"] > 1
+    assert 0 <= report["metrics"]["top1_agreement"] <= 1
+    assert report["ratios"]["size_vs_fp32"] < 0.6
+    assert [step["node"] for step in report["lineage"]] == ["quantize-int4", "evaluate", "evaluate"]
+
+    import onnxruntime_genai as og
+
+    og.Model(str(out))  # the tutorial's step 3 loads exactly this folder
+
+
+def test_identical_rerun_is_all_cached_with_identical_output(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    request = _request(tiny_dir("llama"), out, store)
+    first = _task_states(run_auto_opt_state(request))
+    files = _hashes(out)
+    second = _task_states(run_auto_opt_state(request))
+
+    assert all("Cached" not in first[n] for n in CACHED_NODES), first
+    assert all(set(second[n]) == {"Cached"} for n in CACHED_NODES), second
+    assert _hashes(out) == files
+
+
+def test_deleted_artifact_is_recomputed_not_dangling(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    request = _request(tiny_dir("llama"), out, store)
+    run_auto_opt_state(request)
+    files = _hashes(out)
+    artifacts = Path(ArtifactStore(store).root) / "artifacts"
+    (quantized,) = (artifacts / "quantize-int4").iterdir()
+    (quantized / "model.onnx.data").unlink()  # incomplete: a file is missing
+    shutil.rmtree(next((artifacts / "package-genai").iterdir()))  # gone entirely
+
+    states = _task_states(run_auto_opt_state(request))
+
+    assert states["quantize-int4"] == ["Completed"] and states["package-genai"] == ["Completed"]
+    assert states["capture-onnx"] == ["Cached"]
+    files.pop("grove_report.json")  # its lineage records how long the rebuilt node took
+    assert {k: v for k, v in _hashes(out).items() if k != "grove_report.json"} == files
+
+
+def test_s3_store_end_to_end(tiny_dir, tmp_path: Path, s3_store: str) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    request = _request(tiny_dir("gemma"), out, s3_store)
+    run_auto_opt_state(request)
+    store = ArtifactStore(s3_store)
+
+    manifests = store.fs.glob(f"{store.root}/artifacts/*/*/manifest.json")
+    assert {m.split("/")[-3] for m in manifests} == CACHED_NODES
+    assert store.fs.glob(f"{store.root}/prefect-results/*")
+    assert set(_task_states(run_auto_opt_state(request))["quantize-int4"]) == {"Cached"}
+    assert GENAI_FILES <= {p.name for p in out.iterdir()}
