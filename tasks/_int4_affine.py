@@ -11,15 +11,17 @@ Modes:
   (uint4) and a remainder ``f = z - zi``:  ``s * (q - z) = s * (q - zi) - s * f``.  The first
   term is the plain fast ``MatMulNBits``; the second is a tiny correction
   ``blocksum(x) @ C`` with ``C[b, n] = -s[b, n] * f[b, n]`` (K/bs x N), added to its output.
-  ``blocksum(x)`` (sum of x over each block of K) is a ``MatMul`` with a 0/1 indicator matrix,
-  shared by all MatMuls that read the same tensor (q/k/v, gate/up).
+  ``blocksum(x)`` (sum of x over each block of K: Reshape + ReduceSum) is shared by all MatMuls
+  that read the same tensor (q/k/v, gate/up).
 * ``asym``: integer zero point (true min/max per block), no correction.
 * ``sym``: signed absmax scale, implicit zero point 8, no correction (onnxruntime's RTN).
 
-The token embedding ``Gather`` (tied to lm_head by the builder through a ``Transpose``) is
-handled by ``embedding``: ``gbq`` reads the lm_head's int4 weights through
-``GatherBlockQuantized`` (plus the gathered correction in ``affine`` mode), ``fp16`` stores a
-float16 copy, ``keep`` leaves it fp32.
+The lm_head (the MatMul writing a graph output) and the token embedding use ``head_bits``:
+8 by default (symmetric, s = absmax / 127: GGUF's Q8_0 grid, the usual format of that tensor),
+or 4 with the mode above. The embedding ``Gather`` (tied to lm_head by the builder through a
+``Transpose``) follows ``embedding``: ``gbq`` reads the lm_head's quantized weights through
+``GatherBlockQuantized`` (which only takes integer zero points, hence the gathered correction in
+``affine`` mode), ``fp16`` stores a float16 copy, ``keep`` leaves it fp32.
 """
 
 from __future__ import annotations
@@ -118,11 +120,15 @@ def dequantize(qw: QuantizedWeight, block_size: int = 32) -> np.ndarray:
 class _Rewriter:
     """Rewrites one graph in place; caches what several nodes share."""
 
-    def __init__(self, graph: onnx.GraphProto, block_size: int, mode: str, correction_dtype: str, head_bits: int):
+    def __init__(self, graph: onnx.GraphProto, block_size: int, mode: str, correction_dtype: str,
+                 head_bits: int, accuracy_level: int):
         self.graph, self.bs, self.mode, self.head_bits = graph, block_size, mode, head_bits
+        self.accuracy_level = accuracy_level
         self.head_weights: set[str] = set()  # lm_head / embedding weights, quantized with head_bits
         self.c_dtype = np.dtype(correction_dtype)
         self.inits = {t.name: t for t in graph.initializer}
+        self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
+                      if v.type.tensor_type.HasField("shape")}
         self.quantized: dict[str, QuantizedWeight] = {}
         self.blocksums: dict[str, str] = {}  # input tensor -> its blocksum tensor
         self.new_inits: list[TensorProto] = []
@@ -175,18 +181,32 @@ class _Rewriter:
         return self.add_init(f"int4_block_indicator_{k}{'_T' if transpose else ''}", e.T if transpose else e)
 
     def blocksum(self, x: str, k: int) -> str:
-        """Sum of x over each block along its last axis, computed once per tensor."""
+        """Sum of x over each block along its last axis, computed once per tensor.
+
+        Reshape [..., K] -> [..., K/bs, bs] + ReduceSum is the cheapest; it needs x's rank. When the
+        graph does not record it, a MatMul with a 0/1 indicator matrix does the same for any rank.
+        """
         if x not in self.blocksums:
-            self.blocksums[x] = self.node("MatMul", [x, self.indicator(k)], f"{x}/int4_blocksum")
+            rank, out = self.ranks.get(x), f"{x}/int4_blocksum"
+            if rank is None:
+                self.blocksums[x] = self.node("MatMul", [x, self.indicator(k)], out)
+                return self.blocksums[x]
+            shape = [0] * (rank - 1) + [k // self.bs, self.bs]
+            shape_name = self.add_init("int4_blocks_shape_" + "_".join(map(str, shape)), np.array(shape, np.int64))
+            blocks = self.node("Reshape", [x, shape_name], f"{x}/int4_blocks")
+            axes = self.add_init("int4_last_axis", np.array([-1], np.int64))
+            self.blocksums[x] = self.node("ReduceSum", [blocks, axes], out, keepdims=0)
         return self.blocksums[x]
 
     def rewrite_matmul(self, mm: onnx.NodeProto) -> None:
         """MatMul(x, W) -> MatMulNBits(x, q, s, zi) [+ blocksum(x) @ C]."""
         w_name, (k, n) = mm.input[1], self.inits[mm.input[1]].dims
         qw = self.quantize(w_name)
-        inputs = [mm.input[0], w_name + "_qweight", w_name + "_scales"] + ([w_name + "_zp"] if qw.zero_points is not None else [])
+        zp = [w_name + "_zp"] if qw.zero_points is not None else []
+        inputs = [mm.input[0], w_name + "_qweight", w_name + "_scales", *zp]
         out = mm.output[0] if qw.correction is None else mm.output[0] + "/int4_main"
-        self.node("MatMulNBits", inputs, out, _MS, K=k, N=n, bits=qw.bits, block_size=self.bs, accuracy_level=4)
+        self.node("MatMulNBits", inputs, out, _MS, K=k, N=n, bits=qw.bits, block_size=self.bs,
+                  accuracy_level=self.accuracy_level)
         if qw.correction is not None:
             c = self.float_const(w_name + "_int4_corr", qw.correction)
             corr = self.node("MatMul", [self.blocksum(mm.input[0], k), c], mm.output[0] + "/int4_corr")
@@ -197,7 +217,8 @@ class _Rewriter:
         k, v = self.inits[w_name].dims
         ids, out = g.input[1], g.output[0]
         if embedding == "fp16":
-            table = self.add_init(w_name + "_embed_fp16", numpy_helper.to_array(self.inits[w_name]).T.astype(np.float16))
+            weight = numpy_helper.to_array(self.inits[w_name])
+            table = self.add_init(w_name + "_embed_fp16", weight.T.astype(np.float16))
             self.node("Cast", [self.node("Gather", [table, ids], out + "/fp16")], out, to=TensorProto.FLOAT)
             return
         qw = self.quantize(w_name)
@@ -209,6 +230,7 @@ class _Rewriter:
         self.node("GatherBlockQuantized", [data, ids, w_name + "_scales"] + zp, main, _MS,
                   bits=qw.bits, block_size=self.bs, gather_axis=0, quantize_axis=1)
         if qw.correction is not None:
+            # The correction of row v is C[:, v] repeated over each block: Gather, then spread.
             c = self.node("Gather", [self.float_const(w_name + "_int4_corr_T", qw.correction.T), ids], out + "/int4_c")
             self.node("Add", [main, self.node("MatMul", [c, self.indicator(k, True)], out + "/int4_corr")], out)
 
@@ -241,7 +263,7 @@ class _Rewriter:
             else:
                 self.nodes.append(node)
         del self.graph.node[:]
-        self.graph.node.extend(_live_nodes(self.nodes, {o.name for o in self.graph.output}))
+        self.graph.node.extend(_live_nodes(self.nodes, outputs))
         used = {i for n in self.graph.node for i in n.input}
         kept = [t for t in list(self.graph.initializer) + self.new_inits if t.name in used]
         del self.graph.initializer[:]
@@ -269,6 +291,7 @@ def quantize(
     embedding: str = "gbq",
     correction_dtype: str = "float32",
     head_bits: int = 8,
+    accuracy_level: int = 4,
 ) -> Path:
     """Quantize ``model_in_dir/model.onnx`` to int4 into ``model_out_dir``; return the new model path.
 
@@ -276,25 +299,33 @@ def quantize(
     the folder (genai_config.json, tokenizer files), so the result loads with onnxruntime-genai.
     ``mode``: affine | asym | sym; ``embedding``: gbq | fp16 | keep; ``correction_dtype``:
     float32 | float16 (storage of C; onnxruntime folds the Cast at session creation);
-    ``head_bits``: 4 | 8 for the lm_head and embedding (8 = symmetric, the GGUF Q8_0 grid).
+    ``head_bits``: 4 | 8 for the lm_head and embedding (8 = symmetric, the GGUF Q8_0 grid);
+    ``accuracy_level``: MatMulNBits' attribute; 4 (int8 activations) selects onnxruntime's fast
+    CPU kernel, 0 computes in fp32 (exact, slower).
     """
     src, dst = Path(model_in_dir), Path(model_out_dir)
     if (mode not in MODES or embedding not in EMBEDDINGS or head_bits not in (4, 8)
-            or block_size < 16 or block_size & (block_size - 1)):
-        raise ValueError(f"bad arguments: {mode=} {embedding=} {head_bits=} {block_size=}")
+            or correction_dtype not in ("float32", "float16") or block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"bad arguments: {mode=} {embedding=} {head_bits=} {correction_dtype=} {block_size=}")
     if src.resolve() == dst.resolve():
         raise ValueError("model_out_dir must differ from model_in_dir")
     model = onnx.load(str(src / "model.onnx"))
-    rw = _Rewriter(model.graph, block_size, mode, correction_dtype, head_bits)
+    rw = _Rewriter(model.graph, block_size, mode, correction_dtype, head_bits, accuracy_level)
     rw.run(embedding)
     if not any(o.domain == _MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(_MS, 1))
     log.info("quantized %d weights (mode=%s, embedding=%s)", len(rw.quantized), mode, embedding)
+    return _write(model, src, dst)
+
+
+def _write(model: onnx.ModelProto, src: Path, dst: Path) -> Path:
+    """Save model.onnx + model.onnx.data into dst and copy src's other files (genai config, tokenizer)."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.is_file() and not f.name.startswith("model.onnx"):
+        # manifest.json is a Grove artifact's commit marker and belongs to src only.
+        if f.is_file() and not f.name.startswith("model.onnx") and f.name != "manifest.json":
             shutil.copy2(f, dst / f.name)
-    (dst / "model.onnx.data").unlink(missing_ok=True)  # save appends to an existing data file
+    (dst / "model.onnx.data").unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
     return dst / "model.onnx"

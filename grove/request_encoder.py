@@ -1,0 +1,102 @@
+"""The auto-opt request for encoders (BERT, RoBERTa, DistilBERT): the user-facing fields of
+:class:`grove.request.AutoOptRequest` that apply, plus the encoder knobs, validated together
+before any work starts and split into the typed configs of the nodes that will run."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from grove.request import PROVIDER_DEVICE, Provider
+from grove.store import default_store_uri
+from tasks.capture_encoder import CaptureEncoderConfig, EncoderTask
+from tasks.check_parity import ParityConfig
+from tasks.convert_fp16 import Fp16Config
+from tasks.download_model import DownloadConfig
+from tasks.evaluate_encoder import EncoderEvalConfig
+from tasks.optimize_graph import GraphConfig
+from tasks.package_encoder import EncoderPackageConfig
+from tasks.quantize_int8 import Int8Config
+
+__all__ = ["EncoderOptRequest"]
+
+_EP_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
+
+
+class EncoderOptRequest(BaseModel):
+    """What ``grove auto-opt`` was asked to do for an encoder model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_name_or_path: str = Field(description="hub id, local folder, s3:// folder or pkg:<module>/<path>")
+    output_path: str = Field(description="folder the optimized model is written to")
+    device: Literal["cpu", "gpu"] = Field("cpu", description="target hardware")
+    provider: Provider | None = Field(None, description="execution provider; default follows --device")
+    precision: Literal["int8", "fp16", "fp32"] = Field("int8", description="precision of the output")
+    task: EncoderTask = Field("feature-extraction", description="what the model is for")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="allow the model's own Python code")
+    store: str = Field(default_factory=default_store_uri, description="artifact store URI (file path or s3://)")
+    int8_mode: Literal["dynamic", "static"] = Field("dynamic", description="int8: dynamic or calibrated static")
+    per_channel: bool = Field(True, description="int8: one weight scale per output channel")
+    nodes_to_exclude: list[str] = Field(default_factory=list, description="int8: node names kept in fp32")
+    calibration_data: str = Field("builtin:GPL-3", description="static int8: calibration text")
+    eval_data: str | None = Field(None, description="classifiers: CSV / JSONL with text,label for accuracy")
+    eval_repeat: int = Field(100, ge=5, description="timed calls per latency measurement")
+    threads: int = Field(2, ge=1, description="intra-op threads for latency")
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="override the parity cosine limit")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EncoderOptRequest:
+        problems = []
+        if self.provider and PROVIDER_DEVICE[self.provider] != self.device:
+            problems.append(f"--provider {self.provider} runs on {PROVIDER_DEVICE[self.provider]}, not --device "
+                            f"{self.device}; pass --device {PROVIDER_DEVICE[self.provider]} or another provider")
+        if self.precision != "int8" and (self.int8_mode != "dynamic" or self.nodes_to_exclude):
+            problems.append(f"int8 options apply to --precision int8, not {self.precision}")
+        if self.eval_data and self.task != "text-classification":
+            problems.append("--eval_data (labelled text,label rows) applies to --task text-classification")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def execution_provider(self) -> Literal["cpu", "cuda", "dml"]:
+        ep = self.provider or ("CUDAExecutionProvider" if self.device == "gpu" else "CPUExecutionProvider")
+        return _EP_SHORT[ep]  # type: ignore[return-value]
+
+    @property
+    def download(self) -> DownloadConfig:
+        return DownloadConfig(trust_remote_code=self.trust_remote_code)
+
+    @property
+    def capture(self) -> CaptureEncoderConfig:
+        return CaptureEncoderConfig(task=self.task)
+
+    @property
+    def graph(self) -> GraphConfig:
+        return GraphConfig(use_gpu=self.device == "gpu")
+
+    @property
+    def int8(self) -> Int8Config | None:
+        if self.precision != "int8":
+            return None
+        return Int8Config(mode=self.int8_mode, per_channel=self.per_channel, nodes_to_exclude=self.nodes_to_exclude,
+                          calibration_data=self.calibration_data)
+
+    @property
+    def fp16(self) -> Fp16Config | None:
+        return Fp16Config() if self.precision == "fp16" else None
+
+    def parity(self, precision: Literal["int8", "fp16", "fp32"]) -> ParityConfig:
+        return ParityConfig(precision=precision, min_cosine=self.min_cosine if precision == self.precision else None)
+
+    def evaluation(self, labelled_sha256: str = "") -> EncoderEvalConfig:
+        return EncoderEvalConfig(repeat=self.eval_repeat, threads=self.threads, provider=self.execution_provider,
+                                 labelled_data=self.eval_data, labelled_sha256=labelled_sha256)
+
+    @property
+    def package(self) -> EncoderPackageConfig:
+        return EncoderPackageConfig(model=self.model_name_or_path, target={
+            "device": self.device, "provider": self.execution_provider, "precision": self.precision,
+            "task": self.task, "int8_mode": self.int8_mode if self.precision == "int8" else None})
