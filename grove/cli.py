@@ -41,19 +41,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", choices=["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider"])
     p.add_argument("--use_ort_genai", action="store_true", default=True,
                    help="write an onnxruntime-genai folder (always on for decoder LLMs)")
-    p.add_argument("--precision", choices=["int4", "int8", "fp16", "fp32"], default="int4")
+    p.add_argument("--precision", choices=["int4", "int8", "fp16", "fp32"],
+                   help="default: int4 for decoder LLMs, int8 for encoders")
     p.add_argument("--log_level", type=int, choices=range(5), default=1,
                    help="0 debug, 1 info (default: shows each node), 2 warning, 3 error, 4 critical")
-    p.add_argument("--trust_remote_code", action="store_true")
-    p.add_argument("--task", default="text-generation")
+    p.add_argument("--trust_remote_code", action="store_true", default=None)
+    p.add_argument("--task", help="text-generation (decoders, default); feature-extraction (encoders, default), "
+                   "text-classification, token-classification")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default $GROVE_STORE or "
                    "~/.cache/grove/store)")
     p.add_argument("--int4_algorithm", choices=["affine", "rtn", "hqq", "k_quant", "builder"])
-    p.add_argument("--block_size", type=int, choices=[16, 32, 64, 128, 256], default=32)
-    p.add_argument("--symmetric", action="store_true", help="symmetric int4 blocks (rtn)")
-    p.add_argument("--eval_data", help="UTF-8 text file for perplexity (default: the GPL-3 text shipped with Grove)")
-    p.add_argument("--eval_tokens", type=int, default=2048, help="tokens scored for perplexity")
+    p.add_argument("--block_size", type=int, choices=[16, 32, 64, 128, 256], help="int4 weights per block (32)")
+    p.add_argument("--symmetric", action="store_true", default=None, help="symmetric int4 blocks (rtn)")
+    p.add_argument("--eval_data", help="decoders: UTF-8 text for perplexity (default: the GPL-3 text shipped with "
+                   "Grove); classifiers: CSV/JSONL with text,label for accuracy")
+    p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (2048)")
     p.add_argument("--min_top1_agreement", type=float,
                    help="fail if top-1 agreement with the fp32 model is lower than this")
     p.set_defaults(run=_auto_opt)
@@ -76,10 +79,11 @@ def _auto_opt(args: argparse.Namespace) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k not in ("run", "log_level") and v is not None}
     try:
-        request = AutoOptRequest(**fields)
-        from grove.runner import preflight, run_auto_opt
+        from grove.runner import preflight, route, run_auto_opt
 
-        preflight(request)
+        path = route(args.model_name_or_path, args.revision)
+        request = AutoOptRequest(**fields) if path == "decoder" else _encoder_request(fields)
+        preflight(request, path)
         report = run_auto_opt(request)
     except ValidationError as exc:
         problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
@@ -90,6 +94,24 @@ def _auto_opt(args: argparse.Namespace) -> int:
 
     print(format_report(report, request.output_path))
     return 0
+
+
+_DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "eval_tokens", "min_top1_agreement")
+
+
+def _encoder_request(fields: dict[str, object]) -> object:
+    """The encoder path's request from the same flags (BERT-family models)."""
+    from grove.errors import InvalidRequest
+    from grove.request_encoder import EncoderOptRequest
+
+    given = [f"--{k}" for k in _DECODER_ONLY if k in fields]
+    if given:
+        raise InvalidRequest(f"{', '.join(given)} apply to decoder LLMs; this model takes the encoder path "
+                             "(--precision int8, fp16 or fp32)")
+    if fields.get("precision") == "int4":
+        raise InvalidRequest("--precision int4 is for decoder LLMs; encoders take int8 (default), fp16 or fp32")
+    fields = {k: v for k, v in fields.items() if k != "use_ort_genai"}
+    return EncoderOptRequest(**fields)
 
 
 def _server(args: argparse.Namespace) -> int:

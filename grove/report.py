@@ -4,21 +4,26 @@ from __future__ import annotations
 
 __all__ = ["ROWS", "format_report", "markdown_report", "table_rows"]
 
-ROWS = (
-    ("size_mb", "size on disk (MB)"),
-    ("perplexity", "perplexity"),
-    ("prefill_ms", "prefill (ms)"),
-    ("decode_tok_s", "decode (tokens/s)"),
-    ("top1_agreement", "top-1 agreement vs fp32"),
-)
+ROWS = {
+    "size_mb": "size on disk (MB)",
+    "perplexity": "perplexity",
+    "prefill_ms": "prefill (ms)",
+    "decode_tok_s": "decode (tokens/s)",
+    "top1_agreement": "top-1 agreement vs fp32",
+}
+_SKIP = {"seconds", "ppl_tokens", "prompt_tokens", "generated_tokens"}
 
 
 def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
     metrics = report.get("metrics") or {}
     reference = report.get("reference_fp32") or {}
     assert isinstance(metrics, dict) and isinstance(reference, dict)
+    keys = [k for k in ROWS if k in metrics] + [
+        k for k, v in metrics.items()
+        if k not in ROWS and k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)]
     rows = []
-    for key, label in ROWS:
+    for key in keys:
+        label = ROWS.get(key, key.replace("_", " "))
         out, ref = metrics.get(key), reference.get(key)
         ratio = round(out / ref, 3) if isinstance(out, (int, float)) and isinstance(ref, (int, float)) and ref else None
         rows.append({"metric": label, "output": out, "fp32 reference": ref, "ratio": ratio})

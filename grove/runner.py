@@ -9,25 +9,36 @@ from typing import TYPE_CHECKING
 
 from grove.errors import InvalidRequest
 from grove.request import AutoOptRequest
+from grove.request_encoder import EncoderOptRequest
 from grove.store import ArtifactStore
 
 if TYPE_CHECKING:
     from prefect.states import State
 
-__all__ = ["preflight", "result_storage", "run_auto_opt", "run_auto_opt_state"]
+__all__ = ["preflight", "result_storage", "route", "run_auto_opt", "run_auto_opt_state"]
 
 
-def preflight(request: AutoOptRequest) -> None:
+def route(model_name_or_path: str, revision: str | None = None) -> str:
+    """'decoder' or 'encoder': which auto-opt path serves this model (raises for unsupported)."""
+    from tasks import _sources
+    from tasks.registry import arch_spec
+
+    return arch_spec(_sources.resolve(model_name_or_path, revision).model_type).path
+
+
+def preflight(request: AutoOptRequest | EncoderOptRequest, path: str = "decoder") -> None:
     """Everything that can be checked before any work: model source and architecture, output
     path, store, evaluation text. Raises a GroveError naming the cause and the fix."""
     from tasks import _sources
     from tasks._decoder_io import read_text
-    from tasks.package_genai import REPORT
     from tasks.download_model import check_safetensors
+    from tasks.package_genai import REPORT
     from tasks.registry import arch_spec
 
     source = _sources.resolve(request.model_name_or_path, request.revision)
-    arch_spec(source.model_type)
+    if arch_spec(source.model_type).path != path:
+        raise InvalidRequest(f"{request.model_name_or_path} is a {source.model_type} model, which Grove optimizes "
+                             f"on the {arch_spec(source.model_type).path} path, not the {path} path")
     if source.kind == "local":
         check_safetensors(Path(source.location))
     out = Path(request.output_path).expanduser()
@@ -54,14 +65,14 @@ def result_storage(store_uri: str) -> object:
     return block
 
 
-def run_auto_opt(request: AutoOptRequest) -> dict[str, object]:
-    """Run the auto-opt flow against the configured (or embedded) Prefect API; returns the report."""
-    state = run_auto_opt_state(request)
-    report: dict[str, object] = state.result()
+def run_auto_opt(request: AutoOptRequest | EncoderOptRequest) -> dict[str, object]:
+    """Run the auto-opt flow for the request's path against the configured (or embedded) Prefect
+    API; returns the report."""
+    report: dict[str, object] = run_auto_opt_state(request).result()
     return report
 
 
-def run_auto_opt_state(request: AutoOptRequest) -> State:
+def run_auto_opt_state(request: AutoOptRequest | EncoderOptRequest) -> State:
     """Like run_auto_opt, but returns the flow run's final state (tests read its task runs)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -69,9 +80,12 @@ def run_auto_opt_state(request: AutoOptRequest) -> State:
 
     # Prefect reads its settings at import, which may have happened before the API was known.
     with temporary_settings(updates={PREFECT_API_URL: ensure_api()}):
-        from flows.optimize_model import auto_opt
         from grove.node import RESULT_SERIALIZER
 
-        flow = auto_opt.with_options(result_storage=result_storage(request.store),  # type: ignore[arg-type]
-                                     result_serializer=RESULT_SERIALIZER, persist_result=True)
-        return flow(request, return_state=True)
+        if isinstance(request, AutoOptRequest):
+            from flows.optimize_model import auto_opt as flow
+        else:
+            from flows.optimize_encoder import optimize_encoder as flow
+        configured = flow.with_options(result_storage=result_storage(request.store),  # type: ignore[attr-defined]
+                                       result_serializer=RESULT_SERIALIZER, persist_result=True)
+        return configured(request, return_state=True)  # type: ignore[no-any-return]

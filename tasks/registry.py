@@ -26,6 +26,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": ArchSpec("decoder", gguf=True),
     "phi3": ArchSpec("decoder", gguf=True),
     "gemma": ArchSpec("decoder"),
+    "bert": ArchSpec("encoder"),
+    "roberta": ArchSpec("encoder"),
+    "distilbert": ArchSpec("encoder"),
 }
 
 

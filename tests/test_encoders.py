@@ -80,10 +80,10 @@ def test_minilm_fp32_int8_fp16_match_sentence_transformers(minilm: dict[str, Art
     assert (_dir(int8) / "model.onnx").stat().st_size < 0.3 * (_dir(fp32) / "model.onnx").stat().st_size
 
 
-def _tiny_classifier(family: str, folder: Path) -> Path:
-    """A tiny random sequence classifier of ``family`` with MiniLM's WordPiece tokenizer."""
+def _tiny_classifier(family: str, folder: Path, *, per_token: bool = False) -> Path:
+    """A tiny random sequence (or token) classifier of ``family`` with MiniLM's WordPiece tokenizer."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     torch.manual_seed(0)
     sizes = (dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4) if family == "distilbert" else
@@ -91,7 +91,8 @@ def _tiny_classifier(family: str, folder: Path) -> Path:
     extra = dict(pad_token_id=1, type_vocab_size=1) if family == "roberta" else {}
     config = AutoConfig.for_model(family, vocab_size=30522, max_position_embeddings=160, num_labels=3,
                                   **sizes, **extra)
-    model = AutoModelForSequenceClassification.from_config(config).eval()
+    auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+    model = auto.from_config(config).eval()
     with torch.no_grad():  # random init is near-uniform; widen it so logits have a clear top-1
         for p in model.parameters():
             if p.dim() == 2:
@@ -155,7 +156,7 @@ def test_parity_catches_a_broken_transformation(minilm: dict[str, Artifact], tmp
 
 def test_auto_opt_encoder_flow_minilm_int8(minilm: dict[str, Artifact], tmp_path: Path, enc_store: str) -> None:
     from grove.request_encoder import EncoderOptRequest
-    from grove.runner_encoder import run_encoder_state
+    from grove.runner import run_auto_opt_state as run_encoder_state
 
     out = tmp_path / "minilm-int8"
     request = EncoderOptRequest(model_name_or_path=str(_minilm()), output_path=str(out), store=enc_store,
@@ -176,3 +177,27 @@ def test_auto_opt_encoder_flow_minilm_int8(minilm: dict[str, Artifact], tmp_path
 
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert "sentence_embedding" in [o.name for o in sess.get_outputs()]
+
+
+def test_token_classifier_and_unsupported_architecture(tmp_path: Path, enc_store: str, tiny_dir) -> None:  # noqa: ANN001
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    from grove.errors import UnsupportedArchitecture
+
+    folder = _tiny_classifier("bert", tmp_path / "bert-ner", per_token=True)
+    hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
+    fp32 = optimize_graph.fn(capture_encoder.fn(hf, CaptureEncoderConfig(task="token-classification")), GraphConfig())
+    parity = check_parity.fn(quantize_int8.fn(fp32, Int8Config.cpu()), fp32, ParityConfig(precision="int8"))
+    feeds = eio.encode(folder, list(eio.PARITY_TEXTS), ["input_ids", "attention_mask", "token_type_ids"])
+    with torch.no_grad():
+        want = AutoModelForTokenClassification.from_pretrained(folder).eval()(
+            **{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    got = eio.run(eio.session(_dir(fp32) / "model.onnx"), feeds, "logits")
+    real = feeds["attention_mask"].astype(bool)
+
+    assert np.abs(got - want)[real].max() < 1e-4
+    assert parity.metrics["top1_agreement"] >= TINY_INT8_MIN_TOP1  # type: ignore[operator]
+    decoder = download_model.fn(resolve(str(tiny_dir("llama"))), DownloadConfig(), enc_store)
+    with pytest.raises(UnsupportedArchitecture, match="bert, distilbert, roberta"):
+        capture_encoder.fn(decoder, CaptureEncoderConfig())

@@ -1,0 +1,45 @@
+"""``auto-opt-encoder``: one encoder model, one target. Reads like the DAG: wiring only."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from grove.request_encoder import EncoderOptRequest
+from tasks.capture_encoder import capture_encoder
+from tasks.check_parity import check_parity
+from tasks.convert_fp16 import convert_fp16
+from tasks.download_model import download_model, resolve_source
+from tasks.evaluate import fingerprint_text
+from tasks.evaluate_encoder import evaluate_encoder
+from tasks.optimize_graph import optimize_graph
+from tasks.package_encoder import package_encoder
+from tasks.package_genai import export_output
+from tasks.quantize_int8 import quantize_int8
+
+__all__ = ["optimize_encoder"]
+
+
+@flow(name="auto-opt-encoder", log_prints=False)
+def optimize_encoder(request: EncoderOptRequest) -> dict[str, object]:
+    """Source -> HF folder -> ONNX -> fused (fp32 reference) -> int8 | fp16 -> evaluated -> output."""
+    source = resolve_source(request.model_name_or_path, request.revision)
+    labelled_sha = fingerprint_text(request.eval_data) if request.eval_data else ""
+    hf_model = download_model(source, request.download, request.store)
+    captured = capture_encoder(hf_model, request.capture)
+    reference = optimize_graph(captured, request.graph)
+    parity = check_parity(reference, captured, request.parity("fp32"))
+    reference_eval = evaluate_encoder(reference, request.evaluation(labelled_sha), reference=hf_model)
+
+    if request.int8 is not None:
+        model = quantize_int8(reference, request.int8)
+    elif request.fp16 is not None:
+        model = convert_fp16(reference, request.fp16)
+    else:
+        model = reference
+    if model is not reference:
+        parity = check_parity(model, reference, request.parity(request.precision))
+        evaluation = evaluate_encoder(model, request.evaluation(labelled_sha), reference=hf_model)
+    else:
+        evaluation = reference_eval
+    package = package_encoder(model, evaluation, reference_eval, parity, request.package)
+    return export_output(package, request.output_path)

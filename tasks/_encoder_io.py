@@ -1,0 +1,109 @@
+"""Helpers the encoder nodes share: the artifact's encoder description, tokenising fixed
+sentences into the graph's inputs, onnxruntime sessions, and the comparisons parity and
+evaluation both make. Plain functions; heavy imports inside them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime as ort
+
+__all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "cosine_rows", "encode", "encoder_info", "primary_output",
+           "read_lines", "run", "session", "tokenizer"]
+
+ENCODER_JSON = "grove_encoder.json"
+# Fixed sentences: short and long, punctuation, digits, a code fragment; the same every run so
+# that parity numbers are comparable across runs and machines.
+PARITY_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Machine learning models can be compressed with quantization without losing much accuracy.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "def add(a, b):\n    return a + b",
+    "I absolutely loved this movie; the acting was superb and the plot kept me guessing.",
+    "The service was slow and the food arrived cold. I will not come back.",
+    "In 2024, 3.5 million people visited the museum, a record since it opened in 1889.",
+    "Grove optimizes models as a cached DAG of nodes on Prefect.",
+)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What capture-encoder recorded in ``grove_encoder.json``."""
+
+    task: str
+    model_type: str
+    inputs: list[str]
+    outputs: list[str]
+    pooling: str | None
+    num_heads: int
+    hidden_size: int
+
+
+def encoder_info(folder: Path) -> EncoderInfo:
+    raw = json.loads((folder / ENCODER_JSON).read_text())
+    return EncoderInfo(**{k: raw[k] for k in EncoderInfo.__dataclass_fields__})
+
+
+def primary_output(info: EncoderInfo) -> str:
+    """The output parity and evaluation compare: the sentence embedding if the graph has one."""
+    return "sentence_embedding" if "sentence_embedding" in info.outputs else info.outputs[0]
+
+
+def tokenizer(folder: Path):  # noqa: ANN201 - a transformers tokenizer (typed loosely upstream)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def encode(folder: Path, texts: list[str] | tuple[str, ...], inputs: list[str], *, max_length: int = 128,
+           pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Tokenise ``texts`` with the artifact's tokenizer into the graph's int64 inputs."""
+    import numpy as np
+
+    tok = tokenizer(folder)
+    padding: bool | str = "max_length" if pad_to else True
+    enc = tok(list(texts), padding=padding, truncation=True, max_length=pad_to or max_length, return_tensors="np")
+    return {name: np.asarray(enc[name], dtype=np.int64) if name in enc else
+            np.zeros_like(enc["input_ids"], dtype=np.int64) for name in inputs}
+
+
+def session(model_path: Path, *, threads: int = 2, provider: str = "cpu") -> ort.InferenceSession:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # one request at a time: inter-op threads only add contention
+    providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                 "dml": ["DmlExecutionProvider", "CPUExecutionProvider"]}[provider]
+    return ort.InferenceSession(str(model_path), options, providers=providers)
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
+    import numpy as np
+
+    names = {i.name for i in sess.get_inputs()}
+    result = sess.run([output], {k: v for k, v in feeds.items() if k in names})[0]
+    return np.asarray(result, dtype=np.float32)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Cosine per vector over the last axis (per sentence, or per real token when ``mask``)."""
+    import numpy as np
+
+    a2, b2 = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    cos = (a2 * b2).sum(-1) / (np.linalg.norm(a2, axis=-1) * np.linalg.norm(b2, axis=-1) + 1e-12)
+    return cos[mask.reshape(-1).astype(bool)] if mask is not None and a.ndim == 3 else cos
+
+
+def read_lines(source: str, limit: int) -> list[str]:
+    """Non-empty paragraphs of a text file (``builtin:GPL-3`` = the text shipped with Grove)."""
+    from tasks._decoder_io import read_text
+
+    text = read_text(source)
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    return [p for p in paragraphs if len(p) > 40][:limit]

@@ -1,0 +1,162 @@
+"""Node ``capture-encoder``: a Hugging Face encoder folder (BERT, RoBERTa, DistilBERT) ->
+``model.onnx`` with dynamic batch and sequence axes, the tokenizer files, and
+``grove_encoder.json`` (task, inputs, outputs, pooling) that the later nodes read.
+
+For sentence-transformers folders (``modules.json`` + ``1_Pooling/config.json``) the mean
+pooling over ``attention_mask`` and the L2 normalisation go into the graph as the extra output
+``sentence_embedding``, so the ONNX embedding equals ``SentenceTransformer.encode()``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import task
+from pydantic import Field
+
+from grove.artifacts import Artifact, StepConfig
+from grove.errors import InvalidRequest, UnsupportedArchitecture
+from grove.node import RECIPE_CACHE, node_logger, run_node
+from tasks._encoder_io import ENCODER_JSON
+from tasks.registry import ARCHITECTURES
+
+__all__ = ["CaptureEncoderConfig", "EncoderTask", "capture_encoder"]
+
+EncoderTask = Literal["feature-extraction", "text-classification", "token-classification"]
+# Graph inputs per architecture (DistilBERT has no segment embeddings).
+_INPUTS: dict[str, list[str]] = {
+    "bert": ["input_ids", "attention_mask", "token_type_ids"],
+    "roberta": ["input_ids", "attention_mask"],
+    "distilbert": ["input_ids", "attention_mask"],
+}
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")
+
+
+class CaptureEncoderConfig(StepConfig):
+    NODE = "capture-encoder"
+    VERSION = 1
+    task: EncoderTask = Field("feature-extraction", description="what the head computes: hidden states "
+                              "(+ sentence embedding), sequence logits or token logits")
+    opset: int = Field(18, ge=17, le=21, description="ONNX opset of the exported graph")
+    example_length: int = Field(16, ge=4, le=512, description="tokens in the example input used for tracing; the "
+                                "sequence axis stays dynamic")
+
+
+@task(name="capture-encoder", cache_policy=RECIPE_CACHE)
+def capture_encoder(model: Artifact, config: CaptureEncoderConfig) -> Artifact:
+    """HF folder artifact -> ONNX encoder artifact. Raises UnsupportedArchitecture for decoders."""
+    return run_node(config, [model], model.store, _capture)
+
+
+def _capture(inputs: list[Path], config: CaptureEncoderConfig, out: Path) -> dict[str, object]:
+    (src,) = inputs
+    hf_config = json.loads((src / "config.json").read_text())
+    model_type = str(hf_config.get("model_type"))
+    if model_type not in _INPUTS or ARCHITECTURES.get(model_type) is None:
+        encoders = sorted(k for k, v in ARCHITECTURES.items() if v.path == "encoder")
+        raise UnsupportedArchitecture(model_type, encoders, path="encoder")
+    pooling = _pooling(src) if config.task == "feature-extraction" else None
+    names = _INPUTS[model_type]
+    outputs = (["last_hidden_state"] + (["sentence_embedding"] if pooling else [])
+               if config.task == "feature-extraction" else ["logits"])
+    exporter = _export(src, config, names, outputs, out / "model.onnx")
+    for f in src.iterdir():  # tokenizer + config files; the weights now live in the graph
+        if f.is_file() and not f.name.endswith(_WEIGHTS) and f.name not in ("manifest.json", "README.md"):
+            shutil.copy2(f, out / f.name)
+    info = {"task": config.task, "model_type": model_type, "inputs": names, "outputs": outputs, "pooling": pooling,
+            "normalize": pooling is not None, "num_heads": _field(hf_config, "num_attention_heads", "n_heads"),
+            "hidden_size": _field(hf_config, "hidden_size", "dim"), "exporter": exporter, "opset": config.opset}
+    (out / ENCODER_JSON).write_text(json.dumps(info, indent=2))
+    return {"model_type": model_type, "task": config.task, "exporter": exporter, "pooling": pooling,
+            "outputs": outputs, "nodes": _node_count(out / "model.onnx")}
+
+
+def _pooling(src: Path) -> str | None:
+    """'mean' for a sentence-transformers folder with mean pooling, else None (hidden states only)."""
+    pooling = src / "1_Pooling" / "config.json"
+    if not (src / "modules.json").exists() or not pooling.exists():
+        return None
+    modes = json.loads(pooling.read_text())
+    if not modes.get("pooling_mode_mean_tokens"):
+        active = [k for k, v in modes.items() if k.startswith("pooling_mode") and v]
+        raise InvalidRequest(f"sentence-transformers pooling {active} is not supported; only mean pooling is "
+                             "(pass --task feature-extraction on a mean-pooled model, or use the hidden states)")
+    return "mean"
+
+
+def _field(config: dict[str, Any], *names: str) -> int:
+    return int(next(config[n] for n in names if n in config))
+
+
+def _export(src: Path, config: CaptureEncoderConfig, names: list[str], outputs: list[str], dst: Path) -> str:
+    """Export with the dynamo exporter; fall back to TorchScript where dynamo fails. Returns which."""
+    import torch
+
+    log = node_logger()
+    wrapper = _wrapper(src, config.task, len(names), pooled=len(outputs) == 2)
+    args = _example(src, names, config.example_length)
+    try:
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        torch.onnx.export(wrapper, args, str(dst), dynamo=True, external_data=False, opset_version=config.opset,
+                          input_names=names, output_names=outputs, verbose=False,
+                          dynamic_shapes={n: {0: batch, 1: seq} for n in names})
+        return "dynamo"
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the fallback may still work
+        log.warning("dynamo export failed (%s: %s); falling back to the TorchScript exporter",
+                    exc.__class__.__name__, str(exc)[:300])
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {o: {0: "batch"} for o in outputs}
+    torch.onnx.export(wrapper, args, str(dst), dynamo=False, opset_version=config.opset, input_names=names,
+                      output_names=outputs, dynamic_axes=axes)
+    return "torchscript"
+
+
+def _example(src: Path, names: list[str], length: int) -> tuple[Any, ...]:
+    from tasks._encoder_io import encode
+
+    import torch
+
+    # Two rows of different length, so padding (and the mask) is exercised while tracing.
+    feeds = encode(src, ["Grove exports encoders.", "A longer second sentence " * 8], names, pad_to=length)
+    return tuple(torch.from_numpy(feeds[n]) for n in names)
+
+
+def _wrapper(src: Path, task_name: str, n_inputs: int, pooled: bool) -> Any:
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    auto = {"feature-extraction": AutoModel, "text-classification": AutoModelForSequenceClassification,
+            "token-classification": AutoModelForTokenClassification}[task_name]
+    # Eager attention with a prepared additive 4D mask gives the graph onnxruntime's BERT fuser
+    # recognises (transformers 5's own mask builder exports as gathers the fuser does not match).
+    model = auto.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            extended = (1.0 - attention_mask.unsqueeze(1).unsqueeze(2).to(torch.float32)) * torch.finfo(
+                torch.float32).min
+            kwargs = {"token_type_ids": token_type_ids} if n_inputs == 3 else {}
+            result = self.model(input_ids=input_ids, attention_mask=extended, **kwargs)
+            if task_name != "feature-extraction":
+                return result.logits
+            hidden = result.last_hidden_state
+            if not pooled:
+                return hidden
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            # sqrt(sum(x^2)) rather than F.normalize: its Expand / ReduceL2 leave the output without
+            # a static shape, which stops onnxruntime's symbolic shape inference (and so fusion).
+            return hidden, mean / torch.sqrt((mean * mean).sum(1, keepdim=True)).clamp(min=1e-12)
+
+    return Encoder().eval()
+
+
+def _node_count(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)

@@ -1,0 +1,144 @@
+"""Node ``evaluate-encoder``: latency (avg / p50 / p90 / p95 / p99 after warm-up), throughput
+and size on disk of an ONNX encoder; with the Hugging Face folder as reference, the PyTorch fp32
+latency measured in the same run, the embedding cosine (feature extraction) or top-1 agreement
+(classifiers) vs PyTorch; with labelled data, accuracy. Writes ``eval.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from prefect import task
+from pydantic import Field
+
+from grove.artifacts import Artifact, StepConfig
+from grove.node import RECIPE_CACHE, node_logger, run_node
+from tasks import _encoder_io as eio
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+
+__all__ = ["EncoderEvalConfig", "evaluate_encoder", "latency_stats"]
+
+
+class EncoderEvalConfig(StepConfig):
+    NODE = "evaluate-encoder"
+    VERSION = 1
+    batch_size: int = Field(1, ge=1, le=256, description="rows per timed call")
+    sequence_length: int = Field(64, ge=4, le=512, description="tokens per row in the timed call (padded)")
+    warmup: int = Field(10, ge=0, description="untimed calls first (allocations, thread pools)")
+    repeat: int = Field(100, ge=5, description="timed calls")
+    threads: int = Field(2, ge=1, le=256, description="onnxruntime intra-op threads (and torch threads)")
+    provider: Literal["cpu", "cuda", "dml"] = Field("cpu", description="execution provider to measure on")
+    labelled_data: str | None = Field(None, description="classifiers: local CSV or JSONL with text,label columns")
+    labelled_sha256: str = Field("", description="sha256 of labelled_data (part of the recipe)")
+
+
+@task(name="evaluate-encoder", cache_policy=RECIPE_CACHE)
+def evaluate_encoder(model: Artifact, config: EncoderEvalConfig, reference: Artifact | None = None) -> Artifact:
+    """Measure ``model``; ``reference`` is the HF folder artifact (download-model) it came from."""
+    parents = [model] if reference is None else [model, reference]
+    return run_node(config, parents, model.store, _evaluate)
+
+
+def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[str, object]:
+    log = node_logger()
+    model_dir = inputs[0]
+    info = eio.encoder_info(model_dir)
+    sess = eio.session(model_dir / "model.onnx", threads=config.threads, provider=config.provider)
+    output = eio.primary_output(info)
+    timed = eio.encode(model_dir, ["Grove measures latency on a fixed padded input. " * 40] * config.batch_size,
+                       info.inputs, pad_to=config.sequence_length)
+    stats = latency_stats(lambda: eio.run(sess, timed, output), config.warmup, config.repeat)
+    metrics: dict[str, object] = {f"latency_ms_{k}": v for k, v in stats.items()}
+    metrics["throughput_rows_s"] = round(1000.0 * config.batch_size / stats["avg"], 2)
+    metrics["size_mb"] = round((model_dir / "model.onnx").stat().st_size / 1e6, 2)
+    log.info("latency %.2f ms avg (p90 %.2f) at batch %d x %d tokens, %d threads", stats["avg"], stats["p90"],
+             config.batch_size, config.sequence_length, config.threads)
+    if len(inputs) > 1:
+        metrics.update(_vs_pytorch(inputs[1], model_dir, sess, info, timed, config))
+        metrics["latency_vs_pytorch"] = round(stats["avg"] / float(metrics["pytorch_latency_ms_avg"]), 4)  # type: ignore[arg-type]
+    if config.labelled_data and info.task == "text-classification":
+        metrics["accuracy"] = _accuracy(sess, model_dir, info, config.labelled_data)
+    metrics["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def latency_stats(call: Callable[[], object], warmup: int, repeat: int) -> dict[str, float]:
+    import numpy as np
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000.0)
+    ms = np.asarray(times)
+    return {"avg": round(float(ms.mean()), 3), **{f"p{q}": round(float(np.percentile(ms, q)), 3)
+                                                  for q in (50, 90, 95, 99)}}
+
+
+def _vs_pytorch(hf_dir: Path, model_dir: Path, sess: object, info: eio.EncoderInfo,
+                timed: dict[str, np.ndarray], config: EncoderEvalConfig) -> dict[str, object]:
+    """PyTorch fp32 latency on the same input and threads, and closeness on fixed sentences."""
+    import torch
+
+    torch.set_num_threads(config.threads)
+    module = _torch_model(hf_dir, info.task)
+    as_torch = {k: torch.from_numpy(v) for k, v in timed.items() if k in info.inputs}
+    with torch.inference_mode():
+        stats = latency_stats(lambda: module(**as_torch), config.warmup, config.repeat)
+        feeds = eio.encode(model_dir, eio.PARITY_TEXTS, info.inputs)
+        result = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    onnx_out = eio.run(sess, feeds, eio.primary_output(info))  # type: ignore[arg-type]
+    metrics: dict[str, object] = {f"pytorch_latency_ms_{k}": v for k, v in stats.items()}
+    if info.task == "feature-extraction":
+        hidden = result.last_hidden_state.numpy()
+        want = _mean_pool(hidden, feeds["attention_mask"]) if info.pooling else hidden
+        metrics["cosine_vs_pytorch"] = round(float(eio.cosine_rows(onnx_out, want, feeds["attention_mask"]).mean()), 5)
+    else:
+        agree = onnx_out.argmax(-1) == result.logits.numpy().argmax(-1)
+        real = feeds["attention_mask"].astype(bool) if agree.ndim == 2 else slice(None)
+        metrics["top1_vs_pytorch"] = round(float(agree[real].mean()), 4)
+    return metrics
+
+
+def _torch_model(hf_dir: Path, task_name: str):  # noqa: ANN202 - a transformers model
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    auto = {"feature-extraction": AutoModel, "text-classification": AutoModelForSequenceClassification,
+            "token-classification": AutoModelForTokenClassification}[task_name]
+    return auto.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+
+def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    weights = mask[..., None].astype(np.float32)
+    pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+
+def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str) -> float:
+    """Top-1 accuracy on a CSV / JSONL file of text,label rows (label: id or id2label name)."""
+    import csv
+
+    config = json.loads((model_dir / "config.json").read_text())
+    label2id = {str(v): int(k) for k, v in config.get("id2label", {}).items()}
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else list(csv.DictReader(f))
+    texts = [str(r["text"]) for r in rows]
+    labels = [int(label2id.get(str(r["label"]), r["label"])) for r in rows]
+    correct = 0
+    for start in range(0, len(texts), 32):
+        feeds = eio.encode(model_dir, texts[start:start + 32], info.inputs)
+        predicted = eio.run(sess, feeds, "logits").argmax(-1)  # type: ignore[arg-type]
+        correct += int((predicted == labels[start:start + 32]).sum())
+    return round(correct / max(len(texts), 1), 4)

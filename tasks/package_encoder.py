@@ -1,0 +1,70 @@
+"""Node ``package-encoder``: the encoder output folder (``model.onnx``, tokenizer and config
+files, ``grove_encoder.json``, ``grove_report.json``) as one artifact, in the same report shape
+as the decoder path. ``tasks.package_genai.export_output`` copies it to the output path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect import task
+from pydantic import Field
+
+from grove import __version__
+from grove.artifacts import Artifact, StepConfig
+from grove.node import RECIPE_CACHE, run_node
+from tasks.package_genai import REPORT
+
+__all__ = ["EncoderPackageConfig", "package_encoder"]
+
+
+class EncoderPackageConfig(StepConfig):
+    NODE = "package-encoder"
+    VERSION = 1
+    model: str = Field(description="what the user asked for (hub id or path), for the report")
+    target: dict[str, str | int | None] = Field(description="device, provider, precision, task, int8 mode")
+
+
+@task(name="package-encoder", cache_policy=RECIPE_CACHE)
+def package_encoder(model: Artifact, evaluation: Artifact, reference: Artifact, parity: Artifact,
+                    config: EncoderPackageConfig) -> Artifact:
+    """Model + its evaluation + the fp32 ONNX evaluation + its parity check -> output folder."""
+    return run_node(config, [model, evaluation, reference, parity], model.store, _package)
+
+
+def _package(inputs: list[Path], config: EncoderPackageConfig, out: Path) -> dict[str, object]:
+    model_dir, eval_dir, ref_dir, parity_dir = inputs
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "manifest.json":
+            shutil.copy2(f, out / f.name)
+    metrics = json.loads((eval_dir / "eval.json").read_text())
+    metrics["parity"] = json.loads((parity_dir / "parity.json").read_text())
+    reference = json.loads((ref_dir / "eval.json").read_text())
+    report = {
+        "grove_version": __version__,
+        "model": config.model,
+        "target": config.target,
+        "metrics": metrics,
+        "reference_fp32": reference,
+        "ratios": {
+            "size_vs_fp32": _ratio(metrics.get("size_mb"), reference.get("size_mb")),
+            "latency_vs_fp32_onnx": _ratio(metrics.get("latency_ms_avg"), reference.get("latency_ms_avg")),
+            "latency_vs_pytorch": metrics.get("latency_vs_pytorch"),
+        },
+        "lineage": [_lineage(d) for d in inputs],
+        "files": sorted([f.name for f in out.iterdir()] + [REPORT]),
+    }
+    (out / REPORT).write_text(json.dumps(report, indent=2))
+    return {k: v for k, v in metrics.items() if k != "parity"}
+
+
+def _ratio(a: object, b: object) -> float | None:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return round(a / b, 4)
+    return None
+
+
+def _lineage(folder: Path) -> dict[str, object]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {k: manifest[k] for k in ("node", "node_version", "digest", "inputs", "config", "seconds")}
