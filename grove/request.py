@@ -14,12 +14,12 @@ from tasks.evaluate import EvalConfig
 from tasks.package_genai import PackageConfig
 from tasks.quantize_int4 import Int4Algorithm, Int4Config
 
-__all__ = ["PROVIDER_DEVICE", "AutoOptRequest"]
+__all__ = ["EP_SHORT", "PROVIDER_DEVICE", "AutoOptRequest"]
 
 Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider"]
 Precision = Literal["int4", "int8", "fp16", "fp32"]
 PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "gpu", "DmlExecutionProvider": "gpu"}
-_EP_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
+EP_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
 
 
 class AutoOptRequest(BaseModel):
@@ -66,7 +66,7 @@ class AutoOptRequest(BaseModel):
     # -- node configs -------------------------------------------------------------------------
     @property
     def execution_provider(self) -> str:
-        return _EP_SHORT[self.provider or ("CUDAExecutionProvider" if self.device == "gpu" else "CPUExecutionProvider")]
+        return EP_SHORT[self.provider or ("CUDAExecutionProvider" if self.device == "gpu" else "CPUExecutionProvider")]
 
     @property
     def download(self) -> DownloadConfig:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from grove.request import PROVIDER_DEVICE, Provider
+from grove.request import EP_SHORT, PROVIDER_DEVICE, Provider
 from grove.store import default_store_uri
 from tasks.capture_encoder import CaptureEncoderConfig, EncoderTask
 from tasks.check_parity import ParityConfig
@@ -21,7 +21,6 @@ from tasks.quantize_int8 import Int8Config
 
 __all__ = ["EncoderOptRequest"]
 
-_EP_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
 
 
 class EncoderOptRequest(BaseModel):
@@ -63,7 +62,7 @@ class EncoderOptRequest(BaseModel):
     @property
     def execution_provider(self) -> Literal["cpu", "cuda", "dml"]:
         ep = self.provider or ("CUDAExecutionProvider" if self.device == "gpu" else "CPUExecutionProvider")
-        return _EP_SHORT[ep]  # type: ignore[return-value]
+        return EP_SHORT[ep]  # type: ignore[return-value]
 
     @property
     def download(self) -> DownloadConfig:

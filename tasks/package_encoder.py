@@ -13,6 +13,7 @@ from pydantic import Field
 
 from grove import __version__
 from grove.artifacts import Artifact, StepConfig
+from tasks._report import lineage, ratio
 from grove.node import RECIPE_CACHE, run_node
 from tasks.package_genai import REPORT
 
@@ -48,23 +49,14 @@ def _package(inputs: list[Path], config: EncoderPackageConfig, out: Path) -> dic
         "metrics": metrics,
         "reference_fp32": reference,
         "ratios": {
-            "size_vs_fp32": _ratio(metrics.get("size_mb"), reference.get("size_mb")),
-            "latency_vs_fp32_onnx": _ratio(metrics.get("latency_ms_avg"), reference.get("latency_ms_avg")),
+            "size_vs_fp32": ratio(metrics.get("size_mb"), reference.get("size_mb")),
+            "latency_vs_fp32_onnx": ratio(metrics.get("latency_ms_avg"), reference.get("latency_ms_avg")),
             "latency_vs_pytorch": metrics.get("latency_vs_pytorch"),
         },
-        "lineage": [_lineage(d) for d in inputs],
+        "lineage": [lineage(d) for d in inputs],
         "files": sorted([f.name for f in out.iterdir()] + [REPORT]),
     }
     (out / REPORT).write_text(json.dumps(report, indent=2))
     return {k: v for k, v in metrics.items() if k != "parity"}
 
 
-def _ratio(a: object, b: object) -> float | None:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
-        return round(a / b, 4)
-    return None
-
-
-def _lineage(folder: Path) -> dict[str, object]:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    return {k: manifest[k] for k in ("node", "node_version", "digest", "inputs", "config", "seconds")}

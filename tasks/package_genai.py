@@ -15,6 +15,7 @@ from pydantic import Field
 
 from grove import __version__
 from grove.artifacts import Artifact, StepConfig
+from tasks._report import lineage, ratio
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node, store_for
 
@@ -50,26 +51,15 @@ def _package(inputs: list[Path], config: PackageConfig, out: Path) -> dict[str, 
         "metrics": metrics,
         "reference_fp32": reference,
         "ratios": {
-            "size_vs_fp32": _ratio(metrics.get("size_mb"), reference.get("size_mb")),
-            "perplexity_vs_fp32": _ratio(metrics.get("perplexity"), reference.get("perplexity")),
-            "decode_speed_vs_fp32_onnx": _ratio(metrics.get("decode_tok_s"), reference.get("decode_tok_s")),
+            "size_vs_fp32": ratio(metrics.get("size_mb"), reference.get("size_mb")),
+            "perplexity_vs_fp32": ratio(metrics.get("perplexity"), reference.get("perplexity")),
+            "decode_speed_vs_fp32_onnx": ratio(metrics.get("decode_tok_s"), reference.get("decode_tok_s")),
         },
-        "lineage": [_lineage(d) for d in inputs],
+        "lineage": [lineage(d) for d in inputs],
         "files": sorted(f.name for f in out.iterdir()),
     }
     (out / REPORT).write_text(json.dumps(report, indent=2))
     return {k: v for k, v in metrics.items() if k != "sample"}
-
-
-def _ratio(a: object, b: object) -> float | None:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
-        return round(a / b, 4)
-    return None
-
-
-def _lineage(folder: Path) -> dict[str, object]:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    return {k: manifest[k] for k in ("node", "node_version", "digest", "inputs", "config", "seconds")}
 
 
 @task(name="export-output", persist_result=False)
