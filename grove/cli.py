@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric int4 blocks (rtn)")
     p.add_argument("--eval_data", help="decoders: UTF-8 text for perplexity (default: the GPL-3 text shipped with "
                    "Grove); classifiers: CSV/JSONL with text,label for accuracy")
-    p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (2048)")
+    p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (1024; 2048 matches the figures in README)")
     p.add_argument("--min_top1_agreement", type=float,
                    help="fail if top-1 agreement with the fp32 model is lower than this")
     p.set_defaults(run=_auto_opt)

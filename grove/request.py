@@ -41,7 +41,7 @@ class AutoOptRequest(BaseModel):
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block")
     symmetric: bool = Field(False, description="symmetric int4 blocks (rtn only)")
     eval_data: str | None = Field(None, description="text file for perplexity (default: builtin GPL-3 text)")
-    eval_tokens: int = Field(2048, ge=16, description="tokens scored for perplexity")
+    eval_tokens: int = Field(1024, ge=16, description="tokens scored for perplexity (2 chunks of 512)")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="fail if parity with fp32 is lower")
 
     @model_validator(mode="after")

@@ -8,14 +8,14 @@ import json
 import time
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["BUILTIN_TEXT", "generation_timing", "logits", "model_size", "perplexity", "read_text",
+__all__ = ["BUILTIN_TEXT", "generation_timing", "genai_model", "logits", "model_size", "perplexity", "read_text",
            "session", "text_sha256", "tokenize", "top1_agreement"]
 
 BUILTIN_TEXT = "builtin:GPL-3"
@@ -40,10 +40,21 @@ def model_size(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("model.onnx*"))
 
 
-def tokenize(model_dir: Path, text: str) -> list[int]:
+def genai_model(model_dir: Path, provider: str = "cpu") -> Any:
+    """An onnxruntime-genai model on ``provider`` (load once; tokenizing and timing share it)."""
     import onnxruntime_genai as og
 
-    tokenizer = og.Tokenizer(og.Model(str(model_dir)))
+    config = og.Config(str(model_dir))
+    if provider != "cpu":
+        config.clear_providers()
+        config.append_provider(provider)
+    return og.Model(config)
+
+
+def tokenize(model_dir: Path, text: str, model: Any = None) -> list[int]:
+    import onnxruntime_genai as og
+
+    tokenizer = og.Tokenizer(model if model is not None else genai_model(model_dir))
     return [int(t) for t in tokenizer.encode(text)]
 
 
@@ -110,16 +121,13 @@ def top1_agreement(a: ort.InferenceSession, b: ort.InferenceSession, prompts: li
     return same / total
 
 
-def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: str = "cpu") -> dict[str, object]:
+def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: str = "cpu",
+                      model: Any = None) -> dict[str, object]:
     """Greedy generation of ``new_tokens`` for the chat-formatted ``prompt``: prefill ms,
     decode tokens/s (after the first token), and the text (after one warm-up run)."""
     import onnxruntime_genai as og
 
-    config = og.Config(str(model_dir))
-    if provider != "cpu":
-        config.clear_providers()
-        config.append_provider(provider)
-    model = og.Model(config)
+    model = model if model is not None else genai_model(model_dir, provider)
     tokenizer = og.Tokenizer(model)
     chat = json.dumps([{"role": "user", "content": prompt}])
     ids = tokenizer.encode(tokenizer.apply_chat_template(chat, add_generation_prompt=True))

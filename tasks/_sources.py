@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from grove.artifacts import Source
@@ -53,17 +54,21 @@ def _package_path(spec: str) -> Path:
 def _resolve_gguf(path: Path) -> Source:
     if path.suffix != ".gguf":
         raise ModelSourceError(f"'{path}' is a file but not a .gguf; pass a GGUF file or a model folder")
+    arch = _remembered(path, "gguf-arch", lambda: _gguf_architecture(path))
+    return Source(kind="gguf", location=str(path), digest=_cached_sha256(path), files=[path.name],
+                  model_type=_GGUF_ARCH.get(arch, arch))
+
+
+def _gguf_architecture(path: Path) -> str:
+    # GGUFReader checks every tensor's extent against the file, so a truncated file fails here.
     try:
         from gguf import GGUFReader
 
-        reader = GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        arch = bytes(field.parts[field.data[0]]).decode()
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         raise ModelSourceError(f"'{path}' is not a readable GGUF file ({exc.__class__.__name__}: {exc}); "
                                "it is truncated or corrupt: download it again") from exc
-    return Source(kind="gguf", location=str(path), digest=_cached_sha256(path), files=[path.name],
-                  model_type=_GGUF_ARCH.get(arch, arch))
 
 
 def _resolve_folder(path: Path) -> Source:
@@ -143,15 +148,21 @@ def _model_type(config_path: Path) -> str:
 
 def _cached_sha256(path: Path) -> str:
     """sha256 of a file, remembered by (path, size, mtime) so reruns do not rehash gigabytes."""
+    return _remembered(path, "sha256", lambda: sha256_file(path))
+
+
+def _remembered(path: Path, what: str, compute: Callable[[], str]) -> str:
+    """A fact about a file (its hash, its GGUF architecture: seconds to compute), remembered
+    by (path, size, mtime) in ~/.cache/grove/digests.json."""
     cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grove" / "digests.json"
     stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{what}|{path}|{stat.st_size}|{stat.st_mtime_ns}"
     try:
         cache: dict[str, str] = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        cache[key] = sha256_file(path)
+        cache[key] = compute()
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache))

@@ -4,7 +4,10 @@ here, so every later node sees one format."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +118,14 @@ def _load_gguf_once(path: Path) -> tuple[Any, Any]:
     from transformers.integrations.gguf import convert_gguf_tokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    meta = load_gguf_checkpoint(str(path), return_tensors=False)
-    config_dict = dict(meta["config"])
-    model_type = config_dict.pop("model_type")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**config_dict), dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model,
-                                   torch_dtype=torch.float32)["tensors"]
+    with _memoized_gguf():
+        meta = load_gguf_checkpoint(str(path), return_tensors=False)
+        config_dict = dict(meta["config"])
+        model_type = config_dict.pop("model_type")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**config_dict), dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model,
+                                       torch_dtype=torch.float32)["tensors"]
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     if unexpected or any(p.is_meta for p in model.parameters()):
@@ -133,6 +137,22 @@ def _load_gguf_once(path: Path) -> tuple[Any, Any]:
                 if vocab.get(f"{n}_token_id") is not None}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=fast, **meta["tokenizer_config"], **extra, **specials)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _memoized_gguf() -> Iterator[None]:
+    """transformers 5.24 parses the GGUF header on every call (~2.5 s here) and builds gguf's
+    tensor-name map once per module (~400 times, ~5 s). Both are pure functions of their
+    arguments, so memoize them for one conversion, then restore gguf as it was."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(reader)  # type: ignore[misc]
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map  # type: ignore[misc]
 
 
 def _load_gguf_public(path: Path) -> tuple[Any, Any]:

@@ -32,7 +32,7 @@ class EvalConfig(StepConfig):
     text: str = Field(dio.BUILTIN_TEXT, description="perplexity text: 'builtin:GPL-3' (shipped with Grove, same "
                       "bytes as Debian's /usr/share/common-licenses/GPL-3) or a path / s3:// URI to a UTF-8 file")
     text_sha256: str = Field("", description="sha256 of the text (filled in by the request; part of the recipe)")
-    ppl_tokens: int = Field(2048, ge=16, description="tokens of the text scored for perplexity")
+    ppl_tokens: int = Field(1024, ge=16, description="tokens of the text scored for perplexity")
     ppl_chunk: int = Field(512, ge=8, description="tokens per chunk, each scored from an empty KV cache")
     prompt: str = Field("What is machine learning?", description="user message for the sample and timings")
     new_tokens: int = Field(64, ge=1, description="greedy tokens generated for the decode timing")
@@ -58,16 +58,17 @@ def _evaluate(inputs: list[Path], config: EvalConfig, out: Path) -> dict[str, ob
     log = node_logger()
     model_dir = inputs[0]
     metrics: dict[str, object] = {"size_mb": round(dio.model_size(model_dir) / 1e6, 2)}
-    tokens = dio.tokenize(model_dir, dio.read_text(config.text))[: config.ppl_tokens]
+    genai = dio.genai_model(model_dir, config.provider)  # one load serves tokenizing and timing
+    tokens = dio.tokenize(model_dir, dio.read_text(config.text), genai)[: config.ppl_tokens]
     session = dio.session(model_dir, config.provider)
     metrics["perplexity"] = round(dio.perplexity(session, tokens, config.ppl_chunk), 4)
     metrics["ppl_tokens"] = len(tokens)
     log.info("perplexity %.3f over %d tokens", metrics["perplexity"], len(tokens))
-    metrics.update(dio.generation_timing(model_dir, config.prompt, config.new_tokens, config.provider))
+    metrics.update(dio.generation_timing(model_dir, config.prompt, config.new_tokens, config.provider, genai))
     log.info("prefill %.1f ms, decode %.1f tok/s", metrics["prefill_ms"], metrics["decode_tok_s"])
     if len(inputs) > 1:
         ref = dio.session(inputs[1], config.provider)
-        agreement = dio.top1_agreement(session, ref, [dio.tokenize(model_dir, t) for t in PARITY_TEXTS])
+        agreement = dio.top1_agreement(session, ref, [dio.tokenize(model_dir, t, genai) for t in PARITY_TEXTS])
         metrics["top1_agreement"] = round(agreement, 4)
         log.info("top-1 agreement with the reference: %.3f", agreement)
         if config.min_top1_agreement is not None and agreement < config.min_top1_agreement:
