@@ -74,7 +74,7 @@ def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, ob
 
         # fp16 correction terms: the same perplexity as fp32 ones, half their size (measured)
         _int4_affine.quantize(src, out, block_size=config.block_size, correction_dtype="float16",
-                              head_bits=config.head_bits)
+                              head_bits=config.head_bits, accuracy_level=config.accuracy_level)
         stats = {"head_bits": config.head_bits}
     else:
         stats = _quantize_ort(src / "model.onnx", out / "model.onnx", config)
