@@ -64,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("server", help="the local Prefect server that grove starts on demand")
     s.add_argument("action", choices=["status", "start", "stop"])
     s.set_defaults(run=_server)
+
+    st = sub.add_parser("stack", help="the scaled-out stack as local processes: Prefect server, S3, workers")
+    st.add_argument("action", choices=["up", "down", "status"])
+    st.add_argument("--postgres", help="Postgres URL for the Prefect server (default: SQLite)")
+    st.add_argument("--no-workers", action="store_true", help="start no workers")
+    st.set_defaults(run=_stack)
+
+    d = sub.add_parser("deploy", help="apply pools, the store's result block and the deployments to "
+                       "the Prefect server at PREFECT_API_URL (idempotent)")
+    d.add_argument("--store", help="shared store, e.g. s3://bucket/prefix (default $GROVE_STORE)")
+    d.set_defaults(run=_deploy)
     return parser
 
 
@@ -125,6 +136,34 @@ def _server(args: argparse.Namespace) -> int:
     else:
         state = server.server_status()
         print(f"running: UI {state['ui_url']}, API {state['api_url']}" if state else "not running")
+    return 0
+
+
+def _stack(args: argparse.Namespace) -> int:
+    import json
+
+    from grove import stack
+
+    if args.action == "up":
+        state = stack.stack_up(args.postgres, workers=not args.no_workers)
+        print(json.dumps(state, indent=2))
+        print("\n# use it from a shell:\n" + "\n".join(f"export {k}={v}" for k, v in state["env"].items()))  # type: ignore[union-attr]
+    elif args.action == "down":
+        print("stopped" if stack.stack_down() else "no stack is running")
+    else:
+        state = stack.stack_status()
+        print(json.dumps(state, indent=2) if state else "not running")
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from grove.deploy import deploy
+    from grove.store import default_store_uri
+
+    if not os.environ.get("PREFECT_API_URL"):
+        return _fail("grove deploy needs a Prefect server: set PREFECT_API_URL (or run `grove stack up`)")
+    for name in deploy(args.store or default_store_uri()):
+        print(f"deployed {name}")
     return 0
 
 

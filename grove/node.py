@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
@@ -30,9 +30,19 @@ C = TypeVar("C", bound=StepConfig)
 Build = Callable[[list[Path], C, Path], Mapping[str, Metric]]
 
 _DECODER = "grove.node.decode_artifact_json"
-# Prefect's default JSON decoder imports any class a record names; ours only rebuilds
-# Grove's own artifact types, so a record in a shared bucket cannot import arbitrary code.
-RESULT_SERIALIZER = JSONSerializer(object_decoder=_DECODER)
+
+
+class GroveJSONSerializer(JSONSerializer):
+    """JSON records whose decoder only rebuilds Grove's own artifact types. Prefect's default
+    JSON decoder imports any class a record names (and its default serializer is pickle), so
+    a record in a shared bucket could otherwise run code. Registered under its own type name,
+    so workers select it with PREFECT_RESULTS_DEFAULT_SERIALIZER=grove-json."""
+
+    type: Literal["grove-json"] = "grove-json"  # type: ignore[assignment]
+    object_decoder: str | None = _DECODER
+
+
+RESULT_SERIALIZER = GroveJSONSerializer()
 _ALLOWED_CLASSES = {"grove.artifacts.Artifact": Artifact, "grove.artifacts.Source": Source}
 
 _stores: dict[str, ArtifactStore] = {}
@@ -103,7 +113,7 @@ def _record_is_safe(store: ArtifactStore, key: str) -> bool:
     except ValueError:
         return False
     serializer = record.get("metadata", {}).get("serializer", {})
-    return serializer.get("type") == "json" and serializer.get("object_decoder") == _DECODER
+    return serializer.get("type") == "grove-json" and serializer.get("object_decoder") == _DECODER
 
 
 def run_node(config: C, parents: list[Artifact | Source], store_uri: str, build: Build[C]) -> Artifact:

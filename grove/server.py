@@ -3,7 +3,8 @@
 Prefect's own ephemeral mode starts a temporary server inside each process (8-12 s here, every
 time). Grove instead starts one ``prefect server start`` on loopback the first time it is
 needed, records its URL in ``$GROVE_HOME/server.json``, and reuses it from then on; the server
-stops itself after ``GROVE_SERVER_IDLE`` seconds (default 3600) without a grove command. The
+stops itself after ``GROVE_SERVER_IDLE`` seconds (default 3600; 0 = never, as ``grove stack``
+uses) without a grove command. The
 UI is therefore there for a user who wants to look (``grove server status`` prints its URL).
 A ``PREFECT_API_URL`` in the environment always wins: then Grove uses that server.
 """
@@ -24,7 +25,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["ensure_api", "grove_home", "server_status", "stop_server"]
+__all__ = ["ensure_api", "free_port", "grove_home", "server_status", "stop_server"]
 
 
 def grove_home() -> Path:
@@ -83,7 +84,7 @@ def ensure_api(timeout: float = 120.0) -> str:
 
 def _start(timeout: float) -> dict[str, object]:
     home = grove_home()
-    port = _free_port()
+    port = free_port()
     log = open(home / "server.log", "ab")  # noqa: SIM115 - handed to the daemon
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
         [sys.executable, "-m", "grove.server", "--serve", "--port", str(port)],
@@ -113,7 +114,7 @@ def stop_server() -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -140,7 +141,7 @@ def _serve(port: int) -> int:
         while child.poll() is None:
             time.sleep(5)
             last = (home / "last-used").stat().st_mtime if (home / "last-used").exists() else time.time()
-            if time.time() - last > idle:
+            if idle > 0 and time.time() - last > idle:
                 child.terminate()
     finally:
         with contextlib.suppress(subprocess.TimeoutExpired):

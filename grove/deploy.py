@@ -1,0 +1,90 @@
+"""``grove deploy``: apply everything a Prefect server needs to run Grove, idempotently: the work
+pools (with concurrency limits), the result-storage block of the shared store, and a deployment
+of every flow on every pool. No credentials are stored: workers read ``AWS_*`` and
+``AWS_ENDPOINT_URL`` from their own environment."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DEPLOYMENTS", "POOLS", "deploy"]
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    device: str
+    concurrency: int  # flow runs at once on the pool: one model per GPU, a few per CPU box
+
+
+@dataclass(frozen=True)
+class Deployment:
+    entrypoint: str  # relative to the project root
+    name: str
+    description: str
+
+
+POOLS = (Pool("cpu-pool", "cpu", 2), Pool("gpu-pool", "gpu", 1))
+DEPLOYMENTS = (
+    Deployment("flows/optimize_model.py:auto_opt", "auto-opt", "One decoder LLM to an onnxruntime-genai folder"),
+    Deployment("flows/optimize_encoder.py:optimize_encoder", "auto-opt-encoder",
+               "One encoder (BERT family) to an optimized ONNX model"),
+)
+
+
+def _project_root() -> Path:
+    import flows
+
+    return Path(flows.__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def deploy(store: str) -> list[str]:
+    """Create or update pools, the store's result block and the deployments; returns their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from grove.runner import result_storage
+
+    with get_client(sync_client=True) as client:
+        for pool in POOLS:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool.name, type="process",
+                                                       concurrency_limit=pool.concurrency))
+            except ObjectAlreadyExists:
+                client.update_work_pool(pool.name, WorkPoolUpdate(concurrency_limit=pool.concurrency))
+    block = result_storage(store)
+    env = {
+        # Node results (cache records) go to the shared store as Grove-JSON, never pickle.
+        "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": f"{block.get_block_type_slug()}/{block._block_document_name}",  # type: ignore[attr-defined]  # noqa: SLF001
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_RESULTS_DEFAULT_SERIALIZER": "grove-json",
+        "GROVE_STORE": store,
+    }
+    root = _project_root()
+    names = []
+    with _cwd(root):
+        for dep in DEPLOYMENTS:
+            for pool in POOLS:
+                deployment = RunnerDeployment.from_entrypoint(
+                    dep.entrypoint, name=f"{dep.name}-{pool.device}", work_pool_name=pool.name,
+                    description=dep.description, tags=["grove", pool.device],
+                    job_variables={"env": {**env, "GROVE_DEVICE": pool.device}, "working_dir": str(root)})
+                deployment.apply()
+                names.append(f"{dep.name}/{dep.name}-{pool.device}")
+    return names
