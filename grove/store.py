@@ -35,12 +35,13 @@ MANIFEST = "manifest.json"
 _CHUNK = 8 * 1024 * 1024
 
 
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grove"
+
+
 def default_store_uri() -> str:
     """``$GROVE_STORE`` or ``~/.cache/grove/store``."""
-    env = os.environ.get("GROVE_STORE")
-    if env:
-        return env
-    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grove" / "store")
+    return os.environ.get("GROVE_STORE") or str(_cache_home() / "store")
 
 
 def sha256_file(path: Path) -> str:
@@ -145,7 +146,7 @@ class ArtifactStore:
             raise StoreError(f"artifact {node}/{digest[:12]} is missing or incomplete in {self.uri}")
         if self.is_local:
             return Path(self.artifact_path(node, digest))
-        cache_dir = cache_dir or Path(default_store_uri()).parent / "fetched"
+        cache_dir = cache_dir or _cache_home() / "fetched"
         dest = cache_dir / node / digest
         if (dest / MANIFEST).exists():
             return dest

@@ -70,3 +70,13 @@ def test_s3_store_round_trip(s3_store: str, tmp_path: Path) -> None:
     assert sha256_file(local / "sub" / "weights.bin") == manifest.files[1].sha256
     store.fs.rm(f"{store.artifact_path('quantize-int4', 'd' * 64)}/model.onnx")
     assert store.manifest("quantize-int4", "d" * 64) is None
+
+
+def test_remote_fetch_lands_in_the_local_cache_not_the_working_directory(s3_store: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GROVE_STORE", s3_store)
+    monkeypatch.chdir(tmp_path)
+    store = ArtifactStore(s3_store)
+    _commit(store, _files(tmp_path))
+    local = store.fetch("quantize-int4", "d" * 64)
+    assert not (tmp_path / "s3:").exists() and local.is_absolute()
