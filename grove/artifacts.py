@@ -23,9 +23,15 @@ class StepConfig(BaseModel):
     NODE: ClassVar[str]
     VERSION: ClassVar[int]
     DEVICE: ClassVar[Device] = "cpu"
+    placement: Device | None = Field(None, description="run on this pool's device; None = where the node "
+                                     "naturally runs. Placement is policy, not recipe: it is not in the digest")
+
+    @property
+    def device(self) -> Device:
+        return self.placement or self.DEVICE
 
     def recipe(self) -> dict[str, object]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude={"placement"})
 
 
 class Source(BaseModel):

@@ -33,6 +33,7 @@ DEPLOYMENTS = (
     Deployment("flows/optimize_model.py:auto_opt", "auto-opt", "One decoder LLM to an onnxruntime-genai folder"),
     Deployment("flows/optimize_encoder.py:optimize_encoder", "auto-opt-encoder",
                "One encoder (BERT family) to an optimized ONNX model"),
+    Deployment("flows/run_node.py:run_node_flow", "run-node", "One node on this pool (the dispatcher's target)"),
 )
 
 

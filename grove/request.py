@@ -43,6 +43,9 @@ class AutoOptRequest(BaseModel):
     eval_data: str | None = Field(None, description="text file for perplexity (default: builtin GPL-3 text)")
     eval_tokens: int = Field(1024, ge=16, description="tokens scored for perplexity (2 chunks of 512)")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="fail if parity with fp32 is lower")
+    gpu_nodes: list[Literal["capture-onnx", "quantize-int4", "evaluate", "package-genai"]] = Field(
+        default_factory=list, description="on a deployed stack: nodes to run on the gpu pool (others run where "
+        "they naturally do); ignored when running locally")
 
     @model_validator(mode="after")
     def _consistent(self) -> AutoOptRequest:
@@ -64,6 +67,9 @@ class AutoOptRequest(BaseModel):
         return self
 
     # -- node configs -------------------------------------------------------------------------
+    def _placement(self, node: str) -> Literal["gpu"] | None:
+        return "gpu" if node in self.gpu_nodes else None
+
     @property
     def execution_provider(self) -> str:
         return EP_SHORT[self.provider or ("CUDAExecutionProvider" if self.device == "gpu" else "CPUExecutionProvider")]
@@ -75,11 +81,13 @@ class AutoOptRequest(BaseModel):
     @property
     def reference_capture(self) -> CaptureConfig:
         precision = "fp32" if self.execution_provider == "cpu" else "fp16"
-        return CaptureConfig(precision=precision, execution_provider=self.execution_provider)  # type: ignore[arg-type]
+        return CaptureConfig(precision=precision, execution_provider=self.execution_provider,  # type: ignore[arg-type]
+                             placement=self._placement("capture-onnx"))
 
     @property
     def capture(self) -> CaptureConfig:
-        return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider)  # type: ignore[arg-type]
+        return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider,  # type: ignore[arg-type]
+                             placement=self._placement("capture-onnx"))
 
     @property
     def int4(self) -> Int4Config | None:
@@ -87,19 +95,21 @@ class AutoOptRequest(BaseModel):
         algorithm = self.int4_algorithm or ("affine" if self.device == "cpu" else "builder")
         if self.precision != "int4" or algorithm == "builder":
             return None
-        return Int4Config(algorithm=algorithm, block_size=self.block_size, symmetric=self.symmetric)
+        return Int4Config(algorithm=algorithm, block_size=self.block_size, symmetric=self.symmetric,
+                          placement=self._placement("quantize-int4"))
 
     def evaluation(self, text_sha256: str, *, gate: bool) -> EvalConfig:
         from tasks._decoder_io import BUILTIN_TEXT
 
         return EvalConfig(text=self.eval_data or BUILTIN_TEXT, text_sha256=text_sha256, ppl_tokens=self.eval_tokens,
                           provider=self.execution_provider,  # type: ignore[arg-type]
-                          min_top1_agreement=self.min_top1_agreement if gate else None)
+                          min_top1_agreement=self.min_top1_agreement if gate else None,
+                          placement=self._placement("evaluate"))
 
     @property
     def package(self) -> PackageConfig:
         int4 = self.int4
         algorithm = int4.algorithm if int4 else ("builder" if self.precision == "int4" else None)
-        return PackageConfig(model=self.model_name_or_path, target={
+        return PackageConfig(model=self.model_name_or_path, placement=self._placement("package-genai"), target={
             "device": self.device, "provider": self.execution_provider, "precision": self.precision,
             "int4_algorithm": algorithm, "block_size": int4.block_size if int4 else None})

@@ -76,3 +76,25 @@ def test_deploy_is_idempotent(stack: dict) -> None:
         result = grove_cli("deploy", env=env, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
     assert "deployed auto-opt/auto-opt-gpu" in result.stdout
+
+
+def test_gpu_node_runs_on_the_gpu_pool_and_feeds_the_cpu_pool(stack_api: dict, tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.deployments import run_deployment
+
+    out = tmp_path / "out"
+    request = {"model_name_or_path": str(tiny_dir("qwen2")), "output_path": str(out), "eval_tokens": 64,
+               "gpu_nodes": ["quantize-int4"]}
+    parent = run_deployment("auto-opt/auto-opt-cpu", parameters={"request": request}, timeout=300)
+
+    assert parent.state is not None and parent.state.is_completed(), parent.state
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        pools = {(c.name, c.work_pool_name, c.state.name if c.state else "?") for c in children}
+        deployments = {client.read_deployment(c.deployment_id).name for c in children if c.deployment_id}
+    assert deployments == {"run-node-gpu"} and {p[1] for p in pools} == {"gpu-pool"}, pools
+    assert {p[2] for p in pools} == {"Completed"}
+    report = json.loads((out / "grove_report.json").read_text())
+    assert report["metrics"]["top1_agreement"] is not None, "evaluate (cpu) used the gpu pool's int4 model"
