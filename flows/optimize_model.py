@@ -9,6 +9,7 @@ from tasks.capture_onnx import capture_onnx
 from tasks.download_model import download_model, resolve_source
 from tasks.evaluate import evaluate, fingerprint_text
 from tasks.package_genai import export_output, package_genai
+from tasks.publish_registry import publish_registry
 from tasks.publish_report import publish_report
 from tasks.quantize_int4 import quantize_int4
 
@@ -38,4 +39,6 @@ def auto_opt(request: AutoOptRequest) -> dict[str, object]:
     package = package_genai(model, evaluation, reference_eval, request.package)
     report = export_output(package, request.output_path)
     publish_report(report, request.output_path)
+    if request.publish_as is not None:
+        publish_registry(package, *request.publish_as, source_digest=source.digest)
     return report

@@ -71,9 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--no-workers", action="store_true", help="start no workers")
     st.set_defaults(run=_stack)
 
+    f = sub.add_parser("fleet", help="refresh a fleet of models x targets from a manifest (YAML)")
+    f.add_argument("action", choices=["refresh"])
+    f.add_argument("manifest", help="fleet manifest YAML (see grove/fleet.py)")
+    f.set_defaults(run=_fleet)
+
     d = sub.add_parser("deploy", help="apply pools, the store's result block and the deployments to "
                        "the Prefect server at PREFECT_API_URL (idempotent)")
     d.add_argument("--store", help="shared store, e.g. s3://bucket/prefix (default $GROVE_STORE)")
+    d.add_argument("--fleet-manifest", help="fleet manifest YAML to refresh nightly (02:00 UTC)")
     d.set_defaults(run=_deploy)
     return parser
 
@@ -156,13 +162,40 @@ def _stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from grove.fleet import FleetManifest
+
+    try:
+        manifest = FleetManifest.from_yaml(args.manifest)
+    except (OSError, ValidationError, ValueError) as exc:
+        return _fail(f"fleet manifest {args.manifest} is invalid: {exc}")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from grove.server import ensure_api
+
+    with temporary_settings(updates={PREFECT_API_URL: ensure_api()}):
+        from flows.fleet_refresh import fleet_refresh
+
+        rows = fleet_refresh(manifest)
+    for row in rows:
+        print(f"{row['model']:<24} {row['target']:<12} {row['status']:<10} {row['version']:<17} {row['reason']}")
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
 def _deploy(args: argparse.Namespace) -> int:
     from grove.deploy import deploy
     from grove.store import default_store_uri
 
     if not os.environ.get("PREFECT_API_URL"):
         return _fail("grove deploy needs a Prefect server: set PREFECT_API_URL (or run `grove stack up`)")
-    for name in deploy(args.store or default_store_uri()):
+    manifest = None
+    if args.fleet_manifest:
+        from grove.fleet import FleetManifest
+
+        manifest = FleetManifest.from_yaml(args.fleet_manifest).model_dump(mode="json")
+    for name in deploy(args.store or default_store_uri(), manifest):
         print(f"deployed {name}")
     return 0
 

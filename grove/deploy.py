@@ -35,6 +35,9 @@ DEPLOYMENTS = (
                "One encoder (BERT family) to an optimized ONNX model"),
     Deployment("flows/run_node.py:run_node_flow", "run-node", "One node on this pool (the dispatcher's target)"),
 )
+FLEET = Deployment("flows/fleet_refresh.py:fleet_refresh", "fleet-refresh",
+                   "Refresh every model x target of a manifest; only what changed upstream is rebuilt")
+NIGHTLY = "0 2 * * *"
 
 
 def _project_root() -> Path:
@@ -53,8 +56,10 @@ def _cwd(path: Path) -> Iterator[None]:
         os.chdir(old)
 
 
-def deploy(store: str) -> list[str]:
-    """Create or update pools, the store's result block and the deployments; returns their names."""
+def deploy(store: str, fleet_manifest: dict[str, object] | None = None) -> list[str]:
+    """Create or update pools, the store's result block and the deployments; returns their names.
+    With ``fleet_manifest``, ``fleet-refresh`` runs it nightly (on the cpu pool: it only
+    orchestrates; each entry runs on its target's pool)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.deployments.runner import RunnerDeployment
@@ -88,4 +93,11 @@ def deploy(store: str) -> list[str]:
                     job_variables={"env": {**env, "GROVE_DEVICE": pool.device}, "working_dir": str(root)})
                 deployment.apply()
                 names.append(f"{dep.name}/{dep.name}-{pool.device}")
+        fleet = RunnerDeployment.from_entrypoint(
+            FLEET.entrypoint, name=FLEET.name, work_pool_name=POOLS[0].name, description=FLEET.description,
+            tags=["grove", "fleet"], cron=NIGHTLY if fleet_manifest else None,
+            parameters={"manifest": fleet_manifest} if fleet_manifest else None,
+            job_variables={"env": {**env, "GROVE_DEVICE": POOLS[0].device}, "working_dir": str(root)})
+        fleet.apply()
+        names.append(f"{FLEET.name}/{FLEET.name}" + (f" (cron {NIGHTLY})" if fleet_manifest else ""))
     return names

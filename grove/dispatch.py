@@ -29,3 +29,23 @@ def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str
     if state is None or not state.is_completed():
         message = state.message if state else "no state"
         raise GroveError(f"node {config.NODE} failed on the {config.device} pool ({name}): {message}")
+
+
+def run_auto_opt_on_pool(request: object, device: str) -> None:
+    """Run the auto-opt flow for ``request``: as the ``auto-opt-<device>`` deployment (a subflow)
+    on a deployed stack, in-process otherwise. Raises GroveError if the run did not complete."""
+    import os
+
+    if os.environ.get("GROVE_DEVICE") and os.environ.get("PREFECT_API_URL"):
+        from prefect.deployments import run_deployment
+
+        flow_run = run_deployment(f"auto-opt/auto-opt-{device}",
+                                  parameters={"request": request.model_dump(mode="json")},  # type: ignore[attr-defined]
+                                  as_subflow=True)
+        state = flow_run.state
+    else:
+        from grove.runner import configured_flow
+
+        state = configured_flow(request)(request, return_state=True)  # type: ignore[arg-type]
+    if state is None or not state.is_completed():
+        raise GroveError(f"auto-opt did not complete: {state.message if state else 'no state'}")

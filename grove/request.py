@@ -43,6 +43,8 @@ class AutoOptRequest(BaseModel):
     eval_data: str | None = Field(None, description="text file for perplexity (default: builtin GPL-3 text)")
     eval_tokens: int = Field(1024, ge=16, description="tokens scored for perplexity (2 chunks of 512)")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="fail if parity with fp32 is lower")
+    publish_as: tuple[str, str, str] | None = Field(None, description="fleet refresh: (name, target, version) "
+                                                    "to publish the output under in the store's registry")
     gpu_nodes: list[Literal["capture-onnx", "quantize-int4", "evaluate", "package-genai"]] = Field(
         default_factory=list, description="on a deployed stack: nodes to run on the gpu pool (others run where "
         "they naturally do); ignored when running locally")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from grove.errors import InvalidRequest
 from grove.request import AutoOptRequest
@@ -80,12 +80,16 @@ def run_auto_opt_state(request: AutoOptRequest | EncoderOptRequest) -> State:
 
     # Prefect reads its settings at import, which may have happened before the API was known.
     with temporary_settings(updates={PREFECT_API_URL: ensure_api()}):
-        from grove.node import RESULT_SERIALIZER
+        return configured_flow(request)(request, return_state=True)  # type: ignore[no-any-return]
 
-        if isinstance(request, AutoOptRequest):
-            from flows.optimize_model import auto_opt as flow
-        else:
-            from flows.optimize_encoder import optimize_encoder as flow
-        configured = flow.with_options(result_storage=result_storage(request.store),  # type: ignore[attr-defined]
-                                       result_serializer=RESULT_SERIALIZER, persist_result=True)
-        return configured(request, return_state=True)  # type: ignore[no-any-return]
+
+def configured_flow(request: AutoOptRequest | EncoderOptRequest) -> Any:
+    """The request's flow, with its node results (cache records) in the request's store."""
+    from grove.node import RESULT_SERIALIZER
+
+    if isinstance(request, AutoOptRequest):
+        from flows.optimize_model import auto_opt as flow
+    else:
+        from flows.optimize_encoder import optimize_encoder as flow
+    return flow.with_options(result_storage=result_storage(request.store),  # type: ignore[attr-defined]
+                             result_serializer=RESULT_SERIALIZER, persist_result=True)

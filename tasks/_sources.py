@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def _remembered(path: Path, what: str, compute: Callable[[], str]) -> str:
     if key not in cache:
         cache[key] = compute()
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp = cache_file.with_suffix(f".{uuid.uuid4().hex}.tmp")  # threads and processes race here
         tmp.write_text(json.dumps(cache))
         tmp.replace(cache_file)
     return cache[key]

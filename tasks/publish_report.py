@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from grove.report import markdown_report, table_rows
 
-__all__ = ["publish_report"]
+__all__ = ["publish_fleet_summary", "publish_report"]
 
 
 @task(name="publish-report", persist_result=False)
@@ -20,3 +20,10 @@ def publish_report(report: dict[str, object], output_path: str) -> None:
                           description=f"auto-opt metrics for {report.get('model')}")
     create_markdown_artifact(key=f"report-{slug}", markdown=markdown_report(report, output_path),
                              description=f"auto-opt report for {report.get('model')}")
+
+
+@task(name="publish-fleet-summary", persist_result=False)
+def publish_fleet_summary(rows: list[dict[str, str]]) -> None:
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("refreshed", "unchanged", "failed")}
+    create_table_artifact(key="fleet-refresh", table=rows,
+                          description=", ".join(f"{n} {s}" for s, n in counts.items()))

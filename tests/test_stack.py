@@ -70,12 +70,15 @@ def test_triggered_run_executes_on_a_worker_and_lands_in_s3(stack_api: dict, tin
     assert "perplexity" in json.dumps(table.data)
 
 
-def test_deploy_is_idempotent(stack: dict) -> None:
+def test_deploy_is_idempotent_and_schedules_the_fleet(stack: dict, tmp_path: Path) -> None:
+    manifest = tmp_path / "fleet.yaml"
+    manifest.write_text("targets: {cpu-int4: {device: cpu}}\nmodels: [{name: m, source: /x, targets: [cpu-int4]}]\n")
     env = {"GROVE_HOME": os.environ["GROVE_HOME"], **stack["env"]}
     for _ in range(2):
-        result = grove_cli("deploy", env=env, timeout=120)
+        result = grove_cli("deploy", "--fleet-manifest", str(manifest), env=env, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
     assert "deployed auto-opt/auto-opt-gpu" in result.stdout
+    assert "deployed fleet-refresh/fleet-refresh (cron 0 2 * * *)" in result.stdout
 
 
 def test_gpu_node_runs_on_the_gpu_pool_and_feeds_the_cpu_pool(stack_api: dict, tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001

@@ -1,0 +1,42 @@
+"""Task ``refresh-entry``: one (model, target) of a fleet. Detects upstream change by the
+source's digest, skips what is current, otherwise runs auto-opt (on the target's pool when
+deployed) and publishes to the registry. Never raises: a failure is a row, so one broken
+model does not stop the fleet."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from grove.errors import GroveError
+from grove.fleet import FleetManifest, FleetModel, entry_version
+from grove.node import node_logger
+
+__all__ = ["refresh_entry"]
+
+
+@task(name="refresh-entry", persist_result=False)
+def refresh_entry(model: FleetModel, target_name: str, manifest: FleetManifest) -> dict[str, str]:
+    row = {"model": model.name, "target": target_name, "status": "failed", "version": "", "reason": ""}
+    target = manifest.targets[target_name]
+    try:
+        from grove.dispatch import run_auto_opt_on_pool
+        from grove.request import AutoOptRequest
+        from tasks import _sources
+        from tasks.publish_registry import read_latest
+        from tasks.registry import arch_spec
+
+        source = _sources.resolve(model.source)
+        arch_spec(source.model_type)
+        version = entry_version(source.digest, target)
+        latest = read_latest(manifest.store, model.name, target_name)
+        if latest is not None and latest.get("version") == version:
+            return {**row, "status": "unchanged", "version": version}
+        request = AutoOptRequest(
+            model_name_or_path=model.source, output_path=f"/tmp/grove-fleet/{model.name}/{target_name}",
+            store=manifest.store, eval_tokens=manifest.eval_tokens, publish_as=(model.name, target_name, version),
+            **target.model_dump(exclude_none=True))
+        run_auto_opt_on_pool(request, target.device)
+        return {**row, "status": "refreshed", "version": version}
+    except (GroveError, ValueError) as exc:
+        node_logger().warning("fleet entry %s/%s failed: %s", model.name, target_name, exc)
+        return {**row, "reason": str(exc)[:500]}

@@ -1,0 +1,53 @@
+"""Fleet refresh: only what changed upstream is rebuilt, the registry's `latest` moves only for
+it, and a broken model fails alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from grove.fleet import FleetManifest
+from tasks.publish_registry import read_latest
+
+FAMILIES = {"alpha": "llama", "beta": "qwen2", "gamma": "gemma"}
+
+
+def _manifest(models: dict[str, Path], store: str) -> FleetManifest:
+    return FleetManifest.model_validate({
+        "store": store, "eval_tokens": 64, "concurrency": 2,
+        "targets": {"cpu-int4": {"device": "cpu", "precision": "int4"}},
+        "models": [{"name": n, "source": str(p), "targets": ["cpu-int4"]} for n, p in models.items()],
+    })
+
+
+def _run(manifest: FleetManifest) -> dict[str, dict[str, str]]:
+    from flows.fleet_refresh import fleet_refresh
+
+    return {row["model"]: row for row in fleet_refresh(manifest)}
+
+
+def test_only_changed_models_refresh_and_a_broken_one_fails_alone(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    models = {name: shutil.copytree(tiny_dir(family), tmp_path / name) for name, family in FAMILIES.items()}
+    broken = shutil.copytree(tiny_dir("llama"), tmp_path / "delta")
+    (broken / "model.safetensors").write_bytes(b"\0" * 64)
+    models["delta"] = broken
+    manifest = _manifest(models, store)
+
+    first = _run(manifest)
+    assert {n: r["status"] for n, r in first.items()} == {
+        "alpha": "refreshed", "beta": "refreshed", "gamma": "refreshed", "delta": "failed"}
+    assert "safetensors" in first["delta"]["reason"]
+    before = {n: read_latest(store, n, "cpu-int4") for n in FAMILIES}
+
+    config = models["beta"] / "config.json"  # upstream change: beta's weights are re-saved differently
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rms_norm_eps": 1e-5}))
+    second = _run(manifest)
+
+    assert {n: r["status"] for n, r in second.items()} == {
+        "alpha": "unchanged", "beta": "refreshed", "gamma": "unchanged", "delta": "failed"}
+    after = {n: read_latest(store, n, "cpu-int4") for n in FAMILIES}
+    assert after["alpha"] == before["alpha"] and after["gamma"] == before["gamma"]
+    assert after["beta"]["version"] != before["beta"]["version"]
+    version_dir = Path(after["beta"]["path"])
+    assert (version_dir / "model.onnx").exists() and (version_dir / "grove_report.json").exists()
