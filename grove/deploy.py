@@ -56,6 +56,42 @@ def _cwd(path: Path) -> Iterator[None]:
         os.chdir(old)
 
 
+ZOMBIE_AUTOMATION = "grove-crash-zombie-flow-runs"
+HEARTBEAT_SECONDS = 30
+
+
+def _apply_zombie_automation() -> None:
+    """A run whose machine dies stops sending heartbeats; mark it Crashed after three missed
+    beats (Prefect's documented zombie-run recipe), so the UI and retries see the truth."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    ends = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+    automation = Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="Flow runs that miss heartbeats for 90 s are marked Crashed",
+        trigger=EventTrigger(after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
+                             match={"prefect.resource.id": ["prefect.flow-run.*"]},
+                             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                             within=timedelta(seconds=3 * HEARTBEAT_SECONDS)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message="Marked Crashed by Grove: no heartbeat for 90 s (machine lost?)")],
+    )
+    try:
+        existing = Automation.read(name=ZOMBIE_AUTOMATION)
+    except ValueError:
+        existing = None
+    if existing is None:
+        automation.create()
+    else:
+        automation.id = existing.id
+        automation.update()
+
+
 def deploy(store: str, fleet_manifest: dict[str, object] | None = None) -> list[str]:
     """Create or update pools, the store's result block and the deployments; returns their names.
     With ``fleet_manifest``, ``fleet-refresh`` runs it nightly (on the cpu pool: it only
@@ -74,8 +110,10 @@ def deploy(store: str, fleet_manifest: dict[str, object] | None = None) -> list[
                                                        concurrency_limit=pool.concurrency))
             except ObjectAlreadyExists:
                 client.update_work_pool(pool.name, WorkPoolUpdate(concurrency_limit=pool.concurrency))
+    _apply_zombie_automation()
     block = result_storage(store)
     env = {
+        "PREFECT_RUNNER_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),  # feeds the zombie automation
         # Node results (cache records) go to the shared store as Grove-JSON, never pickle.
         "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": f"{block.get_block_type_slug()}/{block._block_document_name}",  # type: ignore[attr-defined]  # noqa: SLF001
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",

@@ -123,8 +123,9 @@ def free_port() -> int:
 def _serve(port: int) -> int:
     """Daemon body: run ``prefect server start`` and stop it once grove has been idle."""
     home = grove_home()
+    # The UI must call this server's API, not Prefect's default port 4200.
     env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false")
+               PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false", PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
     env.pop("PREFECT_API_URL", None)
     idle = float(os.environ.get("GROVE_SERVER_IDLE", "3600"))
     child = subprocess.Popen(  # noqa: S603

@@ -15,7 +15,8 @@ __all__ = ["publish_fleet_summary", "publish_report"]
 
 @task(name="publish-report", persist_result=False)
 def publish_report(report: dict[str, object], output_path: str) -> None:
-    slug = re.sub(r"[^a-z0-9-]+", "-", str(report.get("model", "model")).lower()).strip("-")[-40:] or "model"
+    name = str(report.get("model", "model")).rstrip("/").rsplit("/", 1)[-1]  # hub id or path: its last part
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40] or "model"
     create_table_artifact(key=f"metrics-{slug}", table=table_rows(report),
                           description=f"auto-opt metrics for {report.get('model')}")
     create_markdown_artifact(key=f"report-{slug}", markdown=markdown_report(report, output_path),

@@ -79,6 +79,13 @@ def test_deploy_is_idempotent_and_schedules_the_fleet(stack: dict, tmp_path: Pat
         assert result.returncode == 0, result.stderr[-2000:]
     assert "deployed auto-opt/auto-opt-gpu" in result.stdout
     assert "deployed fleet-refresh/fleet-refresh (cron 0 2 * * *)" in result.stdout
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from grove.deploy import ZOMBIE_AUTOMATION
+
+    with temporary_settings(updates={PREFECT_API_URL: stack["api_url"]}), get_client(sync_client=True) as client:
+        assert len(client.read_automations_by_name(ZOMBIE_AUTOMATION)) == 1
 
 
 def test_gpu_node_runs_on_the_gpu_pool_and_feeds_the_cpu_pool(stack_api: dict, tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001

@@ -1,0 +1,43 @@
+"""The dashboard, as a person sees it: headless Chromium opens a finished auto-opt run in the
+Prefect UI and finds the metrics table among its artifacts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from grove.request import AutoOptRequest
+from grove.runner import run_auto_opt_state
+from grove.server import server_status
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Without the background-networking flags Chromium keeps dialing Google on a closed network.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); "
+                    "scripts/test.sh installs it when run as root")
+def test_metrics_table_is_on_the_finished_runs_page(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    from playwright.sync_api import expect, sync_playwright
+
+    request = AutoOptRequest(model_name_or_path=str(tiny_dir("llama")), output_path=str(tmp_path / "out"),
+                             store=store, eval_tokens=64)
+    flow_run_id = run_auto_opt_state(request).state_details.flow_run_id
+    ui = str((server_status() or {})["ui_url"])
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui}/runs/flow-run/{flow_run_id}", wait_until="networkidle")
+        expect(page.get_by_text("Completed").first).to_be_visible(timeout=30_000)
+        page.get_by_text("Artifacts", exact=True).click()
+        metrics = page.get_by_text("metrics-", exact=False).first
+        expect(metrics).to_be_visible(timeout=30_000)
+        metrics.click()
+        expect(page.get_by_text("perplexity", exact=True).first).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("size on disk (MB)").first).to_be_visible()
+        page.screenshot(path=str(tmp_path / "metrics.png"))
+        browser.close()
