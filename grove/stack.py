@@ -16,7 +16,7 @@ import urllib.request
 
 from grove.server import ensure_api, free_port, grove_home, stop_server
 
-__all__ = ["stack_down", "stack_status", "stack_up"]
+__all__ = ["spawn_worker", "stack_down", "stack_status", "stack_up"]
 
 _BUCKET = "grove"
 # Local-only credentials for the loopback S3 server; real deployments bring their own.
@@ -57,7 +57,7 @@ def stack_up(postgres_url: str | None = None, workers: bool = True) -> dict[str,
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         deployments = deploy(env["GROVE_STORE"])
-    pids = [_spawn_worker(pool.name, pool.device, env, home) for pool in POOLS] if workers else []
+    pids = [spawn_worker(pool.name, pool.device, env) for pool in POOLS] if workers else []
     state: dict[str, object] = {"api_url": api_url, "ui_url": api_url.removesuffix("/api"), "env": env,
                                 "s3_pid": s3_pid, "worker_pids": pids, "deployments": deployments}
     _state_file().write_text(json.dumps(state, indent=2))
@@ -85,11 +85,14 @@ def _start_s3(home) -> tuple[str, int]:  # noqa: ANN001
     return endpoint, proc.pid
 
 
-def _spawn_worker(pool: str, device: str, env: dict[str, str], home) -> int:  # noqa: ANN001
-    log = open(home / f"worker-{pool}.log", "ab")  # noqa: SIM115
+def spawn_worker(pool: str, device: str, env: dict[str, str], name: str | None = None,
+                 limit: int | None = None) -> int:
+    """Start one process worker for ``pool`` (``limit``: flow runs at once); returns its pid."""
+    name = name or f"grove-{pool}"
+    log = open(grove_home() / f"worker-{name}.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
-         "--name", f"grove-{pool}"],
+         "--name", name, *(["--limit", str(limit)] if limit else [])],
         env={**os.environ, **env, "GROVE_DEVICE": device}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     return proc.pid
