@@ -38,7 +38,7 @@ def auto_opt(request: AutoOptRequest) -> dict[str, object]:
     )
     package = package_genai(model, evaluation, reference_eval, request.package)
     report = export_output(package, request.output_path)
-    publish_report(report, request.output_path)
+    publish_report(report, request.output_path, package)
     if request.publish_as is not None:
         publish_registry(package, *request.publish_as, source_digest=source.digest)
     return report

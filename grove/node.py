@@ -8,13 +8,15 @@ A task module defines a config (``StepConfig`` subclass) and a body
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -25,7 +27,7 @@ from prefect.serializers import JSONSerializer
 from grove.artifacts import Artifact, Metric, Source, StepConfig, recipe_digest
 from grove.store import ArtifactStore
 
-__all__ = ["RECIPE_CACHE", "RESULT_SERIALIZER", "cache_key", "node_logger", "run_node", "store_for"]
+__all__ = ["RECIPE_CACHE", "RESULT_SERIALIZER", "cache_key", "node_logger", "report_progress", "run_node", "store_for"]
 
 C = TypeVar("C", bound=StepConfig)
 Build = Callable[[list[Path], C, Path], Mapping[str, Metric]]
@@ -71,6 +73,36 @@ def node_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("grove")
+
+
+_progress: ContextVar[tuple[Any, str] | None] = ContextVar("grove_progress", default=None)
+
+
+def report_progress(fraction: float, note: str) -> None:
+    """Move the running node's progress bar on the dashboard (a no-op outside a Prefect run)."""
+    current = _progress.get()
+    if current is None:
+        return
+    from prefect.artifacts import update_progress_artifact
+
+    artifact_id, what = current
+    update_progress_artifact(artifact_id, round(100 * min(max(fraction, 0.0), 1.0), 1), description=f"{what}: {note}")
+
+
+@contextlib.contextmanager
+def _progress_bar(what: str) -> Iterator[None]:
+    from prefect.artifacts import create_progress_artifact
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is None:  # plain function call (tests, bench): nothing to show
+        yield
+        return
+    token = _progress.set((create_progress_artifact(0.0, description=f"{what}: started"), what))
+    try:
+        yield
+        report_progress(1.0, "done")
+    finally:
+        _progress.reset(token)
 
 
 def _split_inputs(inputs: Mapping[str, Any]) -> tuple[StepConfig, list[Artifact | Source], str]:
@@ -135,7 +167,8 @@ def run_node(config: C, parents: list[Artifact | Source], store_uri: str, build:
     work = Path(tempfile.mkdtemp(prefix=f"grove-{config.NODE}-"))
     try:
         start = time.perf_counter()
-        metrics = dict(build(local_inputs, config, work))
+        with _progress_bar(f"{config.NODE} {digest[:12]}"):
+            metrics = dict(build(local_inputs, config, work))
         seconds = time.perf_counter() - start
         metrics.setdefault("seconds", round(seconds, 2))
         manifest = store.commit(

@@ -4,6 +4,7 @@ parity) and onnxruntime-genai for generation timings. Shared by evaluate and the
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 import json
 import time
 from importlib import resources
@@ -97,10 +98,13 @@ def _head_size(sess: ort.InferenceSession) -> int:
     return int(json.loads(config_path.read_text())["model"]["decoder"]["head_size"])
 
 
-def perplexity(sess: ort.InferenceSession, tokens: list[int], chunk: int) -> float:
+def perplexity(sess: ort.InferenceSession, tokens: list[int], chunk: int,
+               on_chunk: Callable[[float], None] | None = None) -> float:
     """exp(mean next-token NLL) over consecutive chunks, each from an empty cache."""
     nll, count = 0.0, 0
     for start in range(0, len(tokens) - 1, chunk):
+        if on_chunk:
+            on_chunk(start / len(tokens))
         piece = tokens[start : start + chunk]
         if len(piece) < 2:
             break

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import ParityError
-from grove.node import RECIPE_CACHE, node_logger, run_node
+from grove.node import RECIPE_CACHE, node_logger, report_progress, run_node
 from tasks import _decoder_io as dio
 
 __all__ = ["EvalConfig", "evaluate", "fingerprint_text"]
@@ -61,7 +61,9 @@ def _evaluate(inputs: list[Path], config: EvalConfig, out: Path) -> dict[str, ob
     genai = dio.genai_model(model_dir, config.provider)  # one load serves tokenizing and timing
     tokens = dio.tokenize(model_dir, dio.read_text(config.text), genai)[: config.ppl_tokens]
     session = dio.session(model_dir, config.provider)
-    metrics["perplexity"] = round(dio.perplexity(session, tokens, config.ppl_chunk), 4)
+    ppl = dio.perplexity(session, tokens, config.ppl_chunk, lambda f: report_progress(0.7 * f, "perplexity"))
+    metrics["perplexity"] = round(ppl, 4)
+    report_progress(0.7, "generation timing")
     metrics["ppl_tokens"] = len(tokens)
     log.info("perplexity %.3f over %d tokens", metrics["perplexity"], len(tokens))
     metrics.update(dio.generation_timing(model_dir, config.prompt, config.new_tokens, config.provider, genai))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from grove.artifacts import Artifact
 
 from grove.report import markdown_report, table_rows
 
@@ -14,13 +16,17 @@ __all__ = ["publish_fleet_summary", "publish_report"]
 
 
 @task(name="publish-report", persist_result=False)
-def publish_report(report: dict[str, object], output_path: str) -> None:
+def publish_report(report: dict[str, object], output_path: str, package: Artifact | None = None) -> None:
     name = str(report.get("model", "model")).rstrip("/").rsplit("/", 1)[-1]  # hub id or path: its last part
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40] or "model"
     create_table_artifact(key=f"metrics-{slug}", table=table_rows(report),
                           description=f"auto-opt metrics for {report.get('model')}")
     create_markdown_artifact(key=f"report-{slug}", markdown=markdown_report(report, output_path),
                              description=f"auto-opt report for {report.get('model')}")
+    if package is not None:  # where the output lives in the store (s3:// or a folder)
+        location = f"{package.store}/artifacts/{package.node}/{package.digest}/"
+        create_link_artifact(key=f"output-{slug}", link=location if "://" in location else f"file://{location}",
+                             link_text=location, description="the packaged output in the artifact store")
 
 
 @task(name="publish-fleet-summary", persist_result=False)

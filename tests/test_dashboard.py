@@ -41,3 +41,23 @@ def test_metrics_table_is_on_the_finished_runs_page(tiny_dir, tmp_path: Path, st
         expect(page.get_by_text("size on disk (MB)").first).to_be_visible()
         page.screenshot(path=str(tmp_path / "metrics.png"))
         browser.close()
+
+
+def test_run_publishes_table_report_link_and_progress(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    request = AutoOptRequest(model_name_or_path=str(tiny_dir("qwen3")), output_path=str(tmp_path / "out"),
+                             store=store, eval_tokens=64)
+    flow_run_id = run_auto_opt_state(request).state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_type: dict[str, list] = {}
+    for a in artifacts:
+        by_type.setdefault(a.type or "", []).append(a)
+    assert {"table", "markdown", "progress"} <= set(by_type)
+    (link,) = [a for a in artifacts if (a.key or "").startswith("output-")]  # Prefect stores links untyped
+    assert store in str(link.data)
+    assert all(float(p.data) == 100.0 for p in by_type["progress"]), [p.data for p in by_type["progress"]]
+    assert len(by_type["progress"]) == 6, "one progress bar per built node (download to package)"
