@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-__all__ = ["lineage", "ratio"]
+__all__ = ["REPORT", "copy_model_files", "lineage", "ratio", "write_report"]
+
+REPORT = "grove_report.json"
 
 
 def ratio(a: object, b: object) -> float | None:
@@ -18,3 +21,21 @@ def lineage(folder: Path) -> dict[str, object]:
     """The manifest facts of one input artifact: what built it, from what, how long it took."""
     manifest = json.loads((folder / "manifest.json").read_text())
     return {k: manifest[k] for k in ("node", "node_version", "digest", "inputs", "config", "seconds")}
+
+
+def copy_model_files(model_dir: Path, out: Path) -> None:
+    """Every file of a model artifact except its store manifest."""
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "manifest.json":
+            shutil.copy2(f, out / f.name)
+
+
+def write_report(out: Path, *, model: str, target: dict[str, object], metrics: dict[str, object],
+                 reference: dict[str, object], ratios: dict[str, object], inputs: list[Path]) -> None:
+    """grove_report.json: the same shape for every path (decoder, encoder)."""
+    from grove import __version__
+
+    report = {"grove_version": __version__, "model": model, "target": target, "metrics": metrics,
+              "reference_fp32": reference, "ratios": ratios, "lineage": [lineage(d) for d in inputs],
+              "files": sorted({f.name for f in out.iterdir()} | {REPORT})}
+    (out / REPORT).write_text(json.dumps(report, indent=2))

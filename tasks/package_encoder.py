@@ -5,17 +5,14 @@ as the decoder path. ``tasks.package_genai.export_output`` copies it to the outp
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from prefect import task
 from pydantic import Field
 
-from grove import __version__
 from grove.artifacts import Artifact, StepConfig
-from tasks._report import lineage, ratio
 from grove.node import RECIPE_CACHE, run_node
-from tasks.package_genai import REPORT
+from tasks._report import copy_model_files, ratio, write_report
 
 __all__ = ["EncoderPackageConfig", "package_encoder"]
 
@@ -36,27 +33,14 @@ def package_encoder(model: Artifact, evaluation: Artifact, reference: Artifact, 
 
 def _package(inputs: list[Path], config: EncoderPackageConfig, out: Path) -> dict[str, object]:
     model_dir, eval_dir, ref_dir, parity_dir = inputs
-    for f in model_dir.iterdir():
-        if f.is_file() and f.name != "manifest.json":
-            shutil.copy2(f, out / f.name)
+    copy_model_files(model_dir, out)
     metrics = json.loads((eval_dir / "eval.json").read_text())
     metrics["parity"] = json.loads((parity_dir / "parity.json").read_text())
     reference = json.loads((ref_dir / "eval.json").read_text())
-    report = {
-        "grove_version": __version__,
-        "model": config.model,
-        "target": config.target,
-        "metrics": metrics,
-        "reference_fp32": reference,
-        "ratios": {
-            "size_vs_fp32": ratio(metrics.get("size_mb"), reference.get("size_mb")),
-            "latency_vs_fp32_onnx": ratio(metrics.get("latency_ms_avg"), reference.get("latency_ms_avg")),
-            "latency_vs_pytorch": metrics.get("latency_vs_pytorch"),
-        },
-        "lineage": [lineage(d) for d in inputs],
-        "files": sorted([f.name for f in out.iterdir()] + [REPORT]),
-    }
-    (out / REPORT).write_text(json.dumps(report, indent=2))
+    write_report(out, model=config.model, target=dict(config.target), metrics=metrics, reference=reference,
+                 inputs=inputs, ratios={
+                     "size_vs_fp32": ratio(metrics.get("size_mb"), reference.get("size_mb")),
+                     "latency_vs_fp32_onnx": ratio(metrics.get("latency_ms_avg"), reference.get("latency_ms_avg")),
+                     "latency_vs_pytorch": metrics.get("latency_vs_pytorch"),
+                 })
     return {k: v for k, v in metrics.items() if k != "parity"}
-
-

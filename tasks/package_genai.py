@@ -13,20 +13,18 @@ from pathlib import Path
 from prefect import task
 from pydantic import Field
 
-from grove import __version__
 from grove.artifacts import Artifact, StepConfig
-from tasks._report import lineage, ratio
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node, store_for
+from tasks._report import REPORT, copy_model_files, ratio, write_report
 
 __all__ = ["PackageConfig", "export_output", "package_genai"]
 
-REPORT = "grove_report.json"
 
 
 class PackageConfig(StepConfig):
     NODE = "package-genai"
-    VERSION = 1
+    VERSION = 2  # 2: the report's file list includes grove_report.json
     model: str = Field(description="what the user asked for (hub id or path), for the report")
     target: dict[str, str | int | None] = Field(description="device, provider, precision, algorithm, block size")
 
@@ -39,26 +37,15 @@ def package_genai(model: Artifact, evaluation: Artifact, reference: Artifact, co
 
 def _package(inputs: list[Path], config: PackageConfig, out: Path) -> dict[str, object]:
     model_dir, eval_dir, ref_dir = inputs
-    for f in model_dir.iterdir():
-        if f.is_file() and f.name != "manifest.json":
-            shutil.copy2(f, out / f.name)
+    copy_model_files(model_dir, out)
     metrics = json.loads((eval_dir / "eval.json").read_text())
     reference = json.loads((ref_dir / "eval.json").read_text())
-    report = {
-        "grove_version": __version__,
-        "model": config.model,
-        "target": config.target,
-        "metrics": metrics,
-        "reference_fp32": reference,
-        "ratios": {
-            "size_vs_fp32": ratio(metrics.get("size_mb"), reference.get("size_mb")),
-            "perplexity_vs_fp32": ratio(metrics.get("perplexity"), reference.get("perplexity")),
-            "decode_speed_vs_fp32_onnx": ratio(metrics.get("decode_tok_s"), reference.get("decode_tok_s")),
-        },
-        "lineage": [lineage(d) for d in inputs],
-        "files": sorted(f.name for f in out.iterdir()),
-    }
-    (out / REPORT).write_text(json.dumps(report, indent=2))
+    write_report(out, model=config.model, target=dict(config.target), metrics=metrics, reference=reference,
+                 inputs=inputs, ratios={
+                     "size_vs_fp32": ratio(metrics.get("size_mb"), reference.get("size_mb")),
+                     "perplexity_vs_fp32": ratio(metrics.get("perplexity"), reference.get("perplexity")),
+                     "decode_speed_vs_fp32_onnx": ratio(metrics.get("decode_tok_s"), reference.get("decode_tok_s")),
+                 })
     return {k: v for k, v in metrics.items() if k != "sample"}
 
 
