@@ -14,6 +14,7 @@ from tasks.evaluate_encoder import evaluate_encoder
 from tasks.optimize_graph import optimize_graph
 from tasks.package_encoder import package_encoder
 from tasks.package_genai import export_output
+from tasks.publish_report import publish_report
 from tasks.quantize_int8 import quantize_int8
 
 __all__ = ["optimize_encoder"]
@@ -21,7 +22,8 @@ __all__ = ["optimize_encoder"]
 
 @flow(name="auto-opt-encoder", log_prints=False)
 def optimize_encoder(request: EncoderOptRequest) -> dict[str, object]:
-    """Source -> HF folder -> ONNX -> fused (fp32 reference) -> int8 | fp16 -> evaluated -> output."""
+    """Source -> HF folder -> ONNX -> fused (fp32 reference) -> int8 | fp16 -> evaluated -> output (and the
+    metrics table and report as Prefect artifacts on the flow run's page)."""
     source = resolve_source(request.model_name_or_path, request.revision)
     labelled_sha = fingerprint_text(request.eval_data) if request.eval_data else ""
     hf_model = download_model(source, request.download, request.store)
@@ -42,4 +44,6 @@ def optimize_encoder(request: EncoderOptRequest) -> dict[str, object]:
     else:
         evaluation = reference_eval
     package = package_encoder(model, evaluation, reference_eval, parity, request.package)
-    return export_output(package, request.output_path)
+    report = export_output(package, request.output_path)
+    publish_report(report, request.output_path)
+    return report

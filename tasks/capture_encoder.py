@@ -17,12 +17,12 @@ from prefect import task
 from pydantic import Field
 
 from grove.artifacts import Artifact, StepConfig
-from grove.errors import InvalidRequest, UnsupportedArchitecture
+from grove.errors import GroveError, InvalidRequest, UnsupportedArchitecture
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from tasks._encoder_io import ENCODER_JSON
 from tasks.registry import ARCHITECTURES
 
-__all__ = ["CaptureEncoderConfig", "EncoderTask", "capture_encoder"]
+__all__ = ["CaptureEncoderConfig", "EncoderTask", "ExportFailed", "capture_encoder"]
 
 EncoderTask = Literal["feature-extraction", "text-classification", "token-classification"]
 # Graph inputs per architecture (DistilBERT has no segment embeddings).
@@ -42,6 +42,13 @@ class CaptureEncoderConfig(StepConfig):
     opset: int = Field(18, ge=17, le=21, description="ONNX opset of the exported graph")
     example_length: int = Field(16, ge=4, le=512, description="tokens in the example input used for tracing; the "
                                 "sequence axis stays dynamic")
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field("auto", description="auto: the dynamo exporter, "
+                                                               "falling back to TorchScript where it fails; "
+                                                               "dynamo / torchscript: that exporter only")
+
+
+class ExportFailed(GroveError):
+    """torch.onnx.export failed with every exporter tried; the message names each failure."""
 
 
 @task(name="capture-encoder", cache_policy=RECIPE_CACHE)
@@ -91,25 +98,36 @@ def _field(config: dict[str, Any], *names: str) -> int:
 
 
 def _export(src: Path, config: CaptureEncoderConfig, names: list[str], outputs: list[str], dst: Path) -> str:
-    """Export with the dynamo exporter; fall back to TorchScript where dynamo fails. Returns which."""
+    """Export with the dynamo exporter; fall back to TorchScript where dynamo fails (``exporter``
+    'auto'), or use the one exporter asked for. Returns which one wrote ``dst``."""
     import torch
 
     log = node_logger()
     wrapper = _wrapper(src, config.task, len(names), pooled=len(outputs) == 2)
     args = _example(src, names, config.example_length)
-    try:
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-        torch.onnx.export(wrapper, args, str(dst), dynamo=True, external_data=False, opset_version=config.opset,
-                          input_names=names, output_names=outputs, verbose=False,
-                          dynamic_shapes={n: {0: batch, 1: seq} for n in names})
-        return "dynamo"
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the fallback may still work
-        log.warning("dynamo export failed (%s: %s); falling back to the TorchScript exporter",
-                    exc.__class__.__name__, str(exc)[:300])
-    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {o: {0: "batch"} for o in outputs}
-    torch.onnx.export(wrapper, args, str(dst), dynamo=False, opset_version=config.opset, input_names=names,
-                      output_names=outputs, dynamic_axes=axes)
-    return "torchscript"
+    tried = ["dynamo", "torchscript"] if config.exporter == "auto" else [config.exporter]
+    failures: list[str] = []
+    for exporter in tried:
+        try:
+            if exporter == "dynamo":
+                batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+                torch.onnx.export(wrapper, args, str(dst), dynamo=True, external_data=False,
+                                  opset_version=config.opset, input_names=names, output_names=outputs, verbose=False,
+                                  dynamic_shapes={n: {0: batch, 1: seq} for n in names})
+            else:
+                axes = {n: {0: "batch", 1: "sequence"} for n in names} | {o: {0: "batch"} for o in outputs}
+                torch.onnx.export(wrapper, args, str(dst), dynamo=False, opset_version=config.opset,
+                                  input_names=names, output_names=outputs, dynamic_axes=axes)
+            return exporter
+        except Exception as exc:  # noqa: BLE001 - the exporters raise many types; the next may still work
+            failures.append(f"{exporter} exporter: {exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}")
+            dst.unlink(missing_ok=True)
+            if exporter != tried[-1]:
+                log.warning("%s; falling back to the %s exporter", failures[-1], tried[-1])
+    src_type = json.loads((src / "config.json").read_text()).get("model_type")
+    raise ExportFailed(f"cannot export this {src_type} {config.task} model to ONNX; " + "; ".join(failures)
+                       + ". Its PyTorch code traces with neither exporter under this torch / transformers; "
+                       "try another --task, or open an issue with the model id and this message")
 
 
 def _example(src: Path, names: list[str], length: int) -> tuple[Any, ...]:

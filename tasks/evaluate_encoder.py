@@ -132,7 +132,7 @@ def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str) -
 
     config = json.loads((model_dir / "config.json").read_text())
     label2id = {str(v): int(k) for k, v in config.get("id2label", {}).items()}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="") as f:  # newline="": quoted CSV fields may hold line breaks
         rows = [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else list(csv.DictReader(f))
     texts = [str(r["text"]) for r in rows]
     labels = [int(label2id.get(str(r["label"]), r["label"])) for r in rows]
