@@ -43,7 +43,8 @@ class EncoderOptRequest(BaseModel):
     eval_data: str | None = Field(None, description="classifiers: CSV / JSONL with text,label for accuracy")
     eval_repeat: int = Field(100, ge=5, description="timed calls per latency measurement")
     threads: int = Field(2, ge=1, description="intra-op threads for latency")
-    min_cosine: float | None = Field(None, ge=-1, le=1, description="override the parity cosine limit")
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="override the parity limit on the mean "
+                                     "embedding cosine (feature extraction)")
 
     @model_validator(mode="after")
     def _consistent(self) -> EncoderOptRequest:

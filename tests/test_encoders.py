@@ -134,7 +134,11 @@ def test_tiny_classifier_int8_and_fp16_agree_with_pytorch(family: str, tmp_path:
     assert (logits["quantize-int8"].argmax(-1) == want.argmax(-1)).mean() >= TINY_INT8_MIN_TOP1
     assert np.abs(logits["convert-fp16"] - want).max() < TINY_FP16_MAX_ABS
     parity = check_parity.fn(int8, fp32, ParityConfig(precision="int8"))
-    assert parity.metrics["top1_agreement"] is not None
+    assert parity.metrics["top1_agreement"] >= TINY_INT8_MIN_TOP1  # type: ignore[operator]
+    assert 0 < parity.metrics["max_prob_diff"] < 0.1  # type: ignore[operator]
+    strict = ParityConfig(precision="int8", max_prob_diff=parity.metrics["max_prob_diff"] / 2)  # type: ignore[operator]
+    with pytest.raises(ParityError, match="max class-probability change"):
+        check_parity.fn(int8, fp32, strict)
 
 
 def test_parity_catches_a_broken_transformation(minilm: dict[str, Artifact], tmp_path: Path, enc_store: str) -> None:
