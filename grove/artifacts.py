@@ -22,13 +22,14 @@ class StepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     NODE: ClassVar[str]
     VERSION: ClassVar[int]
-    DEVICE: ClassVar[Device] = "cpu"
-    placement: Device | None = Field(None, description="run on this pool's device; None = where the node "
-                                     "naturally runs. Placement is policy, not recipe: it is not in the digest")
+    placement: Device | None = Field(None, description="run on this pool's device; None = wherever the node "
+                                     "can run. Placement is policy, not recipe: it is not in the digest")
 
     @property
-    def device(self) -> Device:
-        return self.placement or self.DEVICE
+    def device(self) -> Device | None:
+        """The device this node must run on: its placement, else what its config needs (a node
+        that measures on CUDA needs a GPU); None = any pool, i.e. where the flow runs."""
+        return self.placement
 
     def recipe(self) -> dict[str, object]:
         return self.model_dump(mode="json", exclude={"placement"})

@@ -1,18 +1,33 @@
-"""The one dispatcher. A node whose device differs from the worker's (``GROVE_DEVICE``) runs as
-the ``run-node`` deployment on the matching pool, as a subflow of the current run; its artifact
-comes back through the shared store, where :func:`grove.node.run_node` then finds it. Locally
-(no ``GROVE_DEVICE``) nothing is dispatched: every node runs in-process. Flows never branch."""
+"""The one dispatcher. On a worker of a deployed stack (``GROVE_DEVICE`` names the worker's
+device), a node that must run on another device (``StepConfig.device``: its placement, or what
+its config needs, e.g. an evaluation on CUDA) runs as the ``run-node`` deployment on that
+device's pool, as a subflow of the current run; its artifact comes back through the shared
+store, where :func:`grove.node.run_node` then finds it. A node that can run anywhere runs where
+its flow runs. Locally (no ``GROVE_DEVICE``) nothing is dispatched. Flows never branch."""
 
 from __future__ import annotations
 
-from grove.artifacts import Artifact, Source, StepConfig
+import os
+
+from grove.artifacts import Artifact, Device, Source, StepConfig
 from grove.errors import GroveError
 
-__all__ = ["run_on_pool"]
+__all__ = ["pool_for", "run_on_pool"]
+
+
+def pool_for(config: StepConfig, here: str | None = None, api_url: str | None = None) -> Device | None:
+    """The device whose pool must build ``config``'s node, or None to build it in this process.
+    ``here`` / ``api_url`` default to ``GROVE_DEVICE`` / ``PREFECT_API_URL``."""
+    here = here if here is not None else os.environ.get("GROVE_DEVICE")
+    api_url = api_url if api_url is not None else os.environ.get("PREFECT_API_URL")
+    needs = config.device
+    if not here or not api_url or needs is None or needs == here:
+        return None
+    return needs
 
 
 def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str) -> None:
-    """Run ``config``'s node on the ``<device>`` pool and wait; raise if it did not complete."""
+    """Run ``config``'s node on its device's pool and wait; raise if it did not complete."""
     from prefect.deployments import run_deployment
 
     from grove.node import node_logger
@@ -34,8 +49,6 @@ def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str
 def run_auto_opt_on_pool(request: object, device: str) -> None:
     """Run the auto-opt flow for ``request``: as the ``auto-opt-<device>`` deployment (a subflow)
     on a deployed stack, in-process otherwise. Raises GroveError if the run did not complete."""
-    import os
-
     if os.environ.get("GROVE_DEVICE") and os.environ.get("PREFECT_API_URL"):
         from prefect.deployments import run_deployment
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -154,10 +153,9 @@ def run_node(config: C, parents: list[Artifact | Source], store_uri: str, build:
     log = node_logger()
     store = store_for(store_uri)
     digest = recipe_digest(config, parents)
-    here = os.environ.get("GROVE_DEVICE")  # set on Grove's workers; unset = local, run in-process
-    if here and config.device != here and os.environ.get("PREFECT_API_URL"):
-        from grove.dispatch import run_on_pool
+    from grove.dispatch import pool_for, run_on_pool
 
+    if pool_for(config) is not None:  # only on a worker, for a node that needs the other device
         run_on_pool(config, parents, store_uri)
     existing = store.manifest(config.NODE, digest)
     if existing is not None:

@@ -12,7 +12,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field
 
-from grove.artifacts import Artifact, StepConfig
+from grove.artifacts import Artifact, Device, StepConfig
 from grove.errors import ParityError
 from grove.node import RECIPE_CACHE, node_logger, report_progress, run_node
 from tasks import _decoder_io as dio
@@ -39,6 +39,11 @@ class EvalConfig(StepConfig):
     provider: Literal["cpu", "cuda", "dml"] = Field("cpu", description="execution provider to measure on")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="fail if top-1 agreement with the "
                                              "reference falls below this (None: report only)")
+
+    @property
+    def device(self) -> Device | None:
+        """Measuring on CUDA or DirectML needs a GPU box; on the CPU provider, any pool will do."""
+        return self.placement or ("gpu" if self.provider != "cpu" else None)
 
 
 @task(name="fingerprint-text", persist_result=False)

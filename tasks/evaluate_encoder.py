@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from prefect import task
 from pydantic import Field
 
-from grove.artifacts import Artifact, StepConfig
+from grove.artifacts import Artifact, Device, StepConfig
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from tasks import _encoder_io as eio
 
@@ -36,6 +36,11 @@ class EncoderEvalConfig(StepConfig):
     provider: Literal["cpu", "cuda", "dml"] = Field("cpu", description="execution provider to measure on")
     labelled_data: str | None = Field(None, description="classifiers: local CSV or JSONL with text,label columns")
     labelled_sha256: str = Field("", description="sha256 of labelled_data (part of the recipe)")
+
+    @property
+    def device(self) -> Device | None:
+        """Measuring on CUDA or DirectML needs a GPU box; on the CPU provider, any pool will do."""
+        return self.placement or ("gpu" if self.provider != "cpu" else None)
 
 
 @task(name="evaluate-encoder", cache_policy=RECIPE_CACHE)

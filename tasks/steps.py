@@ -1,5 +1,6 @@
 """Every node kind that can be dispatched to another pool: its config class and its body.
-One explicit table; the ``run-node`` flow looks nodes up here."""
+One explicit table; the ``run-node`` flow looks nodes up here. ``download-model`` is not in it:
+its config never needs a particular device, so it always runs where its flow runs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grove.artifacts import StepConfig
-from tasks import capture_onnx, evaluate, package_genai, quantize_int4
+from tasks import (
+    capture_encoder,
+    capture_onnx,
+    check_parity,
+    convert_fp16,
+    evaluate,
+    evaluate_encoder,
+    optimize_graph,
+    package_encoder,
+    package_genai,
+    quantize_int4,
+    quantize_int8,
+)
 
 __all__ = ["STEPS", "Step"]
 
@@ -24,4 +37,11 @@ STEPS: dict[str, Step] = {
     "quantize-int4": Step(quantize_int4.Int4Config, quantize_int4._quantize),  # noqa: SLF001
     "evaluate": Step(evaluate.EvalConfig, evaluate._evaluate),  # noqa: SLF001
     "package-genai": Step(package_genai.PackageConfig, package_genai._package),  # noqa: SLF001
+    "capture-encoder": Step(capture_encoder.CaptureEncoderConfig, capture_encoder._capture),  # noqa: SLF001
+    "optimize-graph": Step(optimize_graph.GraphConfig, optimize_graph._optimize),  # noqa: SLF001
+    "check-parity": Step(check_parity.ParityConfig, check_parity._check),  # noqa: SLF001
+    "quantize-int8": Step(quantize_int8.Int8Config, quantize_int8._quantize),  # noqa: SLF001
+    "convert-fp16": Step(convert_fp16.Fp16Config, convert_fp16._convert),  # noqa: SLF001
+    "evaluate-encoder": Step(evaluate_encoder.EncoderEvalConfig, evaluate_encoder._evaluate),  # noqa: SLF001
+    "package-encoder": Step(package_encoder.EncoderPackageConfig, package_encoder._package),  # noqa: SLF001
 }
