@@ -14,6 +14,7 @@ from tasks.evaluate_encoder import evaluate_encoder
 from tasks.optimize_graph import optimize_graph
 from tasks.package_encoder import package_encoder
 from tasks.package_genai import export_output
+from tasks.publish_registry import publish_registry
 from tasks.publish_report import publish_report
 from tasks.quantize_int8 import quantize_int8
 
@@ -45,5 +46,7 @@ def optimize_encoder(request: EncoderOptRequest) -> dict[str, object]:
         evaluation = reference_eval
     package = package_encoder(model, evaluation, reference_eval, parity, request.package)
     report = export_output(package, request.output_path)
-    publish_report(report, request.output_path)
+    publish_report(report, request.output_path, package)
+    if request.publish_as is not None:
+        publish_registry(package, *request.publish_as, source_digest=source.digest)
     return report

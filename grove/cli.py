@@ -93,13 +93,14 @@ def _auto_opt(args: argparse.Namespace) -> int:
 
     from grove.errors import GroveError
     from grove.request import AutoOptRequest
+    from grove.request_encoder import EncoderOptRequest
 
     fields = {k: v for k, v in vars(args).items() if k not in ("run", "log_level") and v is not None}
     try:
         from grove.runner import preflight, route, run_auto_opt
 
         path = route(args.model_name_or_path, args.revision)
-        request = AutoOptRequest(**fields) if path == "decoder" else _encoder_request(fields)
+        request = AutoOptRequest(**fields) if path == "decoder" else EncoderOptRequest.from_flags(fields)
         preflight(request, path)
         report = run_auto_opt(request)
     except ValidationError as exc:
@@ -111,24 +112,6 @@ def _auto_opt(args: argparse.Namespace) -> int:
 
     print(format_report(report, request.output_path))
     return 0
-
-
-_DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "eval_tokens", "min_top1_agreement")
-
-
-def _encoder_request(fields: dict[str, object]) -> object:
-    """The encoder path's request from the same flags (BERT-family models)."""
-    from grove.errors import InvalidRequest
-    from grove.request_encoder import EncoderOptRequest
-
-    given = [f"--{k}" for k in _DECODER_ONLY if k in fields]
-    if given:
-        raise InvalidRequest(f"{', '.join(given)} apply to decoder LLMs; this model takes the encoder path "
-                             "(--precision int8, fp16 or fp32)")
-    if fields.get("precision") == "int4":
-        raise InvalidRequest("--precision int4 is for decoder LLMs; encoders take int8 (default), fp16 or fp32")
-    fields = {k: v for k, v in fields.items() if k != "use_ort_genai"}
-    return EncoderOptRequest(**fields)
 
 
 def _server(args: argparse.Namespace) -> int:

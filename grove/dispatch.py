@@ -8,9 +8,14 @@ its flow runs. Locally (no ``GROVE_DEVICE``) nothing is dispatched. Flows never 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from grove.artifacts import Artifact, Device, Source, StepConfig
 from grove.errors import GroveError
+
+if TYPE_CHECKING:
+    from grove.request import AutoOptRequest
+    from grove.request_encoder import EncoderOptRequest
 
 __all__ = ["pool_for", "run_on_pool"]
 
@@ -46,19 +51,22 @@ def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str
         raise GroveError(f"node {config.NODE} failed on the {config.device} pool ({name}): {message}")
 
 
-def run_auto_opt_on_pool(request: object, device: str) -> None:
-    """Run the auto-opt flow for ``request``: as the ``auto-opt-<device>`` deployment (a subflow)
-    on a deployed stack, in-process otherwise. Raises GroveError if the run did not complete."""
+def run_auto_opt_on_pool(request: AutoOptRequest | EncoderOptRequest, device: str) -> None:
+    """Run the request's auto-opt flow: on a deployed stack as the ``auto-opt-<device>`` (or
+    ``auto-opt-encoder-<device>``) deployment, a subflow; in-process otherwise. Raises GroveError
+    if the run did not complete."""
+    from grove.request import AutoOptRequest
+
     if os.environ.get("GROVE_DEVICE") and os.environ.get("PREFECT_API_URL"):
         from prefect.deployments import run_deployment
 
-        flow_run = run_deployment(f"auto-opt/auto-opt-{device}",
-                                  parameters={"request": request.model_dump(mode="json")},  # type: ignore[attr-defined]
+        flow = "auto-opt" if isinstance(request, AutoOptRequest) else "auto-opt-encoder"
+        flow_run = run_deployment(f"{flow}/{flow}-{device}", parameters={"request": request.model_dump(mode="json")},
                                   as_subflow=True)
         state = flow_run.state
     else:
         from grove.runner import configured_flow
 
-        state = configured_flow(request)(request, return_state=True)  # type: ignore[arg-type]
+        state = configured_flow(request)(request, return_state=True)
     if state is None or not state.is_completed():
         raise GroveError(f"auto-opt did not complete: {state.message if state else 'no state'}")

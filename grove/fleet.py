@@ -24,14 +24,15 @@ class Target(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     device: Literal["cpu", "gpu"] = Field("cpu", description="pool the model is built on")
     provider: Literal["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider"] | None = None
-    precision: Literal["int4", "int8", "fp16", "fp32"] = "int4"
+    precision: Literal["int4", "int8", "fp16", "fp32"] | None = Field(
+        None, description="None: the model's path default (int4 for decoder LLMs, int8 for encoders)")
     int4_algorithm: Literal["affine", "rtn", "hqq", "k_quant", "builder"] | None = None
     block_size: Literal[16, 32, 64, 128, 256] = 32
 
 
 class FleetModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(pattern=_NAME, description="registry name: registry/<name>/<target>/")
+    name: str = Field(pattern=_NAME, description="registry name: models/<name>/<target>/ in the store")
     source: str = Field(description="hub id, folder, .gguf, s3:// folder or pkg:<module>/<path>")
     targets: list[str] = Field(min_length=1, description="names of targets in the manifest's targets table")
 

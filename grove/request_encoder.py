@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from grove.errors import InvalidRequest
 from grove.request import EP_SHORT, PROVIDER_DEVICE, Provider
 from grove.store import default_store_uri
 from tasks.capture_encoder import CaptureEncoderConfig, EncoderTask
@@ -21,7 +22,8 @@ from tasks.quantize_int8 import Int8Config
 
 __all__ = ["EncoderOptRequest"]
 
-
+# auto-opt flags (and fleet target fields) that only the decoder path takes.
+_DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "eval_tokens", "min_top1_agreement")
 
 class EncoderOptRequest(BaseModel):
     """What ``grove auto-opt`` was asked to do for an encoder model."""
@@ -45,6 +47,20 @@ class EncoderOptRequest(BaseModel):
     threads: int = Field(2, ge=1, description="intra-op threads for latency")
     min_cosine: float | None = Field(None, ge=-1, le=1, description="override the parity limit on the mean "
                                      "embedding cosine (feature extraction)")
+    publish_as: tuple[str, str, str] | None = Field(None, description="fleet refresh: (name, target, version) "
+                                                    "to publish the output under in the store's registry")
+
+    @classmethod
+    def from_flags(cls, fields: dict[str, object]) -> EncoderOptRequest:
+        """The encoder request from ``grove auto-opt``'s flags (or a fleet target), refusing the
+        decoder-only ones by name."""
+        given = [f"--{k}" for k in _DECODER_ONLY if k in fields]
+        if given:
+            raise InvalidRequest(f"{', '.join(given)} apply to decoder LLMs; this model takes the encoder path "
+                                 "(--precision int8, fp16 or fp32)")
+        if fields.get("precision") == "int4":
+            raise InvalidRequest("--precision int4 is for decoder LLMs; encoders take int8 (default), fp16 or fp32")
+        return cls(**{k: v for k, v in fields.items() if k != "use_ort_genai"})  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _consistent(self) -> EncoderOptRequest:

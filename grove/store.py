@@ -5,6 +5,8 @@ Layout under the store root::
     artifacts/<node>/<digest>/<files...>
     artifacts/<node>/<digest>/manifest.json      <- written last: the commit point
     prefect-results/<node>-<digest>               <- Prefect's cache record (JSON)
+    models/<name>/<target>/<version>/             <- fleet refresh's published outputs
+    models/<name>/<target>/latest.json            <- moved last, in one write
 
 An artifact exists only once its manifest exists and every file it lists has the listed
 size. Anything else (a crashed upload, a deleted file) is treated as absent and rebuilt.

@@ -1,5 +1,5 @@
 """Task ``publish-registry``: copy a package artifact to the model registry in the store,
-``registry/<name>/<target>/<version>/``, then move ``registry/<name>/<target>/latest.json``
+``models/<name>/<target>/<version>/``, then move ``models/<name>/<target>/latest.json``
 to it. The pointer is one small object written last (a single PUT on S3, a rename locally),
 so readers see the old version or the new one, never a mix."""
 
@@ -17,7 +17,7 @@ __all__ = ["publish_registry", "read_latest"]
 
 
 def _base(store_uri: str, name: str, target: str) -> str:
-    return f"{store_for(store_uri).root}/registry/{name}/{target}"
+    return f"{store_for(store_uri).root}/models/{name}/{target}"
 
 
 def read_latest(store_uri: str, name: str, target: str) -> dict[str, object] | None:

@@ -21,20 +21,23 @@ def refresh_entry(model: FleetModel, target_name: str, manifest: FleetManifest) 
     try:
         from grove.dispatch import run_auto_opt_on_pool
         from grove.request import AutoOptRequest
+        from grove.request_encoder import EncoderOptRequest
         from tasks import _sources
         from tasks.publish_registry import read_latest
         from tasks.registry import arch_spec
 
         source = _sources.resolve(model.source)
-        arch_spec(source.model_type)
+        path = arch_spec(source.model_type).path
         version = entry_version(source.digest, target)
         latest = read_latest(manifest.store, model.name, target_name)
         if latest is not None and latest.get("version") == version:
             return {**row, "status": "unchanged", "version": version}
-        request = AutoOptRequest(
-            model_name_or_path=model.source, output_path=f"/tmp/grove-fleet/{model.name}/{target_name}",
-            store=manifest.store, eval_tokens=manifest.eval_tokens, publish_as=(model.name, target_name, version),
-            **target.model_dump(exclude_none=True))
+        fields: dict[str, object] = {
+            "model_name_or_path": model.source, "output_path": f"/tmp/grove-fleet/{model.name}/{target_name}",
+            "store": manifest.store, "publish_as": (model.name, target_name, version),
+            **target.model_dump(exclude_none=True, exclude_defaults=True)}
+        request = (AutoOptRequest(**fields, eval_tokens=manifest.eval_tokens) if path == "decoder"  # type: ignore[arg-type]
+                   else EncoderOptRequest.from_flags(fields))
         run_auto_opt_on_pool(request, target.device)
         return {**row, "status": "refreshed", "version": version}
     except (GroveError, ValueError) as exc:

