@@ -32,7 +32,7 @@ def auto_opt(request: AutoOptRequest) -> dict[str, object]:
     else:
         model = reference
     evaluation = (
-        evaluate(model, request.evaluation(text_sha, gate=True), reference=reference)
+        evaluate(model, request.evaluation(text_sha, gate=True), reference=reference_eval)
         if model is not reference
         else reference_eval
     )

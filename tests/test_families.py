@@ -31,7 +31,7 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
     fp32_dir = store_for(store).fetch(fp32.node, fp32.digest)
     int4_dir = store_for(store).fetch(int4.node, int4.digest)
 
-    onnx_logits = dio.logits(dio.session(fp32_dir), TOKENS)
+    onnx_logits = dio.logits(dio.genai_model(fp32_dir), TOKENS)
     with torch.no_grad():
         torch_logits = AutoModelForCausalLM.from_pretrained(folder).eval()(torch.tensor([TOKENS])).logits[0].numpy()
     assert np.abs(onnx_logits - torch_logits).max() < FP32_ATOL
@@ -41,6 +41,6 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
     assert dio.model_size(int4_dir) < dio.model_size(fp32_dir)
     # Random Gaussian weights are the worst case for 4-bit blocks (measured: logit cosine
     # 0.85-0.99 with rtn); a broken quantizer lands near 0.
-    a, b = dio.logits(dio.session(int4_dir), TOKENS), onnx_logits
+    a, b = dio.logits(dio.genai_model(int4_dir), TOKENS), onnx_logits
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert cosine.min() > INT4_MIN_COSINE, f"int4 {family}: logit cosine vs fp32 down to {cosine.min():.3f}"
