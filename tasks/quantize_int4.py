@@ -23,11 +23,11 @@ INT4_ALGORITHMS: tuple[str, ...] = ("affine", "rtn", "hqq", "k_quant", "builder"
 
 class Int4Config(StepConfig):
     NODE = "quantize-int4"
-    VERSION = 1
+    VERSION = 2  # 2: affine keeps no zero point in MatMulNBits; the whole s * (8 - z) goes to the correction
     algorithm: Int4Algorithm = Field(
         "affine",
-        description="affine: min/max blocks with a float zero point, run on the fast integer kernel plus a "
-        "block-sum correction (Grove); rtn: onnxruntime round-to-nearest; hqq: half-quadratic (accurate, slow "
+        description="affine: min/max blocks with a float zero point, run on the zero-point-free integer kernel "
+        "plus a block-sum correction (Grove); rtn: onnxruntime round-to-nearest; hqq: half-quadratic (accurate, slow "
         "CPU kernel); k_quant: onnxruntime k-quant; builder: onnxruntime-genai builder's own int4",
     )
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weights per quantization block; "

@@ -1,0 +1,102 @@
+"""Grove's int4 quantizer (tasks/_int4_affine.py): the grids it claims, and that the rewritten
+ONNX graph computes exactly with the weights it claims (onnxruntime at accuracy_level 0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tasks import _int4_affine as int4
+
+K, N, V, BLOCK = 64, 48, 40, 32
+
+
+def _blocks_of(w: np.ndarray) -> np.ndarray:
+    """[K, N] -> [N, K / BLOCK, BLOCK], the layout the quantizer works in."""
+    return w.T.reshape(w.shape[1], -1, BLOCK)
+
+
+def test_affine_reproduces_q4_1_weights_exactly() -> None:
+    # GGUF Q4_1: per block of 32 a float scale and a float minimum, w = d * q + m.
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, size=(N, K // BLOCK, BLOCK)).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15  # every block spans the whole grid, as Q4_1 blocks do
+    d = rng.uniform(0.001, 0.05, size=(N, K // BLOCK, 1)).astype(np.float32)
+    m = rng.uniform(-0.4, 0.1, size=(N, K // BLOCK, 1)).astype(np.float32)
+    w = (d * q + m).reshape(N, K).T.copy()
+
+    affine = int4.dequantize(int4.quantize_weight(w, BLOCK, "affine"), BLOCK)
+    asym = int4.dequantize(int4.quantize_weight(w, BLOCK, "asym"), BLOCK)
+
+    assert np.abs(affine - w).max() < 1e-6
+    assert np.abs(asym - w).max() > 100 * np.abs(affine - w).max(), "an integer zero point cannot hold m / d"
+
+
+# Error bound in grid steps: half a step, plus what rounding the zero point (asym) or clipping the
+# absmax side's opposite end at +7 (sym, onnxruntime's RTN convention) adds.
+@pytest.mark.parametrize(("mode", "bits", "bound"), [("affine", 4, 0.5), ("asym", 4, 1.0), ("sym", 4, 1.0),
+                                                     ("sym", 8, 0.5)])
+def test_error_stays_within_the_grid_step(mode: str, bits: int, bound: float) -> None:
+    w = np.random.default_rng(1).normal(0, 0.05, size=(K, N)).astype(np.float32)
+    qw = int4.quantize_weight(w, BLOCK, mode, bits)
+    err = _blocks_of(np.abs(int4.dequantize(qw, BLOCK) - w))
+
+    assert (err <= bound * np.abs(qw.scales)[..., None] * (1 + 1e-5)).all()
+    assert (qw.correction is not None) == (mode == "affine" and bits == 4)
+    assert (qw.zero_points is not None) == (mode == "asym" and bits == 4)
+
+
+def _model(path: Path, weights: dict[str, np.ndarray]) -> None:
+    """ids -> Gather(embedding [V, K]) -> MatMul(w1) (+ the same w1 on a graph input x) -> MatMul(w2)
+    -> MatMul(head [K, V]) -> logits: an untied embedding, inner MatMuls reading tensors of unknown
+    and known rank (the two block-sum forms), and an lm_head (a MatMul writing a graph output)."""
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "w1"], ["a"]),
+        helper.make_node("MatMul", ["x", "w1"], ["b"]),  # same weight, input of known rank
+        helper.make_node("Add", ["a", "b"], ["c"]),
+        helper.make_node("MatMul", ["c", "w2"], ["d"]),
+        helper.make_node("MatMul", ["d", "head"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5]),
+                        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, K])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5, V])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    path.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path / "model.onnx"))
+
+
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, head_bits: int) -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(2)
+    weights = {"embed": rng.normal(0, 0.5, (V, K)), "w1": rng.normal(0, 0.1, (K, N + 16)),
+               "w2": rng.normal(0, 0.1, (N + 16, K)), "head": rng.normal(0, 0.1, (K, V))}
+    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+    _model(tmp_path / "fp32", weights)
+    int4.quantize(tmp_path / "fp32", tmp_path / "int4", block_size=BLOCK, head_bits=head_bits, accuracy_level=0)
+    ids = np.array([[3, 0, 39, 7, 7]], np.int64)
+    x = rng.normal(0, 1, (1, 5, K)).astype(np.float32)
+
+    sess = ort.InferenceSession(str(tmp_path / "int4" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"ids": ids, "x": x})[0]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node}
+
+    def deq(w: np.ndarray, bits: int) -> np.ndarray:  # [K, N] as the quantizer stores it
+        return int4.dequantize(int4.quantize_weight(w, BLOCK, "affine", bits), BLOCK)
+
+    embed = deq(weights["embed"].T.copy(), head_bits).T  # quantized along K, like a tied lm_head
+    w1, w2, head = deq(weights["w1"], 4), deq(weights["w2"], 4), deq(weights["head"], head_bits)
+    want = ((embed[ids] @ w1 + x @ w1) @ w2) @ head
+    model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    assert not {"embed", "w1", "w2", "head"} & {t.name for t in model.graph.initializer}, "no fp32 weight is left"
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    fp32 = ((weights["embed"][ids] @ weights["w1"] + x @ weights["w1"]) @ weights["w2"]) @ weights["head"]
+    assert np.abs(got - fp32).max() > 1e-3 * np.abs(fp32).max(), "the weights really are quantized"
