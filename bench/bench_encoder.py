@@ -50,10 +50,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(_time_alone(args.child, args.repeat, args.threads)))
         return
+    from bench._machine import machine
+
     rows = run(args.store, args.repeat, args.threads)
     if args.alternate:
         rows += alternate(rows, args.store, args.repeat, args.threads, args.alternate)
-    print(json.dumps(rows, indent=2))
+    print(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    print(f"\nmachine: {machine()}")
     print(f"\n{'variant':44s} {'ms avg':>8s} {'p90':>7s} {'x PyTorch':>9s} {'cosine':>7s} {'min cos':>7s} {'MB':>6s}")
     for r in rows:
         print(f"{r['variant']:44s} {r['ms']:8.2f} {r['p90']:7.2f} {r['vs_pytorch']:9.3f} "

@@ -11,7 +11,7 @@ ROWS = {
     "decode_tok_s": "decode (tokens/s)",
     "top1_agreement": "top-1 agreement vs fp32",
 }
-_SKIP = {"seconds", "ppl_tokens", "prompt_tokens", "generated_tokens"}
+_SKIP = {"seconds", "ppl_tokens", "prompt_tokens", "generated_tokens", "threads"}
 
 
 def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
@@ -36,14 +36,17 @@ def format_report(report: dict[str, object], output_path: str) -> str:
     head = (f"Optimized {report.get('model')} -> {output_path}\n"
             f"target: {target.get('device')}/{target.get('provider')} {target.get('precision')}"
             + (f" ({target.get('int4_algorithm')}, block {target.get('block_size')})" if target.get("block_size") else ""))
+    metrics = report.get("metrics") or {}
+    assert isinstance(metrics, dict)
+    if metrics.get("threads"):
+        head += f"; timings with {metrics['threads']} threads"
     rows = table_rows(report)
     cols = ["metric", "output", "fp32 reference", "ratio"]
     cells = [[_fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    metrics = report.get("metrics") or {}
-    sample = metrics.get("sample") if isinstance(metrics, dict) else None
+    sample = metrics.get("sample")
     tail = f"\nsample answer to the evaluation prompt:\n  {sample!s:.300}" if sample else ""
     files = ", ".join(str(f) for f in report.get("files", []))  # type: ignore[union-attr]
     return f"{head}\n\n" + "\n".join(lines) + f"\n\nfiles: {files}{tail}"

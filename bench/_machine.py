@@ -1,0 +1,29 @@
+"""What the figures were measured on: int8 and int4 CPU kernels differ by instruction set (an
+AVX2-only CPU runs onnxruntime's int8 GEMMs about half as fast as one with VNNI), so every
+benchmark prints this beside its ratios."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+__all__ = ["machine"]
+
+_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def machine() -> dict[str, object]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "cpus": cpus, "isa": [f for f in _FLAGS if f in flags]}
