@@ -84,10 +84,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _RunFormatter(logging.Formatter):
+    """``12:00:01 capture-onnx-3f2 | captured llama at fp32 for cpu``: each line says which node
+    (Prefect task run) or run it comes from; Prefect's run loggers put those names on the record."""
+
+    def __init__(self) -> None:
+        super().__init__(datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
+        return f"{self.formatTime(record, self.datefmt)} {f'{who} | ' if who else ''}{level}{record.getMessage()}"
+
+
 def _auto_opt(args: argparse.Namespace) -> int:
     os.environ["PREFECT_LOGGING_LEVEL"] = _LOG_LEVELS[args.log_level]
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_RunFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("grove").setLevel(_LOG_LEVELS[args.log_level])
     from pydantic import ValidationError
 
