@@ -44,12 +44,38 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, path: str = "decoder"
     out = Path(request.output_path).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).exists())):
         raise InvalidRequest(f"output path {out} exists and is not an earlier Grove output; choose a new folder")
+    _check_provider(request.execution_provider, path)
     ArtifactStore(request.store).check_reachable()
     if request.eval_data:
         try:
             read_text(request.eval_data)
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"--eval_data {request.eval_data} cannot be read as UTF-8 text ({exc})") from exc
+
+
+_EP_NAMES = {"cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
+
+
+def _check_provider(provider: str, path: str) -> None:
+    """A run in this process measures on ``provider`` here: refuse before any work if this
+    onnxruntime (and, for decoders, onnxruntime-genai) cannot run it, instead of a traceback
+    after the capture (or, for encoders, onnxruntime's silent fallback to the CPU)."""
+    if provider == "cpu":
+        return
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+
+    name = _EP_NAMES[provider]
+    missing = [] if name in ort.get_available_providers() else [f"onnxruntime {ort.__version__} has only "
+                                                                  f"{', '.join(ort.get_available_providers())}"]
+    if path == "decoder" and not getattr(og, f"is_{provider}_available")():
+        missing.append(f"onnxruntime-genai {og.__version__} was built without {provider.upper()}")
+    if missing:
+        packages = ("onnxruntime-gpu and onnxruntime-genai-cuda" if provider == "cuda"
+                    else "onnxruntime-directml and onnxruntime-genai-directml")
+        raise InvalidRequest(f"--provider {name} is not available on this machine ({'; '.join(missing)}); run on "
+                             f"a machine with {packages} installed, or trigger the auto-opt-gpu deployment so that "
+                             "the gpu pool runs it (grove deploy)")
 
 
 def result_storage(store_uri: str) -> object:

@@ -28,15 +28,25 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
         "contradictory flags": (["-m", str(tiny_dir("llama")), "--provider", "CUDAExecutionProvider",
                                  "--device", "cpu"], "pass --device gpu"),
         "fp16 on cpu": (["-m", str(tiny_dir("llama")), "--precision", "fp16"], "targets GPUs"),
+        "gpu target without CUDA": (["-m", str(tiny_dir("llama")), "--device", "gpu", "--provider",
+                                     "CUDAExecutionProvider"], "CUDAExecutionProvider is not available on this machine"),
     }
 
 
 CASES = ["missing path", "unknown hub id offline", "corrupt safetensors", "truncated gguf",
-         "unsupported architecture", "contradictory flags", "fp16 on cpu"]
+         "unsupported architecture", "contradictory flags", "fp16 on cpu", "gpu target without CUDA"]
+
+
+def _has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_fails_cleanly(case: str, tmp_path: Path, tiny_dir, store: str) -> None:  # noqa: ANN001
+    if case == "gpu target without CUDA" and _has_cuda():
+        pytest.skip("this machine has CUDA: there is nothing for the check to refuse")
     args, expected = _bad_inputs(tmp_path, tiny_dir)[case]
     out = tmp_path / "out"
 
