@@ -30,6 +30,7 @@ gathered and spread over the blocks too), ``fp16`` stores a float16 copy, ``keep
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,7 @@ class _Rewriter:
         self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
                       if v.type.tensor_type.HasField("shape")}
         self.quantized: dict[str, QuantizedWeight] = {}
+        self.ready: dict[str, QuantizedWeight] = {}  # quantized ahead by quantize_all, not registered yet
         self.blocksums: dict[str, str] = {}  # input tensor -> its blocksum tensor
         self.new_inits: list[TensorProto] = []
         self.nodes: list[onnx.NodeProto] = []
@@ -158,6 +160,18 @@ class _Rewriter:
         stored = self.add_init(name + "_fp16", array.astype(self.c_dtype))
         return self.node("Cast", [stored], name, to=TensorProto.FLOAT)
 
+    def _quantize_weight(self, name: str) -> QuantizedWeight:
+        bits = self.head_bits if name in self.head_weights else 4
+        return quantize_weight(numpy_helper.to_array(self.inits[name]), self.bs, self.mode, bits)
+
+    def quantize_all(self, names: list[str]) -> None:
+        """Quantize these weights ahead, on every CPU: numpy releases the GIL in the array work, so
+        threads divide the node's time (SmolLM2: 151 weights)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            self.ready.update(zip(names, pool.map(self._quantize_weight, names), strict=True))
+
     def quantizable(self, name: str) -> bool:
         """Whether ``name`` is a constant 2-D fp32 [K, N] weight with K a multiple of the block."""
         t = self.inits.get(name)
@@ -171,8 +185,7 @@ class _Rewriter:
     def quantize(self, name: str) -> QuantizedWeight:
         """Quantize (once) and register the MatMulNBits initializers of weight ``name``."""
         if name not in self.quantized:
-            bits = self.head_bits if name in self.head_weights else 4
-            qw = quantize_weight(numpy_helper.to_array(self.inits[name]), self.bs, self.mode, bits)
+            qw = self.ready.pop(name, None) or self._quantize_weight(name)
             self.add_init(name + "_qweight", qw.packed)
             self.add_init(name + "_scales", qw.scales)
             if qw.zero_points is not None:
@@ -260,6 +273,8 @@ class _Rewriter:
         outputs = {o.name for o in self.graph.output}
         # The lm_head is the weight MatMul that writes a graph output (logits); tied embeddings share it.
         self.head_weights = {n.input[1] for n in self.graph.node if n.op_type == "MatMul" and n.output[0] in outputs}
+        self.quantize_all(sorted({n.input[1] for n in self.graph.node
+                                  if n.op_type == "MatMul" and self.quantizable(n.input[1])}))
         for node in list(self.graph.node):
             if node.op_type == "MatMul" and self.quantizable(node.input[1]):
                 self.rewrite_matmul(node)
