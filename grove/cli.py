@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--int4_algorithm", choices=["affine", "rtn", "hqq", "k_quant", "builder"])
     p.add_argument("--block_size", type=int, choices=[16, 32, 64, 128, 256], help="int4 weights per block (32)")
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric int4 blocks (rtn)")
+    p.add_argument("--accuracy_level", type=int, choices=range(5), help="int4 MatMulNBits compute type: 4 = int8 "
+                   "activations (default, fastest on CPU), 0 = fp32 (exact, slower)")
     p.add_argument("--eval_data", help="decoders: UTF-8 text for perplexity (default: the GPL-3 text shipped with "
                    "Grove); classifiers: CSV/JSONL with text,label for accuracy")
     p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (1024; 2048 matches the figures in README)")

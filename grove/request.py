@@ -40,6 +40,8 @@ class AutoOptRequest(BaseModel):
                                                  "builder on GPU")
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block")
     symmetric: bool = Field(False, description="symmetric int4 blocks (rtn only)")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="int4 MatMulNBits compute type: 4 = int8 "
+                                                   "activations (fastest on CPU), 0 = fp32 (exact, slower)")
     eval_data: str | None = Field(None, description="text file for perplexity (default: builtin GPL-3 text)")
     eval_tokens: int = Field(1024, ge=16, description="tokens scored for perplexity (2 chunks of 512)")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="fail if parity with fp32 is lower")
@@ -62,6 +64,10 @@ class AutoOptRequest(BaseModel):
             problems.append(f"--int4_algorithm {self.int4_algorithm} is for CPU graphs; on gpu use 'builder'")
         if self.precision != "int4" and self.int4_algorithm is not None:
             problems.append(f"--int4_algorithm applies to --precision int4, not {self.precision}")
+        if self.accuracy_level != 4 and (self.precision != "int4" or self.int4_algorithm == "builder"
+                                         or (self.int4_algorithm is None and self.device == "gpu")):
+            problems.append("--accuracy_level applies to Grove's int4 quantizer (--precision int4 on cpu, "
+                            "--int4_algorithm affine, rtn, hqq or k_quant)")
         if self.task not in ("text-generation", "text-generation-with-past"):
             problems.append(f"--task {self.task} is not supported by auto-opt yet; supported: text-generation")
         if problems:
@@ -98,7 +104,7 @@ class AutoOptRequest(BaseModel):
         if self.precision != "int4" or algorithm == "builder":
             return None
         return Int4Config(algorithm=algorithm, block_size=self.block_size, symmetric=self.symmetric,
-                          placement=self._placement("quantize-int4"))
+                          accuracy_level=self.accuracy_level, placement=self._placement("quantize-int4"))
 
     def evaluation(self, text_sha256: str, *, gate: bool) -> EvalConfig:
         from tasks._decoder_io import BUILTIN_TEXT

@@ -1,0 +1,37 @@
+"""The auto-opt request: every contradiction in the flags is reported at once, before any work,
+and the flags reach the node configs they belong to."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from grove.errors import InvalidRequest
+from grove.request import AutoOptRequest
+from grove.request_encoder import EncoderOptRequest
+
+
+def test_every_contradiction_is_reported_together() -> None:
+    with pytest.raises(ValidationError) as caught:
+        AutoOptRequest(model_name_or_path="m", output_path="o", device="cpu", provider="CUDAExecutionProvider",
+                       precision="fp16", accuracy_level=0)
+    message = str(caught.value)
+    assert "pass --device gpu" in message
+    assert "--precision fp16 targets GPUs" in message
+    assert "--accuracy_level applies to Grove's int4 quantizer" in message
+
+
+def test_int4_flags_reach_the_quantizer_and_only_it() -> None:
+    request = AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="rtn", block_size=64,
+                             symmetric=True, accuracy_level=0)
+    assert request.int4 is not None
+    assert (request.int4.algorithm, request.int4.block_size, request.int4.symmetric,
+            request.int4.accuracy_level) == ("rtn", 64, True, 0)
+    assert AutoOptRequest(model_name_or_path="m", output_path="o", device="gpu").int4 is None, \
+        "on GPU the builder quantizes during capture"
+
+
+def test_decoder_only_flags_on_an_encoder_are_named() -> None:
+    with pytest.raises(InvalidRequest, match="--block_size, --accuracy_level apply to decoder LLMs"):
+        EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "block_size": 64,
+                                      "accuracy_level": 0})
