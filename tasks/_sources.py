@@ -12,12 +12,13 @@ import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from grove.artifacts import Source
 from grove.errors import ModelSourceError
 from grove.store import sha256_file
 
-__all__ = ["HUB_PATTERNS", "resolve"]
+__all__ = ["HUB_PATTERNS", "fast_gguf_reader", "resolve"]
 
 # What the tutorial's step 1 downloads: configs, weights, tokenizer files, chat templates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
@@ -63,9 +64,7 @@ def _resolve_gguf(path: Path) -> Source:
 def _gguf_architecture(path: Path) -> str:
     # GGUFReader checks every tensor's extent against the file, so a truncated file fails here.
     try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(str(path)).fields["general.architecture"]
+        field = fast_gguf_reader()(str(path)).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         raise ModelSourceError(f"'{path}' is not a readable GGUF file ({exc.__class__.__name__}: {exc}); "
@@ -169,3 +168,22 @@ def _remembered(path: Path, what: str, compute: Callable[[], str]) -> str:
         tmp.write_text(json.dumps(cache))
         tmp.replace(cache_file)
     return cache[key]
+
+
+def fast_gguf_reader(base: type | None = None) -> type:
+    """gguf 0.17-0.19's GGUFReader reads every field element through a slice of an np.memmap, and
+    memmap's per-slice bookkeeping is most of its time (49k tokens + 49k merges: 2.9 s). The same
+    slices of a plain ndarray view of the same mapping give identical arrays in 1.0 s."""
+    import gguf
+    import numpy as np
+
+    class FastReader(base or gguf.GGUFReader):  # type: ignore[misc, valid-type]
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None) -> Any:
+            plain = self.__dict__.get("_grove_plain")
+            if plain is None:
+                plain = self._grove_plain = self.data.view(np.ndarray)
+            dt = np.dtype(dtype)
+            arr = plain[offset : offset + dt.itemsize * int(count)].view(dt)[: int(count)]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return FastReader
