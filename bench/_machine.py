@@ -4,7 +4,6 @@ benchmark prints this beside its ratios."""
 
 from __future__ import annotations
 
-import os
 import platform
 
 __all__ = ["machine"]
@@ -25,5 +24,6 @@ def machine() -> dict[str, object]:
                     break
     except OSError:
         pass
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cpus": cpus, "isa": [f for f in _FLAGS if f in flags]}
+    from tasks._decoder_io import available_cpus
+
+    return {"cpu": model, "cpus": available_cpus(), "isa": [f for f in _FLAGS if f in flags]}

@@ -95,17 +95,14 @@ def compare(candidate_dir: Path, reference_dir: Path, texts: list[str] | tuple[s
     got = eio.run(eio.session(candidate_dir / "model.onnx"), feeds, output)
     want = eio.run(eio.session(reference_dir / "model.onnx"), feeds, output)
     mask = feeds["attention_mask"]
-    real = mask.astype(bool)[..., None] if got.ndim == 3 else slice(None)
+    real = mask.astype(bool) if got.ndim == 3 else slice(None)  # per-token outputs: real tokens only
     cos = eio.cosine_rows(got, want, mask)
     top1: float | None = None
     prob_diff: float | None = None
     if info.task != "feature-extraction":
-        real_rows = mask.astype(bool) if got.ndim == 3 else slice(None)  # token classifiers: real tokens only
-        top1 = float((got.argmax(-1) == want.argmax(-1))[real_rows].mean())
-        prob_diff = float(abs(_softmax(got) - _softmax(want))[real_rows].max())
-    diff = abs(got - want)
-    return {"output": output, "texts": len(texts), "max_abs_diff": float((diff * real).max() if got.ndim == 3
-                                                                         else diff.max()),
+        top1 = float((got.argmax(-1) == want.argmax(-1))[real].mean())
+        prob_diff = float(abs(_softmax(got) - _softmax(want))[real].max())
+    return {"output": output, "texts": len(texts), "max_abs_diff": float(abs(got - want)[real].max()),
             "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "top1_agreement": top1,
             "max_prob_diff": prob_diff}
 

@@ -86,7 +86,8 @@ def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, h
 
     sess = ort.InferenceSession(str(tmp_path / "int4" / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {"ids": ids, "x": x})[0]
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node}
+    model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
+    ops = {n.op_type for n in model.graph.node}
 
     def deq(w: np.ndarray, bits: int) -> np.ndarray:  # [K, N] as the quantizer stores it
         return int4.dequantize(int4.quantize_weight(w, BLOCK, "affine", bits), BLOCK)
@@ -94,7 +95,6 @@ def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, h
     embed = deq(weights["embed"].T.copy(), head_bits).T  # quantized along K, like a tied lm_head
     w1, w2, head = deq(weights["w1"], 4), deq(weights["w2"], 4), deq(weights["head"], head_bits)
     want = ((embed[ids] @ w1 + x @ w1) @ w2) @ head
-    model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
     assert not {"embed", "w1", "w2", "head"} & {t.name for t in model.graph.initializer}, "no fp32 weight is left"
     assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
