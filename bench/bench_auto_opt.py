@@ -124,7 +124,7 @@ def main() -> int:
     results["cold_runs_s"] = [round(c, 2) for c in colds]
     results["rerun_s"] = round(_grove([*base, "-o", str(out)], env), 2)
     report = json.loads((out / "grove_report.json").read_text())
-    ref = report["reference_fp32"]
+    ref = report["reference"]
 
     rows, outputs = [], {}
     for name in args.algorithms:

@@ -9,14 +9,14 @@ ROWS = {
     "perplexity": "perplexity",
     "prefill_ms": "prefill (ms)",
     "decode_tok_s": "decode (tokens/s)",
-    "top1_agreement": "top-1 agreement vs fp32",
+    "top1_agreement": "top-1 agreement vs reference",
 }
 _SKIP = {"seconds", "ppl_tokens", "prompt_tokens", "generated_tokens", "threads"}
 
 
 def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
     metrics = report.get("metrics") or {}
-    reference = report.get("reference_fp32") or {}
+    reference = report.get("reference") or {}
     assert isinstance(metrics, dict) and isinstance(reference, dict)
     keys = [k for k in ROWS if k in metrics] + [
         k for k, v in metrics.items()
@@ -26,7 +26,7 @@ def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
         label = ROWS.get(key, key.replace("_", " "))
         out, ref = metrics.get(key), reference.get(key)
         ratio = round(out / ref, 3) if isinstance(out, (int, float)) and isinstance(ref, (int, float)) and ref else None
-        rows.append({"metric": label, "output": out, "fp32 reference": ref, "ratio": ratio})
+        rows.append({"metric": label, "output": out, "reference": ref, "ratio": ratio})
     return rows
 
 
@@ -41,7 +41,10 @@ def format_report(report: dict[str, object], output_path: str) -> str:
     if metrics.get("threads"):
         head += f"; timings with {metrics['threads']} threads"
     rows = table_rows(report)
-    cols = ["metric", "output", "fp32 reference", "ratio"]
+    cols = ["metric", "output", "reference", "ratio"]
+    reference = report.get("reference") or {}
+    assert isinstance(reference, dict)
+    head += f"; reference: the {reference.get('precision', 'fp32')} model"
     cells = [[_fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]

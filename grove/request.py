@@ -118,6 +118,7 @@ class AutoOptRequest(BaseModel):
     def package(self) -> PackageConfig:
         int4 = self.int4
         algorithm = int4.algorithm if int4 else ("builder" if self.precision == "int4" else None)
-        return PackageConfig(model=self.model_name_or_path, placement=self._placement("package-genai"), target={
+        return PackageConfig(model=self.model_name_or_path, placement=self._placement("package-genai"),
+                             reference_precision=self.reference_capture.precision, target={
             "device": self.device, "provider": self.execution_provider, "precision": self.precision,
             "int4_algorithm": algorithm, "block_size": int4.block_size if int4 else None})

@@ -31,11 +31,15 @@ def copy_model_files(model_dir: Path, out: Path) -> None:
 
 
 def write_report(out: Path, *, model: str, target: dict[str, object], metrics: dict[str, object],
-                 reference: dict[str, object], ratios: dict[str, object], inputs: list[Path]) -> None:
-    """grove_report.json: the same shape for every path (decoder, encoder)."""
+                 reference: dict[str, object], reference_precision: str, ratios: dict[str, object],
+                 inputs: list[Path]) -> None:
+    """grove_report.json: the same shape for every path (decoder, encoder). ``reference`` holds the
+    metrics of the unquantized model the output is compared with (fp32 on CPU; fp16 for GPU decoders,
+    the builder's CUDA precision), its precision under ``reference.precision``."""
     from grove import __version__
 
     report = {"grove_version": __version__, "model": model, "target": target, "metrics": metrics,
-              "reference_fp32": reference, "ratios": ratios, "lineage": [lineage(d) for d in inputs],
+              "reference": {"precision": reference_precision, **reference}, "ratios": ratios,
+              "lineage": [lineage(d) for d in inputs],
               "files": sorted({f.name for f in out.iterdir()} | {REPORT})}
     (out / REPORT).write_text(json.dumps(report, indent=2))

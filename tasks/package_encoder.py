@@ -19,7 +19,7 @@ __all__ = ["EncoderPackageConfig", "package_encoder"]
 
 class EncoderPackageConfig(StepConfig):
     NODE = "package-encoder"
-    VERSION = 1
+    VERSION = 2  # 2: "reference" (with its precision) replaces "reference_fp32"
     model: str = Field(description="what the user asked for (hub id or path), for the report")
     target: dict[str, str | int | None] = Field(description="device, provider, precision, task, int8 mode")
 
@@ -38,9 +38,10 @@ def _package(inputs: list[Path], config: EncoderPackageConfig, out: Path) -> dic
     metrics["parity"] = json.loads((parity_dir / "parity.json").read_text())
     reference = json.loads((ref_dir / "eval.json").read_text())
     write_report(out, model=config.model, target=dict(config.target), metrics=metrics, reference=reference,
+                 reference_precision="fp32",
                  inputs=inputs, ratios={
-                     "size_vs_fp32": ratio(metrics.get("size_mb"), reference.get("size_mb")),
-                     "latency_vs_fp32_onnx": ratio(metrics.get("latency_ms_avg"), reference.get("latency_ms_avg")),
+                     "size_vs_reference": ratio(metrics.get("size_mb"), reference.get("size_mb")),
+                     "latency_vs_reference": ratio(metrics.get("latency_ms_avg"), reference.get("latency_ms_avg")),
                      "latency_vs_pytorch": metrics.get("latency_vs_pytorch"),
                  })
     return {k: v for k, v in metrics.items() if k != "parity"}

@@ -24,14 +24,15 @@ __all__ = ["PackageConfig", "export_output", "package_genai"]
 
 class PackageConfig(StepConfig):
     NODE = "package-genai"
-    VERSION = 2  # 2: the report's file list includes grove_report.json
+    VERSION = 3  # 2: the report's file list includes grove_report.json; 3: "reference" names its precision
     model: str = Field(description="what the user asked for (hub id or path), for the report")
     target: dict[str, str | int | None] = Field(description="device, provider, precision, algorithm, block size")
+    reference_precision: str = Field("fp32", description="precision of the reference model the output is compared with")
 
 
 @task(name="package-genai", cache_policy=RECIPE_CACHE)
 def package_genai(model: Artifact, evaluation: Artifact, reference: Artifact, config: PackageConfig) -> Artifact:
-    """Model folder + its evaluation + the fp32 reference's evaluation -> output folder artifact."""
+    """Model folder + its evaluation + the reference's evaluation -> output folder artifact."""
     return run_node(config, [model, evaluation, reference], model.store, _package)
 
 
@@ -41,10 +42,10 @@ def _package(inputs: list[Path], config: PackageConfig, out: Path) -> dict[str, 
     metrics = json.loads((eval_dir / "eval.json").read_text())
     reference = json.loads((ref_dir / "eval.json").read_text())
     write_report(out, model=config.model, target=dict(config.target), metrics=metrics, reference=reference,
-                 inputs=inputs, ratios={
-                     "size_vs_fp32": ratio(metrics.get("size_mb"), reference.get("size_mb")),
-                     "perplexity_vs_fp32": ratio(metrics.get("perplexity"), reference.get("perplexity")),
-                     "decode_speed_vs_fp32_onnx": ratio(metrics.get("decode_tok_s"), reference.get("decode_tok_s")),
+                 reference_precision=config.reference_precision, inputs=inputs, ratios={
+                     "size_vs_reference": ratio(metrics.get("size_mb"), reference.get("size_mb")),
+                     "perplexity_vs_reference": ratio(metrics.get("perplexity"), reference.get("perplexity")),
+                     "decode_speed_vs_reference": ratio(metrics.get("decode_tok_s"), reference.get("decode_tok_s")),
                  })
     return {k: v for k, v in metrics.items() if k != "sample"}
 

@@ -157,12 +157,12 @@ def test_auto_opt_encoder_flow_minilm_int8(minilm: dict[str, Artifact], tmp_path
 
     assert state.is_completed()
     report = json.loads((out / "grove_report.json").read_text())
-    assert set(report) >= {"model", "target", "metrics", "reference_fp32", "ratios", "lineage", "files"}
+    assert set(report) >= {"model", "target", "metrics", "reference", "ratios", "lineage", "files"}
     assert {"model.onnx", "tokenizer.json", "vocab.txt", "grove_encoder.json", "grove_report.json"} <= set(
         report["files"]) <= {p.name for p in out.iterdir()}
     assert report["metrics"]["cosine_vs_pytorch"] >= INT8_MIN_COSINE
     assert report["metrics"]["parity"]["mean_cosine"] >= INT8_MIN_COSINE
-    assert report["ratios"]["size_vs_fp32"] < 0.3
+    assert report["ratios"]["size_vs_reference"] < 0.3
     assert [s["node"] for s in report["lineage"]] == ["quantize-int8", "evaluate-encoder", "evaluate-encoder",
                                                      "check-parity"]
     import onnxruntime as ort
@@ -295,7 +295,7 @@ def test_auto_opt_encoder_flow_rerun_is_all_cached(tiny_bert: dict[str, object],
     assert hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest() == onnx_sha
     report = json.loads((out / "grove_report.json").read_text())
     assert report["target"]["task"] == "text-classification"
-    assert report["reference_fp32"]["accuracy"] == round(expected, 4)  # fp32 ONNX = PyTorch's argmax
+    assert report["reference"]["accuracy"] == round(expected, 4)  # fp32 ONNX = PyTorch's argmax
     assert report["metrics"]["top1_vs_pytorch"] >= TINY_INT8_MIN_TOP1
     with get_client(sync_client=True) as client:  # publish-report: the dashboard's table and report
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(

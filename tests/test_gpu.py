@@ -34,9 +34,16 @@ def test_cuda_int4_output_is_built_by_the_builder_and_measured_on_the_gpu(tiny_d
     report = json.loads((out / "grove_report.json").read_text())
     assert report["target"] == {"device": "gpu", "provider": "cuda", "precision": "int4", "int4_algorithm": "builder",
                                 "block_size": None}
-    assert report["metrics"]["decode_tok_s"] > 0 and report["reference_fp32"]["perplexity"] > 1
+    assert report["metrics"]["decode_tok_s"] > 0 and report["reference"]["perplexity"] > 1
+    assert report["reference"]["precision"] == "fp16"  # the builder's CUDA reference, named as such
     config = og.Config(str(out))
     config.clear_providers()
     config.append_provider("cuda")
-    tokenizer = og.Tokenizer(og.Model(config))
-    assert tokenizer.encode("hello")  # the folder loads on CUDA
+    model = og.Model(config)  # the folder loads and generates on CUDA
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=16, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(og.Tokenizer(model).encode("hello"))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 16
