@@ -23,7 +23,8 @@ from tasks.quantize_int8 import Int8Config
 __all__ = ["EncoderOptRequest"]
 
 # auto-opt flags (and fleet target fields) that only the decoder path takes.
-_DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", "eval_tokens", "min_top1_agreement")
+_DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", "head_bits", "eval_tokens",
+                 "min_top1_agreement")
 
 class EncoderOptRequest(BaseModel):
     """What ``grove auto-opt`` was asked to do for an encoder model."""

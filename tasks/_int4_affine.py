@@ -19,9 +19,12 @@ Modes:
 * ``asym``: integer zero point (true min/max per block), no correction.
 * ``sym``: signed absmax scale, implicit zero point 8, no correction (onnxruntime's RTN).
 
+MatMuls that read the same tensor (gate/up; q/k/v where the builder did not pack them) become
+one ``MatMulNBits`` over their weights concatenated along N, one correction, and a ``Split``.
+
 The lm_head (the MatMul writing a graph output) and the token embedding use ``head_bits``:
-8 by default (symmetric, s = absmax / 127: GGUF's Q8_0 grid, the usual format of that tensor),
-or 4 with the mode above. The embedding ``Gather`` (tied to lm_head by the builder through a
+4 with the mode above, or 8 (symmetric, s = absmax / 127: GGUF's Q8_0 grid, the usual format of
+that tensor). The embedding ``Gather`` (tied to lm_head by the builder through a
 ``Transpose``) follows ``embedding``: ``gbq`` reads the lm_head's quantized weights through
 ``GatherBlockQuantized`` (integer zero points only, so in ``affine`` mode the correction row is
 gathered and spread over the blocks too), ``fp16`` stores a float16 copy, ``keep`` leaves it fp32.
@@ -185,7 +188,7 @@ class _Rewriter:
     def quantize(self, name: str) -> QuantizedWeight:
         """Quantize (once) and register the MatMulNBits initializers of weight ``name``."""
         if name not in self.quantized:
-            qw = self.ready.pop(name, None) or self._quantize_weight(name)
+            qw = self.ready.get(name) or self._quantize_weight(name)
             self.add_init(name + "_qweight", qw.packed)
             self.add_init(name + "_scales", qw.scales)
             if qw.zero_points is not None:
@@ -201,34 +204,65 @@ class _Rewriter:
     def blocksum(self, x: str, k: int) -> str:
         """Sum of x over each block along its last axis, computed once per tensor.
 
-        Reshape [..., K] -> [..., K/bs, bs] + ReduceSum is the cheapest; it needs x's rank. When the
-        graph does not record it, a MatMul with a 0/1 indicator matrix does the same for any rank.
+        Reshape [..., K/bs, bs] + ReduceSum when the graph records x's rank (the cheapest measured:
+        one AveragePool of kernel and stride bs, for block means, decoded SmolLM2 8% slower); for an
+        unknown rank a MatMul with a 0/1 indicator matrix does the same.
         """
         if x not in self.blocksums:
             rank, out = self.ranks.get(x), f"{x}/int4_blocksum"
             if rank is None:
                 self.blocksums[x] = self.node("MatMul", [x, self.indicator(k)], out)
-                return self.blocksums[x]
-            shape = [0] * (rank - 1) + [k // self.bs, self.bs]
-            shape_name = self.add_init("int4_blocks_shape_" + "_".join(map(str, shape)), np.array(shape, np.int64))
-            blocks = self.node("Reshape", [x, shape_name], f"{x}/int4_blocks")
-            axes = self.add_init("int4_last_axis", np.array([-1], np.int64))
-            self.blocksums[x] = self.node("ReduceSum", [blocks, axes], out, keepdims=0)
+            else:
+                shape = [0] * (rank - 1) + [k // self.bs, self.bs]
+                shape_name = self.add_init("int4_blocks_shape_" + "_".join(map(str, shape)),
+                                           np.array(shape, np.int64))
+                blocks = self.node("Reshape", [x, shape_name], f"{x}/int4_blocks")
+                axes = self.add_init("int4_last_axis", np.array([-1], np.int64))
+                self.blocksums[x] = self.node("ReduceSum", [blocks, axes], out, keepdims=0)
         return self.blocksums[x]
 
-    def rewrite_matmul(self, mm: onnx.NodeProto) -> None:
-        """MatMul(x, W) -> MatMulNBits(x, q, s, zi) [+ blocksum(x) @ C]."""
-        w_name, (k, n) = mm.input[1], self.inits[mm.input[1]].dims
+    def rewrite_matmul(self, x: str, w_name: str, output: str) -> None:
+        """MatMul(x, W) -> MatMulNBits(x, q, s, zi) [+ blocksum(x) @ C], written to ``output``."""
         qw = self.quantize(w_name)
+        n, k = qw.packed.shape[0], qw.scales.shape[1] * self.bs
         zp = [w_name + "_zp"] if qw.zero_points is not None else []
-        inputs = [mm.input[0], w_name + "_qweight", w_name + "_scales", *zp]
-        out = mm.output[0] if qw.correction is None else mm.output[0] + "/int4_main"
+        inputs = [x, w_name + "_qweight", w_name + "_scales", *zp]
+        out = output if qw.correction is None else output + "/int4_main"
         self.node("MatMulNBits", inputs, out, _MS, K=k, N=n, bits=qw.bits, block_size=self.bs,
                   accuracy_level=self.accuracy_level)
         if qw.correction is not None:
-            c = self.float_const(w_name + "_int4_corr", qw.correction)
-            corr = self.node("MatMul", [self.blocksum(mm.input[0], k), c], mm.output[0] + "/int4_corr")
-            self.node("Add", [out, corr], mm.output[0])
+            sums, corr = self.blocksum(x, k), output + "/int4_corr"
+            self.node("MatMul", [sums, self.float_const(w_name + "_int4_corr", qw.correction)], corr)
+            self.node("Add", [out, corr], output)
+
+    def fuse_siblings(self, matmuls: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
+        """Group the 4-bit weight MatMuls that read the same tensor (gate/up; q/k/v when not packed).
+
+        Each group becomes one MatMulNBits over the weights concatenated along N (+ one correction)
+        and a Split: the same arithmetic in fewer, larger ops (SmolLM2: 60 fewer per token).
+        Returns {the first member's weight name + ``.fused<n>``: members}.
+        """
+        by_input: dict[str, list[onnx.NodeProto]] = {}
+        for mm in matmuls:
+            if mm.input[1] not in self.head_weights:
+                by_input.setdefault(mm.input[0], []).append(mm)
+        return {f"{members[0].input[1]}.fused{len(members)}": members for members in by_input.values()
+                if len(members) > 1 and len({self.inits[m.input[1]].dims[0] for m in members}) == 1}
+
+    def rewrite_fused(self, name: str, members: list[onnx.NodeProto]) -> None:
+        """One MatMulNBits over the members' weights concatenated along N, split back into their
+        outputs. Each weight is quantized on its own (blocks run along K, so concatenating the
+        quantized pieces equals quantizing the concatenation) and no fp32 copy is made."""
+        parts = [self.ready.get(m.input[1]) or self._quantize_weight(m.input[1]) for m in members]
+        self.ready[name] = QuantizedWeight(
+            np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
+            None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts]),
+            None if parts[0].correction is None else np.concatenate([p.correction for p in parts], axis=1))
+        fused = f"{members[0].output[0]}/fused"
+        self.rewrite_matmul(members[0].input[0], name, fused)
+        split = self.add_init(f"{name}_split", np.array([len(p.scales) for p in parts], np.int64))
+        self.nodes.append(helper.make_node("Split", [fused, split], [m.output[0] for m in members],
+                                           name=fused + "/split", axis=-1))
 
     def rewrite_gather(self, g: onnx.NodeProto, w_name: str, embedding: str) -> None:
         """Embedding Gather on the (transposed) [K, V] weight ``w_name``."""
@@ -273,11 +307,17 @@ class _Rewriter:
         outputs = {o.name for o in self.graph.output}
         # The lm_head is the weight MatMul that writes a graph output (logits); tied embeddings share it.
         self.head_weights = {n.input[1] for n in self.graph.node if n.op_type == "MatMul" and n.output[0] in outputs}
-        self.quantize_all(sorted({n.input[1] for n in self.graph.node
-                                  if n.op_type == "MatMul" and self.quantizable(n.input[1])}))
+        matmuls = [n for n in self.graph.node if n.op_type == "MatMul" and self.quantizable(n.input[1])]
+        groups = self.fuse_siblings(matmuls)
+        member_of = {m.output[0]: name for name, members in groups.items() for m in members}
+        self.quantize_all(sorted({n.input[1] for n in matmuls}))
         for node in list(self.graph.node):
-            if node.op_type == "MatMul" and self.quantizable(node.input[1]):
-                self.rewrite_matmul(node)
+            if node.op_type == "MatMul" and node.output[0] in member_of:
+                if member_of[node.output[0]] in groups:  # the group's first member: write it once
+                    name = member_of[node.output[0]]
+                    self.rewrite_fused(name, groups.pop(name))
+            elif node.op_type == "MatMul" and self.quantizable(node.input[1]):
+                self.rewrite_matmul(node.input[0], node.input[1], node.output[0])
             elif node.op_type == "Gather" and embedding != "keep" and (w := self.embedding_weight(node, producers)):
                 self.rewrite_gather(node, w, embedding)
             else:
@@ -310,7 +350,7 @@ def quantize(
     mode: str = "affine",
     embedding: str = "gbq",
     correction_dtype: str = "float32",
-    head_bits: int = 8,
+    head_bits: int = 4,
     accuracy_level: int = 4,
 ) -> Path:
     """Quantize ``model_in_dir/model.onnx`` to int4 into ``model_out_dir``; return the new model path.

@@ -23,7 +23,8 @@ INT4_ALGORITHMS: tuple[str, ...] = ("affine", "rtn", "hqq", "k_quant", "builder"
 
 class Int4Config(StepConfig):
     NODE = "quantize-int4"
-    VERSION = 2  # 2: affine keeps no zero point in MatMulNBits; the whole s * (8 - z) goes to the correction
+    VERSION = 3  # 2: affine keeps no zero point in MatMulNBits; the whole s * (8 - z) goes to the correction;
+    # 3: affine fuses MatMuls that read the same tensor (gate/up) into one MatMulNBits + Split
     algorithm: Int4Algorithm = Field(
         "affine",
         description="affine: min/max blocks with a float zero point, run on the zero-point-free integer kernel "
@@ -35,25 +36,17 @@ class Int4Config(StepConfig):
     symmetric: bool = Field(False, description="symmetric blocks (no zero point); rtn only")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type; 4 = int8 "
                                                    "activations, fastest on CPU")
-    head_bits: Literal[4, 8] = Field(8, description="affine only: bits for the embedding and lm_head; 8 keeps "
-                                     "them near-lossless for ~6% more size (llama.cpp keeps its output layer "
-                                     "at higher precision for the same reason)")
+    head_bits: Literal[4, 8] = Field(4, description="bits for the embedding and lm_head; 8 (affine only) keeps "
+                                     "them near-lossless, as llama.cpp keeps its output layer at higher precision, "
+                                     "for ~20% slower decode (SmolLM2)")
 
     @model_validator(mode="after")
     def _check(self) -> Int4Config:
         if self.symmetric and self.algorithm not in ("rtn", "builder"):
             raise ValueError(f"symmetric=True applies to rtn only; {self.algorithm} chooses its own zero points")
-        if self.head_bits != 8 and self.algorithm != "affine":
-            raise ValueError(f"head_bits applies to the affine algorithm only, not {self.algorithm}")
+        if self.head_bits == 8 and self.algorithm != "affine":
+            raise ValueError(f"head_bits=8 applies to the affine algorithm only, not {self.algorithm}")
         return self
-
-    @classmethod
-    def cpu(cls) -> Int4Config:
-        return cls(algorithm="affine", block_size=32, accuracy_level=4)
-
-    @classmethod
-    def cuda(cls) -> Int4Config:
-        return cls(algorithm="builder", block_size=32, accuracy_level=4)
 
 
 @task(name="quantize-int4", cache_policy=RECIPE_CACHE)

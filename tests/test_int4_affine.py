@@ -52,21 +52,26 @@ def test_error_stays_within_the_grid_step(mode: str, bits: int, bound: float) ->
 
 def _model(path: Path, weights: dict[str, np.ndarray]) -> None:
     """ids -> Gather(embedding [V, K]) -> MatMul(w1) (+ the same w1 on a graph input x) -> MatMul(w2)
-    -> MatMul(head [K, V]) -> logits: an untied embedding, inner MatMuls reading tensors of unknown
-    and known rank (the two block-sum forms), and an lm_head (a MatMul writing a graph output)."""
+    times MatMul(w3) (siblings like gate/up, of different N) -> MatMul(head [K, V]) -> logits: an
+    untied embedding, inner MatMuls reading tensors of unknown and known rank (the two block-sum
+    forms), a fused pair, and an lm_head (a MatMul writing a graph output)."""
     nodes = [
         helper.make_node("Gather", ["embed", "ids"], ["h"]),
         helper.make_node("MatMul", ["h", "w1"], ["a"]),
         helper.make_node("MatMul", ["x", "w1"], ["b"]),  # same weight, input of known rank
         helper.make_node("Add", ["a", "b"], ["c"]),
-        helper.make_node("MatMul", ["c", "w2"], ["d"]),
+        helper.make_node("MatMul", ["c", "w2"], ["d2"]),
+        helper.make_node("MatMul", ["c", "w3"], ["d3"]),  # a sibling of w2 (gate/up): fused with it
+        helper.make_node("Slice", ["d3", "zero", "k", "minus_one"], ["d3k"]),  # N differs from w2's
+        helper.make_node("Mul", ["d2", "d3k"], ["d"]),
         helper.make_node("MatMul", ["d", "head"], ["logits"]),
     ]
     graph = helper.make_graph(
         nodes, "tiny", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5]),
                         helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, K])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5, V])],
-        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+        [numpy_helper.from_array(v, k) for k, v in weights.items()]
+        + [numpy_helper.from_array(np.array([v], np.int64), k) for k, v in (("zero", 0), ("k", K), ("minus_one", -1))])
     path.mkdir(parents=True, exist_ok=True)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path / "model.onnx"))
 
@@ -77,7 +82,8 @@ def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, h
 
     rng = np.random.default_rng(2)
     weights = {"embed": rng.normal(0, 0.5, (V, K)), "w1": rng.normal(0, 0.1, (K, N + 16)),
-               "w2": rng.normal(0, 0.1, (N + 16, K)), "head": rng.normal(0, 0.1, (K, V))}
+               "w2": rng.normal(0, 0.1, (N + 16, K)), "w3": rng.normal(0, 0.1, (N + 16, K + 32)),
+               "head": rng.normal(0, 0.1, (K, V))}
     weights = {k: v.astype(np.float32) for k, v in weights.items()}
     _model(tmp_path / "fp32", weights)
     int4.quantize(tmp_path / "fp32", tmp_path / "int4", block_size=BLOCK, head_bits=head_bits, accuracy_level=0)
@@ -93,10 +99,14 @@ def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, h
         return int4.dequantize(int4.quantize_weight(w, BLOCK, "affine", bits), BLOCK)
 
     embed = deq(weights["embed"].T.copy(), head_bits).T  # quantized along K, like a tied lm_head
-    w1, w2, head = deq(weights["w1"], 4), deq(weights["w2"], 4), deq(weights["head"], head_bits)
-    want = ((embed[ids] @ w1 + x @ w1) @ w2) @ head
-    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
-    assert not {"embed", "w1", "w2", "head"} & {t.name for t in model.graph.initializer}, "no fp32 weight is left"
+    w1, w2, w3 = (deq(weights[w], 4) for w in ("w1", "w2", "w3"))
+    head = deq(weights["head"], head_bits)
+    c = embed[ids] @ w1 + x @ w1
+    want = ((c @ w2) * (c @ w3)[..., :K]) @ head
+    assert {"MatMulNBits", "GatherBlockQuantized", "Split"} <= ops
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 4, "w2 and w3 share one MatMulNBits"
+    assert not {"embed", "w1", "w2", "w3", "head"} & {t.name for t in model.graph.initializer}, "no fp32 weight is left"
     assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
-    fp32 = ((weights["embed"][ids] @ weights["w1"] + x @ weights["w1"]) @ weights["w2"]) @ weights["head"]
+    c = weights["embed"][ids] @ weights["w1"] + x @ weights["w1"]
+    fp32 = ((c @ weights["w2"]) * (c @ weights["w3"])[..., :K]) @ weights["head"]
     assert np.abs(got - fp32).max() > 1e-3 * np.abs(fp32).max(), "the weights really are quantized"
