@@ -7,6 +7,7 @@ the output path.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 from grove import __version__
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 _LOG_LEVELS = {0: "DEBUG", 1: "INFO", 2: "WARNING", 3: "ERROR", 4: "CRITICAL"}
 
@@ -26,6 +27,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return int(args.run(args))
+
+
+def entry() -> None:
+    """The console script: ``main``, then exit without the interpreter's teardown. Once the report
+    is printed and the exit handlers have run (Prefect's flush logs and events to the API), nothing
+    is left to do, yet unloading torch, onnxruntime and Prefect took ~1.8 s after a cold auto-opt
+    here (0.5 s after a cached one)."""
+    code = main()
+    atexit._run_exitfuncs()  # what a normal exit runs first: Prefect's log and event flushes
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -208,4 +222,4 @@ def _fail(message: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -173,17 +173,51 @@ def _remembered(path: Path, what: str, compute: Callable[[], str]) -> str:
 def fast_gguf_reader(base: type | None = None) -> type:
     """gguf 0.17-0.19's GGUFReader reads every field element through a slice of an np.memmap, and
     memmap's per-slice bookkeeping is most of its time (49k tokens + 49k merges: 2.9 s). The same
-    slices of a plain ndarray view of the same mapping give identical arrays in 1.0 s."""
+    slices of a plain ndarray view of the same mapping give identical arrays in 1.0 s; string
+    arrays, walked with struct instead of one ``_get_field_parts`` call per element, in 0.2 s."""
+    import struct
+
     import gguf
     import numpy as np
 
-    class FastReader(base or gguf.GGUFReader):  # type: ignore[misc, valid-type]
-        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None) -> Any:
+    base = base or gguf.GGUFReader
+
+    class FastReader(base):  # type: ignore[misc, valid-type]
+        def _plain(self) -> Any:
             plain = self.__dict__.get("_grove_plain")
             if plain is None:
                 plain = self._grove_plain = self.data.view(np.ndarray)
+            return plain
+
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None) -> Any:
             dt = np.dtype(dtype)
-            arr = plain[offset : offset + dt.itemsize * int(count)].view(dt)[: int(count)]
+            arr = self._plain()[offset : offset + dt.itemsize * int(count)].view(dt)[: int(count)]
             return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
+            """Arrays of strings or numbers in one pass; the same parts as gguf's per-element walk."""
+            array, string = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING
+            if gguf.GGUFValueType(raw_type) != array or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            itype = gguf.GGUFValueType(raw_itype[0])
+            numeric = self.gguf_scalar_to_np.get(itype)
+            if itype != string and numeric is None:  # nested arrays
+                return super()._get_field_parts(orig_offs, raw_type)
+            plain, offs = self._plain(), orig_offs + 4
+            alen = self._get(offs, np.uint64)
+            offs, count = offs + 8, int(alen[0])
+            parts: list[Any] = [raw_itype, alen]
+            if numeric is not None:
+                values = self._get(offs, numeric, count)
+                parts += [values[i : i + 1] for i in range(count)]
+                return 12 + int(values.nbytes), parts, list(range(2, len(parts))), [array, itype]
+            u64 = struct.Struct("<Q").unpack_from
+            buf = memoryview(plain)
+            for _ in range(count):
+                (n,) = u64(buf, offs)
+                parts += (plain[offs : offs + 8].view(np.uint64), plain[offs + 8 : offs + 8 + n])
+                offs += 8 + n
+            return offs - orig_offs, parts, list(range(3, len(parts), 2)), [array, string]
 
     return FastReader

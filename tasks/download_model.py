@@ -143,17 +143,28 @@ def _load_gguf_once(path: Path) -> tuple[Any, Any]:
 def _memoized_gguf() -> Iterator[None]:
     """transformers 5.24 parses the GGUF header on every call (~3 s here) and builds gguf's
     tensor-name map once per module (~400 times, ~5 s). Both are pure functions of their
-    arguments, so memoize them for one conversion (with the faster reader below), then restore
-    gguf as it was."""
+    arguments, so memoize them for one conversion (with the faster reader of _sources), and decode
+    GGUF strings with one ``bytes.decode`` instead of a list of ints per string (98k strings:
+    0.7 s -> 0.05 s); then restore gguf and transformers as they were."""
     import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    reader, name_map, parse = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils._gguf_parse_value
+
+    def parse_value(value: Any, data_type: Any) -> Any:
+        types = data_type if isinstance(data_type, list) else [data_type]
+        if types in ([8], [9, 8]):  # a string, alone or as an array element
+            return bytes(value).decode()
+        return parse(value, data_type)
+
     gguf.GGUFReader = functools.lru_cache(maxsize=2)(_sources.fast_gguf_reader(reader))  # type: ignore[misc]
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(name_map)
+    gguf_utils._gguf_parse_value = parse_value
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map  # type: ignore[misc]
+        gguf_utils._gguf_parse_value = parse
 
 
 def _load_gguf_public(path: Path) -> tuple[Any, Any]:

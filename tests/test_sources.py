@@ -78,3 +78,38 @@ def test_unsupported_architecture_lists_supported() -> None:
     with pytest.raises(UnsupportedArchitecture, match="not supported; supported: ") as err:
         arch_spec("mamba")
     assert {"gemma", "llama", "mistral", "phi3", "qwen2", "qwen3"} <= set(err.value.supported)
+
+
+def test_fast_gguf_reader_reads_what_gguf_reads(tmp_path: Path) -> None:
+    """Grove's reader (bulk string and number arrays) yields gguf's own fields and tensors, part
+    for part: strings, string arrays (tokens), number arrays (token types, scores), scalars,
+    an empty array, a nested array, and tensors."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "tiny ünïcode")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "é", "", "hello world", "\u4e2d"] * 50)
+    writer.add_array("tokenizer.ggml.token_type", [1, 2, 3, 4, 5] * 50)
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.25, 3.0] * 7)
+    writer.add_array("empty", [])
+    writer.add_array("nested", [[1, 2], [3]])
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_tensor("w", np.arange(64, dtype=np.float32).reshape(8, 8))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    stock, fast = gguf.GGUFReader(str(path)), _sources.fast_gguf_reader()(str(path))
+    assert list(stock.fields) == list(fast.fields)
+    for name, want in stock.fields.items():
+        got = fast.fields[name]
+        assert (got.offset, got.types, got.data) == (want.offset, want.types, want.data), name
+        assert len(got.parts) == len(want.parts), name
+        for a, b in zip(got.parts, want.parts, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), name
+    assert fast.fields["tokenizer.ggml.tokens"].contents()[:4] == ["<s>", "é", "", "hello world"]
+    assert [(t.name, t.data_offset) for t in fast.tensors] == [(t.name, t.data_offset) for t in stock.tensors]
+    assert np.array_equal(fast.tensors[0].data, stock.tensors[0].data)
