@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Artifact", "Device", "Metric", "Source", "StepConfig", "recipe_digest"]
+__all__ = ["Artifact", "Device", "MeasureConfig", "Metric", "Source", "StepConfig", "recipe_digest"]
 
 Device = Literal["cpu", "gpu"]
 Metric = float | int | str | bool | None | list[float] | list[str] | dict[str, float | str | None]
@@ -27,12 +27,23 @@ class StepConfig(BaseModel):
 
     @property
     def device(self) -> Device | None:
-        """The device this node must run on: its placement, else what its config needs (a node
-        that measures on CUDA needs a GPU); None = any pool, i.e. where the flow runs."""
+        """The device this node must run on: its placement, else what its config needs (see
+        MeasureConfig); None = any pool, i.e. where the flow runs."""
         return self.placement
 
     def recipe(self) -> dict[str, object]:
         return self.model_dump(mode="json", exclude={"placement"})
+
+
+class MeasureConfig(StepConfig):
+    """Base of the nodes that measure a model on an execution provider (the evaluations)."""
+
+    provider: Literal["cpu", "cuda", "dml"] = Field("cpu", description="execution provider to measure on")
+
+    @property
+    def device(self) -> Device | None:
+        """Measuring on CUDA or DirectML needs a GPU box; on the CPU provider, any pool will do."""
+        return self.placement or ("gpu" if self.provider != "cpu" else None)
 
 
 class Source(BaseModel):

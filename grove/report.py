@@ -36,15 +36,13 @@ def format_report(report: dict[str, object], output_path: str) -> str:
     head = (f"Optimized {report.get('model')} -> {output_path}\n"
             f"target: {target.get('device')}/{target.get('provider')} {target.get('precision')}"
             + (f" ({target.get('int4_algorithm')}, block {target.get('block_size')})" if target.get("block_size") else ""))
-    metrics = report.get("metrics") or {}
-    assert isinstance(metrics, dict)
+    metrics, reference = report.get("metrics") or {}, report.get("reference") or {}
+    assert isinstance(metrics, dict) and isinstance(reference, dict)
     if metrics.get("threads"):
         head += f"; timings with {metrics['threads']} threads"
+    head += f"; reference: the {reference.get('precision', 'fp32')} model"
     rows = table_rows(report)
     cols = ["metric", "output", "reference", "ratio"]
-    reference = report.get("reference") or {}
-    assert isinstance(reference, dict)
-    head += f"; reference: the {reference.get('precision', 'fp32')} model"
     cells = [[_fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]

@@ -66,12 +66,11 @@ class AutoOptRequest(BaseModel):
             problems.append(f"--int4_algorithm {self.int4_algorithm} is for CPU graphs; on gpu use 'builder'")
         if self.precision != "int4" and self.int4_algorithm is not None:
             problems.append(f"--int4_algorithm applies to --precision int4, not {self.precision}")
-        if self.accuracy_level != 4 and (self.precision != "int4" or self.int4_algorithm == "builder"
-                                         or (self.int4_algorithm is None and self.device == "gpu")):
+        algorithm = self.int4_algorithm_used
+        if self.accuracy_level != 4 and algorithm in (None, "builder"):
             problems.append("--accuracy_level applies to Grove's int4 quantizer (--precision int4 on cpu, "
                             "--int4_algorithm affine, rtn, hqq or k_quant)")
-        if self.head_bits != 8 and (self.precision != "int4" or (self.int4_algorithm or "affine") != "affine"
-                                    or (self.int4_algorithm is None and self.device == "gpu")):
+        if self.head_bits != 8 and algorithm != "affine":
             problems.append("--head_bits applies to Grove's affine int4 (--precision int4 on cpu)")
         if self.task not in ("text-generation", "text-generation-with-past"):
             problems.append(f"--task {self.task} is not supported by auto-opt yet; supported: text-generation")
@@ -103,10 +102,18 @@ class AutoOptRequest(BaseModel):
                              placement=self._placement("capture-onnx"))
 
     @property
+    def int4_algorithm_used(self) -> Int4Algorithm | None:
+        """The int4 algorithm this request runs: None unless --precision int4; by default affine on
+        CPU and the builder's own on GPU."""
+        if self.precision != "int4":
+            return None
+        return self.int4_algorithm or ("affine" if self.device == "cpu" else "builder")
+
+    @property
     def int4(self) -> Int4Config | None:
         """The int4 node's config, or None when the builder quantizes (or no int4 is asked)."""
-        algorithm = self.int4_algorithm or ("affine" if self.device == "cpu" else "builder")
-        if self.precision != "int4" or algorithm == "builder":
+        algorithm = self.int4_algorithm_used
+        if algorithm in (None, "builder"):
             return None
         return Int4Config(algorithm=algorithm, block_size=self.block_size, symmetric=self.symmetric,
                           accuracy_level=self.accuracy_level, placement=self._placement("quantize-int4"),
@@ -123,8 +130,7 @@ class AutoOptRequest(BaseModel):
     @property
     def package(self) -> PackageConfig:
         int4 = self.int4
-        algorithm = int4.algorithm if int4 else ("builder" if self.precision == "int4" else None)
         return PackageConfig(model=self.model_name_or_path, placement=self._placement("package-genai"),
                              reference_precision=self.reference_capture.precision, target={
             "device": self.device, "provider": self.execution_provider, "precision": self.precision,
-            "int4_algorithm": algorithm, "block_size": int4.block_size if int4 else None})
+            "int4_algorithm": self.int4_algorithm_used, "block_size": int4.block_size if int4 else None})

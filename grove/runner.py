@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grove.errors import InvalidRequest
-from grove.request import AutoOptRequest
+from grove.request import EP_SHORT, AutoOptRequest
 from grove.request_encoder import EncoderOptRequest
 from grove.store import ArtifactStore
 
@@ -53,7 +53,7 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, path: str = "decoder"
             raise InvalidRequest(f"--eval_data {request.eval_data} cannot be read as UTF-8 text ({exc})") from exc
 
 
-_EP_NAMES = {"cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
+_EP_NAMES = {short: name for name, short in EP_SHORT.items()}
 
 
 def _check_provider(provider: str, path: str) -> None:

@@ -139,7 +139,7 @@ class _Rewriter:
         self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
                       if v.type.tensor_type.HasField("shape")}
         self.quantized: dict[str, QuantizedWeight] = {}
-        self.ready: dict[str, QuantizedWeight] = {}  # quantized ahead by quantize_all, not registered yet
+        self.ready: dict[str, QuantizedWeight] = {}  # quantized, not necessarily registered in the graph
         self.blocksums: dict[str, str] = {}  # input tensor -> its blocksum tensor
         self.new_inits: list[TensorProto] = []
         self.nodes: list[onnx.NodeProto] = []
@@ -167,6 +167,12 @@ class _Rewriter:
         bits = self.head_bits if name in self.head_weights else 4
         return quantize_weight(numpy_helper.to_array(self.inits[name]), self.bs, self.mode, bits)
 
+    def quantized_weight(self, name: str) -> QuantizedWeight:
+        """Weight ``name`` quantized (ahead by quantize_all, or now), not registered in the graph."""
+        if name not in self.ready:
+            self.ready[name] = self._quantize_weight(name)
+        return self.ready[name]
+
     def quantize_all(self, names: list[str]) -> None:
         """Quantize these weights ahead, on every CPU: numpy releases the GIL in the array work, so
         threads divide the node's time (SmolLM2: 151 weights)."""
@@ -188,7 +194,7 @@ class _Rewriter:
     def quantize(self, name: str) -> QuantizedWeight:
         """Quantize (once) and register the MatMulNBits initializers of weight ``name``."""
         if name not in self.quantized:
-            qw = self.ready.get(name) or self._quantize_weight(name)
+            qw = self.quantized_weight(name)
             self.add_init(name + "_qweight", qw.packed)
             self.add_init(name + "_scales", qw.scales)
             if qw.zero_points is not None:
@@ -247,13 +253,13 @@ class _Rewriter:
             if mm.input[1] not in self.head_weights:
                 by_input.setdefault(mm.input[0], []).append(mm)
         return {f"{members[0].input[1]}.fused{len(members)}": members for members in by_input.values()
-                if len(members) > 1 and len({self.inits[m.input[1]].dims[0] for m in members}) == 1}
+                if len(members) > 1}
 
     def rewrite_fused(self, name: str, members: list[onnx.NodeProto]) -> None:
         """One MatMulNBits over the members' weights concatenated along N, split back into their
         outputs. Each weight is quantized on its own (blocks run along K, so concatenating the
         quantized pieces equals quantizing the concatenation) and no fp32 copy is made."""
-        parts = [self.ready.get(m.input[1]) or self._quantize_weight(m.input[1]) for m in members]
+        parts = [self.quantized_weight(m.input[1]) for m in members]
         self.ready[name] = QuantizedWeight(
             np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
             None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts]),

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import task
 from pydantic import Field
 
-from grove.artifacts import Artifact, Device, StepConfig
+from grove.artifacts import Artifact, MeasureConfig
 from grove.errors import InvalidRequest, ParityError
 from grove.node import RECIPE_CACHE, node_logger, report_progress, run_node
 from tasks import _decoder_io as dio
@@ -24,7 +24,7 @@ __all__ = ["EvalConfig", "evaluate", "fingerprint_text"]
 PREDICTIONS = "predictions.json"
 
 
-class EvalConfig(StepConfig):
+class EvalConfig(MeasureConfig):
     NODE = "evaluate"
     VERSION = 2  # 2: measured in onnxruntime-genai with an explicit thread count; parity over the text
     text: str = Field(dio.BUILTIN_TEXT, description="perplexity text: 'builtin:GPL-3' (shipped with Grove, same "
@@ -34,16 +34,10 @@ class EvalConfig(StepConfig):
     ppl_chunk: int = Field(512, ge=8, description="tokens per chunk, each scored from an empty KV cache")
     prompt: str = Field("What is machine learning?", description="user message for the sample and timings")
     new_tokens: int = Field(64, ge=1, description="greedy tokens generated for the decode timing")
-    provider: Literal["cpu", "cuda", "dml"] = Field("cpu", description="execution provider to measure on")
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads for every measurement; None: "
                                 "the CPUs this process may use (as many as the PyTorch baseline in bench/ uses)")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="fail if top-1 agreement with the "
                                              "reference over the text falls below this (None: report only)")
-
-    @property
-    def device(self) -> Device | None:
-        """Measuring on CUDA or DirectML needs a GPU box; on the CPU provider, any pool will do."""
-        return self.placement or ("gpu" if self.provider != "cpu" else None)
 
 
 @task(name="fingerprint-text", persist_result=False)
@@ -93,7 +87,7 @@ def _agreement(mine: dict[str, Any], reference: dict[str, Any], config: EvalConf
     agreement = round(sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(ours), 4)
     node_logger().info("top-1 agreement with the reference: %.3f over %d positions", agreement, len(ours))
     if config.min_top1_agreement is not None and agreement < config.min_top1_agreement:
-        raise ParityError("top-1 agreement with fp32", agreement, config.min_top1_agreement,
+        raise ParityError("top-1 agreement with the reference", agreement, config.min_top1_agreement,
                           f"over the {len(ours)} scored positions of {config.text}")
     return agreement
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from prefect import task
 from pydantic import Field
 
-from grove.artifacts import Artifact, Device, StepConfig
+from grove.artifacts import Artifact, MeasureConfig
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from tasks import _encoder_io as eio
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["EncoderEvalConfig", "evaluate_encoder", "latency_stats"]
 
 
-class EncoderEvalConfig(StepConfig):
+class EncoderEvalConfig(MeasureConfig):
     NODE = "evaluate-encoder"
     VERSION = 1
     batch_size: int = Field(1, ge=1, le=256, description="rows per timed call")
@@ -33,14 +33,8 @@ class EncoderEvalConfig(StepConfig):
     warmup: int = Field(10, ge=0, description="untimed calls first (allocations, thread pools)")
     repeat: int = Field(100, ge=5, description="timed calls")
     threads: int = Field(2, ge=1, le=256, description="onnxruntime intra-op threads (and torch threads)")
-    provider: Literal["cpu", "cuda", "dml"] = Field("cpu", description="execution provider to measure on")
     labelled_data: str | None = Field(None, description="classifiers: local CSV or JSONL with text,label columns")
     labelled_sha256: str = Field("", description="sha256 of labelled_data (part of the recipe)")
-
-    @property
-    def device(self) -> Device | None:
-        """Measuring on CUDA or DirectML needs a GPU box; on the CPU provider, any pool will do."""
-        return self.placement or ("gpu" if self.provider != "cpu" else None)
 
 
 @task(name="evaluate-encoder", cache_policy=RECIPE_CACHE)
