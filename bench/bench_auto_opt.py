@@ -2,16 +2,19 @@
 the same run. Prints JSON and a table; exits 0 whatever the figures (bars are reported, not
 asserted).
 
-    .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-h4 rtn rtn-sym hqq] [--cold 2] [--rounds 3]
+    .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-h4 rtn rtn-sym hqq] [--cold 2] [--rounds 3] [--repeats 3]
                                              [--json out.json]
 
 Measures: wall time of cold runs (each on an empty store; the local Prefect server already up,
 its own start time reported apart) and of an identical rerun; int4 size vs fp32; perplexity
 fp32 vs int4; one row per int4 algorithm; and prefill ms / decode tokens/s of PyTorch fp32
 (transformers generate) and of every int4 output (onnxruntime-genai), same prompt, same greedy
-token count, same thread count. Decode is timed ``--rounds`` times, each runtime alone in a fresh
-process, in turn, and the median is reported: on a shared machine a single timing swings by
-+-30% (measured here), and runtimes timed in one process disturb each other.
+token count, same thread count. Each runtime is timed alone in a fresh process (runtimes timed in
+one process disturb each other), ``--repeats`` generations after a warm-up, median; this is done
+``--rounds`` times, the order rotating every round, and the median over rounds is reported. On
+this shared machine a single 64-token timing swings by +-30%, and the process started right after
+PyTorch's decoded ~15% slower than the same model later in the round (measured: 92 vs 107 tok/s),
+so a fixed order would charge that to whichever runtime comes second.
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ def _grove(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def _time_torch(hf_dir: Path, threads: int) -> dict[str, float]:
+def _median_of(timings: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(t[key] for t in timings) for key in ("prefill_ms", "decode_tok_s")}
+
+
+def _time_torch(hf_dir: Path, threads: int, repeats: int) -> dict[str, float]:
     """PyTorch fp32 greedy decode of NEW_TOKENS tokens, the way genai is timed (after a warm-up)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,29 +64,38 @@ def _time_torch(hf_dir: Path, threads: int) -> dict[str, float]:
                                   return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
-        t0 = time.perf_counter()
-        model(ids)
-        prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        total = time.perf_counter() - t0
-    return {"prefill_ms": prefill * 1000, "decode_tok_s": (NEW_TOKENS - 1) / (total - prefill)}
+        timings = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(ids)
+            prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            total = time.perf_counter() - t0
+            timings.append({"prefill_ms": prefill * 1000, "decode_tok_s": (NEW_TOKENS - 1) / (total - prefill)})
+    return _median_of(timings)
 
 
-def _time_genai(model_dir: Path, threads: int) -> dict[str, float]:
+def _time_genai(model_dir: Path, threads: int, repeats: int) -> dict[str, float]:
     from tasks import _decoder_io as dio
 
-    timing = dio.generation_timing(model_dir, PROMPT, NEW_TOKENS, "cpu", dio.genai_model(model_dir, "cpu", threads))
-    return {"prefill_ms": float(timing["prefill_ms"]), "decode_tok_s": float(timing["decode_tok_s"])}  # type: ignore[arg-type]
+    model = dio.genai_model(model_dir, "cpu", threads)
+    timings = [dio.generation_timing(model_dir, PROMPT, NEW_TOKENS, "cpu", model) for _ in range(repeats)]
+    return _median_of([{k: float(t[k]) for k in ("prefill_ms", "decode_tok_s")} for t in timings])  # type: ignore[arg-type]
 
 
-def _alternate(targets: dict[str, tuple[str, Path]], rounds: int, threads: int) -> dict[str, dict[str, float]]:
-    """Median prefill / decode of each target over ``rounds``, each timed alone in a fresh process."""
+def _alternate(targets: dict[str, tuple[str, Path]], rounds: int, threads: int,
+               repeats: int) -> dict[str, dict[str, float]]:
+    """Median prefill / decode of each target over ``rounds``, each timed alone in a fresh process,
+    the order rotated every round (no target always follows the same one)."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-    for _ in range(rounds):
-        for name, (kind, path) in targets.items():
-            out = subprocess.run([sys.executable, __file__, "--child", kind, str(path), "--threads", str(threads)],
-                                 capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    names = list(targets)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            kind, path = targets[name]
+            out = subprocess.run([sys.executable, __file__, "--child", kind, str(path), "--threads", str(threads),
+                                  "--repeats", str(repeats)], capture_output=True, text=True, check=True,
+                                 cwd=ROOT).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
     return {name: {key: round(statistics.median(r[key] for r in rs), 2) for key in ("prefill_ms", "decode_tok_s")}
             | {"decode_tok_s_runs": [round(r["decode_tok_s"], 1) for r in rs]}  # type: ignore[dict-item]
@@ -95,6 +111,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # KIND PATH: time one runtime, print JSON
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per process (median)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from tasks._decoder_io import available_cpus
@@ -102,7 +119,7 @@ def main() -> int:
     threads = args.threads or available_cpus()
     if args.child:
         kind, path = args.child
-        print(json.dumps((_time_torch if kind == "torch" else _time_genai)(Path(path), threads)))
+        print(json.dumps((_time_torch if kind == "torch" else _time_genai)(Path(path), threads, args.repeats)))
         return 0
 
     from bench._machine import machine
@@ -139,7 +156,7 @@ def main() -> int:
                      "top1": r["metrics"]["top1_agreement"], "run_s": round(seconds, 1)})
     hf_dir = next((work / "store-0" / "artifacts" / "download-model").iterdir())
     timed = _alternate({"torch fp32": ("torch", hf_dir)} | {n: ("genai", p) for n, p in outputs.items()},
-                       args.rounds, threads)
+                       args.rounds, threads, args.repeats)
     torch_fp32 = timed["torch fp32"]
     for row in rows:
         t = timed[str(row["algorithm"])]
