@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -113,3 +114,26 @@ def test_fast_gguf_reader_reads_what_gguf_reads(tmp_path: Path) -> None:
     assert fast.fields["tokenizer.ggml.tokens"].contents()[:4] == ["<s>", "é", "", "hello world"]
     assert [(t.name, t.data_offset) for t in fast.tensors] == [(t.name, t.data_offset) for t in stock.tensors]
     assert np.array_equal(fast.tensors[0].data, stock.tensors[0].data)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_grouped_dequantize_equals_gguf(qtype: str) -> None:
+    """The larger row groups used during a GGUF conversion give gguf's own values, bit for bit,
+    including a last group shorter than the others (rows not a multiple of the group)."""
+    import gguf
+    import gguf.quants as gq
+    import numpy as np
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    values = np.random.default_rng(0).standard_normal((1000, 96)).astype(np.float32)
+    packed = gq.quantize(values, kind)
+    want = gq.dequantize(packed, kind)
+    stock = gq._apply_over_grouped_rows
+    try:
+        gq._apply_over_grouped_rows = functools.partial(_sources.apply_over_row_groups, group_bytes=4096)
+        got = gq.dequantize(packed, kind)
+    finally:
+        gq._apply_over_grouped_rows = stock
+    assert got.shape == want.shape == values.shape
+    assert np.array_equal(got, want)
+    assert np.abs(got - values).max() < 0.6  # and it is a dequantization of the values
