@@ -19,9 +19,21 @@ __all__ = ["entry", "main"]
 
 _LOG_LEVELS = {0: "DEBUG", 1: "INFO", 2: "WARNING", 3: "ERROR", 4: "CRITICAL"}
 
+# Olive commands of the tutorial that Grove does not have: what to do instead.
+_NOT_IN_GROVE = {
+    "finetune": "Olive's LoRA fine-tuning is not in this version of Grove, which optimizes existing models: "
+                "fine-tune with Olive or PEFT, merge the adapter, then run 'grove auto-opt -m <merged model folder>'",
+    "run": "Olive's workflow configs (--config JSON) are not read by this version of Grove: the same steps are "
+           "'grove auto-opt' flags (see 'grove auto-opt --help'); for many models x targets, 'grove fleet refresh "
+           "<manifest.yaml>'",
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _NOT_IN_GROVE:
+        parser.exit(2, f"grove: error: 'grove {argv[0]}': {_NOT_IN_GROVE[argv[0]]}\n")
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()

@@ -22,16 +22,31 @@ def _request(model: Path, out: Path, store: str, **kw: object) -> AutoOptRequest
 
 
 def _task_states(state) -> dict[str, list[str]]:  # noqa: ANN001
+    """{node name: [state name of each of its task runs]} of the flow run behind ``state``.
+
+    The server records task runs from events sent asynchronously, so right after a flow returns a
+    run can still be missing or not final: read until two reads agree and every state is final.
+    """
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    previous: dict[str, list[str]] | None = None
+    deadline = time.monotonic() + 30
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    states: dict[str, list[str]] = {}
-    for run in runs:
-        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name if run.state else "?")
-    return states
+        while True:
+            states: dict[str, list[str]] = {}
+            final = True
+            for run in client.read_task_runs(flow_run_filter=flow_run):
+                states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name if run.state else "?")
+                final = final and run.state is not None and run.state.is_final()
+            states = {name: sorted(names) for name, names in states.items()}
+            if (final and states == previous) or time.monotonic() > deadline:
+                return states
+            previous = states
+            time.sleep(0.3)
 
 
 def _hashes(folder: Path) -> dict[str, str]:

@@ -58,3 +58,18 @@ def test_bad_input_fails_cleanly(case: str, tmp_path: Path, tiny_dir, store: str
     assert "Traceback" not in result.stderr
     assert not out.exists(), "nothing may be written at the output path"
     assert not Path(store).exists() or not any(Path(store).rglob("manifest.json"))
+
+
+@pytest.mark.parametrize(("command", "hint"), [("finetune", "grove auto-opt -m <merged model folder>"),
+                                               ("run", "grove fleet refresh")])
+def test_tutorial_commands_grove_lacks_say_what_to_do(command: str, hint: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The tutorial's `olive finetune` / `olive run --config` typed as grove: one line naming what
+    is missing and what to run instead, exit 2 (not argparse's bare 'invalid choice')."""
+    from grove.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--config", "config.json"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"grove: error: 'grove {command}'") and hint in err and err.count("\n") == 1
