@@ -2,7 +2,7 @@
 the same run. Prints JSON and a table; exits 0 whatever the figures (bars are reported, not
 asserted).
 
-    .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-h4 rtn rtn-sym hqq] [--cold 2] [--rounds 3] [--repeats 3]
+    .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-h4 rtn rtn-sym hqq] [--cold 2] [--rounds 3] [--repeats 3] [--keep]
                                              [--json out.json]
 
 Measures: wall time of cold runs (each on an empty store; the local Prefect server already up,
@@ -25,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -112,6 +113,7 @@ def main() -> int:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # KIND PATH: time one runtime, print JSON
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per process (median)")
+    parser.add_argument("--keep", action="store_true", help="keep the stores and outputs (deleted by default)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from tasks._decoder_io import available_cpus
@@ -122,10 +124,20 @@ def main() -> int:
         print(json.dumps((_time_torch if kind == "torch" else _time_genai)(Path(path), threads, args.repeats)))
         return 0
 
+    work = Path(tempfile.mkdtemp(prefix="grove-bench-"))
+    try:
+        return _bench(args, threads, work)
+    finally:
+        if args.keep:
+            print(f"\noutputs, stores and models kept in {work}")
+        else:  # two cold stores and four outputs: ~4 GB per run
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(args: argparse.Namespace, threads: int, work: Path) -> int:
     from bench._machine import machine
     from grove.server import ensure_api, server_status
 
-    work = Path(tempfile.mkdtemp(prefix="grove-bench-"))
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     t0 = time.perf_counter()
     was_up = server_status() is not None
