@@ -23,9 +23,9 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 import time
 from pathlib import Path

@@ -258,8 +258,9 @@ class _Rewriter:
     def rewrite_fused(self, name: str, members: list[onnx.NodeProto]) -> None:
         """One MatMulNBits over the members' weights concatenated along N, split back into their
         outputs. Each weight is quantized on its own (blocks run along K, so concatenating the
-        quantized pieces equals quantizing the concatenation) and no fp32 copy is made."""
-        parts = [self.quantized_weight(m.input[1]) for m in members]
+        quantized pieces equals quantizing the concatenation) and no fp32 copy is made; the pieces
+        leave ``ready`` once concatenated (a weight also read elsewhere is quantized again there)."""
+        parts = [self.ready.pop(m.input[1], None) or self._quantize_weight(m.input[1]) for m in members]
         self.ready[name] = QuantizedWeight(
             np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
             None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts]),
