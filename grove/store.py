@@ -236,7 +236,9 @@ class ArtifactStore:
     # -- Prefect result records -------------------------------------------------------------
     @property
     def results_uri(self) -> str:
-        return f"{self.uri}/prefect-results"
+        """Prefect's result-record folder: a plain path for a local store (Prefect's LocalFileSystem
+        reads 'file:///x' as a relative folder 'file:/x' under the working directory), else the URI."""
+        return f"{self.root}/prefect-results" if self.is_local else f"{self.uri}/prefect-results"
 
     def drop_result_record(self, key: str) -> None:
         path = f"{self.root}/prefect-results/{key}"

@@ -80,3 +80,14 @@ def test_remote_fetch_lands_in_the_local_cache_not_the_working_directory(s3_stor
     _commit(store, _files(tmp_path))
     local = store.fetch("quantize-int4", "d" * 64)
     assert not (tmp_path / "s3:").exists() and local.is_absolute()
+
+
+def test_a_file_uri_store_keeps_prefect_records_inside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from grove.runner import result_storage
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    block = result_storage(f"file://{tmp_path}/store")
+    block.write_path("record", b"x")  # type: ignore[attr-defined]
+    assert (tmp_path / "store" / "prefect-results" / "record").read_bytes() == b"x"
+    assert not any((tmp_path / "cwd").iterdir()), "nothing lands in the working directory"
