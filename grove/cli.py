@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric int4 blocks (rtn)")
     p.add_argument("--accuracy_level", type=int, choices=range(5), help="int4 MatMulNBits compute type: 4 = int8 "
                    "activations (default, fastest on CPU), 0 = fp32 (exact, slower)")
-    p.add_argument("--head_bits", type=int, choices=[4, 8], help="affine int4: bits of the lm_head and embedding "
+    p.add_argument("--head_bits", type=int, choices=[4, 8], help="affine/hqq int4: bits of the lm_head and embedding "
                    "(8, default: near-exact; 4: 10%% smaller, perplexity 1.045x on SmolLM2)")
     p.add_argument("--eval_data", help="decoders: UTF-8 text for perplexity (default: the GPL-3 text shipped with "
                    "Grove); classifiers: CSV/JSONL with text,label for accuracy")

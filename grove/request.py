@@ -42,7 +42,7 @@ class AutoOptRequest(BaseModel):
     symmetric: bool = Field(False, description="symmetric int4 blocks (rtn only)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="int4 MatMulNBits compute type: 4 = int8 "
                                                    "activations (fastest on CPU), 0 = fp32 (exact, slower)")
-    head_bits: Literal[4, 8] = Field(8, description="affine int4: bits of the lm_head and embedding; 8 keeps them "
+    head_bits: Literal[4, 8] = Field(8, description="affine/hqq int4: bits of the lm_head and embedding; 8 keeps them "
                                      "near-exact (SmolLM2: perplexity 1.00x, 4 bits: 1.045x, 10% smaller)")
     eval_data: str | None = Field(None, description="text file for perplexity (default: builtin GPL-3 text)")
     eval_tokens: int = Field(1024, ge=16, description="tokens scored for perplexity (2 chunks of 512)")
@@ -70,8 +70,8 @@ class AutoOptRequest(BaseModel):
         if self.accuracy_level != 4 and algorithm in (None, "builder"):
             problems.append("--accuracy_level applies to Grove's int4 quantizer (--precision int4 on cpu, "
                             "--int4_algorithm affine, rtn, hqq or k_quant)")
-        if self.head_bits != 8 and algorithm != "affine":
-            problems.append("--head_bits applies to Grove's affine int4 (--precision int4 on cpu)")
+        if self.head_bits != 8 and algorithm not in ("affine", "hqq"):
+            problems.append("--head_bits applies to Grove's affine and hqq int4 (--precision int4 on cpu)")
         if self.task not in ("text-generation", "text-generation-with-past"):
             problems.append(f"--task {self.task} is not supported by auto-opt yet; supported: text-generation")
         if problems:

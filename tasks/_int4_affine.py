@@ -16,6 +16,10 @@ Modes:
   tensor (q/k/v, gate/up). Measured on SmolLM2 against an integer zero point kept in
   ``MatMulNBits`` with only the fractional remainder corrected: same perplexity, ~15% faster
   decode.
+* ``hqq``: the same layout and correction, the float zero points refined by HQQ's half-quadratic
+  solver (scales kept). Lower error than min/max on full-precision weights; on a GGUF Q4_1 source,
+  which min/max already fits exactly, the same weights. (onnxruntime's own HQQ writes float zero
+  points into ``MatMulNBits``: its slow CPU path.)
 * ``asym``: integer zero point (true min/max per block), no correction.
 * ``sym``: signed absmax scale, implicit zero point 8, no correction (onnxruntime's RTN).
 
@@ -44,7 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
 
-MODES = ("affine", "asym", "sym")
+MODES = ("affine", "hqq", "asym", "sym")
 EMBEDDINGS = ("gbq", "fp16", "keep")
 _MS = "com.microsoft"
 
@@ -76,6 +80,43 @@ def _minmax_scale(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s, -lo / s
 
 
+def _hqq_zero_points(blocks: np.ndarray, s: np.ndarray, z: np.ndarray, iters: int = 20, p: float = 0.7,
+                     beta: float = 10.0, kappa: float = 1.01) -> np.ndarray:
+    """Refine float zero points by half-quadratic splitting (HQQ, Badri & Shaji 2023), scales fixed.
+
+    Alternates rounding with the zero point that best explains the weights once the error has
+    been passed through an lp (p < 1) shrinkage, so a few outliers stop dragging the whole block's
+    grid. Per block, the zero point with the lowest mean absolute error seen is kept (the min/max
+    start included), so no block ends worse than min/max; iteration stops when no block improves by
+    more than 1e-4 of a step (a GGUF Q4_1 source, which min/max already fits exactly: after two).
+    """
+    inv = (1 / s)[..., None]
+    scaled = blocks * inv  # the weights in grid steps: the loop works there, err is in steps
+    zero = z[..., None].astype(np.float32)
+    best_zero, best_err = zero.copy(), np.full(zero.shape, np.inf, np.float32)
+    for _ in range(iters):
+        q = np.clip(np.rint(scaled + zero), 0, 15)
+        e = scaled - q
+        e += zero  # the error in steps: (w - s * (q - zero)) / s
+        err = np.abs(e).mean(-1, keepdims=True) / inv  # back to weight units, as HQQ compares
+        better = err < best_err - 1e-4 / inv  # gains under 1e-4 of a step are rounding noise
+        if not better.any():
+            break
+        np.copyto(best_zero, zero, where=better)
+        np.copyto(best_err, err, where=better)
+        # lp shrinkage in weight units: |e_w| - |e_w|**(p-1) / beta, e_w = e / inv
+        a = np.abs(e) / inv
+        shrink = np.maximum(a - np.exp(np.float32(p - 1) * np.log(a + np.float32(1e-8))) / np.float32(beta), 0)
+        # zero = mean(q - (w - sign(e) * shrink) * inv) = mean(q - scaled + sign(e) * shrink * inv)
+        shrink *= np.sign(e)
+        shrink *= inv
+        shrink += q
+        shrink -= scaled
+        zero = shrink.mean(-1, keepdims=True)
+        beta *= kappa
+    return best_zero[..., 0]
+
+
 def _quantize_int8(blocks: np.ndarray) -> QuantizedWeight:
     """Symmetric 8 bits, s = absmax / 127 (the GGUF Q8_0 grid), stored with offset 128."""
     s = np.abs(blocks).max(-1) / 127
@@ -103,7 +144,9 @@ def quantize_weight(w: np.ndarray, block_size: int = 32, mode: str = "affine", b
         q = np.clip(np.rint(blocks / s[..., None]), -8, 7) + 8
         return QuantizedWeight(_pack_nibbles(q.astype(np.uint8)), s, None, None)
     s, z = _minmax_scale(blocks)
-    if mode == "affine":  # the exact float z: no stored zero point (implicit 8), the rest in C
+    if mode == "hqq":
+        z = _hqq_zero_points(blocks, s, z)
+    if mode in ("affine", "hqq"):  # the float z: no stored zero point (implicit 8), the rest in C
         q = np.clip(np.rint(blocks / s[..., None] + z[..., None]), 0, 15)
         corr = (s * (8 - z)).T.astype(np.float32)
         return QuantizedWeight(_pack_nibbles(q.astype(np.uint8)), s, None, corr)

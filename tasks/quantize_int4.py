@@ -23,20 +23,22 @@ INT4_ALGORITHMS: tuple[str, ...] = ("affine", "rtn", "hqq", "k_quant", "builder"
 
 class Int4Config(StepConfig):
     NODE = "quantize-int4"
-    VERSION = 3  # 2: affine keeps no zero point in MatMulNBits; the whole s * (8 - z) goes to the correction;
-    # 3: affine fuses MatMuls that read the same tensor (gate/up) into one MatMulNBits + Split
+    VERSION = 4  # 2: affine keeps no zero point in MatMulNBits; the whole s * (8 - z) goes to the correction;
+    # 3: affine fuses MatMuls that read the same tensor (gate/up) into one MatMulNBits + Split;
+    # 4: hqq is Grove's (HQQ zero points on the affine layout) instead of onnxruntime's float-zero-point graph
     algorithm: Int4Algorithm = Field(
         "affine",
         description="affine: min/max blocks with a float zero point, run on the zero-point-free integer kernel "
-        "plus a block-sum correction (Grove); rtn: onnxruntime round-to-nearest; hqq: half-quadratic (accurate, slow "
-        "CPU kernel); k_quant: onnxruntime k-quant; builder: onnxruntime-genai builder's own int4",
+        "plus a block-sum correction (Grove); hqq: the same layout with zero points refined by half-quadratic "
+        "optimization (HQQ; lower error than min/max on full-precision weights, slower to quantize); rtn: "
+        "onnxruntime round-to-nearest; k_quant: onnxruntime k-quant; builder: onnxruntime-genai builder's own int4",
     )
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weights per quantization block; "
                                                       "smaller = more accurate, larger file")
     symmetric: bool = Field(False, description="symmetric blocks (no zero point); rtn only")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type; 4 = int8 "
                                                    "activations, fastest on CPU")
-    head_bits: Literal[4, 8] = Field(8, description="affine only: bits for the embedding and lm_head; 8 keeps "
+    head_bits: Literal[4, 8] = Field(8, description="affine and hqq: bits for the embedding and lm_head; 8 keeps "
                                      "them near-lossless (llama.cpp keeps its output layer at higher precision for "
                                      "the same reason); 4 is 10% smaller")
 
@@ -44,8 +46,8 @@ class Int4Config(StepConfig):
     def _check(self) -> Int4Config:
         if self.symmetric and self.algorithm not in ("rtn", "builder"):
             raise ValueError(f"symmetric=True applies to rtn only; {self.algorithm} chooses its own zero points")
-        if self.head_bits != 8 and self.algorithm != "affine":
-            raise ValueError(f"head_bits applies to the affine algorithm only, not {self.algorithm}")
+        if self.head_bits != 8 and self.algorithm not in ("affine", "hqq"):
+            raise ValueError(f"head_bits applies to the affine and hqq algorithms only, not {self.algorithm}")
         return self
 
 
@@ -62,12 +64,13 @@ def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, ob
     for f in src.iterdir():
         if f.is_file() and not f.name.startswith("model.onnx") and f.name != "manifest.json":
             shutil.copy2(f, out / f.name)
-    if config.algorithm == "affine":
+    if config.algorithm in ("affine", "hqq"):
         from tasks import _int4_affine
 
         # fp16 correction terms: the same perplexity as fp32 ones, half their size (measured)
-        _int4_affine.quantize(src, out, block_size=config.block_size, correction_dtype="float16",
-                              head_bits=config.head_bits, accuracy_level=config.accuracy_level)
+        _int4_affine.quantize(src, out, block_size=config.block_size, mode=config.algorithm,
+                              correction_dtype="float16", head_bits=config.head_bits,
+                              accuracy_level=config.accuracy_level)
         stats = {"head_bits": config.head_bits}
     else:
         stats = _quantize_ort(src / "model.onnx", out / "model.onnx", config)
@@ -80,9 +83,7 @@ def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     algo: mnq.WeightOnlyQuantConfig
-    if config.algorithm == "hqq":
-        algo = mnq.HQQWeightOnlyQuantConfig(block_size=config.block_size)
-    elif config.algorithm == "k_quant":
+    if config.algorithm == "k_quant":
         algo = mnq.KQuantWeightOnlyQuantConfig()
     else:
         algo = mnq.DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,

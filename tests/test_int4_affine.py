@@ -36,6 +36,25 @@ def test_affine_reproduces_q4_1_weights_exactly() -> None:
     assert np.abs(asym - w).max() > 100 * np.abs(affine - w).max(), "an integer zero point cannot hold m / d"
 
 
+def test_hqq_keeps_q4_1_weights_exact_and_lowers_the_error_of_other_weights() -> None:
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, size=(N, K // BLOCK, BLOCK)).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.uniform(0.001, 0.05, size=(N, K // BLOCK, 1)).astype(np.float32)
+    q4_1 = (d * q - 0.2).reshape(N, K).T.copy()
+    assert np.abs(int4.dequantize(int4.quantize_weight(q4_1, BLOCK, "hqq"), BLOCK) - q4_1).max() < 1e-6
+
+    # Heavy-tailed weights (Student t, 3 degrees of freedom), as trained weights are: HQQ's
+    # zero points cut the layer's output error, and no block's error grows.
+    w = (rng.standard_t(3, size=(576, 256)) * 0.03).astype(np.float32)
+    x = rng.normal(0, 1, size=(64, 576)).astype(np.float32)
+    err = {mode: int4.dequantize(int4.quantize_weight(w, BLOCK, mode), BLOCK) - w for mode in ("affine", "hqq")}
+    block_mae = {mode: np.abs(_blocks_of(e)).mean(-1) for mode, e in err.items()}
+    out = {mode: np.linalg.norm(x @ e) for mode, e in err.items()}
+    assert (block_mae["hqq"] <= block_mae["affine"] * (1 + 1e-6)).all()
+    assert out["hqq"] < 0.97 * out["affine"], out
+
+
 # Error bound in grid steps: half a step, plus what rounding the zero point (asym) or clipping the
 # absmax side's opposite end at +7 (sym, onnxruntime's RTN convention) adds.
 @pytest.mark.parametrize(("mode", "bits", "bound"), [("affine", 4, 0.5), ("asym", 4, 1.0), ("sym", 4, 1.0),
@@ -76,8 +95,8 @@ def _model(path: Path, weights: dict[str, np.ndarray]) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path / "model.onnx"))
 
 
-@pytest.mark.parametrize("head_bits", [8, 4])
-def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, head_bits: int) -> None:
+@pytest.mark.parametrize(("mode", "head_bits"), [("affine", 8), ("affine", 4), ("hqq", 8)])
+def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, mode: str, head_bits: int) -> None:
     import onnxruntime as ort
 
     rng = np.random.default_rng(2)
@@ -86,7 +105,8 @@ def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, h
                "head": rng.normal(0, 0.1, (K, V))}
     weights = {k: v.astype(np.float32) for k, v in weights.items()}
     _model(tmp_path / "fp32", weights)
-    int4.quantize(tmp_path / "fp32", tmp_path / "int4", block_size=BLOCK, head_bits=head_bits, accuracy_level=0)
+    int4.quantize(tmp_path / "fp32", tmp_path / "int4", block_size=BLOCK, mode=mode, head_bits=head_bits,
+                  accuracy_level=0)
     ids = np.array([[3, 0, 39, 7, 7]], np.int64)
     x = rng.normal(0, 1, (1, 5, K)).astype(np.float32)
 
@@ -96,7 +116,7 @@ def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, h
     ops = {n.op_type for n in model.graph.node}
 
     def deq(w: np.ndarray, bits: int) -> np.ndarray:  # [K, N] as the quantizer stores it
-        return int4.dequantize(int4.quantize_weight(w, BLOCK, "affine", bits), BLOCK)
+        return int4.dequantize(int4.quantize_weight(w, BLOCK, mode, bits), BLOCK)
 
     embed = deq(weights["embed"].T.copy(), head_bits).T  # quantized along K, like a tied lm_head
     w1, w2, w3 = (deq(weights[w], 4) for w in ("w1", "w2", "w3"))

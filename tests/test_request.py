@@ -31,12 +31,14 @@ def test_int4_flags_reach_the_quantizer_and_only_it() -> None:
         "on GPU the builder quantizes during capture"
 
 
-def test_head_bits_default_to_8_and_4_is_affine_only() -> None:
+def test_head_bits_default_to_8_and_4_is_affine_or_hqq_only() -> None:
     int4 = AutoOptRequest(model_name_or_path="m", output_path="o").int4
     assert int4 is not None and (int4.algorithm, int4.head_bits) == ("affine", 8)
     int4 = AutoOptRequest(model_name_or_path="m", output_path="o", head_bits=4).int4
     assert int4 is not None and int4.head_bits == 4
-    with pytest.raises(ValidationError, match="--head_bits applies to Grove's affine int4"):
+    int4 = AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="hqq", head_bits=4).int4
+    assert int4 is not None and (int4.algorithm, int4.head_bits) == ("hqq", 4)
+    with pytest.raises(ValidationError, match="--head_bits applies to Grove's affine and hqq int4"):
         AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="rtn", head_bits=4)
 
 
