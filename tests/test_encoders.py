@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from grove.artifacts import Artifact, recipe_digest
@@ -76,9 +77,13 @@ def test_minilm_fp32_int8_fp16_match_sentence_transformers(minilm: dict[str, Art
     int8 = quantize_int8.fn(fp32, Int8Config.cpu())
     fp16 = convert_fp16.fn(fp32, Fp16Config())
 
-    # Everything fused: nothing of the 6 layers is left as plain MatMul/Softmax/Erf/LayerNormalization.
+    # Everything fused: nothing of the 6 layers is left as plain MatMul/Softmax/Erf; the 12
+    # SkipLayerNormalizations are then written as Sum + LayerNormalization (faster on CPU).
     assert minilm["fp32"].metrics["fusions"] == {"EmbedLayerNormalization": 1, "Attention": 6, "BiasGelu": 6,
                                                  "SkipLayerNormalization": 12}
+    ops = [n.op_type for n in onnx.load(str(_dir(fp32) / "model.onnx")).graph.node]
+    assert (ops.count("Sum"), ops.count("LayerNormalization"), ops.count("SkipLayerNormalization")) == (12, 12, 0)
+    assert minilm["fp32"].metrics["skip_layer_norm_split"] == 12
     for artifact, limit in ((fp32, FP32_MIN_COSINE), (int8, INT8_MIN_COSINE), (fp16, FP16_MIN_COSINE)):
         cosine = eio.cosine_rows(_embed(artifact, texts), reference)
         assert cosine.mean() >= limit, f"{artifact.node}: mean cosine {cosine.mean():.5f} < {limit}"
