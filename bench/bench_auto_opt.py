@@ -5,8 +5,9 @@ asserted).
     .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-h4 rtn rtn-sym hqq] [--cold 2] [--rounds 3] [--repeats 3] [--keep]
                                              [--json out.json]
 
-Measures: wall time of cold runs (each on an empty store; the local Prefect server already up,
-its own start time reported apart) and of an identical rerun; int4 size vs fp32; perplexity
+Measures: wall time of cold runs (each on an empty store; the local Prefect server and the warm
+runner already up, their start times reported apart, and one cold run in its own process,
+GROVE_WARM=0, beside) and of an identical rerun; int4 size vs fp32; perplexity
 fp32 vs int4; one row per int4 algorithm; and prefill ms / decode tokens/s of PyTorch fp32
 (transformers generate) and of every int4 output (onnxruntime-genai), same prompt, same greedy
 token count, same thread count. Each runtime is timed alone in a fresh process (runtimes timed in
@@ -144,11 +145,21 @@ def _bench(args: argparse.Namespace, threads: int, work: Path) -> int:
     env["PREFECT_API_URL"] = ensure_api()
     server_start = 0.0 if was_up else time.perf_counter() - t0
 
+    # The warm runner (grove/warm.py), like the server, is started once and reused by later runs:
+    # its start is reported apart, and one cold run in its own process (GROVE_WARM=0) beside.
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "grove.cli", "server", "start"], env=env, cwd=ROOT, check=True,
+                   capture_output=True)
+    warm_start = time.perf_counter() - t0
+
     base = ["-m", SMOLLM2, "--device", "cpu", "--provider", "CPUExecutionProvider", "--use_ort_genai",
             "--precision", "int4", "--log_level", "3"]
-    results: dict[str, object] = {"machine": machine(), "threads": threads, "server_start_s": round(server_start, 2)}
+    results: dict[str, object] = {"machine": machine(), "threads": threads, "server_start_s": round(server_start, 2),
+                                  "warm_runner_start_s": round(warm_start, 2)}
     colds = [_grove([*base, "-o", str(work / f"cold-{i}")], {**env, "GROVE_STORE": str(work / f"store-{i}")})
              for i in range(args.cold)]
+    results["cold_own_process_s"] = round(_grove([*base, "-o", str(work / "cold-own")], {
+        **env, "GROVE_STORE": str(work / "store-own"), "GROVE_WARM": "0"}), 2)
     env["GROVE_STORE"] = str(work / "store-0")
     out = work / "cold-0"
     results["cold_s"] = round(statistics.median(colds), 2)
@@ -200,8 +211,8 @@ def _bench(args: argparse.Namespace, threads: int, work: Path) -> int:
 
 def _table(results: dict[str, object], rows: list[dict[str, object]]) -> None:
     print("\nmeasure                         value")
-    for key in ("machine", "threads", "server_start_s", "cold_s", "cold_runs_s", "rerun_s", "size_mb", "perplexity",
-                "torch_fp32"):
+    for key in ("machine", "threads", "server_start_s", "warm_runner_start_s", "cold_s", "cold_runs_s",
+                "cold_own_process_s", "rerun_s", "size_mb", "perplexity", "torch_fp32"):
         print(f"{key:<31} {results[key]}")
     print("\nalgorithm  size_mb  ppl      ppl/fp32  top1    prefill ms  decode tok/s  x torch  run s")
     for r in rows:

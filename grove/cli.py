@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from grove import __version__
 
-__all__ = ["entry", "main"]
+__all__ = ["entry", "main", "wind_down"]
 
 _LOG_LEVELS = {0: "DEBUG", 1: "INFO", 2: "WARNING", 3: "ERROR", 4: "CRITICAL"}
 
@@ -42,16 +42,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The console script: ``main``, then exit without the interpreter's teardown. Once the report
-    is printed and the exit handlers have run (Prefect's flush logs and events to the API), nothing
-    is left to do, yet unloading torch, onnxruntime and Prefect took ~1.8 s after a cold auto-opt
-    here (0.5 s after a cached one)."""
-    code = main()
-    atexit._run_exitfuncs()  # what a normal exit runs first: Prefect's log and event flushes
+    """The console script: ``main`` (``auto-opt`` in a fork of the warm runner, see grove/warm.py),
+    then exit without the interpreter's teardown. Once the report is printed and the exit handlers
+    have run (Prefect's flush logs and events to the API), nothing is left to do, yet unloading
+    torch, onnxruntime and Prefect took ~1.8 s after a cold auto-opt here (0.5 s after a cached one)."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["auto-opt"] and not {"-h", "--help"} & set(argv):
+        from grove import warm
+
+        code = warm.run(argv) if warm.enabled() else None
+        if code is not None:
+            os._exit(code)
+    code = main(argv)
+    wind_down()
+    os._exit(code)
+
+
+def wind_down() -> None:
+    """What a normal exit runs before unloading modules: exit handlers (Prefect's log and event
+    flushes), logging shutdown, stream flushes."""
+    atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="fail if top-1 agreement with the fp32 model is lower than this")
     p.set_defaults(run=_auto_opt)
 
-    s = sub.add_parser("server", help="the local Prefect server that grove starts on demand")
+    s = sub.add_parser("server", help="the local Prefect server and warm runner that grove starts on demand")
     s.add_argument("action", choices=["status", "start", "stop"])
     s.set_defaults(run=_server)
 
@@ -134,6 +147,12 @@ def _auto_opt(args: argparse.Namespace) -> int:
     handler.setFormatter(_RunFormatter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("grove").setLevel(_LOG_LEVELS[args.log_level])
+    if "prefect.context" in sys.modules:  # imported before these settings (the warm runner): re-read them
+        import prefect.context
+        import prefect.logging.configuration
+
+        prefect.context.refresh_global_settings_context()
+        prefect.logging.configuration.setup_logging(incremental=False)
     from pydantic import ValidationError
 
     from grove.errors import GroveError
@@ -163,9 +182,16 @@ def _server(args: argparse.Namespace) -> int:
     from grove import server
 
     if args.action == "stop":
+        from grove import warm
+
         print("stopped" if server.stop_server() else "no grove server is running")
+        if runners := warm.stop_all():
+            print(f"stopped {runners} warm runner(s)")
     elif args.action == "start":
+        from grove import warm
+
         server.ensure_api()
+        warm.ensure()  # so that the next auto-opt forks it rather than importing
         print(f"Prefect UI: {(server.server_status() or {}).get('ui_url')}")
     else:
         state = server.server_status()

@@ -35,9 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from grove import warm
     from grove.server import stop_server
 
     stop_server()
+    warm.stop_all()  # CLI tests' auto-opt runs fork a warm runner, as users' do
     shutil.rmtree(_SESSION, ignore_errors=True)
 
 
