@@ -208,11 +208,12 @@ def stop_all() -> int:
 def serve(path: Path, idle_s: float) -> int:
     """Import PRELOAD, then fork one child per connection until ``idle_s`` pass without one."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the runner's life
-    try:
+    lock = open(path.with_suffix(".lock"), "a+")  # noqa: SIM115 - held for the runner's life; "w" would
+    try:  # erase the pid of the runner holding it
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # another runner for the same key is starting or running
+    lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     import threading
@@ -237,7 +238,7 @@ def serve(path: Path, idle_s: float) -> int:
     finally:
         listener.close()
         path.unlink(missing_ok=True)
-    print(f"warm runner {os.getpid()}: stopped", flush=True)
+        print(f"warm runner {os.getpid()}: stopped", flush=True)
     return 0
 
 

@@ -87,3 +87,24 @@ def test_the_warm_runner_stops_when_idle(tmp_path: Path) -> None:
         time.sleep(0.2)
     assert not _alive(pid), "an idle runner exits by itself"
     assert "stopped" in _runner_log(home) and not list((home / "warm").glob("*.sock"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the warm runner needs fork (POSIX)")
+def test_concurrent_first_runs_share_one_runner(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    home = tmp_path / "grove-home"
+    env = {**os.environ, "GROVE_HOME": str(home), "GROVE_WARM": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "grove.cli", "auto-opt", "-m", str(tmp_path / f"missing{i}"),
+                               "-o", str(tmp_path / f"out{i}")], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and "grove: error: model path" in err
+    log = _runner_log(home)
+    assert log.count("ready") == 1 and log.count(": run ") == 3, log
+    stopped = grove_cli("server", "stop", env={"GROVE_HOME": str(home)})
+    assert "stopped 1 warm runner(s)" in stopped.stdout, "the lock names the runner that holds it"
