@@ -10,9 +10,9 @@ over a Unix socket, so progress and colours reach the terminal as before) and ex
 and SIGTERM are forwarded to the run.
 
 One runner per interpreter, Grove source tree and the environment variables read at import (a
-changed source file, a new ``pip install`` or another ``PREFECT_API_URL`` gets its own); it exits after ``GROVE_WARM_IDLE``
-seconds without a run (default 900) and holds no files open but its socket and lock in
-``$GROVE_HOME/warm/``. ``GROVE_WARM=0`` runs every command in the calling process instead, as do
+changed source file, a new ``pip install`` or another ``PREFECT_API_URL`` gets its own); it exits
+after ``GROVE_WARM_IDLE`` seconds without a run (default 900) and holds no files open but its
+socket and lock in ``$GROVE_HOME/warm/``. ``GROVE_WARM=0`` runs every command in the calling process instead, as do
 platforms without ``fork``. Measured on a 2-CPU AMD EPYC: a cold SmolLM2 int4 run took 24.5-25.1 s
 forked from the runner and 30.9-34.4 s as its own process.
 """
@@ -80,14 +80,9 @@ def runner_socket() -> Path:
 def run(argv: Sequence[str]) -> int | None:
     """Run ``grove <argv>`` in a fork of the warm runner (started first if needed) and return its
     exit code; None when it cannot be used (then the caller runs the command itself)."""
-    path = runner_socket()
-    if len(os.fsencode(path)) > 100:  # AF_UNIX paths are limited to ~107 bytes
-        return None
-    conn = _connect(path)
+    conn, _started = _runner_connection()
     if conn is None:
-        conn = _start(path)
-        if conn is None:
-            return None
+        return None
     with conn:
         request = json.dumps({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd()}).encode()
         try:
@@ -113,15 +108,22 @@ def run(argv: Sequence[str]) -> int | None:
 def ensure() -> bool:
     """Start the runner for this environment unless it is up (``grove server start``); True if
     this call started it."""
-    path = runner_socket()
-    if not enabled() or len(os.fsencode(path)) > 100:
+    if not enabled():
         return False
-    conn = _connect(path)
-    started = conn is None
-    conn = _start(path) if conn is None else conn
+    conn, started = _runner_connection()
     if conn is not None:
         conn.close()  # no request: the runner goes back to waiting
     return started and conn is not None
+
+
+def _runner_connection() -> tuple[socket.socket | None, bool]:
+    """A connection to this environment's runner, started first if it is not up (then True);
+    None if it cannot be had."""
+    path = runner_socket()
+    if len(os.fsencode(path)) > 100:  # AF_UNIX paths are limited to ~107 bytes
+        return None, False
+    conn = _connect(path)
+    return (conn, False) if conn is not None else (_start(path), True)
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -244,21 +246,14 @@ def serve(path: Path, idle_s: float) -> int:
 
 def _serve_one(conn: socket.socket, runner_files: list[socket.socket | io.TextIOWrapper]) -> None:
     header, fds, _flags, _addr = socket.recv_fds(conn, 4, 3)
-    if len(header) < 4 or len(fds) != 3:
+    body = _read_exact(conn, struct.unpack("!I", header)[0]) if len(header) == 4 and len(fds) == 3 else None
+    pid = os.fork() if body is not None else None  # no request (grove server start): nothing to run
+    if pid != 0:
         for fd in fds:
             os.close(fd)
-        return
-    body = _read_exact(conn, struct.unpack("!I", header)[0])
-    if body is None:
-        for fd in fds:
-            os.close(fd)
-        return
-    pid = os.fork()
-    if pid:
-        for fd in fds:
-            os.close(fd)
-        argv = json.loads(body).get("argv", [])
-        print(f"warm runner {os.getpid()}: run {pid}: grove {' '.join(argv)}", flush=True)
+        if pid:
+            request = json.loads(body)  # type: ignore[arg-type]
+            print(f"warm runner {os.getpid()}: run {pid}: grove {' '.join(request['argv'])}", flush=True)
         return
     # The child: becomes the caller's command, then exits with its code.
     code = 1
