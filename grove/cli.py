@@ -190,8 +190,10 @@ def _server(args: argparse.Namespace) -> int:
     elif args.action == "start":
         from grove import warm
 
-        server.ensure_api()
+        # First: ensure_api sets PREFECT_API_URL here, and the runner is keyed by the environment
+        # the next auto-opt will have.
         warm.ensure()  # so that the next auto-opt forks it rather than importing
+        server.ensure_api()
         print(f"Prefect UI: {(server.server_status() or {}).get('ui_url')}")
     else:
         state = server.server_status()

@@ -27,6 +27,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _gone(pid: int, timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _alive(pid)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the warm runner needs fork (POSIX)")
 def test_auto_opt_forks_the_warm_runner_and_matches_a_run_in_process(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
     home = tmp_path / "grove-home"  # a runner of its own, apart from the session's
@@ -68,10 +75,7 @@ def test_auto_opt_forks_the_warm_runner_and_matches_a_run_in_process(tiny_dir, t
 
     stopped = grove_cli("server", "stop", env=env)  # also stops the warm runners
     assert "stopped 1 warm runner(s)" in stopped.stdout
-    deadline = time.monotonic() + 30
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(pid) and not list((home / "warm").glob("*.sock"))
+    assert _gone(pid) and not list((home / "warm").glob("*.sock"))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the warm runner needs fork (POSIX)")
@@ -82,10 +86,7 @@ def test_the_warm_runner_stops_when_idle(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "starting the warm runner" in bad.stderr
     [lock] = (home / "warm").glob("*.lock")
     pid = int(lock.read_text())
-    deadline = time.monotonic() + 30
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(pid), "an idle runner exits by itself"
+    assert _gone(pid), "an idle runner exits by itself"
     assert "stopped" in _runner_log(home) and not list((home / "warm").glob("*.sock"))
 
 
@@ -108,3 +109,28 @@ def test_concurrent_first_runs_share_one_runner(tmp_path: Path) -> None:
     assert log.count("ready") == 1 and log.count(": run ") == 3, log
     stopped = grove_cli("server", "stop", env={"GROVE_HOME": str(home)})
     assert "stopped 1 warm runner(s)" in stopped.stdout, "the lock names the runner that holds it"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the warm runner needs fork (POSIX)")
+def test_server_start_warms_the_runner_that_the_next_auto_opt_uses(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    # As a user has it: no PREFECT_API_URL (grove finds its own server; here one of this home's).
+    home = tmp_path / "grove-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"GROVE_HOME": str(home), "GROVE_WARM": "1"}
+
+    def grove(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "grove.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    try:
+        assert grove("server", "start").returncode == 0
+        bad = grove("auto-opt", "-m", str(tmp_path / "missing"), "-o", str(tmp_path / "out"))
+        assert bad.returncode == 2 and "starting the warm runner" not in bad.stderr, bad.stderr
+        assert _runner_log(home).count("ready") == 1
+    finally:
+        stopped = grove("server", "stop")
+    assert "stopped 1 warm runner(s)" in stopped.stdout
