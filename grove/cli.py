@@ -38,7 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's exit status for SIGINT, no traceback
+        print("grove: interrupted", file=sys.stderr)
+        return 130
 
 
 def entry() -> None:
@@ -172,6 +176,11 @@ def _auto_opt(args: argparse.Namespace) -> int:
         return _fail(f"invalid request: {problems}")
     except GroveError as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        print(f"grove: interrupted; {args.output_path} was left as it was (an output is written whole, after "
+              "every step), and the steps that had finished stay in the store: the same command resumes "
+              "after them", file=sys.stderr)
+        return 130
     from grove.report import format_report
 
     print(format_report(report, request.output_path))

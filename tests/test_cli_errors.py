@@ -73,3 +73,54 @@ def test_tutorial_commands_grove_lacks_say_what_to_do(command: str, hint: str,
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"grove: error: 'grove {command}'") and hint in err and err.count("\n") == 1
+
+
+def _grove_waits_on_a_fifo() -> bool:
+    """Whether a grove process sleeps in open() of a FIFO that no one writes (Linux: its wchan)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "wchan").read_text() == "wait_for_partner" and b"grove" in (proc / "cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs Linux /proc to see where the run waits")
+def test_ctrl_c_stops_with_one_line_and_leaves_the_output(tmp_path: Path, tiny_dir, store: str) -> None:  # noqa: ANN001
+    """Ctrl-C during a run (SIGINT to the grove process, which forwards it to its fork of the warm
+    runner): exit 130, one line saying what was kept, no traceback, the earlier output untouched.
+
+    The run is held at a known point without timing: its --eval_data is a FIFO that nothing
+    writes, so grove waits in open() until the signal comes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    fifo = tmp_path / "eval.txt"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grove_report.json").write_text('{"earlier": true}')  # an earlier Grove output
+    proc = subprocess.Popen([sys.executable, "-m", "grove.cli", "auto-opt", "-m", str(tiny_dir("llama")),
+                             "-o", str(out), "--store", store, "--eval_data", str(fifo)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        while proc.poll() is None and not _grove_waits_on_a_fifo():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("grove:")]
+    assert lines[-1].startswith("grove: interrupted;") and "resumes" in lines[-1], stderr
+    assert json.loads((out / "grove_report.json").read_text()) == {"earlier": True}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no staging folder left behind"
