@@ -53,23 +53,29 @@ def _package(inputs: list[Path], config: PackageConfig, out: Path) -> dict[str, 
 @task(name="export-output", persist_result=False)
 def export_output(package: Artifact, output_path: str) -> dict[str, object]:
     """Copy the package to ``output_path`` (replacing an earlier Grove output there) and return
-    the report. Written beside the target and renamed, so a failure leaves nothing half-written."""
+    the report. Written beside the target and renamed, so a failure or an interruption leaves the
+    earlier output (if any) or the new one, whole: never a mix."""
     target = Path(output_path).expanduser().resolve()
     if target.exists() and any(target.iterdir()) and not (target / REPORT).exists():
         raise InvalidRequest(f"output path {target} exists and is not a Grove output; choose an empty or new folder")
     src = store_for(package.store).fetch(package.node, package.digest)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.grove-", dir=target.parent))
+    previous = staging.with_name(staging.name + "-previous")
     try:
         for f in src.iterdir():
             if f.is_file() and f.name != "manifest.json":
                 _copy_file(f, staging / f.name)
         if target.exists():
-            shutil.rmtree(target)
+            target.rename(previous)  # moved aside, not deleted, until the new output is in place
         staging.rename(target)
     except BaseException:
+        if previous.exists() and not target.exists():
+            previous.rename(target)  # stopped between the two renames: the earlier output comes back
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(previous, ignore_errors=True)
     node_logger().info("wrote %s", target)
     report: dict[str, object] = json.loads((target / REPORT).read_text())
     return report

@@ -91,3 +91,45 @@ def test_a_file_uri_store_keeps_prefect_records_inside_it(tmp_path: Path, monkey
     block.write_path("record", b"x")  # type: ignore[attr-defined]
     assert (tmp_path / "store" / "prefect-results" / "record").read_bytes() == b"x"
     assert not any((tmp_path / "cwd").iterdir()), "nothing lands in the working directory"
+
+
+def _package(tmp_path: Path, report: str):  # noqa: ANN202
+    """A committed package artifact holding a model file and a report."""
+    from grove.artifacts import Artifact
+
+    src = tmp_path / f"package-{report}"
+    src.mkdir()
+    (src / "model.onnx").write_bytes(b"graph")
+    (src / "grove_report.json").write_text(report)
+    store = ArtifactStore(str(tmp_path / "store"))
+    digest = (report.encode().hex() * 64)[:64]
+    store.commit(src, node="package-genai", node_version=1, digest=digest, config={}, inputs=[], metrics={},
+                 seconds=0.1)
+    return Artifact(node="package-genai", digest=digest, store=str(tmp_path / "store"))
+
+
+def test_export_replaces_an_earlier_output_whole_even_when_stopped_between_renames(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.package_genai import export_output
+
+    out = tmp_path / "out"
+    assert export_output.fn(_package(tmp_path, '{"run": 1}'), str(out)) == {"run": 1}
+
+    # Ctrl-C just after the earlier output was moved aside: it comes back, nothing else is left.
+    real_rename = Path.rename
+
+    def rename(self: Path, target: Path) -> Path:
+        if Path(target) == out and self.name.startswith(".out.grove-") and not self.name.endswith("-previous"):
+            raise KeyboardInterrupt  # the new output's rename into place
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        export_output.fn(_package(tmp_path, '{"run": 2}'), str(out))
+    monkeypatch.undo()
+    assert (out / "grove_report.json").read_text() == '{"run": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+
+    assert export_output.fn(_package(tmp_path, '{"run": 3}'), str(out)) == {"run": 3}
+    assert sorted(p.name for p in out.iterdir()) == ["grove_report.json", "model.onnx"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "staging or old output left behind"
