@@ -283,8 +283,8 @@ def _serve_one(conn: socket.socket, runner_files: list[socket.socket | io.TextIO
         code = cli.main(request["argv"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except KeyboardInterrupt:  # Ctrl-C, forwarded by the caller: as Python reports it
-        traceback.print_exc()
+    except KeyboardInterrupt:  # Ctrl-C, forwarded by the caller, before or after the command ran
+        print("grove: interrupted", file=sys.stderr)
         code = 130
     except BaseException:  # noqa: BLE001 - the child must report, whatever happened
         traceback.print_exc()
