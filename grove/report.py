@@ -11,7 +11,7 @@ ROWS = {
     "decode_tok_s": "decode (tokens/s)",
     "top1_agreement": "top-1 agreement vs reference",
 }
-_SKIP = {"seconds", "ppl_tokens", "prompt_tokens", "generated_tokens", "threads"}
+_SKIP = {"seconds", "ppl_tokens", "ppl_chunk", "prompt_tokens", "generated_tokens", "threads"}
 
 
 def table_rows(report: dict[str, object]) -> list[dict[str, object]]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BUILTIN_TEXT", "available_cpus", "generation_timing", "genai_model", "logits", "model_size",
-           "perplexity", "read_text", "text_sha256", "tokenize"]
+__all__ = ["BUILTIN_TEXT", "available_cpus", "context_length", "generation_timing", "genai_model", "logits",
+           "model_size", "perplexity", "read_text", "text_sha256", "tokenize"]
 
 BUILTIN_TEXT = "builtin:GPL-3"
 
@@ -37,6 +37,12 @@ def text_sha256(source: str) -> str:
 
 def model_size(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("model.onnx*"))
+
+
+def context_length(model_dir: Path) -> int | None:
+    """The longest sequence (prompt + generated tokens) the folder's genai_config.json allows."""
+    value = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"].get("context_length")
+    return int(value) if value else None
 
 
 def available_cpus() -> int:
@@ -116,6 +122,13 @@ def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: s
     tokenizer = og.Tokenizer(model)
     chat = json.dumps([{"role": "user", "content": prompt}])
     ids = tokenizer.encode(tokenizer.apply_chat_template(chat, add_generation_prompt=True))
+    if (context := context_length(model_dir)) is not None:  # a short-context model: as many as fit
+        new_tokens = min(new_tokens, context - len(ids))
+        if new_tokens < 1:
+            from grove.errors import InvalidRequest
+
+            raise InvalidRequest(f"the model's context ({context} tokens) cannot hold the timing prompt "
+                                 f"({len(ids)} tokens) and one generated token")
     _generate(og, model, ids, min(4, new_tokens))  # warm-up: first-run allocations
     prefill_s, decode_s, out = _generate(og, model, ids, new_tokens)
     decoded = max(len(out) - 1, 1)

@@ -61,9 +61,12 @@ def _evaluate(inputs: list[Path], config: EvalConfig, out: Path) -> dict[str, ob
     metrics: dict[str, object] = {"size_mb": round(dio.model_size(model_dir) / 1e6, 2), "threads": threads}
     genai = dio.genai_model(model_dir, config.provider, threads)  # one load serves every measurement
     tokens = dio.tokenize(model_dir, dio.read_text(config.text), genai)[: config.ppl_tokens]
-    ppl, predictions = dio.perplexity(genai, tokens, config.ppl_chunk,
-                                      lambda f: report_progress(0.7 * f, "perplexity"))
-    metrics.update(perplexity=round(ppl, 4), ppl_tokens=len(tokens))
+    chunk = config.ppl_chunk
+    if (context := dio.context_length(model_dir)) is not None and chunk >= context:
+        chunk = context - 1  # each chunk is scored in one generator of len(chunk) + 1 tokens
+        log.info("perplexity chunks of %d tokens: the model's context is %d", chunk, context)
+    ppl, predictions = dio.perplexity(genai, tokens, chunk, lambda f: report_progress(0.7 * f, "perplexity"))
+    metrics.update(perplexity=round(ppl, 4), ppl_tokens=len(tokens), ppl_chunk=chunk)
     log.info("perplexity %.3f over %d tokens", ppl, len(tokens))
     scored = {"tokens_sha256": _sha256(tokens), "top1": predictions}
     (out / PREDICTIONS).write_text(json.dumps(scored))

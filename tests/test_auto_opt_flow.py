@@ -113,3 +113,15 @@ def test_s3_store_end_to_end(tiny_dir, tmp_path: Path, s3_store: str) -> None:  
     assert store.fs.glob(f"{store.root}/prefect-results/*")
     assert set(_task_states(run_auto_opt_state(request))["quantize-int4"]) == {"Cached"}
     assert GENAI_FILES <= {p.name for p in out.iterdir()}
+
+
+def test_a_short_context_model_is_scored_in_chunks_that_fit_it(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    """The tiny models hold 256 positions; the default 512-token perplexity chunk does not fit
+    (onnxruntime-genai refuses max_length > context_length). Chunks shrink to the context."""
+    out = tmp_path / "out"
+    state = run_auto_opt_state(_request(tiny_dir("llama"), out, store).model_copy(update={"eval_tokens": 600}))
+
+    assert state.is_completed()
+    metrics = json.loads((out / "grove_report.json").read_text())["metrics"]
+    assert metrics["ppl_tokens"] == 600 and metrics["ppl_chunk"] == 255
+    assert metrics["perplexity"] > 1 and metrics["generated_tokens"] == 64
