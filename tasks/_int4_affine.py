@@ -184,6 +184,7 @@ class _Rewriter:
         self.quantized: dict[str, QuantizedWeight] = {}
         self.ready: dict[str, QuantizedWeight] = {}  # quantized, not necessarily registered in the graph
         self.blocksums: dict[str, str] = {}  # input tensor -> its blocksum tensor
+        self.skipped: dict[str, int] = {}  # fp32 weights left as they are: name -> K (not a multiple of bs)
         self.new_inits: list[TensorProto] = []
         self.nodes: list[onnx.NodeProto] = []
 
@@ -230,7 +231,7 @@ class _Rewriter:
         if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
             return False
         if t.dims[0] % self.bs:
-            log.warning("skip %s: K=%d not divisible by block size %d", name, t.dims[0], self.bs)
+            self.skipped[name] = t.dims[0]
             return False
         return True
 
@@ -372,6 +373,11 @@ class _Rewriter:
                 self.rewrite_gather(node, w, embedding)
             else:
                 self.nodes.append(node)
+        if self.skipped:
+            sizes = ", ".join(map(str, sorted(set(self.skipped.values()))))
+            log.warning("%d weight(s) left in fp32: their input size (%s) is not a multiple of the block size %d "
+                        "(e.g. %s); a smaller --block_size quantizes them", len(self.skipped), sizes, self.bs,
+                        next(iter(self.skipped)))
         del self.graph.node[:]
         self.graph.node.extend(_live_nodes(self.nodes, outputs))
         used = {i for n in self.graph.node for i in n.input}

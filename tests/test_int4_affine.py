@@ -130,3 +130,19 @@ def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, m
     c = weights["embed"][ids] @ weights["w1"] + x @ weights["w1"]
     fp32 = ((c @ weights["w2"]) * (c @ weights["w3"])[..., :K]) @ weights["head"]
     assert np.abs(got - fp32).max() > 1e-3 * np.abs(fp32).max(), "the weights really are quantized"
+
+
+def test_weights_the_block_size_does_not_divide_stay_fp32_with_one_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(3)
+    weights = {"embed": rng.normal(0, 0.5, (V, K)), "w1": rng.normal(0, 0.1, (K, N)),  # w2, w3: K = N = 48
+               "w2": rng.normal(0, 0.1, (N, K)), "w3": rng.normal(0, 0.1, (N, K + 32)), "head": rng.normal(0, 0.1, (K, V))}
+    _model(tmp_path / "fp32", {k: v.astype(np.float32) for k, v in weights.items()})
+    with caplog.at_level("WARNING", logger=int4.__name__):
+        int4.quantize(tmp_path / "fp32", tmp_path / "int4", block_size=BLOCK, accuracy_level=0)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("2 weight(s) left in fp32") and "(48)" in warnings[0], warnings
+    model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
+    assert {"w2", "w3"} <= {t.name for t in model.graph.initializer}
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 3  # w1's two MatMuls and the head
