@@ -52,7 +52,12 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, path: str = "decoder"
             raise InvalidRequest(f"--eval_data {request.eval_data} is not a regular file (a folder, pipe or "
                                  "device); the text is read more than once: save it to a file and pass that")
         try:
-            read_text(request.eval_data)
+            if path == "decoder":
+                read_text(request.eval_data)
+            else:  # labelled rows for a classifier: their labels are checked against the model later
+                from tasks._encoder_io import read_labelled
+
+                read_labelled(request.eval_data)
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"--eval_data {request.eval_data} cannot be read as UTF-8 text ({exc})") from exc
 

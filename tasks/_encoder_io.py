@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     import numpy as np
     import onnxruntime as ort
 
-__all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "cosine_rows", "encode", "encoder_info", "primary_output",
-           "read_lines", "run", "session", "tokenizer"]
+__all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "cosine_rows", "encode", "encoder_info", "label_ids",
+           "primary_output", "read_labelled", "read_lines", "run", "session", "tokenizer"]
 
 ENCODER_JSON = "grove_encoder.json"
 # Fixed sentences: short and long, punctuation, digits, a code fragment; the same every run so
@@ -107,3 +107,51 @@ def read_lines(source: str, limit: int) -> list[str]:
     text = read_text(source)
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
     return [p for p in paragraphs if len(p) > 40][:limit]
+
+
+def read_labelled(source: str) -> tuple[list[str], list[str]]:
+    """The texts and labels of a labelled file: CSV with a text,label header, or JSONL objects with
+    text and label keys (a path or an fsspec URI). Raises InvalidRequest naming what is wrong."""
+    import csv
+
+    import fsspec
+
+    from grove.errors import InvalidRequest
+
+    def bad(problem: str) -> InvalidRequest:
+        return InvalidRequest(f"--eval_data {source}: {problem}; labelled data is a CSV file with a text,label "
+                              "header or a .jsonl file of {\"text\": ..., \"label\": ...} lines")
+
+    # newline="": quoted CSV fields may hold line breaks
+    with fsspec.open(source, "r", encoding="utf-8", newline="") as f:
+        if source.endswith(".jsonl"):
+            rows = []
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise bad(f"line {number} is not JSON ({exc.msg})") from exc
+        else:
+            rows = list(csv.DictReader(f))
+    if not rows:
+        raise bad("no rows")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or row.get("text") is None or row.get("label") in (None, ""):
+            raise bad(f"row {number} has no text or no label")
+    return [str(r["text"]) for r in rows], [str(r["label"]) for r in rows]
+
+
+def label_ids(labels: list[str], id2label: dict[str, str], source: str) -> list[int]:
+    """Each label as the model's class id: an id2label name, or an id in range. Raises InvalidRequest
+    listing the labels the model does not have."""
+    from grove.errors import InvalidRequest
+
+    by_name = {str(name): int(i) for i, name in id2label.items()}
+    known = {str(i) for i in range(len(id2label))}
+    unknown = sorted({x for x in labels if x not in by_name and x not in known})
+    if unknown:
+        raise InvalidRequest(f"--eval_data {source}: label(s) {', '.join(unknown[:5])} are not among this model's "
+                             f"{len(id2label)} classes: use their ids 0-{len(id2label) - 1} or names "
+                             f"{', '.join(list(by_name)[:10])}")
+    return [by_name[x] if x in by_name else int(x) for x in labels]

@@ -27,7 +27,7 @@ __all__ = ["EncoderEvalConfig", "evaluate_encoder", "latency_stats"]
 
 class EncoderEvalConfig(MeasureConfig):
     NODE = "evaluate-encoder"
-    VERSION = 1
+    VERSION = 2  # 2: labelled data is validated (unknown labels and malformed rows are errors, not misses)
     batch_size: int = Field(1, ge=1, le=256, description="rows per timed call")
     sequence_length: int = Field(64, ge=4, le=512, description="tokens per row in the timed call (padded)")
     warmup: int = Field(10, ge=0, description="untimed calls first (allocations, thread pools)")
@@ -127,14 +127,9 @@ def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str) -> float:
     """Top-1 accuracy on a CSV / JSONL file of text,label rows (label: id or id2label name)."""
-    import csv
-
     config = json.loads((model_dir / "config.json").read_text())
-    label2id = {str(v): int(k) for k, v in config.get("id2label", {}).items()}
-    with open(path, encoding="utf-8", newline="") as f:  # newline="": quoted CSV fields may hold line breaks
-        rows = [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else list(csv.DictReader(f))
-    texts = [str(r["text"]) for r in rows]
-    labels = [int(label2id.get(str(r["label"]), r["label"])) for r in rows]
+    texts, raw = eio.read_labelled(path)
+    labels = eio.label_ids(raw, config.get("id2label", {}), path)
     correct = 0
     for start in range(0, len(texts), 32):
         feeds = eio.encode(model_dir, texts[start:start + 32], info.inputs)

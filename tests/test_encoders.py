@@ -273,6 +273,32 @@ def test_labelled_accuracy_csv_and_jsonl_match_pytorch(tiny_bert: dict[str, obje
         assert metrics["accuracy"] == round(expected, 4), path.name
 
 
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("wrong-header.csv", "txt,lab\nhello,0\n", "row 1 has no text or no label"),
+    ("empty.csv", "text,label\n", "no rows"),
+    ("missing-label.csv", "text,label\nfine,1\nno label here,\n", "row 2 has no text or no label"),
+    ("broken.jsonl", '{"text": "a", "label": 1}\nnot json\n', "line 2 is not JSON"),
+])
+def test_malformed_labelled_data_is_one_clear_error(name: str, content: str, expected: str, tmp_path: Path) -> None:
+    from grove.errors import InvalidRequest
+
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(InvalidRequest, match=expected) as exc:
+        eio.read_labelled(str(path))
+    assert "text,label header" in str(exc.value)
+
+
+def test_labels_are_the_model_classes_by_id_or_name() -> None:
+    from grove.errors import InvalidRequest
+
+    id2label = {"0": "negative", "1": "neutral", "2": "positive"}
+    assert eio.label_ids(["positive", "0", "neutral", "2"], id2label, "f.csv") == [2, 0, 1, 2]
+    with pytest.raises(InvalidRequest, match="label\\(s\\) 3, NEGATIVE are not among this model's 3 classes") as exc:
+        eio.label_ids(["negative", "3", "NEGATIVE"], id2label, "f.csv")
+    assert "ids 0-2 or names negative, neutral, positive" in str(exc.value)
+
+
 def test_auto_opt_encoder_flow_rerun_is_all_cached(tiny_bert: dict[str, object], tmp_path: Path) -> None:
     import hashlib
 
