@@ -232,10 +232,20 @@ def _fleet(args: argparse.Namespace) -> int:
 
     from grove.fleet import FleetManifest
 
+    import yaml
+
     try:
         manifest = FleetManifest.from_yaml(args.manifest)
-    except (OSError, ValidationError, ValueError) as exc:
-        return _fail(f"fleet manifest {args.manifest} is invalid: {exc}")
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        return _fail(f"fleet manifest {args.manifest} is invalid: {problems}")
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return _fail(f"fleet manifest {args.manifest} is not valid YAML: {getattr(exc, 'problem', None) or exc}{where}")
+    except (OSError, ValueError) as exc:
+        return _fail(f"fleet manifest {args.manifest} cannot be read: {exc}")
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from grove.server import ensure_api

@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from grove.fleet import FleetManifest
 from tasks.publish_registry import read_latest
 from tests import tiny_models
@@ -56,3 +58,24 @@ def test_only_changed_models_refresh_and_a_broken_one_fails_alone(tiny_dir, tmp_
     assert after["beta"]["version"] != before["beta"]["version"]
     version_dir = Path(after["beta"]["path"])
     assert (version_dir / "model.onnx").exists() and (version_dir / "grove_report.json").exists()
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("targets: [\n", "is not valid YAML: expected the node content, but found '<stream end>' at line 2"),
+    ("- a\n- b\n", "is invalid: top level: Input should be a valid dictionary"),
+    ("targets: {cpu: {device: cpu}}\nmodels: [{name: Bad Name, source: x, targets: [cpu]}]\n",
+     "is invalid: models.0.name: String should match pattern"),
+    ("targets: {cpu: {device: cpu}}\nmodels: [{name: a, source: x, targets: [gpu]}]\n",
+     "is invalid: top level: model 'a' names unknown target 'gpu'; known: cpu"),
+    (None, "cannot be read: [Errno 2] No such file or directory"),
+])
+def test_a_bad_manifest_is_one_line_and_exit_2(content: str | None, expected: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from grove.cli import main
+
+    path = tmp_path / "fleet.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert main(["fleet", "refresh", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"grove: error: fleet manifest {path} ") and expected in err and err.count("\n") == 1, err
