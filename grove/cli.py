@@ -228,24 +228,13 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def _fleet(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
+    from grove.errors import GroveError
     from grove.fleet import FleetManifest
-
-    import yaml
 
     try:
         manifest = FleetManifest.from_yaml(args.manifest)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
-        return _fail(f"fleet manifest {args.manifest} is invalid: {problems}")
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        return _fail(f"fleet manifest {args.manifest} is not valid YAML: {getattr(exc, 'problem', None) or exc}{where}")
-    except (OSError, ValueError) as exc:
-        return _fail(f"fleet manifest {args.manifest} cannot be read: {exc}")
+    except GroveError as exc:
+        return _fail(str(exc))
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from grove.server import ensure_api
@@ -267,9 +256,13 @@ def _deploy(args: argparse.Namespace) -> int:
         return _fail("grove deploy needs a Prefect server: set PREFECT_API_URL (or run `grove stack up`)")
     manifest = None
     if args.fleet_manifest:
+        from grove.errors import GroveError
         from grove.fleet import FleetManifest
 
-        manifest = FleetManifest.from_yaml(args.fleet_manifest).model_dump(mode="json")
+        try:
+            manifest = FleetManifest.from_yaml(args.fleet_manifest).model_dump(mode="json")
+        except GroveError as exc:
+            return _fail(str(exc))
     for name in deploy(args.store or default_store_uri(), manifest):
         print(f"deployed {name}")
     return 0

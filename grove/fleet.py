@@ -66,9 +66,29 @@ class FleetManifest(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> FleetManifest:
+        """Read and validate a manifest file; InvalidRequest names what is wrong in one line (the
+        file, its YAML syntax with line and column, or each invalid field as path: message)."""
         import yaml
+        from pydantic import ValidationError
 
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+        from grove.errors import InvalidRequest
+
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise InvalidRequest(f"fleet manifest {path} cannot be read: {reason}") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise InvalidRequest(f"fleet manifest {path} is not valid YAML: "
+                                 f"{getattr(exc, 'problem', None) or exc}{where}") from exc
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: "
+                                 f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+            raise InvalidRequest(f"fleet manifest {path} is invalid: {problems}") from exc
 
 
 def entry_version(source_digest: str, target: Target) -> str:
