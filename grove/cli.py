@@ -172,7 +172,8 @@ def _auto_opt(args: argparse.Namespace) -> int:
         preflight(request, path)
         report = run_auto_opt(request)
     except ValidationError as exc:
-        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        problems = "; ".join((f"--{e['loc'][0]}: " if e["loc"] else "") + str(e["msg"]).removeprefix("Value error, ")
+                             for e in exc.errors())
         return _fail(f"invalid request: {problems}")
     except GroveError as exc:
         return _fail(str(exc))

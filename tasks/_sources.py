@@ -29,6 +29,9 @@ _GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi
 
 def resolve(name_or_path: str, revision: str | None = None) -> Source:
     """Raises ModelSourceError naming the cause and the fix."""
+    if revision is not None and not _is_hub_id(name_or_path):
+        raise ModelSourceError(f"--revision {revision} selects a hub revision, and '{name_or_path}' is not a hub "
+                               "id (a folder, file, s3:// or pkg: source is used as it is); drop --revision")
     if name_or_path.startswith("s3://"):
         return _resolve_s3(name_or_path)
     if name_or_path.startswith("pkg:"):
@@ -36,8 +39,7 @@ def resolve(name_or_path: str, revision: str | None = None) -> Source:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return _resolve_gguf(path.resolve()) if path.is_file() else _resolve_folder(path.resolve())
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
-    if looks_like_path or not _HUB_ID.match(name_or_path):
+    if not _is_hub_id(name_or_path):
         raise ModelSourceError(f"model path '{name_or_path}' does not exist; pass an existing folder, "
                                "a .gguf file, an s3:// folder, or a Hugging Face hub id")
     return _resolve_hub(name_or_path, revision)
@@ -84,6 +86,14 @@ def _resolve_folder(path: Path) -> Source:
         h.update(f"{rel}\0{_cached_sha256(path / rel)}\n".encode())
     return Source(kind="local", location=str(path), digest=h.hexdigest(), files=files,
                   model_type=_model_type(config))
+
+
+def _is_hub_id(name_or_path: str) -> bool:
+    """Whether the name can only be a hub id: not an s3:// or pkg: source, an existing path, or a path."""
+    if name_or_path.startswith(("s3://", "pkg:")) or Path(name_or_path).expanduser().exists():
+        return False
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
+    return not looks_like_path and bool(_HUB_ID.match(name_or_path))
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> Source:

@@ -34,12 +34,15 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
         "gpu target without CUDA": (["-m", str(tiny_dir("llama")), "--device", "gpu", "--provider",
                                      "CUDAExecutionProvider"], "CUDAExecutionProvider is not available on this machine"),
         "eval text is a pipe": (["-m", str(tiny_dir("llama")), "--eval_data", str(pipe)], "is not a regular file"),
+        "revision of a folder": (["-m", str(tiny_dir("llama")), "--revision", "main"], "is not a hub id"),
+        "too few eval tokens": (["-m", str(tiny_dir("llama")), "--eval_tokens", "5"],
+                                "--eval_tokens: Input should be greater than or equal to 16"),
     }
 
 
 CASES = ["missing path", "unknown hub id offline", "corrupt safetensors", "truncated gguf",
          "unsupported architecture", "contradictory flags", "fp16 on cpu", "gpu target without CUDA",
-         "eval text is a pipe"]
+         "eval text is a pipe", "revision of a folder", "too few eval tokens"]
 
 
 def _has_cuda() -> bool:
