@@ -57,7 +57,8 @@ class EncoderOptRequest(BaseModel):
         decoder-only ones by name."""
         given = [f"--{k}" for k in _DECODER_ONLY if k in fields]
         if given:
-            raise InvalidRequest(f"{', '.join(given)} apply to decoder LLMs; this model takes the encoder path "
+            verb = "applies" if len(given) == 1 else "apply"
+            raise InvalidRequest(f"{', '.join(given)} {verb} to decoder LLMs; this model takes the encoder path "
                                  "(--precision int8, fp16 or fp32)")
         if fields.get("precision") == "int4":
             raise InvalidRequest("--precision int4 is for decoder LLMs; encoders take int8 (default), fp16 or fp32")

@@ -25,5 +25,5 @@ def test_decoder_only_flags_on_an_encoder_are_one_clear_error(tmp_path: Path, st
     result = grove_cli("auto-opt", "-m", MINILM, "-o", str(tmp_path / "out"), "--store", store,
                        "--int4_algorithm", "affine")
     assert result.returncode == 2
-    assert "--int4_algorithm apply to decoder LLMs" in result.stderr
+    assert "--int4_algorithm applies to decoder LLMs" in result.stderr
     assert not (tmp_path / "out").exists()
