@@ -122,8 +122,8 @@ def read_labelled(source: str) -> tuple[list[str], list[str]]:
         return InvalidRequest(f"--eval_data {source}: {problem}; labelled data is a CSV file with a text,label "
                               "header or a .jsonl file of {\"text\": ..., \"label\": ...} lines")
 
-    # newline="": quoted CSV fields may hold line breaks
-    with fsspec.open(source, "r", encoding="utf-8", newline="") as f:
+    # newline="": quoted CSV fields may hold line breaks; utf-8-sig: spreadsheets often start with a BOM
+    with fsspec.open(source, "r", encoding="utf-8-sig", newline="") as f:
         if source.endswith(".jsonl"):
             rows = []
             for number, line in enumerate(f, 1):

@@ -289,6 +289,12 @@ def test_malformed_labelled_data_is_one_clear_error(name: str, content: str, exp
     assert "text,label header" in str(exc.value)
 
 
+def test_a_spreadsheet_csv_with_a_byte_order_mark_reads(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("text,label\r\n\"one, two\",1\r\nthree,0\r\n".encode("utf-8-sig"))
+    assert eio.read_labelled(str(path)) == (["one, two", "three"], ["1", "0"])
+
+
 def test_labels_are_the_model_classes_by_id_or_name() -> None:
     from grove.errors import InvalidRequest
 
