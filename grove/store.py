@@ -103,12 +103,22 @@ class ArtifactStore:
         return Path(self.artifact_path(node, digest))
 
     def check_reachable(self) -> None:
-        """Raise StoreError naming the cause if the store cannot be written."""
+        """Raise StoreError naming the cause if the store cannot be written. On S3 the probe gives up
+        after two attempts of 10 s each (the work itself keeps botocore's and s3fs's retries): an
+        endpoint that is down fails in seconds, not after the ~40 s of their back-off."""
         probe = f"{self.root}/.grove-probe-{uuid.uuid4().hex}"
+        fs = self.fs
+        if self.uri.startswith("s3://"):
+            import fsspec
+
+            fs = fsspec.filesystem("s3", skip_instance_cache=True, **_storage_options(self.uri),
+                                   config_kwargs={"connect_timeout": 10, "read_timeout": 10,
+                                                  "retries": {"max_attempts": 2, "mode": "standard"}})
+            fs.retries = 1  # s3fs's own retry loop around botocore's (5 by default)
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe(probe, b"ok")
-            self.fs.rm(probe)
+            fs.makedirs(self.root, exist_ok=True)
+            fs.pipe(probe, b"ok")
+            fs.rm(probe)
         except Exception as exc:  # noqa: BLE001 - any backend failure means "unusable store"
             hint = (
                 "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and that the bucket exists"

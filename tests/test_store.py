@@ -60,6 +60,20 @@ def test_unwritable_store_is_one_clear_error(tmp_path: Path) -> None:
         ArtifactStore(str(blocker / "store")).check_reachable()
 
 
+def test_an_s3_endpoint_that_is_down_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "grove-test",
+                       "AWS_SECRET_ACCESS_KEY": "grove-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(StoreError, match=f"s3://down/grove is not usable: EndpointConnectionError.*127.0.0.1:{port}"
+                                         ".*check AWS_ENDPOINT_URL"):
+        ArtifactStore("s3://down/grove").check_reachable()
+
+
 def test_s3_store_round_trip(s3_store: str, tmp_path: Path) -> None:
     store = ArtifactStore(s3_store)
     store.check_reachable()
