@@ -159,7 +159,7 @@ def _auto_opt(args: argparse.Namespace) -> int:
         prefect.logging.configuration.setup_logging(incremental=False)
     from pydantic import ValidationError
 
-    from grove.errors import GroveError
+    from grove.errors import GroveError, one_line
     from grove.request import AutoOptRequest
     from grove.request_encoder import EncoderOptRequest
 
@@ -172,8 +172,7 @@ def _auto_opt(args: argparse.Namespace) -> int:
         preflight(request, path)
         report = run_auto_opt(request)
     except ValidationError as exc:
-        problems = "; ".join((f"--{e['loc'][0]}: " if e["loc"] else "") + str(e["msg"]).removeprefix("Value error, ")
-                             for e in exc.errors())
+        problems = one_line(exc, lambda loc: f"--{loc[0]}: " if loc else "")  # fields are named as the flags
         return _fail(f"invalid request: {problems}")
     except GroveError as exc:
         return _fail(str(exc))

@@ -3,6 +3,13 @@ and what to do instead; the CLI prints it as one line and exits non-zero."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pydantic import ValidationError
+
 __all__ = [
     "GroveError",
     "InvalidRequest",
@@ -11,7 +18,14 @@ __all__ = [
     "ParityError",
     "StoreError",
     "UnsupportedArchitecture",
+    "one_line",
 ]
+
+
+def one_line(exc: ValidationError, where: Callable[[tuple[int | str, ...]], str]) -> str:
+    """pydantic's validation errors as one line, each as where(location) + message (without
+    pydantic's 'Value error, ' prefix), joined by '; '."""
+    return "; ".join(where(tuple(e["loc"])) + str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
 
 
 class GroveError(Exception):

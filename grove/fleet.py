@@ -71,7 +71,7 @@ class FleetManifest(BaseModel):
         import yaml
         from pydantic import ValidationError
 
-        from grove.errors import InvalidRequest
+        from grove.errors import InvalidRequest, one_line
 
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -86,8 +86,7 @@ class FleetManifest(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: "
-                                 f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+            problems = one_line(exc, lambda loc: f"{'.'.join(map(str, loc)) or 'top level'}: ")
             raise InvalidRequest(f"fleet manifest {path} is invalid: {problems}") from exc
 
 

@@ -47,8 +47,9 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, path: str = "decoder"
     _check_provider(request.execution_provider, path)
     ArtifactStore(request.store).check_reachable()
     if request.eval_data:
-        local = Path(request.eval_data.removeprefix("file://")).expanduser()
-        if "://" not in request.eval_data.removeprefix("file://") and local.exists() and not local.is_file():
+        local = request.eval_data.removeprefix("file://")
+        file = Path(local).expanduser()
+        if "://" not in local and file.exists() and not file.is_file():
             raise InvalidRequest(f"--eval_data {request.eval_data} is not a regular file (a folder, pipe or "
                                  "device); the text is read more than once: save it to a file and pass that")
         try:
