@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from grove import __version__
+from grove.errors import GroveError
 
 __all__ = ["entry", "main", "wind_down"]
 
@@ -40,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args))
+    except GroveError as exc:  # any command's (e.g. the local server that cannot start): the message, no traceback
+        return _fail(str(exc))
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's exit status for SIGINT, no traceback
         print("grove: interrupted", file=sys.stderr)
         return 130

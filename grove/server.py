@@ -25,6 +25,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from grove.errors import GroveError
+
 __all__ = ["ensure_api", "free_port", "grove_home", "server_status", "stop_server"]
 
 
@@ -82,26 +84,66 @@ def ensure_api(timeout: float = 120.0) -> str:
     return url
 
 
-def _start(timeout: float) -> dict[str, object]:
+def _start(timeout: float, attempts: int = 2) -> dict[str, object]:
+    """Start the daemon on a free port and wait until it answers. A server that exits before it
+    answers (a port taken in between, a transient failure) is retried on another port; the last
+    failure is reported with the end of its log, so the cause is in the message."""
+    for attempt in range(1, attempts + 1):
+        state, failure = _start_once(timeout)
+        if state is not None:
+            return state
+        if attempt < attempts and failure.startswith("exited"):
+            print(f"grove: the local Prefect server {failure}; trying again on another port", file=sys.stderr)
+            continue
+        break
+    log = grove_home() / "server.log"
+    raise GroveError(
+        f"the local Prefect server did not start: it {failure}. Its log ({log}) ends with:\n{_tail(log)}\n"
+        "Fix the cause above, or point grove at a running Prefect server with PREFECT_API_URL."
+    )
+
+
+def _start_once(timeout: float) -> tuple[dict[str, object] | None, str]:
     home = grove_home()
     port = free_port()
-    log = open(home / "server.log", "ab")  # noqa: SIM115 - handed to the daemon
-    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "grove.server", "--serve", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-    )
+    with open(home / "server.log", "ab") as log:
+        log.write(f"\n--- grove: starting the server on 127.0.0.1:{port} at {time.ctime()}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "grove.server", "--serve", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    said = started
     print(f"grove: starting the local Prefect server on 127.0.0.1:{port} (once; reused by later runs)",
           file=sys.stderr)
     while not _healthy(url, timeout=1.0):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the local Prefect server did not start; see {home / 'server.log'}")
+        now = time.monotonic()
+        if (code := proc.poll()) is not None:
+            return None, f"exited with status {code} after {now - started:.0f} s"
+        if now - started > timeout:
+            with contextlib.suppress(ProcessLookupError):  # the daemon and its Prefect server with it
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None, f"did not answer within {timeout:.0f} s"
+        if now - said >= 30:
+            print(f"grove: the Prefect server is still starting ({now - started:.0f} s)", file=sys.stderr)
+            said = now
         time.sleep(0.3)
     state = {"pid": proc.pid, "port": port, "api_url": url, "ui_url": f"http://127.0.0.1:{port}"}
     _state_file().write_text(json.dumps(state))
-    return state
+    return state, ""
+
+
+def _tail(log: Path, lines: int = 12) -> str:
+    """The last lines of this attempt's part of the server log, indented."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError as exc:
+        return f"    (unreadable: {exc})"
+    text = text.rsplit("--- grove: starting the server", 1)[-1]
+    return "\n".join("    " + line for line in text.strip().splitlines()[-lines:])
 
 
 def stop_server() -> bool:
@@ -149,7 +191,7 @@ def _serve(port: int) -> int:
             child.wait(timeout=20)
         if child.poll() is None:
             child.kill()
-    return 0
+    return max(child.wait(), 0)  # a crash's status; 0 once stopped by a signal (idle, or asked)
 
 
 if __name__ == "__main__":
