@@ -54,7 +54,10 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, path: str = "decoder"
                                  "device); the text is read more than once: save it to a file and pass that")
         try:
             if path == "decoder":
-                read_text(request.eval_data)
+                if not read_text(request.eval_data).strip():
+                    raise InvalidRequest(f"--eval_data {request.eval_data} is empty: perplexity needs a text; pass "
+                                         "a UTF-8 file with at least a few paragraphs, or leave --eval_data out "
+                                         "for the built-in text")
             else:  # labelled rows for a classifier: their labels are checked against the model later
                 from tasks._encoder_io import read_labelled
 

@@ -22,6 +22,7 @@ from tasks import _decoder_io as dio
 __all__ = ["EvalConfig", "evaluate", "fingerprint_text"]
 
 PREDICTIONS = "predictions.json"
+MIN_PPL_TOKENS = 16  # the least --eval_tokens accepts
 
 
 class EvalConfig(MeasureConfig):
@@ -61,6 +62,13 @@ def _evaluate(inputs: list[Path], config: EvalConfig, out: Path) -> dict[str, ob
     metrics: dict[str, object] = {"size_mb": round(dio.model_size(model_dir) / 1e6, 2), "threads": threads}
     genai = dio.genai_model(model_dir, config.provider, threads)  # one load serves every measurement
     tokens = dio.tokenize(model_dir, dio.read_text(config.text), genai)[: config.ppl_tokens]
+    if len(tokens) < MIN_PPL_TOKENS:
+        raise InvalidRequest(f"the perplexity text {config.text} is {len(tokens)} tokens long for this model's "
+                             f"tokenizer; at least {MIN_PPL_TOKENS} are needed: pass a longer --eval_data")
+    if len(tokens) < config.ppl_tokens:
+        log.warning("the perplexity text %s is only %d tokens long (%d asked): perplexity and top-1 agreement "
+                    "over so few tokens vary a lot from text to text; a longer --eval_data gives steadier figures",
+                    config.text, len(tokens), config.ppl_tokens)
     chunk = config.ppl_chunk
     if (context := dio.context_length(model_dir)) is not None and chunk >= context:
         chunk = context - 1  # each chunk is scored in one generator of len(chunk) + 1 tokens

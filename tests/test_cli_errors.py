@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
     (mamba / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
     pipe = tmp_path / "pipe.txt"
     os.mkfifo(pipe)  # nothing writes it: reading it would wait forever
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
     return {
         "missing path": (["-m", str(tmp_path / "nope")], "does not exist"),
         "unknown hub id offline": (["-m", "nobody/not-a-model"], "huggingface-cli download"),
@@ -34,6 +37,7 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
         "gpu target without CUDA": (["-m", str(tiny_dir("llama")), "--device", "gpu", "--provider",
                                      "CUDAExecutionProvider"], "CUDAExecutionProvider is not available on this machine"),
         "eval text is a pipe": (["-m", str(tiny_dir("llama")), "--eval_data", str(pipe)], "is not a regular file"),
+        "empty eval text": (["-m", str(tiny_dir("llama")), "--eval_data", str(blank)], "blank.txt is empty"),
         "revision of a folder": (["-m", str(tiny_dir("llama")), "--revision", "main"], "is not a hub id"),
         "too few eval tokens": (["-m", str(tiny_dir("llama")), "--eval_tokens", "5"],
                                 "--eval_tokens: Input should be greater than or equal to 16"),
@@ -42,7 +46,7 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
 
 CASES = ["missing path", "unknown hub id offline", "corrupt safetensors", "truncated gguf",
          "unsupported architecture", "contradictory flags", "fp16 on cpu", "gpu target without CUDA",
-         "eval text is a pipe", "revision of a folder", "too few eval tokens"]
+         "eval text is a pipe", "empty eval text", "revision of a folder", "too few eval tokens"]
 
 
 def _has_cuda() -> bool:
@@ -66,6 +70,24 @@ def test_bad_input_fails_cleanly(case: str, tmp_path: Path, tiny_dir, store: str
     assert "Traceback" not in result.stderr
     assert not out.exists(), "nothing may be written at the output path"
     assert not Path(store).exists() or not any(Path(store).rglob("manifest.json"))
+
+
+def test_an_eval_text_too_short_to_score_is_refused_with_its_length(tmp_path: Path, tiny_dir, store: str) -> None:  # noqa: ANN001
+    """Only the model's tokenizer can count the text's tokens, so this is found in the evaluate node
+    (after download and capture, which stay cached): one error with the count, no output."""
+    short = tmp_path / "short.txt"
+    short.write_text("hello world")
+    out = tmp_path / "out"
+
+    result = grove_cli("auto-opt", "-m", str(tiny_dir("llama")), "--eval_data", str(short), "-o", str(out),
+                       "--store", store)
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("grove: error:")]
+    counted = re.search(r"short\.txt is (\d+) tokens long for this model's tokenizer; at least 16 are needed", error)
+    assert counted and 1 < int(counted[1]) < 16, error
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("command", "hint"), [("finetune", "grove auto-opt -m <merged model folder>"),
