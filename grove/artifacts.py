@@ -56,6 +56,8 @@ class Source(BaseModel):
     revision: str | None = Field(None, description="hub commit the digest pins")
     files: list[str] = Field(default_factory=list, description="files the source consists of")
     model_type: str = Field(description="Hugging Face model_type (from config.json or GGUF metadata)")
+    architectures: list[str] = Field(default_factory=list, description="config.json's architectures: the head "
+                                     "the weights carry (e.g. BertForSequenceClassification)")
 
 
 class Artifact(BaseModel):

@@ -170,8 +170,14 @@ def _auto_opt(args: argparse.Namespace) -> int:
     try:
         from grove.runner import preflight, route, run_auto_opt
 
-        path = route(args.model_name_or_path, args.revision)
-        request = AutoOptRequest(**fields) if path == "decoder" else EncoderOptRequest.from_flags(fields)
+        path, source = route(args.model_name_or_path, args.revision)
+        if path == "decoder":
+            request = AutoOptRequest(**fields)
+        else:
+            request = EncoderOptRequest.from_flags(fields, source.architectures)
+            if "task" not in fields and request.task != "feature-extraction":
+                print(f"grove: --task {request.task}: the head of {', '.join(source.architectures)}; "
+                      "pass --task to choose another", file=sys.stderr)
         preflight(request, path)
         report = run_auto_opt(request)
     except ValidationError as exc:

@@ -4,6 +4,7 @@ before any work starts and split into the typed configs of the nodes that will r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,11 +21,23 @@ from tasks.optimize_graph import GraphConfig
 from tasks.package_encoder import EncoderPackageConfig
 from tasks.quantize_int8 import Int8Config
 
-__all__ = ["EncoderOptRequest"]
+__all__ = ["EncoderOptRequest", "infer_task"]
 
 # auto-opt flags (and fleet target fields) that only the decoder path takes.
 _DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", "head_bits", "eval_tokens",
                  "min_top1_agreement")
+
+def infer_task(architectures: Sequence[str]) -> EncoderTask:
+    """The task an encoder's head is for, from config.json's architectures (as transformers names
+    them): a sequence classifier is served as text-classification, a token classifier as
+    token-classification, anything else (a bare encoder, a masked-LM head) as feature-extraction."""
+    for arch in architectures:
+        if arch.endswith("ForSequenceClassification"):
+            return "text-classification"
+        if arch.endswith("ForTokenClassification"):
+            return "token-classification"
+    return "feature-extraction"
+
 
 class EncoderOptRequest(BaseModel):
     """What ``grove auto-opt`` was asked to do for an encoder model."""
@@ -35,7 +48,8 @@ class EncoderOptRequest(BaseModel):
     device: Literal["cpu", "gpu"] = Field("cpu", description="target hardware")
     provider: Provider | None = Field(None, description="execution provider; default follows --device")
     precision: Literal["int8", "fp16", "fp32"] = Field("int8", description="precision of the output")
-    task: EncoderTask = Field("feature-extraction", description="what the model is for")
+    task: EncoderTask = Field("feature-extraction", description="what the model is for (from_flags: by default "
+                              "the task of the weights' head, see infer_task)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="allow the model's own Python code")
     store: str = Field(default_factory=default_store_uri, description="artifact store URI (file path or s3://)")
@@ -52,9 +66,10 @@ class EncoderOptRequest(BaseModel):
                                                     "to publish the output under in the store's registry")
 
     @classmethod
-    def from_flags(cls, fields: dict[str, object]) -> EncoderOptRequest:
+    def from_flags(cls, fields: dict[str, object], architectures: Sequence[str] = ()) -> EncoderOptRequest:
         """The encoder request from ``grove auto-opt``'s flags (or a fleet target), refusing the
-        decoder-only ones by name."""
+        decoder-only ones by name. Without --task, the task is the one the weights' head is for
+        (``infer_task`` of config.json's architectures)."""
         given = [f"--{k}" for k in _DECODER_ONLY if k in fields]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
@@ -62,6 +77,7 @@ class EncoderOptRequest(BaseModel):
                                  "(--precision int8, fp16 or fp32)")
         if fields.get("precision") == "int4":
             raise InvalidRequest("--precision int4 is for decoder LLMs; encoders take int8 (default), fp16 or fp32")
+        fields = {"task": infer_task(architectures), **fields}
         return cls(**{k: v for k, v in fields.items() if k != "use_ort_genai"})  # type: ignore[arg-type]
 
     @model_validator(mode="after")

@@ -15,15 +15,19 @@ from grove.store import ArtifactStore
 if TYPE_CHECKING:
     from prefect.states import State
 
+    from grove.artifacts import Source
+
 __all__ = ["preflight", "result_storage", "route", "run_auto_opt", "run_auto_opt_state"]
 
 
-def route(model_name_or_path: str, revision: str | None = None) -> str:
-    """'decoder' or 'encoder': which auto-opt path serves this model (raises for unsupported)."""
+def route(model_name_or_path: str, revision: str | None = None) -> tuple[str, Source]:
+    """'decoder' or 'encoder' (which auto-opt path serves this model; raises for unsupported),
+    and the resolved source."""
     from tasks import _sources
     from tasks.registry import arch_spec
 
-    return arch_spec(_sources.resolve(model_name_or_path, revision).model_type).path
+    source = _sources.resolve(model_name_or_path, revision)
+    return arch_spec(source.model_type).path, source
 
 
 def preflight(request: AutoOptRequest | EncoderOptRequest, path: str = "decoder") -> None:

@@ -84,8 +84,7 @@ def _resolve_folder(path: Path) -> Source:
     h = hashlib.sha256()
     for rel in files:
         h.update(f"{rel}\0{_cached_sha256(path / rel)}\n".encode())
-    return Source(kind="local", location=str(path), digest=h.hexdigest(), files=files,
-                  model_type=_model_type(config))
+    return Source(kind="local", location=str(path), digest=h.hexdigest(), files=files, **_config_facts(config))
 
 
 def _is_hub_id(name_or_path: str) -> bool:
@@ -115,10 +114,10 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Source:
             ) from None
         sha, files = folder.name, sorted(p.name for p in folder.iterdir() if _wanted(p.name))
         return Source(kind="hub", location=repo_id, digest=sha, revision=sha, files=files,
-                      model_type=_model_type(folder / "config.json"))
+                      **_config_facts(folder / "config.json"))
     folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=["config.json"]))
     return Source(kind="hub", location=repo_id, digest=sha, revision=sha, files=files,
-                  model_type=_model_type(folder / "config.json"))
+                  **_config_facts(folder / "config.json"))
 
 
 def _resolve_s3(uri: str) -> Source:
@@ -137,23 +136,33 @@ def _resolve_s3(uri: str) -> Source:
     for rel in sorted(entries):
         info = entries[rel]
         h.update(f"{rel}\0{info.get('ETag') or info.get('etag')}\0{info.get('size')}\n".encode())
-    model_type = json.loads(store.fs.cat_file(f"{store.root}/config.json")).get("model_type", "")
-    return Source(kind="s3", location=uri, digest=h.hexdigest(), files=sorted(entries), model_type=model_type)
+    facts = _facts(store.fs.cat_file(f"{store.root}/config.json"), f"{uri}/config.json")
+    return Source(kind="s3", location=uri, digest=h.hexdigest(), files=sorted(entries), **facts)
 
 
 def _wanted(name: str) -> bool:
     return any(Path(name).match(p) for p in HUB_PATTERNS) or name.endswith(".bin") and "pytorch_model" in name
 
 
-def _model_type(config_path: Path) -> str:
+def _config_facts(config_path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"'{config_path}' is not valid JSON ({exc}); the model folder is corrupt") from exc
-    model_type = config.get("model_type")
+        return _facts(config_path.read_bytes(), str(config_path))
+    except OSError as exc:
+        raise ModelSourceError(f"'{config_path}' cannot be read ({exc}); the model folder is incomplete") from exc
+
+
+def _facts(config_json: bytes, where: str) -> dict[str, Any]:
+    """model_type and architectures from a config.json's bytes."""
+    try:
+        config = json.loads(config_json)
+    except ValueError as exc:
+        raise ModelSourceError(f"'{where}' is not valid JSON ({exc}); the model folder is corrupt") from exc
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if not model_type:
-        raise ModelSourceError(f"'{config_path}' has no model_type; it is not a transformers model config")
-    return str(model_type)
+        raise ModelSourceError(f"'{where}' has no model_type; it is not a transformers model config")
+    architectures = config.get("architectures") or []
+    return {"model_type": str(model_type), "architectures": [str(a) for a in architectures]
+            if isinstance(architectures, list) else []}
 
 
 def _cached_sha256(path: Path) -> str:

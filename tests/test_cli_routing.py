@@ -27,3 +27,32 @@ def test_decoder_only_flags_on_an_encoder_are_one_clear_error(tmp_path: Path, st
     assert result.returncode == 2
     assert "--int4_algorithm applies to decoder LLMs" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_classifier_without_task_is_served_as_the_classifier_it_is(tmp_path: Path, store: str) -> None:
+    """No --task: the weights' head (config.json's architectures) picks it, so the classifier head
+    is exported and scored, not dropped for hidden states."""
+    from tests.tiny_models import build_encoder
+
+    model = build_encoder("bert", tmp_path / "classifier")  # BertForSequenceClassification, 3 labels
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text('{"text": "a short row", "label": "LABEL_1"}\n{"text": "another row", "label": 2}\n')
+    out = tmp_path / "out"
+
+    result = grove_cli("auto-opt", "-m", str(model), "-o", str(out), "--store", store, "--eval_data",
+                       str(labelled), "--log_level", "3")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--task text-classification: the head of BertForSequenceClassification" in result.stderr
+    report = json.loads((out / "grove_report.json").read_text())
+    assert report["target"]["task"] == "text-classification"
+    assert 0 <= report["metrics"]["accuracy"] <= 1 and report["metrics"]["top1_vs_pytorch"] >= 0.5
+    assert ", text-classification" in result.stdout.splitlines()[1]  # the report's target line
+
+
+def test_infer_task_from_architectures() -> None:
+    from grove.request_encoder import infer_task
+
+    assert infer_task(["BertForSequenceClassification"]) == "text-classification"
+    assert infer_task(["RobertaForTokenClassification"]) == "token-classification"
+    assert infer_task(["BertModel"]) == infer_task(["BertForMaskedLM"]) == infer_task([]) == "feature-extraction"
