@@ -98,7 +98,9 @@ class AutoOptRequest(BaseModel):
 
     @property
     def capture(self) -> CaptureConfig:
+        builder_int4 = self.int4_algorithm_used == "builder"
         return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider,  # type: ignore[arg-type]
+                             block_size=self.block_size if builder_int4 else None,
                              placement=self._placement("capture-onnx"))
 
     @property
@@ -129,8 +131,7 @@ class AutoOptRequest(BaseModel):
 
     @property
     def package(self) -> PackageConfig:
-        int4 = self.int4
         return PackageConfig(model=self.model_name_or_path, placement=self._placement("package-genai"),
                              reference_precision=self.reference_capture.precision, target={
             "device": self.device, "provider": self.execution_provider, "precision": self.precision,
-            "int4_algorithm": self.int4_algorithm_used, "block_size": int4.block_size if int4 else None})
+            "int4_algorithm": self.int4_algorithm_used, "block_size": self.block_size if self.int4_algorithm_used else None})

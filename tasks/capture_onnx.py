@@ -31,6 +31,14 @@ class CaptureConfig(StepConfig):
     VERSION = 1
     precision: BuilderPrecision = Field("fp32", description="weight precision the builder writes")
     execution_provider: BuilderProvider = Field("cpu", description="provider the graph is built for")
+    block_size: Literal[16, 32, 64, 128, 256] | None = Field(None, description="precision int4 (the builder "
+                                                             "quantizes): weights per block; None: the builder's 32")
+
+    def recipe(self) -> dict[str, object]:
+        recipe = super().recipe()
+        if recipe["block_size"] is None:  # not part of the recipes written before the field existed
+            del recipe["block_size"]
+        return recipe
 
     @classmethod
     def cpu(cls) -> CaptureConfig:
@@ -58,8 +66,9 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
     with (tempfile.TemporaryDirectory(prefix="grove-builder-") as cache, contextlib.redirect_stdout(chatter),
           contextlib.redirect_stderr(chatter)):
         try:
+            options = [f"block_size={config.block_size}"] if config.block_size else []
             extra = builder.parse_extra_options(None, str(hf_dir), str(out), config.precision,
-                                                config.execution_provider, str(cache), [])
+                                                config.execution_provider, str(cache), options)
             builder.create_model(None, str(hf_dir), str(out), config.precision, config.execution_provider,
                                  str(cache), **extra)
         except (ValueError, NotImplementedError, KeyError) as exc:

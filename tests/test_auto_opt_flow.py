@@ -125,3 +125,19 @@ def test_a_short_context_model_is_scored_in_chunks_that_fit_it(tiny_dir, tmp_pat
     metrics = json.loads((out / "grove_report.json").read_text())["metrics"]
     assert metrics["ppl_tokens"] == 600 and metrics["ppl_chunk"] == 255
     assert metrics["perplexity"] > 1 and metrics["generated_tokens"] == 64
+
+
+def test_builder_int4_takes_the_block_size(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    """--int4_algorithm builder (the GPU default) quantizes inside the model builder; --block_size
+    must reach it, not be dropped silently."""
+    import onnx
+
+    out = tmp_path / "out"
+    state = run_auto_opt_state(_request(tiny_dir("qwen2"), out, store, int4_algorithm="builder", block_size=16))
+
+    assert state.is_completed()
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {16}
+    target = json.loads((out / "grove_report.json").read_text())["target"]
+    assert (target["int4_algorithm"], target["block_size"]) == ("builder", 16)

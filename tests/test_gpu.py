@@ -33,7 +33,7 @@ def test_cuda_int4_output_is_built_by_the_builder_and_measured_on_the_gpu(tiny_d
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "grove_report.json").read_text())
     assert report["target"] == {"device": "gpu", "provider": "cuda", "precision": "int4", "int4_algorithm": "builder",
-                                "block_size": None}
+                                "block_size": 32}
     assert report["metrics"]["decode_tok_s"] > 0 and report["reference"]["perplexity"] > 1
     assert report["reference"]["precision"] == "fp16"  # the builder's CUDA reference, named as such
     config = og.Config(str(out))

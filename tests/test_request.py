@@ -27,8 +27,10 @@ def test_int4_flags_reach_the_quantizer_and_only_it() -> None:
     assert request.int4 is not None
     assert (request.int4.algorithm, request.int4.block_size, request.int4.symmetric,
             request.int4.accuracy_level) == ("rtn", 64, True, 0)
-    assert AutoOptRequest(model_name_or_path="m", output_path="o", device="gpu").int4 is None, \
-        "on GPU the builder quantizes during capture"
+    gpu = AutoOptRequest(model_name_or_path="m", output_path="o", device="gpu", block_size=64)
+    assert gpu.int4 is None, "on GPU the builder quantizes during capture"
+    assert gpu.capture.block_size == 64 and gpu.reference_capture.block_size is None
+    assert "block_size" not in gpu.reference_capture.recipe(), "captures without int4 keep their cache keys"
 
 
 def test_head_bits_default_to_8_and_4_is_affine_or_hqq_only() -> None:
