@@ -26,6 +26,7 @@ def optimize_encoder(request: EncoderOptRequest) -> dict[str, object]:
     """Source -> HF folder -> ONNX -> fused (fp32 reference) -> int8 | fp16 -> evaluated -> output (and the
     metrics table and report as Prefect artifacts on the flow run's page)."""
     source = resolve_source(request.model_name_or_path, request.revision)
+    request = request.resolved(source)  # a run from the dashboard may leave the task to the model
     labelled_sha = fingerprint_text(request.eval_data) if request.eval_data else ""
     hf_model = download_model(source, request.download, request.store)
     captured = capture_encoder(hf_model, request.capture)

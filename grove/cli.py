@@ -174,7 +174,7 @@ def _auto_opt(args: argparse.Namespace) -> int:
         if path == "decoder":
             request = AutoOptRequest(**fields)
         else:
-            request = EncoderOptRequest.from_flags(fields, source.architectures)
+            request = EncoderOptRequest.from_flags(fields).resolved(source)
             if "task" not in fields and request.task != "feature-extraction":
                 print(f"grove: --task {request.task}: the head of {', '.join(source.architectures)}; "
                       "pass --task to choose another", file=sys.stderr)

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from grove.artifacts import Source
 from grove.errors import InvalidRequest
 from grove.request import EP_SHORT, PROVIDER_DEVICE, Provider
 from grove.store import default_store_uri
@@ -26,6 +27,9 @@ __all__ = ["EncoderOptRequest", "infer_task"]
 # auto-opt flags (and fleet target fields) that only the decoder path takes.
 _DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", "head_bits", "eval_tokens",
                  "min_top1_agreement")
+
+_EVAL_DATA_TASK = "--eval_data (labelled text,label rows) applies to --task text-classification"
+
 
 def infer_task(architectures: Sequence[str]) -> EncoderTask:
     """The task an encoder's head is for, from config.json's architectures (as transformers names
@@ -48,8 +52,8 @@ class EncoderOptRequest(BaseModel):
     device: Literal["cpu", "gpu"] = Field("cpu", description="target hardware")
     provider: Provider | None = Field(None, description="execution provider; default follows --device")
     precision: Literal["int8", "fp16", "fp32"] = Field("int8", description="precision of the output")
-    task: EncoderTask = Field("feature-extraction", description="what the model is for (from_flags: by default "
-                              "the task of the weights' head, see infer_task)")
+    task: EncoderTask | None = Field(None, description="what the model is for; None: the task of the weights' "
+                                     "head (a *ForSequenceClassification is text-classification, see infer_task)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="allow the model's own Python code")
     store: str = Field(default_factory=default_store_uri, description="artifact store URI (file path or s3://)")
@@ -66,10 +70,9 @@ class EncoderOptRequest(BaseModel):
                                                     "to publish the output under in the store's registry")
 
     @classmethod
-    def from_flags(cls, fields: dict[str, object], architectures: Sequence[str] = ()) -> EncoderOptRequest:
+    def from_flags(cls, fields: dict[str, object]) -> EncoderOptRequest:
         """The encoder request from ``grove auto-opt``'s flags (or a fleet target), refusing the
-        decoder-only ones by name. Without --task, the task is the one the weights' head is for
-        (``infer_task`` of config.json's architectures)."""
+        decoder-only ones by name."""
         given = [f"--{k}" for k in _DECODER_ONLY if k in fields]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
@@ -77,7 +80,6 @@ class EncoderOptRequest(BaseModel):
                                  "(--precision int8, fp16 or fp32)")
         if fields.get("precision") == "int4":
             raise InvalidRequest("--precision int4 is for decoder LLMs; encoders take int8 (default), fp16 or fp32")
-        fields = {"task": infer_task(architectures), **fields}
         return cls(**{k: v for k, v in fields.items() if k != "use_ort_genai"})  # type: ignore[arg-type]
 
     @model_validator(mode="after")
@@ -88,11 +90,29 @@ class EncoderOptRequest(BaseModel):
                             f"{self.device}; pass --device {PROVIDER_DEVICE[self.provider]} or another provider")
         if self.precision != "int8" and (self.int8_mode != "dynamic" or self.nodes_to_exclude):
             problems.append(f"int8 options apply to --precision int8, not {self.precision}")
-        if self.eval_data and self.task != "text-classification":
-            problems.append("--eval_data (labelled text,label rows) applies to --task text-classification")
+        if self.eval_data and self.task not in (None, "text-classification"):
+            problems.append(_EVAL_DATA_TASK)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def resolved(self, source: Source) -> EncoderOptRequest:
+        """This request with its task settled: as asked, or (task None) the task of the source's
+        head. Raises InvalidRequest if labelled --eval_data is given for a model that is not a
+        text classifier."""
+        if self.task is not None:
+            return self
+        task = infer_task(source.architectures)
+        if self.eval_data and task != "text-classification":
+            raise InvalidRequest(f"{_EVAL_DATA_TASK}; {self.model_name_or_path} is a {task} model "
+                                 f"({', '.join(source.architectures) or 'no architectures in config.json'})")
+        return self.model_copy(update={"task": task})
+
+    @property
+    def _task(self) -> EncoderTask:
+        if self.task is None:
+            raise ValueError("the request's task is settled by resolved(source) before its node configs are read")
+        return self.task
 
     @property
     def execution_provider(self) -> Literal["cpu", "cuda", "dml"]:
@@ -105,7 +125,7 @@ class EncoderOptRequest(BaseModel):
 
     @property
     def capture(self) -> CaptureEncoderConfig:
-        return CaptureEncoderConfig(task=self.task)
+        return CaptureEncoderConfig(task=self._task)
 
     @property
     def graph(self) -> GraphConfig:
@@ -133,4 +153,4 @@ class EncoderOptRequest(BaseModel):
     def package(self) -> EncoderPackageConfig:
         return EncoderPackageConfig(model=self.model_name_or_path, target={
             "device": self.device, "provider": self.execution_provider, "precision": self.precision,
-            "task": self.task, "int8_mode": self.int8_mode if self.precision == "int8" else None})
+            "task": self._task, "int8_mode": self.int8_mode if self.precision == "int8" else None})

@@ -37,7 +37,7 @@ def refresh_entry(model: FleetModel, target_name: str, manifest: FleetManifest) 
             "store": manifest.store, "publish_as": (model.name, target_name, version),
             **target.model_dump(exclude_none=True, exclude_defaults=True)}
         request = (AutoOptRequest(**fields, eval_tokens=manifest.eval_tokens) if path == "decoder"  # type: ignore[arg-type]
-                   else EncoderOptRequest.from_flags(fields, source.architectures))
+                   else EncoderOptRequest.from_flags(fields).resolved(source))
         run_auto_opt_on_pool(request, target.device)
         return {**row, "status": "refreshed", "version": version}
     except (GroveError, ValueError) as exc:

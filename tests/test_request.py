@@ -48,3 +48,21 @@ def test_decoder_only_flags_on_an_encoder_are_named() -> None:
     with pytest.raises(InvalidRequest, match="--block_size, --accuracy_level apply to decoder LLMs"):
         EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "block_size": 64,
                                       "accuracy_level": 0})
+
+
+def test_an_encoder_request_without_task_takes_the_task_of_the_models_head() -> None:
+    from grove.artifacts import Source
+
+    def source(*architectures: str) -> Source:
+        return Source(kind="local", location="/m", digest="d", model_type="bert", architectures=list(architectures))
+
+    request = EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o"})
+    assert request.task is None  # as the dashboard's run form leaves it
+    assert request.resolved(source("BertForSequenceClassification")).capture.task == "text-classification"
+    assert request.resolved(source("BertForTokenClassification")).package.target["task"] == "token-classification"
+    assert request.resolved(source("BertModel")).task == "feature-extraction"
+    asked = EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "task": "feature-extraction"})
+    assert asked.resolved(source("BertForSequenceClassification")).task == "feature-extraction", "--task wins"
+    labelled = EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "eval_data": "l.csv"})
+    with pytest.raises(InvalidRequest, match="applies to --task text-classification; m is a feature-extraction model"):
+        labelled.resolved(source("BertModel"))
