@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grove.store import default_store_uri
 from tasks.capture_onnx import CaptureConfig
@@ -14,12 +14,29 @@ from tasks.evaluate import EvalConfig
 from tasks.package_genai import PackageConfig
 from tasks.quantize_int4 import Int4Algorithm, Int4Config
 
-__all__ = ["EP_SHORT", "PROVIDER_DEVICE", "AutoOptRequest"]
+__all__ = ["EP_SHORT", "PROVIDER_DEVICE", "AutoOptRequest", "local_output_path"]
 
 Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider"]
 Precision = Literal["int4", "int8", "fp16", "fp32"]
 PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "gpu", "DmlExecutionProvider": "gpu"}
 EP_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
+
+
+def local_output_path(value: str) -> str:
+    """The output is a local folder (on a worker, its output volume): refuse what cannot be one
+    before any work, instead of a folder named 's3:' or a traceback from expanduser."""
+    from pathlib import Path
+
+    if not value.strip():
+        raise ValueError("empty; pass the folder to write the optimized model to")
+    if "://" in value:
+        raise ValueError(f"{value} is a URI; the output is a local folder (the artifacts themselves are in the "
+                         "store, --store s3://..., and `grove fleet refresh` publishes outputs there)")
+    try:
+        Path(value).expanduser()
+    except RuntimeError as exc:  # ~user of an unknown user
+        raise ValueError(f"{value}: {exc}") from None
+    return value
 
 
 class AutoOptRequest(BaseModel):
@@ -52,6 +69,8 @@ class AutoOptRequest(BaseModel):
     gpu_nodes: list[Literal["capture-onnx", "quantize-int4", "evaluate", "package-genai"]] = Field(
         default_factory=list, description="on a deployed stack: nodes to run on the gpu pool (others run where "
         "they naturally do); ignored when running locally")
+
+    _output_path = field_validator("output_path")(local_output_path)
 
     @model_validator(mode="after")
     def _consistent(self) -> AutoOptRequest:

@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grove.artifacts import Source
 from grove.errors import InvalidRequest
-from grove.request import EP_SHORT, PROVIDER_DEVICE, Provider
+from grove.request import EP_SHORT, PROVIDER_DEVICE, Provider, local_output_path
 from grove.store import default_store_uri
 from tasks.capture_encoder import CaptureEncoderConfig, EncoderTask
 from tasks.check_parity import ParityConfig
@@ -81,6 +81,8 @@ class EncoderOptRequest(BaseModel):
         if fields.get("precision") == "int4":
             raise InvalidRequest("--precision int4 is for decoder LLMs; encoders take int8 (default), fp16 or fp32")
         return cls(**{k: v for k, v in fields.items() if k != "use_ort_genai"})  # type: ignore[arg-type]
+
+    _output_path = field_validator("output_path")(local_output_path)
 
     @model_validator(mode="after")
     def _consistent(self) -> EncoderOptRequest:

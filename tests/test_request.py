@@ -66,3 +66,14 @@ def test_an_encoder_request_without_task_takes_the_task_of_the_models_head() -> 
     labelled = EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "eval_data": "l.csv"})
     with pytest.raises(InvalidRequest, match="applies to --task text-classification; m is a feature-extraction model"):
         labelled.resolved(source("BertModel"))
+
+
+@pytest.mark.parametrize(("output_path", "expected"), [
+    ("s3://bucket/out", "s3://bucket/out is a URI; the output is a local folder"),
+    ("  ", "empty; pass the folder"),
+    ("~no-such-user-here/out", "~no-such-user-here/out: Could not determine home directory"),
+])
+def test_an_output_path_that_cannot_be_a_local_folder_is_refused(output_path: str, expected: str) -> None:
+    for request in (AutoOptRequest, EncoderOptRequest):
+        with pytest.raises(ValidationError, match=expected):
+            request(model_name_or_path="m", output_path=output_path)
