@@ -85,8 +85,15 @@ class ArtifactStore:
         uri = uri or default_store_uri()
         if "://" not in uri:
             uri = str(Path(uri).expanduser().resolve())
+        protocol, sep, path = uri.partition("://")
+        if sep and not path.strip("/"):  # "s3://": without a bucket the URI would name a local folder "s3:"
+            raise StoreError(f"artifact store {uri} names no location; pass {protocol}://<bucket>/<prefix>")
         self.uri = uri.rstrip("/")
-        fs, root = fsspec.core.url_to_fs(self.uri, **_storage_options(self.uri))
+        try:
+            fs, root = fsspec.core.url_to_fs(self.uri, **_storage_options(self.uri))
+        except (ImportError, ValueError) as exc:  # a protocol fsspec does not know, or whose package is missing
+            raise StoreError(f"artifact store {uri} cannot be opened ({exc}); Grove's stores are a local folder "
+                             "or s3://bucket/prefix (any S3-compatible server via AWS_ENDPOINT_URL)") from exc
         self.fs: fsspec.AbstractFileSystem = fs
         self.root: str = root.rstrip("/")
         from fsspec.implementations.local import LocalFileSystem

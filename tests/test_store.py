@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,20 @@ def test_an_s3_endpoint_that_is_down_is_one_clear_error(monkeypatch: pytest.Monk
     with pytest.raises(StoreError, match=f"s3://down/grove is not usable: EndpointConnectionError.*127.0.0.1:{port}"
                                          ".*check AWS_ENDPOINT_URL"):
         ArtifactStore("s3://down/grove").check_reachable()
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("s3://", "names no location; pass s3://<bucket>/<prefix>"),  # not a local folder named 's3:'
+    pytest.param("gs://bucket/grove", "cannot be opened \\(Please install gcsfs", marks=pytest.mark.skipif(
+        importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed here: gs:// opens")),
+    ("nosuch://bucket/grove", "cannot be opened \\(Protocol not known: nosuch\\)"),
+])
+def test_a_store_uri_grove_cannot_open_is_one_clear_error(uri: str, expected: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match=expected):
+        ArtifactStore(uri)
+    assert not any(tmp_path.iterdir()), "nothing written"
 
 
 def test_s3_store_round_trip(s3_store: str, tmp_path: Path) -> None:
