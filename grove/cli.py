@@ -263,6 +263,9 @@ def _deploy(args: argparse.Namespace) -> int:
 
     if not os.environ.get("PREFECT_API_URL"):
         return _fail("grove deploy needs a Prefect server: set PREFECT_API_URL (or run `grove stack up`)")
+    from grove.server import check_api
+
+    check_api(os.environ["PREFECT_API_URL"])
     manifest = None
     if args.fleet_manifest:
         from grove.errors import GroveError

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from grove.errors import GroveError
 
-__all__ = ["ensure_api", "free_port", "grove_home", "server_status", "stop_server"]
+__all__ = ["check_api", "ensure_api", "free_port", "grove_home", "server_status", "stop_server"]
 
 
 def grove_home() -> Path:
@@ -73,7 +73,7 @@ def _lock() -> Iterator[None]:
 def ensure_api(timeout: float = 120.0) -> str:
     """Point this process at a Prefect API (starting the embedded server if needed)."""
     if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
+        return check_api(os.environ["PREFECT_API_URL"])
     with _lock():
         state = server_status()
         if state is None:
@@ -82,6 +82,22 @@ def ensure_api(timeout: float = 120.0) -> str:
     url = str(state["api_url"])
     os.environ["PREFECT_API_URL"] = url
     return url
+
+
+def check_api(url: str, timeout: float = 10.0) -> str:
+    """``url`` if a server answers there (any HTTP answer: a Prefect Cloud workspace may want
+    credentials for /health); else a GroveError naming the URL, the cause and the fix."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout):  # noqa: S310 - the user's API
+            return url
+    except urllib.error.HTTPError:
+        return url
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise GroveError(f"the Prefect API at PREFECT_API_URL={url} does not answer ({reason}); start that server "
+                         "(or `grove stack up`), or unset PREFECT_API_URL to use grove's own local server") from None
 
 
 def _start(timeout: float, attempts: int = 2) -> dict[str, object]:

@@ -90,6 +90,21 @@ def test_an_eval_text_too_short_to_score_is_refused_with_its_length(tmp_path: Pa
     assert not out.exists()
 
 
+def test_a_prefect_api_that_does_not_answer_is_one_clear_error(tmp_path: Path, tiny_dir) -> None:  # noqa: ANN001
+    from grove.server import free_port
+
+    down = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    out = tmp_path / "out"
+    for args in (["auto-opt", "-m", str(tiny_dir("llama")), "-o", str(out)], ["deploy"]):
+        result = grove_cli(*args, env={"PREFECT_API_URL": down, "GROVE_WARM": "0"})
+
+        assert result.returncode == 2, result.stderr[-3000:]
+        [error] = [line for line in result.stderr.splitlines() if line.startswith("grove: error:")]
+        assert f"the Prefect API at PREFECT_API_URL={down} does not answer" in error and "Connection refused" in error
+        assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("command", "hint"), [("finetune", "grove auto-opt -m <merged model folder>"),
                                                ("run", "grove fleet refresh")])
 def test_tutorial_commands_grove_lacks_say_what_to_do(command: str, hint: str,
