@@ -8,6 +8,7 @@ its flow runs. Locally (no ``GROVE_DEVICE``) nothing is dispatched. Flows never 
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING
 
 from grove.artifacts import Artifact, Device, Source, StepConfig
@@ -51,6 +52,15 @@ def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str
         raise GroveError(f"node {config.NODE} failed on the {config.device} pool ({name}): {message}")
 
 
+# In-process runs (no deployed stack) take turns. A fleet's entries are checked concurrently, in
+# threads of one process; two optimizations at once there share the process's import machinery
+# and the exporters' global registries, which are not thread-safe: a decoder and an encoder
+# refreshed together failed every time (the model builder's "cannot import name
+# 'AutoModelForCausalLM' from 'transformers'", then, with the imports done first, a KeyError
+# inside the builder). On a deployed stack each run is its own process on a worker.
+_IN_PROCESS = threading.Lock()
+
+
 def run_auto_opt_on_pool(request: AutoOptRequest | EncoderOptRequest, device: str) -> None:
     """Run the request's auto-opt flow: on a deployed stack as the ``auto-opt-<device>`` (or
     ``auto-opt-encoder-<device>``) deployment, a subflow; in-process otherwise. Raises GroveError
@@ -67,6 +77,7 @@ def run_auto_opt_on_pool(request: AutoOptRequest | EncoderOptRequest, device: st
     else:
         from grove.runner import configured_flow
 
-        state = configured_flow(request)(request, return_state=True)
+        with _IN_PROCESS:
+            state = configured_flow(request)(request, return_state=True)
     if state is None or not state.is_completed():
         raise GroveError(f"auto-opt did not complete: {state.message if state else 'no state'}")

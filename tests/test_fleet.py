@@ -80,3 +80,25 @@ def test_a_bad_manifest_is_one_line_and_exit_2(content: str | None, expected: st
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"grove: error: fleet manifest {path} ") and expected in err and err.count("\n") == 1, err
+
+
+def test_a_decoder_and_a_classifier_refresh_side_by_side(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    """One batch of two, in a fresh `grove fleet refresh` process: the entries are checked in
+    threads of that process, and before in-process runs took turns, the decoder's capture failed
+    every time while the encoder was exported ("cannot import name 'AutoModelForCausalLM' from
+    'transformers'", or a KeyError inside the model builder). The classifier keeps its head."""
+    from tests.conftest import grove_cli
+
+    classifier = tiny_models.build_encoder("bert", tmp_path / "classifier")  # BertForSequenceClassification
+    manifest = tmp_path / "fleet.yaml"
+    manifest.write_text(f"store: {store}\neval_tokens: 64\nconcurrency: 2\ntargets: {{cpu: {{device: cpu}}}}\n"
+                        f"models:\n  - {{name: cls, source: {classifier}, targets: [cpu]}}\n"
+                        f"  - {{name: dec, source: {tiny_dir('llama')}, targets: [cpu]}}\n")
+
+    result = grove_cli("fleet", "refresh", str(manifest))
+
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[2] for line in result.stdout.splitlines() if line.split()[:1] in (["cls"], ["dec"])}
+    assert rows == {"cls": "refreshed", "dec": "refreshed"}, result.stdout
+    report = json.loads((Path(read_latest(store, "cls", "cpu")["path"]) / "grove_report.json").read_text())
+    assert report["target"]["task"] == "text-classification"
