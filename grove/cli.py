@@ -109,6 +109,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (1024; 2048 matches the figures in README)")
     p.add_argument("--min_top1_agreement", type=float,
                    help="fail if top-1 agreement with the fp32 model is lower than this")
+    e = p.add_argument_group("encoders (BERT, RoBERTa, DistilBERT)")
+    e.add_argument("--int8_mode", choices=["dynamic", "static"], help="int8: activations scaled per run (dynamic, "
+                   "default) or calibrated on text (static)")
+    e.add_argument("--per_channel", action=argparse.BooleanOptionalAction, default=None,
+                   help="int8: one weight scale per output channel (default: on)")
+    e.add_argument("--op_types_to_quantize", nargs="+", metavar="OP", help="int8: only these op types "
+                   "(default: onnxruntime's)")
+    e.add_argument("--nodes_to_exclude", nargs="+", metavar="NODE", help="int8: node names kept in fp32")
+    e.add_argument("--quant_format", choices=["QDQ", "QOperator"], help="static int8: graph format (QDQ)")
+    e.add_argument("--calibrate_method", choices=["MinMax", "Entropy", "Percentile"],
+                   help="static int8: activation ranges (MinMax)")
+    e.add_argument("--calibration_data", help="static int8: UTF-8 text, one sample per paragraph (default: the "
+                   "GPL-3 text shipped with Grove)")
+    e.add_argument("--calibration_samples", type=int, help="static int8: paragraphs used (32)")
+    e.add_argument("--eval_repeat", type=int, help="timed calls per latency measurement (100)")
+    e.add_argument("--min_cosine", type=float, help="feature extraction: parity limit on the mean embedding cosine "
+                   "(default per precision)")
     p.set_defaults(run=_auto_opt)
 
     s = sub.add_parser("server", help="the local Prefect server and warm runner that grove starts on demand")
@@ -172,6 +189,10 @@ def _auto_opt(args: argparse.Namespace) -> int:
 
         path, source = route(args.model_name_or_path, args.revision)
         if path == "decoder":
+            if given := [f"--{k}" for k in _ENCODER_ONLY if k in fields]:
+                verb = "applies" if len(given) == 1 else "apply"
+                return _fail(f"{', '.join(given)} {verb} to encoders; {args.model_name_or_path} is a decoder LLM "
+                             "(its int4 options: --int4_algorithm, --block_size, --symmetric, --accuracy_level)")
             request = AutoOptRequest(**fields)
         else:
             request = EncoderOptRequest.from_flags(fields).resolved(source)
@@ -194,6 +215,11 @@ def _auto_opt(args: argparse.Namespace) -> int:
 
     print(format_report(report, request.output_path))
     return 0
+
+
+# auto-opt flags that only the encoder path takes (grove/request_encoder.py has the decoder-only ones).
+_ENCODER_ONLY = ("int8_mode", "per_channel", "op_types_to_quantize", "nodes_to_exclude", "quant_format",
+                 "calibrate_method", "calibration_data", "calibration_samples", "eval_repeat", "min_cosine")
 
 
 def _server(args: argparse.Namespace) -> int:

@@ -28,6 +28,18 @@ __all__ = ["EncoderOptRequest", "infer_task"]
 _DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", "head_bits", "eval_tokens",
                  "min_top1_agreement")
 
+_STATIC_OPTIONS = ("quant_format", "calibrate_method", "calibration_data", "calibration_samples")
+_INT8_OPTIONS = ("int8_mode", "per_channel", "op_types_to_quantize", "nodes_to_exclude", *_STATIC_OPTIONS)
+
+
+def _flags(fields: set[str]) -> str:
+    return ", ".join(f"--{f}" for f in sorted(fields))
+
+
+def _verb(fields: set[str]) -> str:
+    return "applies" if len(fields) == 1 else "apply"
+
+
 _EVAL_DATA_TASK = "--eval_data (labelled text,label rows) applies to --task text-classification"
 
 
@@ -60,7 +72,13 @@ class EncoderOptRequest(BaseModel):
     int8_mode: Literal["dynamic", "static"] = Field("dynamic", description="int8: dynamic or calibrated static")
     per_channel: bool = Field(True, description="int8: one weight scale per output channel")
     nodes_to_exclude: list[str] = Field(default_factory=list, description="int8: node names kept in fp32")
+    op_types_to_quantize: list[str] | None = Field(None, description="int8: op types to quantize (None: "
+                                                   "onnxruntime's)")
+    quant_format: Literal["QDQ", "QOperator"] = Field("QDQ", description="static int8: graph format")
+    calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = Field("MinMax", description="static int8: how "
+                                                                         "activation ranges are found")
     calibration_data: str = Field("builtin:GPL-3", description="static int8: calibration text")
+    calibration_samples: int = Field(32, ge=1, le=4096, description="static int8: paragraphs used")
     eval_data: str | None = Field(None, description="classifiers: CSV / JSONL with text,label for accuracy")
     eval_repeat: int = Field(100, ge=5, description="timed calls per latency measurement")
     threads: int = Field(2, ge=1, description="intra-op threads for latency")
@@ -90,8 +108,14 @@ class EncoderOptRequest(BaseModel):
         if self.provider and PROVIDER_DEVICE[self.provider] != self.device:
             problems.append(f"--provider {self.provider} runs on {PROVIDER_DEVICE[self.provider]}, not --device "
                             f"{self.device}; pass --device {PROVIDER_DEVICE[self.provider]} or another provider")
-        if self.precision != "int8" and (self.int8_mode != "dynamic" or self.nodes_to_exclude):
-            problems.append(f"int8 options apply to --precision int8, not {self.precision}")
+        # Options changed from their defaults (a run form from the dashboard sends every field).
+        changed = {name for name in _INT8_OPTIONS if getattr(self, name) != type(self).model_fields[name].get_default(
+            call_default_factory=True)}
+        if self.precision != "int8" and changed:
+            problems.append(f"{_flags(changed)} {_verb(changed)} to --precision int8, not {self.precision}")
+        elif self.int8_mode == "dynamic" and (static := changed & set(_STATIC_OPTIONS)):
+            problems.append(f"{_flags(static)} {_verb(static)} to --int8_mode static (dynamic int8 needs no "
+                            "calibration)")
         if self.eval_data and self.task not in (None, "text-classification"):
             problems.append(_EVAL_DATA_TASK)
         if problems:
@@ -138,7 +162,9 @@ class EncoderOptRequest(BaseModel):
         if self.precision != "int8":
             return None
         return Int8Config(mode=self.int8_mode, per_channel=self.per_channel, nodes_to_exclude=self.nodes_to_exclude,
-                          calibration_data=self.calibration_data)
+                          op_types_to_quantize=self.op_types_to_quantize, quant_format=self.quant_format,
+                          calibrate_method=self.calibrate_method, calibration_data=self.calibration_data,
+                          calibration_samples=self.calibration_samples)
 
     @property
     def fp16(self) -> Fp16Config | None:

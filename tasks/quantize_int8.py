@@ -18,6 +18,7 @@ from prefect import task
 from pydantic import Field, model_validator
 
 from grove.artifacts import Artifact, StepConfig
+from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from tasks import _encoder_io as eio
 
@@ -68,6 +69,7 @@ def _quantize(inputs: list[Path], config: Int8Config, out: Path) -> dict[str, ob
     from onnxruntime.quantization import quantize_dynamic
 
     (src,) = inputs
+    _check_names(src / "model.onnx", config)
     for f in src.iterdir():
         if f.is_file() and f.name not in ("model.onnx", "manifest.json"):
             shutil.copy2(f, out / f.name)
@@ -82,6 +84,22 @@ def _quantize(inputs: list[Path], config: Int8Config, out: Path) -> dict[str, ob
     node_logger().info("int8 %s (per_channel=%s): %s; %.1f MB -> %.1f MB", config.mode, config.per_channel, stats,
                        (src / "model.onnx").stat().st_size / 1e6, size)
     return {"mode": config.mode, "per_channel": config.per_channel, "quantized_ops": stats, "size_mb": round(size, 2)}
+
+
+def _check_names(model: Path, config: Int8Config) -> None:
+    """Node names and op types the user gave must be in the graph: onnxruntime's quantizer ignores
+    the ones that are not, so a typo would quantize what the user meant to keep."""
+    import onnx
+
+    nodes = onnx.load(str(model), load_external_data=False).graph.node
+    names, ops = {n.name for n in nodes}, {n.op_type for n in nodes}
+    if unknown := [n for n in config.nodes_to_exclude if n not in names]:
+        examples = ", ".join(sorted(n.name for n in nodes if n.op_type in ("MatMul", "Gemm"))[:3])
+        raise InvalidRequest(f"--nodes_to_exclude: no node named {', '.join(unknown)} in the graph to quantize; "
+                             f"its MatMul and Gemm nodes are named like {examples} (list them with onnx or Netron)")
+    if config.op_types_to_quantize and not ops & set(config.op_types_to_quantize):
+        raise InvalidRequest(f"--op_types_to_quantize {' '.join(config.op_types_to_quantize)}: the graph has no such "
+                             f"op, so nothing would be quantized; its op types: {', '.join(sorted(ops))}")
 
 
 def _quantize_static(src: Path, out: Path, config: Int8Config, common: dict[str, object]) -> None:

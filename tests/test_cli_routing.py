@@ -56,3 +56,24 @@ def test_infer_task_from_architectures() -> None:
     assert infer_task(["BertForSequenceClassification"]) == "text-classification"
     assert infer_task(["RobertaForTokenClassification"]) == "token-classification"
     assert infer_task(["BertModel"]) == infer_task(["BertForMaskedLM"]) == infer_task([]) == "feature-extraction"
+
+
+def test_encoder_flags_reach_the_int8_node_and_are_refused_for_decoders(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    from grove.cli import _parser
+    from grove.request_encoder import EncoderOptRequest
+
+    args = _parser().parse_args(["auto-opt", "-m", "m", "-o", "o", "--int8_mode", "static", "--no-per_channel",
+                                 "--quant_format", "QOperator", "--calibrate_method", "Entropy",
+                                 "--calibration_samples", "8", "--nodes_to_exclude", "a", "b",
+                                 "--op_types_to_quantize", "MatMul"])
+    fields = {k: v for k, v in vars(args).items() if k not in ("run", "log_level") and v is not None}
+    int8 = EncoderOptRequest.from_flags(fields).int8
+    assert int8 is not None
+    assert (int8.mode, int8.per_channel, int8.quant_format, int8.calibrate_method, int8.calibration_samples,
+            int8.nodes_to_exclude, int8.op_types_to_quantize) == ("static", False, "QOperator", "Entropy", 8,
+                                                                  ["a", "b"], ["MatMul"])
+
+    result = grove_cli("auto-opt", "-m", str(tiny_dir("llama")), "-o", str(tmp_path / "out"), "--int8_mode", "static")
+    assert result.returncode == 2
+    assert "--int8_mode applies to encoders;" in result.stderr and "is a decoder LLM" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from grove.artifacts import Artifact, recipe_digest
-from grove.errors import ParityError
+from grove.errors import InvalidRequest, ParityError
 from grove.node import store_for
 from tasks import _encoder_io as eio
 from tasks._sources import resolve
@@ -236,6 +236,23 @@ def test_static_int8_qdq_minmax_tiny_bert(tiny_bert: dict[str, object]) -> None:
     assert top1 >= TINY_STATIC_INT8_MIN_TOP1, f"static QDQ int8 top-1 vs PyTorch {top1:.3f}"
     parity = check_parity.fn(int8, fp32, ParityConfig(precision="int8"))
     assert parity.metrics["top1_agreement"] >= TINY_STATIC_INT8_MIN_TOP1  # type: ignore[operator]
+
+
+def test_int8_exclusions_must_name_what_the_graph_has(tiny_bert: dict[str, object]) -> None:
+    """onnxruntime's quantizer ignores node names and op types it does not find, so a typo would
+    quantize what the user meant to keep: refused with the names the graph does have."""
+    fp32 = tiny_bert["fp32"]
+    assert isinstance(fp32, Artifact)
+    with pytest.raises(InvalidRequest, match="no node named not_a_node in the graph to quantize; its MatMul and Gemm"):
+        quantize_int8.fn(fp32, Int8Config(nodes_to_exclude=["not_a_node"]))
+    with pytest.raises(InvalidRequest, match="--op_types_to_quantize Conv: the graph has no such op"):
+        quantize_int8.fn(fp32, Int8Config(op_types_to_quantize=["Conv"]))
+
+    graph = onnx.load(str(_dir(fp32) / "model.onnx"), load_external_data=False).graph
+    kept = sorted(n.name for n in graph.node if n.op_type == "MatMul")[0]
+    int8 = quantize_int8.fn(fp32, Int8Config(nodes_to_exclude=[kept]))
+    quantized = onnx.load(str(_dir(int8) / "model.onnx"), load_external_data=False).graph
+    assert kept in {n.name for n in quantized.node if n.op_type == "MatMul"}, "the excluded node stays a float MatMul"
 
 
 def _labelled_files(folder: Path, out: Path) -> tuple[Path, Path, float]:

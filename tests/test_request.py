@@ -77,3 +77,15 @@ def test_an_output_path_that_cannot_be_a_local_folder_is_refused(output_path: st
     for request in (AutoOptRequest, EncoderOptRequest):
         with pytest.raises(ValidationError, match=expected):
             request(model_name_or_path="m", output_path=output_path)
+
+
+def test_int8_options_need_int8_and_calibration_options_need_static() -> None:
+    base = {"model_name_or_path": "m", "output_path": "o"}
+    with pytest.raises(ValidationError, match="--nodes_to_exclude applies to --precision int8, not fp16"):
+        EncoderOptRequest.from_flags({**base, "precision": "fp16", "nodes_to_exclude": ["x"]})
+    with pytest.raises(ValidationError, match="--calibrate_method, --calibration_samples apply to --int8_mode static"):
+        EncoderOptRequest.from_flags({**base, "calibrate_method": "Entropy", "calibration_samples": 8})
+    # A dashboard run form sends every field at its default: not an option "given".
+    every = {name: field.get_default(call_default_factory=True) for name, field in EncoderOptRequest.model_fields.items()
+             if not field.is_required()}
+    assert EncoderOptRequest(**{**every, **base, "precision": "fp16"}).fp16 is not None
