@@ -181,7 +181,7 @@ def _auto_opt(args: argparse.Namespace) -> int:
 
     from grove.errors import GroveError, one_line
     from grove.request import AutoOptRequest
-    from grove.request_encoder import EncoderOptRequest
+    from grove.request_encoder import EncoderOptRequest, refuse_encoder_flags
 
     fields = {k: v for k, v in vars(args).items() if k not in ("run", "log_level") and v is not None}
     try:
@@ -189,10 +189,7 @@ def _auto_opt(args: argparse.Namespace) -> int:
 
         path, source = route(args.model_name_or_path, args.revision)
         if path == "decoder":
-            if given := [f"--{k}" for k in _ENCODER_ONLY if k in fields]:
-                verb = "applies" if len(given) == 1 else "apply"
-                return _fail(f"{', '.join(given)} {verb} to encoders; {args.model_name_or_path} is a decoder LLM "
-                             "(its int4 options: --int4_algorithm, --block_size, --symmetric, --accuracy_level)")
+            refuse_encoder_flags(fields, args.model_name_or_path)
             request = AutoOptRequest(**fields)
         else:
             request = EncoderOptRequest.from_flags(fields).resolved(source)
@@ -215,11 +212,6 @@ def _auto_opt(args: argparse.Namespace) -> int:
 
     print(format_report(report, request.output_path))
     return 0
-
-
-# auto-opt flags that only the encoder path takes (grove/request_encoder.py has the decoder-only ones).
-_ENCODER_ONLY = ("int8_mode", "per_channel", "op_types_to_quantize", "nodes_to_exclude", "quant_format",
-                 "calibrate_method", "calibration_data", "calibration_samples", "eval_repeat", "min_cosine")
 
 
 def _server(args: argparse.Namespace) -> int:

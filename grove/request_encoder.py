@@ -4,7 +4,7 @@ before any work starts and split into the typed configs of the nodes that will r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,22 +22,33 @@ from tasks.optimize_graph import GraphConfig
 from tasks.package_encoder import EncoderPackageConfig
 from tasks.quantize_int8 import Int8Config
 
-__all__ = ["EncoderOptRequest", "infer_task"]
+__all__ = ["EncoderOptRequest", "infer_task", "refuse_encoder_flags"]
 
 # auto-opt flags (and fleet target fields) that only the decoder path takes.
 _DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", "head_bits", "eval_tokens",
                  "min_top1_agreement")
 
+# auto-opt flags that only the encoder path takes.
+_ENCODER_ONLY = ("int8_mode", "per_channel", "op_types_to_quantize", "nodes_to_exclude", "quant_format",
+                 "calibrate_method", "calibration_data", "calibration_samples", "eval_repeat", "min_cosine")
 _STATIC_OPTIONS = ("quant_format", "calibrate_method", "calibration_data", "calibration_samples")
 _INT8_OPTIONS = ("int8_mode", "per_channel", "op_types_to_quantize", "nodes_to_exclude", *_STATIC_OPTIONS)
 
 
-def _flags(fields: set[str]) -> str:
-    return ", ".join(f"--{f}" for f in sorted(fields))
+def _flags(names: Sequence[str]) -> str:
+    """'--a applies' or '--a, --b apply'."""
+    return ", ".join(f"--{n}" for n in names) + (" applies" if len(names) == 1 else " apply")
 
 
-def _verb(fields: set[str]) -> str:
-    return "applies" if len(fields) == 1 else "apply"
+def _refuse(fields: Mapping[str, object], names: Sequence[str], rest: str) -> None:
+    if given := [n for n in names if n in fields]:
+        raise InvalidRequest(f"{_flags(given)} {rest}")
+
+
+def refuse_encoder_flags(fields: Mapping[str, object], model: str) -> None:
+    """Raise InvalidRequest naming the encoder-only flags among a decoder's ``fields``."""
+    _refuse(fields, _ENCODER_ONLY, f"to encoders; {model} is a decoder LLM (its int4 options: --int4_algorithm, "
+            "--block_size, --symmetric, --accuracy_level)")
 
 
 _EVAL_DATA_TASK = "--eval_data (labelled text,label rows) applies to --task text-classification"
@@ -91,11 +102,8 @@ class EncoderOptRequest(BaseModel):
     def from_flags(cls, fields: dict[str, object]) -> EncoderOptRequest:
         """The encoder request from ``grove auto-opt``'s flags (or a fleet target), refusing the
         decoder-only ones by name."""
-        given = [f"--{k}" for k in _DECODER_ONLY if k in fields]
-        if given:
-            verb = "applies" if len(given) == 1 else "apply"
-            raise InvalidRequest(f"{', '.join(given)} {verb} to decoder LLMs; this model takes the encoder path "
-                                 "(--precision int8, fp16 or fp32)")
+        _refuse(fields, _DECODER_ONLY, "to decoder LLMs; this model takes the encoder path (--precision int8, "
+                "fp16 or fp32)")
         if fields.get("precision") == "int4":
             raise InvalidRequest("--precision int4 is for decoder LLMs; encoders take int8 (default), fp16 or fp32")
         return cls(**{k: v for k, v in fields.items() if k != "use_ort_genai"})  # type: ignore[arg-type]
@@ -109,13 +117,12 @@ class EncoderOptRequest(BaseModel):
             problems.append(f"--provider {self.provider} runs on {PROVIDER_DEVICE[self.provider]}, not --device "
                             f"{self.device}; pass --device {PROVIDER_DEVICE[self.provider]} or another provider")
         # Options changed from their defaults (a run form from the dashboard sends every field).
-        changed = {name for name in _INT8_OPTIONS if getattr(self, name) != type(self).model_fields[name].get_default(
-            call_default_factory=True)}
+        fields = type(self).model_fields
+        changed = [n for n in _INT8_OPTIONS if getattr(self, n) != fields[n].get_default(call_default_factory=True)]
         if self.precision != "int8" and changed:
-            problems.append(f"{_flags(changed)} {_verb(changed)} to --precision int8, not {self.precision}")
-        elif self.int8_mode == "dynamic" and (static := changed & set(_STATIC_OPTIONS)):
-            problems.append(f"{_flags(static)} {_verb(static)} to --int8_mode static (dynamic int8 needs no "
-                            "calibration)")
+            problems.append(f"{_flags(changed)} to --precision int8, not {self.precision}")
+        elif self.int8_mode == "dynamic" and (static := [n for n in changed if n in _STATIC_OPTIONS]):
+            problems.append(f"{_flags(static)} to --int8_mode static (dynamic int8 needs no calibration)")
         if self.eval_data and self.task not in (None, "text-classification"):
             problems.append(_EVAL_DATA_TASK)
         if problems:
