@@ -49,7 +49,8 @@ def test_a_cuda_target_sends_only_its_measurements_to_the_gpu_pool() -> None:
     assert _placed(_decoder_configs(gpu), here="gpu") == {}
     # Triggered on a cpu worker, only the evaluation on CUDA must move.
     assert _placed(_decoder_configs(gpu), here="cpu") == {"evaluate": "gpu"}
-    encoder = EncoderOptRequest(model_name_or_path="m", output_path="o", device="gpu", precision="fp16")
+    encoder = EncoderOptRequest(model_name_or_path="m", output_path="o", device="gpu", precision="fp16",
+                                task="feature-extraction")
     assert _placed(_encoder_configs(encoder), here="gpu") == {}
     assert _placed(_encoder_configs(encoder), here="cpu") == {"evaluate-encoder": "gpu"}
 
@@ -72,7 +73,8 @@ def test_placement_is_policy_not_recipe() -> None:
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
 def test_run_node_can_build_every_node_the_dispatcher_may_send(kind: str) -> None:
     configs = (_decoder_configs(AutoOptRequest(model_name_or_path="m", output_path="o")) if kind == "decoder"
-               else {**_encoder_configs(EncoderOptRequest(model_name_or_path="m", output_path="o")),
+               else {**_encoder_configs(EncoderOptRequest(model_name_or_path="m", output_path="o",
+                                                          task="text-classification")),
                      "convert-fp16": EncoderOptRequest(model_name_or_path="m", output_path="o",
                                                        precision="fp16").fp16})
     for node, config in configs.items():
