@@ -179,7 +179,7 @@ def _auto_opt(args: argparse.Namespace) -> int:
         prefect.logging.configuration.setup_logging(incremental=False)
     from pydantic import ValidationError
 
-    from grove.errors import GroveError, one_line
+    from grove.errors import one_line
     from grove.request import AutoOptRequest
     from grove.request_encoder import EncoderOptRequest, refuse_encoder_flags
 
@@ -196,13 +196,11 @@ def _auto_opt(args: argparse.Namespace) -> int:
             if "task" not in fields and request.task != "feature-extraction":
                 print(f"grove: --task {request.task}: the head of {', '.join(source.architectures)}; "
                       "pass --task to choose another", file=sys.stderr)
-        preflight(request, path)
+        preflight(request, source)
         report = run_auto_opt(request)
     except ValidationError as exc:
         problems = one_line(exc, lambda loc: f"--{loc[0]}: " if loc else "")  # fields are named as the flags
         return _fail(f"invalid request: {problems}")
-    except GroveError as exc:
-        return _fail(str(exc))
     except KeyboardInterrupt:
         print(f"grove: interrupted; {args.output_path} was left as it was (an output is written whole, after "
               "every step), and the steps that had finished stay in the store: the same command resumes "
@@ -255,13 +253,9 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def _fleet(args: argparse.Namespace) -> int:
-    from grove.errors import GroveError
     from grove.fleet import FleetManifest
 
-    try:
-        manifest = FleetManifest.from_yaml(args.manifest)
-    except GroveError as exc:
-        return _fail(str(exc))
+    manifest = FleetManifest.from_yaml(args.manifest)  # a GroveError is one line, from main
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from grove.server import ensure_api
@@ -286,13 +280,9 @@ def _deploy(args: argparse.Namespace) -> int:
     check_api(os.environ["PREFECT_API_URL"])
     manifest = None
     if args.fleet_manifest:
-        from grove.errors import GroveError
         from grove.fleet import FleetManifest
 
-        try:
-            manifest = FleetManifest.from_yaml(args.fleet_manifest).model_dump(mode="json")
-        except GroveError as exc:
-            return _fail(str(exc))
+        manifest = FleetManifest.from_yaml(args.fleet_manifest).model_dump(mode="json")
     for name in deploy(args.store or default_store_uri(), manifest):
         print(f"deployed {name}")
     return 0

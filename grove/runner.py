@@ -30,16 +30,15 @@ def route(model_name_or_path: str, revision: str | None = None) -> tuple[str, So
     return arch_spec(source.model_type).path, source
 
 
-def preflight(request: AutoOptRequest | EncoderOptRequest, path: str = "decoder") -> None:
-    """Everything that can be checked before any work: model source and architecture, output
-    path, store, evaluation text. Raises a GroveError naming the cause and the fix."""
-    from tasks import _sources
+def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> None:
+    """Everything that can be checked before any work, given the source ``route`` resolved: model
+    architecture, output path, store, evaluation text. Raises a GroveError naming the cause and the fix."""
     from tasks._decoder_io import read_text
     from tasks.download_model import check_safetensors
     from tasks.package_genai import REPORT
     from tasks.registry import arch_spec
 
-    source = _sources.resolve(request.model_name_or_path, request.revision)
+    path = "decoder" if isinstance(request, AutoOptRequest) else "encoder"
     if arch_spec(source.model_type).path != path:
         raise InvalidRequest(f"{request.model_name_or_path} is a {source.model_type} model, which Grove optimizes "
                              f"on the {arch_spec(source.model_type).path} path, not the {path} path")
