@@ -178,6 +178,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _last_used(home: Path) -> float:
+    try:
+        return (home / "last-used").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _serve(port: int) -> int:
     """Daemon body: run ``prefect server start`` and stop it once grove has been idle."""
     home = grove_home()
@@ -196,12 +203,19 @@ def _serve(port: int) -> int:
         child.terminate()
 
     signal.signal(signal.SIGTERM, _stop)
+    started = time.time()
     try:
         while child.poll() is None:
             time.sleep(5)
-            last = (home / "last-used").stat().st_mtime if (home / "last-used").exists() else time.time()
+            # Idle since the last grove command, but never counted from before this server
+            # started: a `last-used` left by an earlier session (hours old) must not stop a server
+            # that is still starting (that killed it 5 s in, before any command could touch it).
+            last = max(_last_used(home), started)
             if idle > 0 and time.time() - last > idle:
+                print(f"grove: stopping the server: no grove command for {idle:.0f} s (GROVE_SERVER_IDLE)",
+                      flush=True)
                 child.terminate()
+                break
     finally:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=20)

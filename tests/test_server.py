@@ -1,11 +1,19 @@
 """The embedded Prefect server (grove/server.py): a server that cannot start is one clear error
-with its cause from the server's own log, and leaves nothing running or recorded."""
+with its cause from the server's own log, and leaves nothing running or recorded; the idle stop
+counts from the last grove command or the server's own start, whichever is later."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+from grove import server
+from grove.server import free_port
 from tests.conftest import grove_cli
 
 
@@ -29,3 +37,54 @@ def test_a_server_that_cannot_start_is_reported_with_its_cause(tmp_path: Path) -
     assert "unable to open database file" in result.stderr
     assert "PREFECT_API_URL" in result.stderr.splitlines()[-1]
     assert not (home / "server.json").exists(), "no state recorded for a server that is not there"
+
+
+def _daemon(home: Path, idle: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = dict(os.environ, GROVE_HOME=str(home), GROVE_SERVER_IDLE=idle)
+    env.pop("PREFECT_API_URL")
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - the daemon's stdout for its lifetime
+    proc = subprocess.Popen([sys.executable, "-m", "grove.server", "--serve", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}/api"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def test_a_last_used_mark_from_an_earlier_session_does_not_stop_a_new_server(tmp_path: Path) -> None:
+    """CI failed twice with "exited with status 0 after 10 s": a `last-used` file hours old (left by an
+    earlier session) made the daemon count the server idle from then, and stop it at its first check
+    (5 s in), while Prefect was still starting, before any grove command could mark it used."""
+    home = tmp_path / "grove-home"
+    home.mkdir()
+    (home / "last-used").touch()
+    hours_ago = time.time() - 3 * 3600
+    os.utime(home / "last-used", (hours_ago, hours_ago))
+    proc, url = _daemon(home, idle="3600")
+    started = time.monotonic()
+    try:
+        while not server._healthy(url, timeout=1.0):
+            assert proc.poll() is None, (home / "server.log").read_text()[-2000:]
+            assert time.monotonic() - started < 180, "the server did not answer within 180 s"
+            time.sleep(0.5)
+        time.sleep(max(0.0, 12 - (time.monotonic() - started)))  # past two of the daemon's idle checks
+        assert proc.poll() is None, (home / "server.log").read_text()[-2000:]
+        assert server._healthy(url)
+    finally:
+        _stop(proc)
+
+
+def test_an_idle_server_stops_itself_and_says_why(tmp_path: Path) -> None:
+    home = tmp_path / "grove-home"
+    proc, url = _daemon(home, idle="2")
+    try:
+        assert proc.wait(timeout=120) == 0
+    finally:
+        _stop(proc)
+    assert "stopping the server: no grove command for 2 s (GROVE_SERVER_IDLE)" in (home / "server.log").read_text()
+    assert not server._healthy(url)
