@@ -4,8 +4,8 @@ Prefect's own ephemeral mode starts a temporary server inside each process (8-12
 time). Grove instead starts one ``prefect server start`` on loopback the first time it is
 needed, records its URL in ``$GROVE_HOME/server.json``, and reuses it from then on; the server
 stops itself after ``GROVE_SERVER_IDLE`` seconds (default 3600; 0 = never, as ``grove stack``
-uses) without a grove command. The
-UI is therefore there for a user who wants to look (``grove server status`` prints its URL).
+uses) without a grove command (one still running counts: it marks the server used as it goes).
+The UI is therefore there for a user who wants to look (``grove server status`` prints its URL).
 A ``PREFECT_API_URL`` in the environment always wins: then Grove uses that server.
 """
 
@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -48,6 +49,28 @@ def _healthy(url: str, timeout: float = 2.0) -> bool:
 
 def _touch() -> None:
     (grove_home() / "last-used").touch()
+
+
+_marker: threading.Thread | None = None
+
+
+def _keep_marked() -> None:
+    """Mark the server used while this process lives: a run longer than GROVE_SERVER_IDLE (a
+    large model's quantization and evaluation can take hours) must not lose its server midway."""
+    global _marker
+    idle = float(os.environ.get("GROVE_SERVER_IDLE", "3600"))
+    if idle <= 0 or (_marker is not None and _marker.is_alive()):
+        return
+    every = max(1.0, min(60.0, idle / 4))
+
+    def mark() -> None:
+        while True:
+            time.sleep(every)
+            with contextlib.suppress(OSError):
+                _touch()
+
+    _marker = threading.Thread(target=mark, name="grove-server-mark", daemon=True)
+    _marker.start()
 
 
 def server_status() -> dict[str, object] | None:
@@ -79,6 +102,7 @@ def ensure_api(timeout: float = 120.0) -> str:
         if state is None:
             state = _start(timeout)
     _touch()
+    _keep_marked()
     url = str(state["api_url"])
     os.environ["PREFECT_API_URL"] = url
     return url
@@ -203,14 +227,17 @@ def _serve(port: int) -> int:
         child.terminate()
 
     signal.signal(signal.SIGTERM, _stop)
-    started = time.time()
+    answered: float | None = None
     try:
         while child.poll() is None:
             time.sleep(5)
+            if answered is None:
+                answered = time.time() if _healthy(f"http://127.0.0.1:{port}/api") else None
+                continue
             # Idle since the last grove command, but never counted from before this server
-            # started: a `last-used` left by an earlier session (hours old) must not stop a server
+            # answered: a `last-used` left by an earlier session (hours old) must not stop a server
             # that is still starting (that killed it 5 s in, before any command could touch it).
-            last = max(_last_used(home), started)
+            last = max(_last_used(home), answered)
             if idle > 0 and time.time() - last > idle:
                 print(f"grove: stopping the server: no grove command for {idle:.0f} s (GROVE_SERVER_IDLE)",
                       flush=True)

@@ -5,6 +5,7 @@ counts from the last grove command or the server's own start, whichever is later
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -79,12 +80,21 @@ def test_a_last_used_mark_from_an_earlier_session_does_not_stop_a_new_server(tmp
         _stop(proc)
 
 
-def test_an_idle_server_stops_itself_and_says_why(tmp_path: Path) -> None:
+def test_a_run_longer_than_the_idle_time_keeps_its_server_which_stops_once_idle(tmp_path: Path) -> None:
+    """The server stops after GROVE_SERVER_IDLE seconds without a grove command, but a command that
+    is still running (a large model's run can outlast the default hour) keeps it up."""
     home = tmp_path / "grove-home"
-    proc, url = _daemon(home, idle="2")
-    try:
-        assert proc.wait(timeout=120) == 0
-    finally:
-        _stop(proc)
-    assert "stopping the server: no grove command for 2 s (GROVE_SERVER_IDLE)" in (home / "server.log").read_text()
-    assert not server._healthy(url)
+    env = dict(os.environ, GROVE_HOME=str(home), GROVE_SERVER_IDLE="3")
+    env.pop("PREFECT_API_URL")
+    script = ("import time\nfrom grove import server\nserver.ensure_api()\ntime.sleep(16)\n"
+              "print('still up' if server.server_status() else 'stopped under a running command')")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "still up", (home / "server.log").read_text()[-2000:]
+
+    url = json.loads((home / "server.json").read_text())["api_url"]
+    deadline = time.monotonic() + 60
+    while server._healthy(url) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not server._healthy(url), "the server did not stop once no command had used it for 3 s"
+    assert "stopping the server: no grove command for 3 s (GROVE_SERVER_IDLE)" in (home / "server.log").read_text()
