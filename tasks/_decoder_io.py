@@ -137,7 +137,8 @@ def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: s
         "prefill_ms": round(prefill_s * 1000, 2),
         "decode_tok_s": round(decoded / decode_s, 2) if decode_s > 0 else None,
         "generated_tokens": len(out),
-        "sample": tokenizer.decode(out),
+        # The token budget can end inside a multi-byte character: no trailing replacement mark.
+        "sample": tokenizer.decode(out).rstrip("\ufffd"),
     }
 
 
