@@ -146,7 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("deploy", help="apply pools, the store's result block and the deployments to "
                        "the Prefect server at PREFECT_API_URL (idempotent)")
     d.add_argument("--store", help="shared store, e.g. s3://bucket/prefix (default $GROVE_STORE)")
-    d.add_argument("--fleet-manifest", help="fleet manifest YAML to refresh nightly (02:00 UTC)")
+    d.add_argument("--fleet-manifest", help="fleet manifest YAML to refresh on a schedule (default nightly, 02:00 UTC)")
+    d.add_argument("--cron", help="when the fleet refresh runs, as a cron expression (default '0 2 * * *')")
+    d.add_argument("--timezone", help="time zone of --cron, IANA name (default UTC)")
     d.set_defaults(run=_deploy)
     return parser
 
@@ -273,17 +275,21 @@ def _deploy(args: argparse.Namespace) -> int:
     from grove.deploy import deploy
     from grove.store import default_store_uri
 
+    manifest = schedule = None
+    if args.fleet_manifest:  # the user's input first: nothing is applied if any of it is wrong
+        from grove.deploy import NIGHTLY, fleet_schedule
+        from grove.fleet import FleetManifest
+
+        manifest = FleetManifest.from_yaml(args.fleet_manifest).model_dump(mode="json")
+        schedule = fleet_schedule(args.cron or NIGHTLY, args.timezone or "UTC")
+    elif args.cron or args.timezone:
+        return _fail("--cron and --timezone schedule the fleet refresh: give the fleet with --fleet-manifest FILE")
     if not os.environ.get("PREFECT_API_URL"):
         return _fail("grove deploy needs a Prefect server: set PREFECT_API_URL (or run `grove stack up`)")
     from grove.server import check_api
 
     check_api(os.environ["PREFECT_API_URL"])
-    manifest = None
-    if args.fleet_manifest:
-        from grove.fleet import FleetManifest
-
-        manifest = FleetManifest.from_yaml(args.fleet_manifest).model_dump(mode="json")
-    for name in deploy(args.store or default_store_uri(), manifest):
+    for name in deploy(args.store or default_store_uri(), manifest, schedule):
         print(f"deployed {name}")
     return 0
 

@@ -10,6 +10,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from grove.errors import InvalidRequest
 
 __all__ = ["DEPLOYMENTS", "POOLS", "deploy"]
 
@@ -38,6 +41,22 @@ DEPLOYMENTS = (
 FLEET = Deployment("flows/fleet_refresh.py:fleet_refresh", "fleet-refresh",
                    "Refresh every model x target of a manifest; only what changed upstream is rebuilt")
 NIGHTLY = "0 2 * * *"
+
+
+def fleet_schedule(cron: str = NIGHTLY, timezone: str = "UTC") -> Any:
+    """The fleet refresh's schedule; a cron expression or time zone Prefect refuses is one
+    InvalidRequest naming it (checked before anything is applied)."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        return CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        field = str(exc.errors()[0]["loc"][0])
+        given = f"--cron {cron!r}" if field == "cron" else f"--timezone {timezone!r}"
+        fix = ("five fields: minute hour day-of-month month day-of-week, e.g. '0 2 * * *' (02:00 daily)"
+               if field == "cron" else "an IANA time zone name, e.g. UTC or Europe/Paris")
+        raise InvalidRequest(f"{given} is not valid for the fleet schedule; give {fix}") from None
 
 
 def _project_root() -> Path:
@@ -92,10 +111,11 @@ def _apply_zombie_automation() -> None:
         automation.update()
 
 
-def deploy(store: str, fleet_manifest: dict[str, object] | None = None) -> list[str]:
+def deploy(store: str, fleet_manifest: dict[str, object] | None = None, schedule: Any = None) -> list[str]:
     """Create or update pools, the store's result block and the deployments; returns their names.
-    With ``fleet_manifest``, ``fleet-refresh`` runs it nightly (on the cpu pool: it only
-    orchestrates; each entry runs on its target's pool)."""
+    With ``fleet_manifest``, ``fleet-refresh`` runs it on ``schedule`` (``fleet_schedule()``;
+    default nightly at 02:00 UTC), on the cpu pool: it only orchestrates; each entry runs on its
+    target's pool."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.deployments.runner import RunnerDeployment
@@ -133,9 +153,10 @@ def deploy(store: str, fleet_manifest: dict[str, object] | None = None) -> list[
                 names.append(f"{dep.name}/{dep.name}-{pool.device}")
         fleet = RunnerDeployment.from_entrypoint(
             FLEET.entrypoint, name=FLEET.name, work_pool_name=POOLS[0].name, description=FLEET.description,
-            tags=["grove", "fleet"], cron=NIGHTLY if fleet_manifest else None,
+            tags=["grove", "fleet"], schedules=[schedule or fleet_schedule()] if fleet_manifest else None,
             parameters={"manifest": fleet_manifest} if fleet_manifest else None,
             job_variables={"env": {**env, "GROVE_DEVICE": POOLS[0].device}, "working_dir": str(root)})
         fleet.apply()
-        names.append(f"{FLEET.name}/{FLEET.name}" + (f" (cron {NIGHTLY})" if fleet_manifest else ""))
+        when = schedule or fleet_schedule()
+        names.append(f"{FLEET.name}/{FLEET.name}" + (f" (cron {when.cron}, {when.timezone})" if fleet_manifest else ""))
     return names

@@ -120,6 +120,26 @@ def test_tutorial_commands_grove_lacks_say_what_to_do(command: str, hint: str,
     assert err.startswith(f"grove: error: 'grove {command}'") and hint in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--cron", "61 * * * *"], "--cron '61 * * * *' is not valid for the fleet schedule; give five fields"),
+    (["--timezone", "Mars/Base"], "--timezone 'Mars/Base' is not valid for the fleet schedule; give an IANA"),
+    ([], "--cron and --timezone schedule the fleet refresh: give the fleet with --fleet-manifest FILE"),
+])
+def test_a_bad_fleet_schedule_is_refused_before_anything_is_deployed(
+        flags: list[str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from grove.cli import main
+
+    manifest = tmp_path / "fleet.yaml"
+    manifest.write_text("targets: {cpu-int4: {device: cpu}}\nmodels: [{name: m, source: /x, targets: [cpu-int4]}]\n")
+    args = ["--fleet-manifest", str(manifest), *flags] if flags else ["--cron", "0 3 * * *"]
+    # A server that does not answer: the input is checked first, so its error is the one reported.
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert main(["deploy", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"grove: error: {expected}") and err.count("\n") == 1, err
+
+
 def test_ctrl_c_stops_with_one_line_and_leaves_the_output(tmp_path: Path, tiny_dir) -> None:  # noqa: ANN001
     """Ctrl-C during a run (SIGINT to the grove process, which forwards it to its fork of the warm
     runner): exit 130, one line saying what was kept, no traceback, the earlier output untouched.

@@ -74,11 +74,15 @@ def test_deploy_is_idempotent_and_schedules_the_fleet(stack: dict, tmp_path: Pat
     manifest = tmp_path / "fleet.yaml"
     manifest.write_text("targets: {cpu-int4: {device: cpu}}\nmodels: [{name: m, source: /x, targets: [cpu-int4]}]\n")
     env = {"GROVE_HOME": os.environ["GROVE_HOME"], **stack["env"]}
-    for _ in range(2):
-        result = grove_cli("deploy", "--fleet-manifest", str(manifest), env=env, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
+    result = grove_cli("deploy", "--fleet-manifest", str(manifest), env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "deployed fleet-refresh/fleet-refresh (cron 0 2 * * *, UTC)" in result.stdout
+    # Again, with the user's schedule: the same deployments, updated in place.
+    result = grove_cli("deploy", "--fleet-manifest", str(manifest), "--cron", "30 3 * * 1-5",
+                       "--timezone", "Europe/Paris", env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert "deployed auto-opt/auto-opt-gpu" in result.stdout
-    assert "deployed fleet-refresh/fleet-refresh (cron 0 2 * * *)" in result.stdout
+    assert "deployed fleet-refresh/fleet-refresh (cron 30 3 * * 1-5, Europe/Paris)" in result.stdout
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -86,6 +90,9 @@ def test_deploy_is_idempotent_and_schedules_the_fleet(stack: dict, tmp_path: Pat
 
     with temporary_settings(updates={PREFECT_API_URL: stack["api_url"]}), get_client(sync_client=True) as client:
         assert len(client.read_automations_by_name(ZOMBIE_AUTOMATION)) == 1
+        fleet = client.read_deployment_by_name("fleet-refresh/fleet-refresh")
+    assert [(s.schedule.cron, s.schedule.timezone) for s in fleet.schedules] == [("30 3 * * 1-5", "Europe/Paris")]
+    assert fleet.parameters["manifest"]["models"][0]["name"] == "m"
 
 
 def test_gpu_node_runs_on_the_gpu_pool_and_feeds_the_cpu_pool(stack_api: dict, tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
