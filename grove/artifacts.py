@@ -73,6 +73,11 @@ class Artifact(BaseModel):
     def short(self) -> str:
         return f"{self.node}/{self.digest[:12]}"
 
+    @property
+    def location(self) -> str:
+        """Where its files are: a folder, or an s3:// prefix."""
+        return f"{self.store}/artifacts/{self.node}/{self.digest}/"
+
 
 def recipe_digest(config: StepConfig, parents: list[Artifact | Source]) -> str:
     """sha256 of (node kind, node version, config, parent digests): the artifact's address."""

@@ -210,7 +210,7 @@ def _auto_opt(args: argparse.Namespace) -> int:
         return 130
     from grove.report import format_report
 
-    print(format_report(report, request.output_path))
+    print(format_report(report, args.output_path))
     return 0
 
 

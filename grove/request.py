@@ -22,11 +22,14 @@ PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "gpu"
 EP_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
 
 
-def local_output_path(value: str) -> str:
+def local_output_path(value: str | None) -> str | None:
     """The output is a local folder (on a worker, its output volume): refuse what cannot be one
-    before any work, instead of a folder named 's3:' or a traceback from expanduser."""
+    before any work, instead of a folder named 's3:' or a traceback from expanduser. None: no
+    copy; the output stays in the store (fleet entries publish it to the registry from there)."""
     from pathlib import Path
 
+    if value is None:
+        return None
     if not value.strip():
         raise ValueError("empty; pass the folder to write the optimized model to")
     if "://" in value:
@@ -44,7 +47,9 @@ class AutoOptRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     model_name_or_path: str = Field(description="hub id, local folder, .gguf file, s3:// folder or pkg:<module>/<path>")
-    output_path: str = Field(description="folder the optimized model is written to")
+    output_path: str | None = Field(None, description="folder the optimized model is written to, on the "
+                                    "machine that runs the flow; none: it stays in the store (linked from "
+                                    "the run's page)")
     device: Literal["cpu", "gpu"] = Field("cpu", description="target hardware")
     provider: Provider | None = Field(None, description="execution provider; default follows --device")
     precision: Precision = Field("int4", description="weight precision of the output")

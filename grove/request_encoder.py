@@ -71,7 +71,9 @@ class EncoderOptRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     model_name_or_path: str = Field(description="hub id, local folder, s3:// folder or pkg:<module>/<path>")
-    output_path: str = Field(description="folder the optimized model is written to")
+    output_path: str | None = Field(None, description="folder the optimized model is written to, on the "
+                                    "machine that runs the flow; none: it stays in the store (linked from "
+                                    "the run's page)")
     device: Literal["cpu", "gpu"] = Field("cpu", description="target hardware")
     provider: Provider | None = Field(None, description="execution provider; default follows --device")
     precision: Literal["int8", "fp16", "fp32"] = Field("int8", description="precision of the output")

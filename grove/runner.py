@@ -44,8 +44,8 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
                              f"on the {arch_spec(source.model_type).path} path, not the {path} path")
     if source.kind == "local":
         check_safetensors(Path(source.location))
-    out = Path(request.output_path).expanduser()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).exists())):
+    out = Path(request.output_path).expanduser() if request.output_path is not None else None
+    if out is not None and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).exists())):
         raise InvalidRequest(f"output path {out} exists and is not an earlier Grove output; choose a new folder")
     _check_provider(request.execution_provider, path)
     ArtifactStore(request.store).check_reachable()

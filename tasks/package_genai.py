@@ -51,10 +51,15 @@ def _package(inputs: list[Path], config: PackageConfig, out: Path) -> dict[str, 
 
 
 @task(name="export-output", persist_result=False)
-def export_output(package: Artifact, output_path: str) -> dict[str, object]:
+def export_output(package: Artifact, output_path: str | None) -> dict[str, object]:
     """Copy the package to ``output_path`` (replacing an earlier Grove output there) and return
     the report. Written beside the target and renamed, so a failure or an interruption leaves the
-    earlier output (if any) or the new one, whole: never a mix."""
+    earlier output (if any) or the new one, whole: never a mix. No ``output_path``: no copy (a
+    fleet entry publishes from the store), the report read from the package."""
+    if output_path is None:
+        store = store_for(package.store)
+        node_logger().info("no output path: the output stays in the store, %s", package.location)
+        return dict(json.loads(store.fs.cat_file(f"{store.artifact_path(package.node, package.digest)}/{REPORT}")))
     target = Path(output_path).expanduser().resolve()
     if target.exists() and any(target.iterdir()) and not (target / REPORT).exists():
         raise InvalidRequest(f"output path {target} exists and is not a Grove output; choose an empty or new folder")

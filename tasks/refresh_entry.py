@@ -33,7 +33,9 @@ def refresh_entry(model: FleetModel, target_name: str, manifest: FleetManifest) 
         if latest is not None and latest.get("version") == version:
             return {**row, "status": "unchanged", "version": version}
         fields: dict[str, object] = {
-            "model_name_or_path": model.source, "output_path": f"/tmp/grove-fleet/{model.name}/{target_name}",
+            # No output_path: the registry (in the store) is the fleet's output; a copy on the
+            # worker's disk per entry would only fill it.
+            "model_name_or_path": model.source,
             "store": manifest.store, "publish_as": (model.name, target_name, version),
             **target.model_dump(exclude_none=True, exclude_defaults=True)}
         request = (AutoOptRequest(**fields, eval_tokens=manifest.eval_tokens) if path == "decoder"  # type: ignore[arg-type]

@@ -115,6 +115,31 @@ def test_s3_store_end_to_end(tiny_dir, tmp_path: Path, s3_store: str) -> None:  
     assert GENAI_FILES <= {p.name for p in out.iterdir()}
 
 
+def test_without_an_output_path_the_output_stays_in_the_store(tiny_dir, tmp_path: Path, s3_store: str,  # noqa: ANN001
+                                                              monkeypatch) -> None:  # noqa: ANN001
+    """Fleet entries and dashboard runs on a worker: no copy on the worker's disk; the report comes
+    from the package in the (here S3) store, and the run's page links to it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    monkeypatch.chdir(tmp_path)
+    request = AutoOptRequest(model_name_or_path=str(tiny_dir("gemma")), store=s3_store, eval_tokens=128)
+    state = run_auto_opt_state(request)
+
+    assert state.is_completed()
+    report = state.result()
+    store = ArtifactStore(s3_store)
+    [package] = store.fs.glob(f"{store.root}/artifacts/package-genai/*/grove_report.json")
+    assert report == json.loads(store.fs.cat_file(package)) and report["metrics"]["perplexity"] > 1
+    assert list(tmp_path.iterdir()) == [], "nothing written outside the store"
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    (link,) = [a for a in artifacts if (a.key or "").startswith("output-")]
+    location = f"{s3_store}/artifacts/package-genai/{package.split('/')[-2]}/"
+    assert str(link.data) == f"[{location}]({location})"  # a markdown link on the run's page
+
+
 def test_a_short_context_model_is_scored_in_chunks_that_fit_it(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
     """The tiny models hold 256 positions; the default 512-token perplexity chunk does not fit
     (onnxruntime-genai refuses max_length > context_length). Chunks shrink to the context."""
