@@ -123,6 +123,8 @@ def deploy(store: str, fleet_manifest: dict[str, object] | None = None, schedule
 
     from grove.runner import result_storage
 
+    schedule = (schedule or fleet_schedule()) if fleet_manifest else None
+
     with get_client(sync_client=True) as client:
         for pool in POOLS:
             try:
@@ -153,10 +155,9 @@ def deploy(store: str, fleet_manifest: dict[str, object] | None = None, schedule
                 names.append(f"{dep.name}/{dep.name}-{pool.device}")
         fleet = RunnerDeployment.from_entrypoint(
             FLEET.entrypoint, name=FLEET.name, work_pool_name=POOLS[0].name, description=FLEET.description,
-            tags=["grove", "fleet"], schedules=[schedule or fleet_schedule()] if fleet_manifest else None,
+            tags=["grove", "fleet"], schedules=[schedule] if schedule else None,
             parameters={"manifest": fleet_manifest} if fleet_manifest else None,
             job_variables={"env": {**env, "GROVE_DEVICE": POOLS[0].device}, "working_dir": str(root)})
         fleet.apply()
-        when = schedule or fleet_schedule()
-        names.append(f"{FLEET.name}/{FLEET.name}" + (f" (cron {when.cron}, {when.timezone})" if fleet_manifest else ""))
+        names.append(f"{FLEET.name}/{FLEET.name}" + (f" (cron {schedule.cron}, {schedule.timezone})" if schedule else ""))
     return names
