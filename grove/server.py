@@ -54,11 +54,15 @@ def _touch() -> None:
 _marker: threading.Thread | None = None
 
 
-def _keep_marked() -> None:
-    """Mark the server used while this process lives: a run longer than GROVE_SERVER_IDLE (a
-    large model's quantization and evaluation can take hours) must not lose its server midway."""
+def _idle_s() -> float:
+    return float(os.environ.get("GROVE_SERVER_IDLE", "3600"))
+
+
+def _keep_marked(idle: float) -> None:
+    """Mark the server used while this process lives: a run longer than the server's idle time (a
+    large model's quantization and evaluation can take hours) must not lose its server midway.
+    ``idle``: the server's own (from its state: it was started with the starter's environment)."""
     global _marker
-    idle = float(os.environ.get("GROVE_SERVER_IDLE", "3600"))
     if idle <= 0 or (_marker is not None and _marker.is_alive()):
         return
     every = max(1.0, min(60.0, idle / 4))
@@ -102,7 +106,7 @@ def ensure_api(timeout: float = 120.0) -> str:
         if state is None:
             state = _start(timeout)
     _touch()
-    _keep_marked()
+    _keep_marked(float(str(state.get("idle_s", _idle_s()))))
     url = str(state["api_url"])
     os.environ["PREFECT_API_URL"] = url
     return url
@@ -171,7 +175,7 @@ def _start_once(timeout: float) -> tuple[dict[str, object] | None, str]:
             print(f"grove: the Prefect server is still starting ({now - started:.0f} s)", file=sys.stderr)
             said = now
         time.sleep(0.3)
-    state = {"pid": proc.pid, "port": port, "api_url": url, "ui_url": f"http://127.0.0.1:{port}"}
+    state = {"pid": proc.pid, "port": port, "api_url": url, "ui_url": f"http://127.0.0.1:{port}", "idle_s": _idle_s()}
     _state_file().write_text(json.dumps(state))
     return state, ""
 
@@ -216,7 +220,7 @@ def _serve(port: int) -> int:
     env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false", PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
     env.pop("PREFECT_API_URL", None)
-    idle = float(os.environ.get("GROVE_SERVER_IDLE", "3600"))
+    idle = _idle_s()
     child = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
          "--analytics-off"],

@@ -82,15 +82,25 @@ def test_a_last_used_mark_from_an_earlier_session_does_not_stop_a_new_server(tmp
 
 def test_a_run_longer_than_the_idle_time_keeps_its_server_which_stops_once_idle(tmp_path: Path) -> None:
     """The server stops after GROVE_SERVER_IDLE seconds without a grove command, but a command that
-    is still running (a large model's run can outlast the default hour) keeps it up."""
+    is still running (a large model's run can outlast the default hour) keeps it up, at the pace of
+    the server's idle time even when the command's own environment does not set it."""
     home = tmp_path / "grove-home"
     env = dict(os.environ, GROVE_HOME=str(home), GROVE_SERVER_IDLE="3")
     env.pop("PREFECT_API_URL")
+    # A starts the server with a 3 s idle time and stays a few seconds; B attaches meanwhile,
+    # without the variable, and runs longer than the idle time after A is gone.
+    starter = subprocess.Popen([sys.executable, "-c", "import time\nfrom grove import server\nserver.ensure_api()\n"
+                                "print('ready', flush=True)\ntime.sleep(5)"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert starter.stdout is not None and starter.stdout.readline().strip() == "ready", starter.communicate()[1][-3000:]
+    env.pop("GROVE_SERVER_IDLE")
     script = ("import time\nfrom grove import server\nserver.ensure_api()\ntime.sleep(16)\n"
               "print('still up' if server.server_status() else 'stopped under a running command')")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    starter.wait(timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "still up", (home / "server.log").read_text()[-2000:]
+    assert "grove: starting the local Prefect server" not in result.stderr, "B attached to A's server"
 
     url = json.loads((home / "server.json").read_text())["api_url"]
     deadline = time.monotonic() + 60
