@@ -277,11 +277,11 @@ def _deploy(args: argparse.Namespace) -> int:
 
     manifest = schedule = None
     if args.fleet_manifest:  # the user's input first: nothing is applied if any of it is wrong
-        from grove.deploy import NIGHTLY, fleet_schedule
+        from grove.deploy import fleet_schedule
         from grove.fleet import FleetManifest
 
         manifest = FleetManifest.from_yaml(args.fleet_manifest).model_dump(mode="json")
-        schedule = fleet_schedule(args.cron or NIGHTLY, args.timezone or "UTC")
+        schedule = fleet_schedule(args.cron, args.timezone)
     elif args.cron or args.timezone:
         return _fail("--cron and --timezone schedule the fleet refresh: give the fleet with --fleet-manifest FILE")
     if not os.environ.get("PREFECT_API_URL"):

@@ -43,12 +43,13 @@ FLEET = Deployment("flows/fleet_refresh.py:fleet_refresh", "fleet-refresh",
 NIGHTLY = "0 2 * * *"
 
 
-def fleet_schedule(cron: str = NIGHTLY, timezone: str = "UTC") -> Any:
-    """The fleet refresh's schedule; a cron expression or time zone Prefect refuses is one
-    InvalidRequest naming it (checked before anything is applied)."""
+def fleet_schedule(cron: str | None = None, timezone: str | None = None) -> Any:
+    """The fleet refresh's schedule (default: NIGHTLY, UTC); a cron expression or time zone Prefect
+    refuses is one InvalidRequest naming it (checked before anything is applied)."""
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
+    cron, timezone = cron or NIGHTLY, timezone or "UTC"
     try:
         return CronSchedule(cron=cron, timezone=timezone)
     except ValidationError as exc:

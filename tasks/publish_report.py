@@ -16,18 +16,16 @@ __all__ = ["publish_fleet_summary", "publish_report"]
 
 
 @task(name="publish-report", persist_result=False)
-def publish_report(report: dict[str, object], output_path: str | None, package: Artifact | None = None) -> None:
+def publish_report(report: dict[str, object], output_path: str | None, package: Artifact) -> None:
     name = str(report.get("model", "model")).rstrip("/").rsplit("/", 1)[-1]  # hub id or path: its last part
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40] or "model"
     create_table_artifact(key=f"metrics-{slug}", table=table_rows(report),
                           description=f"auto-opt metrics for {report.get('model')}")
-    where = output_path or (package.location if package is not None else "the store")
-    create_markdown_artifact(key=f"report-{slug}", markdown=markdown_report(report, where),
+    location = package.location  # where the output lives in the store (s3:// or a folder)
+    create_markdown_artifact(key=f"report-{slug}", markdown=markdown_report(report, output_path or location),
                              description=f"auto-opt report for {report.get('model')}")
-    if package is not None:  # where the output lives in the store (s3:// or a folder)
-        location = package.location
-        create_link_artifact(key=f"output-{slug}", link=location if "://" in location else f"file://{location}",
-                             link_text=location, description="the packaged output in the artifact store")
+    create_link_artifact(key=f"output-{slug}", link=location if "://" in location else f"file://{location}",
+                         link_text=location, description="the packaged output in the artifact store")
 
 
 @task(name="publish-fleet-summary", persist_result=False)
