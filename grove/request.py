@@ -90,7 +90,14 @@ class AutoOptRequest(BaseModel):
             problems.append(f"--int4_algorithm {self.int4_algorithm} is for CPU graphs; on gpu use 'builder'")
         if self.precision != "int4" and self.int4_algorithm is not None:
             problems.append(f"--int4_algorithm applies to --precision int4, not {self.precision}")
+        if self.precision != "int4" and (int4_only := [f for f, on in (("--block_size", self.block_size != 32),
+                                                                        ("--symmetric", self.symmetric)) if on]):
+            problems.append(f"{', '.join(int4_only)} {'apply' if len(int4_only) > 1 else 'applies'} to "
+                            f"--precision int4, not {self.precision}")
         algorithm = self.int4_algorithm_used
+        if self.symmetric and algorithm not in (None, "rtn", "builder"):
+            problems.append(f"--symmetric applies to --int4_algorithm rtn; {algorithm} chooses its own zero points "
+                            "(pass --int4_algorithm rtn --symmetric, or drop --symmetric)")
         if self.accuracy_level != 4 and algorithm in (None, "builder"):
             problems.append("--accuracy_level applies to Grove's int4 quantizer (--precision int4 on cpu, "
                             "--int4_algorithm affine, rtn, hqq or k_quant)")

@@ -41,12 +41,15 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
         "revision of a folder": (["-m", str(tiny_dir("llama")), "--revision", "main"], "is not a hub id"),
         "too few eval tokens": (["-m", str(tiny_dir("llama")), "--eval_tokens", "5"],
                                 "--eval_tokens: Input should be greater than or equal to 16"),
+        "flag of another int4 algorithm": (["-m", str(tiny_dir("llama")), "--symmetric"],
+                                           "--symmetric applies to --int4_algorithm rtn; affine chooses"),
     }
 
 
 CASES = ["missing path", "unknown hub id offline", "corrupt safetensors", "truncated gguf",
          "unsupported architecture", "contradictory flags", "fp16 on cpu", "gpu target without CUDA",
-         "eval text is a pipe", "empty eval text", "revision of a folder", "too few eval tokens"]
+         "eval text is a pipe", "empty eval text", "revision of a folder", "too few eval tokens",
+         "flag of another int4 algorithm"]
 
 
 def _has_cuda() -> bool:
@@ -68,6 +71,7 @@ def test_bad_input_fails_cleanly(case: str, tmp_path: Path, tiny_dir, store: str
     errors = [line for line in result.stderr.splitlines() if line.startswith("grove: error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert "Encountered exception" not in result.stderr, "refused before any flow runs, not from inside one"
     assert not out.exists(), "nothing may be written at the output path"
     assert not Path(store).exists() or not any(Path(store).rglob("manifest.json"))
 

@@ -33,6 +33,18 @@ def test_int4_flags_reach_the_quantizer_and_only_it() -> None:
     assert "block_size" not in gpu.reference_capture.recipe(), "captures without int4 keep their cache keys"
 
 
+def test_int4_flags_with_another_precision_or_algorithm_are_refused_by_flag_name() -> None:
+    with pytest.raises(ValidationError, match="--block_size, --symmetric apply to --precision int4, not int8"):
+        AutoOptRequest(model_name_or_path="m", output_path="o", precision="int8", block_size=64, symmetric=True)
+    with pytest.raises(ValidationError, match="--symmetric applies to --precision int4, not fp32"):
+        AutoOptRequest(model_name_or_path="m", output_path="o", precision="fp32", symmetric=True)
+    for algorithm in ("affine", "hqq", "k_quant"):
+        with pytest.raises(ValidationError, match=f"--symmetric applies to --int4_algorithm rtn; {algorithm} chooses"):
+            AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm=algorithm, symmetric=True)
+    assert AutoOptRequest(model_name_or_path="m", output_path="o", device="gpu", symmetric=True).int4 is None, \
+        "the builder's int4 is symmetric: the flag agrees with it"
+
+
 def test_head_bits_default_to_8_and_4_is_affine_or_hqq_only() -> None:
     int4 = AutoOptRequest(model_name_or_path="m", output_path="o").int4
     assert int4 is not None and (int4.algorithm, int4.head_bits) == ("affine", 8)
