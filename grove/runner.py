@@ -96,13 +96,23 @@ def _check_provider(provider: str, path: str) -> None:
 
 def result_storage(store_uri: str) -> object:
     """A saved Prefect block for the store's ``prefect-results/`` folder (Prefect needs a saved
-    block so that workers elsewhere resolve the same place)."""
+    block so that workers elsewhere resolve the same place).
+
+    The block saved by an earlier run is read, not written again: every run needs it, and runs
+    started together on one server would otherwise queue on the same write (one waited ~8 s).
+    """
     from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
     store = ArtifactStore(store_uri)
     name = "grove-results-" + hashlib.sha256(store.uri.encode()).hexdigest()[:12]
-    block = (LocalFileSystem(basepath=store.results_uri) if store.is_local
-             else RemoteFileSystem(basepath=store.results_uri))
+    kind = LocalFileSystem if store.is_local else RemoteFileSystem
+    try:
+        saved = kind.load(name)
+    except ValueError:  # not saved yet (or by another block type): saved below
+        saved = None
+    if saved is not None and saved.basepath == store.results_uri:
+        return saved
+    block = kind(basepath=store.results_uri)
     block.save(name, overwrite=True)
     return block
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,27 @@ def test_a_file_uri_store_keeps_prefect_records_inside_it(tmp_path: Path, monkey
     block.write_path("record", b"x")  # type: ignore[attr-defined]
     assert (tmp_path / "store" / "prefect-results" / "record").read_bytes() == b"x"
     assert not any((tmp_path / "cwd").iterdir()), "nothing lands in the working directory"
+
+
+def test_the_result_storage_block_is_saved_once_then_read(tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.filesystems import LocalFileSystem
+
+    from grove.runner import result_storage
+
+    def saved(block: object) -> tuple[object, object]:
+        with get_client(sync_client=True) as client:
+            doc = client.read_block_document(block._block_document_id)  # type: ignore[attr-defined]  # noqa: SLF001
+        return doc.updated, doc.data["basepath"]
+
+    uri = str(tmp_path / "store")
+    first = result_storage(uri)
+    before = saved(first)
+    time.sleep(0.01)  # a write now would move the document's `updated` time
+    assert saved(result_storage(uri)) == before, "a second run reads the block; it does not write it again"
+    # A block of that name pointing elsewhere (e.g. saved by another version) is put right.
+    LocalFileSystem(basepath=str(tmp_path / "elsewhere")).save(first._block_document_name, overwrite=True)  # type: ignore[attr-defined]  # noqa: SLF001
+    assert saved(result_storage(uri))[1] == first.basepath  # type: ignore[attr-defined]
 
 
 def _package(tmp_path: Path, report: str):  # noqa: ANN202
