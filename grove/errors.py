@@ -66,11 +66,13 @@ class UnsupportedArchitecture(GroveError):
 class ParityError(GroveError):
     """A transformation changed the model's outputs beyond the tolerance for its precision."""
 
-    def __init__(self, what: str, measured: float, limit: float, detail: str = "") -> None:
+    def __init__(self, what: str, measured: float, limit: float, detail: str = "", flag: str | None = None) -> None:
+        # flag: the option that sets this limit, if the user can (the others are fixed per precision).
+        relax = f", or pass a lower {flag} if this is expected" if flag else ""
         super().__init__(
             f"parity check failed: {what} = {measured:.4g}, limit {limit:.4g}{'; ' + detail if detail else ''}. "
             "The transformed model does not match its reference; try a higher precision, a smaller block size, "
-            "or another algorithm, or relax the limit explicitly if this is expected."
+            f"or another algorithm{relax}."
         )
         self.what = what
         self.measured = measured

@@ -126,7 +126,7 @@ def _enforce(numbers: dict[str, object], config: ParityConfig) -> None:
         raise ParityError("max abs diff", max_abs, limits.max_abs_diff, detail)
     if not isinstance(top1, float):  # embeddings: their direction is the output
         if mean_cos < limits.min_cosine:
-            raise ParityError("mean cosine", mean_cos, limits.min_cosine, detail)
+            raise ParityError("mean cosine", mean_cos, limits.min_cosine, detail, flag="--min_cosine")
         return
     if top1 < limits.min_top1:
         raise ParityError("top-1 agreement", top1, limits.min_top1, detail)

@@ -94,6 +94,22 @@ def test_an_eval_text_too_short_to_score_is_refused_with_its_length(tmp_path: Pa
     assert not out.exists()
 
 
+def test_the_top1_gate_fails_the_run_with_the_measured_agreement(tmp_path: Path, tiny_dir, store: str) -> None:  # noqa: ANN001
+    """A tiny random model's int4 output cannot agree with fp32 everywhere: --min_top1_agreement 1
+    stops the run after the evaluation, with the figure and the flag to relax, and writes no output."""
+    out = tmp_path / "out"
+
+    result = grove_cli("auto-opt", "-m", str(tiny_dir("llama")), "-o", str(out), "--store", store,
+                       "--min_top1_agreement", "1")
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("grove: error:")]
+    measured = re.search(r"top-1 agreement with the reference = ([0-9.]+), limit 1; over the (\d+) scored", error)
+    assert measured and 0 < float(measured[1]) < 1 and int(measured[2]) > 16, error
+    assert "pass a lower --min_top1_agreement" in error
+    assert not out.exists()
+
+
 def test_a_prefect_api_that_does_not_answer_is_one_clear_error(tmp_path: Path, tiny_dir) -> None:  # noqa: ANN001
     from grove.server import free_port
 
