@@ -33,7 +33,8 @@ def route(model_name_or_path: str, revision: str | None = None) -> tuple[str, So
 def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> None:
     """Everything that can be checked before any work, given the source ``route`` resolved: model
     architecture, output path, store, evaluation text. Raises a GroveError naming the cause and the fix."""
-    from tasks._decoder_io import read_text
+    from tasks._decoder_io import BUILTIN_TEXT, read_text
+    from tasks._encoder_io import read_lines
     from tasks.download_model import check_safetensors
     from tasks.package_genai import REPORT
     from tasks.registry import arch_spec
@@ -50,11 +51,7 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
     _check_provider(request.execution_provider, path)
     ArtifactStore(request.store).check_reachable()
     if request.eval_data:
-        local = request.eval_data.removeprefix("file://")
-        file = Path(local).expanduser()
-        if "://" not in local and file.exists() and not file.is_file():
-            raise InvalidRequest(f"--eval_data {request.eval_data} is not a regular file (a folder, pipe or "
-                                 "device); the text is read more than once: save it to a file and pass that")
+        _check_regular_file("--eval_data", request.eval_data)
         try:
             if path == "decoder":
                 if not read_text(request.eval_data).strip():
@@ -67,6 +64,18 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
                 read_labelled(request.eval_data)
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"--eval_data {request.eval_data} cannot be read as UTF-8 text ({exc})") from exc
+    quantize = request.int8 if isinstance(request, EncoderOptRequest) else None
+    if quantize is not None and quantize.mode == "static" and quantize.calibration_data != BUILTIN_TEXT:
+        _check_regular_file("--calibration_data", quantize.calibration_data)
+        read_lines(quantize.calibration_data, quantize.calibration_samples)
+
+
+def _check_regular_file(flag: str, uri: str) -> None:
+    """A local text that is a folder, pipe or device is refused (reading a pipe would wait forever)."""
+    local = uri.removeprefix("file://")
+    if "://" not in local and Path(local).expanduser().exists() and not Path(local).expanduser().is_file():
+        raise InvalidRequest(f"{flag} {uri} is not a regular file (a folder, pipe or device); the text is read "
+                             "more than once: save it to a file and pass that")
 
 
 _EP_NAMES = {short: name for name, short in EP_SHORT.items()}

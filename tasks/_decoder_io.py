@@ -21,14 +21,21 @@ __all__ = ["BUILTIN_TEXT", "available_cpus", "context_length", "generation_timin
 BUILTIN_TEXT = "builtin:GPL-3"
 
 
-def read_text(source: str) -> str:
-    """'builtin:GPL-3' (the GNU GPL v3 text shipped with Grove), a local path, or an fsspec URI."""
+def read_text(source: str, flag: str = "--eval_data") -> str:
+    """'builtin:GPL-3' (the GNU GPL v3 text shipped with Grove), a local path, or an fsspec URI.
+    A source that cannot be read as UTF-8 text raises InvalidRequest naming ``flag``."""
     if source == BUILTIN_TEXT:
         return (resources.files("grove") / "data" / "GPL-3.txt").read_text(encoding="utf-8")
     import fsspec
 
-    with fsspec.open(source, "r", encoding="utf-8") as f:
-        return str(f.read())
+    from grove.errors import InvalidRequest
+
+    try:
+        with fsspec.open(source, "r", encoding="utf-8") as f:
+            return str(f.read())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{flag} {source} cannot be read as UTF-8 text ({exc}); pass a readable UTF-8 "
+                             "text file") from exc
 
 
 def text_sha256(source: str) -> str:

@@ -100,13 +100,18 @@ def cosine_rows(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) ->
     return cos[mask.reshape(-1).astype(bool)] if mask is not None and a.ndim == 3 else cos
 
 
-def read_lines(source: str, limit: int) -> list[str]:
-    """Non-empty paragraphs of a text file (``builtin:GPL-3`` = the text shipped with Grove)."""
+def read_lines(source: str, limit: int, flag: str = "--calibration_data") -> list[str]:
+    """The paragraphs of a text file longer than 40 characters, at most ``limit`` (``builtin:GPL-3`` =
+    the text shipped with Grove). Raises InvalidRequest naming ``flag`` if it cannot be read or has none."""
+    from grove.errors import InvalidRequest
     from tasks._decoder_io import read_text
 
-    text = read_text(source)
+    text = read_text(source, flag)
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
-    return [p for p in paragraphs if len(p) > 40][:limit]
+    if not (kept := [p for p in paragraphs if len(p) > 40][:limit]):
+        raise InvalidRequest(f"{flag} {source} holds no paragraph longer than 40 characters (paragraphs are "
+                             "separated by blank lines); pass a text file with real sentences")
+    return kept
 
 
 def read_labelled(source: str) -> tuple[list[str], list[str]]:

@@ -125,11 +125,6 @@ def _calibration_reader(src: Path, config: Int8Config) -> CalibrationDataReader:
 
     info = eio.encoder_info(src)
     texts = eio.read_lines(config.calibration_data, config.calibration_samples)
-    if not texts:
-        from grove.errors import InvalidRequest
-
-        raise InvalidRequest(f"calibration_data {config.calibration_data} holds no paragraph longer than 40 "
-                             "characters; pass a text file with real sentences")
     # One sample per batch, so MinMax sees real (unpadded) lengths; the histogram methods stack
     # every sample's activations into one array, so for them all samples are padded alike.
     pad_to = config.max_length if config.calibrate_method != "MinMax" else None

@@ -94,6 +94,32 @@ def test_an_eval_text_too_short_to_score_is_refused_with_its_length(tmp_path: Pa
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "--calibration_data {} cannot be read as UTF-8 text ([Errno 2] No such file or directory"),
+    (b"\xff\xfe\x00caf\xe9 latin-1 text, long enough to be a paragraph of calibration text", "cannot be read as UTF-8"),
+    (b"short\n\nlines\n", "--calibration_data {} holds no paragraph longer than 40 characters"),
+])
+def test_a_calibration_text_that_cannot_serve_is_refused_before_any_work(
+        content: bytes | None, expected: str, tmp_path: Path, store: str) -> None:
+    from tests.tiny_models import build_encoder
+
+    model = build_encoder("bert", tmp_path / "bert")
+    text = tmp_path / "calib.txt"
+    if content is not None:
+        text.write_bytes(content)
+    out = tmp_path / "out"
+
+    result = grove_cli("auto-opt", "-m", str(model), "-o", str(out), "--store", store, "--int8_mode", "static",
+                       "--calibration_data", str(text))
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("grove: error:")]
+    assert expected.format(text) in error
+    assert "Traceback" not in result.stderr and "Encountered exception" not in result.stderr
+    assert not out.exists()
+    assert not Path(store).exists() or not any(Path(store).rglob("manifest.json")), "refused before any node ran"
+
+
 def test_the_top1_gate_fails_the_run_with_the_measured_agreement(tmp_path: Path, tiny_dir, store: str) -> None:  # noqa: ANN001
     """A tiny random model's int4 output cannot agree with fp32 everywhere: --min_top1_agreement 1
     stops the run after the evaluation, with the figure and the flag to relax, and writes no output."""
