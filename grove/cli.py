@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fleet", help="refresh a fleet of models x targets from a manifest (YAML)")
     f.add_argument("action", choices=["refresh"])
-    f.add_argument("manifest", help="fleet manifest YAML (see grove/fleet.py)")
+    f.add_argument("manifest", help="fleet manifest YAML (example: deployments/fleet.example.yaml)")
     f.set_defaults(run=_fleet)
 
     d = sub.add_parser("deploy", help="apply pools, the store's result block and the deployments to "

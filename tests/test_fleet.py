@@ -102,3 +102,15 @@ def test_a_decoder_and_a_classifier_refresh_side_by_side(tiny_dir, tmp_path: Pat
     assert rows == {"cls": "refreshed", "dec": "refreshed"}, result.stdout
     report = json.loads((Path(read_latest(store, "cls", "cpu")["path"]) / "grove_report.json").read_text())
     assert report["target"]["task"] == "text-classification"
+
+
+def test_the_example_manifest_is_valid_and_its_models_resolve_offline() -> None:
+    """deployments/fleet.example.yaml is what the README points users to: it must stay loadable."""
+    from tasks._sources import resolve
+
+    manifest = FleetManifest.from_yaml(Path(__file__).parents[1] / "deployments" / "fleet.example.yaml")
+
+    assert {m.name: m.targets for m in manifest.models} == {"smollm2-135m": ["cpu", "gpu-int4"],
+                                                            "minilm-l6": ["cpu", "cpu-fp32"]}
+    assert manifest.targets["cpu"].precision is None, "the path's default precision"
+    assert {resolve(m.source).model_type for m in manifest.models} == {"llama", "bert"}
