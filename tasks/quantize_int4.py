@@ -74,7 +74,8 @@ def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, ob
         stats = {"head_bits": config.head_bits}
     else:
         stats = _quantize_ort(src / "model.onnx", out / "model.onnx", config)
-    node_logger().info("int4 %s block %d: %s", config.algorithm, config.block_size, stats)
+    node_logger().info("int4 %s, block %d: %s", config.algorithm, config.block_size,
+                       ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items()))
     return {"algorithm": config.algorithm, "block_size": config.block_size, **stats}
 
 
