@@ -24,7 +24,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
 
 from grove.artifacts import Artifact, Metric, Source, StepConfig, recipe_digest
-from grove.store import ArtifactStore
+from grove.store import ArtifactStore, lineage_of
 
 __all__ = ["RECIPE_CACHE", "RESULT_SERIALIZER", "cache_key", "node_logger", "report_progress", "run_node", "store_for"]
 
@@ -178,6 +178,7 @@ def run_node(config: C, parents: list[Artifact | Source], store_uri: str, build:
             inputs=[p.digest for p in parents],
             metrics=metrics,
             seconds=seconds,
+            ancestors=lineage_of(local_inputs),
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

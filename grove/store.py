@@ -31,7 +31,7 @@ from grove.errors import StoreError
 if TYPE_CHECKING:
     import fsspec
 
-__all__ = ["ArtifactStore", "FileEntry", "Manifest", "default_store_uri", "sha256_file"]
+__all__ = ["ArtifactStore", "FileEntry", "Manifest", "default_store_uri", "lineage_of", "sha256_file"]
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 * 1024 * 1024
@@ -74,6 +74,27 @@ class Manifest(BaseModel):
     metrics: dict[str, object] = Field(default_factory=dict)
     created_at: float
     seconds: float = Field(description="wall time the node took to build this artifact")
+    ancestors: list[dict[str, object]] = Field(default_factory=list, description="the lineage facts of every "
+                                               "artifact upstream of this one, upstream first (lineage_of)")
+
+
+LINEAGE_KEYS = ("node", "node_version", "digest", "inputs", "config", "seconds")
+
+
+def lineage_of(folders: list[Path]) -> list[dict[str, object]]:
+    """Every artifact behind these local artifact folders, and they themselves: what built each, from
+    what (``inputs``: digests; a download's is its source's), how long it took. Upstream first, each
+    once. Read from the folders' manifests, which carry their own ancestors (none before Grove
+    recorded them: such an artifact's lineage starts at itself)."""
+    seen: set[tuple[object, object]] = set()
+    steps: list[dict[str, object]] = []
+    for folder in folders:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        for step in [*manifest.get("ancestors", []), {k: manifest[k] for k in LINEAGE_KEYS}]:
+            if (step["node"], step["digest"]) not in seen:
+                seen.add((step["node"], step["digest"]))
+                steps.append(step)
+    return steps
 
 
 class ArtifactStore:
@@ -196,6 +217,7 @@ class ArtifactStore:
         inputs: list[str],
         metrics: dict[str, object],
         seconds: float,
+        ancestors: list[dict[str, object]] | None = None,
     ) -> Manifest:
         """Upload every file of ``local_dir``, then the manifest. Returns the manifest."""
         files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -215,6 +237,7 @@ class ArtifactStore:
             metrics=metrics,
             created_at=time.time(),
             seconds=round(seconds, 3),
+            ancestors=ancestors or [],
         )
         base = self.artifact_path(node, digest)
         if self.is_local:

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-__all__ = ["REPORT", "copy_model_files", "lineage", "ratio", "write_report"]
+__all__ = ["REPORT", "copy_model_files", "ratio", "write_report"]
 
 REPORT = "grove_report.json"
 
@@ -15,12 +15,6 @@ def ratio(a: object, b: object) -> float | None:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
         return round(a / b, 4)
     return None
-
-
-def lineage(folder: Path) -> dict[str, object]:
-    """The manifest facts of one input artifact: what built it, from what, how long it took."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    return {k: manifest[k] for k in ("node", "node_version", "digest", "inputs", "config", "seconds")}
 
 
 def copy_model_files(model_dir: Path, out: Path) -> None:
@@ -37,9 +31,10 @@ def write_report(out: Path, *, model: str, target: dict[str, object], metrics: d
     metrics of the unquantized model the output is compared with (fp32 on CPU; fp16 for GPU decoders,
     the builder's CUDA precision), its precision under ``reference.precision``."""
     from grove import __version__
+    from grove.store import lineage_of
 
     report = {"grove_version": __version__, "model": model, "target": target, "metrics": metrics,
               "reference": {"precision": reference_precision, **reference}, "ratios": ratios,
-              "lineage": [lineage(d) for d in inputs],
+              "lineage": lineage_of(inputs),
               "files": sorted({f.name for f in out.iterdir()} | {REPORT})}
     (out / REPORT).write_text(json.dumps(report, indent=2))

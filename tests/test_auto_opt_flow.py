@@ -11,6 +11,7 @@ from pathlib import Path
 from grove.request import AutoOptRequest
 from grove.runner import run_auto_opt_state
 from grove.store import ArtifactStore
+from tasks._sources import resolve
 
 CACHED_NODES = {"download-model", "capture-onnx", "quantize-int4", "evaluate", "package-genai"}
 GENAI_FILES = {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -65,7 +66,13 @@ def test_auto_opt_outputs_a_genai_folder_with_a_report(tiny_dir, tmp_path: Path,
     assert report["reference"]["precision"] == "fp32"
     assert 0 <= report["metrics"]["top1_agreement"] <= 1
     assert report["ratios"]["size_vs_reference"] < 0.6
-    assert [step["node"] for step in report["lineage"]] == ["quantize-int4", "evaluate", "evaluate"]
+    # Every node behind the output, upstream first, down to the source's digest.
+    lineage = report["lineage"]
+    assert [step["node"] for step in lineage] == ["download-model", "capture-onnx", "quantize-int4", "evaluate",
+                                                  "evaluate"]
+    assert lineage[0]["inputs"] == [resolve(str(tiny_dir("qwen2"))).digest]
+    built = {step["digest"] for step in lineage} | set(lineage[0]["inputs"])
+    assert all(set(step["inputs"]) <= built for step in lineage), "each step's inputs are in the lineage"
 
     import onnxruntime_genai as og
 
