@@ -71,9 +71,11 @@ def _fetch_folder(source: Source, config: DownloadConfig) -> Path:
     s3 = ArtifactStore(source.location)
     local = Path.home() / ".cache" / "grove" / "s3-sources" / source.digest
     for rel in source.files:
-        if not (local / rel).exists():
+        if not (local / rel).exists():  # the folder is keyed by the objects' ETags: a file there is complete
             (local / rel).parent.mkdir(parents=True, exist_ok=True)
-            s3.fs.get_file(f"{s3.root}/{rel}", str(local / rel))
+            partial = local / f"{rel}.partial"  # an interrupted download never passes for the file
+            s3.fs.get_file(f"{s3.root}/{rel}", str(partial))
+            partial.replace(local / rel)
     return local
 
 

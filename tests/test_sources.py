@@ -137,3 +137,35 @@ def test_grouped_dequantize_equals_gguf(qtype: str) -> None:
     assert got.shape == want.shape == values.shape
     assert np.array_equal(got, want)
     assert np.abs(got - values).max() < 0.6  # and it is a dequantization of the values
+
+
+def test_an_s3_model_folder_is_a_source_keyed_by_its_objects(tiny_dir, tmp_path: Path, s3_store: str,  # noqa: ANN001
+                                                              store: str) -> None:
+    """`-m s3://bucket/folder`: listed and pinned by the objects' ETags and sizes, fetched for the
+    run, and optimized like a local folder; a changed object is a new source, a wrong prefix one error."""
+    import json
+
+    import onnxruntime_genai as og
+
+    from grove.store import ArtifactStore
+    from tests.conftest import grove_cli
+
+    uri = s3_store.rsplit("/", 1)[0] + "/models/tiny-llama"
+    fs, root = ArtifactStore(uri).fs, uri.removeprefix("s3://")
+    for f in tiny_dir("llama").iterdir():
+        fs.put_file(str(f), f"{root}/{f.name}")
+    source = _sources.resolve(uri)
+    assert (source.kind, source.model_type) == ("s3", "llama")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(source.files)
+
+    out = tmp_path / "out"
+    result = grove_cli("auto-opt", "-m", uri, "-o", str(out), "--store", store, "--eval_tokens", "64")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "grove_report.json").read_text())
+    assert report["model"] == uri and source.digest in json.dumps(report["lineage"]), "the source pins the run"
+    og.Model(str(out))
+    fs.pipe_file(f"{root}/tokenizer_config.json", fs.cat_file(f"{root}/tokenizer_config.json") + b"\n")
+    assert _sources.resolve(uri).digest != source.digest
+    with pytest.raises(ModelSourceError, match="has no config.json, so it is not a Hugging Face model folder"):
+        _sources.resolve(uri + "-typo")
