@@ -138,6 +138,18 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--no-workers", action="store_true", help="start no workers")
     st.set_defaults(run=_stack)
 
+    so = sub.add_parser("store", help="what the artifact store holds (usage), and removing old artifacts (prune)",
+                        description="Pruning never breaks a later run: a run that needs a pruned artifact "
+                        "rebuilds it. The fleet registry (models/ in the store) is not touched.")
+    so.add_argument("action", choices=["usage", "prune"])
+    so.add_argument("--store", help="artifact store (default $GROVE_STORE or ~/.cache/grove/store)")
+    so.add_argument("--older-than", type=float, metavar="DAYS",
+                    help="prune: the artifacts built more than DAYS days ago (required; 0: all)")
+    so.add_argument("--node", nargs="+", metavar="NODE", help="prune: only these nodes' artifacts, e.g. "
+                    "download-model capture-onnx (the full-precision copies, the largest)")
+    so.add_argument("--dry-run", action="store_true", help="prune: say what would be removed, remove nothing")
+    so.set_defaults(run=_store)
+
     f = sub.add_parser("fleet", help="refresh a fleet of models x targets from a manifest (YAML)")
     f.add_argument("action", choices=["refresh"])
     f.add_argument("manifest", help="fleet manifest YAML (example: deployments/fleet.example.yaml)")
@@ -251,6 +263,31 @@ def _stack(args: argparse.Namespace) -> int:
     else:
         state = stack.stack_status()
         print(json.dumps(state, indent=2) if state else "not running")
+    return 0
+
+
+def _store(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from grove import housekeeping
+    from grove.store import ArtifactStore
+
+    if args.action == "usage" and (args.older_than is not None or args.node or args.dry_run):
+        return _fail("--older-than, --node and --dry-run apply to 'grove store prune'")
+    if args.action == "prune" and args.older_than is None:
+        return _fail("grove store prune needs --older-than DAYS: the artifacts built longer ago are removed "
+                     "(0: all of them; add --dry-run to see what that would be)")
+    if args.older_than is not None and not args.older_than >= 0:
+        return _fail(f"--older-than {args.older_than:g}: pass a number of days, 0 or more")
+    store = ArtifactStore(args.store)
+    if store.is_local and not Path(store.root).is_dir():
+        return _fail(f"artifact store {store.root} does not exist; check --store or GROVE_STORE")
+    if args.action == "usage":
+        print(housekeeping.format_usage(store, housekeeping.scan(store)))
+        return 0
+    removed = housekeeping.prune(store, args.older_than * 86400, args.node, args.dry_run)
+    present = {a.node for a in housekeeping.scan(store)} if not removed and args.node else set()
+    print(housekeeping.format_prune(removed, args.older_than, args.dry_run, args.node, present))
     return 0
 
 

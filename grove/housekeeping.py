@@ -1,0 +1,135 @@
+"""``grove store usage`` and ``grove store prune``: what an artifact store holds, and removing what
+is old.
+
+Pruning never breaks a later run: artifacts are addressed by their recipe and every run checks an
+artifact (manifest and file sizes) before reusing it, so a pruned one that is needed again is
+rebuilt, at the cost of the time it took. The fleet registry (``models/``) is not touched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+
+from grove.store import MANIFEST, ArtifactStore, Manifest
+
+__all__ = ["LEFTOVER_GRACE_S", "StoredArtifact", "format_prune", "format_usage", "prune", "scan"]
+
+# A folder without a manifest may be a build that is still uploading: it is never removed before this.
+LEFTOVER_GRACE_S = 3600.0
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """One folder under ``artifacts/<node>/``."""
+
+    node: str
+    name: str  # the recipe digest; for a leftover, whatever the interrupted build left
+    size: int  # bytes on the store
+    built_at: float  # the manifest's build time; for a leftover, its newest file's
+    complete: bool  # False: a build that never committed (no valid manifest, or files missing)
+
+
+def _mtime(info: dict[str, object]) -> float:
+    value = info.get("mtime") or info.get("LastModified") or info.get("created") or 0.0
+    return value.timestamp() if isinstance(value, datetime) else float(value)  # type: ignore[arg-type]
+
+
+def scan(store: ArtifactStore) -> list[StoredArtifact]:
+    """Every folder under the store's ``artifacts/``, from one listing plus one read per manifest."""
+    base = f"{store.root}/artifacts"
+    if not store.fs.exists(base):
+        return []
+    folders: dict[tuple[str, str], dict[str, dict[str, object]]] = {}
+    for path, info in store.fs.find(base, detail=True).items():
+        parts = path.replace("\\", "/")[len(base.replace("\\", "/")) + 1:].split("/", 2)
+        if len(parts) == 3:
+            folders.setdefault((parts[0], parts[1]), {})[parts[2]] = info
+    found = []
+    for (node, name), files in sorted(folders.items()):
+        size = sum(int(info.get("size") or 0) for info in files.values())  # type: ignore[call-overload]
+        manifest = None
+        if MANIFEST in files:
+            try:
+                manifest = Manifest.model_validate_json(store.fs.cat_file(f"{base}/{node}/{name}/{MANIFEST}"))
+            except (FileNotFoundError, ValueError):
+                manifest = None
+        complete = manifest is not None and all(
+            int(files.get(f.path, {}).get("size", -1)) == f.size for f in manifest.files)  # type: ignore[call-overload]
+        built_at = manifest.created_at if manifest is not None else max(_mtime(i) for i in files.values())
+        found.append(StoredArtifact(node, name, size, built_at, complete))
+    return found
+
+
+def prune(store: ArtifactStore, older_than_s: float, nodes: list[str] | None = None,
+          dry_run: bool = False) -> list[StoredArtifact]:
+    """Remove the artifacts built more than ``older_than_s`` seconds ago (only ``nodes``' if given),
+    and leftovers of builds that never committed (never younger than LEFTOVER_GRACE_S). Returns
+    what was (or, with ``dry_run``, would be) removed. A complete artifact loses its manifest first,
+    so it is absent to every reader from that moment; its Prefect result record and its copy in
+    this machine's fetch cache (remote stores) go with it."""
+    now = time.time()
+    doomed = [a for a in scan(store) if (nodes is None or a.node in nodes) and now - a.built_at > older_than_s
+              and (a.complete or now - a.built_at > LEFTOVER_GRACE_S)]
+    if dry_run:
+        return doomed
+    import shutil
+
+    from grove.store import _cache_home
+
+    for artifact in doomed:
+        folder = f"{store.root}/artifacts/{artifact.node}/{artifact.name}"
+        if artifact.complete:
+            store.fs.rm(f"{folder}/{MANIFEST}")
+            store.drop_result_record(f"{artifact.node}-{artifact.name}")
+        if store.fs.exists(folder):
+            store.fs.rm(folder, recursive=True)
+        if not store.is_local:
+            shutil.rmtree(_cache_home() / "fetched" / artifact.node / artifact.name, ignore_errors=True)
+    return doomed
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def format_usage(store: ArtifactStore, artifacts: list[StoredArtifact]) -> str:
+    """A table: per node, how many artifacts, their size and the oldest build's age."""
+    now = time.time()
+    lines = [f"store {store.uri}", f"{'node':<26} {'artifacts':>9} {'size':>10}  oldest build"]
+    rows: dict[str, list[StoredArtifact]] = {}
+    for a in artifacts:
+        rows.setdefault(a.node if a.complete else "(unfinished builds)", []).append(a)
+    for node, group in sorted(rows.items(), key=lambda kv: -sum(a.size for a in kv[1])):
+        oldest = now - min(a.built_at for a in group)
+        lines.append(f"{node:<26} {len(group):>9} {_size(sum(a.size for a in group)):>10}  {_age(oldest)} ago")
+    lines.append(f"{'total':<26} {len(artifacts):>9} {_size(sum(a.size for a in artifacts)):>10}")
+    return "\n".join(lines)
+
+
+def format_prune(removed: list[StoredArtifact], older_than_days: float, dry_run: bool,
+                 nodes: list[str] | None, present: set[str]) -> str:
+    """One line saying what was (or would be) removed, and how much it frees."""
+    if not removed:
+        missing = sorted(set(nodes or ()) - present)
+        holds = f"; this store holds no {', '.join(missing)} artifacts (it holds: {', '.join(sorted(present)) or 'none'})"
+        return f"nothing to prune: no artifact built more than {older_than_days:g} days ago" + (holds if missing else "")
+    counts = Counter(a.node if a.complete else "unfinished" for a in removed)
+    what = ", ".join(f"{node} {n}" for node, n in counts.most_common())
+    verb = "would remove" if dry_run else "removed"
+    return (f"{verb} {len(removed)} artifact(s) built more than {older_than_days:g} days ago, "
+            f"{_size(sum(a.size for a in removed))}: {what}")

@@ -1,0 +1,112 @@
+"""`grove store usage` / `grove store prune`: what is old goes (manifest first, with its result
+record), what is recent or still being written stays, and a run after a prune rebuilds what it needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from grove import housekeeping
+from grove.store import ArtifactStore
+from tests.conftest import grove_cli
+
+DAY = 86400.0
+
+
+def _artifact(store: ArtifactStore, tmp_path: Path, node: str, digest: str, age_days: float) -> None:
+    """A committed artifact whose manifest says it was built ``age_days`` ago, with its result record."""
+    src = tmp_path / f"src-{node}-{digest[:4]}"
+    src.mkdir()
+    (src / "model.onnx").write_bytes(b"w" * 1000)
+    store.commit(src, node=node, node_version=1, digest=digest, config={}, inputs=[], metrics={}, seconds=0.1)
+    path = f"{store.artifact_path(node, digest)}/manifest.json"
+    manifest = json.loads(store.fs.cat_file(path))
+    store.fs.pipe(path, json.dumps({**manifest, "created_at": time.time() - age_days * DAY}).encode())
+    store.fs.makedirs(f"{store.root}/prefect-results", exist_ok=True)
+    store.fs.pipe(f"{store.root}/prefect-results/{node}-{digest}", b"{}")
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
+    if request.param == "local":
+        return ArtifactStore(str(tmp_path / "store"))
+    return ArtifactStore(request.getfixturevalue("s3_store"))
+
+
+def test_prune_removes_what_was_built_before_the_cutoff_and_nothing_else(any_store: ArtifactStore,
+                                                                          tmp_path: Path) -> None:
+    store = any_store
+    old, new, old_eval = "a" * 64, "b" * 64, "c" * 64
+    _artifact(store, tmp_path, "capture-onnx", old, age_days=10)
+    _artifact(store, tmp_path, "capture-onnx", new, age_days=1)
+    _artifact(store, tmp_path, "evaluate", old_eval, age_days=10)
+    store.fs.makedirs(f"{store.root}/models/m/cpu", exist_ok=True)
+    store.fs.pipe(f"{store.root}/models/m/cpu/latest.json", b"{}")  # the fleet registry
+
+    planned = housekeeping.prune(store, 7 * DAY, dry_run=True)
+    assert {(a.node, a.name) for a in planned} == {("capture-onnx", old), ("evaluate", old_eval)}
+    assert store.manifest("capture-onnx", old) is not None, "a dry run removes nothing"
+
+    removed = housekeeping.prune(store, 7 * DAY, nodes=["capture-onnx"])
+
+    assert [(a.node, a.name) for a in removed] == [("capture-onnx", old)]
+    assert removed[0].size > 1000, "its files and manifest"
+    assert store.manifest("capture-onnx", old) is None and not store.fs.exists(store.artifact_path("capture-onnx", old))
+    assert not store.fs.exists(f"{store.root}/prefect-results/capture-onnx-{old}"), "its cache record goes too"
+    assert store.manifest("capture-onnx", new) is not None and store.manifest("evaluate", old_eval) is not None
+    assert store.fs.exists(f"{store.root}/prefect-results/capture-onnx-{new}")
+    assert store.fs.exists(f"{store.root}/models/m/cpu/latest.json"), "the registry is not the cache"
+    assert {a.node: a.complete for a in housekeeping.scan(store)} == {"capture-onnx": True, "evaluate": True}
+
+
+def test_an_unfinished_build_is_removed_only_once_it_is_clearly_abandoned(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path / "store"))
+    for name, age in (("abandoned", 2 * DAY), ("uploading", 60.0)):
+        folder = Path(store.artifact_path("capture-onnx", name))
+        folder.mkdir(parents=True)
+        (folder / "model.onnx.data").write_bytes(b"x" * 10)  # no manifest: never committed
+        os.utime(folder / "model.onnx.data", (time.time() - age, time.time() - age))
+
+    [abandoned, uploading] = sorted(housekeeping.scan(store), key=lambda a: a.name)
+    assert (abandoned.complete, uploading.complete) == (False, False)
+
+    removed = housekeeping.prune(store, 0)
+
+    assert [a.name for a in removed] == ["abandoned"]
+    assert Path(store.artifact_path("capture-onnx", "uploading")).exists(), "a build may still be writing it"
+
+
+def test_a_run_after_pruning_everything_rebuilds_the_same_output(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    args = ["auto-opt", "-m", str(tiny_dir("llama")), "-o", str(out), "--store", store, "--eval_tokens", "64"]
+    assert grove_cli(*args).returncode == 0
+    model = (out / "model.onnx.data").read_bytes()
+
+    usage = grove_cli("store", "usage", "--store", store)
+    assert usage.returncode == 0 and "capture-onnx" in usage.stdout and "total" in usage.stdout
+    pruned = grove_cli("store", "prune", "--older-than", "0", "--store", store)
+    assert pruned.returncode == 0 and pruned.stdout.startswith("removed "), pruned.stdout + pruned.stderr
+    assert housekeeping.scan(ArtifactStore(store)) == []
+
+    again = grove_cli(*args)
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "download-model/" in again.stderr and "built in" in again.stderr, "rebuilt, not a dangling cache hit"
+    assert (out / "model.onnx.data").read_bytes() == model
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["prune"], "grove store prune needs --older-than DAYS"),
+    (["prune", "--older-than", "-1"], "--older-than -1: pass a number of days, 0 or more"),
+    (["usage", "--dry-run"], "--older-than, --node and --dry-run apply to 'grove store prune'"),
+    (["usage"], "artifact store {store} does not exist; check --store or GROVE_STORE"),
+])
+def test_store_command_misuse_is_one_clear_error(args: list[str], expected: str, tmp_path: Path) -> None:
+    result = grove_cli("store", *args, "--store", str(tmp_path / "store"))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"grove: error: {expected.format(store=tmp_path / 'store')}"), result.stderr
+    assert result.stderr.count("\n") == 1, "one line"
