@@ -67,27 +67,14 @@ def prune(store: ArtifactStore, older_than_s: float, nodes: list[str] | None = N
           dry_run: bool = False) -> list[StoredArtifact]:
     """Remove the artifacts built more than ``older_than_s`` seconds ago (only ``nodes``' if given),
     and leftovers of builds that never committed (never younger than LEFTOVER_GRACE_S). Returns
-    what was (or, with ``dry_run``, would be) removed. A complete artifact loses its manifest first,
-    so it is absent to every reader from that moment; its Prefect result record and its copy in
-    this machine's fetch cache (remote stores) go with it."""
+    what was (or, with ``dry_run``, would be) removed, each by ``ArtifactStore.remove`` (manifest
+    first, then cache record, files and fetched copy)."""
     now = time.time()
     doomed = [a for a in scan(store) if (nodes is None or a.node in nodes) and now - a.built_at > older_than_s
               and (a.complete or now - a.built_at > LEFTOVER_GRACE_S)]
-    if dry_run:
-        return doomed
-    import shutil
-
-    from grove.store import _cache_home
-
-    for artifact in doomed:
-        folder = f"{store.root}/artifacts/{artifact.node}/{artifact.name}"
-        if artifact.complete:
-            store.fs.rm(f"{folder}/{MANIFEST}")
-            store.drop_result_record(f"{artifact.node}-{artifact.name}")
-        if store.fs.exists(folder):
-            store.fs.rm(folder, recursive=True)
-        if not store.is_local:
-            shutil.rmtree(_cache_home() / "fetched" / artifact.node / artifact.name, ignore_errors=True)
+    if not dry_run:
+        for artifact in doomed:
+            store.remove(artifact.node, artifact.name)
     return doomed
 
 

@@ -267,11 +267,17 @@ class ArtifactStore:
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def discard(self, node: str, digest: str) -> None:
-        """Remove an artifact (used when a cached entry is found incomplete)."""
+    def remove(self, node: str, digest: str) -> None:
+        """Remove an artifact: its manifest first (absent to every reader from then on), then its
+        Prefect cache record, its files, and this machine's fetched copy (remote stores)."""
         base = self.artifact_path(node, digest)
+        if self.fs.exists(f"{base}/{MANIFEST}"):
+            self.fs.rm(f"{base}/{MANIFEST}")
+        self.drop_result_record(f"{node}-{digest}")
         if self.fs.exists(base):
             self.fs.rm(base, recursive=True)
+        if not self.is_local:
+            shutil.rmtree(_cache_home() / "fetched" / node / digest, ignore_errors=True)
 
     # -- Prefect result records -------------------------------------------------------------
     @property
