@@ -140,13 +140,15 @@ def _parser() -> argparse.ArgumentParser:
 
     so = sub.add_parser("store", help="what the artifact store holds (usage), and removing old artifacts (prune)",
                         description="Pruning never breaks a later run: a run that needs a pruned artifact "
-                        "rebuilds it. The fleet registry (models/ in the store) is not touched.")
+                        "rebuilds it. The fleet registry (models/ in the store) is pruned only by --keep-versions.")
     so.add_argument("action", choices=["usage", "prune"])
     so.add_argument("--store", help="artifact store (default $GROVE_STORE or ~/.cache/grove/store)")
     so.add_argument("--older-than", type=float, metavar="DAYS",
                     help="prune: the artifacts built more than DAYS days ago (required; 0: all)")
     so.add_argument("--node", nargs="+", metavar="NODE", help="prune: only these nodes' artifacts, e.g. "
                     "download-model capture-onnx (the full-precision copies, the largest)")
+    so.add_argument("--keep-versions", type=int, metavar="N", help="prune: in the fleet registry, keep the N "
+                    "newest versions of each model x target (and the one latest.json points at), remove the rest")
     so.add_argument("--dry-run", action="store_true", help="prune: say what would be removed, remove nothing")
     so.set_defaults(run=_store)
 
@@ -272,22 +274,32 @@ def _store(args: argparse.Namespace) -> int:
     from grove import housekeeping
     from grove.store import ArtifactStore
 
-    if args.action == "usage" and (args.older_than is not None or args.node or args.dry_run):
-        return _fail("--older-than, --node and --dry-run apply to 'grove store prune'")
-    if args.action == "prune" and args.older_than is None:
-        return _fail("grove store prune needs --older-than DAYS: the artifacts built longer ago are removed "
-                     "(0: all of them; add --dry-run to see what that would be)")
+    if args.action == "usage" and (args.older_than is not None or args.node or args.dry_run
+                                   or args.keep_versions is not None):
+        return _fail("--older-than, --node, --keep-versions and --dry-run apply to 'grove store prune'")
+    if args.action == "prune" and args.older_than is None and args.keep_versions is None:
+        return _fail("grove store prune needs --older-than DAYS (the artifacts built longer ago are removed; 0: "
+                     "all of them) and/or --keep-versions N (the fleet registry's older versions); add --dry-run "
+                     "to see what that would be")
     if args.older_than is not None and not args.older_than >= 0:
         return _fail(f"--older-than {args.older_than:g}: pass a number of days, 0 or more")
+    if args.node and args.older_than is None:
+        return _fail("--node narrows --older-than: pass --older-than DAYS too")
+    if args.keep_versions is not None and args.keep_versions < 1:
+        return _fail(f"--keep-versions {args.keep_versions}: keep at least 1 (the version latest.json points at)")
     store = ArtifactStore(args.store)
     if store.is_local and not Path(store.root).is_dir():
         return _fail(f"artifact store {store.root} does not exist; check --store or GROVE_STORE")
     if args.action == "usage":
-        print(housekeeping.format_usage(store, housekeeping.scan(store)))
+        print(housekeeping.format_usage(store, housekeeping.scan(store), housekeeping.scan_registry(store)))
         return 0
-    removed = housekeeping.prune(store, args.older_than * 86400, args.node, args.dry_run)
-    present = {a.node for a in housekeeping.scan(store)} if not removed and args.node else set()
-    print(housekeeping.format_prune(removed, args.older_than, args.dry_run, args.node, present))
+    if args.older_than is not None:
+        removed = housekeeping.prune(store, args.older_than * 86400, args.node, args.dry_run)
+        present = {a.node for a in housekeeping.scan(store)} if not removed and args.node else set()
+        print(housekeeping.format_prune(removed, args.older_than, args.dry_run, args.node, present))
+    if args.keep_versions is not None:
+        versions = housekeeping.prune_registry(store, args.keep_versions, args.dry_run)
+        print(housekeeping.format_registry_prune(versions, args.keep_versions, args.dry_run))
     return 0
 
 

@@ -3,7 +3,8 @@ is old.
 
 Pruning never breaks a later run: artifacts are addressed by their recipe and every run checks an
 artifact (manifest and file sizes) before reusing it, so a pruned one that is needed again is
-rebuilt, at the cost of the time it took. The fleet registry (``models/``) is not touched.
+rebuilt, at the cost of the time it took. The fleet registry (``models/``) is separate: its older
+published versions go only with ``--keep-versions``, never the one ``latest.json`` points at.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from datetime import datetime
 
 from grove.store import MANIFEST, ArtifactStore, Manifest
 
-__all__ = ["LEFTOVER_GRACE_S", "StoredArtifact", "format_prune", "format_usage", "prune", "scan"]
+__all__ = ["LEFTOVER_GRACE_S", "RegistryVersion", "StoredArtifact", "format_prune", "format_registry_prune",
+           "format_usage", "prune", "prune_registry", "scan", "scan_registry"]
 
 # A folder without a manifest may be a build that is still uploading: it is never removed before this.
 LEFTOVER_GRACE_S = 3600.0
@@ -37,18 +39,24 @@ def _mtime(info: dict[str, object]) -> float:
     return value.timestamp() if isinstance(value, datetime) else float(value)  # type: ignore[arg-type]
 
 
+def _folders(store: ArtifactStore, base: str, depth: int) -> dict[tuple[str, ...], dict[str, dict[str, object]]]:
+    """{the first ``depth`` path parts under ``base``: {the rest of the path: its listing info}}."""
+    if not store.fs.exists(base):
+        return {}
+    folders: dict[tuple[str, ...], dict[str, dict[str, object]]] = {}
+    prefix = len(base.replace("\\", "/")) + 1
+    for path, info in store.fs.find(base, detail=True).items():
+        parts = path.replace("\\", "/")[prefix:].split("/", depth)
+        if len(parts) == depth + 1:
+            folders.setdefault(tuple(parts[:depth]), {})[parts[depth]] = info
+    return folders
+
+
 def scan(store: ArtifactStore) -> list[StoredArtifact]:
     """Every folder under the store's ``artifacts/``, from one listing plus one read per manifest."""
     base = f"{store.root}/artifacts"
-    if not store.fs.exists(base):
-        return []
-    folders: dict[tuple[str, str], dict[str, dict[str, object]]] = {}
-    for path, info in store.fs.find(base, detail=True).items():
-        parts = path.replace("\\", "/")[len(base.replace("\\", "/")) + 1:].split("/", 2)
-        if len(parts) == 3:
-            folders.setdefault((parts[0], parts[1]), {})[parts[2]] = info
     found = []
-    for (node, name), files in sorted(folders.items()):
+    for (node, name), files in sorted(_folders(store, base, 2).items()):
         size = sum(int(info.get("size") or 0) for info in files.values())  # type: ignore[call-overload]
         manifest = None
         if MANIFEST in files:
@@ -61,6 +69,52 @@ def scan(store: ArtifactStore) -> list[StoredArtifact]:
         built_at = manifest.created_at if manifest is not None else max(_mtime(i) for i in files.values())
         found.append(StoredArtifact(node, name, size, built_at, complete))
     return found
+
+
+@dataclass(frozen=True)
+class RegistryVersion:
+    """One published version of a fleet entry: ``models/<name>/<target>/<version>/``."""
+
+    name: str
+    target: str
+    version: str
+    size: int
+    published_at: float  # when its files were copied there (their newest modification time)
+    latest: bool  # what models/<name>/<target>/latest.json points at
+
+
+def scan_registry(store: ArtifactStore) -> list[RegistryVersion]:
+    """Every published version in the store's fleet registry."""
+    import json
+
+    base = f"{store.root}/models"
+    pointers: dict[tuple[str, str], str] = {}
+    for (name, target), files in _folders(store, base, 2).items():
+        if "latest.json" in files:
+            try:
+                pointers[(name, target)] = str(json.loads(store.fs.cat_file(f"{base}/{name}/{target}/latest.json"))
+                                               ["version"])
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                pass
+    return [RegistryVersion(name, target, version, sum(int(i.get("size") or 0) for i in files.values()),  # type: ignore[call-overload]
+                            max(_mtime(i) for i in files.values()), pointers.get((name, target)) == version)
+            for (name, target, version), files in sorted(_folders(store, base, 3).items())]
+
+
+def prune_registry(store: ArtifactStore, keep: int, dry_run: bool = False) -> list[RegistryVersion]:
+    """Remove all but the ``keep`` newest versions of each fleet entry; the version ``latest``
+    points at is always kept (and counts as one of them). Returns what was (would be) removed."""
+    by_entry: dict[tuple[str, str], list[RegistryVersion]] = {}
+    for v in scan_registry(store):
+        by_entry.setdefault((v.name, v.target), []).append(v)
+    doomed = []
+    for versions in by_entry.values():
+        newest_first = sorted(versions, key=lambda v: (v.latest, v.published_at), reverse=True)
+        doomed += newest_first[max(keep, 1):]
+    if not dry_run:
+        for v in doomed:
+            store.fs.rm(f"{store.root}/models/{v.name}/{v.target}/{v.version}", recursive=True)
+    return doomed
 
 
 def prune(store: ArtifactStore, older_than_s: float, nodes: list[str] | None = None,
@@ -94,8 +148,8 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
-def format_usage(store: ArtifactStore, artifacts: list[StoredArtifact]) -> str:
-    """A table: per node, how many artifacts, their size and the oldest build's age."""
+def format_usage(store: ArtifactStore, artifacts: list[StoredArtifact], versions: list[RegistryVersion]) -> str:
+    """A table: per node, how many artifacts, their size and the oldest build's age; then the registry."""
     now = time.time()
     lines = [f"store {store.uri}", f"{'node':<26} {'artifacts':>9} {'size':>10}  oldest build"]
     rows: dict[str, list[StoredArtifact]] = {}
@@ -105,7 +159,21 @@ def format_usage(store: ArtifactStore, artifacts: list[StoredArtifact]) -> str:
         oldest = now - min(a.built_at for a in group)
         lines.append(f"{node:<26} {len(group):>9} {_size(sum(a.size for a in group)):>10}  {_age(oldest)} ago")
     lines.append(f"{'total':<26} {len(artifacts):>9} {_size(sum(a.size for a in artifacts)):>10}")
+    if versions:
+        entries = len({(v.name, v.target) for v in versions})
+        lines.append(f"fleet registry (models/): {len(versions)} published version(s) of {entries} entr"
+                     f"{'y' if entries == 1 else 'ies'}, {_size(sum(v.size for v in versions))}")
     return "\n".join(lines)
+
+
+def format_registry_prune(removed: list[RegistryVersion], keep: int, dry_run: bool) -> str:
+    """One line saying which registry versions were (or would be) removed."""
+    if not removed:
+        return f"registry: nothing to prune: no fleet entry has more than {keep} version(s)"
+    entries = sorted({f"{v.name}/{v.target}" for v in removed})
+    return (f"registry: {'would remove' if dry_run else 'removed'} {len(removed)} old version(s) of "
+            f"{', '.join(entries)}, {_size(sum(v.size for v in removed))} (kept the {keep} newest of each, "
+            "and the one latest.json points at)")
 
 
 def format_prune(removed: list[StoredArtifact], older_than_days: float, dry_run: bool,

@@ -99,10 +99,45 @@ def test_a_run_after_pruning_everything_rebuilds_the_same_output(tiny_dir, tmp_p
     assert (out / "model.onnx.data").read_bytes() == model
 
 
+def _publish(store: ArtifactStore, name: str, target: str, version: str, age_days: float, latest: bool) -> None:
+    base = f"{store.root}/models/{name}/{target}"
+    store.fs.makedirs(f"{base}/{version}", exist_ok=True)
+    store.fs.pipe(f"{base}/{version}/model.onnx", b"m" * 100)
+    if store.is_local:  # the publish time is the files' (S3 objects keep the upload time: left as it is)
+        t = time.time() - age_days * DAY
+        os.utime(f"{base}/{version}/model.onnx", (t, t))
+    if latest:
+        store.fs.pipe(f"{base}/latest.json", json.dumps({"version": version}).encode())
+
+
+def test_registry_pruning_keeps_the_newest_versions_and_always_the_latest_one(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path / "store"))
+    # smollm2/cpu: latest points at an older version (e.g. a rollback); minilm/cpu has one version.
+    for version, age, latest in (("v1", 30, False), ("v2", 20, True), ("v3", 10, False), ("v4", 1, False)):
+        _publish(store, "smollm2", "cpu", version, age, latest)
+    _publish(store, "minilm", "cpu", "w1", 40, True)
+    assert {(v.name, v.version) for v in housekeeping.scan_registry(store) if v.latest} == {
+        ("smollm2", "v2"), ("minilm", "w1")}
+
+    assert [v.version for v in housekeeping.prune_registry(store, keep=2, dry_run=True)] == ["v3", "v1"]
+    dry = grove_cli("store", "prune", "--keep-versions", "1", "--dry-run", "--store", store.uri)
+    assert dry.returncode == 0 and dry.stdout.startswith("registry: would remove 3 old version(s) of smollm2/cpu, ")
+    removed = housekeeping.prune_registry(store, keep=2)
+
+    assert {v.version for v in removed} == {"v1", "v3"}
+    assert {v.version for v in housekeeping.scan_registry(store)} == {"v2", "v4", "w1"}, \
+        "the newest, plus the version latest.json points at; a lone version stays"
+    assert json.loads(store.fs.cat_file(f"{store.root}/models/smollm2/cpu/latest.json")) == {"version": "v2"}
+    usage = housekeeping.format_usage(store, housekeeping.scan(store), housekeeping.scan_registry(store))
+    assert "fleet registry (models/): 3 published version(s) of 2 entries" in usage
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["prune"], "grove store prune needs --older-than DAYS"),
     (["prune", "--older-than", "-1"], "--older-than -1: pass a number of days, 0 or more"),
-    (["usage", "--dry-run"], "--older-than, --node and --dry-run apply to 'grove store prune'"),
+    (["usage", "--dry-run"], "--older-than, --node, --keep-versions and --dry-run apply to 'grove store prune'"),
+    (["prune", "--keep-versions", "2", "--node", "evaluate"], "--node narrows --older-than: pass --older-than DAYS too"),
+    (["prune", "--keep-versions", "0"], "--keep-versions 0: keep at least 1"),
     (["usage"], "artifact store {store} does not exist; check --store or GROVE_STORE"),
 ])
 def test_store_command_misuse_is_one_clear_error(args: list[str], expected: str, tmp_path: Path) -> None:
