@@ -103,14 +103,15 @@ def scan_registry(store: ArtifactStore) -> list[RegistryVersion]:
 
 def prune_registry(store: ArtifactStore, keep: int, dry_run: bool = False) -> list[RegistryVersion]:
     """Remove all but the ``keep`` newest versions of each fleet entry; the version ``latest``
-    points at is always kept (and counts as one of them). Returns what was (would be) removed."""
+    points at is always kept (and counts as one of them), and so is any version written in the last
+    LEFTOVER_GRACE_S (a refresh may be publishing it). Returns what was (would be) removed."""
     by_entry: dict[tuple[str, str], list[RegistryVersion]] = {}
     for v in scan_registry(store):
         by_entry.setdefault((v.name, v.target), []).append(v)
-    doomed = []
+    now, doomed = time.time(), []
     for versions in by_entry.values():
         newest_first = sorted(versions, key=lambda v: (v.latest, v.published_at), reverse=True)
-        doomed += newest_first[max(keep, 1):]
+        doomed += [v for v in newest_first[max(keep, 1):] if now - v.published_at > LEFTOVER_GRACE_S]
     if not dry_run:
         for v in doomed:
             store.fs.rm(f"{store.root}/models/{v.name}/{v.target}/{v.version}", recursive=True)
@@ -133,11 +134,11 @@ def prune(store: ArtifactStore, older_than_s: float, nodes: list[str] | None = N
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    units = ("B", "kB", "MB", "GB", "TB")
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 def _age(seconds: float) -> str:

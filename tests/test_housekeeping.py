@@ -113,23 +113,25 @@ def _publish(store: ArtifactStore, name: str, target: str, version: str, age_day
 def test_registry_pruning_keeps_the_newest_versions_and_always_the_latest_one(tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path / "store"))
     # smollm2/cpu: latest points at an older version (e.g. a rollback); minilm/cpu has one version.
-    for version, age, latest in (("v1", 30, False), ("v2", 20, True), ("v3", 10, False), ("v4", 1, False)):
+    for version, age, latest in (("v1", 30, False), ("v2", 20, True), ("v3", 10, False), ("v4", 1, False),
+                                 ("v5", 0.001, False)):  # v5: being published right now
         _publish(store, "smollm2", "cpu", version, age, latest)
     _publish(store, "minilm", "cpu", "w1", 40, True)
     assert {(v.name, v.version) for v in housekeeping.scan_registry(store) if v.latest} == {
         ("smollm2", "v2"), ("minilm", "w1")}
 
-    assert [v.version for v in housekeeping.prune_registry(store, keep=2, dry_run=True)] == ["v3", "v1"]
+    assert [v.version for v in housekeeping.prune_registry(store, keep=3, dry_run=True)] == ["v3", "v1"]
     dry = grove_cli("store", "prune", "--keep-versions", "1", "--dry-run", "--store", store.uri)
     assert dry.returncode == 0 and dry.stdout.startswith("registry: would remove 3 old version(s) of smollm2/cpu, ")
-    removed = housekeeping.prune_registry(store, keep=2)
+    # keep 1: v2 (latest) only, but v5 is too young to touch
+    removed = housekeeping.prune_registry(store, keep=3)
 
     assert {v.version for v in removed} == {"v1", "v3"}
-    assert {v.version for v in housekeeping.scan_registry(store)} == {"v2", "v4", "w1"}, \
+    assert {v.version for v in housekeeping.scan_registry(store)} == {"v2", "v4", "v5", "w1"}, \
         "the newest, plus the version latest.json points at; a lone version stays"
     assert json.loads(store.fs.cat_file(f"{store.root}/models/smollm2/cpu/latest.json")) == {"version": "v2"}
     usage = housekeeping.format_usage(store, housekeeping.scan(store), housekeeping.scan_registry(store))
-    assert "fleet registry (models/): 3 published version(s) of 2 entries" in usage
+    assert "fleet registry (models/): 4 published version(s) of 2 entries" in usage
 
 
 @pytest.mark.parametrize(("args", "expected"), [
