@@ -290,6 +290,8 @@ def _store(args: argparse.Namespace) -> int:
     store = ArtifactStore(args.store)
     if store.is_local and not Path(store.root).is_dir():
         return _fail(f"artifact store {store.root} does not exist; check --store or GROVE_STORE")
+    if not store.is_local:
+        store.check_reachable()  # fails in seconds, where a listing would wait out the S3 client's retries
     if args.action == "usage":
         print(housekeeping.format_usage(store, housekeeping.scan(store), housekeeping.scan_registry(store)))
         return 0

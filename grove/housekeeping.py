@@ -41,11 +41,9 @@ def _mtime(info: dict[str, object]) -> float:
 
 def _folders(store: ArtifactStore, base: str, depth: int) -> dict[tuple[str, ...], dict[str, dict[str, object]]]:
     """{the first ``depth`` path parts under ``base``: {the rest of the path: its listing info}}."""
-    if not store.fs.exists(base):
-        return {}
     folders: dict[tuple[str, ...], dict[str, dict[str, object]]] = {}
     prefix = len(base.replace("\\", "/")) + 1
-    for path, info in store.fs.find(base, detail=True).items():
+    for path, info in store.listing(base).items():
         parts = path.replace("\\", "/")[prefix:].split("/", depth)
         if len(parts) == depth + 1:
             folders.setdefault(tuple(parts[:depth]), {})[parts[depth]] = info

@@ -148,12 +148,22 @@ class ArtifactStore:
             fs.pipe(probe, b"ok")
             fs.rm(probe)
         except Exception as exc:  # noqa: BLE001 - any backend failure means "unusable store"
-            hint = (
-                "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and that the bucket exists"
-                if self.uri.startswith("s3://")
-                else "check the path exists and is writable, or pass --store"
-            )
-            raise StoreError(f"artifact store {self.uri} is not usable: {exc.__class__.__name__}: {exc}; {hint}") from exc
+            raise StoreError(f"artifact store {self.uri} is not usable: {exc.__class__.__name__}: {exc}; "
+                             f"{self._hint()}") from exc
+
+    def _hint(self) -> str:
+        if self.uri.startswith("s3://"):
+            return "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and that the bucket exists"
+        return "check the path exists and is writable, or pass --store"
+
+    def listing(self, path: str) -> dict[str, dict[str, object]]:
+        """Every file under ``path`` (a full path in this store) with its listing info; {} if none.
+        StoreError, naming the cause, if the store cannot be listed."""
+        try:
+            return dict(self.fs.find(path, detail=True)) if self.fs.exists(path) else {}
+        except Exception as exc:  # noqa: BLE001 - any backend failure: the store cannot be read
+            raise StoreError(f"artifact store {self.uri} cannot be listed: {exc.__class__.__name__}: {exc}; "
+                             f"{self._hint()}") from exc
 
     # -- read side --------------------------------------------------------------------------
     def manifest(self, node: str, digest: str) -> Manifest | None:

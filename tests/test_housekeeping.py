@@ -147,3 +147,16 @@ def test_store_command_misuse_is_one_clear_error(args: list[str], expected: str,
     assert result.returncode == 2
     assert result.stderr.startswith(f"grove: error: {expected.format(store=tmp_path / 'store')}"), result.stderr
     assert result.stderr.count("\n") == 1, "one line"
+
+
+def test_an_s3_store_that_cannot_be_reached_is_one_clear_error() -> None:
+    from grove.server import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = grove_cli("store", "usage", "--store", "s3://nowhere/grove",
+                       env={"AWS_ENDPOINT_URL": down, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("grove: error: artifact store s3://nowhere/grove is not usable: "
+                                    "EndpointConnectionError") and result.stderr.count("\n") == 1, result.stderr
+    assert "check AWS_ENDPOINT_URL" in result.stderr
