@@ -79,8 +79,7 @@ def _resolve_folder(path: Path) -> Source:
         raise ModelSourceError(f"'{path}' has no config.json, so it is not a Hugging Face model folder; "
                                "pass the folder that holds config.json and the weights")
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and _wanted(p.name))
-    if not any(f.endswith((".safetensors", ".bin")) for f in files):
-        raise ModelSourceError(f"'{path}' holds no weights (*.safetensors); pass a complete model folder")
+    _check_complete(f"'{path}'", files, "pass a complete model folder")
     h = hashlib.sha256()
     for rel in files:
         h.update(f"{rel}\0{_cached_sha256(path / rel)}\n".encode())
@@ -113,8 +112,13 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Source:
                 "(~/.cache/huggingface, or set HF_HUB_CACHE), or pass a local folder, a .gguf file or an s3:// folder"
             ) from None
         sha, files = folder.name, sorted(p.name for p in folder.iterdir() if _wanted(p.name))
+        _check_complete(f"the local Hugging Face cache of '{repo_id}'", files,
+                        f"it holds only part of the model: on a connected machine run `huggingface-cli download "
+                        f"{repo_id} *.json *.safetensors *.txt` and copy the cache, or pass a local folder")
         return Source(kind="hub", location=repo_id, digest=sha, revision=sha, files=files,
                       **_config_facts(folder / "config.json"))
+    _check_complete(f"hub repo '{repo_id}' at {sha[:12]}", files, "Grove reads Hugging Face folders with "
+                    "*.safetensors weights and a tokenizer (for a GGUF-only repo, download the .gguf and pass it)")
     folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=["config.json"]))
     return Source(kind="hub", location=repo_id, digest=sha, revision=sha, files=files,
                   **_config_facts(folder / "config.json"))
@@ -132,12 +136,30 @@ def _resolve_s3(uri: str) -> Source:
     entries = {name[len(store.root) + 1:]: info for name, info in listing.items() if _wanted(name.rsplit("/", 1)[-1])}
     if "config.json" not in entries:
         raise ModelSourceError(f"'{uri}' has no config.json, so it is not a Hugging Face model folder")
+    _check_complete(f"'{uri}'", list(entries), "pass the s3:// folder that holds config.json, the weights and "
+                    "the tokenizer files")
     h = hashlib.sha256()
     for rel in sorted(entries):
         info = entries[rel]
         h.update(f"{rel}\0{info.get('ETag') or info.get('etag')}\0{info.get('size')}\n".encode())
     facts = _facts(store.fs.cat_file(f"{store.root}/config.json"), f"{uri}/config.json")
     return Source(kind="s3", location=uri, digest=h.hexdigest(), files=sorted(entries), **facts)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def _check_complete(where: str, files: list[str], fix: str) -> None:
+    """A model folder needs weights and a tokenizer: say which is missing before any download or
+    export (the builder's and transformers' own errors come later and name neither)."""
+    names = {f.rsplit("/", 1)[-1] for f in files}
+    missing = []
+    if not any(n.endswith(".safetensors") or (n.endswith(".bin") and "pytorch_model" in n) for n in names):
+        missing.append("weights (*.safetensors)")
+    if not any(n in _TOKENIZER_FILES or n.endswith(".tiktoken") for n in names):
+        missing.append("tokenizer (tokenizer.json, tokenizer.model or vocab.txt)")
+    if missing:
+        raise ModelSourceError(f"{where} holds no {' and no '.join(missing)}; {fix}")
 
 
 def _wanted(name: str) -> bool:

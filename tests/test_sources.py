@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,28 @@ def test_hub_id_resolves_from_local_cache_when_offline(tiny_dir, tmp_path: Path)
     out.mkdir()
     _download(source, DownloadConfig(), out)
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize(("kept", "missing"), [
+    (["config.json", "tokenizer.json"], "holds no weights (*.safetensors); "),
+    (["config.json", "model.safetensors"], "holds no tokenizer (tokenizer.json, tokenizer.model or vocab.txt); "),
+])
+def test_a_model_missing_its_weights_or_tokenizer_is_refused_at_resolve(kept: list[str], missing: str,
+                                                                        tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    """Before, a hub cache holding only config.json got as far as the builder, which failed on the
+    tokenizer with a many-line transformers message naming neither the cache nor the fix."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in kept:
+        shutil.copy2(tiny_dir("llama") / name, partial / name)
+    with pytest.raises(ModelSourceError, match=re.escape(f"'{partial}' {missing}pass a complete model folder")):
+        _sources.resolve(str(partial))
+
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    _fake_hub_cache(partial, f"grove-test/partial-{len(kept[1])}", sha)
+    with pytest.raises(ModelSourceError, match=re.escape(missing) + r"it holds only part of the model: .*"
+                       r"huggingface-cli download grove-test/partial"):
+        _sources.resolve(f"grove-test/partial-{len(kept[1])}")
 
 
 def test_unknown_hub_id_offline_says_how_to_supply_it() -> None:
