@@ -21,21 +21,28 @@ __all__ = ["BUILTIN_TEXT", "available_cpus", "context_length", "generation_timin
 BUILTIN_TEXT = "builtin:GPL-3"
 
 
-def read_text(source: str, flag: str = "--eval_data") -> str:
-    """'builtin:GPL-3' (the GNU GPL v3 text shipped with Grove), a local path, or an fsspec URI.
-    A source that cannot be read as UTF-8 text raises InvalidRequest naming ``flag``."""
+def read_text(source: str, flag: str = "--eval_data", encoding: str = "utf-8", newline: str | None = None) -> str:
+    """'builtin:GPL-3' (the GNU GPL v3 text shipped with Grove), a local path, or an fsspec URI
+    (``s3://``, ``hf://datasets/...``). A source that cannot be read as UTF-8 text raises
+    InvalidRequest naming ``flag``; for a remote one, whatever its client raised (no network, no
+    such dataset) is reported the same way."""
     if source == BUILTIN_TEXT:
         return (resources.files("grove") / "data" / "GPL-3.txt").read_text(encoding="utf-8")
     import fsspec
 
     from grove.errors import InvalidRequest
 
+    remote = "://" in source and not source.startswith("file://")
     try:
-        with fsspec.open(source, "r", encoding="utf-8") as f:
+        with fsspec.open(source, "r", encoding=encoding, newline=newline) as f:
             return str(f.read())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"{flag} {source} cannot be read as UTF-8 text ({exc}); pass a readable UTF-8 "
-                             "text file") from exc
+    except Exception as exc:
+        if not (remote or isinstance(exc, (OSError, UnicodeDecodeError))):
+            raise
+        fix = ("a hub dataset file needs the hub: offline, copy the file to this machine and pass its path"
+               if source.startswith("hf://") else "pass a readable UTF-8 text file")
+        cause = str(exc) if isinstance(exc, (OSError, UnicodeDecodeError)) else f"{exc.__class__.__name__}: {exc}"
+        raise InvalidRequest(f"{flag} {source} cannot be read as UTF-8 text ({cause}); {fix}") from exc
 
 
 def text_sha256(source: str) -> str:

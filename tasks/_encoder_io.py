@@ -118,27 +118,27 @@ def read_labelled(source: str) -> tuple[list[str], list[str]]:
     """The texts and labels of a labelled file: CSV with a text,label header, or JSONL objects with
     text and label keys (a path or an fsspec URI). Raises InvalidRequest naming what is wrong."""
     import csv
-
-    import fsspec
+    import io
 
     from grove.errors import InvalidRequest
+    from tasks._decoder_io import read_text
 
     def bad(problem: str) -> InvalidRequest:
         return InvalidRequest(f"--eval_data {source}: {problem}; labelled data is a CSV file with a text,label "
                               "header or a .jsonl file of {\"text\": ..., \"label\": ...} lines")
 
     # newline="": quoted CSV fields may hold line breaks; utf-8-sig: spreadsheets often start with a BOM
-    with fsspec.open(source, "r", encoding="utf-8-sig", newline="") as f:
-        if source.endswith(".jsonl"):
-            rows = []
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise bad(f"line {number} is not JSON ({exc.msg})") from exc
-        else:
-            rows = list(csv.DictReader(f))
+    f = io.StringIO(read_text(source, "--eval_data", encoding="utf-8-sig", newline=""), newline="")
+    if source.endswith(".jsonl"):
+        rows = []
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise bad(f"line {number} is not JSON ({exc.msg})") from exc
+    else:
+        rows = list(csv.DictReader(f))
     if not rows:
         raise bad("no rows")
     for number, row in enumerate(rows, 1):

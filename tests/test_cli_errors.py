@@ -41,6 +41,8 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
         "revision of a folder": (["-m", str(tiny_dir("llama")), "--revision", "main"], "is not a hub id"),
         "too few eval tokens": (["-m", str(tiny_dir("llama")), "--eval_tokens", "5"],
                                 "--eval_tokens: Input should be greater than or equal to 16"),
+        "hub eval text offline": (["-m", str(tiny_dir("llama")), "--eval_data", "hf://datasets/nobody/none/t.txt"],
+                                  "a hub dataset file needs the hub: offline, copy the file to this machine"),
         "flag of another int4 algorithm": (["-m", str(tiny_dir("llama")), "--symmetric"],
                                            "--symmetric applies to --int4_algorithm rtn; affine chooses"),
     }
@@ -49,7 +51,7 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
 CASES = ["missing path", "unknown hub id offline", "corrupt safetensors", "truncated gguf",
          "unsupported architecture", "contradictory flags", "fp16 on cpu", "gpu target without CUDA",
          "eval text is a pipe", "empty eval text", "revision of a folder", "too few eval tokens",
-         "flag of another int4 algorithm"]
+         "hub eval text offline", "flag of another int4 algorithm"]
 
 
 def _has_cuda() -> bool:
