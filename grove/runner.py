@@ -48,6 +48,8 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
     out = Path(request.output_path).expanduser() if request.output_path is not None else None
     if out is not None and out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).exists())):
         raise InvalidRequest(f"output path {out} exists and is not an earlier Grove output; choose a new folder")
+    if out is not None:
+        _check_writable_beside(out.absolute())
     _check_provider(request.execution_provider, path)
     ArtifactStore(request.store).check_reachable()
     if request.eval_data:
@@ -68,6 +70,21 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
     if quantize is not None and quantize.mode == "static" and quantize.calibration_data != BUILTIN_TEXT:
         _check_regular_file("--calibration_data", quantize.calibration_data)
         read_lines(quantize.calibration_data, quantize.calibration_samples)
+
+
+def _check_writable_beside(out: Path) -> None:
+    """The output is staged beside its final place, at the end of the run: make sure a folder can be
+    created there now (in the nearest existing parent; the probe is removed), not after all the work."""
+    import tempfile
+
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        Path(tempfile.mkdtemp(prefix=".grove-probe-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise InvalidRequest(f"output path {out} cannot be written: {parent} does not take new folders "
+                             f"({exc.strerror or exc}); choose another --output_path") from exc
 
 
 def _check_regular_file(flag: str, uri: str) -> None:

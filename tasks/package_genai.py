@@ -64,8 +64,13 @@ def export_output(package: Artifact, output_path: str | None) -> dict[str, objec
     if target.exists() and any(target.iterdir()) and not (target / REPORT).exists():
         raise InvalidRequest(f"output path {target} exists and is not a Grove output; choose an empty or new folder")
     src = store_for(package.store).fetch(package.node, package.digest)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.grove-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.grove-", dir=target.parent))
+    except OSError as exc:  # the CLI checks this before any work; a deployed run's path is only known here
+        raise InvalidRequest(f"output path {target} cannot be written ({exc.strerror or exc}); choose another "
+                             "output_path (the optimized model is in the store: rerun with it, nothing is rebuilt)"
+                             ) from exc
     previous = staging.with_name(staging.name + "-previous")
     try:
         for f in src.iterdir():

@@ -43,6 +43,8 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
                                 "--eval_tokens: Input should be greater than or equal to 16"),
         "hub eval text offline": (["-m", str(tiny_dir("llama")), "--eval_data", "hf://datasets/nobody/none/t.txt"],
                                   "a hub dataset file needs the hub: offline, copy the file to this machine"),
+        "output where no folder can be made": (["-m", str(tiny_dir("llama")), "-o", "/proc/grove-out"],
+                                               "output path /proc/grove-out cannot be written: /proc does not take"),
         "flag of another int4 algorithm": (["-m", str(tiny_dir("llama")), "--symmetric"],
                                            "--symmetric applies to --int4_algorithm rtn; affine chooses"),
     }
@@ -51,7 +53,7 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
 CASES = ["missing path", "unknown hub id offline", "corrupt safetensors", "truncated gguf",
          "unsupported architecture", "contradictory flags", "fp16 on cpu", "gpu target without CUDA",
          "eval text is a pipe", "empty eval text", "revision of a folder", "too few eval tokens",
-         "hub eval text offline", "flag of another int4 algorithm"]
+         "hub eval text offline", "output where no folder can be made", "flag of another int4 algorithm"]
 
 
 def _has_cuda() -> bool:
@@ -67,7 +69,7 @@ def test_bad_input_fails_cleanly(case: str, tmp_path: Path, tiny_dir, store: str
     args, expected = _bad_inputs(tmp_path, tiny_dir)[case]
     out = tmp_path / "out"
 
-    result = grove_cli("auto-opt", *args, "-o", str(out), "--store", store)
+    result = grove_cli("auto-opt", *args, *([] if "-o" in args else ["-o", str(out)]), "--store", store)
 
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("grove: error:")]

@@ -184,3 +184,12 @@ def test_export_replaces_an_earlier_output_whole_even_when_stopped_between_renam
     assert export_output.fn(_package(tmp_path, '{"run": 3}'), str(out)) == {"run": 3}
     assert sorted(p.name for p in out.iterdir()) == ["grove_report.json", "model.onnx"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "staging or old output left behind"
+
+
+def test_a_deployed_runs_output_path_that_cannot_be_written_is_one_error_with_the_fix(tmp_path: Path) -> None:
+    """The CLI refuses it before any work (test_cli_errors); a dashboard run's path is first seen here."""
+    from grove.errors import InvalidRequest
+    from tasks.package_genai import export_output
+
+    with pytest.raises(InvalidRequest, match=r"output path /proc/grove-out cannot be written .*rerun with it"):
+        export_output.fn(_package(tmp_path, '{"run": 1}'), "/proc/grove-out")
