@@ -75,8 +75,11 @@ def run_auto_opt_on_pool(request: AutoOptRequest | EncoderOptRequest, device: st
                                   as_subflow=True)
         state = flow_run.state
     else:
-        from grove.runner import configured_flow
+        from grove.runner import check_provider, configured_flow
 
+        # In this process, as `grove auto-opt` checks it: a gpu target on a machine without CUDA is one
+        # line saying so, not the runtime's failure to load its CUDA library after the capture.
+        check_provider(request.execution_provider, "decoder" if isinstance(request, AutoOptRequest) else "encoder")
         with _IN_PROCESS:
             state = configured_flow(request)(request, return_state=True)
     if state is None or not state.is_completed():

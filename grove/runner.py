@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from grove.artifacts import Source
 
-__all__ = ["preflight", "result_storage", "route", "run_auto_opt", "run_auto_opt_state"]
+__all__ = ["check_provider", "preflight", "result_storage", "route", "run_auto_opt", "run_auto_opt_state"]
 
 
 def route(model_name_or_path: str, revision: str | None = None) -> tuple[str, Source]:
@@ -50,7 +50,7 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
         raise InvalidRequest(f"output path {out} exists and is not an earlier Grove output; choose a new folder")
     if out is not None:
         _check_writable_beside(out.absolute())
-    _check_provider(request.execution_provider, path)
+    check_provider(request.execution_provider, path)
     ArtifactStore(request.store).check_reachable()
     if request.eval_data:
         _check_regular_file("--eval_data", request.eval_data)
@@ -98,7 +98,7 @@ def _check_regular_file(flag: str, uri: str) -> None:
 _EP_NAMES = {short: name for name, short in EP_SHORT.items()}
 
 
-def _check_provider(provider: str, path: str) -> None:
+def check_provider(provider: str, path: str) -> None:
     """A run in this process measures on ``provider`` here: refuse before any work if this
     onnxruntime (and, for decoders, onnxruntime-genai) cannot run it, instead of a traceback
     after the capture (or, for encoders, onnxruntime's silent fallback to the CPU)."""

@@ -114,3 +114,22 @@ def test_the_example_manifest_is_valid_and_its_models_resolve_offline() -> None:
                                                             "minilm-l6": ["cpu", "cpu-fp32"]}
     assert manifest.targets["cpu"].precision is None, "the path's default precision"
     assert {resolve(m.source).model_type for m in manifest.models} == {"llama", "bert"}
+
+
+def test_a_gpu_target_on_a_machine_without_cuda_fails_its_row_before_any_work(tiny_dir, store: str) -> None:  # noqa: ANN001
+    """Run locally (no deployed gpu pool), the entry is checked as `grove auto-opt` checks a run: before,
+    it captured the model and then failed on onnxruntime-genai's missing CUDA library."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the gpu target would run")
+    manifest = FleetManifest.model_validate({
+        "store": store, "eval_tokens": 64, "targets": {"gpu": {"device": "gpu"}},
+        "models": [{"name": "tiny", "source": str(tiny_dir("llama")), "targets": ["gpu"]}]})
+
+    [row] = _run(manifest).values()
+
+    assert row["status"] == "failed"
+    assert "CUDAExecutionProvider is not available on this machine" in row["reason"]
+    assert "auto-opt-gpu deployment" in row["reason"], "says where such a target runs"
+    assert not Path(store).exists() or not any(Path(store).rglob("manifest.json")), "nothing was built"
