@@ -155,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fleet", help="refresh a fleet of models x targets from a manifest (YAML)")
     f.add_argument("action", choices=["refresh"])
     f.add_argument("manifest", help="fleet manifest YAML (example: deployments/fleet.example.yaml)")
+    f.add_argument("--log_level", type=int, choices=range(5), default=1, help="as for auto-opt: 0 debug, 1 info "
+                   "(each entry's steps), 2 warning (the summary only), 3 error, 4 critical")
     f.set_defaults(run=_fleet)
 
     d = sub.add_parser("deploy", help="apply pools, the store's result block and the deployments to "
@@ -180,19 +182,24 @@ class _RunFormatter(logging.Formatter):
         return f"{self.formatTime(record, self.datefmt)} {f'{who} | ' if who else ''}{level}{record.getMessage()}"
 
 
-def _auto_opt(args: argparse.Namespace) -> int:
-    os.environ["PREFECT_LOGGING_LEVEL"] = _LOG_LEVELS[args.log_level]
+def _configure_logging(log_level: int) -> None:
+    """Prefect's run loggers and Grove's at ``log_level`` (0-4), one compact line each (_RunFormatter)."""
+    os.environ["PREFECT_LOGGING_LEVEL"] = _LOG_LEVELS[log_level]
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     handler = logging.StreamHandler()
     handler.setFormatter(_RunFormatter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    logging.getLogger("grove").setLevel(_LOG_LEVELS[args.log_level])
+    logging.getLogger("grove").setLevel(_LOG_LEVELS[log_level])
     if "prefect.context" in sys.modules:  # imported before these settings (the warm runner): re-read them
         import prefect.context
         import prefect.logging.configuration
 
         prefect.context.refresh_global_settings_context()
         prefect.logging.configuration.setup_logging(incremental=False)
+
+
+def _auto_opt(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
     from pydantic import ValidationError
 
     from grove.errors import one_line
@@ -309,6 +316,7 @@ def _fleet(args: argparse.Namespace) -> int:
     from grove.fleet import FleetManifest
 
     manifest = FleetManifest.from_yaml(args.manifest)  # a GroveError is one line, from main
+    _configure_logging(args.log_level)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from grove.server import ensure_api
@@ -317,6 +325,7 @@ def _fleet(args: argparse.Namespace) -> int:
         from flows.fleet_refresh import fleet_refresh
 
         rows = fleet_refresh(manifest)
+    print(f"\n{'model':<24} {'target':<12} {'status':<10} {'version':<17} reason")
     for row in rows:
         print(f"{row['model']:<24} {row['target']:<12} {row['status']:<10} {row['version']:<17} {row['reason']}")
     return 1 if any(r["status"] == "failed" for r in rows) else 0
