@@ -133,15 +133,23 @@ class EncoderOptRequest(BaseModel):
 
     def resolved(self, source: Source) -> EncoderOptRequest:
         """This request with its task settled: as asked, or (task None) the task of the source's
-        head. Raises InvalidRequest if labelled --eval_data is given for a model that is not a
-        text classifier."""
-        if self.task is not None:
-            return self
-        task = infer_task(source.architectures)
+        head. Raises InvalidRequest for a task whose head the weights lack, labelled --eval_data for
+        a model that is not a text classifier, or --min_cosine for one that is not an embedding model."""
+        head = infer_task(source.architectures)
+        task = self.task or head
+        if task != head and task != "feature-extraction" and source.architectures:
+            # The weights have no such head: transformers would initialise one at random, silently.
+            other = "" if head == "feature-extraction" else " or feature-extraction (the encoder without its head)"
+            raise InvalidRequest(f"--task {task} needs a {task} head, and {self.model_name_or_path} is "
+                                 f"{', '.join(source.architectures)} ({head}): that head would be untrained, random "
+                                 f"weights; pass --task {head}{other}, or a model trained for {task}")
         if self.eval_data and task != "text-classification":
             raise InvalidRequest(f"{_EVAL_DATA_TASK}; {self.model_name_or_path} is a {task} model "
                                  f"({', '.join(source.architectures) or 'no architectures in config.json'})")
-        return self.model_copy(update={"task": task})
+        if self.min_cosine is not None and task != "feature-extraction":
+            raise InvalidRequest(f"--min_cosine limits the embeddings' cosine (--task feature-extraction); a {task} "
+                                 "model is gated on top-1 agreement and class probabilities, per precision")
+        return self if self.task == task else self.model_copy(update={"task": task})
 
     @property
     def _task(self) -> EncoderTask:

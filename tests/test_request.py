@@ -75,6 +75,18 @@ def test_an_encoder_request_without_task_takes_the_task_of_the_models_head() -> 
     assert request.resolved(source("BertModel")).task == "feature-extraction"
     asked = EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "task": "feature-extraction"})
     assert asked.resolved(source("BertForSequenceClassification")).task == "feature-extraction", "--task wins"
+    # A task whose head the weights lack would get a randomly initialised one: refused, with the choices.
+    for asked, weights, choices in (("token-classification", "BertForSequenceClassification",
+                                     "pass --task text-classification or feature-extraction"),
+                                    ("text-classification", "BertModel", "pass --task feature-extraction, or")):
+        request = EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "task": asked})
+        with pytest.raises(InvalidRequest, match=f"--task {asked} needs a {asked} head, and m is {weights} "
+                           rf"\(.*\): that head would be untrained, random weights; {choices}"):
+            request.resolved(source(weights))
+    cosine = EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "min_cosine": 0.9})
+    with pytest.raises(InvalidRequest, match="--min_cosine limits the embeddings' cosine"):
+        cosine.resolved(source("BertForSequenceClassification"))
+    assert cosine.resolved(source("BertModel")).parity("int8").min_cosine == 0.9
     labelled = EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "eval_data": "l.csv"})
     with pytest.raises(InvalidRequest, match="applies to --task text-classification; m is a feature-extraction model"):
         labelled.resolved(source("BertModel"))
