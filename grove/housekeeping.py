@@ -168,7 +168,8 @@ def format_usage(store: ArtifactStore, artifacts: list[StoredArtifact], versions
 def format_registry_prune(removed: list[RegistryVersion], keep: int, dry_run: bool) -> str:
     """One line saying which registry versions were (or would be) removed."""
     if not removed:
-        return f"registry: nothing to prune: no fleet entry has more than {keep} version(s)"
+        return (f"registry: nothing to prune: no fleet entry has versions beyond its {keep} newest, the one "
+                "latest.json points at and those written in the last hour")
     entries = sorted({f"{v.name}/{v.target}" for v in removed})
     return (f"registry: {'would remove' if dry_run else 'removed'} {len(removed)} old version(s) of "
             f"{', '.join(entries)}, {_size(sum(v.size for v in removed))} (kept the {keep} newest of each, "
