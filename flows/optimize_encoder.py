@@ -31,7 +31,7 @@ def optimize_encoder(request: EncoderOptRequest) -> dict[str, object]:
     hf_model = download_model(source, request.download, request.store)
     captured = capture_encoder(hf_model, request.capture)
     reference = optimize_graph(captured, request.graph)
-    parity = check_parity(reference, captured, request.parity("fp32"))
+    graph_parity = parity = check_parity(reference, captured, request.parity("fp32"))
     reference_eval = evaluate_encoder(reference, request.evaluation(labelled_sha), reference=hf_model)
 
     if request.int8 is not None:
@@ -45,7 +45,8 @@ def optimize_encoder(request: EncoderOptRequest) -> dict[str, object]:
         evaluation = evaluate_encoder(model, request.evaluation(labelled_sha), reference=hf_model)
     else:
         evaluation = reference_eval
-    package = package_encoder(model, evaluation, reference_eval, parity, request.package)
+    package = package_encoder(model, evaluation, reference_eval, parity,
+                              graph_parity if model is not reference else None, request.package)
     report = export_output(package, request.output_path)
     publish_report(report, request.output_path, package)
     if request.publish_as is not None:

@@ -26,17 +26,22 @@ class EncoderPackageConfig(StepConfig):
 
 @task(name="package-encoder", cache_policy=RECIPE_CACHE)
 def package_encoder(model: Artifact, evaluation: Artifact, reference: Artifact, parity: Artifact,
-                    config: EncoderPackageConfig) -> Artifact:
-    """Model + its evaluation + the fp32 ONNX evaluation + its parity check -> output folder."""
-    return run_node(config, [model, evaluation, reference, parity], model.store, _package)
+                    reference_parity: Artifact | None, config: EncoderPackageConfig) -> Artifact:
+    """Model + its evaluation + the fp32 ONNX evaluation + the model's parity check (+ the fp32 graph's
+    own, vs the export, when the model is a transformation of it) -> output folder. The parents are
+    passed in signature order, the order the cache key reads them in."""
+    parents = [model, evaluation, reference, parity, *([reference_parity] if reference_parity else [])]
+    return run_node(config, parents, model.store, _package)
 
 
 def _package(inputs: list[Path], config: EncoderPackageConfig, out: Path) -> dict[str, object]:
-    model_dir, eval_dir, ref_dir, parity_dir = inputs
+    model_dir, eval_dir, ref_dir, parity_dir, *ref_parity_dir = inputs
     copy_model_files(model_dir, out)
     metrics = json.loads((eval_dir / "eval.json").read_text())
     metrics["parity"] = json.loads((parity_dir / "parity.json").read_text())
     reference = json.loads((ref_dir / "eval.json").read_text())
+    for folder in ref_parity_dir:  # the fused fp32 graph vs the exported one
+        reference["parity"] = json.loads((folder / "parity.json").read_text())
     write_report(out, model=config.model, target=dict(config.target), metrics=metrics, reference=reference,
                  reference_precision="fp32",
                  inputs=inputs, ratios={

@@ -171,7 +171,8 @@ def test_auto_opt_encoder_flow_minilm_int8(minilm: dict[str, Artifact], tmp_path
     assert report["ratios"]["size_vs_reference"] < 0.3
     assert [s["node"] for s in report["lineage"]] == [
         "download-model", "capture-encoder", "optimize-graph", "quantize-int8", "evaluate-encoder", "evaluate-encoder",
-        "check-parity"], "every node behind the output, upstream first"
+        "check-parity", "check-parity"], "every node behind the output, upstream first, both parity checks"
+    assert report["reference"]["parity"]["mean_cosine"] > 0.9999, "the fused fp32 graph vs the export"
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
