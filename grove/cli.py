@@ -303,9 +303,10 @@ def _store(args: argparse.Namespace) -> int:
         print(housekeeping.format_usage(store, housekeeping.scan(store), housekeeping.scan_registry(store)))
         return 0
     if args.older_than is not None:
-        removed = housekeeping.prune(store, args.older_than * 86400, args.node, args.dry_run)
-        present = {a.node for a in housekeeping.scan(store)} if not removed and args.node else set()
-        print(housekeeping.format_prune(removed, args.older_than, args.dry_run, args.node, present))
+        artifacts = housekeeping.scan(store)
+        removed = housekeeping.prune(store, args.older_than * 86400, args.node, args.dry_run, artifacts)
+        print(housekeeping.format_prune(removed, args.older_than, args.dry_run, args.node,
+                                        {a.node for a in artifacts}))
     if args.keep_versions is not None:
         versions = housekeeping.prune_registry(store, args.keep_versions, args.dry_run)
         print(housekeeping.format_registry_prune(versions, args.keep_versions, args.dry_run))

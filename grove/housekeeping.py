@@ -39,14 +39,14 @@ def _mtime(info: dict[str, object]) -> float:
     return value.timestamp() if isinstance(value, datetime) else float(value)  # type: ignore[arg-type]
 
 
-def _folders(store: ArtifactStore, base: str, depth: int) -> dict[tuple[str, ...], dict[str, dict[str, object]]]:
-    """{the first ``depth`` path parts under ``base``: {the rest of the path: its listing info}}."""
-    folders: dict[tuple[str, ...], dict[str, dict[str, object]]] = {}
+def _folders(store: ArtifactStore, base: str) -> dict[tuple[str, str], dict[str, dict[str, object]]]:
+    """One listing of ``base``: {its first two path parts: {the rest of the path: its listing info}}."""
+    folders: dict[tuple[str, str], dict[str, dict[str, object]]] = {}
     prefix = len(base.replace("\\", "/")) + 1
     for path, info in store.listing(base).items():
-        parts = path.replace("\\", "/")[prefix:].split("/", depth)
-        if len(parts) == depth + 1:
-            folders.setdefault(tuple(parts[:depth]), {})[parts[depth]] = info
+        parts = path.replace("\\", "/")[prefix:].split("/", 2)
+        if len(parts) == 3:
+            folders.setdefault((parts[0], parts[1]), {})[parts[2]] = info
     return folders
 
 
@@ -54,7 +54,7 @@ def scan(store: ArtifactStore) -> list[StoredArtifact]:
     """Every folder under the store's ``artifacts/``, from one listing plus one read per manifest."""
     base = f"{store.root}/artifacts"
     found = []
-    for (node, name), files in sorted(_folders(store, base, 2).items()):
+    for (node, name), files in sorted(_folders(store, base).items()):
         size = sum(int(info.get("size") or 0) for info in files.values())  # type: ignore[call-overload]
         manifest = None
         if MANIFEST in files:
@@ -86,17 +86,23 @@ def scan_registry(store: ArtifactStore) -> list[RegistryVersion]:
     import json
 
     base = f"{store.root}/models"
-    pointers: dict[tuple[str, str], str] = {}
-    for (name, target), files in _folders(store, base, 2).items():
+    found = []
+    for (name, target), files in sorted(_folders(store, base).items()):  # files: latest.json, <version>/...
+        latest = None
         if "latest.json" in files:
             try:
-                pointers[(name, target)] = str(json.loads(store.fs.cat_file(f"{base}/{name}/{target}/latest.json"))
-                                               ["version"])
+                latest = str(json.loads(store.fs.cat_file(f"{base}/{name}/{target}/latest.json"))["version"])
             except (FileNotFoundError, ValueError, KeyError, TypeError):
-                pass
-    return [RegistryVersion(name, target, version, sum(int(i.get("size") or 0) for i in files.values()),  # type: ignore[call-overload]
-                            max(_mtime(i) for i in files.values()), pointers.get((name, target)) == version)
-            for (name, target, version), files in sorted(_folders(store, base, 3).items())]
+                latest = None
+        versions: dict[str, list[dict[str, object]]] = {}
+        for rest, info in files.items():
+            version, inside, _ = rest.partition("/")
+            if inside:
+                versions.setdefault(version, []).append(info)
+        found += [RegistryVersion(name, target, version, sum(int(i.get("size") or 0) for i in infos),  # type: ignore[call-overload]
+                                  max(_mtime(i) for i in infos), version == latest)
+                  for version, infos in sorted(versions.items())]
+    return found
 
 
 def prune_registry(store: ArtifactStore, keep: int, dry_run: bool = False) -> list[RegistryVersion]:
@@ -116,14 +122,15 @@ def prune_registry(store: ArtifactStore, keep: int, dry_run: bool = False) -> li
     return doomed
 
 
-def prune(store: ArtifactStore, older_than_s: float, nodes: list[str] | None = None,
-          dry_run: bool = False) -> list[StoredArtifact]:
+def prune(store: ArtifactStore, older_than_s: float, nodes: list[str] | None = None, dry_run: bool = False,
+          artifacts: list[StoredArtifact] | None = None) -> list[StoredArtifact]:
     """Remove the artifacts built more than ``older_than_s`` seconds ago (only ``nodes``' if given),
     and leftovers of builds that never committed (never younger than LEFTOVER_GRACE_S). Returns
     what was (or, with ``dry_run``, would be) removed, each by ``ArtifactStore.remove`` (manifest
-    first, then cache record, files and fetched copy)."""
+    first, then cache record, files and fetched copy). ``artifacts``: the store's ``scan``, if the
+    caller has it already."""
     now = time.time()
-    doomed = [a for a in scan(store) if (nodes is None or a.node in nodes) and now - a.built_at > older_than_s
+    doomed = [a for a in (scan(store) if artifacts is None else artifacts) if (nodes is None or a.node in nodes) and now - a.built_at > older_than_s
               and (a.complete or now - a.built_at > LEFTOVER_GRACE_S)]
     if not dry_run:
         for artifact in doomed:
