@@ -154,7 +154,7 @@ def _check_complete(where: str, files: list[str], fix: str) -> None:
     export (the builder's and transformers' own errors come later and name neither)."""
     names = {f.rsplit("/", 1)[-1] for f in files}
     missing = []
-    if not any(n.endswith(".safetensors") or (n.endswith(".bin") and "pytorch_model" in n) for n in names):
+    if not any(n.endswith(".safetensors") or _is_torch_bin(n) for n in names):
         missing.append("weights (*.safetensors)")
     if not any(n in _TOKENIZER_FILES or n.endswith(".tiktoken") for n in names):
         missing.append("tokenizer (tokenizer.json, tokenizer.model or vocab.txt)")
@@ -163,7 +163,11 @@ def _check_complete(where: str, files: list[str], fix: str) -> None:
 
 
 def _wanted(name: str) -> bool:
-    return any(Path(name).match(p) for p in HUB_PATTERNS) or name.endswith(".bin") and "pytorch_model" in name
+    return any(Path(name).match(p) for p in HUB_PATTERNS) or _is_torch_bin(name)
+
+
+def _is_torch_bin(name: str) -> bool:
+    return name.endswith(".bin") and "pytorch_model" in name
 
 
 def _config_facts(config_path: Path) -> dict[str, Any]:
