@@ -32,6 +32,13 @@ or 4 with the mode above. The embedding ``Gather`` (tied to lm_head by the build
 ``Transpose``) follows ``embedding``: ``gbq`` reads the lm_head's quantized weights through
 ``GatherBlockQuantized`` (integer zero points only, so in ``affine`` mode the correction row is
 gathered and spread over the blocks too), ``fp16`` stores a float16 copy, ``keep`` leaves it fp32.
+
+``head_shortlist`` (8-bit heads): instead of reading the whole 8-bit lm_head for every token (the
+largest single op of a decode step), a 4-bit symmetric copy scores every token, ``TopK`` keeps the
+``head_shortlist`` best, and their logits are recomputed exactly from the 8-bit rows
+(``GatherBlockQuantized`` of the same table the embedding reads, a small ``MatMul`` in fp32) and
+scattered back. The shortlisted logits (the argmax among them whenever the 8-bit argmax is in the
+4-bit pass's top K) are the 8-bit head's; the others keep the 4-bit pass's values.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ log = logging.getLogger(__name__)
 MODES = ("affine", "hqq", "asym", "sym")
 EMBEDDINGS = ("gbq", "fp16", "keep")
 _MS = "com.microsoft"
+_SHORTLIST = "_shortlist4"  # suffix of a head weight's 4-bit scoring copy
 
 
 @dataclass
@@ -173,9 +181,9 @@ class _Rewriter:
     """Rewrites one graph in place; caches what several nodes share."""
 
     def __init__(self, graph: onnx.GraphProto, block_size: int, mode: str, correction_dtype: str,
-                 head_bits: int, accuracy_level: int):
+                 head_bits: int, accuracy_level: int, head_shortlist: int = 0):
         self.graph, self.bs, self.mode, self.head_bits = graph, block_size, mode, head_bits
-        self.accuracy_level = accuracy_level
+        self.accuracy_level, self.head_shortlist = accuracy_level, head_shortlist
         self.head_weights: set[str] = set()  # lm_head / embedding weights, quantized with head_bits
         self.c_dtype = np.dtype(correction_dtype)
         self.inits = {t.name: t for t in graph.initializer}
@@ -186,6 +194,8 @@ class _Rewriter:
         self.blocksums: dict[str, str] = {}  # input tensor -> its blocksum tensor
         self.skipped: dict[str, int] = {}  # fp32 weights left as they are: name -> K (not a multiple of bs)
         self.new_inits: list[TensorProto] = []
+        self.prelude: list[onnx.NodeProto] = []  # nodes over initializers only, placed first
+        self.tables: dict[str, str] = {}  # head weight -> its [V, row] quantized table (GatherBlockQuantized data)
         self.nodes: list[onnx.NodeProto] = []
 
     def add_init(self, name: str, array: np.ndarray) -> str:
@@ -208,6 +218,8 @@ class _Rewriter:
         return self.node("Cast", [stored], name, to=TensorProto.FLOAT)
 
     def _quantize_weight(self, name: str) -> QuantizedWeight:
+        if name.endswith(_SHORTLIST):  # a head's 4-bit scoring copy (see rewrite_head)
+            return quantize_weight(numpy_helper.to_array(self.inits[name.removesuffix(_SHORTLIST)]), self.bs, "sym", 4)
         bits = self.head_bits if name in self.head_weights else 4
         return quantize_weight(numpy_helper.to_array(self.inits[name]), self.bs, self.mode, bits)
 
@@ -275,10 +287,8 @@ class _Rewriter:
         """MatMul(x, W) -> MatMulNBits(x, q, s, zi) [+ blocksum(x) @ C], written to ``output``."""
         qw = self.quantize(w_name)
         n, k = qw.packed.shape[0], qw.scales.shape[1] * self.bs
-        zp = [w_name + "_zp"] if qw.zero_points is not None else []
-        inputs = [x, w_name + "_qweight", w_name + "_scales", *zp]
         out = output if qw.correction is None else output + "/int4_main"
-        self.node("MatMulNBits", inputs, out, _MS, K=k, N=n, bits=qw.bits, block_size=self.bs,
+        self.node("MatMulNBits", [x, *self.register(w_name)], out, _MS, K=k, N=n, bits=qw.bits, block_size=self.bs,
                   accuracy_level=self.accuracy_level)
         if qw.correction is not None:
             sums, corr = self.blocksum(x, k), output + "/int4_corr"
@@ -315,9 +325,51 @@ class _Rewriter:
         self.nodes.append(helper.make_node("Split", [fused, split], [m.output[0] for m in members],
                                            name=fused + "/split", axis=-1))
 
+    def table(self, w_name: str) -> str:
+        """The quantized [K, V] head weight ``w_name`` as a [V, K * bits / 8] table of rows, for
+        ``GatherBlockQuantized`` (a Reshape of the MatMulNBits data, shared by the embedding and the
+        shortlist's rescoring; placed first, onnxruntime folds it at load)."""
+        if w_name not in self.tables:
+            qw = self.quantize(w_name)
+            v, row = qw.packed.shape[0], qw.packed.shape[1] * qw.packed.shape[2]
+            shape = self.add_init(f"int4_embed_shape_{v}_{row}", np.array([v, row], np.int64))
+            self.tables[w_name] = w_name + "_qweight_2d"
+            self.prelude.append(helper.make_node("Reshape", [w_name + "_qweight", shape], [self.tables[w_name]],
+                                                 name=self.tables[w_name]))
+        return self.tables[w_name]
+
+    def rewrite_head(self, x: str, w_name: str, output: str) -> None:
+        """lm_head: ``rewrite_matmul`` unless a shortlist applies (an 8-bit head, ``head_shortlist``
+        > 0): then a 4-bit symmetric pass picks each position's ``head_shortlist`` best tokens and
+        their logits are recomputed from the 8-bit rows (see the module docstring)."""
+        if not self.head_shortlist or self.head_bits != 8:
+            self.rewrite_matmul(x, w_name, output)
+            return
+        qw = self.quantize(w_name)
+        k = min(self.head_shortlist, qw.packed.shape[0])
+        fast = w_name + _SHORTLIST
+        approx = self.node("MatMulNBits", [x, *self.register(fast)], output + "/shortlist_approx", _MS,
+                           K=qw.scales.shape[1] * self.bs, N=qw.packed.shape[0], bits=4, block_size=self.bs,
+                           accuracy_level=self.accuracy_level)
+        top = output + "/shortlist_ids"
+        self.nodes.append(helper.make_node("TopK", [approx, self.add_init(f"int4_shortlist_k_{k}", np.array([k], np.int64))],
+                                           [output + "/shortlist_top", top], name=top, axis=-1))
+        rows = self.node("GatherBlockQuantized", [self.table(w_name), top, w_name + "_scales"], output + "/shortlist_rows",
+                         _MS, bits=qw.bits, block_size=self.bs, gather_axis=0, quantize_axis=1)
+        last = self.add_init("int4_last_axis", np.array([-1], np.int64))
+        column = self.node("Unsqueeze", [x, last], output + "/shortlist_x")
+        exact = self.node("MatMul", [rows, column], output + "/shortlist_exact_col")
+        exact = self.node("Squeeze", [exact, last], output + "/shortlist_exact")
+        self.node("ScatterElements", [approx, top, exact], output, axis=-1)
+
+    def register(self, name: str) -> list[str]:
+        """Register weight ``name``'s MatMulNBits initializers; return them in the op's input order."""
+        qw = self.quantize(name)
+        return [name + "_qweight", name + "_scales"] + ([name + "_zp"] if qw.zero_points is not None else [])
+
     def rewrite_gather(self, g: onnx.NodeProto, w_name: str, embedding: str) -> None:
         """Embedding Gather on the (transposed) [K, V] weight ``w_name``."""
-        k, v = self.inits[w_name].dims
+        k = self.inits[w_name].dims[0]
         ids, out = g.input[1], g.output[0]
         if embedding == "fp16":
             weight = numpy_helper.to_array(self.inits[w_name])
@@ -325,9 +377,7 @@ class _Rewriter:
             self.node("Cast", [self.node("Gather", [table, ids], out + "/fp16")], out, to=TensorProto.FLOAT)
             return
         qw = self.quantize(w_name)
-        row = k * qw.bits // 8
-        shape = self.add_init(f"int4_embed_shape_{v}_{row}", np.array([v, row], np.int64))
-        data = self.node("Reshape", [w_name + "_qweight", shape], w_name + "_qweight_2d")
+        data = self.table(w_name)
         zp = [w_name + "_zp"] if qw.zero_points is not None else []
         main = out if qw.correction is None else out + "/int4_main"
         self.node("GatherBlockQuantized", [data, ids, w_name + "_scales"] + zp, main, _MS,
@@ -357,18 +407,21 @@ class _Rewriter:
         producers = {o: n for n in self.graph.node for o in n.output}
         outputs = {o.name for o in self.graph.output}
         # The lm_head is the weight MatMul that writes a graph output (logits); tied embeddings share it.
-        self.head_weights = {n.input[1] for n in self.graph.node if n.op_type == "MatMul" and n.output[0] in outputs}
+        heads = {n.input[1] for n in self.graph.node if n.op_type == "MatMul" and n.output[0] in outputs}
+        self.head_weights = set(heads)
         matmuls = [n for n in self.graph.node if n.op_type == "MatMul" and self.quantizable(n.input[1])]
         groups = self.fuse_siblings(matmuls)
         member_of = {m.output[0]: name for name, members in groups.items() for m in members}
-        self.quantize_all(sorted({n.input[1] for n in matmuls}))
+        shortlists = [h + _SHORTLIST for h in heads if self.head_shortlist and self.head_bits == 8]
+        self.quantize_all(sorted({n.input[1] for n in matmuls}) + shortlists)
         for node in list(self.graph.node):
             if node.op_type == "MatMul" and node.output[0] in member_of:
                 if member_of[node.output[0]] in groups:  # the group's first member: write it once
                     name = member_of[node.output[0]]
                     self.rewrite_fused(name, groups.pop(name))
             elif node.op_type == "MatMul" and self.quantizable(node.input[1]):
-                self.rewrite_matmul(node.input[0], node.input[1], node.output[0])
+                rewrite = self.rewrite_head if node.input[1] in heads else self.rewrite_matmul
+                rewrite(node.input[0], node.input[1], node.output[0])
             elif node.op_type == "Gather" and embedding != "keep" and (w := self.embedding_weight(node, producers)):
                 self.rewrite_gather(node, w, embedding)
             else:
@@ -379,7 +432,7 @@ class _Rewriter:
                         "(e.g. %s); a smaller --block_size quantizes them", len(self.skipped), sizes, self.bs,
                         next(iter(self.skipped)))
         del self.graph.node[:]
-        self.graph.node.extend(_live_nodes(self.nodes, outputs))
+        self.graph.node.extend(_live_nodes(self.prelude + self.nodes, outputs))
         used = {i for n in self.graph.node for i in n.input}
         kept = [t for t in list(self.graph.initializer) + self.new_inits if t.name in used]
         del self.graph.initializer[:]
@@ -408,6 +461,7 @@ def quantize(
     correction_dtype: str = "float32",
     head_bits: int = 8,
     accuracy_level: int = 4,
+    head_shortlist: int = 0,
 ) -> Path:
     """Quantize ``model_in_dir/model.onnx`` to int4 into ``model_out_dir``; return the new model path.
 
@@ -417,16 +471,19 @@ def quantize(
     float32 | float16 (storage of C; onnxruntime folds the Cast at session creation);
     ``head_bits``: 4 | 8 for the lm_head and embedding (8 = symmetric, the GGUF Q8_0 grid);
     ``accuracy_level``: MatMulNBits' attribute; 4 (int8 activations) selects onnxruntime's fast
-    CPU kernel, 0 computes in fp32 (exact, slower).
+    CPU kernel, 0 computes in fp32 (exact, slower); ``head_shortlist``: 0 = the whole 8-bit lm_head
+    for every token, K > 0 = a 4-bit pass and the K best tokens' logits recomputed at 8 bits.
     """
     src, dst = Path(model_in_dir), Path(model_out_dir)
     if (mode not in MODES or embedding not in EMBEDDINGS or head_bits not in (4, 8)
-            or correction_dtype not in ("float32", "float16") or block_size < 16 or block_size & (block_size - 1)):
-        raise ValueError(f"bad arguments: {mode=} {embedding=} {head_bits=} {correction_dtype=} {block_size=}")
+            or correction_dtype not in ("float32", "float16") or block_size < 16 or block_size & (block_size - 1)
+            or head_shortlist < 0):
+        raise ValueError(f"bad arguments: {mode=} {embedding=} {head_bits=} {correction_dtype=} {block_size=} "
+                         f"{head_shortlist=}")
     if src.resolve() == dst.resolve():
         raise ValueError("model_out_dir must differ from model_in_dir")
     model = onnx.load(str(src / "model.onnx"))
-    rw = _Rewriter(model.graph, block_size, mode, correction_dtype, head_bits, accuracy_level)
+    rw = _Rewriter(model.graph, block_size, mode, correction_dtype, head_bits, accuracy_level, head_shortlist)
     rw.run(embedding)
     if not any(o.domain == _MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(_MS, 1))

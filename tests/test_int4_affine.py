@@ -132,6 +132,43 @@ def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, m
     assert np.abs(got - fp32).max() > 1e-3 * np.abs(fp32).max(), "the weights really are quantized"
 
 
+def test_head_shortlist_rescores_the_best_tokens_of_a_4bit_pass_with_the_8bit_head(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(4)
+    weights = {"embed": rng.normal(0, 0.5, (V, K)), "w1": rng.normal(0, 0.1, (K, N + 16)),
+               "w2": rng.normal(0, 0.1, (N + 16, K)), "w3": rng.normal(0, 0.1, (N + 16, K)),
+               "head": rng.normal(0, 0.1, (K, V))}
+    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+    _model(tmp_path / "fp32", weights)
+    shortlist = 8
+    int4.quantize(tmp_path / "fp32", tmp_path / "full", block_size=BLOCK, accuracy_level=0)
+    int4.quantize(tmp_path / "fp32", tmp_path / "short", block_size=BLOCK, accuracy_level=0, head_shortlist=shortlist)
+    feeds = {"ids": np.array([[3, 0, 39, 7, 7]], np.int64), "x": rng.normal(0, 1, (1, 5, K)).astype(np.float32)}
+    full, short = (ort.InferenceSession(str(tmp_path / d / "model.onnx"), providers=["CPUExecutionProvider"])
+                   .run(["logits"], feeds)[0][0] for d in ("full", "short"))
+
+    def deq(w: np.ndarray, mode: str = "affine", bits: int = 4) -> np.ndarray:
+        return int4.dequantize(int4.quantize_weight(w, BLOCK, mode, bits), BLOCK)
+
+    c = (deq(weights["embed"].T.copy(), bits=8).T[feeds["ids"]] + feeds["x"]) @ deq(weights["w1"])
+    h = ((c @ deq(weights["w2"])) * (c @ deq(weights["w3"])))[0]  # what the head reads
+    assert np.abs(h @ deq(weights["head"], bits=8) - full).max() < 1e-4 * np.abs(full).max()
+    approx = h @ deq(weights["head"], "sym")  # the 4-bit pass
+    for row in range(len(full)):
+        top = np.argsort(-approx[row])[:shortlist]
+        rest = np.setdiff1d(np.arange(V), top)
+        assert np.abs(short[row, top] - full[row, top]).max() < 1e-4 * np.abs(full[row]).max(), "shortlist: 8-bit logits"
+        assert np.abs(short[row, rest] - approx[row, rest]).max() < 1e-4 * np.abs(full[row]).max(), "others: 4-bit pass"
+        assert np.abs(short[row, rest] - full[row, rest]).max() > 1e-3 * np.abs(full[row]).max(), "others really are 4-bit"
+    assert (short.argmax(-1) == full.argmax(-1)).all()
+
+    model = onnx.load(str(tmp_path / "short" / "model.onnx"))
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert 8 not in bits, "no token reads the whole 8-bit head"
+    assert sum(n.op_type == "GatherBlockQuantized" for n in model.graph.node) == 2  # embedding and rescoring
+
+
 def test_weights_the_block_size_does_not_divide_stay_fp32_with_one_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(3)
