@@ -78,7 +78,8 @@ def _resolve_folder(path: Path) -> Source:
     if not config.exists():
         raise ModelSourceError(f"'{path}' has no config.json, so it is not a Hugging Face model folder; "
                                "pass the folder that holds config.json and the weights")
-    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and _wanted(p.name))
+    files = _weights_once(sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                                 if p.is_file() and _wanted(p.name)))
     _check_complete(f"'{path}'", files, "pass a complete model folder")
     h = hashlib.sha256()
     for rel in files:
@@ -99,19 +100,14 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Source:
 
     try:
         info = HfApi().model_info(repo_id, revision=revision)
-        sha, files = info.sha or "", [s.rfilename for s in info.siblings or [] if _wanted(s.rfilename)]
+        sha, files = info.sha or "", _weights_once([s.rfilename for s in info.siblings or [] if _wanted(s.rfilename)])
     except Exception as online_exc:  # noqa: BLE001 - offline or hub error: fall back to the local cache
         try:
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
                                             local_files_only=True))
         except Exception:  # noqa: BLE001
-            raise ModelSourceError(
-                f"model '{repo_id}' is not in the local Hugging Face cache and the hub is unreachable "
-                f"({online_exc.__class__.__name__}: {online_exc}). Supply the model: on a connected machine run "
-                f"`huggingface-cli download {repo_id} *.json *.safetensors *.txt` and copy the cache "
-                "(~/.cache/huggingface, or set HF_HUB_CACHE), or pass a local folder, a .gguf file or an s3:// folder"
-            ) from None
-        sha, files = folder.name, sorted(p.name for p in folder.iterdir() if _wanted(p.name))
+            raise ModelSourceError(_hub_failure(repo_id, revision, online_exc)) from None
+        sha, files = folder.name, _weights_once(sorted(p.name for p in folder.iterdir() if _wanted(p.name)))
         _check_complete(f"the local Hugging Face cache of '{repo_id}'", files,
                         f"it holds only part of the model: on a connected machine run `huggingface-cli download "
                         f"{repo_id} *.json *.safetensors *.txt` and copy the cache, or pass a local folder")
@@ -124,6 +120,25 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Source:
                   **_config_facts(folder / "config.json"))
 
 
+def _hub_failure(repo_id: str, revision: str | None, exc: Exception) -> str:
+    """Why a hub id could not be resolved (the hub answered, or could not be reached; the local
+    cache had nothing either), and the fix."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(exc, RevisionNotFoundError):
+        return (f"hub repo '{repo_id}' has no revision '{revision}'; pass one of its branches, tags or commits, "
+                "or drop --revision for main")
+    if isinstance(exc, GatedRepoError):
+        return (f"hub repo '{repo_id}' is gated: accept its conditions on its hub page, then set HF_TOKEN to a "
+                "token of that account")
+    if isinstance(exc, RepositoryNotFoundError):
+        return (f"hub repo '{repo_id}' was not found: check the id (org/name), or set HF_TOKEN if it is private")
+    return (f"model '{repo_id}' is not in the local Hugging Face cache and the hub is unreachable "
+            f"({exc.__class__.__name__}: {exc}). Supply the model: on a connected machine run "
+            f"`huggingface-cli download {repo_id} *.json *.safetensors *.txt` and copy the cache "
+            "(~/.cache/huggingface, or set HF_HUB_CACHE), or pass a local folder, a .gguf file or an s3:// folder")
+
+
 def _resolve_s3(uri: str) -> Source:
     from grove.store import ArtifactStore
 
@@ -134,6 +149,7 @@ def _resolve_s3(uri: str) -> Source:
         raise ModelSourceError(f"cannot list '{uri}' ({exc.__class__.__name__}: {exc}); check AWS_ENDPOINT_URL "
                                "and the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from exc
     entries = {name[len(store.root) + 1:]: info for name, info in listing.items() if _wanted(name.rsplit("/", 1)[-1])}
+    entries = {rel: entries[rel] for rel in _weights_once(list(entries))}
     if "config.json" not in entries:
         raise ModelSourceError(f"'{uri}' has no config.json, so it is not a Hugging Face model folder")
     _check_complete(f"'{uri}'", list(entries), "pass the s3:// folder that holds config.json, the weights and "
@@ -168,6 +184,14 @@ def _wanted(name: str) -> bool:
 
 def _is_torch_bin(name: str) -> bool:
     return name.endswith(".bin") and "pytorch_model" in name
+
+
+def _weights_once(files: list[str]) -> list[str]:
+    """Drop PyTorch .bin weights when safetensors are there: transformers loads the safetensors, and
+    many hub repos carry both (the .bin copy would double the download and the digest's hashing)."""
+    if any(f.endswith(".safetensors") for f in files):
+        return [f for f in files if not _is_torch_bin(f.rsplit("/", 1)[-1])]
+    return files
 
 
 def _config_facts(config_path: Path) -> dict[str, Any]:

@@ -64,7 +64,8 @@ def _fetch_folder(source: Source, config: DownloadConfig) -> Path:
     if source.kind == "hub":
         from huggingface_hub import snapshot_download
 
-        patterns = _sources.HUB_PATTERNS + (["*.py"] if config.trust_remote_code else [])
+        # Exactly the files resolve listed (and pinned by the commit): e.g. the weights in one format.
+        patterns = source.files + (["*.py"] if config.trust_remote_code else [])
         return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns))
     from grove.store import ArtifactStore
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -67,6 +68,50 @@ def test_a_model_missing_its_weights_or_tokenizer_is_refused_at_resolve(kept: li
     with pytest.raises(ModelSourceError, match=re.escape(missing) + r"it holds only part of the model: .*"
                        r"huggingface-cli download grove-test/partial"):
         _sources.resolve(f"grove-test/partial-{len(kept[1])}")
+
+
+def _bin_weights(model: Path, folder: Path) -> Path:
+    """``model`` with its weights as pytorch_model.bin instead of model.safetensors (older hub repos)."""
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(model, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(model / "model.safetensors"), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_an_online_hub_repo_is_pinned_to_its_commit_and_fetches_its_weights_once(
+        tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    """The tutorial's step 1 online: `grove auto-opt -m <hub id>` with the real huggingface_hub client
+    against a hub on loopback. Before, a repo carrying pytorch_model.bin (alone, or beside
+    model.safetensors as many do) failed in download-model with FileNotFoundError: resolve listed the
+    .bin, the snapshot's patterns skipped it."""
+    from tests.conftest import grove_cli
+    from tests.hub_server import HubRepo, serve_hub
+
+    both = shutil.copytree(tiny_dir("llama"), tmp_path / "both")
+    shutil.copy2(_bin_weights(tiny_dir("llama"), tmp_path / "bin") / "pytorch_model.bin", both)
+    (both / "README.md").write_text("not needed by Grove")
+    repos = {"grove-test/both": HubRepo(both, "1" * 40), "grove-test/bin-only": HubRepo(tmp_path / "bin", "2" * 40)}
+    with serve_hub(repos) as (endpoint, requests):
+        env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"}
+        for repo in repos:
+            result = grove_cli("auto-opt", "-m", repo, "-o", str(tmp_path / repo), "--store", store, env=env)
+            assert result.returncode == 0, result.stderr[-3000:]
+            report = json.loads((tmp_path / repo / "grove_report.json").read_text())
+            download = next(n for n in report["lineage"] if n["node"] == "download-model")
+            assert download["inputs"] == [repos[repo].sha], "the commit is the root of every cache key"
+        missing = grove_cli("auto-opt", "-m", "grove-test/nobody", "-o", str(tmp_path / "x"), "--store", store, env=env)
+        wrong = grove_cli("auto-opt", "-m", "grove-test/both", "--revision", "v9", "-o", str(tmp_path / "x"),
+                          "--store", store, env=env)
+
+    fetched = [r.split(" ", 1)[1] for r in requests if r.startswith("GET ") and "/resolve/" in r]
+    assert f"/grove-test/bin-only/resolve/{'2' * 40}/pytorch_model.bin" in fetched
+    assert f"/grove-test/both/resolve/{'1' * 40}/model.safetensors" in fetched
+    assert not [f for f in fetched if f.startswith("/grove-test/both/") and f.endswith((".bin", ".md"))], fetched
+    assert missing.returncode == wrong.returncode == 2 and not (tmp_path / "x").exists()
+    assert "grove: error: hub repo 'grove-test/nobody' was not found" in missing.stderr, missing.stderr
+    assert "grove: error: hub repo 'grove-test/both' has no revision 'v9'" in wrong.stderr, wrong.stderr
 
 
 def test_unknown_hub_id_offline_says_how_to_supply_it() -> None:
