@@ -78,8 +78,7 @@ def _resolve_folder(path: Path) -> Source:
     if not config.exists():
         raise ModelSourceError(f"'{path}' has no config.json, so it is not a Hugging Face model folder; "
                                "pass the folder that holds config.json and the weights")
-    files = _weights_once(sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                                 if p.is_file() and _wanted(p.name)))
+    files = _model_files(path)
     _check_complete(f"'{path}'", files, "pass a complete model folder")
     h = hashlib.sha256()
     for rel in files:
@@ -107,7 +106,7 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Source:
                                             local_files_only=True))
         except Exception:  # noqa: BLE001
             raise ModelSourceError(_hub_failure(repo_id, revision, online_exc)) from None
-        sha, files = folder.name, _weights_once(sorted(p.name for p in folder.iterdir() if _wanted(p.name)))
+        sha, files = folder.name, _model_files(folder)
         _check_complete(f"the local Hugging Face cache of '{repo_id}'", files,
                         f"it holds only part of the model: on a connected machine run `huggingface-cli download "
                         f"{repo_id} *.json *.safetensors *.txt` and copy the cache, or pass a local folder")
@@ -184,6 +183,13 @@ def _wanted(name: str) -> bool:
 
 def _is_torch_bin(name: str) -> bool:
     return name.endswith(".bin") and "pytorch_model" in name
+
+
+def _model_files(folder: Path) -> list[str]:
+    """The files Grove reads in a model folder, subfolders included (sentence-transformers keep their
+    pooling in 1_Pooling/), as sorted relative paths."""
+    return _weights_once(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                                if p.is_file() and _wanted(p.name)))
 
 
 def _weights_once(files: list[str]) -> list[str]:

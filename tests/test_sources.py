@@ -48,6 +48,24 @@ def test_hub_id_resolves_from_local_cache_when_offline(tiny_dir, tmp_path: Path)
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
 
 
+def test_a_cached_hub_repo_keeps_its_subfolders(tmp_path: Path) -> None:
+    """sentence-transformers repos keep their pooling in 1_Pooling/config.json. Served from the HF
+    cache, only the snapshot's top level was listed: the pooling was dropped, and the encoder came
+    out as raw hidden states instead of the library's embedding, silently."""
+    from tasks.capture_encoder import _pooling
+    from tests.tiny_models import MINILM
+
+    sha = "fedcba9876543210fedcba9876543210fedcba98"
+    _fake_hub_cache(Path(_sources.resolve(MINILM).location), "sentence-transformers/all-MiniLM-L6-v2", sha)
+
+    source = _sources.resolve("sentence-transformers/all-MiniLM-L6-v2")
+    assert "1_Pooling/config.json" in source.files and "modules.json" in source.files
+    out = tmp_path / "out"
+    out.mkdir()
+    _download(source, DownloadConfig(), out)
+    assert _pooling(out) == "mean"
+
+
 @pytest.mark.parametrize(("kept", "missing"), [
     (["config.json", "tokenizer.json"], "holds no weights (*.safetensors); "),
     (["config.json", "model.safetensors"], "holds no tokenizer (tokenizer.json, tokenizer.model or vocab.txt); "),
