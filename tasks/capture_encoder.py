@@ -36,7 +36,7 @@ _WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")
 
 class CaptureEncoderConfig(StepConfig):
     NODE = "capture-encoder"
-    VERSION = 1
+    VERSION = 2  # 2: Normalize only when modules.json lists it (was: every mean-pooled model)
     task: EncoderTask = Field("feature-extraction", description="what the head computes: hidden states "
                               "(+ sentence embedding), sequence logits or token logits")
     opset: int = Field(18, ge=17, le=21, description="ONNX opset of the exported graph")
@@ -64,46 +64,65 @@ def _capture(inputs: list[Path], config: CaptureEncoderConfig, out: Path) -> dic
     if model_type not in _INPUTS or ARCHITECTURES.get(model_type) is None:
         encoders = sorted(k for k, v in ARCHITECTURES.items() if v.path == "encoder")
         raise UnsupportedArchitecture(model_type, encoders, path="encoder")
-    pooling = _pooling(src) if config.task == "feature-extraction" else None
+    pooling, normalize = _sentence_transformer(src) if config.task == "feature-extraction" else (None, False)
     names = _INPUTS[model_type]
     outputs = (["last_hidden_state"] + (["sentence_embedding"] if pooling else [])
                if config.task == "feature-extraction" else ["logits"])
-    exporter = _export(src, config, names, outputs, out / "model.onnx")
+    exporter = _export(src, config, names, outputs, out / "model.onnx", normalize)
     for f in src.iterdir():  # tokenizer + config files; the weights now live in the graph
         if f.is_file() and not f.name.endswith(_WEIGHTS) and f.name not in ("manifest.json", "README.md"):
             shutil.copy2(f, out / f.name)
     info = {"task": config.task, "model_type": model_type, "inputs": names, "outputs": outputs, "pooling": pooling,
-            "normalize": pooling is not None, "num_heads": _field(hf_config, "num_attention_heads", "n_heads"),
+            "normalize": normalize, "num_heads": _field(hf_config, "num_attention_heads", "n_heads"),
             "hidden_size": _field(hf_config, "hidden_size", "dim"), "exporter": exporter, "opset": config.opset}
     (out / ENCODER_JSON).write_text(json.dumps(info, indent=2))
     return {"model_type": model_type, "task": config.task, "exporter": exporter, "pooling": pooling,
             "outputs": outputs, "nodes": _node_count(out / "model.onnx")}
 
 
-def _pooling(src: Path) -> str | None:
-    """'mean' for a sentence-transformers folder with mean pooling, else None (hidden states only)."""
-    pooling = src / "1_Pooling" / "config.json"
-    if not (src / "modules.json").exists() or not pooling.exists():
-        return None
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")  # the sentence-transformers modules the graph computes
+
+
+def _sentence_transformer(src: Path) -> tuple[str | None, bool]:
+    """(pooling, normalize) of the model's sentence-transformers pipeline (``modules.json``):
+    ('mean', whether a Normalize module follows) for mean pooling; (None, False) for a plain
+    transformers folder (hidden states only). A module the graph would not compute (Dense, another
+    pooling) is refused: the embedding would silently differ from the library's."""
+    listing = src / "modules.json"
+    if not listing.exists():
+        return None, False
+    modules = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in json.loads(listing.read_text())}
+    other = [m.get("type") for kind, m in modules.items() if kind not in _ST_MODULES]
+    if other:
+        raise InvalidRequest(f"sentence-transformers module(s) {other} are not supported (Grove's graph computes "
+                             f"{' + '.join(_ST_MODULES)}); to export the transformer's hidden states only, pass a "
+                             "copy of the folder without modules.json")
+    if "Pooling" not in modules:
+        return None, False
+    pooling = src / str(modules["Pooling"].get("path") or "1_Pooling") / "config.json"
+    if not pooling.exists():
+        raise InvalidRequest(f"modules.json lists a Pooling module but {pooling.relative_to(src)} is missing; the "
+                             "model folder is incomplete: download it again with its subfolders")
     modes = json.loads(pooling.read_text())
     if not modes.get("pooling_mode_mean_tokens"):
         active = [k for k, v in modes.items() if k.startswith("pooling_mode") and v]
         raise InvalidRequest(f"sentence-transformers pooling {active} is not supported; only mean pooling is "
                              "(pass --task feature-extraction on a mean-pooled model, or use the hidden states)")
-    return "mean"
+    return "mean", "Normalize" in modules
 
 
 def _field(config: dict[str, Any], *names: str) -> int:
     return int(next(config[n] for n in names if n in config))
 
 
-def _export(src: Path, config: CaptureEncoderConfig, names: list[str], outputs: list[str], dst: Path) -> str:
+def _export(src: Path, config: CaptureEncoderConfig, names: list[str], outputs: list[str], dst: Path,
+            normalize: bool = False) -> str:
     """Export with the dynamo exporter; fall back to TorchScript where dynamo fails (``exporter``
     'auto'), or use the one exporter asked for. Returns which one wrote ``dst``."""
     import torch
 
     log = node_logger()
-    wrapper = _wrapper(src, config.task, len(names), pooled=len(outputs) == 2)
+    wrapper = _wrapper(src, config.task, len(names), pooled=len(outputs) == 2, normalize=normalize)
     args = _example(src, names, config.example_length)
     tried = ["dynamo", "torchscript"] if config.exporter == "auto" else [config.exporter]
     failures: list[str] = []
@@ -140,7 +159,7 @@ def _example(src: Path, names: list[str], length: int) -> tuple[Any, ...]:
     return tuple(torch.from_numpy(feeds[n]) for n in names)
 
 
-def _wrapper(src: Path, task_name: str, n_inputs: int, pooled: bool) -> Any:
+def _wrapper(src: Path, task_name: str, n_inputs: int, pooled: bool, normalize: bool = False) -> Any:
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -167,6 +186,8 @@ def _wrapper(src: Path, task_name: str, n_inputs: int, pooled: bool) -> Any:
                 return hidden
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if not normalize:
+                return hidden, mean
             # sqrt(sum(x^2)) rather than F.normalize: its Expand / ReduceL2 leave the output without
             # a static shape, which stops onnxruntime's symbolic shape inference (and so fusion).
             return hidden, mean / torch.sqrt((mean * mean).sum(1, keepdim=True)).clamp(min=1e-12)

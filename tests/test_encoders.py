@@ -26,6 +26,8 @@ from tasks.optimize_graph import GraphConfig, optimize_graph
 from tasks.quantize_int8 import Int8Config, quantize_int8
 from tests import tiny_models
 
+_INPUTS_BERT = ["input_ids", "attention_mask", "token_type_ids"]
+
 # Mean cosine of the ONNX sentence embedding vs SentenceTransformer.encode() on PARITY_TEXTS.
 FP32_MIN_COSINE = 0.9999  # measured 1.00000 (max abs diff ~1e-7)
 FP16_MIN_COSINE = 0.999  # measured 1.00000 (max abs diff ~1e-4)
@@ -201,6 +203,47 @@ def test_token_classifier_and_unsupported_architecture(tmp_path: Path, enc_store
     decoder = download_model.fn(resolve(str(tiny_dir("llama"))), DownloadConfig(), enc_store)
     with pytest.raises(UnsupportedArchitecture, match="bert, distilbert, roberta"):
         capture_encoder.fn(decoder, CaptureEncoderConfig())
+
+
+def _sentence_transformer(folder: Path, modules: list[str]) -> Path:
+    """A tiny random BERT as a sentence-transformers folder with these modules after the Transformer."""
+    tiny_models.build_encoder("bert", folder, head=None)
+    listing = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    for i, kind in enumerate(modules, 1):
+        listing.append({"idx": i, "name": str(i), "path": f"{i}_{kind}", "type": f"sentence_transformers.models.{kind}"})
+        (folder / f"{i}_{kind}").mkdir()
+    (folder / "modules.json").write_text(json.dumps(listing))
+    if "Pooling" in modules:
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}))
+    if "Dense" in modules:
+        (folder / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 64, "out_features": 32}))
+    return folder
+
+
+@pytest.mark.parametrize("modules", [["Pooling"], ["Pooling", "Normalize"]])
+def test_sentence_embedding_is_the_librarys_with_or_without_normalize(modules: list[str], tmp_path: Path,
+                                                                      enc_store: str) -> None:
+    """Before, every mean-pooled model was normalized: for one whose pipeline has no Normalize
+    (many sentence-transformers models), the embedding's norm differed from the library's."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = _sentence_transformer(tmp_path / "st", modules)
+    hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
+    fp32 = capture_encoder.fn(hf, CaptureEncoderConfig())
+    texts = list(eio.PARITY_TEXTS)
+    want = SentenceTransformer(str(folder), device="cpu").encode(texts)
+    got = eio.run(eio.session(_dir(fp32) / "model.onnx"), eio.encode(folder, texts, _INPUTS_BERT), "sentence_embedding")
+
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    assert ("Normalize" in modules) == bool(np.allclose(np.linalg.norm(got, axis=-1), 1, atol=1e-4))
+
+
+def test_a_sentence_transformers_module_the_graph_does_not_compute_is_refused(tmp_path: Path, enc_store: str) -> None:
+    folder = _sentence_transformer(tmp_path / "st", ["Pooling", "Dense"])
+    hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
+    with pytest.raises(InvalidRequest, match=r"module\(s\) \['sentence_transformers.models.Dense'\] are not supported"):
+        capture_encoder.fn(hf, CaptureEncoderConfig())
 
 
 @pytest.fixture(scope="module")
