@@ -5,6 +5,7 @@ before any work starts and split into the typed configs of the nodes that will r
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,7 +14,7 @@ from grove.artifacts import Source
 from grove.errors import InvalidRequest
 from grove.request import EP_SHORT, PROVIDER_DEVICE, Provider, local_output_path
 from grove.store import default_store_uri
-from tasks.capture_encoder import CaptureEncoderConfig, EncoderTask
+from tasks.capture_encoder import CaptureEncoderConfig, EncoderTask, sentence_transformers_pipeline
 from tasks.check_parity import ParityConfig
 from tasks.convert_fp16 import Fp16Config
 from tasks.download_model import DownloadConfig
@@ -149,6 +150,8 @@ class EncoderOptRequest(BaseModel):
         if self.min_cosine is not None and task != "feature-extraction":
             raise InvalidRequest(f"--min_cosine limits the embeddings' cosine (--task feature-extraction); a {task} "
                                  "model is gated on top-1 agreement and class probabilities, per precision")
+        if task == "feature-extraction" and source.kind == "local":
+            sentence_transformers_pipeline(Path(source.location))  # refuses what the graph cannot compute, up front
         return self if self.task == task else self.model_copy(update={"task": task})
 
     @property

@@ -22,7 +22,7 @@ from grove.node import RECIPE_CACHE, node_logger, run_node
 from tasks._encoder_io import ENCODER_JSON
 from tasks.registry import ARCHITECTURES
 
-__all__ = ["CaptureEncoderConfig", "EncoderTask", "ExportFailed", "capture_encoder"]
+__all__ = ["CaptureEncoderConfig", "EncoderTask", "ExportFailed", "capture_encoder", "sentence_transformers_pipeline"]
 
 EncoderTask = Literal["feature-extraction", "text-classification", "token-classification"]
 # Graph inputs per architecture (DistilBERT has no segment embeddings).
@@ -64,7 +64,7 @@ def _capture(inputs: list[Path], config: CaptureEncoderConfig, out: Path) -> dic
     if model_type not in _INPUTS or ARCHITECTURES.get(model_type) is None:
         encoders = sorted(k for k, v in ARCHITECTURES.items() if v.path == "encoder")
         raise UnsupportedArchitecture(model_type, encoders, path="encoder")
-    pooling, normalize = _sentence_transformer(src) if config.task == "feature-extraction" else (None, False)
+    pooling, normalize = sentence_transformers_pipeline(src) if config.task == "feature-extraction" else (None, False)
     names = _INPUTS[model_type]
     outputs = (["last_hidden_state"] + (["sentence_embedding"] if pooling else [])
                if config.task == "feature-extraction" else ["logits"])
@@ -83,7 +83,7 @@ def _capture(inputs: list[Path], config: CaptureEncoderConfig, out: Path) -> dic
 _ST_MODULES = ("Transformer", "Pooling", "Normalize")  # the sentence-transformers modules the graph computes
 
 
-def _sentence_transformer(src: Path) -> tuple[str | None, bool]:
+def sentence_transformers_pipeline(src: Path) -> tuple[str | None, bool]:
     """(pooling, normalize) of the model's sentence-transformers pipeline (``modules.json``):
     ('mean', whether a Normalize module follows) for mean pooling; (None, False) for a plain
     transformers folder (hidden states only). A module the graph would not compute (Dense, another

@@ -6,14 +6,16 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests import tiny_models
 from tests.conftest import grove_cli, smollm2_gguf
 
 
-def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  # noqa: ANN001
+def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str] | Callable[[], list[str]], str]]:  # noqa: ANN001
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(smollm2_gguf().read_bytes()[:2_000_000])
     corrupt = shutil.copytree(tiny_dir("llama"), tmp_path / "corrupt")
@@ -47,13 +49,17 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str], str]]:  
                                                "output path /proc/grove-out cannot be written: /proc does not take"),
         "flag of another int4 algorithm": (["-m", str(tiny_dir("llama")), "--symmetric"],
                                            "--symmetric applies to --int4_algorithm rtn; affine chooses"),
+        "sentence-transformers module not computed": (  # built only for its case (a torch model)
+            lambda: ["-m", str(tiny_models.build_sentence_transformer(tmp_path / "st-dense", ["Pooling", "Dense"]))],
+            "sentence-transformers module(s) ['sentence_transformers.models.Dense'] are not supported"),
     }
 
 
 CASES = ["missing path", "unknown hub id offline", "corrupt safetensors", "truncated gguf",
          "unsupported architecture", "contradictory flags", "fp16 on cpu", "gpu target without CUDA",
          "eval text is a pipe", "empty eval text", "revision of a folder", "too few eval tokens",
-         "hub eval text offline", "output where no folder can be made", "flag of another int4 algorithm"]
+         "hub eval text offline", "output where no folder can be made", "flag of another int4 algorithm",
+         "sentence-transformers module not computed"]
 
 
 def _has_cuda() -> bool:
@@ -67,6 +73,7 @@ def test_bad_input_fails_cleanly(case: str, tmp_path: Path, tiny_dir, store: str
     if case == "gpu target without CUDA" and _has_cuda():
         pytest.skip("this machine has CUDA: there is nothing for the check to refuse")
     args, expected = _bad_inputs(tmp_path, tiny_dir)[case]
+    args = args() if callable(args) else args
     out = tmp_path / "out"
 
     result = grove_cli("auto-opt", *args, *([] if "-o" in args else ["-o", str(out)]), "--store", store)

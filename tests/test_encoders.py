@@ -205,22 +205,6 @@ def test_token_classifier_and_unsupported_architecture(tmp_path: Path, enc_store
         capture_encoder.fn(decoder, CaptureEncoderConfig())
 
 
-def _sentence_transformer(folder: Path, modules: list[str]) -> Path:
-    """A tiny random BERT as a sentence-transformers folder with these modules after the Transformer."""
-    tiny_models.build_encoder("bert", folder, head=None)
-    listing = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
-    for i, kind in enumerate(modules, 1):
-        listing.append({"idx": i, "name": str(i), "path": f"{i}_{kind}", "type": f"sentence_transformers.models.{kind}"})
-        (folder / f"{i}_{kind}").mkdir()
-    (folder / "modules.json").write_text(json.dumps(listing))
-    if "Pooling" in modules:
-        (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}))
-    if "Dense" in modules:
-        (folder / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 64, "out_features": 32}))
-    return folder
-
-
 @pytest.mark.parametrize("modules", [["Pooling"], ["Pooling", "Normalize"]])
 def test_sentence_embedding_is_the_librarys_with_or_without_normalize(modules: list[str], tmp_path: Path,
                                                                       enc_store: str) -> None:
@@ -228,7 +212,7 @@ def test_sentence_embedding_is_the_librarys_with_or_without_normalize(modules: l
     (many sentence-transformers models), the embedding's norm differed from the library's."""
     from sentence_transformers import SentenceTransformer
 
-    folder = _sentence_transformer(tmp_path / "st", modules)
+    folder = tiny_models.build_sentence_transformer(tmp_path / "st", modules)
     hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
     fp32 = capture_encoder.fn(hf, CaptureEncoderConfig())
     texts = list(eio.PARITY_TEXTS)
@@ -240,7 +224,7 @@ def test_sentence_embedding_is_the_librarys_with_or_without_normalize(modules: l
 
 
 def test_a_sentence_transformers_module_the_graph_does_not_compute_is_refused(tmp_path: Path, enc_store: str) -> None:
-    folder = _sentence_transformer(tmp_path / "st", ["Pooling", "Dense"])
+    folder = tiny_models.build_sentence_transformer(tmp_path / "st", ["Pooling", "Dense"])
     hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
     with pytest.raises(InvalidRequest, match=r"module\(s\) \['sentence_transformers.models.Dense'\] are not supported"):
         capture_encoder.fn(hf, CaptureEncoderConfig())

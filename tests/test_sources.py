@@ -52,7 +52,7 @@ def test_a_cached_hub_repo_keeps_its_subfolders(tmp_path: Path) -> None:
     """sentence-transformers repos keep their pooling in 1_Pooling/config.json. Served from the HF
     cache, only the snapshot's top level was listed: the pooling was dropped, and the encoder came
     out as raw hidden states instead of the library's embedding, silently."""
-    from tasks.capture_encoder import _sentence_transformer
+    from tasks.capture_encoder import sentence_transformers_pipeline
     from tests.tiny_models import MINILM
 
     sha = "fedcba9876543210fedcba9876543210fedcba98"
@@ -63,7 +63,7 @@ def test_a_cached_hub_repo_keeps_its_subfolders(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     _download(source, DownloadConfig(), out)
-    assert _sentence_transformer(out) == ("mean", True)
+    assert sentence_transformers_pipeline(out) == ("mean", True)
 
 
 @pytest.mark.parametrize(("kept", "missing"), [

@@ -100,3 +100,22 @@ def build_encoder(family: str, folder: Path, head: str | None = "sequence") -> P
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy2(minilm_dir() / name, folder / name)
     return folder
+
+
+def build_sentence_transformer(folder: Path, modules: list[str]) -> Path:
+    """A tiny random BERT as a sentence-transformers folder: modules.json lists the Transformer, then
+    ``modules`` (e.g. Pooling, Normalize, Dense), each with its folder."""
+    import json
+
+    build_encoder("bert", folder, head=None)
+    listing = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    for i, kind in enumerate(modules, 1):
+        listing.append({"idx": i, "name": str(i), "path": f"{i}_{kind}", "type": f"sentence_transformers.models.{kind}"})
+        (folder / f"{i}_{kind}").mkdir()
+    (folder / "modules.json").write_text(json.dumps(listing))
+    if "Pooling" in modules:
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}))
+    if "Dense" in modules:
+        (folder / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 64, "out_features": 32}))
+    return folder
