@@ -95,11 +95,10 @@ def _is_hub_id(name_or_path: str) -> bool:
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> Source:
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     try:
         info = HfApi().model_info(repo_id, revision=revision)
-        sha, files = info.sha or "", _weights_once([s.rfilename for s in info.siblings or [] if _wanted(s.rfilename)])
     except Exception as online_exc:  # noqa: BLE001 - offline or hub error: fall back to the local cache
         try:
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
@@ -112,6 +111,9 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Source:
                         f"{repo_id} *.json *.safetensors *.txt` and copy the cache, or pass a local folder")
         return Source(kind="hub", location=repo_id, digest=sha, revision=sha, files=files,
                       **_config_facts(folder / "config.json"))
+    sha = info.sha or ""
+    files = _weights_once([s.rfilename for s in info.siblings or [] if _wanted(s.rfilename)],
+                          lambda rel: Path(hf_hub_download(repo_id, rel, revision=sha)).read_bytes())
     _check_complete(f"hub repo '{repo_id}' at {sha[:12]}", files, "Grove reads Hugging Face folders with "
                     "*.safetensors weights and a tokenizer (for a GGUF-only repo, download the .gguf and pass it)")
     folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=["config.json"]))
@@ -148,7 +150,8 @@ def _resolve_s3(uri: str) -> Source:
         raise ModelSourceError(f"cannot list '{uri}' ({exc.__class__.__name__}: {exc}); check AWS_ENDPOINT_URL "
                                "and the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from exc
     entries = {name[len(store.root) + 1:]: info for name, info in listing.items() if _wanted(name.rsplit("/", 1)[-1])}
-    entries = {rel: entries[rel] for rel in _weights_once(list(entries))}
+    entries = {rel: entries[rel] for rel in _weights_once(list(entries),
+                                                          lambda rel: store.fs.cat_file(f"{store.root}/{rel}"))}
     if "config.json" not in entries:
         raise ModelSourceError(f"'{uri}' has no config.json, so it is not a Hugging Face model folder")
     _check_complete(f"'{uri}'", list(entries), "pass the s3:// folder that holds config.json, the weights and "
@@ -189,14 +192,29 @@ def _model_files(folder: Path) -> list[str]:
     """The files Grove reads in a model folder, subfolders included (sentence-transformers keep their
     pooling in 1_Pooling/), as sorted relative paths."""
     return _weights_once(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                                if p.is_file() and _wanted(p.name)))
+                                if p.is_file() and _wanted(p.name)), lambda rel: (folder / rel).read_bytes())
 
 
-def _weights_once(files: list[str]) -> list[str]:
-    """Drop PyTorch .bin weights when safetensors are there: transformers loads the safetensors, and
-    many hub repos carry both (the .bin copy would double the download and the digest's hashing)."""
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _weights_once(files: list[str], read: Callable[[str], bytes]) -> list[str]:
+    """The model's weights in the one form transformers loads: PyTorch .bin files only without
+    safetensors (many hub repos carry both), and with a safetensors index only the shards it maps
+    (Mistral's repos also carry consolidated.safetensors, the same weights again: 14 GB for 7B).
+    ``read`` returns a listed file's bytes (the index)."""
     if any(f.endswith(".safetensors") for f in files):
-        return [f for f in files if not _is_torch_bin(f.rsplit("/", 1)[-1])]
+        files = [f for f in files if not _is_torch_bin(f.rsplit("/", 1)[-1])]
+    if _SAFETENSORS_INDEX in files:
+        try:
+            shards = set(json.loads(read(_SAFETENSORS_INDEX))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelSourceError(f"{_SAFETENSORS_INDEX} is not a safetensors index ({exc.__class__.__name__}: "
+                                   f"{exc}); the model folder is corrupt: download it again") from None
+        if missing := sorted(shards - set(files)):
+            raise ModelSourceError(f"{_SAFETENSORS_INDEX} maps weights to {', '.join(missing)}, which the model "
+                                   "folder lacks; it is incomplete: download it again")
+        files = [f for f in files if not f.endswith(".safetensors") or f in shards]
     return files
 
 

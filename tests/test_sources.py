@@ -98,16 +98,47 @@ def _bin_weights(model: Path, folder: Path) -> Path:
     return folder
 
 
+def _sharded(model: Path, folder: Path) -> Path:
+    """``model`` with its weights in two safetensors shards and an index (as large models are), plus
+    a consolidated.safetensors that the index does not map (as Mistral's repos carry)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(model / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
+        save_file({n: tensors[n] for n in part}, folder / f"model-0000{i}-of-00002.safetensors", metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, f"model-0000{i}-of-00002.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy2(model / "model.safetensors", folder / "consolidated.safetensors")
+    return folder
+
+
+def test_a_sharded_folder_is_read_through_its_index(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    folder = _sharded(tiny_dir("llama"), tmp_path / "sharded")
+    files = _sources.resolve(str(folder)).files
+    assert "model-00001-of-00002.safetensors" in files and "consolidated.safetensors" not in files
+
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelSourceError, match="maps weights to model-00002-of-00002.safetensors, which the model "
+                       "folder lacks; it is incomplete"):
+        _sources.resolve(str(folder))
+    (folder / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(ModelSourceError, match="model.safetensors.index.json is not a safetensors index"):
+        _sources.resolve(str(folder))
+
+
 def test_an_online_hub_repo_is_pinned_to_its_commit_and_fetches_its_weights_once(
         tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
     """The tutorial's step 1 online: `grove auto-opt -m <hub id>` with the real huggingface_hub client
     against a hub on loopback. Before, a repo carrying pytorch_model.bin (alone, or beside
-    model.safetensors as many do) failed in download-model with FileNotFoundError: resolve listed the
-    .bin, the snapshot's patterns skipped it."""
+    safetensors as many do) failed in download-model with FileNotFoundError: resolve listed the .bin,
+    the snapshot's patterns skipped it; and every *.safetensors was fetched, a consolidated copy too."""
     from tests.conftest import grove_cli
     from tests.hub_server import HubRepo, serve_hub
 
-    both = shutil.copytree(tiny_dir("llama"), tmp_path / "both")
+    both = _sharded(tiny_dir("llama"), tmp_path / "both")
     shutil.copy2(_bin_weights(tiny_dir("llama"), tmp_path / "bin") / "pytorch_model.bin", both)
     (both / "README.md").write_text("not needed by Grove")
     repos = {"grove-test/both": HubRepo(both, "1" * 40), "grove-test/bin-only": HubRepo(tmp_path / "bin", "2" * 40)}
@@ -125,8 +156,9 @@ def test_an_online_hub_repo_is_pinned_to_its_commit_and_fetches_its_weights_once
 
     fetched = [r.split(" ", 1)[1] for r in requests if r.startswith("GET ") and "/resolve/" in r]
     assert f"/grove-test/bin-only/resolve/{'2' * 40}/pytorch_model.bin" in fetched
-    assert f"/grove-test/both/resolve/{'1' * 40}/model.safetensors" in fetched
-    assert not [f for f in fetched if f.startswith("/grove-test/both/") and f.endswith((".bin", ".md"))], fetched
+    assert {f"/grove-test/both/resolve/{'1' * 40}/model-0000{i}-of-00002.safetensors" for i in (1, 2)} <= set(fetched)
+    unwanted = (".bin", ".md", "consolidated.safetensors")
+    assert not [f for f in fetched if f.startswith("/grove-test/both/") and f.endswith(unwanted)], fetched
     assert missing.returncode == wrong.returncode == 2 and not (tmp_path / "x").exists()
     assert "grove: error: hub repo 'grove-test/nobody' was not found" in missing.stderr, missing.stderr
     assert "grove: error: hub repo 'grove-test/both' has no revision 'v9'" in wrong.stderr, wrong.stderr
