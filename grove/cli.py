@@ -91,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: int4 for decoder LLMs, int8 for encoders")
     p.add_argument("--log_level", type=int, choices=range(5), default=1,
                    help="0 debug, 1 info (default: shows each node), 2 warning, 3 error, 4 critical")
-    p.add_argument("--trust_remote_code", action="store_true", default=None)
+    p.add_argument("--trust_remote_code", action="store_true", default=None,
+                   help="accepted for Olive's commands: every supported architecture is native to transformers, "
+                   "so no model code from the hub runs either way")
     p.add_argument("--task", help="text-generation (decoders, default); feature-extraction (encoders, default), "
                    "text-classification, token-classification")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")

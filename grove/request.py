@@ -54,7 +54,8 @@ class AutoOptRequest(BaseModel):
     provider: Provider | None = Field(None, description="execution provider; default follows --device")
     precision: Precision = Field("int4", description="weight precision of the output")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
-    trust_remote_code: bool = Field(False, description="allow the model's own Python code")
+    trust_remote_code: bool = Field(False, description="Olive's flag, accepted: every architecture Grove supports "
+                                    "is native to transformers, so no model code from the hub runs either way")
     task: str = Field("text-generation", description="what the model is for")
     use_ort_genai: bool = Field(True, description="produce an onnxruntime-genai folder (decoder LLMs)")
     store: str = Field(default_factory=default_store_uri, description="artifact store URI (file path or s3://)")

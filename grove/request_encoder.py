@@ -81,7 +81,8 @@ class EncoderOptRequest(BaseModel):
     task: EncoderTask | None = Field(None, description="what the model is for; None: the task of the weights' "
                                      "head (a *ForSequenceClassification is text-classification, see infer_task)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
-    trust_remote_code: bool = Field(False, description="allow the model's own Python code")
+    trust_remote_code: bool = Field(False, description="Olive's flag, accepted: every architecture Grove supports "
+                                    "is native to transformers, so no model code from the hub runs either way")
     store: str = Field(default_factory=default_store_uri, description="artifact store URI (file path or s3://)")
     int8_mode: Literal["dynamic", "static"] = Field("dynamic", description="int8: dynamic or calibrated static")
     per_channel: bool = Field(True, description="int8: one weight scale per output channel")

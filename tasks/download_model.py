@@ -26,7 +26,8 @@ __all__ = ["DownloadConfig", "check_safetensors", "download_model", "resolve_sou
 class DownloadConfig(StepConfig):
     NODE = "download-model"
     VERSION = 1
-    trust_remote_code: bool = Field(False, description="allow the model's own Python code (hub models only)")
+    trust_remote_code: bool = Field(False, description="Olive's flag, recorded; no model code is fetched or run "
+                                    "(every supported architecture is native to transformers)")
 
 
 @task(name="resolve-source", retries=2, retry_delay_seconds=[2, 5], persist_result=False)
@@ -65,8 +66,7 @@ def _fetch_folder(source: Source, config: DownloadConfig) -> Path:
         from huggingface_hub import snapshot_download
 
         # Exactly the files resolve listed (and pinned by the commit): e.g. the weights in one format.
-        patterns = source.files + (["*.py"] if config.trust_remote_code else [])
-        return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns))
+        return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=source.files))
     from grove.store import ArtifactStore
 
     s3 = ArtifactStore(source.location)
