@@ -35,10 +35,10 @@ gathered and spread over the blocks too), ``fp16`` stores a float16 copy, ``keep
 
 ``head_shortlist`` (8-bit heads): instead of reading the whole 8-bit lm_head for every token (the
 largest single op of a decode step), a 4-bit symmetric copy scores every token, ``TopK`` keeps the
-``head_shortlist`` best, and their logits are recomputed exactly from the 8-bit rows
+``head_shortlist`` best, and their logits are recomputed from the 8-bit rows
 (``GatherBlockQuantized`` of the same table the embedding reads, a small ``MatMul`` in fp32) and
-scattered back. The shortlisted logits (the argmax among them whenever the 8-bit argmax is in the
-4-bit pass's top K) are the 8-bit head's; the others keep the 4-bit pass's values.
+scattered back. The shortlisted logits are the 8-bit head's, so the argmax is the 8-bit head's
+whenever it is among the 4-bit pass's top K; the other logits keep the 4-bit pass's values.
 """
 
 from __future__ import annotations
@@ -351,11 +351,10 @@ class _Rewriter:
         approx = self.node("MatMulNBits", [x, *self.register(fast)], output + "/shortlist_approx", _MS,
                            K=qw.scales.shape[1] * self.bs, N=qw.packed.shape[0], bits=4, block_size=self.bs,
                            accuracy_level=self.accuracy_level)
-        top = output + "/shortlist_ids"
-        self.nodes.append(helper.make_node("TopK", [approx, self.add_init(f"int4_shortlist_k_{k}", np.array([k], np.int64))],
-                                           [output + "/shortlist_top", top], name=top, axis=-1))
-        rows = self.node("GatherBlockQuantized", [self.table(w_name), top, w_name + "_scales"], output + "/shortlist_rows",
-                         _MS, bits=qw.bits, block_size=self.bs, gather_axis=0, quantize_axis=1)
+        top, k_name = output + "/shortlist_ids", self.add_init(f"int4_shortlist_k_{k}", np.array([k], np.int64))
+        self.nodes.append(helper.make_node("TopK", [approx, k_name], [output + "/shortlist_top", top], name=top, axis=-1))
+        rows = self.node("GatherBlockQuantized", [self.table(w_name), top, w_name + "_scales"],
+                         output + "/shortlist_rows", _MS, bits=qw.bits, block_size=self.bs, gather_axis=0, quantize_axis=1)
         last = self.add_init("int4_last_axis", np.array([-1], np.int64))
         column = self.node("Unsqueeze", [x, last], output + "/shortlist_x")
         exact = self.node("MatMul", [rows, column], output + "/shortlist_exact_col")

@@ -91,7 +91,11 @@ def sentence_transformers_pipeline(src: Path) -> tuple[str | None, bool]:
     listing = src / "modules.json"
     if not listing.exists():
         return None, False
-    modules = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in json.loads(listing.read_text())}
+    try:
+        modules = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in json.loads(listing.read_text())}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise InvalidRequest(f"{listing} is not a sentence-transformers module list ({exc.__class__.__name__}: "
+                             f"{exc}); the model folder is corrupt: download it again") from None
     other = [m.get("type") for kind, m in modules.items() if kind not in _ST_MODULES]
     if other:
         raise InvalidRequest(f"sentence-transformers module(s) {other} are not supported (Grove's graph computes "
