@@ -79,11 +79,25 @@ def genai_model(model_dir: Path, provider: str = "cpu", threads: int | None = No
     return og.Model(config)
 
 
-def tokenize(model_dir: Path, text: str, model: Any = None) -> list[int]:
+def tokenize(model_dir: Path, text: str, model: Any = None, limit: int | None = None) -> list[int]:
+    """``text``'s tokens; with ``limit``, its first ``limit`` tokens (all if fewer), tokenizing only
+    a prefix of the text, grown until its tokens reach well past ``limit`` (a cut mid-word changes
+    only the tokens next to the cut): a large corpus passed as --eval_data costs what its first
+    tokens cost, not minutes and gigabytes for the whole file."""
     import onnxruntime_genai as og
 
     tokenizer = og.Tokenizer(model if model is not None else genai_model(model_dir))
-    return [int(t) for t in tokenizer.encode(text)]
+    if limit is None:
+        return [int(t) for t in tokenizer.encode(text)]
+    chars = max(4096, 8 * limit)
+    while True:
+        tokens = tokenizer.encode(text[:chars])
+        if chars >= len(text) or len(tokens) >= limit + _CUT_MARGIN_TOKENS:
+            return [int(t) for t in tokens[:limit]]
+        chars *= 4
+
+
+_CUT_MARGIN_TOKENS = 64  # tokens past the limit that a prefix must reach (its cut is that far away)
 
 
 def logits(model: Any, tokens: list[int]) -> np.ndarray:

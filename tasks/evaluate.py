@@ -61,7 +61,7 @@ def _evaluate(inputs: list[Path], config: EvalConfig, out: Path) -> dict[str, ob
     threads = config.threads or dio.available_cpus()
     metrics: dict[str, object] = {"size_mb": round(dio.model_size(model_dir) / 1e6, 2), "threads": threads}
     genai = dio.genai_model(model_dir, config.provider, threads)  # one load serves every measurement
-    tokens = dio.tokenize(model_dir, dio.read_text(config.text), genai)[: config.ppl_tokens]
+    tokens = dio.tokenize(model_dir, dio.read_text(config.text), genai, limit=config.ppl_tokens)
     if len(tokens) < MIN_PPL_TOKENS:
         raise InvalidRequest(f"the perplexity text {config.text} is {len(tokens)} tokens long for this model's "
                              f"tokenizer; at least {MIN_PPL_TOKENS} are needed: pass a longer --eval_data")

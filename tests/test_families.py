@@ -47,3 +47,34 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
     a, b = dio.logits(dio.genai_model(int4_dir), TOKENS), onnx_logits
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert cosine.min() > INT4_MIN_COSINE, f"int4 {algorithm} {family}: logit cosine vs fp32 down to {cosine.min():.3f}"
+
+
+def test_eval_text_is_tokenized_only_as_far_as_it_is_scored(tiny_dir, store: str,  # noqa: ANN001
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """--eval_data may be a whole corpus: its first --eval_tokens tokens are the same as before, and
+    the tokenizer sees only a prefix (it saw the whole file: 7 s and 11M tokens for 50 MB here)."""
+    import onnxruntime_genai as og
+
+    hf = download_model.fn(resolve(str(tiny_dir("llama"))), DownloadConfig(), store)
+    fp32 = capture_onnx.fn(hf, CaptureConfig.cpu())
+    model_dir = store_for(store).fetch(fp32.node, fp32.digest)
+    model = dio.genai_model(model_dir)
+    text = dio.read_text(dio.BUILTIN_TEXT) * 40
+    full = dio.tokenize(model_dir, text, model)
+    seen: list[int] = []
+    real = og.Tokenizer
+
+    class Recording:  # the real tokenizer, recording how much text it is given
+        def __init__(self, m: object) -> None:
+            self.tokenizer = real(m)
+
+        def encode(self, s: str) -> object:
+            seen.append(len(s))
+            return self.tokenizer.encode(s)
+
+    monkeypatch.setattr(og, "Tokenizer", Recording)
+    for limit in (16, 1024, 5000):
+        seen.clear()
+        assert dio.tokenize(model_dir, text, model, limit=limit) == full[:limit]
+        assert max(seen) < len(text) / 10, (limit, seen, len(text))
+    assert dio.tokenize(model_dir, "a short text", model, limit=1024) == dio.tokenize(model_dir, "a short text", model)
