@@ -270,11 +270,16 @@ class ArtifactStore:
             except OSError:
                 shutil.copy2(src, dst)
         (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        if base.exists():  # an incomplete leftover, or a concurrent identical commit
+        if self.manifest(manifest.node, manifest.digest) is not None:
+            # A concurrent identical commit landed first, whole (a fleet's targets share the download
+            # and reference nodes): keep it, its readers may be using it; ours holds the same bytes.
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        if base.exists():  # an incomplete or damaged artifact: replaced whole
             shutil.rmtree(base, ignore_errors=True)
         try:
             staging.rename(base)
-        except OSError:
+        except OSError:  # another commit renamed into place between the check and here
             shutil.rmtree(staging, ignore_errors=True)
 
     def remove(self, node: str, digest: str) -> None:

@@ -48,6 +48,23 @@ def test_missing_or_truncated_file_makes_the_artifact_absent(tmp_path: Path) -> 
         store.fetch("quantize-int4", "d" * 64)
 
 
+def test_a_second_identical_commit_keeps_the_first_and_a_damaged_one_is_replaced(tmp_path: Path) -> None:
+    """Two runs that build the same artifact at once (a fleet's targets share the download and
+    reference nodes) both commit: before, the second deleted the first's folder under its readers."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    _commit(store, _files(tmp_path))
+    weights = store.local_path("quantize-int4", "d" * 64) / "sub" / "weights.bin"
+    first = weights.stat().st_ino
+    with weights.open("rb") as reader:  # a reader of the first commit
+        _commit(store, _files(tmp_path / "again"))
+        assert weights.stat().st_ino == first and reader.read() == bytes(range(256)) * 40
+    assert not list((tmp_path / "store" / "artifacts" / "quantize-int4").glob(".*")), "staging left behind"
+
+    weights.write_bytes(b"short")  # damaged: absent to readers, so the next build replaces it
+    _commit(store, _files(tmp_path / "third"))
+    assert store.manifest("quantize-int4", "d" * 64) is not None and weights.stat().st_size == 256 * 40
+
+
 def test_no_manifest_means_not_there(tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path / "store"))
     _commit(store, _files(tmp_path))
