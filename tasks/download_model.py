@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,14 @@ def _fetch_folder(source: Source, config: DownloadConfig) -> Path:
     for rel in source.files:
         if not (local / rel).exists():  # the folder is keyed by the objects' ETags: a file there is complete
             (local / rel).parent.mkdir(parents=True, exist_ok=True)
-            partial = local / f"{rel}.partial"  # an interrupted download never passes for the file
-            s3.fs.get_file(f"{s3.root}/{rel}", str(partial))
-            partial.replace(local / rel)
+            # An interrupted download never passes for the file, and two runs fetching the same
+            # source at once (a fleet's targets) each write their own copy, then rename it into place.
+            partial = local / f"{rel}.{uuid.uuid4().hex[:8]}.partial"
+            try:
+                s3.fs.get_file(f"{s3.root}/{rel}", str(partial))
+                partial.replace(local / rel)
+            finally:
+                partial.unlink(missing_ok=True)
     return local
 
 
