@@ -66,13 +66,14 @@ class UnsupportedArchitecture(GroveError):
 class ParityError(GroveError):
     """A transformation changed the model's outputs beyond the tolerance for its precision."""
 
-    def __init__(self, what: str, measured: float, limit: float, detail: str = "", flag: str | None = None) -> None:
-        # flag: the option that sets this limit, if the user can (the others are fixed per precision).
+    def __init__(self, what: str, measured: float, limit: float, detail: str = "", flag: str | None = None,
+                 fix: str = "try a higher precision or another algorithm") -> None:
+        # flag: the option that sets this limit, if the user can (the others are fixed per precision);
+        # fix: what to change, in the words of the flags of the step that failed.
         relax = f", or pass a lower {flag} if this is expected" if flag else ""
         super().__init__(
             f"parity check failed: {what} = {measured:.4g}, limit {limit:.4g}{'; ' + detail if detail else ''}. "
-            "The transformed model does not match its reference; try a higher precision, a smaller block size, "
-            f"or another algorithm{relax}."
+            f"The transformed model does not match its reference; {fix}{relax}."
         )
         self.what = what
         self.measured = measured

@@ -116,19 +116,31 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _enforce(numbers: dict[str, object], config: ParityConfig) -> None:
     limits = config.limits()
+    top1, prob_diff = numbers["top1_agreement"], numbers["max_prob_diff"]
     detail = (f"{config.precision} candidate vs reference on {numbers['texts']} fixed sentences, output "
               f"'{numbers['output']}': max abs diff {numbers['max_abs_diff']:.4g}, mean cosine "
-              f"{numbers['mean_cosine']:.5f} (min {numbers['min_cosine']:.5f}), top-1 agreement "
-              f"{numbers['top1_agreement']}, max class-probability change {numbers['max_prob_diff']}")
+              f"{numbers['mean_cosine']:.5f} (min {numbers['min_cosine']:.5f})"
+              + (f", top-1 agreement {top1:.4g}, max class-probability change {prob_diff:.4g}"
+                 if isinstance(top1, float) and isinstance(prob_diff, float) else ""))
+    fix = _FIXES[config.precision]
     max_abs, mean_cos = float(numbers["max_abs_diff"]), float(numbers["mean_cosine"])  # type: ignore[arg-type]
-    top1, prob_diff = numbers["top1_agreement"], numbers["max_prob_diff"]
     if limits.max_abs_diff is not None and max_abs > limits.max_abs_diff:
-        raise ParityError("max abs diff", max_abs, limits.max_abs_diff, detail)
+        raise ParityError("max abs diff", max_abs, limits.max_abs_diff, detail, fix=fix)
     if not isinstance(top1, float):  # embeddings: their direction is the output
         if mean_cos < limits.min_cosine:
-            raise ParityError("mean cosine", mean_cos, limits.min_cosine, detail, flag="--min_cosine")
+            raise ParityError("mean cosine", mean_cos, limits.min_cosine, detail, flag="--min_cosine", fix=fix)
         return
     if top1 < limits.min_top1:
-        raise ParityError("top-1 agreement", top1, limits.min_top1, detail)
+        raise ParityError("top-1 agreement", top1, limits.min_top1, detail, fix=fix)
     if isinstance(prob_diff, float) and prob_diff > limits.max_prob_diff:
-        raise ParityError("max class-probability change", prob_diff, limits.max_prob_diff, detail)
+        raise ParityError("max class-probability change", prob_diff, limits.max_prob_diff, detail, fix=fix)
+
+
+# What to change when a precision's check fails, in auto-opt's flags (fp32: the graph optimizer's check).
+_FIXES = {
+    "int8": "try per-channel weight scales (--per_channel), static int8 with calibration text (--int8_mode static "
+            "--calibration_data FILE), leaving the sensitive layers in fp32 (--nodes_to_exclude, "
+            "--op_types_to_quantize), or --precision fp16 or fp32",
+    "fp16": "try --precision fp32 (on CPU, int8 is the faster choice)",
+    "fp32": "the graph optimizer's fusions changed the outputs, which is a bug: please report it with the model id",
+}

@@ -99,7 +99,9 @@ def _agreement(mine: dict[str, Any], reference: dict[str, Any], config: EvalConf
     node_logger().info("top-1 agreement with the reference: %.3f over %d positions", agreement, len(ours))
     if config.min_top1_agreement is not None and agreement < config.min_top1_agreement:
         raise ParityError("top-1 agreement with the reference", agreement, config.min_top1_agreement,
-                          f"over the {len(ours)} scored positions of {config.text}", flag="--min_top1_agreement")
+                          f"over the {len(ours)} scored positions of {config.text}", flag="--min_top1_agreement",
+                          fix="for int4 try a smaller --block_size or another --int4_algorithm, or pass a higher "
+                          "--precision")
     return agreement
 
 

@@ -143,7 +143,7 @@ def test_the_top1_gate_fails_the_run_with_the_measured_agreement(tmp_path: Path,
     [error] = [line for line in result.stderr.splitlines() if line.startswith("grove: error:")]
     measured = re.search(r"top-1 agreement with the reference = ([0-9.]+), limit 1; over the (\d+) scored", error)
     assert measured and 0 < float(measured[1]) < 1 and int(measured[2]) > 16, error
-    assert "pass a lower --min_top1_agreement" in error
+    assert "pass a lower --min_top1_agreement" in error and "a smaller --block_size or another --int4_algorithm" in error
     assert not out.exists()
 
 

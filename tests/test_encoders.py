@@ -150,6 +150,8 @@ def test_parity_catches_a_broken_transformation(minilm: dict[str, Artifact], tmp
     message = str(caught.value)
     assert "max abs diff" in message and "mean cosine" in message and "limit 0.001" in message
     assert "pass a lower" not in message, "this limit is fixed per precision: no flag to relax it"
+    assert "fusions changed the outputs, which is a bug" in message, "the fix for the step that failed"
+    assert "None" not in message, "an embedding's check names the figures it has, not a classifier's"
     assert caught.value.measured > caught.value.limit
     assert store.manifest("check-parity", recipe_digest(config, [candidate, reference])) is None  # nothing committed
 
