@@ -39,8 +39,13 @@ def read_text(source: str, flag: str = "--eval_data", encoding: str = "utf-8", n
     except Exception as exc:
         if not (remote or isinstance(exc, (OSError, UnicodeDecodeError))):
             raise
-        fix = ("a hub dataset file needs the hub: offline, copy the file to this machine and pass its path"
-               if source.startswith("hf://") else "pass a readable UTF-8 text file")
+        if source.startswith("hf://") and isinstance(exc, FileNotFoundError):  # the hub answered: no such file
+            fix = ("the hub has no such file: check the path, hf://datasets/<org>/<name>/<file>, or set HF_TOKEN "
+                   "if the dataset is private")
+        elif source.startswith("hf://"):
+            fix = "a hub dataset file needs the hub: offline, copy the file to this machine and pass its path"
+        else:
+            fix = "pass a readable UTF-8 text file"
         cause = str(exc) if isinstance(exc, (OSError, UnicodeDecodeError)) else f"{exc.__class__.__name__}: {exc}"
         raise InvalidRequest(f"{flag} {source} cannot be read as UTF-8 text ({cause}); {fix}") from exc
 

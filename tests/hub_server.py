@@ -1,7 +1,9 @@
 """A Hugging Face Hub on loopback: the part of its HTTP API that ``huggingface_hub`` uses to pin a
-revision and download a snapshot (model info, the recursive tree listing, ``resolve`` HEAD/GET),
-serving repos from local folders. Lets tests run Grove's online hub path (the tutorial's step 1)
-with the real client, as moto's server does for S3."""
+revision, download a snapshot (repo info, the recursive tree listing, ``resolve`` HEAD/GET) and
+read a file through ``HfFileSystem`` (paths-info, ranged GET), serving model and dataset repos from
+local folders. Lets tests run Grove's online hub paths (the tutorial's step 1, ``hf://datasets/``
+evaluation text) with the real client, as moto's server does for S3. Dataset repos are keyed
+``datasets/<org>/<name>``."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$")
-_TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)$")
-_RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_KIND = r"(?P<kind>models|datasets)"
+_INFO = re.compile(rf"^/api/{_KIND}/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$")
+_TREE = re.compile(rf"^/api/{_KIND}/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)$")
+_PATHS_INFO = re.compile(rf"^/api/{_KIND}/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>[^/]+)$")
+_RESOLVE = re.compile(r"^/(?P<prefix>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
 class HubRepo:
@@ -46,34 +51,64 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         self._serve(body=True)
 
+    def do_POST(self) -> None:  # noqa: N802 - paths-info
+        path = unquote(urlsplit(self.path).path)
+        self.requests.append(f"POST {path}")
+        form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+        m = _PATHS_INFO.match(path)
+        repo = self._repo(self._key(m), m["rev"]) if m else None
+        if m is None:
+            self._error(404, "RepoNotFound", f"no route {path}")
+        elif repo:
+            self._json([self._entry(repo, p) for p in form.get("paths", []) if p in repo.files], True)
+
     def _serve(self, body: bool) -> None:
         path = unquote(urlsplit(self.path).path)
         self.requests.append(f"{self.command} {path}")
         if m := _TREE.match(path):
-            repo = self._repo(m["repo"], m["rev"])
+            repo = self._repo(self._key(m), m["rev"])
             if repo:
-                self._json([{"type": "file", "path": p, "size": len(d), "oid": repo.oid(p)}
-                            for p, d in repo.files.items()], body)
+                self._json([self._entry(repo, p) for p in repo.files], body)
         elif m := _INFO.match(path):
-            repo = self._repo(m["repo"], m["rev"] or "main")
+            repo = self._repo(self._key(m), m["rev"] or "main")
             if repo:
                 self._json({"id": m["repo"], "sha": repo.sha,
                             "siblings": [{"rfilename": p} for p in repo.files]}, body)
         elif m := _RESOLVE.match(path):
-            repo = self._repo(m["repo"], m["rev"])
+            repo = self._repo(("datasets/" if m["prefix"] else "") + m["repo"], m["rev"])
             if repo and m["path"] not in repo.files:
                 self._error(404, "EntryNotFound", f"{m['path']} not in {m['repo']}")
             elif repo:
-                data = repo.files[m["path"]]
-                self.send_response(200)
-                self.send_header("X-Repo-Commit", repo.sha)
-                self.send_header("ETag", f'"{repo.oid(m["path"])}"')
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if body:
-                    self.wfile.write(data)
+                self._file(repo, m["path"], body)
         else:
             self._error(404, "RepoNotFound", f"no route {path}")
+
+    @staticmethod
+    def _key(m: re.Match[str]) -> str:
+        return ("datasets/" if m["kind"] == "datasets" else "") + m["repo"]
+
+    @staticmethod
+    def _entry(repo: HubRepo, path: str) -> dict[str, object]:
+        return {"type": "file", "path": path, "size": len(repo.files[path]), "oid": repo.oid(path)}
+
+    def _file(self, repo: HubRepo, path: str, body: bool) -> None:
+        data, status = repo.files[path], 200
+        if (wanted := _RANGE.match(self.headers.get("Range") or "")) and data:
+            start, end = int(wanted[1]), int(wanted[2] or len(data) - 1)
+            if start >= len(data):
+                self._error(416, "RangeNotSatisfiable", f"{start} past {len(data)} bytes")
+                return
+            data, status = data[start:end + 1], 206
+            self.send_response(status)
+            self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/{len(repo.files[path])}")
+        else:
+            self.send_response(status)
+        self.send_header("X-Repo-Commit", repo.sha)
+        self.send_header("ETag", f'"{repo.oid(path)}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
 
     def _repo(self, repo_id: str, revision: str) -> HubRepo | None:
         repo = self.repos.get(repo_id)

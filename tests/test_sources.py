@@ -164,6 +164,36 @@ def test_an_online_hub_repo_is_pinned_to_its_commit_and_fetches_its_weights_once
     assert "grove: error: hub repo 'grove-test/both' has no revision 'v9'" in wrong.stderr, wrong.stderr
 
 
+def test_an_online_hub_dataset_file_is_read_as_the_evaluation_text(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    """--eval_data hf://datasets/<org>/<name>/<file> with the hub reachable (the loopback hub) scores
+    the same text as the same file given as a path; a file the dataset lacks is one error naming it."""
+    from tasks._decoder_io import BUILTIN_TEXT, read_text
+    from tests.conftest import grove_cli
+    from tests.hub_server import HubRepo, serve_hub
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "gpl.txt").write_text(read_text(BUILTIN_TEXT)[5000:])
+    model = str(tiny_dir("llama"))
+    local = grove_cli("auto-opt", "-m", model, "-o", str(tmp_path / "local"), "--store", store,
+                      "--eval_data", str(texts / "gpl.txt"))
+    with serve_hub({"datasets/grove-test/texts": HubRepo(texts, "4" * 40)}) as (endpoint, requests):
+        env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"}
+        hub = grove_cli("auto-opt", "-m", model, "-o", str(tmp_path / "hub"), "--store", store,
+                        "--eval_data", "hf://datasets/grove-test/texts/gpl.txt", env=env)
+        missing = grove_cli("auto-opt", "-m", model, "-o", str(tmp_path / "x"), "--store", store,
+                            "--eval_data", "hf://datasets/grove-test/texts/nope.txt", env=env)
+
+    assert local.returncode == hub.returncode == 0, hub.stderr[-3000:]
+    reports = [json.loads((tmp_path / d / "grove_report.json").read_text()) for d in ("local", "hub")]
+    assert reports[0]["metrics"]["perplexity"] == reports[1]["metrics"]["perplexity"]
+    assert reports[0]["reference"]["perplexity"] == reports[1]["reference"]["perplexity"]
+    assert any("/datasets/grove-test/texts/resolve/" in r for r in requests), requests
+    assert missing.returncode == 2 and not (tmp_path / "x").exists()
+    assert "hf://datasets/grove-test/texts/nope.txt cannot be read" in missing.stderr
+    assert "the hub has no such file: check the path" in missing.stderr, missing.stderr
+
+
 def test_unknown_hub_id_offline_says_how_to_supply_it() -> None:
     with pytest.raises(ModelSourceError, match=r"not in the local Hugging Face cache.*huggingface-cli download"):
         _sources.resolve("nobody/does-not-exist")
