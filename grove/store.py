@@ -31,19 +31,20 @@ from grove.errors import StoreError
 if TYPE_CHECKING:
     import fsspec
 
-__all__ = ["ArtifactStore", "FileEntry", "Manifest", "default_store_uri", "lineage_of", "sha256_file"]
+__all__ = ["ArtifactStore", "FileEntry", "Manifest", "cache_home", "default_store_uri", "lineage_of", "sha256_file"]
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 * 1024 * 1024
 
 
-def _cache_home() -> Path:
+def cache_home() -> Path:
+    """This machine's Grove caches: ``$XDG_CACHE_HOME/grove`` (``~/.cache/grove``)."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grove"
 
 
 def default_store_uri() -> str:
     """``$GROVE_STORE`` or ``~/.cache/grove/store``."""
-    return os.environ.get("GROVE_STORE") or str(_cache_home() / "store")
+    return os.environ.get("GROVE_STORE") or str(cache_home() / "store")
 
 
 def sha256_file(path: Path) -> str:
@@ -196,7 +197,7 @@ class ArtifactStore:
             raise StoreError(f"artifact {node}/{digest[:12]} is missing or incomplete in {self.uri}")
         if self.is_local:
             return Path(self.artifact_path(node, digest))
-        cache_dir = cache_dir or _cache_home() / "fetched"
+        cache_dir = cache_dir or cache_home() / "fetched"
         dest = cache_dir / node / digest
         if (dest / MANIFEST).exists():
             return dest
@@ -292,7 +293,7 @@ class ArtifactStore:
         if self.fs.exists(base):
             self.fs.rm(base, recursive=True)
         if not self.is_local:
-            shutil.rmtree(_cache_home() / "fetched" / node / digest, ignore_errors=True)
+            shutil.rmtree(cache_home() / "fetched" / node / digest, ignore_errors=True)
 
     # -- Prefect result records -------------------------------------------------------------
     @property

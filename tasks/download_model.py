@@ -18,6 +18,7 @@ from pydantic import Field
 from grove.artifacts import Artifact, Source, StepConfig
 from grove.errors import ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
+from grove.store import cache_home
 from tasks import _sources
 from tasks.registry import arch_spec
 
@@ -71,7 +72,7 @@ def _fetch_folder(source: Source, config: DownloadConfig) -> Path:
     from grove.store import ArtifactStore
 
     s3 = ArtifactStore(source.location)
-    local = Path.home() / ".cache" / "grove" / "s3-sources" / source.digest
+    local = cache_home() / "s3-sources" / source.digest
     for rel in source.files:
         if not (local / rel).exists():  # the folder is keyed by the objects' ETags: a file there is complete
             (local / rel).parent.mkdir(parents=True, exist_ok=True)
