@@ -306,12 +306,16 @@ def _store(args: argparse.Namespace) -> int:
         store.check_reachable()  # fails in seconds, where a listing would wait out the S3 client's retries
     if args.action == "usage":
         print(housekeeping.format_usage(store, housekeeping.scan(store), housekeeping.scan_registry(store)))
+        print(housekeeping.format_caches(housekeeping.scan_caches()))
         return 0
     if args.older_than is not None:
         artifacts = housekeeping.scan(store)
         removed = housekeeping.prune(store, args.older_than * 86400, args.node, args.dry_run, artifacts)
         print(housekeeping.format_prune(removed, args.older_than, args.dry_run, args.node,
                                         {a.node for a in artifacts}))
+        if not args.node:  # this machine's copies: re-fetched when needed
+            copies = housekeeping.prune_caches(args.older_than * 86400, args.dry_run)
+            print(housekeeping.format_cache_prune(copies, args.older_than, args.dry_run))
     if args.keep_versions is not None:
         versions = housekeeping.prune_registry(store, args.keep_versions, args.dry_run)
         print(housekeeping.format_registry_prune(versions, args.keep_versions, args.dry_run))

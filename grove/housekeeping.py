@@ -9,15 +9,18 @@ published versions go only with ``--keep-versions``, never the one ``latest.json
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
-from grove.store import MANIFEST, ArtifactStore, Manifest
+from grove.store import MANIFEST, ArtifactStore, Manifest, cache_home
 
-__all__ = ["LEFTOVER_GRACE_S", "RegistryVersion", "StoredArtifact", "format_prune", "format_registry_prune",
-           "format_usage", "prune", "prune_registry", "scan", "scan_registry"]
+__all__ = ["LEFTOVER_GRACE_S", "CachedCopy", "RegistryVersion", "StoredArtifact", "format_cache_prune",
+           "format_caches", "format_prune", "format_registry_prune", "format_usage", "prune", "prune_caches",
+           "prune_registry", "scan", "scan_caches", "scan_registry"]
 
 # A folder without a manifest may be a build that is still uploading: it is never removed before this.
 LEFTOVER_GRACE_S = 3600.0
@@ -136,6 +139,60 @@ def prune(store: ArtifactStore, older_than_s: float, nodes: list[str] | None = N
         for artifact in doomed:
             store.remove(artifact.node, artifact.name)
     return doomed
+
+
+@dataclass(frozen=True)
+class CachedCopy:
+    """One folder of this machine's caches: a fetched copy of a remote store's artifact
+    (``fetched/<node>/<digest>``) or of an s3:// model source (``s3-sources/<digest>``)."""
+
+    kind: str  # "fetched" | "s3-sources"
+    path: Path
+    size: int
+    written_at: float  # its newest file's mtime: when it was fetched
+
+
+_CACHES = {"fetched": 2, "s3-sources": 1}  # cache folder -> depth of its entries
+
+
+def scan_caches(home: Path | None = None) -> list[CachedCopy]:
+    """The copies in this machine's caches (``cache_home()``): re-fetched from their store or
+    bucket when needed again, so removing them frees disk without breaking a run."""
+    home = home or cache_home()
+    found = []
+    for kind, depth in _CACHES.items():
+        for entry in sorted((home / kind).glob("/".join(["*"] * depth))):
+            if not entry.is_dir() or entry.name.startswith("."):  # a fetch in progress stages in a .folder
+                continue
+            stats = [p.stat() for p in entry.rglob("*") if p.is_file()]
+            found.append(CachedCopy(kind, entry, sum(s.st_size for s in stats),
+                                    max((s.st_mtime for s in stats), default=entry.stat().st_mtime)))
+    return found
+
+
+def prune_caches(older_than_s: float, dry_run: bool = False, copies: list[CachedCopy] | None = None) -> list[CachedCopy]:
+    """Remove the cached copies fetched more than ``older_than_s`` seconds ago; returns them."""
+    now = time.time()
+    doomed = [c for c in (scan_caches() if copies is None else copies) if now - c.written_at > older_than_s]
+    if not dry_run:
+        for copy in doomed:
+            shutil.rmtree(copy.path, ignore_errors=True)
+    return doomed
+
+
+def format_caches(copies: list[CachedCopy]) -> str:
+    """One line: this machine's cached copies by kind, with their sizes."""
+    kinds = {"fetched": "fetched remote artifacts", "s3-sources": "s3:// model sources"}
+    parts = [f"{kinds[k]} {sum(c.kind == k for c in copies)}, {_size(sum(c.size for c in copies if c.kind == k))}"
+             for k in _CACHES]
+    return f"this machine's caches ({cache_home()}): {'; '.join(parts)}"
+
+
+def format_cache_prune(removed: list[CachedCopy], older_than_days: float, dry_run: bool) -> str:
+    """One line saying which of this machine's cached copies were (or would be) removed."""
+    verb = "would remove" if dry_run else "removed"
+    return (f"this machine's caches: {verb} {len(removed)} cop{'y' if len(removed) == 1 else 'ies'} fetched more "
+            f"than {older_than_days:g} days ago, {_size(sum(c.size for c in removed))} (fetched again when needed)")
 
 
 def _size(n: float) -> str:

@@ -88,8 +88,10 @@ def test_a_run_after_pruning_everything_rebuilds_the_same_output(tiny_dir, tmp_p
 
     usage = grove_cli("store", "usage", "--store", store)
     assert usage.returncode == 0 and "capture-onnx" in usage.stdout and "total" in usage.stdout
+    assert "this machine's caches (" in usage.stdout and "s3:// model sources" in usage.stdout
     pruned = grove_cli("store", "prune", "--older-than", "0", "--store", store)
     assert pruned.returncode == 0 and pruned.stdout.startswith("removed "), pruned.stdout + pruned.stderr
+    assert "this machine's caches: removed" in pruned.stdout
     assert housekeeping.scan(ArtifactStore(store)) == []
 
     again = grove_cli(*args)
@@ -97,6 +99,31 @@ def test_a_run_after_pruning_everything_rebuilds_the_same_output(tiny_dir, tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert "download-model/" in again.stderr and "built in" in again.stderr, "rebuilt, not a dangling cache hit"
     assert (out / "model.onnx.data").read_bytes() == model
+
+
+def test_this_machines_cached_copies_are_counted_and_the_old_ones_pruned(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fetched copies of remote artifacts and of s3:// model sources were never counted nor removed
+    (one 7B source is ~30 GB)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    home = tmp_path / "xdg" / "grove"
+    for rel, age_days in (("fetched/capture-onnx/" + "a" * 64, 10), ("fetched/evaluate/" + "b" * 64, 0),
+                          ("s3-sources/" + "c" * 64, 10), ("fetched/capture-onnx/.staging-x", 10)):
+        (home / rel).mkdir(parents=True)
+        (home / rel / "model.onnx").write_bytes(b"w" * 1000)
+        t = time.time() - age_days * DAY
+        os.utime(home / rel / "model.onnx", (t, t))
+
+    copies = housekeeping.scan_caches()
+    assert sorted((c.kind, c.path.name[0]) for c in copies) == [("fetched", "a"), ("fetched", "b"), ("s3-sources", "c")]
+    assert housekeeping.format_caches(copies).endswith("fetched remote artifacts 2, 2.0 kB; s3:// model sources 1, 1.0 kB")
+    assert housekeeping.prune_caches(5 * DAY, dry_run=True) and (home / "s3-sources" / ("c" * 64)).exists()
+
+    removed = housekeeping.prune_caches(5 * DAY)
+
+    assert sorted(c.path.name[0] for c in removed) == ["a", "c"]
+    assert [c.path.name[0] for c in housekeeping.scan_caches()] == ["b"]
+    assert (home / "fetched/capture-onnx/.staging-x").exists(), "a fetch in progress is left alone"
 
 
 def _publish(store: ArtifactStore, name: str, target: str, version: str, age_days: float, latest: bool) -> None:
