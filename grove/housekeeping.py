@@ -144,15 +144,16 @@ def prune(store: ArtifactStore, older_than_s: float, nodes: list[str] | None = N
 @dataclass(frozen=True)
 class CachedCopy:
     """One folder of this machine's caches: a fetched copy of a remote store's artifact
-    (``fetched/<node>/<digest>``) or of an s3:// model source (``s3-sources/<digest>``)."""
+    (``fetched/<node>/<digest>``), of an s3:// model source (``s3-sources/<digest>``) or of a remote
+    evaluation text (``texts/<key>``)."""
 
-    kind: str  # "fetched" | "s3-sources"
+    kind: str  # "fetched" | "s3-sources" | "texts"
     path: Path
     size: int
     written_at: float  # its newest file's mtime: when it was fetched
 
 
-_CACHES = {"fetched": 2, "s3-sources": 1}  # cache folder -> depth of its entries
+_CACHES = {"fetched": 2, "s3-sources": 1, "texts": 1}  # cache folder -> depth of its entries
 
 
 def scan_caches(home: Path | None = None) -> list[CachedCopy]:
@@ -182,7 +183,8 @@ def prune_caches(older_than_s: float, dry_run: bool = False, copies: list[Cached
 
 def format_caches(copies: list[CachedCopy]) -> str:
     """One line: this machine's cached copies by kind, with their sizes."""
-    kinds = {"fetched": "fetched remote artifacts", "s3-sources": "s3:// model sources"}
+    kinds = {"fetched": "fetched remote artifacts", "s3-sources": "s3:// model sources",
+             "texts": "remote evaluation texts"}
     parts = [f"{kinds[k]} {sum(c.kind == k for c in copies)}, {_size(sum(c.size for c in copies if c.kind == k))}"
              for k in _CACHES]
     return f"this machine's caches ({cache_home()}): {'; '.join(parts)}"

@@ -34,7 +34,8 @@ def read_text(source: str, flag: str = "--eval_data", encoding: str = "utf-8", n
 
     remote = "://" in source and not source.startswith("file://")
     try:
-        with fsspec.open(source, "r", encoding=encoding, newline=newline) as f:
+        local = _local_copy(source) if remote else source
+        with fsspec.open(local, "r", encoding=encoding, newline=newline) as f:
             return str(f.read())
     except Exception as exc:
         if not (remote or isinstance(exc, (OSError, UnicodeDecodeError))):
@@ -48,6 +49,30 @@ def read_text(source: str, flag: str = "--eval_data", encoding: str = "utf-8", n
             fix = "pass a readable UTF-8 text file"
         cause = str(exc) if isinstance(exc, (OSError, UnicodeDecodeError)) else f"{exc.__class__.__name__}: {exc}"
         raise InvalidRequest(f"{flag} {source} cannot be read as UTF-8 text ({cause}); {fix}") from exc
+
+
+def _local_copy(source: str) -> str:
+    """A remote text (s3://, hf://datasets/...) copied once into this machine's caches, keyed by the
+    object's version (ETag, LFS sha256 or git blob id), so a run reads it over the network once, not
+    at each of its checks and evaluations."""
+    import fsspec
+
+    from grove.store import cache_home
+
+    fs, path = fsspec.core.url_to_fs(source)
+    info = fs.info(path)
+    version = (info.get("ETag") or info.get("etag") or (info.get("lfs") or {}).get("sha256") or info.get("blob_id")
+               or f"{info.get('size')}-{info.get('mtime') or info.get('LastModified')}")
+    local = cache_home() / "texts" / hashlib.sha256(f"{source}\0{version}".encode()).hexdigest()[:32] / Path(path).name
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
+        try:
+            fs.get_file(path, str(partial))
+            partial.replace(local)
+        finally:
+            partial.unlink(missing_ok=True)
+    return str(local)
 
 
 def text_sha256(source: str) -> str:

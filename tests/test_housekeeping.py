@@ -116,7 +116,8 @@ def test_this_machines_cached_copies_are_counted_and_the_old_ones_pruned(tmp_pat
 
     copies = housekeeping.scan_caches()
     assert sorted((c.kind, c.path.name[0]) for c in copies) == [("fetched", "a"), ("fetched", "b"), ("s3-sources", "c")]
-    assert housekeeping.format_caches(copies).endswith("fetched remote artifacts 2, 2.0 kB; s3:// model sources 1, 1.0 kB")
+    assert housekeeping.format_caches(copies).endswith("fetched remote artifacts 2, 2.0 kB; s3:// model sources 1, "
+                                                       "1.0 kB; remote evaluation texts 0, 0 B")
     assert housekeeping.prune_caches(5 * DAY, dry_run=True) and (home / "s3-sources" / ("c" * 64)).exists()
 
     removed = housekeeping.prune_caches(5 * DAY)

@@ -188,10 +188,33 @@ def test_an_online_hub_dataset_file_is_read_as_the_evaluation_text(tiny_dir, tmp
     reports = [json.loads((tmp_path / d / "grove_report.json").read_text()) for d in ("local", "hub")]
     assert reports[0]["metrics"]["perplexity"] == reports[1]["metrics"]["perplexity"]
     assert reports[0]["reference"]["perplexity"] == reports[1]["reference"]["perplexity"]
-    assert any("/datasets/grove-test/texts/resolve/" in r for r in requests), requests
+    fetched = [r for r in requests if r.startswith("GET ") and r.endswith("/resolve/main/gpl.txt")]
+    assert len(fetched) == 1, f"read over the network once per machine, not per check and evaluation: {requests}"
     assert missing.returncode == 2 and not (tmp_path / "x").exists()
     assert "hf://datasets/grove-test/texts/nope.txt cannot be read" in missing.stderr
     assert "the hub has no such file: check the path" in missing.stderr, missing.stderr
+
+
+def test_a_remote_evaluation_text_is_fetched_once_per_version(s3_store: str, s3_server: dict[str, str],  # noqa: ARG001
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    from grove.store import ArtifactStore
+    from tasks._decoder_io import read_text
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    store = ArtifactStore(s3_store)
+    store.fs.pipe(f"{store.root}/eval.txt", "first version".encode())
+    uri = f"{s3_store}/eval.txt"
+    assert read_text(uri) == "first version"
+    copies = list((tmp_path / "xdg" / "grove" / "texts").rglob("eval.txt"))
+    assert len(copies) == 1
+    copies[0].write_text("the cached copy")  # what the next read returns if it does not fetch again
+    assert read_text(uri) == "the cached copy"
+
+    store.fs.pipe(f"{store.root}/eval.txt", "second version".encode())  # a new ETag
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert read_text(uri) == "second version"
 
 
 def test_unknown_hub_id_offline_says_how_to_supply_it() -> None:
