@@ -158,10 +158,9 @@ class AutoOptRequest(BaseModel):
         algorithm = self.int4_algorithm_used
         if algorithm in (None, "builder"):
             return None
-        shortlist = 0 if self.head_bits == 4 else self.head_shortlist  # a 4-bit head has no 8-bit rows to rescore
         return Int4Config(algorithm=algorithm, block_size=self.block_size, symmetric=self.symmetric,
                           accuracy_level=self.accuracy_level, placement=self._placement("quantize-int4"),
-                          head_bits=self.head_bits, **({} if shortlist is None else {"head_shortlist": shortlist}))
+                          head_bits=self.head_bits, head_shortlist=self.head_shortlist)
 
     def evaluation(self, text_sha256: str, *, gate: bool) -> EvalConfig:
         from tasks._decoder_io import BUILTIN_TEXT

@@ -46,7 +46,14 @@ class Int4Config(StepConfig):
                                 "scores the whole vocabulary and this many best tokens per position get their "
                                 "logits recomputed from the 8-bit rows (the 8-bit head's argmax whenever it is "
                                 "among them; decodes faster than reading the whole 8-bit head); 0 = the whole "
-                                "8-bit head for every token")
+                                "8-bit head for every token; default: 32, or 0 with a 4-bit head (no 8-bit rows)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_shortlist(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("head_shortlist") is None:
+            data = {**data, "head_shortlist": 32 if data.get("head_bits", 8) == 8 else 0}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Int4Config:
@@ -54,6 +61,8 @@ class Int4Config(StepConfig):
             raise ValueError(f"symmetric=True applies to rtn only; {self.algorithm} chooses its own zero points")
         if self.head_bits != 8 and self.algorithm not in ("affine", "hqq"):
             raise ValueError(f"head_bits applies to the affine and hqq algorithms only, not {self.algorithm}")
+        if self.head_shortlist and self.head_bits != 8:
+            raise ValueError("head_shortlist rescores with the 8-bit lm_head; a 4-bit head has none")
         return self
 
 
@@ -74,11 +83,10 @@ def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, ob
         from tasks import _int4_affine
 
         # fp16 correction terms: the same perplexity as fp32 ones, half their size (measured)
-        shortlist = config.head_shortlist if config.head_bits == 8 else 0
         _int4_affine.quantize(src, out, block_size=config.block_size, mode=config.algorithm,
                               correction_dtype="float16", head_bits=config.head_bits,
-                              accuracy_level=config.accuracy_level, head_shortlist=shortlist)
-        stats = {"head_bits": config.head_bits, "head_shortlist": shortlist}
+                              accuracy_level=config.accuracy_level, head_shortlist=config.head_shortlist)
+        stats = {"head_bits": config.head_bits, "head_shortlist": config.head_shortlist}
     else:
         stats = _quantize_ort(src / "model.onnx", out / "model.onnx", config)
     node_logger().info("int4 %s, block %d: %s", config.algorithm, config.block_size,
