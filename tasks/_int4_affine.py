@@ -353,7 +353,7 @@ class _Rewriter:
                            accuracy_level=self.accuracy_level)
         top, k_name = output + "/shortlist_ids", self.add_init(f"int4_shortlist_k_{k}", np.array([k], np.int64))
         self.nodes.append(helper.make_node("TopK", [approx, k_name], [output + "/shortlist_top", top], name=top, axis=-1))
-        rows = self.node("GatherBlockQuantized", [self.table(w_name), top, w_name + "_scales"],
+        rows = self.node("GatherBlockQuantized", [self.table(w_name), top, *self.register(w_name)[1:]],
                          output + "/shortlist_rows", _MS, bits=qw.bits, block_size=self.bs, gather_axis=0, quantize_axis=1)
         last = self.add_init("int4_last_axis", np.array([-1], np.int64))
         column = self.node("Unsqueeze", [x, last], output + "/shortlist_x")
@@ -376,10 +376,9 @@ class _Rewriter:
             self.node("Cast", [self.node("Gather", [table, ids], out + "/fp16")], out, to=TensorProto.FLOAT)
             return
         qw = self.quantize(w_name)
-        data = self.table(w_name)
-        zp = [w_name + "_zp"] if qw.zero_points is not None else []
         main = out if qw.correction is None else out + "/int4_main"
-        self.node("GatherBlockQuantized", [data, ids, w_name + "_scales"] + zp, main, _MS,
+        # The table of rows, then the scales (and zero points) that MatMulNBits reads too.
+        self.node("GatherBlockQuantized", [self.table(w_name), ids, *self.register(w_name)[1:]], main, _MS,
                   bits=qw.bits, block_size=self.bs, gather_axis=0, quantize_axis=1)
         if qw.correction is not None:
             # The correction of row v is C[:, v] repeated over each block: Gather, then spread.
