@@ -31,7 +31,8 @@ from grove.errors import StoreError
 if TYPE_CHECKING:
     import fsspec
 
-__all__ = ["ArtifactStore", "FileEntry", "Manifest", "cache_home", "default_store_uri", "lineage_of", "sha256_file"]
+__all__ = ["ArtifactStore", "FileEntry", "Manifest", "cache_home", "default_store_uri", "download_file", "lineage_of",
+           "sha256_file"]
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 * 1024 * 1024
@@ -40,6 +41,19 @@ _CHUNK = 8 * 1024 * 1024
 def cache_home() -> Path:
     """This machine's Grove caches: ``$XDG_CACHE_HOME/grove`` (``~/.cache/grove``)."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grove"
+
+
+def download_file(fs: fsspec.AbstractFileSystem, remote: str, local: Path) -> None:
+    """Copy ``remote`` (on ``fs``) to ``local`` through a file beside it whose name is this call's own,
+    renamed into place: an interrupted download never passes for the file, and two processes
+    fetching the same file at once each rename a whole copy."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        fs.get_file(remote, str(partial))
+        partial.replace(local)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def default_store_uri() -> str:

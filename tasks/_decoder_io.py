@@ -57,7 +57,7 @@ def _local_copy(source: str) -> str:
     at each of its checks and evaluations."""
     import fsspec
 
-    from grove.store import cache_home
+    from grove.store import cache_home, download_file
 
     fs, path = fsspec.core.url_to_fs(source)
     info = fs.info(path)
@@ -65,13 +65,7 @@ def _local_copy(source: str) -> str:
                or f"{info.get('size')}-{info.get('mtime') or info.get('LastModified')}")
     local = cache_home() / "texts" / hashlib.sha256(f"{source}\0{version}".encode()).hexdigest()[:32] / Path(path).name
     if not local.exists():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
-        try:
-            fs.get_file(path, str(partial))
-            partial.replace(local)
-        finally:
-            partial.unlink(missing_ok=True)
+        download_file(fs, path, local)
     return str(local)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from pydantic import Field
 from grove.artifacts import Artifact, Source, StepConfig
 from grove.errors import ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from grove.store import cache_home
+from grove.store import cache_home, download_file
 from tasks import _sources
 from tasks.registry import arch_spec
 
@@ -75,15 +74,7 @@ def _fetch_folder(source: Source, config: DownloadConfig) -> Path:
     local = cache_home() / "s3-sources" / source.digest
     for rel in source.files:
         if not (local / rel).exists():  # the folder is keyed by the objects' ETags: a file there is complete
-            (local / rel).parent.mkdir(parents=True, exist_ok=True)
-            # An interrupted download never passes for the file, and two runs fetching the same
-            # source at once (a fleet's targets) each write their own copy, then rename it into place.
-            partial = local / f"{rel}.{uuid.uuid4().hex[:8]}.partial"
-            try:
-                s3.fs.get_file(f"{s3.root}/{rel}", str(partial))
-                partial.replace(local / rel)
-            finally:
-                partial.unlink(missing_ok=True)
+            download_file(s3.fs, f"{s3.root}/{rel}", local / rel)  # two runs at once (a fleet's targets): safe
     return local
 
 
