@@ -24,6 +24,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
 
 from grove.artifacts import Artifact, Metric, Source, StepConfig, recipe_digest
+from grove.lease import build_lease
 from grove.store import ArtifactStore, lineage_of
 
 __all__ = ["RECIPE_CACHE", "RESULT_SERIALIZER", "cache_key", "node_logger", "report_progress", "run_node", "store_for"]
@@ -161,6 +162,16 @@ def run_node(config: C, parents: list[Artifact | Source], store_uri: str, build:
     if existing is not None:
         log.info("%s/%s already in the store; reusing it", config.NODE, digest[:12])
         return Artifact(node=config.NODE, digest=digest, store=store.uri, metrics=existing.metrics)
+    with build_lease(store, config.NODE, digest, log) as built_meanwhile:
+        if built_meanwhile is not None:
+            log.info("%s/%s was built by another run meanwhile; reusing it", config.NODE, digest[:12])
+            return Artifact(node=config.NODE, digest=digest, store=store.uri, metrics=built_meanwhile.metrics)
+        return _build(config, parents, store, digest, build)
+
+
+def _build(config: C, parents: list[Artifact | Source], store: ArtifactStore, digest: str,
+           build: Build[C]) -> Artifact:
+    log = node_logger()
     local_inputs = [store_for(p.store).fetch(p.node, p.digest) for p in parents if isinstance(p, Artifact)]
     work = Path(tempfile.mkdtemp(prefix=f"grove-{config.NODE}-"))
     try:

@@ -1,0 +1,168 @@
+"""Build leases: one build of a recipe at a time, across the threads, processes and machines that
+share a store.
+
+Runs that need the same artifact at the same moment (a fleet's targets share their model's
+download and fp32 reference; two people start the same command) would each build it: the same
+multi-GB download twice, the same capture twice. So the first run to need an artifact takes its
+*lease*, a small JSON file in the store (``leases/<node>/<digest>.json``) created exclusively
+(``link`` on a local store, ``If-None-Match: *`` on S3), renews it while it builds, and removes it
+once the artifact is committed. The others wait, and read the committed artifact. A lease that is
+not renewed for its time to live (its holder crashed or lost the store) is taken over.
+
+It is a guard against wasted work, not a correctness mechanism: commits are idempotent (the store
+keeps the first whole one), so where it cannot exclude (an S3-compatible server that ignores
+If-None-Match and two runs that write the lease within the same instant), both build, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from grove.store import ArtifactStore, Manifest
+
+__all__ = ["LEASE_TTL_S", "build_lease"]
+
+LEASE_TTL_S = 120.0  # a lease not renewed for this long is stale (renewed every quarter of it)
+_POLL_S = 1.0
+_REPORT_EVERY_S = 60.0
+
+
+class _Lease:
+    def __init__(self, store: ArtifactStore, node: str, digest: str, ttl: float) -> None:
+        self.store, self.ttl = store, ttl
+        self.path = f"{store.root}/leases/{node}/{digest}.json"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.since = time.time()
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "since": self.since, "expires": time.time() + self.ttl}).encode()
+
+    def read(self) -> dict[str, Any] | None:
+        """The lease in the store; None if there is none. An unreadable one reads as expired."""
+        try:
+            raw = self.store.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None
+        try:
+            held = json.loads(raw)
+            return {"owner": str(held["owner"]), "since": float(held["since"]), "expires": float(held["expires"])}
+        except (ValueError, KeyError, TypeError):
+            return {"owner": "?", "since": 0.0, "expires": 0.0}
+
+    def create(self) -> bool:
+        """Write this lease if the store holds none; True if it is then ours."""
+        body = self._body()
+        try:
+            if self.store.is_local:
+                path = Path(self.path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                staged = path.with_name(f".{path.name}.{self.owner.rsplit(':', 1)[-1]}")
+                staged.write_bytes(body)
+                try:
+                    os.link(staged, path)  # atomic, whole, and refused if the lease exists
+                finally:
+                    staged.unlink(missing_ok=True)
+            else:
+                with self.store.fs.open(self.path, "xb") as f:  # s3fs: PutObject with If-None-Match: *
+                    f.write(body)
+        except FileExistsError:
+            return False
+        held = self.read()  # a server that ignores If-None-Match lets the last writer win: read back
+        return held is not None and held["owner"] == self.owner
+
+    def renew(self) -> bool:
+        """Push the expiry on while the lease is still ours; False once it is not."""
+        held = self.read()
+        if held is None or held["owner"] != self.owner:
+            return False
+        if self.store.is_local:
+            path = Path(self.path)
+            staged = path.with_name(f".{path.name}.{self.owner.rsplit(':', 1)[-1]}")
+            staged.write_bytes(self._body())
+            staged.replace(path)
+        else:
+            self.store.fs.pipe(self.path, self._body())
+        return True
+
+    def remove(self, owner: str) -> None:
+        """Remove the lease if ``owner`` still holds it."""
+        held = self.read()
+        if held is not None and held["owner"] == owner:
+            with contextlib.suppress(FileNotFoundError):
+                self.store.fs.rm(self.path)
+
+
+@contextlib.contextmanager
+def _renewing(lease: _Lease, log: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> Iterator[None]:
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease.ttl / 4):
+            try:
+                if not lease.renew():
+                    log.warning("the build lease %s was taken over; building on regardless", lease.path)
+                    return
+            except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the build
+                log.warning("could not renew the build lease %s: %s", lease.path, exc)
+
+    thread = threading.Thread(target=beat, name="grove-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def build_lease(store: ArtifactStore, node: str, digest: str,
+                log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+                ttl: float = LEASE_TTL_S) -> Iterator[Manifest | None]:
+    """Hold the lease on building ``node/digest`` for the ``with`` block. Yields None when the
+    caller is to build (and commit before the block ends), or the artifact's manifest when another
+    run committed it while this one waited for the lease."""
+    lease = _Lease(store, node, digest, ttl)
+    started = reported = time.monotonic()
+    waited_for: str | None = None
+    while True:
+        if (manifest := store.manifest(node, digest)) is not None:
+            yield manifest
+            return
+        if lease.create():
+            break
+        held = lease.read()
+        if held is None:  # released between our attempt and this read
+            continue
+        if held["expires"] < time.time():
+            log.warning("%s/%s: taking over the build lease of %s, not renewed for %.0f s (its run stopped)",
+                        node, digest[:12], held["owner"], time.time() - held["expires"] + ttl)
+            lease.remove(held["owner"])
+            continue
+        now = time.monotonic()
+        if waited_for != held["owner"] or now - reported >= _REPORT_EVERY_S:
+            log.info("%s/%s is being built by %s (for %.0f s); waiting for it instead of building it again",
+                     node, digest[:12], held["owner"], max(time.time() - held["since"], 0.0))
+            waited_for, reported = held["owner"], now
+        time.sleep(_POLL_S)
+    try:
+        if waited_for is not None:
+            log.info("%s/%s: the lease is ours after %.0f s of waiting", node, digest[:12], time.monotonic() - started)
+        # A run that committed between our manifest check and our lease: nothing left to build.
+        if (manifest := store.manifest(node, digest)) is not None:
+            yield manifest
+            return
+        with _renewing(lease, log):
+            yield None
+    finally:
+        lease.remove(lease.owner)

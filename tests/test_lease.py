@@ -1,0 +1,142 @@
+"""Build leases: runs that need the same artifact at once build it once (threads, processes, local
+and S3 stores); a crashed holder's lease is taken over; a failed holder lets the next run build."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from grove.artifacts import Artifact, Source, StepConfig, recipe_digest
+from grove.lease import build_lease
+from grove.node import run_node, store_for
+
+SOURCE = Source(kind="local", location="/models/m", digest="0" * 64, model_type="llama")
+LOG = logging.getLogger("test-lease")
+
+
+class Slow(StepConfig):
+    NODE: ClassVar[str] = "test-slow"
+    VERSION: ClassVar[int] = 1
+    seconds: float = 1.0
+
+
+def _builder(calls: list[str], fail: bool = False):  # noqa: ANN202 - a node body
+    lock = threading.Lock()
+
+    def build(inputs: list[Path], config: Slow, out: Path) -> dict[str, float]:
+        with lock:
+            calls.append(threading.current_thread().name)
+        time.sleep(config.seconds)
+        if fail:
+            raise RuntimeError("the build broke")
+        (out / "weights.bin").write_bytes(b"w" * 1000)
+        return {"value": 1.0}
+
+    return build
+
+
+def _lease_path(uri: str, config: Slow) -> str:
+    store = store_for(uri)
+    return f"{store.root}/leases/{config.NODE}/{recipe_digest(config, [SOURCE])}.json"
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return str(tmp_path / "store") if request.param == "local" else request.getfixturevalue("s3_store")
+
+
+def test_runs_that_need_one_artifact_at_once_build_it_once(store_uri: str) -> None:
+    calls: list[str] = []
+    config = Slow(seconds=1.5)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: run_node(config, [SOURCE], store_uri, _builder(calls)), range(3)))
+    assert len(calls) == 1, calls
+    assert {r.digest for r in results} == {recipe_digest(config, [SOURCE])}
+    assert all(r.metrics["value"] == 1.0 for r in results)
+    assert store_for(store_uri).manifest(config.NODE, results[0].digest) is not None
+    assert not store_for(store_uri).fs.exists(_lease_path(store_uri, config))  # released
+
+
+def _build_in_process(store_uri: str, out: str) -> None:
+    def build(inputs: list[Path], config: Slow, work: Path) -> dict[str, float]:
+        with open(out, "a") as f:
+            f.write("built\n")
+        time.sleep(config.seconds)
+        (work / "weights.bin").write_bytes(b"w")
+        return {}
+
+    run_node(Slow(seconds=3.0), [SOURCE], store_uri, build)
+
+
+def test_two_processes_build_one_artifact_once(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    out = tmp_path / "builds.txt"
+    procs = [ctx.Process(target=_build_in_process, args=(str(tmp_path / "store"), str(out))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert out.read_text().splitlines() == ["built"]
+
+
+def test_a_lease_its_holder_stopped_renewing_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    uri, config = str(tmp_path / "store"), Slow(seconds=0.1)
+    path = Path(_lease_path(uri, config))
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"owner": "gone-host:4242:dead", "since": time.time() - 600,
+                                "expires": time.time() - 30}))
+    calls: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="grove"):
+        run_node(config, [SOURCE], uri, _builder(calls))
+    assert len(calls) == 1
+    assert "taking over the build lease of gone-host:4242:dead" in caplog.text
+    assert not path.exists()
+
+
+def test_when_the_holder_fails_the_waiting_run_builds(store_uri: str) -> None:
+    failing: list[str] = []
+    calls: list[str] = []
+    config = Slow(seconds=1.0)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(run_node, config, [SOURCE], store_uri, _builder(failing, fail=True))
+        time.sleep(0.3)  # the failing run holds the lease first
+        second = pool.submit(run_node, config, [SOURCE], store_uri, _builder(calls))
+        with pytest.raises(RuntimeError, match="the build broke"):
+            first.result()
+        artifact = second.result(timeout=60)
+    assert (len(failing), len(calls)) == (1, 1)
+    assert isinstance(artifact, Artifact) and store_for(store_uri).manifest(config.NODE, artifact.digest)
+
+
+def test_a_holder_renews_its_lease_while_it_builds(tmp_path: Path) -> None:
+    """A build longer than the lease's time to live keeps it: the waiter gets the artifact, not the lease."""
+    store = store_for(str(tmp_path / "store"))
+    digest, ttl = "d" * 64, 0.4
+    got: list[object] = []
+
+    def hold() -> None:
+        with build_lease(store, "test-slow", digest, LOG, ttl=ttl) as done:
+            assert done is None
+            time.sleep(4 * ttl)
+            work = tmp_path / "work"
+            work.mkdir()
+            (work / "f").write_bytes(b"x")
+            store.commit(work, node="test-slow", node_version=1, digest=digest, config={}, inputs=[], metrics={},
+                         seconds=0.0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.1)
+    with build_lease(store, "test-slow", digest, LOG, ttl=ttl) as done:
+        got.append(done)
+    holder.join()
+    assert got[0] is not None and got[0].digest == digest  # type: ignore[attr-defined]
