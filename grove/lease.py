@@ -103,6 +103,12 @@ class _Lease:
                 self.store.fs.rm(self.path)
 
 
+def _describe(owner: str) -> str:
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    return f"process {pid} on {host}" if pid else repr(owner)
+
+
 @contextlib.contextmanager
 def _renewing(lease: _Lease, log: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> Iterator[None]:
     stop = threading.Event()
@@ -146,13 +152,13 @@ def build_lease(store: ArtifactStore, node: str, digest: str,
             continue
         if held["expires"] < time.time():
             log.warning("%s/%s: taking over the build lease of %s, not renewed for %.0f s (its run stopped)",
-                        node, digest[:12], held["owner"], time.time() - held["expires"] + ttl)
+                        node, digest[:12], _describe(held["owner"]), time.time() - held["expires"] + ttl)
             lease.remove(held["owner"])
             continue
         now = time.monotonic()
         if waited_for != held["owner"] or now - reported >= _REPORT_EVERY_S:
             log.info("%s/%s is being built by %s (for %.0f s); waiting for it instead of building it again",
-                     node, digest[:12], held["owner"], max(time.time() - held["since"], 0.0))
+                     node, digest[:12], _describe(held["owner"]), max(time.time() - held["since"], 0.0))
             waited_for, reported = held["owner"], now
         time.sleep(_POLL_S)
     try:

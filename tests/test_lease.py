@@ -98,7 +98,7 @@ def test_a_lease_its_holder_stopped_renewing_is_taken_over(tmp_path: Path, caplo
     with caplog.at_level(logging.WARNING, logger="grove"):
         run_node(config, [SOURCE], uri, _builder(calls))
     assert len(calls) == 1
-    assert "taking over the build lease of gone-host:4242:dead" in caplog.text
+    assert "taking over the build lease of process 4242 on gone-host" in caplog.text
     assert not path.exists()
 
 
