@@ -149,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     so.add_argument("action", choices=["usage", "prune"])
     so.add_argument("--store", help="artifact store (default $GROVE_STORE or ~/.cache/grove/store)")
     so.add_argument("--older-than", type=float, metavar="DAYS",
-                    help="prune: the artifacts built more than DAYS days ago (required; 0: all)")
+                    help="prune: the artifacts built more than DAYS days ago (required; 0: all), and, "
+                    "without --node, this machine's cached copies unused for as long")
     so.add_argument("--node", nargs="+", metavar="NODE", help="prune: only these nodes' artifacts, e.g. "
                     "download-model capture-onnx (the full-precision copies, the largest)")
     so.add_argument("--keep-versions", type=int, metavar="N", help="prune: in the fleet registry, keep the N "

@@ -150,7 +150,7 @@ class CachedCopy:
     kind: str  # "fetched" | "s3-sources" | "texts"
     path: Path
     size: int
-    written_at: float  # its newest file's mtime: when it was fetched
+    used_at: float  # when it was last fetched or used: the newest mtime of its folder (mark_used) and files
 
 
 _CACHES = {"fetched": 2, "s3-sources": 1, "texts": 1}  # cache folder -> depth of its entries
@@ -167,14 +167,14 @@ def scan_caches(home: Path | None = None) -> list[CachedCopy]:
                 continue
             stats = [p.stat() for p in entry.rglob("*") if p.is_file()]
             found.append(CachedCopy(kind, entry, sum(s.st_size for s in stats),
-                                    max((s.st_mtime for s in stats), default=entry.stat().st_mtime)))
+                                    max([entry.stat().st_mtime, *(s.st_mtime for s in stats)])))
     return found
 
 
 def prune_caches(older_than_s: float, dry_run: bool = False, copies: list[CachedCopy] | None = None) -> list[CachedCopy]:
-    """Remove the cached copies fetched more than ``older_than_s`` seconds ago; returns them."""
+    """Remove the cached copies not fetched nor used for ``older_than_s`` seconds; returns them."""
     now = time.time()
-    doomed = [c for c in (scan_caches() if copies is None else copies) if now - c.written_at > older_than_s]
+    doomed = [c for c in (scan_caches() if copies is None else copies) if now - c.used_at > older_than_s]
     if not dry_run:
         for copy in doomed:
             shutil.rmtree(copy.path, ignore_errors=True)
@@ -193,8 +193,8 @@ def format_caches(copies: list[CachedCopy]) -> str:
 def format_cache_prune(removed: list[CachedCopy], older_than_days: float, dry_run: bool) -> str:
     """One line saying which of this machine's cached copies were (or would be) removed."""
     verb = "would remove" if dry_run else "removed"
-    return (f"this machine's caches: {verb} {len(removed)} cop{'y' if len(removed) == 1 else 'ies'} fetched more "
-            f"than {older_than_days:g} days ago, {_size(sum(c.size for c in removed))} (fetched again when needed)")
+    return (f"this machine's caches: {verb} {len(removed)} cop{'y' if len(removed) == 1 else 'ies'} unused for more "
+            f"than {older_than_days:g} days, {_size(sum(c.size for c in removed))} (fetched again when needed)")
 
 
 def _size(n: float) -> str:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import fsspec
 
 __all__ = ["ArtifactStore", "FileEntry", "Manifest", "cache_home", "default_store_uri", "download_file", "lineage_of",
-           "sha256_file"]
+           "mark_used", "sha256_file"]
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 * 1024 * 1024
@@ -54,6 +54,15 @@ def download_file(fs: fsspec.AbstractFileSystem, remote: str, local: Path) -> No
         partial.replace(local)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def mark_used(folder: Path) -> None:
+    """Record that a copy in this machine's caches was just used (its folder's mtime), so that
+    ``grove store prune --older-than`` removes what has not been used, not what was fetched long ago."""
+    try:
+        os.utime(folder)
+    except OSError:  # removed meanwhile, or not ours to touch: only a pruning hint is lost
+        pass
 
 
 def default_store_uri() -> str:
@@ -214,6 +223,7 @@ class ArtifactStore:
         cache_dir = cache_dir or cache_home() / "fetched"
         dest = cache_dir / node / digest
         if (dest / MANIFEST).exists():
+            mark_used(dest)
             return dest
         staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=_ensure(cache_dir / node)))
         for entry in manifest.files:

@@ -57,7 +57,7 @@ def _local_copy(source: str) -> str:
     at each of its checks and evaluations."""
     import fsspec
 
-    from grove.store import cache_home, download_file
+    from grove.store import cache_home, download_file, mark_used
 
     fs, path = fsspec.core.url_to_fs(source)
     info = fs.info(path)
@@ -66,6 +66,7 @@ def _local_copy(source: str) -> str:
     local = cache_home() / "texts" / hashlib.sha256(f"{source}\0{version}".encode()).hexdigest()[:32] / Path(path).name
     if not local.exists():
         download_file(fs, path, local)
+    mark_used(local.parent)
     return str(local)
 
 

@@ -17,7 +17,7 @@ from pydantic import Field
 from grove.artifacts import Artifact, Source, StepConfig
 from grove.errors import ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from grove.store import cache_home, download_file
+from grove.store import cache_home, download_file, mark_used
 from tasks import _sources
 from tasks.registry import arch_spec
 
@@ -75,6 +75,7 @@ def _fetch_folder(source: Source, config: DownloadConfig) -> Path:
     for rel in source.files:
         if not (local / rel).exists():  # the folder is keyed by the objects' ETags: a file there is complete
             download_file(s3.fs, f"{s3.root}/{rel}", local / rel)  # two runs at once (a fleet's targets): safe
+    mark_used(local)
     return local
 
 

@@ -113,6 +113,7 @@ def test_this_machines_cached_copies_are_counted_and_the_old_ones_pruned(tmp_pat
         (home / rel / "model.onnx").write_bytes(b"w" * 1000)
         t = time.time() - age_days * DAY
         os.utime(home / rel / "model.onnx", (t, t))
+        os.utime(home / rel, (t, t))
 
     copies = housekeeping.scan_caches()
     assert sorted((c.kind, c.path.name[0]) for c in copies) == [("fetched", "a"), ("fetched", "b"), ("s3-sources", "c")]
@@ -125,6 +126,29 @@ def test_this_machines_cached_copies_are_counted_and_the_old_ones_pruned(tmp_pat
     assert sorted(c.path.name[0] for c in removed) == ["a", "c"]
     assert [c.path.name[0] for c in housekeeping.scan_caches()] == ["b"]
     assert (home / "fetched/capture-onnx/.staging-x").exists(), "a fetch in progress is left alone"
+
+
+def test_a_cached_copy_fetched_long_ago_but_used_since_is_kept(s3_store: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pruning went by when a copy was fetched: a source or artifact used every day was removed
+    (and fetched again) once it was older than the cutoff."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    store = ArtifactStore(s3_store)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "model.onnx").write_bytes(b"w" * 1000)
+    store.commit(work, node="capture-onnx", node_version=1, digest="d" * 64, config={}, inputs=[], metrics={},
+                 seconds=0.0)
+    copy = store.fetch("capture-onnx", "d" * 64)
+    t = time.time() - 10 * DAY
+    for p in [copy, *copy.rglob("*")]:
+        os.utime(p, (t, t))
+    assert [c.path for c in housekeeping.prune_caches(5 * DAY, dry_run=True)] == [copy]
+
+    assert store.fetch("capture-onnx", "d" * 64) == copy  # a run reads the cached copy today
+
+    assert housekeeping.prune_caches(5 * DAY) == [] and (copy / "model.onnx").exists()
+    assert [c.path for c in housekeeping.prune_caches(0)] == [copy]
 
 
 def _publish(store: ArtifactStore, name: str, target: str, version: str, age_days: float, latest: bool) -> None:
