@@ -11,7 +11,8 @@ not renewed for its time to live (its holder crashed or lost the store) is taken
 
 It is a guard against wasted work, not a correctness mechanism: commits are idempotent (the store
 keeps the first whole one), so where it cannot exclude (an S3-compatible server that ignores
-If-None-Match and two runs that write the lease within the same instant), both build, as before.
+If-None-Match, such as rclone's, and two runs that find no lease within the same instant), both
+build, as before.
 """
 
 from __future__ import annotations
@@ -36,6 +37,29 @@ __all__ = ["LEASE_TTL_S", "build_lease"]
 LEASE_TTL_S = 120.0  # a lease not renewed for this long is stale (renewed every quarter of it)
 _POLL_S = 1.0
 _REPORT_EVERY_S = 60.0
+
+
+_SETTLE_S = 0.5
+_exclusive: dict[str, bool] = {}
+
+
+def _exclusive_writes(store: ArtifactStore) -> bool:
+    """Whether the store's S3 server refuses a second If-None-Match write (AWS, MinIO, moto do; rclone
+    does not). Probed once per process and store."""
+    if store.uri not in _exclusive:
+        probe = f"{store.root}/leases/.probe-{uuid.uuid4().hex}"
+        try:
+            for _ in range(2):
+                with store.fs.open(probe, "xb") as f:
+                    f.write(b"probe")
+            _exclusive[store.uri] = False
+        except FileExistsError:
+            _exclusive[store.uri] = True
+        except Exception:  # noqa: BLE001 - conditional writes rejected outright
+            _exclusive[store.uri] = False
+        with contextlib.suppress(Exception):
+            store.fs.rm(probe)
+    return _exclusive[store.uri]
 
 
 class _Lease:
@@ -74,12 +98,24 @@ class _Lease:
                 finally:
                     staged.unlink(missing_ok=True)
             else:
-                with self.store.fs.open(self.path, "xb") as f:  # s3fs: PutObject with If-None-Match: *
-                    f.write(body)
+                self._create_remote(body)
         except FileExistsError:
             return False
-        held = self.read()  # a server that ignores If-None-Match lets the last writer win: read back
+        if not self.store.is_local and not _exclusive_writes(self.store):
+            # The last writer wins: let the writes of runs that found no lease at the same moment land,
+            # then the lease is ours only if ours is the one that stayed.
+            time.sleep(_SETTLE_S)
+        held = self.read()
         return held is not None and held["owner"] == self.owner
+
+    def _create_remote(self, body: bytes) -> None:
+        try:
+            with self.store.fs.open(self.path, "xb") as f:  # s3fs: PutObject with If-None-Match: *
+                f.write(body)
+        except FileExistsError:
+            raise
+        except Exception:  # noqa: BLE001 - a server that rejects conditional writes: a plain one, read back
+            self.store.fs.pipe(self.path, body)
 
     def renew(self) -> bool:
         """Push the expiry on while the lease is still ours; False once it is not."""
@@ -145,11 +181,11 @@ def build_lease(store: ArtifactStore, node: str, digest: str,
         if (manifest := store.manifest(node, digest)) is not None:
             yield manifest
             return
-        if lease.create():
-            break
-        held = lease.read()
-        if held is None:  # released between our attempt and this read
-            continue
+        # Read first: on a server that ignores If-None-Match, a create would overwrite a live lease.
+        if (held := lease.read()) is None:
+            if lease.create():
+                break
+            continue  # another run's lease landed first: read it
         if held["expires"] < time.time():
             log.warning("%s/%s: taking over the build lease of %s, not renewed for %.0f s (its run stopped)",
                         node, digest[:12], _describe(held["owner"]), time.time() - held["expires"] + ttl)

@@ -140,3 +140,34 @@ def test_a_holder_renews_its_lease_while_it_builds(tmp_path: Path) -> None:
         got.append(done)
     holder.join()
     assert got[0] is not None and got[0].digest == digest  # type: ignore[attr-defined]
+
+
+def test_a_server_that_ignores_if_none_match_still_gets_one_build(s3_store: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """rclone's S3 server accepts a second If-None-Match write: the last writer wins, and the runs that
+    wrote at the same moment settle on it."""
+    from grove import lease
+
+    store = store_for(s3_store)
+    together, order, lock = threading.Barrier(3), [], threading.Lock()
+
+    def plain_write(self: lease._Lease, body: bytes) -> None:  # all three found no lease; they write 0.1 s apart
+        together.wait(10)
+        with lock:
+            order.append(self.owner)
+        time.sleep(0.1 * order.index(self.owner))
+        store.fs.pipe(self.path, body)
+
+    monkeypatch.setattr(lease._Lease, "_create_remote", plain_write)
+    monkeypatch.setitem(lease._exclusive, store.uri, False)
+    calls: list[str] = []
+    config = Slow(seconds=1.0)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda _: run_node(config, [SOURCE], s3_store, _builder(calls)), range(3)))
+    assert len(calls) == 1, calls
+
+
+def test_the_s3_test_server_refuses_a_second_exclusive_write(s3_store: str) -> None:
+    from grove import lease
+
+    assert lease._exclusive_writes(store_for(s3_store)) is True
