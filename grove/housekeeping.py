@@ -178,6 +178,7 @@ def prune_caches(older_than_s: float, dry_run: bool = False, copies: list[Cached
     if not dry_run:
         for copy in doomed:
             shutil.rmtree(copy.path, ignore_errors=True)
+            (copy.path.parent / f".{copy.path.name}.lock").unlink(missing_ok=True)  # ArtifactStore.fetch's
     return doomed
 
 

@@ -14,6 +14,8 @@ size. Anything else (a crashed upload, a deleted file) is treated as absent and 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -225,7 +228,17 @@ class ArtifactStore:
         if (dest / MANIFEST).exists():
             mark_used(dest)
             return dest
-        staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=_ensure(cache_dir / node)))
+        # One download per machine: runs that need the same artifact at once (a fleet's targets on
+        # one box's workers) wait for the first one's copy instead of downloading it again.
+        with _file_lock(_ensure(cache_dir / node) / f".{digest}.lock"):
+            if (dest / MANIFEST).exists():
+                return dest
+            self._download(manifest, dest)
+        return dest
+
+    def _download(self, manifest: Manifest, dest: Path) -> None:
+        node, digest = manifest.node, manifest.digest
+        staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=dest.parent))
         for entry in manifest.files:
             target = staging / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +251,6 @@ class ArtifactStore:
             staging.rename(dest)
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(staging, ignore_errors=True)
-        return dest
 
     # -- write side -------------------------------------------------------------------------
     def commit(
@@ -337,6 +349,18 @@ def _relative(name: str, base: str) -> str:
     base = base.replace("\\", "/").rstrip("/")
     idx = name.find(base)
     return name[idx + len(base) + 1 :] if idx >= 0 else name
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between the threads and processes of this machine (flock: released by the
+    kernel if the holder dies)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _ensure(path: Path) -> Path:

@@ -149,6 +149,7 @@ def test_a_cached_copy_fetched_long_ago_but_used_since_is_kept(s3_store: str, tm
 
     assert housekeeping.prune_caches(5 * DAY) == [] and (copy / "model.onnx").exists()
     assert [c.path for c in housekeeping.prune_caches(0)] == [copy]
+    assert list(copy.parent.iterdir()) == [], "the copy and its fetch lock are gone"
 
 
 def _publish(store: ArtifactStore, name: str, target: str, version: str, age_days: float, latest: bool) -> None:

@@ -129,6 +129,31 @@ def test_remote_fetch_lands_in_the_local_cache_not_the_working_directory(s3_stor
     assert not (tmp_path / "s3:").exists() and local.is_absolute()
 
 
+def test_runs_fetching_one_remote_artifact_at_once_download_it_once(s3_store: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run downloaded its own copy (a fleet's targets on one machine: the same multi-GB reference)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    store = ArtifactStore(s3_store)
+    _commit(store, _files(tmp_path))
+    fetched, real_get, lock = [], store.fs.get_file, threading.Lock()
+
+    def slow_get(remote: str, local: str, **kwargs: object) -> None:
+        with lock:
+            fetched.append(remote)
+        time.sleep(0.5)
+        real_get(remote, local, **kwargs)
+
+    monkeypatch.setattr(store.fs, "get_file", slow_get)
+    with ThreadPoolExecutor(3) as pool:
+        copies = list(pool.map(lambda _: store.fetch("quantize-int4", "d" * 64), range(3)))
+    assert len(set(copies)) == 1 and (copies[0] / "sub" / "weights.bin").read_bytes() == bytes(range(256)) * 40
+    assert sorted(Path(f).name for f in fetched) == ["model.onnx", "weights.bin"]  # once each
+
+
 def test_a_file_uri_store_keeps_prefect_records_inside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from grove.runner import result_storage
 
