@@ -285,6 +285,7 @@ def _store(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from grove import housekeeping
+    from grove.lease import remove_stale, scan_leases
     from grove.store import ArtifactStore
 
     if args.action == "usage" and (args.older_than is not None or args.node or args.dry_run
@@ -307,6 +308,7 @@ def _store(args: argparse.Namespace) -> int:
         store.check_reachable()  # fails in seconds, where a listing would wait out the S3 client's retries
     if args.action == "usage":
         print(housekeeping.format_usage(store, housekeeping.scan(store), housekeeping.scan_registry(store)))
+        print(housekeeping.format_leases(scan_leases(store)))
         print(housekeeping.format_caches(housekeeping.scan_caches()))
         return 0
     if args.older_than is not None:
@@ -317,6 +319,9 @@ def _store(args: argparse.Namespace) -> int:
         if not args.node:  # this machine's copies: re-fetched when needed
             copies = housekeeping.prune_caches(args.older_than * 86400, args.dry_run)
             print(housekeeping.format_cache_prune(copies, args.older_than, args.dry_run))
+        if stale := remove_stale(store, scan_leases(store), housekeeping.LEFTOVER_GRACE_S, args.dry_run):
+            print(f"{'would remove' if args.dry_run else 'removed'} {len(stale)} build lease(s) left by runs that "
+                  "stopped more than an hour ago")
     if args.keep_versions is not None:
         versions = housekeeping.prune_registry(store, args.keep_versions, args.dry_run)
         print(housekeeping.format_registry_prune(versions, args.keep_versions, args.dry_run))

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from grove.lease import HeldLease
 from grove.store import MANIFEST, ArtifactStore, Manifest, cache_home
 
 __all__ = ["LEFTOVER_GRACE_S", "CachedCopy", "RegistryVersion", "StoredArtifact", "format_cache_prune",
-           "format_caches", "format_prune", "format_registry_prune", "format_usage", "prune", "prune_caches",
+           "format_caches", "format_leases", "format_prune", "format_registry_prune", "format_usage", "prune", "prune_caches",
            "prune_registry", "scan", "scan_caches", "scan_registry"]
 
 # A folder without a manifest may be a build that is still uploading: it is never removed before this.
@@ -230,6 +231,17 @@ def format_usage(store: ArtifactStore, artifacts: list[StoredArtifact], versions
         lines.append(f"fleet registry (models/): {len(versions)} published version(s) of {entries} entr"
                      f"{'y' if entries == 1 else 'ies'}, {_size(sum(v.size for v in versions))}")
     return "\n".join(lines)
+
+
+def format_leases(leases: list[HeldLease]) -> str:
+    """One line: the builds in progress (their leases), and the leases left by runs that stopped."""
+    now = time.time()
+    live = [f"{h.node}/{h.digest[:12]} by {h.holder} for {_age(now - h.since)}" for h in leases if not h.stale]
+    line = f"builds in progress: {'; '.join(live) if live else 'none'}"
+    if stale := [h for h in leases if h.stale]:
+        line += (f"; {len(stale)} lease(s) left by runs that stopped (taken over by the next run that needs the "
+                 "artifact; prune removes them after an hour)")
+    return line
 
 
 def format_registry_prune(removed: list[RegistryVersion], keep: int, dry_run: bool) -> str:

@@ -26,13 +26,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from grove.store import ArtifactStore, Manifest
 
-__all__ = ["LEASE_TTL_S", "build_lease"]
+__all__ = ["LEASE_TTL_S", "HeldLease", "build_lease", "remove_stale", "scan_leases"]
 
 LEASE_TTL_S = 120.0  # a lease not renewed for this long is stale (renewed every quarter of it)
 _POLL_S = 1.0
@@ -208,3 +209,43 @@ def build_lease(store: ArtifactStore, node: str, digest: str,
             yield None
     finally:
         lease.remove(lease.owner)
+
+
+@dataclass(frozen=True)
+class HeldLease:
+    """A lease found in a store: a build in progress, or (``stale``) one whose run stopped."""
+
+    node: str
+    digest: str
+    holder: str  # "process PID on HOST"
+    since: float
+    expires: float
+
+    @property
+    def stale(self) -> bool:
+        return self.expires < time.time()
+
+
+def scan_leases(store: ArtifactStore) -> list[HeldLease]:
+    """Every lease in the store, oldest first."""
+    found = []
+    for path in store.listing(f"{store.root}/leases"):
+        node, name = path.rstrip("/").split("/")[-2:]
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        lease = _Lease(store, node, name.removesuffix(".json"), LEASE_TTL_S)
+        if (held := lease.read()) is not None:
+            found.append(HeldLease(node, name.removesuffix(".json"), _describe(held["owner"]), held["since"],
+                                   held["expires"]))
+    return sorted(found, key=lambda h: h.since)
+
+
+def remove_stale(store: ArtifactStore, leases: list[HeldLease], older_than_s: float,
+                 dry_run: bool = False) -> list[HeldLease]:
+    """Remove the leases whose runs stopped renewing them more than ``older_than_s`` ago; returns them.
+    (A run that needs the artifact takes a stale lease over anyway: this is tidying.)"""
+    gone = [h for h in leases if h.expires < time.time() - older_than_s]
+    for h in [] if dry_run else gone:
+        with contextlib.suppress(FileNotFoundError):
+            store.fs.rm(f"{store.root}/leases/{h.node}/{h.digest}.json")
+    return gone

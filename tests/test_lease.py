@@ -171,3 +171,25 @@ def test_the_s3_test_server_refuses_a_second_exclusive_write(s3_store: str) -> N
     from grove import lease
 
     assert lease._exclusive_writes(store_for(s3_store)) is True
+
+
+def test_usage_lists_the_builds_in_progress_and_prune_tidies_leases_left_by_stopped_runs(tmp_path: Path) -> None:
+    from tests.conftest import grove_cli
+
+    store = tmp_path / "store"
+    now = time.time()
+    for name, owner, expires in (("a" * 64, "host-a:11:x", now + 100), ("b" * 64, "host-b:22:y", now - 7200),
+                                 ("c" * 64, "host-c:33:z", now - 600)):
+        path = store / "leases" / "capture-onnx" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"owner": owner, "since": now - 180, "expires": expires}))
+
+    usage = grove_cli("store", "usage", "--store", str(store))
+    assert usage.returncode == 0, usage.stderr
+    assert "builds in progress: capture-onnx/aaaaaaaaaaaa by process 11 on host-a for 3 min; 2 lease(s) left" \
+        in usage.stdout
+
+    pruned = grove_cli("store", "prune", "--older-than", "30", "--store", str(store))
+    assert pruned.returncode == 0, pruned.stderr
+    assert "removed 1 build lease(s) left by runs that stopped more than an hour ago" in pruned.stdout
+    assert sorted(p.name[0] for p in (store / "leases" / "capture-onnx").iterdir()) == ["a", "c"]
