@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,8 +34,8 @@ from grove.errors import StoreError
 if TYPE_CHECKING:
     import fsspec
 
-__all__ = ["ArtifactStore", "FileEntry", "Manifest", "cache_home", "default_store_uri", "download_file", "lineage_of",
-           "mark_used", "sha256_file"]
+__all__ = ["ArtifactStore", "FileEntry", "Manifest", "cache_home", "default_store_uri", "download_file", "file_lock",
+           "lineage_of", "mark_used", "sha256_file", "timed_alone"]
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 * 1024 * 1024
@@ -230,7 +230,7 @@ class ArtifactStore:
             return dest
         # One download per machine: runs that need the same artifact at once (a fleet's targets on
         # one box's workers) wait for the first one's copy instead of downloading it again.
-        with _file_lock(_ensure(cache_dir / node) / f".{digest}.lock"):
+        with file_lock(_ensure(cache_dir / node) / f".{digest}.lock"):
             if (dest / MANIFEST).exists():
                 return dest
             self._download(manifest, dest)
@@ -352,15 +352,34 @@ def _relative(name: str, base: str) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """An exclusive lock between the threads and processes of this machine (flock: released by the
-    kernel if the holder dies)."""
+    kernel if the holder dies). ``on_wait`` is called once if another holder makes us wait."""
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def timed_alone(what: str) -> Iterator[None]:
+    """This machine's timing turn: Grove's latency measurements on one machine take turns, so that runs
+    measuring at once (a worker's concurrent flow runs, a fleet's targets) do not slow each other's
+    figures. Logs once if it has to wait."""
+    def waiting() -> None:
+        from grove.node import node_logger  # the run's logger (grove.node imports this module)
+
+        node_logger().info("timing %s after the Grove measurement already running on this machine", what)
+
+    with file_lock(_ensure(cache_home()) / "timing.lock", waiting):
+        yield
 
 
 def _ensure(path: Path) -> Path:

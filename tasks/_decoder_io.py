@@ -182,8 +182,11 @@ def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: s
 
             raise InvalidRequest(f"the model's context ({context} tokens) cannot hold the timing prompt "
                                  f"({len(ids)} tokens) and one generated token")
-    _generate(og, model, ids, min(4, new_tokens))  # warm-up: first-run allocations
-    prefill_s, decode_s, out = _generate(og, model, ids, new_tokens)
+    from grove.store import timed_alone
+
+    with timed_alone(f"{new_tokens} generated tokens"):
+        _generate(og, model, ids, min(4, new_tokens))  # warm-up: first-run allocations
+        prefill_s, decode_s, out = _generate(og, model, ids, new_tokens)
     decoded = max(len(out) - 1, 1)
     return {
         "prompt_tokens": len(ids),

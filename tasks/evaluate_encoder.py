@@ -71,13 +71,16 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
 def latency_stats(call: Callable[[], object], warmup: int, repeat: int) -> dict[str, float]:
     import numpy as np
 
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1000.0)
+    from grove.store import timed_alone
+
+    with timed_alone(f"{repeat} calls"):
+        for _ in range(warmup):
+            call()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1000.0)
     ms = np.asarray(times)
     return {"avg": round(float(ms.mean()), 3), **{f"p{q}": round(float(np.percentile(ms, q)), 3)
                                                   for q in (50, 90, 95, 99)}}

@@ -235,3 +235,32 @@ def test_a_deployed_runs_output_path_that_cannot_be_written_is_one_error_with_th
 
     with pytest.raises(InvalidRequest, match=r"output path /proc/grove-out cannot be written .*rerun with it"):
         export_output.fn(_package(tmp_path, '{"run": 1}'), "/proc/grove-out")
+
+
+def test_measurements_on_one_machine_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Two runs timing at once (a worker's concurrent flow runs) slowed each other's figures."""
+    import logging
+    import threading
+    import time
+
+    from grove.store import timed_alone
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    spans: list[tuple[float, float]] = []
+
+    def measure() -> None:
+        with timed_alone("64 generated tokens"):
+            start = time.monotonic()
+            time.sleep(0.4)
+            spans.append((start, time.monotonic()))
+
+    with caplog.at_level(logging.INFO, logger="grove"):
+        threads = [threading.Thread(target=measure) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    (a_start, a_end), (b_start, b_end) = sorted(spans)
+    assert b_start >= a_end, spans
+    assert "timing 64 generated tokens after the Grove measurement already running on this machine" in caplog.text
