@@ -20,8 +20,8 @@ from grove.lease import HeldLease
 from grove.store import MANIFEST, ArtifactStore, Manifest, cache_home
 
 __all__ = ["LEFTOVER_GRACE_S", "CachedCopy", "RegistryVersion", "StoredArtifact", "format_cache_prune",
-           "format_caches", "format_leases", "format_prune", "format_registry_prune", "format_usage", "prune", "prune_caches",
-           "prune_registry", "scan", "scan_caches", "scan_registry"]
+           "format_caches", "format_leases", "format_prune", "format_registry_prune", "format_usage", "prune",
+           "prune_caches", "prune_registry", "scan", "scan_caches", "scan_registry"]
 
 # A folder without a manifest may be a build that is still uploading: it is never removed before this.
 LEFTOVER_GRACE_S = 3600.0

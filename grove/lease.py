@@ -38,10 +38,12 @@ __all__ = ["LEASE_TTL_S", "HeldLease", "build_lease", "remove_stale", "scan_leas
 LEASE_TTL_S = 120.0  # a lease not renewed for this long is stale (renewed every quarter of it)
 _POLL_S = 1.0
 _REPORT_EVERY_S = 60.0
+_SETTLE_S = 0.5  # servers that ignore If-None-Match: how long concurrent writers have to land
+_exclusive: dict[str, bool] = {}  # store URI -> whether its server honours If-None-Match
 
 
-_SETTLE_S = 0.5
-_exclusive: dict[str, bool] = {}
+def _lease_path(store: ArtifactStore, node: str, digest: str) -> str:
+    return f"{store.root}/leases/{node}/{digest}.json"
 
 
 def _exclusive_writes(store: ArtifactStore) -> bool:
@@ -66,7 +68,7 @@ def _exclusive_writes(store: ArtifactStore) -> bool:
 class _Lease:
     def __init__(self, store: ArtifactStore, node: str, digest: str, ttl: float) -> None:
         self.store, self.ttl = store, ttl
-        self.path = f"{store.root}/leases/{node}/{digest}.json"
+        self.path = _lease_path(store, node, digest)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.since = time.time()
 
@@ -247,5 +249,5 @@ def remove_stale(store: ArtifactStore, leases: list[HeldLease], older_than_s: fl
     gone = [h for h in leases if h.expires < time.time() - older_than_s]
     for h in [] if dry_run else gone:
         with contextlib.suppress(FileNotFoundError):
-            store.fs.rm(f"{store.root}/leases/{h.node}/{h.digest}.json")
+            store.fs.rm(_lease_path(store, h.node, h.digest))
     return gone

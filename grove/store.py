@@ -373,6 +373,7 @@ def timed_alone(what: str) -> Iterator[None]:
     """This machine's timing turn: Grove's latency measurements on one machine take turns, so that runs
     measuring at once (a worker's concurrent flow runs, a fleet's targets) do not slow each other's
     figures. Logs once if it has to wait."""
+
     def waiting() -> None:
         from grove.node import node_logger  # the run's logger (grove.node imports this module)
 
