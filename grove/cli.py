@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output_path", required=True, help="folder to write the optimized model to")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--provider", choices=["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider"])
-    p.add_argument("--use_ort_genai", action="store_true", default=True,
-                   help="write an onnxruntime-genai folder (always on for decoder LLMs)")
+    p.add_argument("--use_ort_genai", action="store_true", default=None,
+                   help="write an onnxruntime-genai folder (always on for decoder LLMs; encoders are written "
+                   "for onnxruntime)")
     p.add_argument("--precision", choices=["int4", "int8", "fp16", "fp32"],
                    help="default: int4 for decoder LLMs, int8 for encoders")
     p.add_argument("--log_level", type=int, choices=range(5), default=1,
@@ -222,6 +223,9 @@ def _auto_opt(args: argparse.Namespace) -> int:
             request = AutoOptRequest(**fields)
         else:
             request = EncoderOptRequest.from_flags(fields).resolved(source)
+            if fields.get("use_ort_genai"):
+                print("grove: --use_ort_genai applies to decoder LLMs; this encoder is written for onnxruntime "
+                      "(model.onnx with its tokenizer files), which onnxruntime-genai does not load", file=sys.stderr)
             if "task" not in fields and request.task != "feature-extraction":
                 print(f"grove: --task {request.task}: the head of {', '.join(source.architectures)}; "
                       "pass --task to choose another", file=sys.stderr)

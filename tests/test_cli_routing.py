@@ -40,10 +40,11 @@ def test_a_classifier_without_task_is_served_as_the_classifier_it_is(tmp_path: P
     out = tmp_path / "out"
 
     result = grove_cli("auto-opt", "-m", str(model), "-o", str(out), "--store", store, "--eval_data",
-                       str(labelled), "--log_level", "3")
+                       str(labelled), "--log_level", "3", "--use_ort_genai")
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--task text-classification: the head of BertForSequenceClassification" in result.stderr
+    assert "--use_ort_genai applies to decoder LLMs; this encoder is written for onnxruntime" in result.stderr
     report = json.loads((out / "grove_report.json").read_text())
     assert report["target"]["task"] == "text-classification"
     assert 0 <= report["metrics"]["accuracy"] <= 1 and report["metrics"]["top1_vs_pytorch"] >= 0.5
