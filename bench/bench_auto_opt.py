@@ -10,7 +10,8 @@ runner already up, their start times reported apart, and one cold run in its own
 GROVE_WARM=0, beside) and of an identical rerun; int4 size vs fp32; perplexity
 fp32 vs int4; one row per int4 algorithm; and prefill ms / decode tokens/s of PyTorch fp32
 (transformers generate) and of every int4 output (onnxruntime-genai), same prompt, same greedy
-token count, same thread count. Each runtime is timed alone in a fresh process (runtimes timed in
+token count, same thread count (``cpu_busy_elsewhere_runs``: how much CPU other processes used
+while each round was timed). Each runtime is timed alone in a fresh process (runtimes timed in
 one process disturb each other), ``--repeats`` generations after a warm-up, median; this is done
 ``--rounds`` times, the order rotating every round, and the median over rounds is reported. On
 this shared machine a single 64-token timing swings by +-30%, and the process started right after
@@ -53,7 +54,10 @@ def _grove(args: list[str], env: dict[str, str]) -> float:
 
 
 def _median_of(timings: list[dict[str, float]]) -> dict[str, float]:
-    return {key: statistics.median(t[key] for t in timings) for key in ("prefill_ms", "decode_tok_s")}
+    """Median prefill, decode and the other processes' share of the CPUs while they were timed."""
+    busy = [t["cpu_busy_elsewhere"] for t in timings if t.get("cpu_busy_elsewhere") is not None]
+    return {key: statistics.median(t[key] for t in timings) for key in ("prefill_ms", "decode_tok_s")} | (
+        {"cpu_busy_elsewhere": statistics.median(busy)} if busy else {})
 
 
 def _time_torch(hf_dir: Path, threads: int, repeats: int) -> dict[str, float]:
@@ -61,12 +65,14 @@ def _time_torch(hf_dir: Path, threads: int, repeats: int) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from grove.timing import timed_alone
+
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
-    with torch.no_grad():
+    with torch.no_grad(), timed_alone("PyTorch") as load:
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
         timings = []
         for _ in range(repeats):
@@ -77,7 +83,7 @@ def _time_torch(hf_dir: Path, threads: int, repeats: int) -> dict[str, float]:
             model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
             total = time.perf_counter() - t0
             timings.append({"prefill_ms": prefill * 1000, "decode_tok_s": (NEW_TOKENS - 1) / (total - prefill)})
-    return _median_of(timings)
+    return _median_of([t | {"cpu_busy_elsewhere": load["cpu_busy_elsewhere"]} for t in timings])
 
 
 def _time_genai(model_dir: Path, threads: int, repeats: int) -> dict[str, float]:
@@ -85,7 +91,8 @@ def _time_genai(model_dir: Path, threads: int, repeats: int) -> dict[str, float]
 
     model = dio.genai_model(model_dir, "cpu", threads)
     timings = [dio.generation_timing(model_dir, PROMPT, NEW_TOKENS, "cpu", model) for _ in range(repeats)]
-    return _median_of([{k: float(t[k]) for k in ("prefill_ms", "decode_tok_s")} for t in timings])  # type: ignore[arg-type]
+    return _median_of([{k: t[k] for k in ("prefill_ms", "decode_tok_s", "cpu_busy_elsewhere")}  # type: ignore[misc]
+                       for t in timings])
 
 
 def _alternate(targets: dict[str, tuple[str, Path]], rounds: int, threads: int,
@@ -102,7 +109,9 @@ def _alternate(targets: dict[str, tuple[str, Path]], rounds: int, threads: int,
                                  cwd=ROOT).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
     return {name: {key: round(statistics.median(r[key] for r in rs), 2) for key in ("prefill_ms", "decode_tok_s")}
-            | {"decode_tok_s_runs": [round(r["decode_tok_s"], 1) for r in rs]}  # type: ignore[dict-item]
+            | {"decode_tok_s_runs": [round(r["decode_tok_s"], 1) for r in rs],  # type: ignore[dict-item]
+               # other processes' share of the CPUs while each round was timed: a busy hour shows here
+               "cpu_busy_elsewhere_runs": [r.get("cpu_busy_elsewhere") for r in rs]}
             for name, rs in runs.items()}
 
 

@@ -11,7 +11,8 @@ ROWS = {
     "decode_tok_s": "decode (tokens/s)",
     "top1_agreement": "top-1 agreement vs reference",
 }
-_SKIP = {"seconds", "ppl_tokens", "ppl_chunk", "prompt_tokens", "generated_tokens", "threads"}
+_SKIP = {"seconds", "ppl_tokens", "ppl_chunk", "prompt_tokens", "generated_tokens", "threads", "cpu_busy_elsewhere",
+         "pytorch_cpu_busy_elsewhere"}
 
 
 def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
@@ -41,6 +42,10 @@ def format_report(report: dict[str, object], output_path: str) -> str:
     assert isinstance(metrics, dict) and isinstance(reference, dict)
     if metrics.get("threads"):
         head += f"; timings with {metrics['threads']} threads"
+    if isinstance(busy := metrics.get("cpu_busy_elsewhere"), (int, float)):
+        ref_busy = reference.get("cpu_busy_elsewhere")
+        head += (f" (other processes used {busy:.0%} of the CPUs meanwhile"
+                 + (f", {ref_busy:.0%} during the reference's" if isinstance(ref_busy, (int, float)) else "") + ")")
     head += f"; reference: the {reference.get('precision', 'fp32')} model"
     rows = table_rows(report)
     cols = ["metric", "output", "reference", "ratio"]

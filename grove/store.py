@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import fsspec
 
 __all__ = ["ArtifactStore", "FileEntry", "Manifest", "cache_home", "default_store_uri", "download_file", "file_lock",
-           "lineage_of", "mark_used", "sha256_file", "timed_alone"]
+           "lineage_of", "mark_used", "sha256_file"]
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 * 1024 * 1024
@@ -366,21 +366,6 @@ def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def timed_alone(what: str) -> Iterator[None]:
-    """This machine's timing turn: Grove's latency measurements on one machine take turns, so that runs
-    measuring at once (a worker's concurrent flow runs, a fleet's targets) do not slow each other's
-    figures. Logs once if it has to wait."""
-
-    def waiting() -> None:
-        from grove.node import node_logger  # the run's logger (grove.node imports this module)
-
-        node_logger().info("timing %s after the Grove measurement already running on this machine", what)
-
-    with file_lock(_ensure(cache_home()) / "timing.lock", waiting):
-        yield
 
 
 def _ensure(path: Path) -> Path:

@@ -182,9 +182,9 @@ def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: s
 
             raise InvalidRequest(f"the model's context ({context} tokens) cannot hold the timing prompt "
                                  f"({len(ids)} tokens) and one generated token")
-    from grove.store import timed_alone
+    from grove.timing import timed_alone
 
-    with timed_alone(f"{new_tokens} generated tokens"):
+    with timed_alone(f"{new_tokens} generated tokens") as load:
         _generate(og, model, ids, min(4, new_tokens))  # warm-up: first-run allocations
         prefill_s, decode_s, out = _generate(og, model, ids, new_tokens)
     decoded = max(len(out) - 1, 1)
@@ -193,6 +193,7 @@ def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: s
         "prefill_ms": round(prefill_s * 1000, 2),
         "decode_tok_s": round(decoded / decode_s, 2) if decode_s > 0 else None,
         "generated_tokens": len(out),
+        "cpu_busy_elsewhere": load["cpu_busy_elsewhere"],  # other processes' share of the CPUs meanwhile
         # The token budget can end inside a multi-byte character: no trailing replacement mark.
         "sample": tokenizer.decode(out).rstrip("\ufffd"),
     }

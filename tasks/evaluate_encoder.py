@@ -53,7 +53,8 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
     timed = eio.encode(model_dir, ["Grove measures latency on a fixed padded input. " * 40] * config.batch_size,
                        info.inputs, pad_to=config.sequence_length)
     stats = latency_stats(lambda: eio.run(sess, timed, output), config.warmup, config.repeat)
-    metrics: dict[str, object] = {f"latency_ms_{k}": v for k, v in stats.items()}
+    metrics: dict[str, object] = {f"latency_ms_{k}": v for k, v in stats.items() if k != "busy"}
+    metrics["cpu_busy_elsewhere"] = stats["busy"]
     metrics["throughput_rows_s"] = round(1000.0 * config.batch_size / stats["avg"], 2)
     metrics["size_mb"] = round((model_dir / "model.onnx").stat().st_size / 1e6, 2)
     log.info("latency %.2f ms avg (p90 %.2f) at batch %d x %d tokens, %d threads", stats["avg"], stats["p90"],
@@ -68,12 +69,14 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
     return metrics
 
 
-def latency_stats(call: Callable[[], object], warmup: int, repeat: int) -> dict[str, float]:
+def latency_stats(call: Callable[[], object], warmup: int, repeat: int) -> dict[str, float | None]:
+    """Milliseconds per call (avg, p50, p90, p95, p99) after ``warmup`` calls, timed in this machine's
+    timing turn; ``busy`` is the share of CPU time other processes used meanwhile (None: unknown)."""
     import numpy as np
 
-    from grove.store import timed_alone
+    from grove.timing import timed_alone
 
-    with timed_alone(f"{repeat} calls"):
+    with timed_alone(f"{repeat} calls") as load:
         for _ in range(warmup):
             call()
         times = []
@@ -83,7 +86,7 @@ def latency_stats(call: Callable[[], object], warmup: int, repeat: int) -> dict[
             times.append((time.perf_counter() - start) * 1000.0)
     ms = np.asarray(times)
     return {"avg": round(float(ms.mean()), 3), **{f"p{q}": round(float(np.percentile(ms, q)), 3)
-                                                  for q in (50, 90, 95, 99)}}
+                                                  for q in (50, 90, 95, 99)}, "busy": load["cpu_busy_elsewhere"]}
 
 
 def _vs_pytorch(hf_dir: Path, model_dir: Path, sess: object, info: eio.EncoderInfo,
@@ -99,7 +102,8 @@ def _vs_pytorch(hf_dir: Path, model_dir: Path, sess: object, info: eio.EncoderIn
         feeds = eio.encode(model_dir, eio.PARITY_TEXTS, info.inputs)
         result = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
     onnx_out = eio.run(sess, feeds, eio.primary_output(info))  # type: ignore[arg-type]
-    metrics: dict[str, object] = {f"pytorch_latency_ms_{k}": v for k, v in stats.items()}
+    metrics: dict[str, object] = {f"pytorch_latency_ms_{k}": v for k, v in stats.items() if k != "busy"}
+    metrics["pytorch_cpu_busy_elsewhere"] = stats["busy"]
     if info.task == "feature-extraction":
         hidden = result.last_hidden_state.numpy()
         want = _mean_pool(hidden, feeds["attention_mask"]) if info.pooling else hidden

@@ -41,6 +41,8 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
 
     timing = dio.generation_timing(int4_dir, "What is machine learning?", new_tokens=12)
     assert timing["generated_tokens"] == 12 and timing["decode_tok_s"] > 0
+    busy = timing["cpu_busy_elsewhere"]  # the machine's state while timed (None: too short to sample)
+    assert busy is None or 0 <= busy <= 1
     assert dio.model_size(int4_dir) < dio.model_size(fp32_dir)
     # Random Gaussian weights are the worst case for 4-bit blocks (measured: logit cosine
     # 0.89-0.99 with rtn, affine or hqq); a broken quantizer lands near 0.

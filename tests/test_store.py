@@ -244,7 +244,7 @@ def test_measurements_on_one_machine_take_turns(tmp_path: Path, monkeypatch: pyt
     import threading
     import time
 
-    from grove.store import timed_alone
+    from grove.timing import timed_alone
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     spans: list[tuple[float, float]] = []
@@ -264,3 +264,29 @@ def test_measurements_on_one_machine_take_turns(tmp_path: Path, monkeypatch: pyt
     (a_start, a_end), (b_start, b_end) = sorted(spans)
     assert b_start >= a_end, spans
     assert "timing 64 generated tokens after the Grove measurement already running on this machine" in caplog.text
+
+
+def test_a_timing_says_how_much_cpu_other_processes_used_meanwhile(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One other process spinning on one CPU shows as that CPU's share of the machine (half on these
+    2-CPU machines); the timing's own work does not count."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from grove.timing import timed_alone
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        with timed_alone("a busy second") as load:
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:  # our own work, on the other CPU
+                pass
+    finally:
+        spinner.kill()
+        spinner.wait()
+    busy, cpus = load["cpu_busy_elsewhere"], os.cpu_count() or 1
+    assert busy is not None and 0.6 / cpus <= busy <= 1.5 / cpus, (busy, cpus)
