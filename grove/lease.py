@@ -75,6 +75,13 @@ class _Lease:
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "since": self.since, "expires": time.time() + self.ttl}).encode()
 
+    def _staged(self, body: bytes) -> Path:
+        """``body`` in a file of this lease's own beside the lease (local stores), to link or rename."""
+        path = Path(self.path)
+        staged = path.with_name(f".{path.name}.{self.owner.rsplit(':', 1)[-1]}")
+        staged.write_bytes(body)
+        return staged
+
     def read(self) -> dict[str, Any] | None:
         """The lease in the store; None if there is none. An unreadable one reads as expired."""
         try:
@@ -92,12 +99,10 @@ class _Lease:
         body = self._body()
         try:
             if self.store.is_local:
-                path = Path(self.path)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                staged = path.with_name(f".{path.name}.{self.owner.rsplit(':', 1)[-1]}")
-                staged.write_bytes(body)
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                staged = self._staged(body)
                 try:
-                    os.link(staged, path)  # atomic, whole, and refused if the lease exists
+                    os.link(staged, self.path)  # atomic, whole, and refused if the lease exists
                 finally:
                     staged.unlink(missing_ok=True)
             else:
@@ -126,10 +131,7 @@ class _Lease:
         if held is None or held["owner"] != self.owner:
             return False
         if self.store.is_local:
-            path = Path(self.path)
-            staged = path.with_name(f".{path.name}.{self.owner.rsplit(':', 1)[-1]}")
-            staged.write_bytes(self._body())
-            staged.replace(path)
+            self._staged(self._body()).replace(self.path)
         else:
             self.store.fs.pipe(self.path, self._body())
         return True

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -88,13 +87,11 @@ def server_status() -> dict[str, object] | None:
 
 @contextlib.contextmanager
 def _lock() -> Iterator[None]:
+    from grove.store import file_lock
+
     grove_home().mkdir(parents=True, exist_ok=True)
-    with open(grove_home() / "server.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(grove_home() / "server.lock"):
+        yield
 
 
 def ensure_api(timeout: float = 120.0) -> str:
