@@ -24,9 +24,6 @@ _LOG_LEVELS = {0: "DEBUG", 1: "INFO", 2: "WARNING", 3: "ERROR", 4: "CRITICAL"}
 _NOT_IN_GROVE = {
     "finetune": "Olive's LoRA fine-tuning is not in this version of Grove, which optimizes existing models: "
                 "fine-tune with Olive or PEFT, merge the adapter, then run 'grove auto-opt -m <merged model folder>'",
-    "run": "Olive's workflow configs (--config JSON) are not read by this version of Grove: the same steps are "
-           "'grove auto-opt' flags (see 'grove auto-opt --help'); for many models x targets, 'grove fleet refresh "
-           "<manifest.yaml>'",
 }
 
 
@@ -35,6 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _NOT_IN_GROVE:
         parser.exit(2, f"grove: error: 'grove {argv[0]}': {_NOT_IN_GROVE[argv[0]]}\n")
+    if argv[:1] == ["run"]:
+        expanded = _expand_run(argv)
+        if isinstance(expanded, int):
+            return expanded
+        argv = expanded
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
@@ -54,6 +56,12 @@ def entry() -> None:
     have run (Prefect's flush logs and events to the API), nothing is left to do, yet unloading
     torch, onnxruntime and Prefect took ~1.8 s after a cold auto-opt here (0.5 s after a cached one)."""
     argv = sys.argv[1:]
+    if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv):  # an Olive config: the auto-opt it amounts to
+        expanded = _expand_run(argv)
+        if isinstance(expanded, int):
+            wind_down()
+            os._exit(expanded)
+        argv = expanded
     if argv[:1] == ["auto-opt"] and not {"-h", "--help"} & set(argv):
         from grove import warm
 
@@ -133,6 +141,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--min_cosine", type=float, help="feature extraction: parity limit on the mean embedding cosine "
                    "(default per precision)")
     p.set_defaults(run=_auto_opt)
+
+    r = sub.add_parser("run", help="run an Olive workflow config (olive run --config) as the auto-opt it amounts to",
+                       description="Reads an Olive workflow config (JSON or YAML): its input model, target system "
+                       "and passes become 'grove auto-opt' flags, printed before the run; what Grove does "
+                       "differently is printed as notes, and what it cannot honour is an error naming the key.")
+    r.add_argument("--config", "--run-config", dest="config", required=True, help="Olive workflow config file")
+    r.add_argument("-m", "--model_name_or_path", help="the model, instead of the config's input_model")
+    r.add_argument("-t", "--task", help="the task, instead of the config's")
+    r.add_argument("--trust_remote_code", action="store_true", default=None, help="as for auto-opt")
+    r.add_argument("-o", "--output_path", help="the output folder, instead of the config's output_dir")
+    r.add_argument("--log_level", type=int, choices=range(5), help="as for auto-opt (default: the config's "
+                   "log_severity_level, else 1)")
+    r.add_argument("--store", help="artifact store, as for auto-opt (the config's cache_dir is not it)")
+    r.add_argument("--dry-run", action="store_true", help="print the auto-opt command the config amounts to, "
+                   "run nothing")
 
     s = sub.add_parser("server", help="the local Prefect server and warm runner that grove starts on demand")
     s.add_argument("action", choices=["status", "start", "stop"])
@@ -243,6 +266,27 @@ def _auto_opt(args: argparse.Namespace) -> int:
 
     print(format_report(report, args.output_path))
     return 0
+
+
+def _expand_run(argv: list[str]) -> list[str] | int:
+    """``grove run --config F ...`` as the auto-opt argv it amounts to (the notes and the command
+    printed to stderr), or an exit code: 0 after --dry-run, 2 for a config Grove cannot honour."""
+    from grove.olive_config import load, translate
+
+    args = _parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in ("model_name_or_path", "task", "trust_remote_code",
+                                                               "output_path", "log_level", "store") and v is not None}
+    try:
+        translation = translate(load(args.config), overrides)
+    except GroveError as exc:
+        return _fail(f"{args.config}: {exc}")
+    for note in translation.notes:
+        print(f"grove run: {note}", file=sys.stderr)
+    print(f"grove run: {args.config} is: {translation.command()}", file=sys.stderr)
+    if args.dry_run:
+        print(translation.command())
+        return 0
+    return ["auto-opt", *translation.argv()]
 
 
 def _server(args: argparse.Namespace) -> int:

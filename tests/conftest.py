@@ -64,12 +64,12 @@ def store(tmp_path: Path) -> str:
     return str(tmp_path / "store")
 
 
-def grove_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600):  # noqa: ANN201
+def grove_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600, cwd: Path = ROOT):  # noqa: ANN201
     """Run the installed CLI in a subprocess; returns CompletedProcess with text output."""
     import subprocess
 
     return subprocess.run([sys.executable, "-m", "grove.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,510 @@
+"""``grove run --config``: an Olive workflow config (the tutorial's ``olive run --config
+config.json``) read as the ``grove auto-opt`` command it amounts to.
+
+Grove's pipeline is fixed (capture -> graph optimization -> quantization -> parity -> evaluation
+-> package), so a config maps onto auto-opt's flags: the input model, the target system's
+accelerator and execution provider, and the precision and quantizer options of its passes. What
+Grove does on every run anyway (ONNX conversion, transformer fusions, latency) is accepted; what
+Grove does differently is printed as a note; what it cannot honour (a search over pass options,
+remote systems, LoRA, a custom model loader...) is one error naming the key and what to do
+instead, never dropped in silence. The translation is printed before the run, so the config and
+the command stay interchangeable."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from grove.errors import InvalidRequest
+from grove.request import PROVIDER_DEVICE
+
+__all__ = ["PASSES", "Translation", "load", "translate"]
+
+# auto-opt flags in the order a person would write them (the rest follow in insertion order).
+_FLAG_ORDER = ("model_name_or_path", "output_path", "device", "provider", "precision", "task", "revision",
+               "trust_remote_code", "log_level")
+
+
+@dataclass
+class Translation:
+    """A config as auto-opt flags (argparse dest -> value), and what Grove does differently."""
+
+    flags: dict[str, object] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def argv(self) -> list[str]:
+        out: list[str] = []
+        for name in sorted(self.flags, key=lambda n: _FLAG_ORDER.index(n) if n in _FLAG_ORDER else len(_FLAG_ORDER)):
+            value = self.flags[name]
+            if value is True:
+                out.append(f"--{name}")
+            elif value is False:
+                out.append(f"--no-{name}")  # only BooleanOptionalAction flags take False (per_channel)
+            elif isinstance(value, list):
+                out += [f"--{name}", *map(str, value)]
+            else:
+                out += [f"--{name}", str(value)]
+        return out
+
+    def command(self) -> str:
+        return "grove auto-opt " + shlex.join(self.argv())
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """The config file as a dict (JSON, or YAML for .yaml/.yml, as Olive reads them)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidRequest(f"config file {path} does not exist; pass the path of an Olive workflow config "
+                             "(JSON or YAML)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"config file {path} is not UTF-8 text; pass an Olive workflow config (JSON or YAML)") \
+            from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise InvalidRequest(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            hint = " (JSON has no comments: remove the // lines)" if "//" in text else ""
+            raise InvalidRequest(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column "
+                                 f"{exc.colno}{hint}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"config file {path} holds a {type(data).__name__}, not a workflow config (an object "
+                             "with input_model, systems, passes, ...)")
+    return data
+
+
+# -- passes --------------------------------------------------------------------------------------
+
+class _Pass(BaseModel):
+    """One Olive pass type: the fields Grove reads (others are an error naming them), and the
+    auto-opt flags they amount to. ``precision``: what the pass makes of the weights (None: it
+    does not quantize), so that two passes asking for different precisions are one error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    NOTE: ClassVar[str | None] = None  # printed when the pass is in the config
+
+    def precision(self) -> str | None:
+        return None
+
+    def flags(self) -> dict[str, object]:
+        return {}
+
+
+class _Accepted(_Pass):
+    """Passes whose work Grove does on every run: their options tune what Grove chooses itself."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class ModelBuilder(_Pass):
+    precision_: Literal["int4", "int8", "fp16", "fp32"] = Field("fp32", alias="precision",
+                                                                  description="weights the builder writes")
+    int4_block_size: Literal[16, 32, 64, 128, 256] | None = Field(None, description="int4 weights per block")
+    int4_accuracy_level: Literal[1, 2, 3, 4] | None = Field(None, description="MatMulNBits compute type")
+    int4_is_symmetric: bool | None = Field(None, description="symmetric (rtn) or asymmetric (rtn) int4 blocks "
+                                           "instead of Grove's affine")
+    int4_algo_config: Literal["default", "rtn", "k_quant_mixed", "k_quant_last"] | None = Field(
+        None, description="the builder's int4 algorithm: rtn, or k_quant")
+    metadata_only: Literal[False] = Field(False, description="Grove always builds the model")
+    search: dict[str, Any] | None = Field(None, description="generation defaults: Grove writes its own")
+
+    NOTE = ("ModelBuilder: Grove captures decoder LLMs with onnxruntime-genai's model builder (fp32 on cpu) and "
+            "quantizes int4 with its own quantizer (affine by default on cpu: see the README; --int4_algorithm "
+            "builder takes the builder's own)")
+
+    def precision(self) -> str | None:
+        return self.precision_
+
+    def flags(self) -> dict[str, object]:
+        flags: dict[str, object] = {}
+        if self.int4_algo_config in ("k_quant_mixed", "k_quant_last"):
+            flags["int4_algorithm"] = "k_quant"
+        elif self.int4_algo_config == "rtn" or self.int4_is_symmetric is not None:
+            flags["int4_algorithm"] = "rtn"
+        if self.int4_is_symmetric:
+            flags["symmetric"] = True
+        return {**flags, **{k: v for k, v in (("block_size", self.int4_block_size),
+                                              ("accuracy_level", self.int4_accuracy_level)) if v is not None}}
+
+
+class OnnxConversion(_Accepted):
+    NOTE = ("OnnxConversion: Grove captures the model itself (decoder LLMs with the model builder, encoders with "
+            "torch.onnx.export, dynamo first), with dynamic batch and sequence axes")
+
+
+class OrtTransformersOptimization(_Accepted):
+    float16: bool = Field(False, description="convert to fp16 after the fusions")
+    NOTE = ("OrtTransformersOptimization: Grove fuses encoders with onnxruntime's transformer optimizer (the model "
+            "type read from config.json) on every run; a decoder's graph comes fused from the model builder")
+
+    def precision(self) -> str | None:
+        return "fp16" if self.float16 else None
+
+
+class OnnxQuantization(_Pass):
+    quant_mode: Literal["dynamic", "static"] = Field("static", description="activations scaled per run, or calibrated")
+    per_channel: bool | None = Field(None, description="one weight scale per output channel (Olive's default: "
+                                     "off)")
+    op_types_to_quantize: list[str] | None = Field(None, description="only these op types")
+    nodes_to_exclude: list[str] | None = Field(None, description="node names kept in fp32")
+    quant_format: Literal["QDQ", "QOperator"] | None = Field(None, description="static: graph format")
+    calibrate_method: Literal["MinMax", "Entropy", "Percentile"] | None = Field(None, description="static: ranges")
+    weight_type: Literal["QInt8"] = Field("QInt8", description="Grove writes signed int8 weights (uint8 weights "
+                                          "measured slower and no more accurate: README)")
+    weight_precision: Literal["int8"] = Field("int8", alias="precision", description="weight_type's newer name")
+    activation_type: Literal["QInt8", "QUInt8", "int8", "uint8"] | None = Field(None, description="Grove's choice")
+    reduce_range: Literal[False] = Field(False, description="7-bit weights: measured slower and less accurate on "
+                                         "MiniLM (README), not offered")
+    quant_preprocess: bool | None = Field(None, description="Grove's graph optimization runs first anyway")
+    save_as_external_data: bool | None = None
+    all_tensors_to_one_file: bool | None = None
+    data_config: Any = Field(None, description="static: calibration data (not read: see calibration_data)")
+
+    def precision(self) -> str | None:
+        return "int8"
+
+    def flags(self) -> dict[str, object]:
+        flags: dict[str, object] = {"int8_mode": self.quant_mode, "per_channel": bool(self.per_channel)}
+        flags.update({k: v for k, v in self.model_dump(include={"op_types_to_quantize", "nodes_to_exclude",
+                                                                 "quant_format", "calibrate_method"}).items()
+                      if v is not None})
+        return flags
+
+
+class OnnxDynamicQuantization(OnnxQuantization):
+    quant_mode: Literal["dynamic"] = "dynamic"
+
+
+class OnnxStaticQuantization(OnnxQuantization):
+    quant_mode: Literal["static"] = "static"
+
+
+class OnnxFloatToFloat16(_Pass):
+    keep_io_types: bool = Field(False, description="Grove's fp16 graphs keep fp32 inputs and outputs either way")
+    use_symbolic_shape_infer: bool | None = None
+    save_as_external_data: bool | None = None
+    all_tensors_to_one_file: bool | None = None
+    NOTE = ("OnnxFloatToFloat16: Grove's fp16 output keeps fp32 inputs and outputs, and the ops that overflow in "
+            "fp16 in fp32")
+
+    def precision(self) -> str | None:
+        return "fp16"
+
+
+class OnnxBlockWiseRtnQuantization(_Pass):
+    bits: Literal[4] = Field(4, description="Grove's int4")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(128, description="int4 weights per block (Olive's default)")
+    is_symmetric: bool = Field(True, description="symmetric blocks, no zero point (Olive's default)")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(0, description="MatMulNBits compute type; 0 (unset): Grove's 4")
+    axis: Literal[0] = Field(0, description="blocks along the input dimension")
+    save_as_external_data: bool | None = None
+    all_tensors_to_one_file: bool | None = None
+    ALGORITHM: ClassVar[str] = "rtn"
+
+    def precision(self) -> str | None:
+        return "int4"
+
+    def flags(self) -> dict[str, object]:
+        flags: dict[str, object] = {"int4_algorithm": self.ALGORITHM, "block_size": self.block_size}
+        if self.is_symmetric and self.ALGORITHM == "rtn":
+            flags["symmetric"] = True
+        if self.accuracy_level:
+            flags["accuracy_level"] = self.accuracy_level
+        return flags
+
+
+class OnnxMatMul4Quantizer(OnnxBlockWiseRtnQuantization):
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block (Olive's default)")
+    algorithm: Literal["RTN", "HQQ", "DEFAULT"] | None = Field(None, description="RTN (default) or HQQ; GPTQ "
+                                                               "needs calibration data and is not in Grove")
+
+    def flags(self) -> dict[str, object]:
+        if self.algorithm != "HQQ":
+            return super().flags()
+        return {k: v for k, v in super().flags().items() if k != "symmetric"} | {"int4_algorithm": "hqq"}
+
+
+class OnnxHqqQuantization(OnnxBlockWiseRtnQuantization):
+    ALGORITHM = "hqq"
+
+
+class OnnxKQuantQuantization(OnnxBlockWiseRtnQuantization):
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block (Olive's default)")
+    ALGORITHM = "k_quant"
+
+
+class OrtSessionParamsTuning(_Accepted):
+    NOTE = ("OrtSessionParamsTuning: Grove does not tune session options; the output runs with onnxruntime's "
+            "defaults, and its latency is measured with the threads of the evaluation (2)")
+
+
+# Olive's pass types that Grove reads (matched without case, as Olive does).
+PASSES: dict[str, type[_Pass]] = {cls.__name__.lower(): cls for cls in (
+    ModelBuilder, OnnxConversion, OrtTransformersOptimization, OnnxQuantization, OnnxDynamicQuantization,
+    OnnxStaticQuantization, OnnxFloatToFloat16, OnnxBlockWiseRtnQuantization, OnnxMatMul4Quantizer,
+    OnnxHqqQuantization, OnnxKQuantQuantization, OrtSessionParamsTuning)}
+PASSES["ortperftuning"] = OrtSessionParamsTuning  # its name before Olive 0.7
+PASSES["onnxmatmulnbits"] = OnnxBlockWiseRtnQuantization
+
+# Olive pass types a user may well write, and why Grove has no counterpart.
+_NOT_IN_GROVE = {
+    **dict.fromkeys(("lora", "qlora", "loftq", "dora", "loha", "lokr"),
+                    "fine-tuning is not in Grove: fine-tune with Olive or PEFT, merge the adapter, then optimize "
+                    "the merged model"),
+    **dict.fromkeys(("mergeadapterweights", "extractadapters"), "LoRA adapters are not applied by Grove: merge the "
+                    "adapter into the model (PEFT's merge_and_unload), then optimize the merged model"),
+    **dict.fromkeys(("gptqquantizer", "gptq", "gptqmodel", "autoawqquantizer", "awq", "quarot", "spinquant"),
+                    "calibrated int4 of the PyTorch weights is not in Grove; its int4 options are ModelBuilder "
+                    "(Grove's affine int4), OnnxBlockWiseRtnQuantization and OnnxHqqQuantization"),
+}
+
+
+def _pass_errors(exc: ValidationError, where: str, cls: type[_Pass]) -> str:
+    """pydantic's errors for one pass as one line; an unknown option lists those Grove reads."""
+    known = ", ".join(f.alias or n for n, f in cls.model_fields.items())
+    return "; ".join(f"{where}.{'.'.join(map(str, e['loc']))}: " + (
+        f"not an option of {cls.__name__} that Grove reads (it reads {known})" if e["type"] == "extra_forbidden"
+        else str(e["msg"])) for e in exc.errors())
+
+
+def _fields(section: dict[str, Any], where: str) -> dict[str, Any]:
+    """A section's options: Olive takes them under "config" or beside "type"."""
+    nested = section.get("config", {})
+    if not isinstance(nested, dict):
+        raise InvalidRequest(f"{where}.config must be an object of options")
+    return {**{k: v for k, v in section.items() if k not in ("type", "config")}, **nested}
+
+
+def _section(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where}{key} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _passes(passes: dict[str, Any], out: Translation) -> None:
+    if not passes:
+        raise InvalidRequest('passes is empty: Grove needs at least one, e.g. "passes": {"convert": {"type": '
+                             '"ModelBuilder", "precision": "int4"}}')
+    precisions: dict[str, str] = {}
+    for name, section in passes.items():
+        where = f"passes.{name}"
+        if isinstance(section, list) and section:  # Olive's search alternatives: without a search, the first
+            if len(section) > 1:
+                out.notes.append(f"{where} lists {len(section)} alternatives: Grove does not search; it runs the "
+                                 "first, as Olive does without a search strategy")
+            section, where = section[0], f"{where}[0]"
+        if not isinstance(section, dict) or not isinstance(section.get("type"), str):
+            raise InvalidRequest(f'{where} must be an object with a "type" (e.g. "ModelBuilder")')
+        kind = section["type"].lower()
+        if kind in _NOT_IN_GROVE:
+            raise InvalidRequest(f"{where}: {section['type']}: {_NOT_IN_GROVE[kind]}")
+        if kind not in PASSES:
+            raise InvalidRequest(f"{where}: pass type {section['type']!r} is not read by Grove; it reads "
+                                 f"{', '.join(sorted({c.__name__ for c in PASSES.values()}))}")
+        cls = PASSES[kind]
+        try:
+            spec = cls(**_fields(section, where))
+        except ValidationError as exc:
+            raise InvalidRequest(_pass_errors(exc, where, cls)) from None
+        if cls.NOTE and cls.NOTE not in out.notes:
+            out.notes.append(cls.NOTE)
+        if isinstance(spec, OnnxQuantization) and spec.data_config is not None:
+            raise InvalidRequest(f"{where}.data_config: Grove calibrates static int8 on a UTF-8 text file, not an "
+                                 "Olive data config; drop data_config (Grove's default text: the GPL-3), or run the "
+                                 "auto-opt command this config amounts to with --calibration_data FILE")
+        if isinstance(spec, OnnxQuantization) and spec.per_channel is None:
+            out.notes.append(f"{name}: per_channel is not set, so per-tensor weight scales, as Olive's default; "
+                             "Grove's auto-opt default is per-channel (all-MiniLM-L6-v2: cosine 0.992 vs 0.960 "
+                             "per-tensor): set per_channel to true for it")
+        if isinstance(spec, OnnxQuantization) and spec.quant_mode == "static" and spec.data_config is None:
+            out.notes.append(f"{name}: static int8 is calibrated on Grove's default text (the GPL-3, 32 paragraphs); "
+                             "--calibration_data FILE takes yours")
+        if (precision := spec.precision()) is not None:
+            precisions[name] = precision
+        out.flags.update(spec.flags())
+    quantizing = {n: p for n, p in precisions.items() if p != "fp32"}
+    if len(set(quantizing.values())) > 1:
+        raise InvalidRequest("passes ask for different precisions: " + ", ".join(f"{n} {p}" for n, p in
+                             quantizing.items()) + "; Grove writes one output per run: keep one quantization pass")
+    out.flags["precision"] = next(iter(quantizing.values()), "fp32")
+
+
+# -- the input model, the target, the evaluator ---------------------------------------------------
+
+_CUSTOM_CODE = ("model_script", "script_dir", "model_loader", "dummy_inputs_func")
+
+
+def _input_model(section: dict[str, Any], out: Translation) -> None:
+    where = "input_model"
+    if not section:
+        raise InvalidRequest("input_model is missing: add {\"type\": \"HfModel\", \"model_path\": \"<hub id or "
+                             "folder>\"}, or pass -m")
+    kind = str(section.get("type", "")).lower().removesuffix("handler")
+    if kind == "onnxmodel":
+        raise InvalidRequest("input_model is an ONNX model: Grove starts from the Hugging Face model (hub id, local "
+                             "folder, .gguf or s3:// folder) and captures the ONNX itself; set input_model to "
+                             '{"type": "HfModel", "model_path": "<that model>"}')
+    if kind not in ("hfmodel", "pytorchmodel"):
+        raise InvalidRequest(f"{where}.type {section.get('type')!r}: Grove reads HfModel (or PyTorchModel with "
+                             "hf_config), the Hugging Face model to optimize")
+    fields = _fields(section, where)
+    if custom := [k for k in _CUSTOM_CODE if fields.get(k)]:
+        raise InvalidRequest(f"{where}.{custom[0]}: Grove loads Hugging Face models with transformers and runs no "
+                             "loader code from a config; save the model with save_pretrained and point "
+                             f"{where}.model_path at that folder")
+    if fields.get("adapter_path"):
+        raise InvalidRequest(f"{where}.adapter_path: LoRA adapters are not applied by Grove; merge the adapter into "
+                             "the model (PEFT's merge_and_unload, then save_pretrained) and optimize the merged model")
+    hf = fields.pop("hf_config", None) or {}
+    if not isinstance(hf, dict):
+        raise InvalidRequest(f"{where}.hf_config must be an object")
+    loading = {**(hf.get("from_pretrained_args") or {}), **(fields.get("load_kwargs") or {})}
+    loading.update(loading.get("extra_args") or {})  # Olive passes unknown load_kwargs to from_pretrained there
+    model = hf.get("model_name") or fields.get("model_path")
+    if not model or not isinstance(model, str):
+        raise InvalidRequest(f"{where} names no model: set {where}.model_path (hub id, local folder, .gguf or "
+                             "s3:// folder), or pass -m")
+    out.flags["model_name_or_path"] = model
+    if task := hf.get("task") or fields.get("task"):
+        out.flags["task"] = task
+    if revision := loading.get("revision"):
+        out.flags["revision"] = revision
+    if hf.get("trust_remote_code") or fields.get("trust_remote_code") or loading.get("trust_remote_code"):
+        out.flags["trust_remote_code"] = True
+    if fields.get("io_config"):
+        out.notes.append("input_model.io_config: Grove names the inputs and outputs itself (dynamic batch and "
+                         "sequence axes), as onnxruntime-genai and its tokenizer files expect")
+
+
+def _target(config: dict[str, Any], engine: dict[str, Any], out: Translation) -> None:
+    systems = _section(config, "systems", "")
+    name = engine.get("target")
+    if isinstance(name, dict):
+        system, where = name, "target"
+    elif name is not None:
+        if name not in systems:
+            raise InvalidRequest(f"target {name!r} is not among systems ({', '.join(systems) or 'none'}); name one "
+                                 "of them, or add it to systems")
+        system, where = systems[name], f"systems.{name}"
+    elif len(systems) == 1:
+        (where, system), = ((f"systems.{k}", v) for k, v in systems.items())
+    elif not systems:
+        return  # Olive's default: the local CPU
+    else:
+        raise InvalidRequest(f"systems has {len(systems)} systems and no target names one; set target to one of "
+                             f"{', '.join(systems)}")
+    if not isinstance(system, dict):
+        raise InvalidRequest(f"{where} must be an object")
+    if str(system.get("type", "LocalSystem")).lower() != "localsystem":
+        raise InvalidRequest(f"{where}.type {system.get('type')!r}: Grove runs where it is started, or on its Prefect "
+                             "work pools ('grove deploy', see the README); use a LocalSystem with one accelerator")
+    accelerators = _fields(system, where).get("accelerators") or [{}]
+    if not isinstance(accelerators, list) or len(accelerators) > 1:
+        raise InvalidRequest(f"{where}.accelerators: Grove optimizes for one target per run; keep one accelerator "
+                             "(for several targets, list them in a fleet manifest: 'grove fleet refresh')")
+    accelerator = accelerators[0] if isinstance(accelerators[0], dict) else {}
+    providers = accelerator.get("execution_providers") or []
+    if len(providers) > 1:
+        raise InvalidRequest(f"{where}.accelerators[0].execution_providers: Grove optimizes for one execution "
+                             f"provider per run, not {len(providers)}; keep one (for several targets, list them in "
+                             "a fleet manifest: 'grove fleet refresh')")
+    device = str(accelerator.get("device") or "").lower() or None
+    if device not in (None, "cpu", "gpu"):
+        raise InvalidRequest(f"{where}.accelerators[0].device {device!r}: Grove targets cpu or gpu")
+    if providers:
+        if providers[0] not in PROVIDER_DEVICE:
+            raise InvalidRequest(f"{where}.accelerators[0].execution_providers: {providers[0]} is not a Grove target; "
+                                 f"it targets {', '.join(PROVIDER_DEVICE)}")
+        out.flags["provider"] = providers[0]
+        device = device or PROVIDER_DEVICE[providers[0]]
+    if device:
+        out.flags["device"] = device
+
+
+_MEASURED = {"latency", "throughput"}  # Olive metric types that Grove's evaluation reports on every run
+
+
+def _evaluator(config: dict[str, Any], engine: dict[str, Any], out: Translation) -> None:
+    evaluators = _section(config, "evaluators", "")
+    name = engine.get("evaluator")
+    if isinstance(name, str) and name not in evaluators:
+        raise InvalidRequest(f"evaluator {name!r} is not among evaluators ({', '.join(evaluators) or 'none'})")
+    chosen = name if isinstance(name, dict) else evaluators.get(name) if name else None
+    metrics = (chosen or {}).get("metrics") or []
+    others = [f"{m.get('name')} ({m.get('type')})" for m in metrics if isinstance(m, dict)
+              and str(m.get("type", "")).lower() not in _MEASURED]
+    out.notes.append("evaluation: Grove's report measures the output beside the fp32 reference on every run "
+                     "(decoders: size, prefill ms, decode tokens/s, perplexity, top-1 agreement; encoders: size, "
+                     "latency avg/p50/p90/p95/p99, throughput, cosine vs PyTorch or accuracy with --eval_data)"
+                     + (f"; not computed: {', '.join(others)}" if others else ""))
+
+
+# -- the whole config ------------------------------------------------------------------------------
+
+# Keys Olive reads under "engine" (older configs) or at the top level (Olive >= 0.7).
+_ENGINE_KEYS = {"output_dir", "cache_dir", "host", "target", "evaluator", "search_strategy", "log_severity_level",
+                "ort_log_severity_level", "ort_py_log_severity_level", "log_to_file", "evaluate_input_model",
+                "clean_cache", "clean_evaluation_cache", "packaging_config", "plot_pareto_frontier", "no_artifacts",
+                "output_name", "workflow_id", "verbose"}
+_TOP_KEYS = {"$schema", "input_model", "systems", "evaluators", "passes", "engine", "data_configs", *_ENGINE_KEYS}
+_REFUSED = {
+    "pass_flows": "Grove runs one pipeline per run; write one config per flow",
+    "auto_optimizer_config": "Grove's auto-opt picks its passes itself: run 'grove auto-opt' instead",
+    "azureml_client": "Grove runs where it is started, or on its Prefect work pools ('grove deploy')",
+    "workflow_host": "Grove runs where it is started, or on its Prefect work pools ('grove deploy')",
+}
+
+
+def translate(config: dict[str, Any], overrides: dict[str, object] | None = None) -> Translation:
+    """The auto-opt flags an Olive workflow ``config`` amounts to (``overrides``: flags given on the
+    command line, which win, as ``olive run``'s -m and -o do), and notes on what Grove does
+    differently. Raises InvalidRequest naming the first key Grove cannot honour."""
+    overrides = overrides or {}
+    for key in config:
+        if key in _REFUSED:
+            raise InvalidRequest(f"{key}: {_REFUSED[key]}")
+        if key not in _TOP_KEYS:
+            raise InvalidRequest(f"{key!r} is not an Olive workflow key that Grove reads; it reads "
+                                 f"{', '.join(sorted(_TOP_KEYS - {'$schema'}))}")
+    engine = {**_section(config, "engine", ""), **{k: v for k, v in config.items() if k in _ENGINE_KEYS}}
+    if unknown := sorted(set(engine) - _ENGINE_KEYS):
+        raise InvalidRequest(f"engine.{unknown[0]} is not an Olive engine key that Grove reads; it reads "
+                             f"{', '.join(sorted(_ENGINE_KEYS))}")
+    out = Translation()
+    model = _section(config, "input_model", "")
+    if model or "model_name_or_path" not in overrides:
+        _input_model(model, out)
+    _target(config, engine, out)
+    _passes(_section(config, "passes", ""), out)
+    _evaluator(config, engine, out)
+    if engine.get("output_dir"):
+        out.flags["output_path"] = str(engine["output_dir"])
+    if engine.get("log_severity_level") is not None:
+        out.flags["log_level"] = engine["log_severity_level"]
+    if engine.get("search_strategy"):
+        out.notes.append("search_strategy: Grove does not search; it runs the passes once with the options given "
+                         "(each step cached, so trying another option reruns only what it changes)")
+    if engine.get("cache_dir"):
+        out.notes.append(f"cache_dir {engine['cache_dir']!r}: Grove caches every step in its artifact store "
+                         "(--store, default $GROVE_STORE or ~/.cache/grove/store), shared by all runs")
+    if config.get("data_configs"):
+        out.notes.append("data_configs: not read; Grove evaluates on --eval_data FILE (default: the GPL-3 text "
+                         "shipped with Grove)")
+    out.flags.update(overrides)
+    if "output_path" not in out.flags:
+        raise InvalidRequest("no output folder: set output_dir (at the top level, or under engine), or pass -o")
+    return out

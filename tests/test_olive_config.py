@@ -1,0 +1,184 @@
+"""`grove run --config`: Olive workflow configs (the tutorial's `olive run --config config.json`)
+run as the `grove auto-opt` they amount to; what Grove cannot honour is one error naming the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, grove_cli
+
+TUTORIAL_CONFIG = ROOT / "tests" / "data" / "olive_tutorial_config.json"
+
+
+def _write(tmp_path: Path, config: dict, name: str = "config.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_the_tutorials_config_runs_and_is_the_same_recipe_as_its_auto_opt_command(
+        tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    """The tutorial's config file, verbatim, with the hub on loopback serving a tiny Qwen2 under the
+    tutorial's id: it writes an onnxruntime-genai int4 model at its output_dir that generates, and the
+    auto-opt command it prints is the same recipe (that run builds nothing: every digest equal)."""
+    import onnxruntime_genai as og
+
+    from tests.hub_server import HubRepo, serve_hub
+
+    config = json.loads(TUTORIAL_CONFIG.read_text())
+    assert config["input_model"]["config"]["hf_config"]["model_name"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    repos = {"Qwen/Qwen2.5-0.5B-Instruct": HubRepo(tiny_dir("qwen2"), "5" * 40)}
+    with serve_hub(repos) as (endpoint, _):
+        env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "GROVE_STORE": store}
+        result = grove_cli("run", "--config", str(TUTORIAL_CONFIG), env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        [line] = [x for x in result.stderr.splitlines() if x.startswith("grove run: ") and " is: grove auto-opt " in x]
+        command = line.split(" is: grove ", 1)[1].split()
+        assert command[:5] == ["auto-opt", "--model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct", "--output_path",
+                               "models/optimized"], command
+        assert {"--device": "cpu", "--provider": "CPUExecutionProvider", "--precision": "int4"}.items() <= \
+            dict(zip(command[5::2], command[6::2], strict=False)).items(), command
+        assert "search_strategy: Grove does not search" in result.stderr
+        out = tmp_path / "models" / "optimized"
+        report = json.loads((out / "grove_report.json").read_text())
+        assert report["target"]["precision"] == "int4", report["target"]
+
+        again = grove_cli(*command[:3], "--output_path", str(tmp_path / "again"), *command[5:], env=env, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr[-3000:]
+    lineage = {n["node"]: n["digest"] for n in report["lineage"]}
+    assert lineage == {n["node"]: n["digest"] for n in json.loads((tmp_path / "again" / "grove_report.json")
+                                                                   .read_text())["lineage"]}
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12)
+    generator = og.Generator(model, params)
+    generator.append_tokens([[1, 2, 3, 4]])
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 12
+
+
+def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path, store: str) -> None:
+    """Olive >= 0.7's flat style (HfModel, options beside "type", engine keys at the top), as YAML:
+    the dynamic quantization pass's options reach the int8 node; a command-line -o wins over output_dir."""
+    import yaml
+
+    from tests import tiny_models
+
+    model = tiny_models.build_encoder("bert", tmp_path / "bert")
+    config = {
+        "input_model": {"type": "HfModel", "model_path": str(model), "task": "text-classification"},
+        "systems": {"local": {"type": "LocalSystem", "accelerators": [
+            {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
+        "passes": {"conversion": {"type": "OnnxConversion", "target_opset": 17},
+                   "fusions": {"type": "OrtTransformersOptimization", "model_type": "bert", "opt_level": 1},
+                   "int8": {"type": "OnnxDynamicQuantization", "per_channel": False,
+                            "op_types_to_quantize": ["MatMul"]}},
+        "target": "local",
+        "output_dir": str(tmp_path / "not-here"),
+    }
+    path = tmp_path / "bert.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = grove_cli("run", "--config", str(path), "-o", str(tmp_path / "out"), "--store", store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--int8_mode dynamic --no-per_channel --op_types_to_quantize MatMul" in result.stderr
+    report = json.loads((tmp_path / "out" / "grove_report.json").read_text())
+    assert report["target"]["precision"] == "int8" and report["target"]["task"] == "text-classification"
+    int8 = next(n for n in report["lineage"] if n["node"] == "quantize-int8")
+    assert int8["config"]["per_channel"] is False and int8["config"]["op_types_to_quantize"] == ["MatMul"]
+    assert not (tmp_path / "not-here").exists()
+
+
+@pytest.mark.parametrize(("passes", "expected"), [
+    ({"q": {"type": "OnnxMatMul4Quantizer", "config": {"block_size": 64, "is_symmetric": True}}},
+     "--precision int4 --int4_algorithm rtn --block_size 64 --symmetric"),
+    ({"q": {"type": "OnnxHqqQuantization", "block_size": 64}}, "--precision int4 --int4_algorithm hqq --block_size 64"),
+    ({"mb": {"type": "ModelBuilder", "config": {"precision": "int4", "int4_block_size": 64, "int4_accuracy_level": 4}}},
+     "--precision int4 --block_size 64 --accuracy_level 4"),
+    ({"mb": {"type": "ModelBuilder", "precision": "fp32"}, "q": {"type": "onnxblockwisertnquantization",
+                                                                 "block_size": 32, "is_symmetric": False}},
+     "--precision int4 --int4_algorithm rtn --block_size 32"),
+    ({"q": {"type": "OnnxStaticQuantization", "quant_format": "QOperator", "calibrate_method": "Entropy"}},
+     "--precision int8 --int8_mode static --no-per_channel --quant_format QOperator --calibrate_method Entropy"),
+    ({"q": [{"type": "OnnxDynamicQuantization", "per_channel": True}, {"type": "OnnxDynamicQuantization"}]},
+     "--precision int8 --int8_mode dynamic --per_channel"),
+    ({"q": {"type": "OnnxBlockWiseRtnQuantization"}},  # Olive's defaults
+     "--precision int4 --int4_algorithm rtn --block_size 128 --symmetric"),
+    ({"mb": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant_mixed"}},
+     "--precision int4 --int4_algorithm k_quant"),
+    ({"o": {"type": "OrtTransformersOptimization", "float16": True}}, "--precision fp16"),
+    ({"c": {"type": "OnnxConversion"}}, "--precision fp32"),
+])
+def test_passes_become_the_auto_opt_flags_they_amount_to(passes: dict, expected: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from grove.cli import main
+
+    config = {"input_model": {"type": "HfModel", "model_path": "some/model"}, "passes": passes, "output_dir": "o"}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    command = capsys.readouterr().out.strip()
+    assert command.startswith("grove auto-opt --model_name_or_path some/model --output_path o --precision ")
+    flags = command.split(" --output_path o ", 1)[1]
+    assert sorted(flags.split(" --")) == sorted(expected.split(" --")), command
+
+
+_MODEL = {"type": "HfModel", "model_path": "some/model"}
+_INT4 = {"mb": {"type": "ModelBuilder", "precision": "int4"}}
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"input_model": _MODEL, "passes": {"ft": {"type": "LoRA"}}, "output_dir": "o"},
+     "passes.ft: LoRA: fine-tuning is not in Grove: fine-tune with Olive or PEFT, merge the adapter"),
+    ({"input_model": _MODEL, "passes": {"x": {"type": "SparseGPT"}}, "output_dir": "o"},
+     "passes.x: pass type 'SparseGPT' is not read by Grove; it reads ModelBuilder, OnnxBlockWiseRtnQuantization"),
+    ({"input_model": _MODEL, "passes": {"q": {"type": "OnnxDynamicQuantization", "weight_type": "QUInt8"}},
+      "output_dir": "o"}, "passes.q.weight_type: Input should be 'QInt8'"),
+    ({"input_model": _MODEL, "passes": {"mb": {"type": "ModelBuilder", "precision": "int4", "int4_blocksize": 64}},
+      "output_dir": "o"},
+     "passes.mb.int4_blocksize: not an option of ModelBuilder that Grove reads (it reads precision, int4_block_size"),
+    ({"input_model": _MODEL, "passes": {**_INT4, "q": {"type": "OnnxDynamicQuantization"}}, "output_dir": "o"},
+     "passes ask for different precisions: mb int4, q int8; Grove writes one output per run"),
+    ({"input_model": _MODEL, "passes": {"q": {"type": "OnnxStaticQuantization", "data_config": "calib"}},
+      "output_dir": "o"}, "passes.q.data_config: Grove calibrates static int8 on a UTF-8 text file"),
+    ({"input_model": {"type": "ONNXModel", "model_path": "m.onnx"}, "passes": _INT4, "output_dir": "o"},
+     "input_model is an ONNX model: Grove starts from the Hugging Face model"),
+    ({"input_model": {"type": "PyTorchModel", "config": {"model_path": "m.pt", "model_loader": "load"}},
+      "passes": _INT4, "output_dir": "o"}, "input_model.model_loader: Grove loads Hugging Face models"),
+    ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "systems": {"s": {"type": "LocalSystem",
+      "accelerators": [{"device": "gpu", "execution_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}]}}},
+     "systems.s.accelerators[0].execution_providers: Grove optimizes for one execution provider per run, not 2"),
+    ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "systems": {"s": {"type": "LocalSystem",
+      "config": {"accelerators": [{"device": "npu", "execution_providers": ["QNNExecutionProvider"]}]}}}},
+     "systems.s.accelerators[0].device 'npu': Grove targets cpu or gpu"),
+    ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "systems": {"aml": {"type": "AzureML"}}},
+     "systems.aml.type 'AzureML': Grove runs where it is started, or on its Prefect work pools"),
+    ({"input_model": _MODEL, "passes": _INT4, "engine": {"target": "gpu_system", "output_dir": "o"}},
+     "target 'gpu_system' is not among systems (none)"),
+    ({"input_model": _MODEL, "pases": _INT4, "output_dir": "o"}, "'pases' is not an Olive workflow key"),
+    ({"input_model": _MODEL, "passes": _INT4}, "no output folder: set output_dir"),
+    ({"input_model": _MODEL, "passes": {}, "output_dir": "o"}, "passes is empty"),
+])
+def test_what_grove_cannot_honour_is_one_error_naming_the_key(config: dict, expected: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from grove.cli import main
+
+    path = _write(tmp_path, config)
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"grove: error: {path}: {expected}"), err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_config_file_that_cannot_be_read_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from grove.cli import main
+
+    commented = tmp_path / "commented.json"
+    commented.write_text('{\n  "passes": {"mb": {"type": "ModelBuilder",\n    "precision": "int8"  // not int4\n}}}')
+    for path, expected in ((tmp_path / "missing.json", "does not exist; pass the path of an Olive workflow config"),
+                           (commented, "is not valid JSON: Expecting ',' delimiter at line 3, column 26 (JSON has "
+                            "no comments: remove the // lines)")):
+        assert main(["run", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"grove: error: {path}: config file {path} {expected}"), err
