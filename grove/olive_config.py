@@ -120,6 +120,10 @@ class ModelBuilder(_Pass):
         None, description="the builder's int4 algorithm: rtn, or k_quant")
     metadata_only: Literal[False] = Field(False, description="Grove always builds the model")
     search: dict[str, Any] | None = Field(None, description="generation defaults: Grove writes its own")
+    use_ort_genai: Literal[True] = Field(True, description="the tutorial's key: a decoder's output is always an "
+                                         "onnxruntime-genai folder")
+    use_dynamo_exporter: bool | None = Field(None, description="the tutorial's key: the model builder writes the "
+                                             "graph itself, no exporter involved")
 
     NOTE = ("ModelBuilder: Grove captures decoder LLMs with onnxruntime-genai's model builder (fp32 on cpu) and "
             "quantizes int4 with its own quantizer (affine by default on cpu: see the README; --int4_algorithm "
@@ -275,9 +279,12 @@ _NOT_IN_GROVE = {
 def _pass_errors(exc: ValidationError, where: str, cls: type[_Pass]) -> str:
     """pydantic's errors for one pass as one line; an unknown option lists those Grove reads."""
     known = ", ".join(f.alias or n for n, f in cls.model_fields.items())
-    return "; ".join(f"{where}.{'.'.join(map(str, e['loc']))}: " + (
-        f"not an option of {cls.__name__} that Grove reads (it reads {known})" if e["type"] == "extra_forbidden"
-        else str(e["msg"])) for e in exc.errors())
+    errors = [e for e in exc.errors() if e["type"] != "extra_forbidden"]
+    lines = [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors]
+    if unknown := [str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden"]:
+        lines.append(f"{where}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} "
+                     f"of {cls.__name__} that Grove reads (it reads {known})")
+    return "; ".join(lines)
 
 
 def _fields(section: dict[str, Any], where: str) -> dict[str, Any]:

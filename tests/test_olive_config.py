@@ -137,7 +137,8 @@ _INT4 = {"mb": {"type": "ModelBuilder", "precision": "int4"}}
       "output_dir": "o"}, "passes.q.weight_type: Input should be 'QInt8'"),
     ({"input_model": _MODEL, "passes": {"mb": {"type": "ModelBuilder", "precision": "int4", "int4_blocksize": 64}},
       "output_dir": "o"},
-     "passes.mb.int4_blocksize: not an option of ModelBuilder that Grove reads (it reads precision, int4_block_size"),
+     "passes.mb: int4_blocksize is not an option of ModelBuilder that Grove reads (it reads precision, "
+     "int4_block_size"),
     ({"input_model": _MODEL, "passes": {**_INT4, "q": {"type": "OnnxDynamicQuantization"}}, "output_dir": "o"},
      "passes ask for different precisions: mb int4, q int8; Grove writes one output per run"),
     ({"input_model": _MODEL, "passes": {"q": {"type": "OnnxStaticQuantization", "data_config": "calib"}},
