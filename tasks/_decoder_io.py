@@ -15,22 +15,26 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BUILTIN_TEXT", "available_cpus", "context_length", "generation_timing", "genai_model", "logits",
-           "model_size", "perplexity", "read_text", "text_sha256", "tokenize"]
+__all__ = ["BUILTIN_TEXT", "LABEL_COLUMNS", "TEXT_COLUMNS", "available_cpus", "context_length", "generation_timing",
+           "genai_model", "is_table", "logits", "model_size", "perplexity", "pick_column", "read_table", "read_text",
+           "text_sha256", "tokenize"]
 
 BUILTIN_TEXT = "builtin:GPL-3"
 
 
 def read_text(source: str, flag: str = "--eval_data", encoding: str = "utf-8", newline: str | None = None) -> str:
     """'builtin:GPL-3' (the GNU GPL v3 text shipped with Grove), a local path, or an fsspec URI
-    (``s3://``, ``hf://datasets/...``). A source that cannot be read as UTF-8 text raises
-    InvalidRequest naming ``flag``; for a remote one, whatever its client raised (no network, no
-    such dataset) is reported the same way."""
+    (``s3://``, ``hf://datasets/...``). A ``.parquet`` table (how the hub stores datasets: wikitext,
+    sst2...) reads as its text column's rows joined by blank lines, as transformers' perplexity
+    guide joins wikitext. A source that cannot be read raises InvalidRequest naming ``flag``; for a
+    remote one, whatever its client raised (no network, no such dataset) is reported the same way."""
     if source == BUILTIN_TEXT:
         return (resources.files("grove") / "data" / "GPL-3.txt").read_text(encoding="utf-8")
+    if is_table(source):
+        table = read_table(source, flag)
+        return "\n\n".join(str(row) for row in table[pick_column(table, TEXT_COLUMNS, source, flag)]
+                            if row is not None)
     import fsspec
-
-    from grove.errors import InvalidRequest
 
     remote = "://" in source and not source.startswith("file://")
     try:
@@ -40,15 +44,58 @@ def read_text(source: str, flag: str = "--eval_data", encoding: str = "utf-8", n
     except Exception as exc:
         if not (remote or isinstance(exc, (OSError, UnicodeDecodeError))):
             raise
-        if source.startswith("hf://") and isinstance(exc, FileNotFoundError):  # the hub answered: no such file
-            fix = ("the hub has no such file: check the path, hf://datasets/<org>/<name>/<file>, or set HF_TOKEN "
-                   "if the dataset is private")
-        elif source.startswith("hf://"):
-            fix = "a hub dataset file needs the hub: offline, copy the file to this machine and pass its path"
-        else:
-            fix = "pass a readable UTF-8 text file"
-        cause = str(exc) if isinstance(exc, (OSError, UnicodeDecodeError)) else f"{exc.__class__.__name__}: {exc}"
-        raise InvalidRequest(f"{flag} {source} cannot be read as UTF-8 text ({cause}); {fix}") from exc
+        raise _unreadable(source, flag, exc, "UTF-8 text", "pass a readable UTF-8 text file") from exc
+
+
+# Column names a table's text and labels go by in hub datasets (imdb, ag_news: text; sst2: sentence).
+TEXT_COLUMNS = ("text", "sentence", "content")
+LABEL_COLUMNS = ("label", "labels")
+
+
+def is_table(source: str) -> bool:
+    return source.lower().endswith(".parquet")
+
+
+def read_table(source: str, flag: str = "--eval_data") -> dict[str, list[Any]]:
+    """A Parquet file's columns (a path or an fsspec URI, e.g. a hub dataset's
+    ``hf://datasets/<org>/<name>/<split>.parquet``). Raises InvalidRequest naming ``flag``."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    remote = "://" in source and not source.startswith("file://")
+    try:
+        local = _local_copy(source) if remote else source
+        with fsspec.open(local, "rb") as f:
+            return dict(pq.read_table(f).to_pydict())
+    except Exception as exc:
+        import pyarrow as pa
+
+        if not (remote or isinstance(exc, (OSError, pa.ArrowException))):
+            raise
+        raise _unreadable(source, flag, exc, "a Parquet table", "pass a readable .parquet file") from exc
+
+
+def pick_column(table: dict[str, list[Any]], names: tuple[str, ...], source: str, flag: str = "--eval_data") -> str:
+    """The first of ``names`` that ``table`` has; else InvalidRequest listing the table's columns."""
+    from grove.errors import InvalidRequest
+
+    for name in names:
+        if name in table:
+            return name
+    raise InvalidRequest(f"{flag} {source} has no column named {' or '.join(names)} (its columns: "
+                         f"{', '.join(table) or 'none'}); rename the column to {names[0]}")
+
+
+def _unreadable(source: str, flag: str, exc: Exception, what: str, fix: str) -> Exception:
+    from grove.errors import InvalidRequest
+
+    if source.startswith("hf://") and isinstance(exc, FileNotFoundError):  # the hub answered: no such file
+        fix = ("the hub has no such file: check the path, hf://datasets/<org>/<name>/<file>, or set HF_TOKEN "
+               "if the dataset is private")
+    elif source.startswith("hf://"):
+        fix = "a hub dataset file needs the hub: offline, copy the file to this machine and pass its path"
+    cause = str(exc) if isinstance(exc, (OSError, UnicodeDecodeError)) else f"{exc.__class__.__name__}: {exc}"
+    return InvalidRequest(f"{flag} {source} cannot be read as {what} ({cause}); {fix}")
 
 
 def _local_copy(source: str) -> str:
@@ -71,6 +118,10 @@ def _local_copy(source: str) -> str:
 
 
 def text_sha256(source: str) -> str:
+    """sha256 of what an evaluation reads from ``source``: its text, or a table's every column
+    (a classifier's labels too)."""
+    if is_table(source):
+        return hashlib.sha256(json.dumps(read_table(source), sort_keys=True, default=str).encode()).hexdigest()
     return hashlib.sha256(read_text(source).encode()).hexdigest()
 
 

@@ -115,30 +115,39 @@ def read_lines(source: str, limit: int, flag: str = "--calibration_data") -> lis
 
 
 def read_labelled(source: str) -> tuple[list[str], list[str]]:
-    """The texts and labels of a labelled file: CSV with a text,label header, or JSONL objects with
-    text and label keys (a path or an fsspec URI). Raises InvalidRequest naming what is wrong."""
+    """The texts and labels of a labelled file: CSV with a header, JSONL objects, or a Parquet table
+    (a hub dataset's file), each with a text (or sentence) and a label column; a path or an fsspec
+    URI. Raises InvalidRequest naming what is wrong."""
     import csv
     import io
 
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import read_text
+    from tasks._decoder_io import LABEL_COLUMNS, TEXT_COLUMNS, is_table, pick_column, read_table, read_text
 
     def bad(problem: str) -> InvalidRequest:
         return InvalidRequest(f"--eval_data {source}: {problem}; labelled data is a CSV file with a text,label "
-                              "header or a .jsonl file of {\"text\": ..., \"label\": ...} lines")
+                              "header, a .jsonl file of {\"text\": ..., \"label\": ...} lines, or a .parquet table "
+                              "with text (or sentence) and label columns")
 
-    # newline="": quoted CSV fields may hold line breaks; utf-8-sig: spreadsheets often start with a BOM
-    f = io.StringIO(read_text(source, "--eval_data", encoding="utf-8-sig", newline=""), newline="")
-    if source.endswith(".jsonl"):
-        rows = []
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise bad(f"line {number} is not JSON ({exc.msg})") from exc
+    if is_table(source):
+        table = read_table(source)
+        text, label = (pick_column(table, names, source) for names in (TEXT_COLUMNS, LABEL_COLUMNS))
+        rows = [{"text": t, "label": y} for t, y in zip(table[text], table[label], strict=True)]
     else:
-        rows = list(csv.DictReader(f))
+        # newline="": quoted CSV fields may hold line breaks; utf-8-sig: spreadsheets often start with a BOM
+        f = io.StringIO(read_text(source, "--eval_data", encoding="utf-8-sig", newline=""), newline="")
+        if source.endswith(".jsonl"):
+            rows = []
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise bad(f"line {number} is not JSON ({exc.msg})") from exc
+        else:
+            rows = list(csv.DictReader(f))
+        if rows and isinstance(rows[0], dict) and "text" not in rows[0] and "sentence" in rows[0]:
+            rows = [{**r, "text": r.get("sentence")} if isinstance(r, dict) else r for r in rows]
     if not rows:
         raise bad("no rows")
     for number, row in enumerate(rows, 1):

@@ -315,11 +315,41 @@ def test_labelled_accuracy_csv_and_jsonl_match_pytorch(tiny_bert: dict[str, obje
     assert isinstance(fp32, Artifact)
     csv_path, jsonl_path, expected = _labelled_files(tiny_bert["folder"], tmp_path)  # type: ignore[arg-type]
     assert 0.5 < expected < 0.8  # the labels really disagree with the model on a third of the rows
-    for path in (csv_path, jsonl_path):
+    parquet_path = _as_parquet(csv_path)
+    for path in (csv_path, jsonl_path, parquet_path):
         config = EncoderEvalConfig(labelled_data=str(path), labelled_sha256=fingerprint_text(str(path)), warmup=0,
                                    repeat=5)
         metrics = evaluate_encoder.fn(fp32, config).metrics
         assert metrics["accuracy"] == round(expected, 4), path.name
+
+
+def _as_parquet(csv_path: Path) -> Path:
+    """The CSV's rows as a hub dataset stores them (sst2's layout: sentence, int label, idx)."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    path = csv_path.with_suffix(".parquet")
+    pq.write_table(pa.table({"idx": list(range(len(rows))), "sentence": [r["text"] for r in rows],
+                             "label": [int(r["label"]) for r in rows]}), path)
+    return path
+
+
+def test_a_labelled_table_is_fingerprinted_by_its_labels_too(tmp_path: Path) -> None:
+    """A relabelled Parquet table is a new recipe (its text alone is unchanged)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.evaluate import fingerprint_text
+
+    texts = ["a first row of text", "a second row of text"]
+    pq.write_table(pa.table({"text": texts, "label": [0, 1]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": texts, "label": [1, 1]}), tmp_path / "b.parquet")
+    assert fingerprint_text(str(tmp_path / "a.parquet")) != fingerprint_text(str(tmp_path / "b.parquet"))
+    assert eio.read_labelled(str(tmp_path / "a.parquet")) == (texts, ["0", "1"])
 
 
 @pytest.mark.parametrize(("name", "content", "expected"), [
@@ -336,6 +366,21 @@ def test_malformed_labelled_data_is_one_clear_error(name: str, content: str, exp
     with pytest.raises(InvalidRequest, match=expected) as exc:
         eio.read_labelled(str(path))
     assert "text,label header" in str(exc.value)
+
+
+def test_a_table_without_its_columns_or_not_a_table_is_one_clear_error(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from grove.errors import InvalidRequest
+
+    pq.write_table(pa.table({"review": ["good"], "stars": [5]}), tmp_path / "reviews.parquet")
+    with pytest.raises(InvalidRequest, match="has no column named text or sentence or content \\(its columns: "
+                       "review, stars\\); rename the column to text"):
+        eio.read_labelled(str(tmp_path / "reviews.parquet"))
+    (tmp_path / "fake.parquet").write_text("text,label\nhello,1\n")
+    with pytest.raises(InvalidRequest, match="fake.parquet cannot be read as a Parquet table"):
+        eio.read_labelled(str(tmp_path / "fake.parquet"))
 
 
 def test_a_spreadsheet_csv_with_a_byte_order_mark_reads(tmp_path: Path) -> None:

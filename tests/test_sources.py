@@ -166,14 +166,21 @@ def test_an_online_hub_repo_is_pinned_to_its_commit_and_fetches_its_weights_once
 
 def test_an_online_hub_dataset_file_is_read_as_the_evaluation_text(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
     """--eval_data hf://datasets/<org>/<name>/<file> with the hub reachable (the loopback hub) scores
-    the same text as the same file given as a path; a file the dataset lacks is one error naming it."""
+    the same text as the same file given as a path, and so does the hub's Parquet form of it (a
+    "text" column of paragraphs, as wikitext); a file the dataset lacks is one error naming it."""
     from tasks._decoder_io import BUILTIN_TEXT, read_text
     from tests.conftest import grove_cli
     from tests.hub_server import HubRepo, serve_hub
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     texts = tmp_path / "texts"
     texts.mkdir()
-    (texts / "gpl.txt").write_text(read_text(BUILTIN_TEXT)[5000:])
+    text = read_text(BUILTIN_TEXT)[5000:]
+    (texts / "gpl.txt").write_text(text)
+    # the hub's own format for datasets (wikitext's layout: one "text" column of paragraphs)
+    pq.write_table(pa.table({"text": text.split("\n\n")}), texts / "test-00000-of-00001.parquet")
     model = str(tiny_dir("llama"))
     local = grove_cli("auto-opt", "-m", model, "-o", str(tmp_path / "local"), "--store", store,
                       "--eval_data", str(texts / "gpl.txt"))
@@ -181,12 +188,15 @@ def test_an_online_hub_dataset_file_is_read_as_the_evaluation_text(tiny_dir, tmp
         env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"}
         hub = grove_cli("auto-opt", "-m", model, "-o", str(tmp_path / "hub"), "--store", store,
                         "--eval_data", "hf://datasets/grove-test/texts/gpl.txt", env=env)
+        table = grove_cli("auto-opt", "-m", model, "-o", str(tmp_path / "table"), "--store", store,
+                          "--eval_data", "hf://datasets/grove-test/texts/test-00000-of-00001.parquet", env=env)
         missing = grove_cli("auto-opt", "-m", model, "-o", str(tmp_path / "x"), "--store", store,
                             "--eval_data", "hf://datasets/grove-test/texts/nope.txt", env=env)
 
-    assert local.returncode == hub.returncode == 0, hub.stderr[-3000:]
-    reports = [json.loads((tmp_path / d / "grove_report.json").read_text()) for d in ("local", "hub")]
-    assert reports[0]["metrics"]["perplexity"] == reports[1]["metrics"]["perplexity"]
+    assert local.returncode == hub.returncode == table.returncode == 0, (hub.stderr + table.stderr)[-3000:]
+    reports = [json.loads((tmp_path / d / "grove_report.json").read_text()) for d in ("local", "hub", "table")]
+    assert reports[0]["metrics"]["perplexity"] == reports[1]["metrics"]["perplexity"] == \
+        reports[2]["metrics"]["perplexity"]
     assert reports[0]["reference"]["perplexity"] == reports[1]["reference"]["perplexity"]
     fetched = [r for r in requests if r.startswith("GET ") and r.endswith("/resolve/main/gpl.txt")]
     assert len(fetched) == 1, f"read over the network once per machine, not per check and evaluation: {requests}"
