@@ -392,6 +392,9 @@ def _input_model(section: dict[str, Any], out: Translation) -> None:
         out.flags["revision"] = revision
     if hf.get("trust_remote_code") or fields.get("trust_remote_code") or loading.get("trust_remote_code"):
         out.flags["trust_remote_code"] = True
+    if unused := sorted(set(loading) - {"trust_remote_code", "revision", "extra_args"}):
+        out.notes.append(f"input_model: {', '.join(unused)} not used: Grove loads the weights itself, for the "
+                         "capture and the reference")
     if fields.get("io_config"):
         out.notes.append("input_model.io_config: Grove names the inputs and outputs itself (dynamic batch and "
                          "sequence axes), as onnxruntime-genai and its tokenizer files expect")
@@ -508,6 +511,12 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
     if engine.get("cache_dir"):
         out.notes.append(f"cache_dir {engine['cache_dir']!r}: Grove caches every step in its artifact store "
                          "(--store, default $GROVE_STORE or ~/.cache/grove/store), shared by all runs")
+    if engine.get("evaluate_input_model") is False:
+        out.notes.append("evaluate_input_model false: Grove evaluates the fp32 reference on every run (the report's "
+                         "ratios compare with it); it is cached like any step")
+    if engine.get("packaging_config"):
+        out.notes.append("packaging_config: Grove writes the output as a folder (model, genai_config or tokenizer "
+                         "files, grove_report.json), not a zip")
     if config.get("data_configs"):
         out.notes.append("data_configs: not read; Grove evaluates on --eval_data FILE (default: the GPL-3 text "
                          "shipped with Grove)")

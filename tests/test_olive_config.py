@@ -124,6 +124,24 @@ def test_passes_become_the_auto_opt_flags_they_amount_to(passes: dict, expected:
     assert sorted(flags.split(" --")) == sorted(expected.split(" --")), command
 
 
+def test_what_grove_does_differently_is_said_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Keys Grove reads but does not follow are notes on stderr, never dropped in silence."""
+    from grove.cli import main
+
+    config = {"input_model": {"type": "HfModel", "model_path": "some/model",
+                              "load_kwargs": {"attn_implementation": "eager", "revision": "v2"}},
+              "passes": {"q": {"type": "OnnxDynamicQuantization"}}, "evaluate_input_model": False,
+              "packaging_config": {"type": "Zipfile"}, "cache_dir": "cache", "output_dir": "o"}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == ("grove auto-opt --model_name_or_path some/model --output_path o --precision int8 "
+                           "--revision v2 --int8_mode dynamic --no-per_channel")
+    for note in ("input_model: attn_implementation not used", "q: per_channel is not set, so per-tensor weight "
+                 "scales, as Olive's default", "evaluate_input_model false: Grove evaluates the fp32 reference",
+                 "packaging_config: Grove writes the output as a folder", "cache_dir 'cache': Grove caches"):
+        assert f"grove run: {note}" in err, err
+
+
 _MODEL = {"type": "HfModel", "model_path": "some/model"}
 _INT4 = {"mb": {"type": "ModelBuilder", "precision": "int4"}}
 
