@@ -75,18 +75,34 @@ def node_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return logging.getLogger("grove")
 
 
-_progress: ContextVar[tuple[Any, str] | None] = ContextVar("grove_progress", default=None)
+@dataclass
+class _Progress:
+    artifact_id: Any
+    what: str
+    updated: float  # when the dashboard's bar last moved
+    logged: float  # when the log last said how far the node is
+
+
+_progress: ContextVar[_Progress | None] = ContextVar("grove_progress", default=None)
+_BAR_EVERY_S = 1.0  # the dashboard's bar moves at most this often (each move is an API call)
+_LOG_EVERY_S = 15.0  # a long node says how far it is this often (a 7B model's int4 takes minutes)
 
 
 def report_progress(fraction: float, note: str) -> None:
-    """Move the running node's progress bar on the dashboard (a no-op outside a Prefect run)."""
+    """Move the running node's progress bar on the dashboard, and on long work say how far it is in
+    the log (a no-op outside a Prefect run). Call it from the node's own thread."""
     current = _progress.get()
     if current is None:
         return
-    from prefect.artifacts import update_progress_artifact
+    fraction, now = min(max(fraction, 0.0), 1.0), time.monotonic()
+    if now - current.updated >= _BAR_EVERY_S or fraction >= 1.0:
+        from prefect.artifacts import update_progress_artifact
 
-    artifact_id, what = current
-    update_progress_artifact(artifact_id, round(100 * min(max(fraction, 0.0), 1.0), 1), description=f"{what}: {note}")
+        update_progress_artifact(current.artifact_id, round(100 * fraction, 1), description=f"{current.what}: {note}")
+        current.updated = now
+    if now - current.logged >= _LOG_EVERY_S and fraction < 1.0:
+        node_logger().info("%.0f%% done: %s", 100 * fraction, note)
+        current.logged = now
 
 
 @contextlib.contextmanager
@@ -97,7 +113,8 @@ def _progress_bar(what: str) -> Iterator[None]:
     if TaskRunContext.get() is None:  # plain function call (tests, bench): nothing to show
         yield
         return
-    token = _progress.set((create_progress_artifact(0.0, description=f"{what}: started"), what))
+    start = time.monotonic()
+    token = _progress.set(_Progress(create_progress_artifact(0.0, description=f"{what}: started"), what, start, start))
     try:
         yield
         report_progress(1.0, "done")

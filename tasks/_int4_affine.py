@@ -234,8 +234,12 @@ class _Rewriter:
         threads divide the node's time (SmolLM2: 151 weights)."""
         from concurrent.futures import ThreadPoolExecutor
 
+        from grove.node import report_progress
+
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            self.ready.update(zip(names, pool.map(self._quantize_weight, names), strict=True))
+            for done, (name, qw) in enumerate(zip(names, pool.map(self._quantize_weight, names), strict=True), 1):
+                self.ready[name] = qw
+                report_progress(0.9 * done / len(names), f"{done}/{len(names)} weights quantized")
 
     def quantizable(self, name: str) -> bool:
         """Whether ``name`` is a constant 2-D fp32 [K, N] weight with K a multiple of the block."""

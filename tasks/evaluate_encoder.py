@@ -14,7 +14,7 @@ from prefect import task
 from pydantic import Field
 
 from grove.artifacts import Artifact, MeasureConfig
-from grove.node import RECIPE_CACHE, node_logger, run_node
+from grove.node import RECIPE_CACHE, node_logger, report_progress, run_node
 from tasks import _encoder_io as eio
 
 if TYPE_CHECKING:
@@ -142,4 +142,6 @@ def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str) -
         feeds = eio.encode(model_dir, texts[start:start + 32], info.inputs)
         predicted = eio.run(sess, feeds, "logits").argmax(-1)  # type: ignore[arg-type]
         correct += int((predicted == labels[start:start + 32]).sum())
+        done = min(start + 32, len(texts))
+        report_progress(0.5 + 0.5 * done / len(texts), f"accuracy: {done}/{len(texts)} labelled rows")
     return round(correct / max(len(texts), 1), 4)

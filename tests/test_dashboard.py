@@ -61,3 +61,47 @@ def test_run_publishes_table_report_link_and_progress(tiny_dir, tmp_path: Path, 
     assert store in str(link.data)
     assert all(float(p.data) == 100.0 for p in by_type["progress"]), [p.data for p in by_type["progress"]]
     assert len(by_type["progress"]) == 6, "one progress bar per built node (download to package)"
+
+
+def test_a_long_node_says_how_far_it_is_and_moves_its_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """report_progress: the dashboard's bar follows the node's work, and a long node says in the log
+    how far it is (every 15 s; here at once), so a 7B model's minutes of int4 are not silent."""
+    import logging
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.context import get_run_context
+
+    from grove import node
+
+    lines: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    monkeypatch.setattr(node, "_LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(node, "node_logger", lambda: logging.getLogger("grove.test-progress"))
+    logging.getLogger("grove.test-progress").addHandler(Catch())
+    logging.getLogger("grove.test-progress").setLevel(logging.INFO)
+
+    @task
+    def work() -> None:
+        with node._progress_bar("quantize-int4 0123456789ab"):
+            for i in range(1, 4):
+                node.report_progress(i / 4, f"{i}/4 weights quantized")
+
+    @flow
+    def run() -> str:
+        work()
+        return str(get_run_context().flow_run.id)
+
+    flow_run_id = run()
+    assert lines == ["25% done: 1/4 weights quantized", "50% done: 2/4 weights quantized",
+                     "75% done: 3/4 weights quantized"]
+    with get_client(sync_client=True) as client:
+        [bar] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    assert bar.type == "progress" and float(bar.data) == 100.0
+    assert bar.description == "quantize-int4 0123456789ab: done"
