@@ -270,9 +270,11 @@ _NOT_IN_GROVE = {
                     "the merged model"),
     **dict.fromkeys(("mergeadapterweights", "extractadapters"), "LoRA adapters are not applied by Grove: merge the "
                     "adapter into the model (PEFT's merge_and_unload), then optimize the merged model"),
-    **dict.fromkeys(("gptqquantizer", "gptq", "gptqmodel", "autoawqquantizer", "awq", "quarot", "spinquant"),
-                    "calibrated int4 of the PyTorch weights is not in Grove; its int4 options are ModelBuilder "
-                    "(Grove's affine int4), OnnxBlockWiseRtnQuantization and OnnxHqqQuantization"),
+    **dict.fromkeys(("gptqquantizer", "gptq", "gptqmodel", "autoawqquantizer", "awq", "quarot", "spinquant",
+                     "selectivemixedprecision", "rtn"),
+                    "quantizing the PyTorch weights before the capture is not in Grove, which quantizes the captured "
+                    "graph: a ModelBuilder pass with precision int4 gets Grove's affine int4 (the lm_head and "
+                    "embedding kept at 8 bits)"),
 }
 
 
@@ -285,6 +287,17 @@ def _pass_errors(exc: ValidationError, where: str, cls: type[_Pass]) -> str:
         lines.append(f"{where}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} "
                      f"of {cls.__name__} that Grove reads (it reads {known})")
     return "; ".join(lines)
+
+
+def _surgeries(fields: dict[str, Any], where: str, out: Translation) -> str | None:
+    """Olive's GraphSurgeries: TieWordEmbeddings is what Grove's int4 does anyway (one 8-bit table
+    serves the embedding and a tied lm_head); another surgeon is a problem to report."""
+    surgeons = [str(s.get("surgeon")) if isinstance(s, dict) else str(s) for s in fields.get("surgeries") or []]
+    if others := [s for s in surgeons if s != "TieWordEmbeddings"]:
+        return f"{where}: graph surgeries {', '.join(others)} are not in Grove (it reads TieWordEmbeddings)"
+    out.notes.append(f"{where}: TieWordEmbeddings: Grove's int4 of a tied model reads one 8-bit table for the "
+                     "embedding and the lm_head")
+    return None
 
 
 def _fields(section: dict[str, Any], where: str) -> dict[str, Any]:
@@ -307,6 +320,8 @@ def _passes(passes: dict[str, Any], out: Translation) -> None:
         raise InvalidRequest('passes is empty: Grove needs at least one, e.g. "passes": {"convert": {"type": '
                              '"ModelBuilder", "precision": "int4"}}')
     precisions: dict[str, str] = {}
+    problems: list[str] = []  # every pass Grove cannot honour, reported at once
+    unread: dict[str, list[str]] = {}  # why -> the passes of types Grove has no counterpart for
     for name, section in passes.items():
         where = f"passes.{name}"
         if isinstance(section, list) and section:  # Olive's search alternatives: without a search, the first
@@ -318,21 +333,28 @@ def _passes(passes: dict[str, Any], out: Translation) -> None:
             raise InvalidRequest(f'{where} must be an object with a "type" (e.g. "ModelBuilder")')
         kind = section["type"].lower()
         if kind in _NOT_IN_GROVE:
-            raise InvalidRequest(f"{where}: {section['type']}: {_NOT_IN_GROVE[kind]}")
+            unread.setdefault(_NOT_IN_GROVE[kind], []).append(f"{name} ({section['type']})")
+            continue
+        if kind == "graphsurgeries":
+            if problem := _surgeries(_fields(section, where), where, out):
+                problems.append(problem)
+            continue
         if kind not in PASSES:
-            raise InvalidRequest(f"{where}: pass type {section['type']!r} is not read by Grove; it reads "
-                                 f"{', '.join(sorted({c.__name__ for c in PASSES.values()}))}")
+            known = ", ".join(sorted({c.__name__ for c in PASSES.values()}))
+            unread.setdefault(f"not read by Grove, which reads {known}", []).append(f"{name} ({section['type']})")
+            continue
         cls = PASSES[kind]
         try:
             spec = cls(**_fields(section, where))
         except ValidationError as exc:
-            raise InvalidRequest(_pass_errors(exc, where, cls)) from None
+            problems.append(_pass_errors(exc, where, cls))
+            continue
         if cls.NOTE and cls.NOTE not in out.notes:
             out.notes.append(cls.NOTE)
         if isinstance(spec, OnnxQuantization) and spec.data_config is not None:
-            raise InvalidRequest(f"{where}.data_config: Grove calibrates static int8 on a UTF-8 text file, not an "
-                                 "Olive data config; drop data_config (Grove's default text: the GPL-3), or run the "
-                                 "auto-opt command this config amounts to with --calibration_data FILE")
+            problems.append(f"{where}.data_config: Grove calibrates static int8 on a text file, not an Olive data "
+                            "config; drop data_config (Grove's default text: the GPL-3), or run the auto-opt "
+                            "command this config amounts to with --calibration_data FILE")
         if isinstance(spec, OnnxQuantization) and spec.per_channel is None:
             out.notes.append(f"{name}: per_channel is not set, so per-tensor weight scales, as Olive's default; "
                              "Grove's auto-opt default is per-channel (all-MiniLM-L6-v2: cosine 0.992 vs 0.960 "
@@ -343,6 +365,9 @@ def _passes(passes: dict[str, Any], out: Translation) -> None:
         if (precision := spec.precision()) is not None:
             precisions[name] = precision
         out.flags.update(spec.flags())
+    problems += [f"passes {', '.join(names)}: {why}" for why, names in unread.items()]
+    if problems:
+        raise InvalidRequest("; ".join(problems) + ("; remove those passes to run the rest" if unread else ""))
     quantizing = {n: p for n, p in precisions.items() if p != "fp32"}
     if len(set(quantizing.values())) > 1:
         raise InvalidRequest("passes ask for different precisions: " + ", ".join(f"{n} {p}" for n, p in
@@ -457,6 +482,7 @@ def _evaluator(config: dict[str, Any], engine: dict[str, Any], out: Translation)
     metrics = (chosen or {}).get("metrics") or []
     others = [f"{m.get('name')} ({m.get('type')})" for m in metrics if isinstance(m, dict)
               and str(m.get("type", "")).lower() not in _MEASURED]
+    others += [f"lm-eval task {t}" for t in (chosen or {}).get("tasks") or []]  # Olive's LMEvaluator
     out.notes.append("evaluation: Grove's report measures the output beside the fp32 reference on every run "
                      "(decoders: size, prefill ms, decode tokens/s, perplexity, top-1 agreement; encoders: size, "
                      "latency avg/p50/p90/p95/p99, throughput, cosine vs PyTorch or accuracy with --eval_data)"

@@ -148,9 +148,19 @@ _INT4 = {"mb": {"type": "ModelBuilder", "precision": "int4"}}
 
 @pytest.mark.parametrize(("config", "expected"), [
     ({"input_model": _MODEL, "passes": {"ft": {"type": "LoRA"}}, "output_dir": "o"},
-     "passes.ft: LoRA: fine-tuning is not in Grove: fine-tune with Olive or PEFT, merge the adapter"),
+     "passes ft (LoRA): fine-tuning is not in Grove: fine-tune with Olive or PEFT, merge the adapter"),
     ({"input_model": _MODEL, "passes": {"x": {"type": "SparseGPT"}}, "output_dir": "o"},
-     "passes.x: pass type 'SparseGPT' is not read by Grove; it reads ModelBuilder, OnnxBlockWiseRtnQuantization"),
+     "passes x (SparseGPT): not read by Grove, which reads ModelBuilder, OnnxBlockWiseRtnQuantization"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {  # a recent olive-recipes layout, all reported at once
+        "s": {"type": "SelectiveMixedPrecision"}, "g": {"type": "gptq", "bits": 4}, "r": {"type": "rtn"},
+        "m": {"type": "ModelBuilder", "precision": "int4", "int4_block": 32},
+        "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "RemoveRopeMultiCache"}]}}},
+     "passes.m: int4_block is not an option of ModelBuilder that Grove reads (it reads precision, int4_block_size, "
+     "int4_accuracy_level, int4_is_symmetric, int4_algo_config, metadata_only, search, use_ort_genai, "
+     "use_dynamo_exporter); passes.t: graph surgeries RemoveRopeMultiCache are not in Grove (it reads "
+     "TieWordEmbeddings); passes s (SelectiveMixedPrecision), g (gptq), r (rtn): quantizing the PyTorch weights "
+     "before the capture is not in Grove, which quantizes the captured graph: a ModelBuilder pass with precision "
+     "int4 gets Grove's affine int4 (the lm_head and embedding kept at 8 bits); remove those passes to run the rest"),
     ({"input_model": _MODEL, "passes": {"q": {"type": "OnnxDynamicQuantization", "weight_type": "QUInt8"}},
       "output_dir": "o"}, "passes.q.weight_type: Input should be 'QInt8'"),
     ({"input_model": _MODEL, "passes": {"mb": {"type": "ModelBuilder", "precision": "int4", "int4_blocksize": 64}},
@@ -160,7 +170,7 @@ _INT4 = {"mb": {"type": "ModelBuilder", "precision": "int4"}}
     ({"input_model": _MODEL, "passes": {**_INT4, "q": {"type": "OnnxDynamicQuantization"}}, "output_dir": "o"},
      "passes ask for different precisions: mb int4, q int8; Grove writes one output per run"),
     ({"input_model": _MODEL, "passes": {"q": {"type": "OnnxStaticQuantization", "data_config": "calib"}},
-      "output_dir": "o"}, "passes.q.data_config: Grove calibrates static int8 on a UTF-8 text file"),
+      "output_dir": "o"}, "passes.q.data_config: Grove calibrates static int8 on a text file, not an Olive data config"),
     ({"input_model": {"type": "ONNXModel", "model_path": "m.onnx"}, "passes": _INT4, "output_dir": "o"},
      "input_model is an ONNX model: Grove starts from the Hugging Face model"),
     ({"input_model": {"type": "PyTorchModel", "config": {"model_path": "m.pt", "model_loader": "load"}},
