@@ -188,6 +188,9 @@ def run_node(config: C, parents: list[Artifact | Source], store_uri: str, build:
 
 def _build(config: C, parents: list[Artifact | Source], store: ArtifactStore, digest: str,
            build: Build[C]) -> Artifact:
+    from grove.quiet import quiet_libraries
+
+    quiet_libraries()
     log = node_logger()
     local_inputs = [store_for(p.store).fetch(p.node, p.digest) for p in parents if isinstance(p, Artifact)]
     work = Path(tempfile.mkdtemp(prefix=f"grove-{config.NODE}-"))

@@ -85,6 +85,9 @@ def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path,
     result = grove_cli("run", "--config", str(path), "-o", str(tmp_path / "out"), "--store", store)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--int8_mode dynamic --no-per_channel --op_types_to_quantize MatMul" in result.stderr
+    for noise in ("torchvision is not installed", "UserWarning", "FutureWarning", "Removing initializer",
+                  "Please consider to run pre-processing"):  # the libraries' own lines (grove/quiet.py)
+        assert noise not in result.stderr, result.stderr
     report = json.loads((tmp_path / "out" / "grove_report.json").read_text())
     assert report["target"]["precision"] == "int8" and report["target"]["task"] == "text-classification"
     int8 = next(n for n in report["lineage"] if n["node"] == "quantize-int8")
