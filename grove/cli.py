@@ -280,9 +280,10 @@ def _expand_run(argv: list[str]) -> list[str] | int:
         translation = translate(load(args.config), overrides)
     except GroveError as exc:
         return _fail(f"{args.config}: {exc}")
-    for note in translation.notes:
-        print(f"grove run: {note}", file=sys.stderr)
-    print(f"grove run: {args.config} is: {translation.command()}", file=sys.stderr)
+    if int(translation.flags.get("log_level", 1)) <= 1 or args.dry_run:  # info: what the config amounts to
+        for note in translation.notes:
+            print(f"grove run: {note}", file=sys.stderr)
+        print(f"grove run: {args.config} is: {translation.command()}", file=sys.stderr)
     if args.dry_run:
         print(translation.command())
         return 0

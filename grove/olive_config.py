@@ -5,10 +5,10 @@ Grove's pipeline is fixed (capture -> graph optimization -> quantization -> pari
 -> package), so a config maps onto auto-opt's flags: the input model, the target system's
 accelerator and execution provider, and the precision and quantizer options of its passes. What
 Grove does on every run anyway (ONNX conversion, transformer fusions, latency) is accepted; what
-Grove does differently is printed as a note; what it cannot honour (a search over pass options,
-remote systems, LoRA, a custom model loader...) is one error naming the key and what to do
-instead, never dropped in silence. The translation is printed before the run, so the config and
-the command stay interchangeable."""
+Grove does differently (a search strategy, the cache folder) is printed as a note; what it cannot
+honour (remote systems, LoRA, quantizing the PyTorch weights, a custom model loader...) is one
+error naming every such key and what to do instead, never dropped in silence. The translation is
+printed before the run, so the config and the command stay interchangeable."""
 
 from __future__ import annotations
 
@@ -300,19 +300,25 @@ def _surgeries(fields: dict[str, Any], where: str, out: Translation) -> str | No
     return None
 
 
-def _fields(section: dict[str, Any], where: str) -> dict[str, Any]:
-    """A section's options: Olive takes them under "config" or beside "type"."""
+def _fields(section: dict[str, Any], where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A section's options: Olive takes them under "config" or beside "type" (``skip``: keys that
+    are not options, e.g. a pass's host)."""
     nested = section.get("config", {})
     if not isinstance(nested, dict):
         raise InvalidRequest(f"{where}.config must be an object of options")
-    return {**{k: v for k, v in section.items() if k not in ("type", "config")}, **nested}
+    return {k: v for k, v in {**section, **nested}.items() if k not in ("type", "config", *skip)}
+
+
+def _object(value: object, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where} must be an object, not {type(value).__name__}")
+    return value
 
 
 def _section(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = data.get(key) or {}
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"{where}{key} must be an object, not {type(value).__name__}")
-    return value
+    return _object(data.get(key) or None, f"{where}{key}")
 
 
 def _passes(passes: dict[str, Any], out: Translation) -> None:
@@ -344,8 +350,8 @@ def _passes(passes: dict[str, Any], out: Translation) -> None:
             unread.setdefault(f"not read by Grove, which reads {known}", []).append(f"{name} ({section['type']})")
             continue
         cls = PASSES[kind]
-        try:
-            spec = cls(**_fields(section, where))
+        try:  # a pass's own host and evaluator: Grove runs and evaluates every step the same way
+            spec = cls(**_fields(section, where, skip=("host", "evaluator")))
         except ValidationError as exc:
             problems.append(_pass_errors(exc, where, cls))
             continue
@@ -401,11 +407,11 @@ def _input_model(section: dict[str, Any], out: Translation) -> None:
     if fields.get("adapter_path"):
         raise InvalidRequest(f"{where}.adapter_path: LoRA adapters are not applied by Grove; merge the adapter into "
                              "the model (PEFT's merge_and_unload, then save_pretrained) and optimize the merged model")
-    hf = fields.pop("hf_config", None) or {}
-    if not isinstance(hf, dict):
-        raise InvalidRequest(f"{where}.hf_config must be an object")
-    loading = {**(hf.get("from_pretrained_args") or {}), **(fields.get("load_kwargs") or {})}
-    loading.update(loading.get("extra_args") or {})  # Olive passes unknown load_kwargs to from_pretrained there
+    hf = _object(fields.pop("hf_config", None), f"{where}.hf_config")
+    loading = {**_object(hf.get("from_pretrained_args"), f"{where}.hf_config.from_pretrained_args"),
+               **_object(fields.get("load_kwargs"), f"{where}.load_kwargs")}
+    # Olive passes unknown load_kwargs on to from_pretrained through extra_args
+    loading.update(_object(loading.get("extra_args"), f"{where}.load_kwargs.extra_args"))
     model = hf.get("model_name") or fields.get("model_path")
     if not model or not isinstance(model, str):
         raise InvalidRequest(f"{where} names no model: set {where}.model_path (hub id, local folder, .gguf or "
@@ -453,6 +459,7 @@ def _target(config: dict[str, Any], engine: dict[str, Any], out: Translation) ->
                              "(for several targets, list them in a fleet manifest: 'grove fleet refresh')")
     accelerator = accelerators[0] if isinstance(accelerators[0], dict) else {}
     providers = accelerator.get("execution_providers") or []
+    providers = [providers] if isinstance(providers, str) else providers
     if len(providers) > 1:
         raise InvalidRequest(f"{where}.accelerators[0].execution_providers: Grove optimizes for one execution "
                              f"provider per run, not {len(providers)}; keep one (for several targets, list them in "
@@ -529,8 +536,10 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
     _evaluator(config, engine, out)
     if engine.get("output_dir"):
         out.flags["output_path"] = str(engine["output_dir"])
-    if engine.get("log_severity_level") is not None:
-        out.flags["log_level"] = engine["log_severity_level"]
+    if (level := engine.get("log_severity_level")) is not None:
+        if level not in range(5) or isinstance(level, bool):
+            raise InvalidRequest(f"log_severity_level {level!r}: Olive's levels are 0 (verbose) to 4 (fatal)")
+        out.flags["log_level"] = level
     if engine.get("search_strategy"):
         out.notes.append("search_strategy: Grove does not search; it runs the passes once with the options given "
                          "(each step cached, so trying another option reruns only what it changes)")

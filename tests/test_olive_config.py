@@ -114,6 +114,8 @@ def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path,
      "--precision int4 --int4_algorithm k_quant"),
     ({"o": {"type": "OrtTransformersOptimization", "float16": True}}, "--precision fp16"),
     ({"c": {"type": "OnnxConversion"}}, "--precision fp32"),
+    ({"q": {"type": "OnnxDynamicQuantization", "per_channel": True, "host": "local_system"}},  # a pass's own host
+     "--precision int8 --int8_mode dynamic --per_channel"),
 ])
 def test_passes_become_the_auto_opt_flags_they_amount_to(passes: dict, expected: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,7 +175,8 @@ _INT4 = {"mb": {"type": "ModelBuilder", "precision": "int4"}}
     ({"input_model": _MODEL, "passes": {**_INT4, "q": {"type": "OnnxDynamicQuantization"}}, "output_dir": "o"},
      "passes ask for different precisions: mb int4, q int8; Grove writes one output per run"),
     ({"input_model": _MODEL, "passes": {"q": {"type": "OnnxStaticQuantization", "data_config": "calib"}},
-      "output_dir": "o"}, "passes.q.data_config: Grove calibrates static int8 on a text file, not an Olive data config"),
+      "output_dir": "o"},
+     "passes.q.data_config: Grove calibrates static int8 on a text file, not an Olive data config"),
     ({"input_model": {"type": "ONNXModel", "model_path": "m.onnx"}, "passes": _INT4, "output_dir": "o"},
      "input_model is an ONNX model: Grove starts from the Hugging Face model"),
     ({"input_model": {"type": "PyTorchModel", "config": {"model_path": "m.pt", "model_loader": "load"}},
@@ -191,6 +194,10 @@ _INT4 = {"mb": {"type": "ModelBuilder", "precision": "int4"}}
     ({"input_model": _MODEL, "pases": _INT4, "output_dir": "o"}, "'pases' is not an Olive workflow key"),
     ({"input_model": _MODEL, "passes": _INT4}, "no output folder: set output_dir"),
     ({"input_model": _MODEL, "passes": {}, "output_dir": "o"}, "passes is empty"),
+    ({"input_model": {**_MODEL, "load_kwargs": "eager"}, "passes": _INT4, "output_dir": "o"},
+     "input_model.load_kwargs must be an object, not str"),
+    ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "log_severity_level": 5},
+     "log_severity_level 5: Olive's levels are 0 (verbose) to 4 (fatal)"),
 ])
 def test_what_grove_cannot_honour_is_one_error_naming_the_key(config: dict, expected: str, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
