@@ -129,6 +129,20 @@ def test_passes_become_the_auto_opt_flags_they_amount_to(passes: dict, expected:
     assert sorted(flags.split(" --")) == sorted(expected.split(" --")), command
 
 
+def test_a_target_systems_accelerator_sets_device_and_provider(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from grove.cli import main
+
+    config = {"input_model": {"type": "HfModel", "model_path": "some/model"}, "output_dir": "o",
+              "passes": {"mb": {"type": "ModelBuilder", "precision": "int4"}},
+              "systems": {"a": {"type": "LocalSystem", "accelerators": [{"device": "gpu"}]},
+                          "b": {"type": "LocalSystem", "accelerators": [
+                              {"execution_providers": "CUDAExecutionProvider"}]}},  # a string, not a list
+              "engine": {"host": "a", "target": "b"}}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    assert "--device gpu --provider CUDAExecutionProvider --precision int4" in capsys.readouterr().out
+
+
 def test_what_grove_does_differently_is_said_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Keys Grove reads but does not follow are notes on stderr, never dropped in silence."""
     from grove.cli import main
