@@ -233,19 +233,14 @@ def _auto_opt(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from grove.errors import one_line
-    from grove.request import AutoOptRequest
-    from grove.request_encoder import EncoderOptRequest, refuse_encoder_flags
+    from grove.request_encoder import EncoderOptRequest
 
     fields = {k: v for k, v in vars(args).items() if k not in ("run", "log_level") and v is not None}
     try:
-        from grove.runner import preflight, route, run_auto_opt
+        from grove.runner import preflight, request_from_flags, run_auto_opt
 
-        path, source = route(args.model_name_or_path, args.revision)
-        if path == "decoder":
-            refuse_encoder_flags(fields, args.model_name_or_path)
-            request = AutoOptRequest(**fields)
-        else:
-            request = EncoderOptRequest.from_flags(fields).resolved(source)
+        request, source = request_from_flags(fields)
+        if isinstance(request, EncoderOptRequest):
             if fields.get("use_ort_genai"):
                 print("grove: --use_ort_genai applies to decoder LLMs; this encoder is written for onnxruntime "
                       "(model.onnx with its tokenizer files), which onnxruntime-genai does not load", file=sys.stderr)

@@ -36,6 +36,8 @@ DEPLOYMENTS = (
     Deployment("flows/optimize_model.py:auto_opt", "auto-opt", "One decoder LLM to an onnxruntime-genai folder"),
     Deployment("flows/optimize_encoder.py:optimize_encoder", "auto-opt-encoder",
                "One encoder (BERT family) to an optimized ONNX model"),
+    Deployment("flows/olive_run.py:olive_run", "olive-run",
+               "An Olive workflow config (the JSON of olive run --config), as the auto-opt it amounts to"),
     Deployment("flows/run_node.py:run_node_flow", "run-node", "One node on this pool (the dispatcher's target)"),
 )
 FLEET = Deployment("flows/fleet_refresh.py:fleet_refresh", "fleet-refresh",

@@ -512,10 +512,12 @@ _REFUSED = {
 }
 
 
-def translate(config: dict[str, Any], overrides: dict[str, object] | None = None) -> Translation:
+def translate(config: dict[str, Any], overrides: dict[str, object] | None = None, *,
+              require_output: bool = True) -> Translation:
     """The auto-opt flags an Olive workflow ``config`` amounts to (``overrides``: flags given on the
     command line, which win, as ``olive run``'s -m and -o do), and notes on what Grove does
-    differently. Raises InvalidRequest naming the first key Grove cannot honour."""
+    differently. Raises InvalidRequest naming what Grove cannot honour. ``require_output``: a
+    config without output_dir is an error (a deployed run may leave its output in the store)."""
     overrides = overrides or {}
     for key in config:
         if key in _REFUSED:
@@ -556,6 +558,6 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
         out.notes.append("data_configs: not read; Grove evaluates on --eval_data FILE (default: the GPL-3 text "
                          "shipped with Grove)")
     out.flags.update(overrides)
-    if "output_path" not in out.flags:
+    if require_output and "output_path" not in out.flags:
         raise InvalidRequest("no output folder: set output_dir (at the top level, or under engine), or pass -o")
     return out

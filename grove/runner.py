@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
     from grove.artifacts import Source
 
-__all__ = ["check_provider", "preflight", "result_storage", "route", "run_auto_opt", "run_auto_opt_state"]
+__all__ = ["check_provider", "preflight", "request_from_flags", "result_storage", "route", "run_auto_opt",
+           "run_auto_opt_state"]
 
 
 def route(model_name_or_path: str, revision: str | None = None) -> tuple[str, Source]:
@@ -28,6 +29,19 @@ def route(model_name_or_path: str, revision: str | None = None) -> tuple[str, So
 
     source = _sources.resolve(model_name_or_path, revision)
     return arch_spec(source.model_type).path, source
+
+
+def request_from_flags(fields: dict[str, Any]) -> tuple[AutoOptRequest | EncoderOptRequest, Source]:
+    """auto-opt's flags (argparse dest -> value, those given) as the request of the path that serves
+    the model, with the resolved source. Raises a GroveError, or pydantic's ValidationError naming
+    the flags."""
+    from grove.request_encoder import refuse_encoder_flags
+
+    path, source = route(str(fields["model_name_or_path"]), fields.get("revision"))
+    if path == "decoder":
+        refuse_encoder_flags(fields, str(fields["model_name_or_path"]))
+        return AutoOptRequest(**fields), source
+    return EncoderOptRequest.from_flags(fields).resolved(source), source
 
 
 def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> None:

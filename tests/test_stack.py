@@ -134,3 +134,22 @@ def test_gpu_pool_runs_its_deployment_without_bouncing_nodes_to_the_cpu_pool(sta
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
     assert children == [], "download, capture, int4 and evaluation on the CPU provider run where the flow runs"
     assert (out / "model.onnx").exists()
+
+
+def test_an_olive_config_pasted_in_the_dashboard_runs_on_a_worker(stack_api: dict, tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    """The olive-run deployment: the tutorial's config as the `config` parameter (as the UI's form
+    takes JSON), its model swapped for a tiny one, runs on the cpu pool as the auto-opt it amounts to."""
+    from prefect.deployments import run_deployment
+
+    from tests.test_olive_config import TUTORIAL_CONFIG
+
+    config = json.loads(TUTORIAL_CONFIG.read_text())
+    config["input_model"]["config"]["hf_config"]["model_name"] = str(tiny_dir("llama"))
+    out = tmp_path / "out"
+    run = run_deployment("olive-run/olive-run-cpu", parameters={"config": config, "output_path": str(out)},
+                         timeout=300)
+
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert run.work_pool_name == "cpu-pool"
+    report = json.loads((out / "grove_report.json").read_text())
+    assert report["target"]["precision"] == "int4" and (out / "genai_config.json").exists()
