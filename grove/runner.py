@@ -17,35 +17,31 @@ if TYPE_CHECKING:
 
     from grove.artifacts import Source
 
-__all__ = ["check_provider", "preflight", "request_from_flags", "result_storage", "route", "run_auto_opt",
+__all__ = ["check_provider", "preflight", "request_from_flags", "result_storage", "run_auto_opt",
            "run_auto_opt_state"]
 
 
-def route(model_name_or_path: str, revision: str | None = None) -> tuple[str, Source]:
-    """'decoder' or 'encoder' (which auto-opt path serves this model; raises for unsupported),
-    and the resolved source."""
+def request_from_flags(fields: dict[str, Any], source: Source | None = None,
+                       decoder_fields: dict[str, Any] | None = None
+                       ) -> tuple[AutoOptRequest | EncoderOptRequest, Source]:
+    """auto-opt's flags (argparse dest -> value, those given) as the request of the path that serves
+    the model (an unsupported architecture raises, naming the supported ones), with the resolved
+    source (``source``: already resolved; ``decoder_fields``: added when the model is a decoder, e.g.
+    a fleet's eval_tokens). Raises a GroveError, or pydantic's ValidationError naming the flags."""
+    from grove.request_encoder import refuse_encoder_flags
     from tasks import _sources
     from tasks.registry import arch_spec
 
-    source = _sources.resolve(model_name_or_path, revision)
-    return arch_spec(source.model_type).path, source
-
-
-def request_from_flags(fields: dict[str, Any]) -> tuple[AutoOptRequest | EncoderOptRequest, Source]:
-    """auto-opt's flags (argparse dest -> value, those given) as the request of the path that serves
-    the model, with the resolved source. Raises a GroveError, or pydantic's ValidationError naming
-    the flags."""
-    from grove.request_encoder import refuse_encoder_flags
-
-    path, source = route(str(fields["model_name_or_path"]), fields.get("revision"))
-    if path == "decoder":
+    if source is None:
+        source = _sources.resolve(str(fields["model_name_or_path"]), fields.get("revision"))
+    if arch_spec(source.model_type).path == "decoder":
         refuse_encoder_flags(fields, str(fields["model_name_or_path"]))
-        return AutoOptRequest(**fields), source
+        return AutoOptRequest(**fields, **(decoder_fields or {})), source
     return EncoderOptRequest.from_flags(fields).resolved(source), source
 
 
 def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> None:
-    """Everything that can be checked before any work, given the source ``route`` resolved: model
+    """Everything that can be checked before any work, given the source ``request_from_flags`` resolved: model
     architecture, output path, store, evaluation text. Raises a GroveError naming the cause and the fix."""
     from tasks._decoder_io import BUILTIN_TEXT, read_text
     from tasks._encoder_io import read_lines

@@ -20,14 +20,11 @@ def refresh_entry(model: FleetModel, target_name: str, manifest: FleetManifest) 
     target = manifest.targets[target_name]
     try:
         from grove.dispatch import run_auto_opt_on_pool
-        from grove.request import AutoOptRequest
-        from grove.request_encoder import EncoderOptRequest
+        from grove.runner import request_from_flags
         from tasks import _sources
         from tasks.publish_registry import read_latest
-        from tasks.registry import arch_spec
 
         source = _sources.resolve(model.source)
-        path = arch_spec(source.model_type).path
         version = entry_version(source.digest, target)
         latest = read_latest(manifest.store, model.name, target_name)
         if latest is not None and latest.get("version") == version:
@@ -38,8 +35,7 @@ def refresh_entry(model: FleetModel, target_name: str, manifest: FleetManifest) 
             "model_name_or_path": model.source,
             "store": manifest.store, "publish_as": (model.name, target_name, version),
             **target.model_dump(exclude_none=True, exclude_defaults=True)}
-        request = (AutoOptRequest(**fields, eval_tokens=manifest.eval_tokens) if path == "decoder"  # type: ignore[arg-type]
-                   else EncoderOptRequest.from_flags(fields).resolved(source))
+        request, _ = request_from_flags(fields, source, decoder_fields={"eval_tokens": manifest.eval_tokens})
         run_auto_opt_on_pool(request, target.device)
         return {**row, "status": "refreshed", "version": version}
     except (GroveError, ValueError) as exc:
