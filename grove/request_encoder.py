@@ -52,7 +52,9 @@ def refuse_encoder_flags(fields: Mapping[str, object], model: str) -> None:
             "--block_size, --symmetric, --accuracy_level)")
 
 
-_EVAL_DATA_TASK = "--eval_data (labelled text,label rows) applies to --task text-classification"
+_EVAL_DATA_TASK = ("--eval_data (labelled data: text,label rows, or tokens,ner_tags sentences) applies to --task "
+                   "text-classification or token-classification")
+_LABELLED_TASKS = (None, "text-classification", "token-classification")
 
 
 def infer_task(architectures: Sequence[str]) -> EncoderTask:
@@ -94,7 +96,9 @@ class EncoderOptRequest(BaseModel):
                                                                          "activation ranges are found")
     calibration_data: str = Field("builtin:GPL-3", description="static int8: calibration text")
     calibration_samples: int = Field(32, ge=1, le=4096, description="static int8: paragraphs used")
-    eval_data: str | None = Field(None, description="classifiers: CSV / JSONL with text,label for accuracy")
+    eval_data: str | None = Field(None, description="classifiers: labelled data for accuracy (text classifiers: "
+                                  "CSV / JSONL / Parquet with text,label; token classifiers: JSONL / Parquet / CoNLL "
+                                  "with tokens,ner_tags)")
     eval_repeat: int = Field(100, ge=5, description="timed calls per latency measurement")
     threads: int = Field(2, ge=1, description="intra-op threads for latency")
     min_cosine: float | None = Field(None, ge=-1, le=1, description="override the parity limit on the mean "
@@ -127,7 +131,7 @@ class EncoderOptRequest(BaseModel):
             problems.append(f"{_flags(changed)} to --precision int8, not {self.precision}")
         elif self.int8_mode == "dynamic" and (static := [n for n in changed if n in _STATIC_OPTIONS]):
             problems.append(f"{_flags(static)} to --int8_mode static (dynamic int8 needs no calibration)")
-        if self.eval_data and self.task not in (None, "text-classification"):
+        if self.eval_data and self.task not in _LABELLED_TASKS:
             problems.append(_EVAL_DATA_TASK)
         if problems:
             raise ValueError("; ".join(problems))
@@ -136,7 +140,7 @@ class EncoderOptRequest(BaseModel):
     def resolved(self, source: Source) -> EncoderOptRequest:
         """This request with its task settled: as asked, or (task None) the task of the source's
         head. Raises InvalidRequest for a task whose head the weights lack, labelled --eval_data for
-        a model that is not a text classifier, or --min_cosine for one that is not an embedding model."""
+        a model that is not a classifier, or --min_cosine for one that is not an embedding model."""
         head = infer_task(source.architectures)
         task = self.task or head
         if task != head and task != "feature-extraction" and source.architectures:
@@ -145,7 +149,7 @@ class EncoderOptRequest(BaseModel):
             raise InvalidRequest(f"--task {task} needs a {task} head, and {self.model_name_or_path} is "
                                  f"{', '.join(source.architectures)} ({head}): that head would be untrained, random "
                                  f"weights; pass --task {head}{other}, or a model trained for {task}")
-        if self.eval_data and task != "text-classification":
+        if self.eval_data and task not in _LABELLED_TASKS:
             raise InvalidRequest(f"{_EVAL_DATA_TASK}; {self.model_name_or_path} is a {task} model "
                                  f"({', '.join(source.architectures) or 'no architectures in config.json'})")
         if self.min_cosine is not None and task != "feature-extraction":

@@ -75,6 +75,37 @@ def read_table(source: str, flag: str = "--eval_data") -> dict[str, list[Any]]:
         raise _unreadable(source, flag, exc, "a Parquet table", "pass a readable .parquet file") from exc
 
 
+def table_label_names(source: str, columns: tuple[str, ...]) -> list[str] | None:
+    """The class names of the first of ``columns`` that the Parquet table ``source`` has, where the
+    table says them (None otherwise): a hub dataset's file carries its ``datasets`` features in the
+    schema's metadata, a ClassLabel column's names in id order. Call after ``read_table`` succeeded."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    local = _local_copy(source) if "://" in source and not source.startswith("file://") else source
+    with fsspec.open(local, "rb") as f:
+        schema = pq.read_schema(f)
+    present = [c for c in columns if c in schema.names]
+    return _class_names(schema.metadata or {}).get(present[0]) if present else None
+
+
+def _class_names(metadata: dict[bytes, bytes]) -> dict[str, list[str]]:
+    """ClassLabel names per column from the ``huggingface`` schema metadata that the ``datasets``
+    library writes: a label column (sst2's ``label``) or a list of labels (conll2003's ``ner_tags``)."""
+    try:
+        features = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        return {}
+    names: dict[str, list[str]] = {}
+    for column, feature in features.items() if isinstance(features, dict) else ():
+        inner = feature[0] if isinstance(feature, list) and feature else feature
+        if isinstance(inner, dict) and "feature" in inner:  # Sequence / List of a ClassLabel
+            inner = inner["feature"]
+        if isinstance(inner, dict) and isinstance(inner.get("names"), list):
+            names[column] = [str(n) for n in inner["names"]]
+    return names
+
+
 def pick_column(table: dict[str, list[Any]], names: tuple[str, ...], source: str, flag: str = "--eval_data") -> str:
     """The first of ``names`` that ``table`` has; else InvalidRequest listing the table's columns."""
     from grove.errors import InvalidRequest

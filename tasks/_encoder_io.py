@@ -5,6 +5,7 @@ evaluation both make. Plain functions; heavy imports inside them."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +15,11 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 __all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "cosine_rows", "encode", "encoder_info", "label_ids",
-           "primary_output", "read_labelled", "read_lines", "run", "session", "tokenizer"]
+           "max_tokens", "primary_output", "read_labelled", "read_labelled_tokens", "read_lines", "run", "session",
+           "tokenizer"]
+
+TOKEN_COLUMNS = ("tokens", "words")
+TAG_COLUMNS = ("ner_tags", "tags", "labels", "label")
 
 ENCODER_JSON = "grove_encoder.json"
 # Fixed sentences: short and long, punctuation, digits, a code fragment; the same every run so
@@ -54,10 +59,10 @@ def primary_output(info: EncoderInfo) -> str:
     return "sentence_embedding" if "sentence_embedding" in info.outputs else info.outputs[0]
 
 
-def tokenizer(folder: Path):  # noqa: ANN201 - a transformers tokenizer (typed loosely upstream)
+def tokenizer(folder: Path, **options: object):  # noqa: ANN201 - a transformers tokenizer (typed loosely upstream)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder), **options)
 
 
 def encode(folder: Path, texts: list[str] | tuple[str, ...], inputs: list[str], *, max_length: int = 128,
@@ -156,11 +161,93 @@ def read_labelled(source: str) -> tuple[list[str], list[str]]:
     return [str(r["text"]) for r in rows], [str(r["label"]) for r in rows]
 
 
-def label_ids(labels: list[str], id2label: dict[str, str], source: str) -> list[int]:
+def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]:
+    """The words and their tags, per sentence, of a token classifier's labelled file: JSONL objects
+    with a ``tokens`` (or ``words``) list and a ``ner_tags`` (``tags``, ``labels``) list, a Parquet
+    table with such list columns (a hub dataset's layout: conll2003, wikiann), or CoNLL text (a word
+    and its tag per line, the tag in the last column, a blank line between sentences, ``-DOCSTART-``
+    lines skipped). A path or an fsspec URI. Raises InvalidRequest naming what is wrong."""
+    from grove.errors import InvalidRequest
+    from tasks._decoder_io import is_table, pick_column, read_table, read_text
+
+    def bad(problem: str) -> InvalidRequest:
+        return InvalidRequest(f"--eval_data {source}: {problem}; a token classifier's labelled data is a .jsonl file "
+                              "of {\"tokens\": [...], \"ner_tags\": [...]} lines, a .parquet table with tokens and "
+                              "ner_tags list columns (a hub dataset's layout, e.g. conll2003), or CoNLL text: a word "
+                              "and its tag per line, a blank line between sentences")
+
+    rows: list[tuple[object, object]] = []
+    if is_table(source):
+        table = read_table(source)
+        words, tags = (pick_column(table, names, source) for names in (TOKEN_COLUMNS, TAG_COLUMNS))
+        rows = list(zip(table[words], table[tags], strict=True))
+    elif source.lower().endswith((".csv", ".json")):
+        raise bad("a CSV or JSON file holds no list of words per row")
+    elif source.lower().endswith(".jsonl"):
+        for number, line in enumerate(read_text(source, "--eval_data").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise bad(f"line {number} is not JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise bad(f"line {number} is not a JSON object")
+            rows.append((next((obj[k] for k in TOKEN_COLUMNS if k in obj), None),
+                         next((obj[k] for k in TAG_COLUMNS if k in obj), None)))
+    else:
+        sentence: tuple[list[str], list[str]] = ([], [])
+        for number, line in enumerate(read_text(source, "--eval_data").splitlines() + [""], 1):
+            parts = line.split()
+            if not parts:
+                if sentence[0]:
+                    rows.append(sentence)
+                sentence = ([], [])
+            elif parts[0] != "-DOCSTART-":
+                if len(parts) < 2:
+                    raise bad(f"line {number} has a word and no tag")
+                sentence[0].append(parts[0])
+                sentence[1].append(parts[-1])
+    if not rows:
+        raise bad("no sentences")
+    for number, (words, tags) in enumerate(rows, 1):
+        if not isinstance(words, list) or not isinstance(tags, list) or not words:
+            raise bad(f"sentence {number} has no list of words and list of tags")
+        if len(words) != len(tags):
+            raise bad(f"sentence {number} has {len(words)} words and {len(tags)} tags")
+    return ([[str(w) for w in words] for words, _ in rows],  # type: ignore[attr-defined]
+            [[str(t) for t in tags] for _, tags in rows])  # type: ignore[attr-defined]
+
+
+def max_tokens(folder: Path, tok: object) -> int:
+    """The most tokens one row can have: the tokenizer ``tok``'s limit and the position table's
+    (RoBERTa's positions start after its padding id), 512 at most."""
+    config = json.loads((folder / "config.json").read_text())
+    positions = int(config.get("max_position_embeddings") or 512)
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= int(config.get("pad_token_id") or 1) + 1
+    return min(512, positions, int(tok.model_max_length))  # type: ignore[attr-defined]
+
+
+def label_ids(labels: list[str], id2label: dict[str, str], source: str, names: list[str] | None = None,
+              log: logging.Logger | logging.LoggerAdapter | None = None) -> list[int]:
     """Each label as the model's class id: an id2label name, or an id in range. Raises InvalidRequest
-    listing the labels the model does not have."""
+    listing the labels the model does not have. ``names``: the table's own class names in id order
+    (a hub dataset's ClassLabel): when each one used is also a class of the model (case aside), the
+    labels are matched by name, since a dataset and a model may number the same classes differently
+    (conll2003's B-PER is 1, a fine-tuned model's may be 3); otherwise its ids are taken as the
+    model's, and ``log`` says so."""
     from grove.errors import InvalidRequest
 
+    if names and all(x.isdigit() and int(x) < len(names) for x in set(labels)):
+        model_names = {str(n).lower(): str(n) for n in id2label.values()}
+        used = sorted({names[int(x)] for x in labels})
+        if all(n.lower() in model_names for n in used):
+            labels = [model_names[names[int(x)].lower()] for x in labels]
+        elif log is not None:
+            log.warning("--eval_data %s names its classes %s, and this model's are %s: the table's ids are taken "
+                        "as the model's class ids", source, ", ".join(used[:8]),
+                        ", ".join(str(n) for n in list(id2label.values())[:8]))
     by_name = {str(name): int(i) for i, name in id2label.items()}
     known = {str(i) for i in range(len(id2label))}
     unknown = sorted({x for x in labels if x not in by_name and x not in known})

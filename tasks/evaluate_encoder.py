@@ -16,24 +16,27 @@ from pydantic import Field
 from grove.artifacts import Artifact, MeasureConfig
 from grove.node import RECIPE_CACHE, node_logger, report_progress, run_node
 from tasks import _encoder_io as eio
+from tasks._decoder_io import LABEL_COLUMNS, is_table, table_label_names
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import numpy as np
 
-__all__ = ["EncoderEvalConfig", "evaluate_encoder", "latency_stats"]
+__all__ = ["EncoderEvalConfig", "entity_f1", "entity_spans", "evaluate_encoder", "latency_stats"]
 
 
 class EncoderEvalConfig(MeasureConfig):
     NODE = "evaluate-encoder"
-    VERSION = 2  # 2: labelled data is validated (unknown labels and malformed rows are errors, not misses)
+    VERSION = 3  # 2: labelled data is validated (unknown labels and malformed rows are errors, not misses);
+    # 3: a hub table's class ids are matched to the model's classes by name; token classifiers are scored
     batch_size: int = Field(1, ge=1, le=256, description="rows per timed call")
     sequence_length: int = Field(64, ge=4, le=512, description="tokens per row in the timed call (padded)")
     warmup: int = Field(10, ge=0, description="untimed calls first (allocations, thread pools)")
     repeat: int = Field(100, ge=5, description="timed calls")
     threads: int = Field(2, ge=1, le=256, description="onnxruntime intra-op threads (and torch threads)")
-    labelled_data: str | None = Field(None, description="classifiers: local CSV or JSONL with text,label columns")
+    labelled_data: str | None = Field(None, description="text classifiers: CSV, JSONL or Parquet with text,label; "
+                                      "token classifiers: JSONL, Parquet or CoNLL with tokens,ner_tags")
     labelled_sha256: str = Field("", description="sha256 of labelled_data (part of the recipe)")
 
 
@@ -64,6 +67,8 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
         metrics["latency_vs_pytorch"] = round(stats["avg"] / float(metrics["pytorch_latency_ms_avg"]), 4)  # type: ignore[arg-type]
     if config.labelled_data and info.task == "text-classification":
         metrics["accuracy"] = _accuracy(sess, model_dir, info, config.labelled_data)
+    elif config.labelled_data and info.task == "token-classification":
+        metrics.update(_token_accuracy(sess, model_dir, info, config.labelled_data))
     metrics["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     (out / "eval.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -136,7 +141,8 @@ def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str) -
     """Top-1 accuracy on a CSV / JSONL file of text,label rows (label: id or id2label name)."""
     config = json.loads((model_dir / "config.json").read_text())
     texts, raw = eio.read_labelled(path)
-    labels = eio.label_ids(raw, config.get("id2label", {}), path)
+    names = table_label_names(path, LABEL_COLUMNS) if is_table(path) else None
+    labels = eio.label_ids(raw, config.get("id2label", {}), path, names=names, log=node_logger())
     correct = 0
     for start in range(0, len(texts), 32):
         feeds = eio.encode(model_dir, texts[start:start + 32], info.inputs)
@@ -145,3 +151,89 @@ def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str) -
         done = min(start + 32, len(texts))
         report_progress(0.5 + 0.5 * done / len(texts), f"accuracy: {done}/{len(texts)} labelled rows")
     return round(correct / max(len(texts), 1), 4)
+
+
+def _token_accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str) -> dict[str, float]:
+    """Word accuracy on labelled sentences (each word's tag predicted at its first sub-token, as
+    token classifiers are trained and used) and, for a B-/I- tag set, entity F1 over conlleval's
+    spans. Words past the model's longest input are not scored (the log says how many)."""
+    import numpy as np
+
+    from grove.errors import InvalidRequest
+
+    log = node_logger()
+    config = json.loads((model_dir / "config.json").read_text())
+    id2label = {str(k): str(v) for k, v in config.get("id2label", {}).items()}
+    sentences, raw = eio.read_labelled_tokens(path)
+    names = table_label_names(path, eio.TAG_COLUMNS) if is_table(path) else None
+    flat = iter(eio.label_ids([t for tags in raw for t in tags], id2label, path, names=names, log=log))
+    gold = [[next(flat) for _ in tags] for tags in raw]
+    roberta_like = config.get("model_type") in ("roberta", "xlm-roberta", "camembert")
+    tok = eio.tokenizer(model_dir, **({"add_prefix_space": True} if roberta_like else {}))
+    if not tok.is_fast:
+        raise InvalidRequest(f"--eval_data for a token classifier needs a fast tokenizer (tokenizer.json) in "
+                             f"{info.model_type}'s folder, to map words to sub-tokens")
+    limit = eio.max_tokens(model_dir, tok)
+    correct = scored = 0
+    gold_tags: list[list[str]] = []
+    predicted_tags: list[list[str]] = []
+    for start in range(0, len(sentences), 32):
+        batch = sentences[start:start + 32]
+        enc = tok(batch, is_split_into_words=True, padding=True, truncation=True, max_length=limit, return_tensors="np")
+        feeds = {name: np.asarray(enc[name], dtype=np.int64) if name in enc else
+                 np.zeros_like(enc["input_ids"], dtype=np.int64) for name in info.inputs}
+        logits = eio.run(sess, feeds, "logits")  # type: ignore[arg-type]
+        for row in range(len(batch)):
+            first: dict[int, int] = {}
+            for position, word in enumerate(enc.word_ids(row)):
+                if word is not None:
+                    first.setdefault(word, position)
+            words = sorted(first)
+            want = [gold[start + row][w] for w in words]
+            got = [int(logits[row, first[w]].argmax()) for w in words]
+            correct += sum(p == g for p, g in zip(got, want, strict=True))
+            scored += len(words)
+            gold_tags.append([id2label.get(str(i), str(i)) for i in want])
+            predicted_tags.append([id2label.get(str(i), str(i)) for i in got])
+        done = min(start + 32, len(sentences))
+        report_progress(0.5 + 0.5 * done / len(sentences), f"accuracy: {done}/{len(sentences)} labelled sentences")
+    total = sum(len(s) for s in sentences)
+    if scored < total:
+        log.info("%d of %d labelled words were not scored: past the model's %d tokens (or no sub-token)",
+                 total - scored, total, limit)
+    metrics = {"accuracy": round(correct / max(scored, 1), 4)}
+    if any(name[:2] in ("B-", "I-") for name in id2label.values()):
+        f1 = entity_f1(gold_tags, predicted_tags)
+        if f1 is not None:
+            metrics["entity_f1"] = round(f1, 4)
+    return metrics
+
+
+def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:
+    """The entities of one sentence's IOB tags as (type, start, end) word spans, read as conlleval
+    does: B- starts one, I- continues one of its type (or starts one after O or another type), E-
+    and S- (IOBES) end one; any other tag is outside."""
+    spans: set[tuple[str, int, int]] = set()
+    kind: str | None = None
+    start = 0
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, typ = tag.partition("-") if tag[1:2] == "-" else ("O", "", "")
+        if kind is not None and (prefix in ("O", "B", "S") or typ != kind):
+            spans.add((kind, start, i))
+            kind = None
+        if prefix in ("B", "S") or (prefix in ("I", "E") and kind is None):
+            kind, start = typ, i
+        if prefix in ("E", "S") and kind is not None:
+            spans.add((kind, start, i + 1))
+            kind = None
+    return spans
+
+
+def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> float | None:
+    """Micro-averaged F1 of exact entity spans over sentences (None: no entity in either)."""
+    want = {(n, *span) for n, tags in enumerate(gold) for span in entity_spans(tags)}
+    got = {(n, *span) for n, tags in enumerate(predicted) for span in entity_spans(tags)}
+    if not want and not got:
+        return None
+    hits = len(want & got)
+    return 2 * hits / (len(want) + len(got))

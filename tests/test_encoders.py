@@ -316,15 +316,21 @@ def test_labelled_accuracy_csv_and_jsonl_match_pytorch(tiny_bert: dict[str, obje
     csv_path, jsonl_path, expected = _labelled_files(tiny_bert["folder"], tmp_path)  # type: ignore[arg-type]
     assert 0.5 < expected < 0.8  # the labels really disagree with the model on a third of the rows
     parquet_path = _as_parquet(csv_path)
-    for path in (csv_path, jsonl_path, parquet_path):
+    id2label = json.loads((tiny_bert["folder"] / "config.json").read_text())["id2label"]  # type: ignore[operator]
+    (tmp_path / "id2label.json").write_text(json.dumps(id2label))
+    # a hub table numbering the model's classes in another order, its names in the metadata
+    named_path = _as_parquet(csv_path, class_names=sorted(id2label.values(), reverse=True))
+    for path in (csv_path, jsonl_path, parquet_path, named_path):
         config = EncoderEvalConfig(labelled_data=str(path), labelled_sha256=fingerprint_text(str(path)), warmup=0,
                                    repeat=5)
         metrics = evaluate_encoder.fn(fp32, config).metrics
         assert metrics["accuracy"] == round(expected, 4), path.name
 
 
-def _as_parquet(csv_path: Path) -> Path:
-    """The CSV's rows as a hub dataset stores them (sst2's layout: sentence, int label, idx)."""
+def _as_parquet(csv_path: Path, class_names: list[str] | None = None) -> Path:
+    """The CSV's rows as a hub dataset stores them (sst2's layout: sentence, int label, idx); with
+    ``class_names``, numbered in that order and named in the schema's metadata, as the datasets
+    library writes a ClassLabel."""
     import csv
 
     import pyarrow as pa
@@ -332,9 +338,17 @@ def _as_parquet(csv_path: Path) -> Path:
 
     with open(csv_path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
+    labels = [int(r["label"]) for r in rows]
     path = csv_path.with_suffix(".parquet")
-    pq.write_table(pa.table({"idx": list(range(len(rows))), "sentence": [r["text"] for r in rows],
-                             "label": [int(r["label"]) for r in rows]}), path)
+    table = pa.table({"idx": list(range(len(rows))), "sentence": [r["text"] for r in rows], "label": labels})
+    if class_names is not None:
+        model_names = json.loads((csv_path.parent / "id2label.json").read_text())
+        table = pa.table({"idx": list(range(len(rows))), "sentence": [r["text"] for r in rows],
+                          "label": [class_names.index(model_names[str(y)]) for y in labels]})
+        features = {"label": {"names": class_names, "_type": "ClassLabel"}}
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+        path = csv_path.with_name("named.parquet")
+    pq.write_table(table, path)
     return path
 
 
@@ -397,6 +411,121 @@ def test_labels_are_the_model_classes_by_id_or_name() -> None:
     with pytest.raises(InvalidRequest, match="label\\(s\\) 3, NEGATIVE are not among this model's 3 classes") as exc:
         eio.label_ids(["negative", "3", "NEGATIVE"], id2label, "f.csv")
     assert "ids 0-2 or names negative, neutral, positive" in str(exc.value)
+
+def test_table_class_names_match_the_model_classes_by_name(tmp_path: Path) -> None:
+    """A hub dataset numbers its classes in its own order (its ClassLabel names, in the Parquet
+    schema's metadata); a model may number the same classes differently: matched by name."""
+    import logging
+
+    id2label = {"0": "O", "1": "B-PER", "2": "I-PER"}
+    assert eio.label_ids(["0", "1", "2"], id2label, "t.parquet", names=["o", "I-PER", "B-PER"]) == [0, 2, 1]
+    records: list[logging.LogRecord] = []
+    log = logging.getLogger("test-names")
+    log.addHandler(handler := logging.Handler())
+    handler.emit = records.append  # type: ignore[method-assign]
+    # Names the model does not have: the ids are taken as the model's, and the log says so.
+    assert eio.label_ids(["0", "1"], id2label, "t.parquet", names=["O", "B-ORG"], log=log) == [0, 1]
+    assert "names its classes B-ORG, O, and this model's are O, B-PER, I-PER" in records[0].getMessage()
+
+
+def _hub_ner_table(path: Path, sentences: list[list[str]], tags: list[list[int]], names: list[str]) -> Path:
+    """A Parquet table in a hub NER dataset's layout (conll2003): tokens and ner_tags list columns,
+    the tags' ClassLabel names in the schema metadata that the datasets library writes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = {"tokens": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
+                "ner_tags": {"feature": {"names": names, "_type": "ClassLabel"}, "_type": "Sequence"}}
+    table = pa.table({"id": [str(i) for i in range(len(sentences))], "tokens": sentences, "ner_tags": tags})
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})}), path)
+    return path
+
+
+def test_token_classifier_accuracy_and_entity_f1_on_labelled_sentences(tmp_path: Path, enc_store: str) -> None:
+    """Word accuracy (a word's tag read at its first sub-token) and entity F1 of a token classifier,
+    from JSONL, a hub-layout Parquet table (whose own class order differs from the model's) and CoNLL
+    text, against what PyTorch predicts for the same words; words past the model's 160 positions
+    are not scored."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from tasks.evaluate import fingerprint_text
+    from tasks.evaluate_encoder import EncoderEvalConfig, entity_f1, evaluate_encoder
+
+    folder = _tiny_classifier("bert", tmp_path / "bert-ner", per_token=True)
+    config = json.loads((folder / "config.json").read_text())
+    id2label = {"0": "O", "1": "B-PER", "2": "I-PER"}
+    config.update(id2label=id2label, label2id={v: int(k) for k, v in id2label.items()})
+    (folder / "config.json").write_text(json.dumps(config))
+    hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
+    fp32 = optimize_graph.fn(capture_encoder.fn(hf, CaptureEncoderConfig(task="token-classification")), GraphConfig())
+
+    sentences = [p.split()[:30] for p in eio.read_lines("builtin:GPL-3", 36)]
+    sentences.append(" ".join(eio.read_lines("builtin:GPL-3", 8)).split()[:300])  # longer than 160 positions
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForTokenClassification.from_pretrained(folder).eval()
+    predicted, scored = [], 0
+    for words in sentences:
+        enc = tok(words, is_split_into_words=True, truncation=True, max_length=160, return_tensors="pt")
+        with torch.no_grad():
+            top = model(**enc).logits[0].argmax(-1).tolist()
+        first = {}
+        for position, word in enumerate(enc.word_ids(0)):
+            if word is not None:
+                first.setdefault(word, position)
+        predicted.append([top[first[w]] if w in first else None for w in range(len(words))])
+        scored += len(first)
+    assert scored < sum(len(s) for s in sentences)  # the long sentence is cut
+    gold = [[(p + 1) % 3 if p is not None and i % 3 == 0 else (p if p is not None else 0) for i, p in enumerate(ps)]
+            for ps in predicted]
+    hits = sum(g == p for gs, ps in zip(gold, predicted) for g, p in zip(gs, ps) if p is not None)
+    as_names = [[id2label[str(g)] for g in gs] for gs in gold]
+    expected_f1 = entity_f1([[id2label[str(g)] for g, p in zip(gs, ps) if p is not None] for gs, ps in zip(gold, predicted)],
+                            [[id2label[str(p)] for p in ps if p is not None] for ps in predicted])
+    assert 0.5 < hits / scored < 0.8 and expected_f1 is not None
+
+    jsonl = tmp_path / "ner.jsonl"
+    jsonl.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n" for w, t in zip(sentences, as_names)))
+    hub_order = ["O", "I-PER", "B-PER"]  # the dataset's own ids for the model's classes
+    table = _hub_ner_table(tmp_path / "ner.parquet", sentences, [[hub_order.index(t) for t in ts] for ts in as_names],
+                           hub_order)
+    conll = tmp_path / "ner.conll"
+    conll.write_text("-DOCSTART- -X- O\n\n" + "\n\n".join("\n".join(f"{w} NN {t}" for w, t in zip(ws, ts))
+                                                          for ws, ts in zip(sentences, as_names)) + "\n")
+    for path in (jsonl, table, conll):
+        metrics = evaluate_encoder.fn(fp32, EncoderEvalConfig(labelled_data=str(path), repeat=5, warmup=0,
+                                                              labelled_sha256=fingerprint_text(str(path)))).metrics
+        assert metrics["accuracy"] == round(hits / scored, 4), path.name
+        assert metrics["entity_f1"] == round(expected_f1, 4), path.name
+
+
+def test_entity_spans_read_iob_as_conlleval_does() -> None:
+    from tasks.evaluate_encoder import entity_f1, entity_spans
+
+    assert entity_spans(["B-PER", "I-PER", "O", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4)}
+    assert entity_spans(["I-PER", "I-PER", "I-LOC"]) == {("PER", 0, 2), ("LOC", 2, 3)}  # IOB1: I- after O/other starts
+    assert entity_spans(["B-PER", "B-PER"]) == {("PER", 0, 1), ("PER", 1, 2)}
+    assert entity_spans(["S-ORG", "B-MISC", "E-MISC", "O"]) == {("ORG", 0, 1), ("MISC", 1, 3)}  # IOBES
+    # one entity right and one cut short: precision 1/2, recall 1/2
+    assert entity_f1([["B-PER", "I-PER", "O", "B-LOC"]], [["B-PER", "O", "O", "B-LOC"]]) == pytest.approx(0.5)
+    # across sentences: one right, two invented, one missed: precision 1/3, recall 1/2
+    assert entity_f1([["B-PER", "O"], ["B-ORG"]], [["B-PER", "B-LOC"], ["B-MISC"]]) == pytest.approx(0.4)
+    assert entity_f1([["O"]], [["O"]]) is None
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("short.jsonl", '{"tokens": ["a", "b"], "ner_tags": ["O"]}\n', "sentence 1 has 2 words and 1 tags"),
+    ("nolist.jsonl", '{"text": "a b", "label": "O"}\n', "sentence 1 has no list of words and list of tags"),
+    ("ner.csv", "tokens,ner_tags\na,O\n", "a CSV or JSON file holds no list of words per row"),
+    ("notag.conll", "Paris B-LOC\nis\n", "line 2 has a word and no tag"),
+    ("empty.conll", "-DOCSTART- O\n\n\n", "no sentences"),
+])
+def test_malformed_token_labels_are_one_clear_error(name: str, content: str, expected: str, tmp_path: Path) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(InvalidRequest, match=expected) as exc:
+        eio.read_labelled_tokens(str(path))
+    assert "a token classifier's labelled data is a .jsonl file" in str(exc.value)
 
 
 def test_auto_opt_encoder_flow_rerun_is_all_cached(tiny_bert: dict[str, object], tmp_path: Path) -> None:
