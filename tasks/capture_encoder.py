@@ -68,7 +68,7 @@ def _capture(inputs: list[Path], config: CaptureEncoderConfig, out: Path) -> dic
     names = _INPUTS[model_type]
     outputs = (["last_hidden_state"] + (["sentence_embedding"] if pooling else [])
                if config.task == "feature-extraction" else ["logits"])
-    exporter = _export(src, config, names, outputs, out / "model.onnx", normalize)
+    exporter = _export(src, config, names, outputs, out / "model.onnx", pooling, normalize)
     for f in src.iterdir():  # tokenizer + config files; the weights now live in the graph
         if f.is_file() and not f.name.endswith(_WEIGHTS) and f.name not in ("manifest.json", "README.md"):
             shutil.copy2(f, out / f.name)
@@ -81,11 +81,14 @@ def _capture(inputs: list[Path], config: CaptureEncoderConfig, out: Path) -> dic
 
 
 _ST_MODULES = ("Transformer", "Pooling", "Normalize")  # the sentence-transformers modules the graph computes
+# The sentence-transformers pooling modes the graph computes (one at a time): mean (all-MiniLM,
+# e5, gte), the first token's state (bge, mxbai), the largest value over the tokens.
+_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 
 
 def sentence_transformers_pipeline(src: Path) -> tuple[str | None, bool]:
     """(pooling, normalize) of the model's sentence-transformers pipeline (``modules.json``):
-    ('mean', whether a Normalize module follows) for mean pooling; (None, False) for a plain
+    ('mean', 'cls' or 'max', whether a Normalize module follows); (None, False) for a plain
     transformers folder (hidden states only). A module the graph would not compute (Dense, another
     pooling) is refused: the embedding would silently differ from the library's."""
     listing = src / "modules.json"
@@ -108,11 +111,12 @@ def sentence_transformers_pipeline(src: Path) -> tuple[str | None, bool]:
         raise InvalidRequest(f"modules.json lists a Pooling module but {pooling.relative_to(src)} is missing; the "
                              "model folder is incomplete: download it again with its subfolders")
     modes = json.loads(pooling.read_text())
-    if not modes.get("pooling_mode_mean_tokens"):
-        active = [k for k, v in modes.items() if k.startswith("pooling_mode") and v]
-        raise InvalidRequest(f"sentence-transformers pooling {active} is not supported; only mean pooling is "
-                             "(pass --task feature-extraction on a mean-pooled model, or use the hidden states)")
-    return "mean", "Normalize" in modules
+    active = [k for k, v in modes.items() if k.startswith("pooling_mode") and v]
+    if len(active) != 1 or active[0] not in _POOLING:
+        raise InvalidRequest(f"sentence-transformers pooling {active} is not supported: Grove's graph computes one of "
+                             f"{', '.join(_POOLING)} (to export the transformer's hidden states only, pass a copy of "
+                             "the folder without modules.json)")
+    return _POOLING[active[0]], "Normalize" in modules
 
 
 def _field(config: dict[str, Any], *names: str) -> int:
@@ -120,13 +124,13 @@ def _field(config: dict[str, Any], *names: str) -> int:
 
 
 def _export(src: Path, config: CaptureEncoderConfig, names: list[str], outputs: list[str], dst: Path,
-            normalize: bool = False) -> str:
+            pooling: str | None = None, normalize: bool = False) -> str:
     """Export with the dynamo exporter; fall back to TorchScript where dynamo fails (``exporter``
     'auto'), or use the one exporter asked for. Returns which one wrote ``dst``."""
     import torch
 
     log = node_logger()
-    wrapper = _wrapper(src, config.task, len(names), pooled=len(outputs) == 2, normalize=normalize)
+    wrapper = _wrapper(src, config.task, len(names), pooling=pooling, normalize=normalize)
     args = _example(src, names, config.example_length)
     tried = ["dynamo", "torchscript"] if config.exporter == "auto" else [config.exporter]
     failures: list[str] = []
@@ -163,7 +167,7 @@ def _example(src: Path, names: list[str], length: int) -> tuple[Any, ...]:
     return tuple(torch.from_numpy(feeds[n]) for n in names)
 
 
-def _wrapper(src: Path, task_name: str, n_inputs: int, pooled: bool, normalize: bool = False) -> Any:
+def _wrapper(src: Path, task_name: str, n_inputs: int, pooling: str | None, normalize: bool = False) -> Any:
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -186,15 +190,20 @@ def _wrapper(src: Path, task_name: str, n_inputs: int, pooled: bool, normalize: 
             if task_name != "feature-extraction":
                 return result.logits
             hidden = result.last_hidden_state
-            if not pooled:
+            if pooling is None:
                 return hidden
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if pooling == "cls":
+                pooled = hidden[:, 0]
+            elif pooling == "max":  # padding cannot win: sentence-transformers sets it to -1e9 first
+                pooled = torch.where(mask > 0, hidden, torch.full_like(hidden, -1e9)).amax(1)
+            else:
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             if not normalize:
-                return hidden, mean
+                return hidden, pooled
             # sqrt(sum(x^2)) rather than F.normalize: its Expand / ReduceL2 leave the output without
             # a static shape, which stops onnxruntime's symbolic shape inference (and so fusion).
-            return hidden, mean / torch.sqrt((mean * mean).sum(1, keepdim=True)).clamp(min=1e-12)
+            return hidden, pooled / torch.sqrt((pooled * pooled).sum(1, keepdim=True)).clamp(min=1e-12)
 
     return Encoder().eval()
 

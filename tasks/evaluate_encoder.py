@@ -111,7 +111,7 @@ def _vs_pytorch(hf_dir: Path, model_dir: Path, sess: object, info: eio.EncoderIn
     metrics["pytorch_cpu_busy_elsewhere"] = stats["busy"]
     if info.task == "feature-extraction":
         hidden = result.last_hidden_state.numpy()
-        want = _mean_pool(hidden, feeds["attention_mask"]) if info.pooling else hidden
+        want = _pool(hidden, feeds["attention_mask"], info.pooling) if info.pooling else hidden
         metrics["cosine_vs_pytorch"] = round(float(eio.cosine_rows(onnx_out, want, feeds["attention_mask"]).mean()), 5)
     else:
         agree = onnx_out.argmax(-1) == result.logits.numpy().argmax(-1)
@@ -129,11 +129,18 @@ def _torch_model(hf_dir: Path, task_name: str):  # noqa: ANN202 - a transformers
     return auto.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
 
 
-def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """sentence-transformers' pooling (``mode``: mean, cls or max), L2-normalised (cosine ignores
+    the norm)."""
     import numpy as np
 
     weights = mask[..., None].astype(np.float32)
-    pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+    if mode == "cls":
+        pooled = hidden[:, 0]
+    elif mode == "max":
+        pooled = np.where(weights > 0, hidden, -1e9).max(1)
+    else:
+        pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
     return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 

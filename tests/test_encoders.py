@@ -207,14 +207,16 @@ def test_token_classifier_and_unsupported_architecture(tmp_path: Path, enc_store
         capture_encoder.fn(decoder, CaptureEncoderConfig())
 
 
-@pytest.mark.parametrize("modules", [["Pooling"], ["Pooling", "Normalize"]])
-def test_sentence_embedding_is_the_librarys_with_or_without_normalize(modules: list[str], tmp_path: Path,
-                                                                      enc_store: str) -> None:
+@pytest.mark.parametrize(("modules", "pooling"), [(["Pooling"], "mean"), (["Pooling", "Normalize"], "mean"),
+                                                  (["Pooling", "Normalize"], "cls"), (["Pooling"], "max")])
+def test_sentence_embedding_is_the_librarys_with_or_without_normalize(modules: list[str], pooling: str,
+                                                                      tmp_path: Path, enc_store: str) -> None:
     """Before, every mean-pooled model was normalized: for one whose pipeline has no Normalize
-    (many sentence-transformers models), the embedding's norm differed from the library's."""
+    (many sentence-transformers models), the embedding's norm differed from the library's. CLS
+    pooling (bge, mxbai) and max pooling were refused."""
     from sentence_transformers import SentenceTransformer
 
-    folder = tiny_models.build_sentence_transformer(tmp_path / "st", modules)
+    folder = tiny_models.build_sentence_transformer(tmp_path / "st", modules, pooling=(pooling,))
     hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
     fp32 = capture_encoder.fn(hf, CaptureEncoderConfig())
     texts = list(eio.PARITY_TEXTS)
@@ -230,6 +232,12 @@ def test_a_sentence_transformers_module_the_graph_does_not_compute_is_refused(tm
     hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
     with pytest.raises(InvalidRequest, match=r"module\(s\) \['sentence_transformers.models.Dense'\] are not supported"):
         capture_encoder.fn(hf, CaptureEncoderConfig())
+    for modes in (("lasttoken",), ("mean", "max")):  # a mode the graph does not compute; two modes concatenated
+        folder = tiny_models.build_sentence_transformer(tmp_path / "-".join(modes), ["Pooling"], pooling=modes)
+        hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
+        with pytest.raises(InvalidRequest, match=r"sentence-transformers pooling \[.*\] is not supported: Grove's "
+                           "graph computes one of pooling_mode_mean_tokens, pooling_mode_cls_token"):
+            capture_encoder.fn(hf, CaptureEncoderConfig())
 
 
 @pytest.fixture(scope="module")

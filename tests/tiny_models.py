@@ -102,9 +102,10 @@ def build_encoder(family: str, folder: Path, head: str | None = "sequence") -> P
     return folder
 
 
-def build_sentence_transformer(folder: Path, modules: list[str]) -> Path:
+def build_sentence_transformer(folder: Path, modules: list[str], pooling: tuple[str, ...] = ("mean",)) -> Path:
     """A tiny random BERT as a sentence-transformers folder: modules.json lists the Transformer, then
-    ``modules`` (e.g. Pooling, Normalize, Dense), each with its folder."""
+    ``modules`` (e.g. Pooling, Normalize, Dense), each with its folder; ``pooling``: the Pooling
+    module's modes (mean, cls, max, lasttoken)."""
     import json
 
     build_encoder("bert", folder, head=None)
@@ -114,8 +115,10 @@ def build_sentence_transformer(folder: Path, modules: list[str]) -> Path:
         (folder / f"{i}_{kind}").mkdir()
     (folder / "modules.json").write_text(json.dumps(listing))
     if "Pooling" in modules:
-        (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}))
+        keys = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
+                "lasttoken": "pooling_mode_lasttoken"}  # as sentence-transformers' Pooling config names them
+        modes = {key: mode in pooling for mode, key in keys.items()}
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, **modes}))
     if "Dense" in modules:
         (folder / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 64, "out_features": 32}))
     return folder
