@@ -436,19 +436,6 @@ def test_table_class_names_match_the_model_classes_by_name(tmp_path: Path) -> No
     assert "names its classes B-ORG, O, and this model's are O, B-PER, I-PER" in records[0].getMessage()
 
 
-def _hub_ner_table(path: Path, sentences: list[list[str]], tags: list[list[int]], names: list[str]) -> Path:
-    """A Parquet table in a hub NER dataset's layout (conll2003): tokens and ner_tags list columns,
-    the tags' ClassLabel names in the schema metadata that the datasets library writes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    features = {"tokens": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
-                "ner_tags": {"feature": {"names": names, "_type": "ClassLabel"}, "_type": "Sequence"}}
-    table = pa.table({"id": [str(i) for i in range(len(sentences))], "tokens": sentences, "ner_tags": tags})
-    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})}), path)
-    return path
-
-
 def test_token_classifier_accuracy_and_entity_f1_on_labelled_sentences(tmp_path: Path, enc_store: str) -> None:
     """Word accuracy (a word's tag read at its first sub-token) and entity F1 of a token classifier,
     from JSONL, a hub-layout Parquet table (whose own class order differs from the model's) and CoNLL
@@ -488,15 +475,16 @@ def test_token_classifier_accuracy_and_entity_f1_on_labelled_sentences(tmp_path:
             for ps in predicted]
     hits = sum(g == p for gs, ps in zip(gold, predicted) for g, p in zip(gs, ps) if p is not None)
     as_names = [[id2label[str(g)] for g in gs] for gs in gold]
-    expected_f1 = entity_f1([[id2label[str(g)] for g, p in zip(gs, ps) if p is not None] for gs, ps in zip(gold, predicted)],
+    expected_f1 = entity_f1([[id2label[str(g)] for g, p in zip(gs, ps) if p is not None]
+                             for gs, ps in zip(gold, predicted)],
                             [[id2label[str(p)] for p in ps if p is not None] for ps in predicted])
     assert 0.5 < hits / scored < 0.8 and expected_f1 is not None
 
     jsonl = tmp_path / "ner.jsonl"
     jsonl.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n" for w, t in zip(sentences, as_names)))
     hub_order = ["O", "I-PER", "B-PER"]  # the dataset's own ids for the model's classes
-    table = _hub_ner_table(tmp_path / "ner.parquet", sentences, [[hub_order.index(t) for t in ts] for ts in as_names],
-                           hub_order)
+    table = tiny_models.hub_ner_table(tmp_path / "ner.parquet", sentences,
+                                      [[hub_order.index(t) for t in ts] for ts in as_names], hub_order)
     conll = tmp_path / "ner.conll"
     conll.write_text("-DOCSTART- -X- O\n\n" + "\n\n".join("\n".join(f"{w} NN {t}" for w, t in zip(ws, ts))
                                                           for ws, ts in zip(sentences, as_names)) + "\n")

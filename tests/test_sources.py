@@ -205,6 +205,44 @@ def test_an_online_hub_dataset_file_is_read_as_the_evaluation_text(tiny_dir, tmp
     assert "the hub has no such file: check the path" in missing.stderr, missing.stderr
 
 
+def test_a_hub_ner_dataset_scores_a_token_classifier(tmp_path: Path, store: str) -> None:
+    """--eval_data hf://datasets/.../<file>.parquet in conll2003's layout (tokens and ner_tags lists,
+    the tags numbered in the dataset's own class order and named in its metadata) scores a token
+    classifier through the CLI exactly as the same sentences in a local JSONL file do."""
+    from tasks import _encoder_io as eio
+    from tests import tiny_models
+    from tests.conftest import grove_cli
+    from tests.hub_server import HubRepo, serve_hub
+
+    folder = tiny_models.build_encoder("bert", tmp_path / "bert-ner", head="token")
+    config = json.loads((folder / "config.json").read_text())
+    classes = ["O", "B-PER", "I-PER"]
+    config.update(id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)})
+    (folder / "config.json").write_text(json.dumps(config))
+    sentences = [p.split()[:20] for p in eio.read_lines("builtin:GPL-3", 12)]
+    tags = [[classes[(3 * n + i) % 3 if i % 4 else 0] for i in range(len(words))] for n, words in enumerate(sentences)]
+    local_file = tmp_path / "ner.jsonl"
+    local_file.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n" for w, t in zip(sentences, tags)))
+    data = tmp_path / "ner-data"
+    data.mkdir()
+    hub_order = ["O", "I-PER", "B-PER"]
+    tiny_models.hub_ner_table(data / "test-00000-of-00001.parquet", sentences,
+                              [[hub_order.index(t) for t in ts] for ts in tags], hub_order)
+    local = grove_cli("auto-opt", "-m", str(folder), "-o", str(tmp_path / "local"), "--store", store,
+                      "--eval_data", str(local_file))
+    with serve_hub({"datasets/grove-test/ner": HubRepo(data, "5" * 40)}) as (endpoint, _):
+        hub = grove_cli("auto-opt", "-m", str(folder), "-o", str(tmp_path / "hub"), "--store", store, "--eval_data",
+                        "hf://datasets/grove-test/ner/test-00000-of-00001.parquet",
+                        env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"})
+
+    assert local.returncode == hub.returncode == 0, (local.stderr + hub.stderr)[-3000:]
+    reports = [json.loads((tmp_path / d / "grove_report.json").read_text()) for d in ("local", "hub")]
+    for side in ("metrics", "reference"):
+        got = {k: reports[1][side][k] for k in ("accuracy", "entity_f1")}
+        assert got == {k: reports[0][side][k] for k in ("accuracy", "entity_f1")}, side
+    assert "entity f1" in hub.stdout and "accuracy" in hub.stdout
+
+
 def test_a_remote_evaluation_text_is_fetched_once_per_version(s3_store: str, s3_server: dict[str, str],  # noqa: ARG001
                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import s3fs

@@ -122,3 +122,18 @@ def build_sentence_transformer(folder: Path, modules: list[str], pooling: tuple[
     if "Dense" in modules:
         (folder / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 64, "out_features": 32}))
     return folder
+
+
+def hub_ner_table(path: Path, sentences: list[list[str]], tags: list[list[int]], names: list[str]) -> Path:
+    """A Parquet table in a hub NER dataset's layout (conll2003): tokens and ner_tags list columns,
+    the tags' ClassLabel names in the schema metadata that the datasets library writes."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = {"tokens": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
+                "ner_tags": {"feature": {"names": names, "_type": "ClassLabel"}, "_type": "Sequence"}}
+    table = pa.table({"id": [str(i) for i in range(len(sentences))], "tokens": sentences, "ner_tags": tags})
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})}), path)
+    return path
