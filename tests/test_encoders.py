@@ -374,20 +374,28 @@ def test_a_labelled_table_is_fingerprinted_by_its_labels_too(tmp_path: Path) -> 
     assert eio.read_labelled(str(tmp_path / "a.parquet")) == (texts, ["0", "1"])
 
 
-@pytest.mark.parametrize(("name", "content", "expected"), [
-    ("wrong-header.csv", "txt,lab\nhello,0\n", "row 1 has no text or no label"),
-    ("empty.csv", "text,label\n", "no rows"),
-    ("missing-label.csv", "text,label\nfine,1\nno label here,\n", "row 2 has no text or no label"),
-    ("broken.jsonl", '{"text": "a", "label": 1}\nnot json\n', "line 2 is not JSON"),
+@pytest.mark.parametrize(("reader", "name", "content", "expected"), [
+    ("read_labelled", "wrong-header.csv", "txt,lab\nhello,0\n", "row 1 has no text or no label"),
+    ("read_labelled", "empty.csv", "text,label\n", "no rows"),
+    ("read_labelled", "missing-label.csv", "text,label\nfine,1\nno label here,\n", "row 2 has no text or no label"),
+    ("read_labelled", "broken.jsonl", '{"text": "a", "label": 1}\nnot json\n', "line 2 is not JSON"),
+    ("read_labelled_tokens", "short.jsonl", '{"tokens": ["a", "b"], "ner_tags": ["O"]}\n',
+     "sentence 1 has 2 words and 1 tags"),
+    ("read_labelled_tokens", "nolist.jsonl", '{"text": "a b", "label": "O"}\n',
+     "sentence 1 has no list of words and list of tags"),
+    ("read_labelled_tokens", "ner.csv", "tokens,ner_tags\na,O\n", "a CSV or JSON file holds no list of words per row"),
+    ("read_labelled_tokens", "notag.conll", "Paris B-LOC\nis\n", "line 2 has a word and no tag"),
+    ("read_labelled_tokens", "empty.conll", "-DOCSTART- O\n\n\n", "no sentences"),
 ])
-def test_malformed_labelled_data_is_one_clear_error(name: str, content: str, expected: str, tmp_path: Path) -> None:
-    from grove.errors import InvalidRequest
-
+def test_malformed_labelled_data_is_one_clear_error(reader: str, name: str, content: str, expected: str,
+                                                    tmp_path: Path) -> None:
+    """Text classifiers' rows and token classifiers' sentences: one error naming the problem and the formats."""
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     with pytest.raises(InvalidRequest, match=expected) as exc:
-        eio.read_labelled(str(path))
-    assert "text,label header" in str(exc.value)
+        getattr(eio, reader)(str(path))
+    formats = {"read_labelled": "text,label header", "read_labelled_tokens": "a token classifier's labelled data is a"}
+    assert formats[reader] in str(exc.value)
 
 
 def test_a_table_without_its_columns_or_not_a_table_is_one_clear_error(tmp_path: Path) -> None:
@@ -507,21 +515,6 @@ def test_entity_spans_read_iob_as_conlleval_does() -> None:
     # across sentences: one right, two invented, one missed: precision 1/3, recall 1/2
     assert entity_f1([["B-PER", "O"], ["B-ORG"]], [["B-PER", "B-LOC"], ["B-MISC"]]) == pytest.approx(0.4)
     assert entity_f1([["O"]], [["O"]]) is None
-
-
-@pytest.mark.parametrize(("name", "content", "expected"), [
-    ("short.jsonl", '{"tokens": ["a", "b"], "ner_tags": ["O"]}\n', "sentence 1 has 2 words and 1 tags"),
-    ("nolist.jsonl", '{"text": "a b", "label": "O"}\n', "sentence 1 has no list of words and list of tags"),
-    ("ner.csv", "tokens,ner_tags\na,O\n", "a CSV or JSON file holds no list of words per row"),
-    ("notag.conll", "Paris B-LOC\nis\n", "line 2 has a word and no tag"),
-    ("empty.conll", "-DOCSTART- O\n\n\n", "no sentences"),
-])
-def test_malformed_token_labels_are_one_clear_error(name: str, content: str, expected: str, tmp_path: Path) -> None:
-    path = tmp_path / name
-    path.write_text(content, encoding="utf-8")
-    with pytest.raises(InvalidRequest, match=expected) as exc:
-        eio.read_labelled_tokens(str(path))
-    assert "a token classifier's labelled data is a .jsonl file" in str(exc.value)
 
 
 def test_auto_opt_encoder_flow_rerun_is_all_cached(tiny_bert: dict[str, object], tmp_path: Path) -> None:
