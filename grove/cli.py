@@ -138,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration_data", help="static int8: UTF-8 text, one sample per paragraph (default: the "
                    "GPL-3 text shipped with Grove)")
     e.add_argument("--calibration_samples", type=int, help="static int8: paragraphs used (32)")
+    e.add_argument("--eval_samples", type=int, metavar="N", help="classifiers: score the first N labelled rows "
+                   "(token classifiers: sentences) of --eval_data (default: all)")
     e.add_argument("--eval_repeat", type=int, help="timed calls per latency measurement (100)")
     e.add_argument("--min_cosine", type=float, help="feature extraction: parity limit on the mean embedding cosine "
                    "(default per precision)")

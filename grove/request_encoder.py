@@ -31,7 +31,7 @@ _DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", 
 
 # auto-opt flags that only the encoder path takes.
 _ENCODER_ONLY = ("int8_mode", "per_channel", "op_types_to_quantize", "nodes_to_exclude", "quant_format",
-                 "calibrate_method", "calibration_data", "calibration_samples", "eval_repeat", "min_cosine")
+                 "calibrate_method", "calibration_data", "calibration_samples", "eval_repeat", "eval_samples", "min_cosine")
 _STATIC_OPTIONS = ("quant_format", "calibrate_method", "calibration_data", "calibration_samples")
 _INT8_OPTIONS = ("int8_mode", "per_channel", "op_types_to_quantize", "nodes_to_exclude", *_STATIC_OPTIONS)
 
@@ -99,6 +99,8 @@ class EncoderOptRequest(BaseModel):
     eval_data: str | None = Field(None, description="classifiers: labelled data for accuracy (text classifiers: "
                                   "CSV / JSONL / Parquet with text,label; token classifiers: JSONL / Parquet / CoNLL "
                                   "with tokens,ner_tags)")
+    eval_samples: int | None = Field(None, ge=1, description="classifiers: score the first N labelled rows (or "
+                                     "sentences) of eval_data; None: all of them")
     eval_repeat: int = Field(100, ge=5, description="timed calls per latency measurement")
     threads: int = Field(2, ge=1, description="intra-op threads for latency")
     min_cosine: float | None = Field(None, ge=-1, le=1, description="override the parity limit on the mean "
@@ -133,6 +135,8 @@ class EncoderOptRequest(BaseModel):
             problems.append(f"{_flags(static)} to --int8_mode static (dynamic int8 needs no calibration)")
         if self.eval_data and self.task not in _LABELLED_TASKS:
             problems.append(_EVAL_DATA_TASK)
+        if self.eval_samples is not None and not self.eval_data:
+            problems.append("--eval_samples caps the labelled rows of --eval_data, and no --eval_data is given")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -200,7 +204,8 @@ class EncoderOptRequest(BaseModel):
 
     def evaluation(self, labelled_sha256: str = "") -> EncoderEvalConfig:
         return EncoderEvalConfig(repeat=self.eval_repeat, threads=self.threads, provider=self.execution_provider,
-                                 labelled_data=self.eval_data, labelled_sha256=labelled_sha256)
+                                 labelled_data=self.eval_data, labelled_sha256=labelled_sha256,
+                                 labelled_samples=self.eval_samples)
 
     @property
     def package(self) -> EncoderPackageConfig:

@@ -38,6 +38,8 @@ class EncoderEvalConfig(MeasureConfig):
     labelled_data: str | None = Field(None, description="text classifiers: CSV, JSONL or Parquet with text,label; "
                                       "token classifiers: JSONL, Parquet or CoNLL with tokens,ner_tags")
     labelled_sha256: str = Field("", description="sha256 of labelled_data (part of the recipe)")
+    labelled_samples: int | None = Field(None, ge=1, description="score the first N labelled rows or sentences "
+                                         "(None: all)")
 
 
 @task(name="evaluate-encoder", cache_policy=RECIPE_CACHE)
@@ -66,9 +68,9 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
         metrics.update(_vs_pytorch(inputs[1], model_dir, sess, info, timed, config))
         metrics["latency_vs_pytorch"] = round(stats["avg"] / float(metrics["pytorch_latency_ms_avg"]), 4)  # type: ignore[arg-type]
     if config.labelled_data and info.task == "text-classification":
-        metrics["accuracy"] = _accuracy(sess, model_dir, info, config.labelled_data)
+        metrics["accuracy"] = _accuracy(sess, model_dir, info, config.labelled_data, config.labelled_samples)
     elif config.labelled_data and info.task == "token-classification":
-        metrics.update(_token_accuracy(sess, model_dir, info, config.labelled_data))
+        metrics.update(_token_accuracy(sess, model_dir, info, config.labelled_data, config.labelled_samples))
     metrics["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     (out / "eval.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -144,10 +146,18 @@ def _pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
     return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
-def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str) -> float:
-    """Top-1 accuracy on a CSV / JSONL file of text,label rows (label: id or id2label name)."""
+def _first(rows: tuple[list, list], limit: int | None, what: str) -> tuple[list, list]:
+    """The first ``limit`` labelled rows (all when None), said in the log when that is fewer."""
+    if limit is None or limit >= len(rows[0]):
+        return rows
+    node_logger().info("scoring the first %d of %d labelled %s (--eval_samples)", limit, len(rows[0]), what)
+    return rows[0][:limit], rows[1][:limit]
+
+
+def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str, limit: int | None = None) -> float:
+    """Top-1 accuracy on a CSV / JSONL / Parquet file of text,label rows (label: id or id2label name)."""
     config = json.loads((model_dir / "config.json").read_text())
-    texts, raw = eio.read_labelled(path)
+    texts, raw = _first(eio.read_labelled(path), limit, "rows")
     names = table_label_names(path, LABEL_COLUMNS) if is_table(path) else None
     labels = eio.label_ids(raw, config.get("id2label", {}), path, names=names, log=node_logger())
     correct = 0
@@ -160,7 +170,8 @@ def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str) -
     return round(correct / max(len(texts), 1), 4)
 
 
-def _token_accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str) -> dict[str, float]:
+def _token_accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str,
+                    limit: int | None = None) -> dict[str, float]:
     """Word accuracy on labelled sentences (each word's tag predicted at its first sub-token, as
     token classifiers are trained and used) and, for a B-/I- tag set, entity F1 over conlleval's
     spans. Words past the model's longest input are not scored (the log says how many)."""
@@ -171,7 +182,7 @@ def _token_accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: 
     log = node_logger()
     config = json.loads((model_dir / "config.json").read_text())
     id2label = {str(k): str(v) for k, v in config.get("id2label", {}).items()}
-    sentences, raw = eio.read_labelled_tokens(path)
+    sentences, raw = _first(eio.read_labelled_tokens(path), limit, "sentences")
     names = table_label_names(path, eio.TAG_COLUMNS) if is_table(path) else None
     flat = iter(eio.label_ids([t for tags in raw for t in tags], id2label, path, names=names, log=log))
     gold = [[next(flat) for _ in tags] for tags in raw]

@@ -333,6 +333,14 @@ def test_labelled_accuracy_csv_and_jsonl_match_pytorch(tiny_bert: dict[str, obje
                                    repeat=5)
         metrics = evaluate_encoder.fn(fp32, config).metrics
         assert metrics["accuracy"] == round(expected, 4), path.name
+    # --eval_samples 8: the first 8 rows only
+    rows = [json.loads(line) for line in jsonl_path.read_text().splitlines()][:8]
+    by_name = {name: int(i) for i, name in id2label.items()}
+    predicted = _pytorch_top1(tiny_bert["folder"], [r["text"] for r in rows])  # type: ignore[arg-type]
+    hits = predicted == [by_name[r["label"]] for r in rows]
+    first = evaluate_encoder.fn(fp32, EncoderEvalConfig(labelled_data=str(jsonl_path), labelled_samples=8, warmup=0,
+                                                        labelled_sha256=fingerprint_text(str(jsonl_path)), repeat=5))
+    assert first.metrics["accuracy"] == round(float(hits.mean()), 4) != round(expected, 4)
 
 
 def _as_parquet(csv_path: Path, class_names: list[str] | None = None) -> Path:

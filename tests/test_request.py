@@ -107,6 +107,8 @@ def test_an_encoder_request_without_task_takes_the_task_of_the_models_head() -> 
     with pytest.raises(InvalidRequest, match="applies to --task text-classification or token-classification; m is a feature-extraction model"):
         labelled.resolved(source("BertModel"))
     assert labelled.resolved(source("BertForTokenClassification")).task == "token-classification"
+    with pytest.raises(ValueError, match="--eval_samples caps the labelled rows of --eval_data, and no --eval_data"):
+        EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "eval_samples": 10})
 
 
 @pytest.mark.parametrize(("output_path", "expected"), [
