@@ -18,6 +18,10 @@ __all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "cosine_rows", "encode
            "max_tokens", "primary_output", "read_labelled", "read_labelled_tokens", "read_lines", "run", "session",
            "tokenizer"]
 
+# A sentence pair's columns, as hub datasets name them: MRPC / RTE / WNLI / STS-B, MNLI / SNLI,
+# QNLI, QQP, and transformers' own (text, text_pair).
+PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "sentence"),
+                ("question1", "question2"), ("text", "text_pair"))
 TOKEN_COLUMNS = ("tokens", "words")
 TAG_COLUMNS = ("ner_tags", "tags", "labels", "label")
 
@@ -65,9 +69,10 @@ def tokenizer(folder: Path, **options: object):  # noqa: ANN201 - a transformers
     return AutoTokenizer.from_pretrained(str(folder), **options)
 
 
-def encode(folder: Path, texts: list[str] | tuple[str, ...], inputs: list[str], *, max_length: int = 128,
-           pad_to: int | None = None) -> dict[str, np.ndarray]:
-    """Tokenise ``texts`` with the artifact's tokenizer into the graph's int64 inputs."""
+def encode(folder: Path, texts: list[str | tuple[str, str]] | tuple[str, ...], inputs: list[str], *,
+           max_length: int = 128, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Tokenise ``texts`` (strings, or sentence pairs) with the artifact's tokenizer into the graph's
+    int64 inputs."""
     import numpy as np
 
     tok = tokenizer(folder)
@@ -119,10 +124,12 @@ def read_lines(source: str, limit: int, flag: str = "--calibration_data") -> lis
     return kept
 
 
-def read_labelled(source: str) -> tuple[list[str], list[str]]:
+def read_labelled(source: str) -> tuple[list[str | tuple[str, str]], list[str]]:
     """The texts and labels of a labelled file: CSV with a header, JSONL objects, or a Parquet table
-    (a hub dataset's file), each with a text (or sentence) and a label column; a path or an fsspec
-    URI. Raises InvalidRequest naming what is wrong."""
+    (a hub dataset's file), each with a text (or sentence) and a label column, or a sentence pair
+    (GLUE's and NLI datasets' columns, ``PAIR_COLUMNS``: the text is then a pair, which the tokenizer
+    joins as the model was trained); a path or an fsspec URI. Raises InvalidRequest naming what is
+    wrong."""
     import csv
     import io
 
@@ -132,12 +139,18 @@ def read_labelled(source: str) -> tuple[list[str], list[str]]:
     def bad(problem: str) -> InvalidRequest:
         return InvalidRequest(f"--eval_data {source}: {problem}; labelled data is a CSV file with a text,label "
                               "header, a .jsonl file of {\"text\": ..., \"label\": ...} lines, or a .parquet table "
-                              "with text (or sentence) and label columns")
+                              "with text (or sentence) and label columns; a sentence pair's columns are "
+                              + ", ".join(" + ".join(pair) for pair in PAIR_COLUMNS))
 
     if is_table(source):
         table = read_table(source)
-        text, label = (pick_column(table, names, source) for names in (TEXT_COLUMNS, LABEL_COLUMNS))
-        rows = [{"text": t, "label": y} for t, y in zip(table[text], table[label], strict=True)]
+        if pair := next((p for p in PAIR_COLUMNS if p[0] in table and p[1] in table), None):
+            texts: list[object] = [None if a is None or b is None else (a, b)
+                                   for a, b in zip(table[pair[0]], table[pair[1]], strict=True)]
+        else:
+            texts = table[pick_column(table, TEXT_COLUMNS, source)]
+        label = pick_column(table, LABEL_COLUMNS, source)
+        rows = [{"text": t, "label": y} for t, y in zip(texts, table[label], strict=True)]
     else:
         # newline="": quoted CSV fields may hold line breaks; utf-8-sig: spreadsheets often start with a BOM
         f = io.StringIO(read_text(source, "--eval_data", encoding="utf-8-sig", newline=""), newline="")
@@ -151,14 +164,19 @@ def read_labelled(source: str) -> tuple[list[str], list[str]]:
                         raise bad(f"line {number} is not JSON ({exc.msg})") from exc
         else:
             rows = list(csv.DictReader(f))
-        if rows and isinstance(rows[0], dict) and "text" not in rows[0] and "sentence" in rows[0]:
+        first = rows[0] if rows and isinstance(rows[0], dict) else {}
+        if pair := next((p for p in PAIR_COLUMNS if p[0] in first and p[1] in first), None):
+            rows = [{**r, "text": None if r.get(pair[0]) is None or r.get(pair[1]) is None else
+                     (r[pair[0]], r[pair[1]])} if isinstance(r, dict) else r for r in rows]
+        elif "text" not in first and "sentence" in first:
             rows = [{**r, "text": r.get("sentence")} if isinstance(r, dict) else r for r in rows]
     if not rows:
         raise bad("no rows")
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict) or row.get("text") is None or row.get("label") in (None, ""):
             raise bad(f"row {number} has no text or no label")
-    return [str(r["text"]) for r in rows], [str(r["label"]) for r in rows]
+    return ([(str(r["text"][0]), str(r["text"][1])) if isinstance(r["text"], tuple) else str(r["text"]) for r in rows],
+            [str(r["label"]) for r in rows])
 
 
 def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]:

@@ -343,6 +343,47 @@ def test_labelled_accuracy_csv_and_jsonl_match_pytorch(tiny_bert: dict[str, obje
     assert first.metrics["accuracy"] == round(float(hits.mean()), 4) != round(expected, 4)
 
 
+def test_sentence_pairs_are_scored_as_pairs(tiny_bert: dict[str, object], tmp_path: Path) -> None:
+    """Labelled sentence pairs (paraphrase, NLI: GLUE's sentence1,sentence2 in a CSV; MNLI's
+    premise,hypothesis in a hub table, its classes named in another order) are tokenised as pairs,
+    as the model was trained, and scored as PyTorch scores them."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.evaluate import fingerprint_text
+    from tasks.evaluate_encoder import EncoderEvalConfig, evaluate_encoder
+
+    folder = tiny_bert["folder"]
+    assert isinstance(folder, Path)
+    paragraphs = eio.read_lines("builtin:GPL-3", 41)
+    pairs = list(zip(paragraphs[:-1], paragraphs[1:]))
+    feeds = eio.encode(folder, pairs, _INPUTS_BERT)
+    assert (feeds["token_type_ids"] == 1).any()  # the second sentence is marked as such
+    with torch.no_grad():
+        predicted = AutoModelForSequenceClassification.from_pretrained(folder).eval()(
+            **{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy().argmax(-1)
+    labels = [int(p) if i % 3 else (int(p) + 1) % 3 for i, p in enumerate(predicted)]
+    expected = round(float((predicted == np.asarray(labels)).mean()), 4)
+    with open(tmp_path / "mrpc.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("sentence1", "sentence2", "label"), *((a, b, y) for (a, b), y in zip(pairs, labels))])
+    names = ["LABEL_2", "LABEL_0", "LABEL_1"]  # the hub table's own class order
+    table = pa.table({"premise": [a for a, _ in pairs], "hypothesis": [b for _, b in pairs],
+                      "label": [names.index(f"LABEL_{y}") for y in labels]})
+    features = {"label": {"names": names, "_type": "ClassLabel"}}
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})}),
+                   tmp_path / "mnli.parquet")
+    fp32 = tiny_bert["fp32"]
+    assert isinstance(fp32, Artifact)
+    for path in (tmp_path / "mrpc.csv", tmp_path / "mnli.parquet"):
+        config = EncoderEvalConfig(labelled_data=str(path), labelled_sha256=fingerprint_text(str(path)), warmup=0,
+                                   repeat=5)
+        assert evaluate_encoder.fn(fp32, config).metrics["accuracy"] == expected != 1.0, path.name
+
+
 def _as_parquet(csv_path: Path, class_names: list[str] | None = None) -> Path:
     """The CSV's rows as a hub dataset stores them (sst2's layout: sentence, int label, idx); with
     ``class_names``, numbered in that order and named in the schema's metadata, as the datasets
