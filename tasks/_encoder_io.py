@@ -4,6 +4,7 @@ evaluation both make. Plain functions; heavy imports inside them."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -64,9 +65,18 @@ def primary_output(info: EncoderInfo) -> str:
 
 
 def tokenizer(folder: Path, **options: object):  # noqa: ANN201 - a transformers tokenizer (typed loosely upstream)
+    """The folder's tokenizer, loaded once per process (labelled data is tokenised batch by batch:
+    a 25,000-row split is ~800 batches); a folder whose files change is loaded again."""
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(Path(folder).glob("*"))
+                  if f.is_file() and not f.name.endswith((".onnx", ".data", ".safetensors", ".bin")))
+    return _load_tokenizer(str(folder), stamp, tuple(sorted(options.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(folder: str, stamp: tuple[object, ...], options: tuple[tuple[str, object], ...]):  # noqa: ANN202, ARG001
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), **options)
+    return AutoTokenizer.from_pretrained(folder, **dict(options))
 
 
 def encode(folder: Path, texts: list[str | tuple[str, str]] | tuple[str, ...], inputs: list[str], *,

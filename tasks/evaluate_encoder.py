@@ -155,14 +155,16 @@ def _first(rows: tuple[list, list], limit: int | None, what: str) -> tuple[list,
 
 
 def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str, limit: int | None = None) -> float:
-    """Top-1 accuracy on a CSV / JSONL / Parquet file of text,label rows (label: id or id2label name)."""
+    """Top-1 accuracy on a CSV / JSONL / Parquet file of text,label rows (label: id or id2label name),
+    each row cut at the model's longest input (its tokenizer's and position table's limit)."""
     config = json.loads((model_dir / "config.json").read_text())
     texts, raw = _first(eio.read_labelled(path), limit, "rows")
     names = table_label_names(path, LABEL_COLUMNS) if is_table(path) else None
     labels = eio.label_ids(raw, config.get("id2label", {}), path, names=names, log=node_logger())
+    longest = eio.max_tokens(model_dir, eio.tokenizer(model_dir))  # as the model is used: not cut at 128
     correct = 0
     for start in range(0, len(texts), 32):
-        feeds = eio.encode(model_dir, texts[start:start + 32], info.inputs)
+        feeds = eio.encode(model_dir, texts[start:start + 32], info.inputs, max_length=longest)
         predicted = eio.run(sess, feeds, "logits").argmax(-1)  # type: ignore[arg-type]
         correct += int((predicted == labels[start:start + 32]).sum())
         done = min(start + 32, len(texts))

@@ -255,7 +255,8 @@ def _pytorch_top1(folder: Path, texts: list[str]) -> np.ndarray:
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    feeds = eio.encode(folder, texts, ["input_ids", "attention_mask", "token_type_ids"])
+    feeds = eio.encode(folder, texts, ["input_ids", "attention_mask", "token_type_ids"],
+                       max_length=eio.max_tokens(folder, eio.tokenizer(folder)))  # the rows are not cut at 128
     with torch.no_grad():
         return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy().argmax(-1)
 
@@ -271,7 +272,9 @@ def test_static_int8_qdq_minmax_tiny_bert(tiny_bert: dict[str, object]) -> None:
     texts = eio.read_lines("builtin:GPL-3", 64)[16:]  # paragraphs the calibration (the first 16) did not see
     folder = _dir(int8)
     sess = eio.session(folder / "model.onnx")  # loads and runs in onnxruntime
-    got = eio.run(sess, eio.encode(folder, texts, eio.encoder_info(folder).inputs), "logits").argmax(-1)
+    longest = eio.max_tokens(folder, eio.tokenizer(folder))  # as _pytorch_top1 tokenises
+    got = eio.run(sess, eio.encode(folder, texts, eio.encoder_info(folder).inputs, max_length=longest),
+                  "logits").argmax(-1)
     top1 = float((got == _pytorch_top1(tiny_bert["folder"], texts)).mean())  # type: ignore[arg-type]
     assert top1 >= TINY_STATIC_INT8_MIN_TOP1, f"static QDQ int8 top-1 vs PyTorch {top1:.3f}"
     parity = check_parity.fn(int8, fp32, ParityConfig(precision="int8"))
@@ -361,7 +364,7 @@ def test_sentence_pairs_are_scored_as_pairs(tiny_bert: dict[str, object], tmp_pa
     assert isinstance(folder, Path)
     paragraphs = eio.read_lines("builtin:GPL-3", 41)
     pairs = list(zip(paragraphs[:-1], paragraphs[1:]))
-    feeds = eio.encode(folder, pairs, _INPUTS_BERT)
+    feeds = eio.encode(folder, pairs, _INPUTS_BERT, max_length=eio.max_tokens(folder, eio.tokenizer(folder)))
     assert (feeds["token_type_ids"] == 1).any()  # the second sentence is marked as such
     with torch.no_grad():
         predicted = AutoModelForSequenceClassification.from_pretrained(folder).eval()(
