@@ -52,9 +52,6 @@ def refuse_encoder_flags(fields: Mapping[str, object], model: str) -> None:
             "--block_size, --symmetric, --accuracy_level)")
 
 
-_EVAL_DATA_TASK = ("--eval_data (labelled data: text,label rows, or tokens,ner_tags sentences) applies to --task "
-                   "text-classification or token-classification")
-_LABELLED_TASKS = (None, "text-classification", "token-classification")
 
 
 def infer_task(architectures: Sequence[str]) -> EncoderTask:
@@ -96,9 +93,10 @@ class EncoderOptRequest(BaseModel):
                                                                          "activation ranges are found")
     calibration_data: str = Field("builtin:GPL-3", description="static int8: calibration text")
     calibration_samples: int = Field(32, ge=1, le=4096, description="static int8: paragraphs used")
-    eval_data: str | None = Field(None, description="classifiers: labelled data for accuracy (text classifiers: "
-                                  "CSV / JSONL / Parquet with text,label; token classifiers: JSONL / Parquet / CoNLL "
-                                  "with tokens,ner_tags)")
+    eval_data: str | None = Field(None, description="labelled data: text classifiers: CSV / JSONL / Parquet with "
+                                  "text,label (accuracy); token classifiers: JSONL / Parquet / CoNLL with "
+                                  "tokens,ner_tags (accuracy, entity F1); embedding models: sentence pairs with a "
+                                  "similarity score, as STS-B (Spearman)")
     eval_samples: int | None = Field(None, ge=1, description="classifiers: score the first N labelled rows (or "
                                      "sentences) of eval_data; None: all of them")
     eval_repeat: int = Field(100, ge=5, description="timed calls per latency measurement")
@@ -133,8 +131,6 @@ class EncoderOptRequest(BaseModel):
             problems.append(f"{_flags(changed)} to --precision int8, not {self.precision}")
         elif self.int8_mode == "dynamic" and (static := [n for n in changed if n in _STATIC_OPTIONS]):
             problems.append(f"{_flags(static)} to --int8_mode static (dynamic int8 needs no calibration)")
-        if self.eval_data and self.task not in _LABELLED_TASKS:
-            problems.append(_EVAL_DATA_TASK)
         if self.eval_samples is not None and not self.eval_data:
             problems.append("--eval_samples caps the labelled rows of --eval_data, and no --eval_data is given")
         if problems:
@@ -144,7 +140,8 @@ class EncoderOptRequest(BaseModel):
     def resolved(self, source: Source) -> EncoderOptRequest:
         """This request with its task settled: as asked, or (task None) the task of the source's
         head. Raises InvalidRequest for a task whose head the weights lack, labelled --eval_data for
-        a model that is not a classifier, or --min_cosine for one that is not an embedding model."""
+        a local folder with no sentence embedding to score, or --min_cosine for one that is not an
+        embedding model."""
         head = infer_task(source.architectures)
         task = self.task or head
         if task != head and task != "feature-extraction" and source.architectures:
@@ -153,14 +150,17 @@ class EncoderOptRequest(BaseModel):
             raise InvalidRequest(f"--task {task} needs a {task} head, and {self.model_name_or_path} is "
                                  f"{', '.join(source.architectures)} ({head}): that head would be untrained, random "
                                  f"weights; pass --task {head}{other}, or a model trained for {task}")
-        if self.eval_data and task not in _LABELLED_TASKS:
-            raise InvalidRequest(f"{_EVAL_DATA_TASK}; {self.model_name_or_path} is a {task} model "
-                                 f"({', '.join(source.architectures) or 'no architectures in config.json'})")
         if self.min_cosine is not None and task != "feature-extraction":
             raise InvalidRequest(f"--min_cosine limits the embeddings' cosine (--task feature-extraction); a {task} "
                                  "model is gated on top-1 agreement and class probabilities, per precision")
         if task == "feature-extraction" and source.kind == "local":
-            sentence_transformers_pipeline(Path(source.location))  # refuses what the graph cannot compute, up front
+            # refuses what the graph cannot compute, up front
+            pooling, _ = sentence_transformers_pipeline(Path(source.location))
+            if self.eval_data and pooling is None:
+                raise InvalidRequest(f"--eval_data scores an embedding model on sentence pairs' similarity, and "
+                                     f"{self.model_name_or_path} has no sentence-transformers pooling (modules.json): "
+                                     "its graph outputs token states only; leave --eval_data out, or pass --task "
+                                     "text-classification / token-classification for a classifier's labelled data")
         return self if self.task == task else self.model_copy(update={"task": task})
 
     @property

@@ -71,10 +71,10 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
                                          "a UTF-8 file with at least a few paragraphs, or leave --eval_data out "
                                          "for the built-in text")
             else:  # labelled rows for a classifier: their labels are checked against the model later
-                from tasks._encoder_io import read_labelled, read_labelled_tokens
+                from tasks._encoder_io import read_labelled, read_labelled_tokens, read_scored_pairs
 
-                token_task = getattr(request, "task", None) == "token-classification"
-                (read_labelled_tokens if token_task else read_labelled)(request.eval_data)
+                reader = {"token-classification": read_labelled_tokens, "feature-extraction": read_scored_pairs}
+                reader.get(getattr(request, "task", None) or "", read_labelled)(request.eval_data)
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"--eval_data {request.eval_data} cannot be read as UTF-8 text ({exc})") from exc
     quantize = request.int8 if isinstance(request, EncoderOptRequest) else None

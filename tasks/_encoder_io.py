@@ -16,13 +16,16 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 __all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "cosine_rows", "encode", "encoder_info", "label_ids",
-           "max_tokens", "primary_output", "read_labelled", "read_labelled_tokens", "read_lines", "run", "session",
-           "tokenizer"]
+           "max_tokens", "primary_output", "read_labelled", "read_labelled_tokens", "read_lines", "read_scored_pairs",
+           "run", "session", "tokenizer"]
 
 # A sentence pair's columns, as hub datasets name them: MRPC / RTE / WNLI / STS-B, MNLI / SNLI,
-# QNLI, QQP, and transformers' own (text, text_pair).
+# QNLI, QQP, SICK, and transformers' own (text, text_pair).
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "sentence"),
-                ("question1", "question2"), ("text", "text_pair"))
+                ("question1", "question2"), ("sentence_A", "sentence_B"), ("text", "text_pair"))
+# An embedding model's labelled pairs carry a similarity score: GLUE's stsb (label, 0-5),
+# sentence-transformers/stsb (score, 0-1), SICK (relatedness_score).
+SCORE_COLUMNS = ("label", "score", "similarity_score", "relatedness_score")
 TOKEN_COLUMNS = ("tokens", "words")
 TAG_COLUMNS = ("ner_tags", "tags", "labels", "label")
 
@@ -134,17 +137,20 @@ def read_lines(source: str, limit: int, flag: str = "--calibration_data") -> lis
     return kept
 
 
-def read_labelled(source: str) -> tuple[list[str | tuple[str, str]], list[str]]:
+def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> tuple[list[str | tuple[str, str]],
+                                                                                   list[str]]:
     """The texts and labels of a labelled file: CSV with a header, JSONL objects, or a Parquet table
     (a hub dataset's file), each with a text (or sentence) and a label column, or a sentence pair
     (GLUE's and NLI datasets' columns, ``PAIR_COLUMNS``: the text is then a pair, which the tokenizer
-    joins as the model was trained); a path or an fsspec URI. Raises InvalidRequest naming what is
-    wrong."""
+    joins as the model was trained); ``label_columns``: where the label is (default: label, labels);
+    a path or an fsspec URI. Raises InvalidRequest naming what is wrong."""
     import csv
     import io
 
     from grove.errors import InvalidRequest
     from tasks._decoder_io import LABEL_COLUMNS, TEXT_COLUMNS, is_table, pick_column, read_table, read_text
+
+    label_columns = label_columns or LABEL_COLUMNS
 
     def bad(problem: str) -> InvalidRequest:
         return InvalidRequest(f"--eval_data {source}: {problem}; labelled data is a CSV file with a text,label "
@@ -159,7 +165,7 @@ def read_labelled(source: str) -> tuple[list[str | tuple[str, str]], list[str]]:
                                    for a, b in zip(table[pair[0]], table[pair[1]], strict=True)]
         else:
             texts = table[pick_column(table, TEXT_COLUMNS, source)]
-        label = pick_column(table, LABEL_COLUMNS, source)
+        label = pick_column(table, label_columns, source)
         rows = [{"text": t, "label": y} for t, y in zip(texts, table[label], strict=True)]
     else:
         # newline="": quoted CSV fields may hold line breaks; utf-8-sig: spreadsheets often start with a BOM
@@ -180,6 +186,8 @@ def read_labelled(source: str) -> tuple[list[str | tuple[str, str]], list[str]]:
                      (r[pair[0]], r[pair[1]])} if isinstance(r, dict) else r for r in rows]
         elif "text" not in first and "sentence" in first:
             rows = [{**r, "text": r.get("sentence")} if isinstance(r, dict) else r for r in rows]
+        if (label := next((c for c in label_columns if c in first), "label")) != "label":
+            rows = [{**r, "label": r.get(label)} if isinstance(r, dict) else r for r in rows]
     if not rows:
         raise bad("no rows")
     for number, row in enumerate(rows, 1):
@@ -187,6 +195,26 @@ def read_labelled(source: str) -> tuple[list[str | tuple[str, str]], list[str]]:
             raise bad(f"row {number} has no text or no label")
     return ([(str(r["text"][0]), str(r["text"][1])) if isinstance(r["text"], tuple) else str(r["text"]) for r in rows],
             [str(r["label"]) for r in rows])
+
+
+def read_scored_pairs(source: str) -> tuple[list[tuple[str, str]], list[float]]:
+    """An embedding model's labelled data: sentence pairs and their similarity scores (STS-B's
+    sentence1, sentence2, label; sentence-transformers/stsb's score; SICK's relatedness_score), from
+    CSV, JSONL or Parquet. Raises InvalidRequest naming what is wrong."""
+    from grove.errors import InvalidRequest
+
+    pairs, raw = read_labelled(source, SCORE_COLUMNS)
+    what = ("an embedding model's labelled data is sentence pairs with a similarity score (sentence1, sentence2 "
+            "and a label or score column, as STS-B)")
+    if not all(isinstance(p, tuple) for p in pairs):
+        raise InvalidRequest(f"--eval_data {source}: {what}; these rows have one text each")
+    scores = []
+    for number, x in enumerate(raw, 1):
+        try:
+            scores.append(float(x))
+        except ValueError:
+            raise InvalidRequest(f"--eval_data {source}: {what}; row {number}'s score {x!r} is not a number") from None
+    return pairs, scores  # type: ignore[return-value]
 
 
 def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]:
@@ -248,12 +276,15 @@ def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]
 
 
 def max_tokens(folder: Path, tok: object) -> int:
-    """The most tokens one row can have: the tokenizer ``tok``'s limit and the position table's
-    (RoBERTa's positions start after its padding id), 512 at most."""
+    """The most tokens one row can have: the tokenizer ``tok``'s limit, the position table's
+    (RoBERTa's positions start after its padding id) and sentence-transformers' max_seq_length,
+    512 at most."""
     config = json.loads((folder / "config.json").read_text())
     positions = int(config.get("max_position_embeddings") or 512)
     if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
         positions -= int(config.get("pad_token_id") or 1) + 1
+    if (st := folder / "sentence_bert_config.json").exists():  # sentence-transformers cuts here (MiniLM: 256)
+        positions = min(positions, int(json.loads(st.read_text()).get("max_seq_length") or positions))
     return min(512, positions, int(tok.model_max_length))  # type: ignore[attr-defined]
 
 

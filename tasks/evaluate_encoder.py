@@ -23,13 +23,14 @@ if TYPE_CHECKING:
 
     import numpy as np
 
-__all__ = ["EncoderEvalConfig", "entity_f1", "entity_spans", "evaluate_encoder", "latency_stats"]
+__all__ = ["EncoderEvalConfig", "entity_f1", "entity_spans", "evaluate_encoder", "latency_stats", "spearman"]
 
 
 class EncoderEvalConfig(MeasureConfig):
     NODE = "evaluate-encoder"
     VERSION = 3  # 2: labelled data is validated (unknown labels and malformed rows are errors, not misses);
-    # 3: a hub table's class ids are matched to the model's classes by name; token classifiers are scored
+    # 3: a hub table's class ids are matched to the model's classes by name; token classifiers and
+    # embedding models (sentence pairs with a similarity score) are scored
     batch_size: int = Field(1, ge=1, le=256, description="rows per timed call")
     sequence_length: int = Field(64, ge=4, le=512, description="tokens per row in the timed call (padded)")
     warmup: int = Field(10, ge=0, description="untimed calls first (allocations, thread pools)")
@@ -71,6 +72,8 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
         metrics["accuracy"] = _accuracy(sess, model_dir, info, config.labelled_data, config.labelled_samples)
     elif config.labelled_data and info.task == "token-classification":
         metrics.update(_token_accuracy(sess, model_dir, info, config.labelled_data, config.labelled_samples))
+    elif config.labelled_data:  # an embedding model: sentence pairs with a similarity score (STS)
+        metrics["sts_spearman"] = _similarity(sess, model_dir, info, config.labelled_data, config.labelled_samples)
     metrics["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     (out / "eval.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -227,6 +230,44 @@ def _token_accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: 
         if f1 is not None:
             metrics["entity_f1"] = round(f1, 4)
     return metrics
+
+
+def _similarity(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str, limit: int | None = None) -> float:
+    """Spearman correlation between the embeddings' cosine and the gold similarity of scored
+    sentence pairs (STS-B, SICK), as sentence-transformers' EmbeddingSimilarityEvaluator reports it."""
+    import numpy as np
+
+    from grove.errors import InvalidRequest
+
+    if "sentence_embedding" not in info.outputs:
+        raise InvalidRequest(f"--eval_data {path}: scoring similarity needs a sentence embedding, and this "
+                             f"{info.model_type} folder has no sentence-transformers pooling (modules.json); "
+                             "leave --eval_data out, or pass a sentence-transformers model")
+    pairs, scores = _first(eio.read_scored_pairs(path), limit, "pairs")
+    gold = np.asarray(scores)
+    longest = eio.max_tokens(model_dir, eio.tokenizer(model_dir))
+    sides = []
+    for side in (0, 1):
+        texts = [pair[side] for pair in pairs]
+        sides.append(np.concatenate([eio.run(sess, eio.encode(model_dir, texts[i:i + 32], info.inputs,  # type: ignore[arg-type]
+                                                              max_length=longest), "sentence_embedding")
+                                     for i in range(0, len(texts), 32)]))
+        report_progress(0.5 + 0.25 * (side + 1), f"similarity: side {side + 1} of 2 embedded")
+    return round(spearman(eio.cosine_rows(sides[0], sides[1]), gold), 4)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (ties get their average rank, as scipy's spearmanr)."""
+    import numpy as np
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        values, inverse, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        return (first + (counts - 1) / 2.0)[inverse]
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
 
 
 def entity_spans(tags: list[str]) -> set[tuple[str, int, int]]:

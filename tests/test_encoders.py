@@ -227,6 +227,62 @@ def test_sentence_embedding_is_the_librarys_with_or_without_normalize(modules: l
     assert ("Normalize" in modules) == bool(np.allclose(np.linalg.norm(got, axis=-1), 1, atol=1e-4))
 
 
+def test_an_embedding_model_is_scored_on_sentence_pairs_similarity(tmp_path: Path, enc_store: str) -> None:
+    """--eval_data for a sentence-transformers model: scored pairs (STS-B's sentence1, sentence2,
+    label 0-5 in a CSV; sentence-transformers/stsb's score 0-1 in a table) give the Spearman
+    correlation of the embeddings' cosine with the scores, as the library's own embeddings give it."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from scipy.stats import spearmanr
+    from sentence_transformers import SentenceTransformer
+
+    from tasks.evaluate import fingerprint_text
+    from tasks.evaluate_encoder import EncoderEvalConfig, evaluate_encoder
+
+    folder = tiny_models.build_sentence_transformer(tmp_path / "st", ["Pooling", "Normalize"])
+    paragraphs = eio.read_lines("builtin:GPL-3", 61)
+    pairs = list(zip(paragraphs[:-1], paragraphs[1:]))
+    library = SentenceTransformer(str(folder), device="cpu")
+    cosine = (library.encode([a for a, _ in pairs]) * library.encode([b for _, b in pairs])).sum(-1)
+    noise = np.random.default_rng(0).normal(0, cosine.std(), len(pairs))
+    gold = np.round(5 * (cosine + noise - (cosine + noise).min()) / np.ptp(cosine + noise), 2)  # 0-5, as STS-B
+    expected = float(spearmanr(cosine, gold).statistic)
+    assert 0.3 < expected < 0.95  # the scores follow the model, not exactly
+    csv_path = tmp_path / "stsb.csv"
+    with open(csv_path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("sentence1", "sentence2", "label"), *((a, b, g) for (a, b), g in zip(pairs, gold))])
+    table = tmp_path / "stsb.parquet"
+    pq.write_table(pa.table({"sentence1": [a for a, _ in pairs], "sentence2": [b for _, b in pairs],
+                             "score": [float(g) / 5 for g in gold]}), table)
+    hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
+    fp32 = optimize_graph.fn(capture_encoder.fn(hf, CaptureEncoderConfig()), GraphConfig())
+    for path in (csv_path, table):
+        config = EncoderEvalConfig(labelled_data=str(path), labelled_sha256=fingerprint_text(str(path)), warmup=0,
+                                   repeat=5)
+        assert evaluate_encoder.fn(fp32, config).metrics["sts_spearman"] == pytest.approx(expected, abs=1e-3), path
+    (tmp_path / "single.csv").write_text("text,label\nonly one sentence,3.5\n")
+    (tmp_path / "words.csv").write_text("sentence1,sentence2,label\na,b,similar\n")
+    for name, problem in (("single.csv", "these rows have one text each"),
+                          ("words.csv", "row 1's score 'similar' is not a number")):
+        with pytest.raises(InvalidRequest, match=f"an embedding model's labelled data is sentence pairs with a "
+                           rf"similarity score \(sentence1, sentence2 .*\); {problem}"):
+            eio.read_scored_pairs(str(tmp_path / name))
+
+
+def test_spearman_is_scipys() -> None:
+    from scipy.stats import spearmanr
+
+    from tasks.evaluate_encoder import spearman
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 6, 200).astype(float)  # many ties, as STS scores have
+    b = a + rng.normal(0, 2, 200)
+    assert spearman(a, b) == pytest.approx(float(spearmanr(a, b).statistic), abs=1e-12)
+    assert spearman(b, -b) == pytest.approx(-1.0)
+
+
 def test_a_sentence_transformers_module_the_graph_does_not_compute_is_refused(tmp_path: Path, enc_store: str) -> None:
     folder = tiny_models.build_sentence_transformer(tmp_path / "st", ["Pooling", "Dense"])
     hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)

@@ -104,7 +104,8 @@ def test_an_encoder_request_without_task_takes_the_task_of_the_models_head() -> 
         cosine.resolved(source("BertForSequenceClassification"))
     assert cosine.resolved(source("BertModel")).parity("int8").min_cosine == 0.9
     labelled = EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "eval_data": "l.csv"})
-    with pytest.raises(InvalidRequest, match="applies to --task text-classification or token-classification; m is a feature-extraction model"):
+    with pytest.raises(InvalidRequest, match="--eval_data scores an embedding model on sentence pairs' similarity, "
+                       r"and m has no sentence-transformers pooling \(modules.json\)"):
         labelled.resolved(source("BertModel"))
     assert labelled.resolved(source("BertForTokenClassification")).task == "token-classification"
     with pytest.raises(ValueError, match="--eval_samples caps the labelled rows of --eval_data, and no --eval_data"):
