@@ -1,7 +1,8 @@
 """Node ``evaluate-encoder``: latency (avg / p50 / p90 / p95 / p99 after warm-up), throughput
 and size on disk of an ONNX encoder; with the Hugging Face folder as reference, the PyTorch fp32
 latency measured in the same run, the embedding cosine (feature extraction) or top-1 agreement
-(classifiers) vs PyTorch; with labelled data, accuracy. Writes ``eval.json``."""
+(classifiers) vs PyTorch; with labelled data, accuracy (classifiers; entity F1 for a token
+classifier's B-/I- tags) or STS Spearman (embedding models). Writes ``eval.json``."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class EncoderEvalConfig(MeasureConfig):
     repeat: int = Field(100, ge=5, description="timed calls")
     threads: int = Field(2, ge=1, le=256, description="onnxruntime intra-op threads (and torch threads)")
     labelled_data: str | None = Field(None, description="text classifiers: CSV, JSONL or Parquet with text,label; "
-                                      "token classifiers: JSONL, Parquet or CoNLL with tokens,ner_tags")
+                                      "token classifiers: JSONL, Parquet or CoNLL with tokens,ner_tags; embedding "
+                                      "models: sentence pairs with a similarity score")
     labelled_sha256: str = Field("", description="sha256 of labelled_data (part of the recipe)")
     labelled_samples: int | None = Field(None, ge=1, description="score the first N labelled rows or sentences "
                                          "(None: all)")
