@@ -27,6 +27,9 @@ PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("questio
 # sentence-transformers/stsb (score, 0-1), SICK (relatedness_score).
 SCORE_COLUMNS = ("label", "score", "similarity_score", "relatedness_score")
 TOKEN_COLUMNS = ("tokens", "words")
+# Families whose positions start after the padding id and whose BPE tokenizer needs
+# add_prefix_space for words given one by one.
+ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
 TAG_COLUMNS = ("ner_tags", "tags", "labels", "label")
 
 ENCODER_JSON = "grove_encoder.json"
@@ -281,7 +284,7 @@ def max_tokens(folder: Path, tok: object) -> int:
     512 at most."""
     config = json.loads((folder / "config.json").read_text())
     positions = int(config.get("max_position_embeddings") or 512)
-    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+    if config.get("model_type") in ROBERTA_LIKE:
         positions -= int(config.get("pad_token_id") or 1) + 1
     if (st := folder / "sentence_bert_config.json").exists():  # sentence-transformers cuts here (MiniLM: 256)
         positions = min(positions, int(json.loads(st.read_text()).get("max_seq_length") or positions))

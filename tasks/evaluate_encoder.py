@@ -193,8 +193,8 @@ def _token_accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: 
     names = table_label_names(path, eio.TAG_COLUMNS) if is_table(path) else None
     flat = iter(eio.label_ids([t for tags in raw for t in tags], id2label, path, names=names, log=log))
     gold = [[next(flat) for _ in tags] for tags in raw]
-    roberta_like = config.get("model_type") in ("roberta", "xlm-roberta", "camembert")
-    tok = eio.tokenizer(model_dir, **({"add_prefix_space": True} if roberta_like else {}))
+    tok = eio.tokenizer(model_dir, **({"add_prefix_space": True} if config.get("model_type") in eio.ROBERTA_LIKE
+                                      else {}))
     if not tok.is_fast:
         raise InvalidRequest(f"--eval_data for a token classifier needs a fast tokenizer (tokenizer.json) in "
                              f"{info.model_type}'s folder, to map words to sub-tokens")
@@ -248,12 +248,15 @@ def _similarity(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str,
     pairs, scores = _first(eio.read_scored_pairs(path), limit, "pairs")
     gold = np.asarray(scores)
     longest = eio.max_tokens(model_dir, eio.tokenizer(model_dir))
+
+    def embed(texts: list[str]) -> np.ndarray:
+        batches = (eio.encode(model_dir, texts[i:i + 32], info.inputs, max_length=longest)
+                   for i in range(0, len(texts), 32))
+        return np.concatenate([eio.run(sess, feeds, "sentence_embedding") for feeds in batches])  # type: ignore[arg-type]
+
     sides = []
     for side in (0, 1):
-        texts = [pair[side] for pair in pairs]
-        sides.append(np.concatenate([eio.run(sess, eio.encode(model_dir, texts[i:i + 32], info.inputs,  # type: ignore[arg-type]
-                                                              max_length=longest), "sentence_embedding")
-                                     for i in range(0, len(texts), 32)]))
+        sides.append(embed([pair[side] for pair in pairs]))
         report_progress(0.5 + 0.25 * (side + 1), f"similarity: side {side + 1} of 2 embedded")
     return round(spearman(eio.cosine_rows(sides[0], sides[1]), gold), 4)
 

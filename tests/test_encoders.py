@@ -384,9 +384,8 @@ def test_labelled_accuracy_csv_and_jsonl_match_pytorch(tiny_bert: dict[str, obje
     assert 0.5 < expected < 0.8  # the labels really disagree with the model on a third of the rows
     parquet_path = _as_parquet(csv_path)
     id2label = json.loads((tiny_bert["folder"] / "config.json").read_text())["id2label"]  # type: ignore[operator]
-    (tmp_path / "id2label.json").write_text(json.dumps(id2label))
     # a hub table numbering the model's classes in another order, its names in the metadata
-    named_path = _as_parquet(csv_path, class_names=sorted(id2label.values(), reverse=True))
+    named_path = _as_parquet(csv_path, class_names=sorted(id2label.values(), reverse=True), id2label=id2label)
     for path in (csv_path, jsonl_path, parquet_path, named_path):
         config = EncoderEvalConfig(labelled_data=str(path), labelled_sha256=fingerprint_text(str(path)), warmup=0,
                                    repeat=5)
@@ -443,10 +442,10 @@ def test_sentence_pairs_are_scored_as_pairs(tiny_bert: dict[str, object], tmp_pa
         assert evaluate_encoder.fn(fp32, config).metrics["accuracy"] == expected != 1.0, path.name
 
 
-def _as_parquet(csv_path: Path, class_names: list[str] | None = None) -> Path:
+def _as_parquet(csv_path: Path, class_names: list[str] | None = None, id2label: dict[str, str] | None = None) -> Path:
     """The CSV's rows as a hub dataset stores them (sst2's layout: sentence, int label, idx); with
-    ``class_names``, numbered in that order and named in the schema's metadata, as the datasets
-    library writes a ClassLabel."""
+    ``class_names``, the model's classes (``id2label``) numbered in that order and named in the
+    schema's metadata, as the datasets library writes a ClassLabel."""
     import csv
 
     import pyarrow as pa
@@ -455,12 +454,12 @@ def _as_parquet(csv_path: Path, class_names: list[str] | None = None) -> Path:
     with open(csv_path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     labels = [int(r["label"]) for r in rows]
-    path = csv_path.with_suffix(".parquet")
+    if class_names is not None and id2label is not None:
+        labels = [class_names.index(id2label[str(y)]) for y in labels]
     table = pa.table({"idx": list(range(len(rows))), "sentence": [r["text"] for r in rows], "label": labels})
-    if class_names is not None:
-        model_names = json.loads((csv_path.parent / "id2label.json").read_text())
-        table = pa.table({"idx": list(range(len(rows))), "sentence": [r["text"] for r in rows],
-                          "label": [class_names.index(model_names[str(y)]) for y in labels]})
+    if class_names is None:
+        path = csv_path.with_suffix(".parquet")
+    else:
         features = {"label": {"names": class_names, "_type": "ClassLabel"}}
         table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
         path = csv_path.with_name("named.parquet")
@@ -536,20 +535,20 @@ def test_labels_are_the_model_classes_by_id_or_name() -> None:
         eio.label_ids(["negative", "3", "NEGATIVE"], id2label, "f.csv")
     assert "ids 0-2 or names negative, neutral, positive" in str(exc.value)
 
-def test_table_class_names_match_the_model_classes_by_name(tmp_path: Path) -> None:
+
+def test_table_class_names_match_the_model_classes_by_name(caplog: pytest.LogCaptureFixture) -> None:
     """A hub dataset numbers its classes in its own order (its ClassLabel names, in the Parquet
     schema's metadata); a model may number the same classes differently: matched by name."""
     import logging
 
     id2label = {"0": "O", "1": "B-PER", "2": "I-PER"}
     assert eio.label_ids(["0", "1", "2"], id2label, "t.parquet", names=["o", "I-PER", "B-PER"]) == [0, 2, 1]
-    records: list[logging.LogRecord] = []
-    log = logging.getLogger("test-names")
-    log.addHandler(handler := logging.Handler())
-    handler.emit = records.append  # type: ignore[method-assign]
     # Names the model does not have: the ids are taken as the model's, and the log says so.
-    assert eio.label_ids(["0", "1"], id2label, "t.parquet", names=["O", "B-ORG"], log=log) == [0, 1]
-    assert "names its classes B-ORG, O, and this model's are O, B-PER, I-PER" in records[0].getMessage()
+    with caplog.at_level(logging.WARNING, logger="test-names"):
+        ids = eio.label_ids(["0", "1"], id2label, "t.parquet", names=["O", "B-ORG"],
+                            log=logging.getLogger("test-names"))
+    assert ids == [0, 1]
+    assert "names its classes B-ORG, O, and this model's are O, B-PER, I-PER" in caplog.text
 
 
 def test_token_classifier_accuracy_and_entity_f1_on_labelled_sentences(tmp_path: Path, enc_store: str) -> None:
