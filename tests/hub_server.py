@@ -19,23 +19,31 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 _KIND = r"(?P<kind>models|datasets)"
 _INFO = re.compile(rf"^/api/{_KIND}/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$")
-_TREE = re.compile(rf"^/api/{_KIND}/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)$")
+_TREE = re.compile(rf"^/api/{_KIND}/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$")
 _PATHS_INFO = re.compile(rf"^/api/{_KIND}/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>[^/]+)$")
 _RESOLVE = re.compile(r"^/(?P<prefix>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
 class HubRepo:
-    """One repo: its files (relative path -> bytes) at one commit."""
+    """One repo: its files (relative path -> bytes) at one commit; ``refs``: other revisions by
+    name (e.g. the hub's Parquet copy of a dataset, ``refs/convert/parquet``)."""
 
-    def __init__(self, folder: Path, sha: str) -> None:
+    def __init__(self, folder: Path, sha: str, refs: dict[str, HubRepo] | None = None) -> None:
         self.sha = sha
+        self.refs = refs or {}
         self.files = {p.relative_to(folder).as_posix(): p.read_bytes()
                       for p in sorted(folder.rglob("*")) if p.is_file()}
 
     def oid(self, path: str) -> str:  # a git blob id, as the hub reports for non-LFS files
         data = self.files[path]
         return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 - git's own id
+
+
+def _match(pattern: re.Pattern[str], path: str) -> dict[str, str] | None:
+    """A route's parts, unquoted, if the quoted ``path`` is that route."""
+    m = pattern.match(path)
+    return {k: unquote(v) if v is not None else v for k, v in m.groupdict().items()} if m else None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -52,10 +60,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def do_POST(self) -> None:  # noqa: N802 - paths-info
-        path = unquote(urlsplit(self.path).path)
-        self.requests.append(f"POST {path}")
+        path = urlsplit(self.path).path  # matched quoted: a revision's slashes arrive as %2F
+        self.requests.append(f"POST {unquote(path)}")
         form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
-        m = _PATHS_INFO.match(path)
+        m = _match(_PATHS_INFO, path)
         repo = self._repo(self._key(m), m["rev"]) if m else None
         if m is None:
             self._error(404, "RepoNotFound", f"no route {path}")
@@ -63,18 +71,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._json([self._entry(repo, p) for p in form.get("paths", []) if p in repo.files], True)
 
     def _serve(self, body: bool) -> None:
-        path = unquote(urlsplit(self.path).path)
-        self.requests.append(f"{self.command} {path}")
-        if m := _TREE.match(path):
+        path = urlsplit(self.path).path  # matched quoted: a revision's slashes arrive as %2F
+        self.requests.append(f"{self.command} {unquote(path)}")
+        if m := _match(_TREE, path):
             repo = self._repo(self._key(m), m["rev"])
             if repo:
-                self._json([self._entry(repo, p) for p in repo.files], body)
-        elif m := _INFO.match(path):
+                recursive = parse_qs(urlsplit(self.path).query).get("recursive") == ["true"]
+                self._json(self._listing(repo, m["path"] or "", recursive or not m["path"]), body)
+        elif m := _match(_INFO, path):
             repo = self._repo(self._key(m), m["rev"] or "main")
             if repo:
                 self._json({"id": m["repo"], "sha": repo.sha,
                             "siblings": [{"rfilename": p} for p in repo.files]}, body)
-        elif m := _RESOLVE.match(path):
+        elif m := _match(_RESOLVE, path):
             repo = self._repo(("datasets/" if m["prefix"] else "") + m["repo"], m["rev"])
             if repo and m["path"] not in repo.files:
                 self._error(404, "EntryNotFound", f"{m['path']} not in {m['repo']}")
@@ -84,8 +93,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "RepoNotFound", f"no route {path}")
 
     @staticmethod
-    def _key(m: re.Match[str]) -> str:
+    def _key(m: dict[str, str]) -> str:
         return ("datasets/" if m["kind"] == "datasets" else "") + m["repo"]
+
+    @classmethod
+    def _listing(cls, repo: HubRepo, folder: str, recursive: bool) -> list[dict[str, object]]:
+        """The files under ``folder`` (all of them, or its own files and its subfolders, as the hub lists)."""
+        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+        below = [p for p in repo.files if p.startswith(prefix)]
+        if recursive:
+            return [cls._entry(repo, p) for p in below]
+        folders = sorted({prefix + p[len(prefix):].split("/")[0] for p in below if "/" in p[len(prefix):]})
+        return [*({"type": "directory", "path": d, "oid": "0" * 40, "size": 0} for d in folders),
+                *(cls._entry(repo, p) for p in below if "/" not in p[len(prefix):])]
 
     @staticmethod
     def _entry(repo: HubRepo, path: str) -> dict[str, object]:
@@ -114,6 +134,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.repos.get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
+        elif revision in repo.refs:
+            return repo.refs[revision]
         elif revision not in ("main", repo.sha):
             self._error(404, "RevisionNotFound", f"Revision {revision} not found")
         else:
