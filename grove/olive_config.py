@@ -175,7 +175,8 @@ class OnnxQuantization(_Pass):
     quant_preprocess: bool | None = Field(None, description="Grove's graph optimization runs first anyway")
     save_as_external_data: bool | None = None
     all_tensors_to_one_file: bool | None = None
-    data_config: Any = Field(None, description="static: calibration data (not read: see calibration_data)")
+    data_config: Any = Field(None, description="static: calibration data, a data config's name (its text column's "
+                             "rows, or a text file's paragraphs)")
 
     def precision(self) -> str | None:
         return "int8"
@@ -321,7 +322,7 @@ def _section(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     return _object(data.get(key) or None, f"{where}{key}")
 
 
-def _passes(passes: dict[str, Any], out: Translation) -> None:
+def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> None:
     if not passes:
         raise InvalidRequest('passes is empty: Grove needs at least one, e.g. "passes": {"convert": {"type": '
                              '"ModelBuilder", "precision": "int4"}}')
@@ -357,10 +358,15 @@ def _passes(passes: dict[str, Any], out: Translation) -> None:
             continue
         if cls.NOTE and cls.NOTE not in out.notes:
             out.notes.append(cls.NOTE)
-        if isinstance(spec, OnnxQuantization) and spec.data_config is not None:
-            problems.append(f"{where}.data_config: Grove calibrates static int8 on a text file, not an Olive data "
-                            "config; drop data_config (Grove's default text: the GPL-3), or run the auto-opt "
-                            "command this config amounts to with --calibration_data FILE")
+        if isinstance(spec, OnnxQuantization) and spec.data_config is not None and spec.quant_mode == "static":
+            source, samples = _data_source(spec.data_config, data, f"{where}.data_config", for_labels=False)
+            if source.lower().endswith((".jsonl", ".json", ".csv")):
+                raise InvalidRequest(f"{where}.data_config: static int8 calibrates on plain text (its paragraphs) or "
+                                     f"a .parquet table's text column, not {Path(source).name}; point data_files at "
+                                     "such a file")
+            out.flags["calibration_data"] = source
+            if samples:
+                out.flags["calibration_samples"] = samples
         if isinstance(spec, OnnxQuantization) and spec.per_channel is None:
             out.notes.append(f"{name}: per_channel is not set, so per-tensor weight scales, as Olive's default; "
                              "Grove's auto-opt default is per-channel (all-MiniLM-L6-v2: cosine 0.992 vs 0.960 "
@@ -478,22 +484,158 @@ def _target(config: dict[str, Any], engine: dict[str, Any], out: Translation) ->
 
 
 _MEASURED = {"latency", "throughput"}  # Olive metric types that Grove's evaluation reports on every run
+# Olive's accuracy sub-types and what Grove's labelled scores answer them with ("": nothing).
+_SCORED = {"accuracy_score": "", "f1_score": "computed only for token classifiers with B-/I- tags, as entity F1"}
 
 
-def _evaluator(config: dict[str, Any], engine: dict[str, Any], out: Translation) -> None:
+def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, Any], out: Translation) -> None:
     evaluators = _section(config, "evaluators", "")
     name = engine.get("evaluator")
     if isinstance(name, str) and name not in evaluators:
         raise InvalidRequest(f"evaluator {name!r} is not among evaluators ({', '.join(evaluators) or 'none'})")
     chosen = name if isinstance(name, dict) else evaluators.get(name) if name else None
-    metrics = (chosen or {}).get("metrics") or []
-    others = [f"{m.get('name')} ({m.get('type')})" for m in metrics if isinstance(m, dict)
-              and str(m.get("type", "")).lower() not in _MEASURED]
+    where = "evaluator" if isinstance(name, dict) else f"evaluators.{name}"
+    metrics = [m for m in (chosen or {}).get("metrics") or [] if isinstance(m, dict)]
+    others: list[str] = []
+    labelled: list[tuple[str, object]] = []  # (where, data config) of the accuracy metrics
+    for index, metric in enumerate(metrics):
+        kind = str(metric.get("type", "")).lower()
+        ref = metric.get("data_config") or (chosen or {}).get("data_config")
+        if kind in _MEASURED:
+            if ref is not None:
+                out.notes.append(f"{metric.get('name')} ({kind}): Grove times fixed inputs (decoders: the prompt "
+                                 "'What is machine learning?'; encoders: 64 tokens), not a data config's rows")
+            continue
+        if kind == "accuracy" and ref is not None:
+            labelled.append((f"{where}.metrics[{index}]", ref))
+            for sub in (str(s.get("name") if isinstance(s, dict) else s) for s in metric.get("sub_types") or []):
+                if sub not in _SCORED or _SCORED[sub]:
+                    others.append(f"{sub} ({metric.get('name')}{'; ' + _SCORED[sub] if _SCORED.get(sub) else ''})")
+        else:
+            others.append(f"{metric.get('name')} ({metric.get('type')})")
     others += [f"lm-eval task {t}" for t in (chosen or {}).get("tasks") or []]  # Olive's LMEvaluator
+    sources: dict[tuple[str, int | None], str] = {}  # (source, max_samples) -> the first metric scoring it
+    for at, ref in labelled:
+        sources.setdefault(_data_source(ref, data, f"{at}.data_config", for_labels=True), at)
+    if len(sources) > 1:
+        raise InvalidRequest(f"{' and '.join(sources.values())} score different data configs; Grove scores one "
+                             "labelled set per run: keep one accuracy metric's data config")
+    if sources:
+        ((source, samples), _), = sources.items()
+        out.flags["eval_data"] = source
+        if samples:
+            out.flags["eval_samples"] = samples
     out.notes.append("evaluation: Grove's report measures the output beside the fp32 reference on every run "
                      "(decoders: size, prefill ms, decode tokens/s, perplexity, top-1 agreement; encoders: size, "
                      "latency avg/p50/p90/p95/p99, throughput, cosine vs PyTorch or accuracy with --eval_data)"
                      + (f"; not computed: {', '.join(others)}" if others else ""))
+
+
+# -- data configs ----------------------------------------------------------------------------------
+
+# Olive's data containers whose rows Grove can read, and its dummy-input ones (shapes, no rows).
+_DATA_CONTAINERS = {"huggingfacecontainer", "datacontainer"}
+_DUMMY_CONTAINERS = {"dummydatacontainer", "transformersdummydatacontainer", "transformerspromptdummydatacontainer",
+                     "transformerstokendummydatacontainer"}
+# Olive's built-in components (a type outside these is a user_script's function, which Grove never runs).
+_COMPONENTS = {"load_dataset_config": {"huggingface_dataset"},
+               "pre_process_data_config": {"huggingface_pre_process", "ner_huggingface_preprocess", "pre_process"},
+               "post_process_data_config": {"text_classification_post_process", "ner_post_process", "post_process"},
+               "dataloader_config": {"default_dataloader"}}
+_FILE_BUILDERS = {"json", "csv", "parquet", "text"}  # datasets' builders that read data_files
+
+
+def _data_configs(config: dict[str, Any]) -> dict[str, Any]:
+    """data_configs by name: Olive writes a list of objects with a "name" (older configs: an object
+    keyed by name)."""
+    raw = config.get("data_configs") or []
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, list) or not all(isinstance(d, dict) and isinstance(d.get("name"), str) for d in raw):
+        raise InvalidRequest('data_configs must be a list of objects, each with a "name"')
+    return {d["name"]: d for d in raw}
+
+
+def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels: bool) -> tuple[str, int | None]:
+    """What a data config reference (a name in data_configs, or the config itself) amounts to for
+    Grove: the file or hub table its rows are in (``--eval_data`` / ``--calibration_data``) and its
+    max_samples. Raises InvalidRequest naming the key Grove cannot read and what to write instead."""
+    if isinstance(ref, str):
+        if ref not in configs:
+            raise InvalidRequest(f"{where} {ref!r} is not among data_configs ({', '.join(configs) or 'none'})")
+        where, ref = f"data_configs.{ref}", configs[ref]
+    if not isinstance(ref, dict):
+        raise InvalidRequest(f"{where} must name a data config, or be one")
+    kind = str(ref.get("type", "DataContainer")).lower()
+    export = ("write the rows to a .jsonl, .csv or .parquet file and set load_dataset_config.data_files to it "
+              "(or pass --eval_data / --calibration_data FILE)")
+    if ref.get("user_script") or ref.get("script_dir"):
+        raise InvalidRequest(f"{where}.user_script: Grove runs no code from a config; {export}")
+    if kind in _DUMMY_CONTAINERS:
+        raise InvalidRequest(f"{where} is a {ref.get('type')}, dummy inputs without "
+                             f"{'labels' if for_labels else 'text'}; {export}")
+    if kind not in _DATA_CONTAINERS:
+        raise InvalidRequest(f"{where}.type {ref.get('type')!r}: Grove reads HuggingfaceContainer (or DataContainer) "
+                             f"data configs; {export}")
+    parts: dict[str, dict[str, Any]] = {}
+    for key, known in _COMPONENTS.items():
+        part = _object(ref.get(key), f"{where}.{key}")
+        if part.get("type") is not None and str(part["type"]) not in known:
+            raise InvalidRequest(f"{where}.{key}.type {part['type']!r} is not one of Olive's built-in components "
+                                 f"({', '.join(sorted(known))}); {export}")
+        parts[key] = {**part, **_object(part.get("params"), f"{where}.{key}.params")}
+    load, pre = parts["load_dataset_config"], parts["pre_process_data_config"]
+    if load.get("col_filters"):
+        raise InvalidRequest(f"{where}.load_dataset_config.col_filters: Grove scores every row it reads; {export}")
+    split = str(load.get("split") or "validation")  # Olive's default split
+    files = load.get("data_files")
+    if isinstance(files, dict):
+        files = files.get(split)
+    if isinstance(files, list):
+        if len(files) != 1:
+            raise InvalidRequest(f"{where}.load_dataset_config.data_files lists {len(files)} files; Grove reads one "
+                                 "file: join them into one")
+        files = files[0]
+    name = load.get("data_name")
+    if files:
+        source = str(files) if "://" in str(files) or not load.get("data_dir") else str(Path(load["data_dir"]) / files)
+    elif not isinstance(name, str) or not name:
+        raise InvalidRequest(f"{where}.load_dataset_config names no data: set data_files (a .jsonl, .csv or .parquet "
+                             "file) or data_name (a hub dataset, org/name)")
+    elif name in _FILE_BUILDERS:
+        raise InvalidRequest(f"{where}.load_dataset_config: data_name {name!r} reads data_files, and none is set")
+    elif name.count("/") != 1:
+        raise InvalidRequest(f"{where}.load_dataset_config.data_name {name!r}: hub datasets are named org/name "
+                             "(GLUE is nyu-mll/glue); set that name, or data_files to a local file")
+    else:  # the hub's own Parquet copy of every public dataset: <subset>/<split>/ in refs/convert/parquet
+        source = f"hf://datasets/{name}@refs/convert/parquet/{load.get('subset') or 'default'}/{split}/0000.parquet"
+    _check_columns(pre, f"{where}.pre_process_data_config", for_labels=for_labels)
+    samples = pre.get("max_samples", load.get("max_samples"))
+    if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
+        raise InvalidRequest(f"{where}: max_samples {samples!r} must be a positive whole number")
+    return source, samples
+
+
+def _check_columns(pre: dict[str, Any], where: str, *, for_labels: bool) -> None:
+    """Grove finds a table's columns by their usual names (tasks/_encoder_io.py); columns a config
+    names otherwise would be read wrong or not at all, so they are an error naming what Grove reads.
+    Calibration text (``for_labels`` False) is one text column."""
+    from tasks._decoder_io import LABEL_COLUMNS, TEXT_COLUMNS
+    from tasks._encoder_io import PAIR_COLUMNS, SCORE_COLUMNS, TAG_COLUMNS, TOKEN_COLUMNS
+
+    cols = pre.get("input_cols")
+    cols = [cols] if isinstance(cols, str) else list(cols or [])
+    singles = (*TEXT_COLUMNS, *TOKEN_COLUMNS) if for_labels else TEXT_COLUMNS
+    pairs = PAIR_COLUMNS if for_labels else ()
+    if len(cols) > 2 or (len(cols) == 1 and cols[0] not in singles) or (len(cols) == 2 and tuple(cols) not in pairs):
+        pair_text = f", or a sentence pair ({', '.join(' + '.join(p) for p in pairs)})" if pairs else ""
+        raise InvalidRequest(f"{where}.input_cols {cols}: Grove reads {'a' if for_labels else 'calibration'} text "
+                             f"from a column named {', '.join(singles)}{pair_text}; rename the columns in a copy of "
+                             "the data (data_files)")
+    labels = tuple(dict.fromkeys((*LABEL_COLUMNS, *SCORE_COLUMNS, *TAG_COLUMNS)))
+    if for_labels and (label := pre.get("label_col")) is not None and label not in labels:
+        raise InvalidRequest(f"{where}.label_col {label!r}: Grove reads labels from a column named "
+                             f"{', '.join(labels)}; rename it in a copy of the data (data_files)")
 
 
 # -- the whole config ------------------------------------------------------------------------------
@@ -534,8 +676,9 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
     if model or "model_name_or_path" not in overrides:
         _input_model(model, out)
     _target(config, engine, out)
-    _passes(_section(config, "passes", ""), out)
-    _evaluator(config, engine, out)
+    data = _data_configs(config)
+    _passes(_section(config, "passes", ""), data, out)
+    _evaluator(config, engine, data, out)
     if engine.get("output_dir"):
         out.flags["output_path"] = str(engine["output_dir"])
     if (level := engine.get("log_severity_level")) is not None:
@@ -554,9 +697,6 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
     if engine.get("packaging_config"):
         out.notes.append("packaging_config: Grove writes the output as a folder (model, genai_config or tokenizer "
                          "files, grove_report.json), not a zip")
-    if config.get("data_configs"):
-        out.notes.append("data_configs: not read; Grove evaluates on --eval_data FILE (default: the GPL-3 text "
-                         "shipped with Grove)")
     out.flags.update(overrides)
     if require_output and "output_path" not in out.flags:
         raise InvalidRequest("no output folder: set output_dir (at the top level, or under engine), or pass -o")

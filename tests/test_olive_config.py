@@ -95,6 +95,74 @@ def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path,
     assert not (tmp_path / "not-here").exists()
 
 
+def test_a_configs_hub_dataset_scores_the_classifier_and_its_text_calibrates_static_int8(tmp_path: Path,
+                                                                                      store: str) -> None:
+    """Olive's MRPC data config, served by the loopback hub in its Parquet copy (refs/convert/parquet),
+    scores the classifier on its sentence pairs through `grove run`: only the first max_samples rows
+    (labelled with the model's own answers, the rows after them with wrong ones, so the fp32
+    accuracy is 1.0 only if exactly those rows are scored, as pairs); a local Parquet table's text
+    calibrates the static int8."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tasks import _encoder_io as eio
+    from tests import tiny_models
+    from tests.hub_server import HubRepo, serve_hub
+
+    model = tiny_models.build_encoder("bert", tmp_path / "bert")
+    sentences = [" ".join(p.split()[:12]) for p in eio.read_lines("builtin:GPL-3", 40)]
+    pairs = list(zip(sentences[0::2], sentences[1::2]))
+    with torch.no_grad():
+        logits = AutoModelForSequenceClassification.from_pretrained(model)(
+            **AutoTokenizer.from_pretrained(model)([a for a, _ in pairs], [b for _, b in pairs], padding=True,
+                                                   return_tensors="pt")).logits
+    top2 = logits.topk(2).values
+    clear = [i for i in range(len(pairs)) if top2[i, 0] - top2[i, 1] > 0.05]  # no near-tie to flip in ONNX
+    assert len(clear) >= 16, "the tiny model's answers are too close to call"
+    answers = logits.argmax(-1).tolist()
+    rows = [(pairs[i], answers[i] if n < 12 else (answers[i] + 1) % 3) for n, i in enumerate(clear[:16])]
+    main_branch, converted = tmp_path / "hub-main", tmp_path / "hub-parquet" / "mrpc" / "validation"
+    main_branch.mkdir()
+    (main_branch / "README.md").write_text("GLUE, as the hub keeps it\n")
+    converted.mkdir(parents=True)
+    pq.write_table(pa.table({"sentence1": [a for (a, _), _ in rows], "sentence2": [b for (_, b), _ in rows],
+                             "label": [y for _, y in rows], "idx": list(range(len(rows)))}), converted / "0000.parquet")
+    calibration = tmp_path / "calibration.parquet"
+    pq.write_table(pa.table({"text": eio.read_lines("builtin:GPL-3", 40)}), calibration)
+    config = {"input_model": {"type": "HfModel", "model_path": str(model), "task": "text-classification"},
+              "data_configs": [{"name": "glue_mrpc", "type": "HuggingfaceContainer",
+                                "load_dataset_config": {"data_name": "grove-test/glue", "subset": "mrpc",
+                                                        "split": "validation"},
+                                "pre_process_data_config": {"input_cols": ["sentence1", "sentence2"],
+                                                            "label_col": "label", "max_samples": 12}},
+                               {"name": "calib", "type": "HuggingfaceContainer",
+                                "load_dataset_config": {"data_name": "parquet", "data_files": str(calibration)},
+                                "pre_process_data_config": {"input_cols": ["text"], "max_samples": 8}}],
+              "passes": {"int8": {"type": "OnnxStaticQuantization", "data_config": "calib", "per_channel": True}},
+              "evaluators": {"common": {"metrics": [{"name": "accuracy", "type": "accuracy",
+                                                     "data_config": "glue_mrpc",
+                                                     "sub_types": [{"name": "accuracy_score"}]}]}},
+              "evaluator": "common", "output_dir": str(tmp_path / "out")}
+    hub = HubRepo(main_branch, "6" * 40, refs={"refs/convert/parquet": HubRepo(tmp_path / "hub-parquet", "7" * 40)})
+    with serve_hub({"datasets/grove-test/glue": hub}) as (endpoint, requests):
+        result = grove_cli("run", "--config", str(_write(tmp_path, config)), "--store", store,
+                           env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"})
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"--calibration_data {calibration} --calibration_samples 8 --int8_mode static --per_channel --eval_data "
+            "hf://datasets/grove-test/glue@refs/convert/parquet/mrpc/validation/0000.parquet --eval_samples 12"
+            ) in result.stderr, result.stderr
+    assert "scoring the first 12 of 16 labelled rows" in result.stderr
+    assert any(r.endswith("/resolve/refs/convert/parquet/mrpc/validation/0000.parquet") for r in requests), requests
+    report = json.loads((tmp_path / "out" / "grove_report.json").read_text())
+    assert report["reference"]["accuracy"] == 1.0
+    assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
+    int8 = next(n for n in report["lineage"] if n["node"] == "quantize-int8")["config"]
+    assert (int8["mode"], int8["calibration_data"], int8["calibration_samples"]) == ("static", str(calibration), 8)
+
+
 @pytest.mark.parametrize(("passes", "expected"), [
     ({"q": {"type": "OnnxMatMul4Quantizer", "config": {"block_size": 64, "is_symmetric": True}}},
      "--precision int4 --int4_algorithm rtn --block_size 64 --symmetric"),
@@ -163,6 +231,60 @@ def test_what_grove_does_differently_is_said_before_the_run(tmp_path: Path, caps
 
 _MODEL = {"type": "HfModel", "model_path": "some/model"}
 _INT4 = {"mb": {"type": "ModelBuilder", "precision": "int4"}}
+# Olive's own data config example: GLUE MRPC's validation split scored for accuracy.
+_MRPC = {"name": "mrpc", "type": "HuggingfaceContainer",
+         "load_dataset_config": {"data_name": "nyu-mll/glue", "subset": "mrpc", "split": "validation"},
+         "pre_process_data_config": {"input_cols": ["sentence1", "sentence2"], "label_col": "label"}}
+_ACCURACY = {"name": "accuracy", "type": "accuracy", "data_config": "mrpc",
+             "sub_types": [{"name": "accuracy_score"}, {"name": "auroc"}]}
+_EVAL = {"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "OnnxDynamicQuantization"}},
+         "evaluators": {"e": {"metrics": [_ACCURACY]}}, "evaluator": "e"}
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (_MRPC, "--eval_data hf://datasets/nyu-mll/glue@refs/convert/parquet/mrpc/validation/0000.parquet"),
+    ({**_MRPC, "load_dataset_config": {"data_name": "stanfordnlp/imdb", "split": "test"},
+      "pre_process_data_config": {"input_cols": ["text"], "max_samples": 500}},
+     "--eval_data hf://datasets/stanfordnlp/imdb@refs/convert/parquet/default/test/0000.parquet --eval_samples 500"),
+    ({**_MRPC, "load_dataset_config": {"data_name": "json", "data_dir": "data", "data_files": "dev.jsonl"}},
+     "--eval_data data/dev.jsonl"),
+    ({**_MRPC, "load_dataset_config": {"data_name": "csv", "split": "test",
+                                       "data_files": {"train": "train.csv", "test": ["test.csv"]}}},
+     "--eval_data test.csv"),
+    ({"name": "mrpc", "type": "DataContainer",  # Olive's components with their params
+      "load_dataset_config": {"type": "huggingface_dataset", "params": {"data_files": "s3://bucket/dev.parquet"}},
+      "pre_process_data_config": {"type": "huggingface_pre_process", "params": {"max_samples": 64}}},
+     "--eval_data s3://bucket/dev.parquet --eval_samples 64"),
+])
+def test_an_accuracy_metrics_data_config_is_the_labelled_data(data: dict, expected: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The data config an accuracy metric names becomes --eval_data (a hub dataset: the hub's Parquet
+    copy of its subset and split) and its max_samples --eval_samples; the sub-types Grove does not
+    compute are said, and a latency metric's data is said to be unused."""
+    from grove.cli import main
+
+    config = {**_EVAL, "data_configs": [data], "evaluators": {"e": {"metrics": [
+        _ACCURACY, {"name": "latency", "type": "latency", "data_config": "mrpc", "sub_types": [{"name": "avg"}]}]}}}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().endswith(expected), out
+    assert "not computed: auroc (accuracy)" in err and "accuracy_score" not in err, err
+    assert "latency (latency): Grove times fixed inputs" in err, err
+
+
+def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from grove.cli import main
+
+    config = {"input_model": _MODEL, "output_dir": "o", "passes": {"q": {
+        "type": "OnnxStaticQuantization", "data_config": "wiki", "per_channel": True}}, "data_configs": {
+        "wiki": {"load_dataset_config": {"data_name": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1",
+                                         "split": "train"}, "pre_process_data_config": {"max_samples": 16}}}}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert ("--calibration_data hf://datasets/Salesforce/wikitext@refs/convert/parquet/wikitext-2-raw-v1/train/"
+            "0000.parquet --calibration_samples 16 --int8_mode static --per_channel") in out, out
+    assert "calibrated on Grove's default text" not in err
 
 
 @pytest.mark.parametrize(("config", "expected"), [
@@ -189,8 +311,36 @@ _INT4 = {"mb": {"type": "ModelBuilder", "precision": "int4"}}
     ({"input_model": _MODEL, "passes": {**_INT4, "q": {"type": "OnnxDynamicQuantization"}}, "output_dir": "o"},
      "passes ask for different precisions: mb int4, q int8; Grove writes one output per run"),
     ({"input_model": _MODEL, "passes": {"q": {"type": "OnnxStaticQuantization", "data_config": "calib"}},
-      "output_dir": "o"},
-     "passes.q.data_config: Grove calibrates static int8 on a text file, not an Olive data config"),
+      "output_dir": "o"}, "passes.q.data_config 'calib' is not among data_configs (none)"),
+    ({**_EVAL, "data_configs": [{**_MRPC, "user_script": "data.py"}]},
+     "data_configs.mrpc.user_script: Grove runs no code from a config; write the rows to a .jsonl, .csv or .parquet "
+     "file and set load_dataset_config.data_files to it"),
+    ({**_EVAL, "data_configs": [{"name": "mrpc", "type": "TransformersDummyDataContainer"}]},
+     "data_configs.mrpc is a TransformersDummyDataContainer, dummy inputs without labels"),
+    ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_name": "glue", "subset": "mrpc"}}]},
+     "data_configs.mrpc.load_dataset_config.data_name 'glue': hub datasets are named org/name (GLUE is "
+     "nyu-mll/glue)"),
+    ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"input_cols": ["question", "passage"]}}]},
+     "data_configs.mrpc.pre_process_data_config.input_cols ['question', 'passage']: Grove reads a text from a "
+     "column named text, sentence, content, tokens, words, or a sentence pair (sentence1 + sentence2, "),
+    ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"label_col": "target"}}]},
+     "data_configs.mrpc.pre_process_data_config.label_col 'target': Grove reads labels from a column named label, "
+     "labels, score, similarity_score, relatedness_score, ner_tags, tags"),
+    ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_name": "nyu-mll/glue",
+                                                                 "col_filters": {"label": 1}}}]},
+     "data_configs.mrpc.load_dataset_config.col_filters: Grove scores every row it reads"),
+    ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_files": ["a.jsonl", "b.jsonl"]}}]},
+     "data_configs.mrpc.load_dataset_config.data_files lists 2 files; Grove reads one file: join them into one"),
+    ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"max_samples": 0}}]},
+     "data_configs.mrpc: max_samples 0 must be a positive whole number"),
+    ({**_EVAL, "evaluators": {"e": {"metrics": [_ACCURACY, {**_ACCURACY, "data_config": "other"}]}},
+      "data_configs": [_MRPC, {**_MRPC, "name": "other", "load_dataset_config": {"data_files": "o.jsonl"}}]},
+     "evaluators.e.metrics[0] and evaluators.e.metrics[1] score different data configs; Grove scores one labelled "
+     "set per run"),
+    ({"input_model": _MODEL, "output_dir": "o", "data_configs": [{"name": "calib", "load_dataset_config": {
+        "data_files": "calib.jsonl"}}], "passes": {"q": {"type": "OnnxStaticQuantization", "data_config": "calib"}}},
+     "passes.q.data_config: static int8 calibrates on plain text (its paragraphs) or a .parquet table's text column, "
+     "not calib.jsonl"),
     ({"input_model": {"type": "ONNXModel", "model_path": "m.onnx"}, "passes": _INT4, "output_dir": "o"},
      "input_model is an ONNX model: Grove starts from the Hugging Face model"),
     ({"input_model": {"type": "PyTorchModel", "config": {"model_path": "m.pt", "model_loader": "load"}},
