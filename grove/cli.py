@@ -118,8 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--head_shortlist", type=int, metavar="K", help="affine/hqq int4, 8-bit head: a 4-bit pass over "
                    "the vocabulary, then the K best tokens' logits recomputed at 8 bits (32, default: decodes faster "
                    "with the 8-bit head's choices; 0: the whole 8-bit lm_head for every token)")
-    p.add_argument("--eval_data", help="decoders: UTF-8 text for perplexity (default: the GPL-3 text shipped with "
-                   "Grove); text classifiers: CSV/JSONL/Parquet with text,label; token classifiers: JSONL/Parquet/CoNLL "
+    p.add_argument("--eval_data", help="decoders: UTF-8 text for perplexity, or a Parquet/JSONL/CSV table's text "
+                   "column (default: the GPL-3 text shipped with Grove); text classifiers: CSV/JSONL/Parquet with text,label; token classifiers: JSONL/Parquet/CoNLL "
                    "with tokens,ner_tags (accuracy; entity F1 for B-/I- tags); embedding models: sentence pairs "
                    "with a similarity score, as STS-B (Spearman)")
     p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (1024; 2048 matches the figures in README)")
@@ -136,8 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quant_format", choices=["QDQ", "QOperator"], help="static int8: graph format (QDQ)")
     e.add_argument("--calibrate_method", choices=["MinMax", "Entropy", "Percentile"],
                    help="static int8: activation ranges (MinMax)")
-    e.add_argument("--calibration_data", help="static int8: UTF-8 text, one sample per paragraph (default: the "
-                   "GPL-3 text shipped with Grove)")
+    e.add_argument("--calibration_data", help="static int8: UTF-8 text, one sample per paragraph, or a "
+                   "Parquet/JSONL/CSV table's text column (default: the GPL-3 text shipped with Grove)")
     e.add_argument("--calibration_samples", type=int, help="static int8: paragraphs used (32)")
     e.add_argument("--eval_samples", type=int, metavar="N", help="classifiers: score the first N labelled rows "
                    "(token classifiers: sentences) of --eval_data (default: all)")

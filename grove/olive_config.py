@@ -175,8 +175,8 @@ class OnnxQuantization(_Pass):
     quant_preprocess: bool | None = Field(None, description="Grove's graph optimization runs first anyway")
     save_as_external_data: bool | None = None
     all_tensors_to_one_file: bool | None = None
-    data_config: Any = Field(None, description="static: calibration data, a data config's name (its text column's "
-                             "rows, or a text file's paragraphs)")
+    data_config: Any = Field(None, description="static: calibration data, a data config's name (a table's text "
+                             "column, or a text file's paragraphs)")
 
     def precision(self) -> str | None:
         return "int8"
@@ -360,10 +360,6 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             out.notes.append(cls.NOTE)
         if isinstance(spec, OnnxQuantization) and spec.data_config is not None and spec.quant_mode == "static":
             source, samples = _data_source(spec.data_config, data, f"{where}.data_config", for_labels=False)
-            if source.lower().endswith((".jsonl", ".json", ".csv")):
-                raise InvalidRequest(f"{where}.data_config: static int8 calibrates on plain text (its paragraphs) or "
-                                     f"a .parquet table's text column, not {Path(source).name}; point data_files at "
-                                     "such a file")
             out.flags["calibration_data"] = source
             if samples:
                 out.flags["calibration_samples"] = samples
@@ -599,6 +595,9 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
     name = load.get("data_name")
     if files:
         source = str(files) if "://" in str(files) or not load.get("data_dir") else str(Path(load["data_dir"]) / files)
+        if source.lower().endswith(".json"):
+            raise InvalidRequest(f"{where}.load_dataset_config.data_files {source}: Grove reads rows from JSON lines "
+                                 "(.jsonl), .csv or .parquet files; save the rows as JSON lines, one object a line")
     elif not isinstance(name, str) or not name:
         raise InvalidRequest(f"{where}.load_dataset_config names no data: set data_files (a .jsonl, .csv or .parquet "
                              "file) or data_name (a hub dataset, org/name)")

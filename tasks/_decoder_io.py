@@ -16,24 +16,35 @@ from typing import Any
 import numpy as np
 
 __all__ = ["BUILTIN_TEXT", "LABEL_COLUMNS", "TEXT_COLUMNS", "available_cpus", "context_length", "generation_timing",
-           "genai_model", "is_table", "logits", "model_size", "perplexity", "pick_column", "read_table", "read_text",
-           "text_sha256", "tokenize"]
+           "genai_model", "is_row_file", "is_table", "logits", "model_size", "perplexity", "pick_column", "read_raw",
+           "read_rows", "read_table", "read_text", "text_sha256", "tokenize"]
 
 BUILTIN_TEXT = "builtin:GPL-3"
 
 
-def read_text(source: str, flag: str = "--eval_data", encoding: str = "utf-8", newline: str | None = None) -> str:
+def read_text(source: str, flag: str = "--eval_data") -> str:
     """'builtin:GPL-3' (the GNU GPL v3 text shipped with Grove), a local path, or an fsspec URI
-    (``s3://``, ``hf://datasets/...``). A ``.parquet`` table (how the hub stores datasets: wikitext,
-    sst2...) reads as its text column's rows joined by blank lines, as transformers' perplexity
-    guide joins wikitext. A source that cannot be read raises InvalidRequest naming ``flag``; for a
-    remote one, whatever its client raised (no network, no such dataset) is reported the same way."""
+    (``s3://``, ``hf://datasets/...``). A table (``.parquet``, how the hub stores datasets: wikitext,
+    sst2...; or ``.jsonl`` / ``.csv`` rows) reads as its text column's rows joined by blank lines, as
+    transformers' perplexity guide joins wikitext. A source that cannot be read raises InvalidRequest
+    naming ``flag``; for a remote one, whatever its client raised (no network, no such dataset) is
+    reported the same way."""
     if source == BUILTIN_TEXT:
         return (resources.files("grove") / "data" / "GPL-3.txt").read_text(encoding="utf-8")
-    if is_table(source):
-        table = read_table(source, flag)
+    if is_table(source) or is_row_file(source):
+        if is_table(source):
+            table = read_table(source, flag)
+        else:
+            rows = read_rows(source, flag)
+            table = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {})}
         return "\n\n".join(str(row) for row in table[pick_column(table, TEXT_COLUMNS, source, flag)]
                             if row is not None)
+    return read_raw(source, flag)
+
+
+def read_raw(source: str, flag: str = "--eval_data", encoding: str = "utf-8", newline: str | None = None) -> str:
+    """A file's own text, whatever its suffix (a path or an fsspec URI); InvalidRequest naming ``flag``
+    if it cannot be read."""
     import fsspec
 
     remote = "://" in source and not source.startswith("file://")
@@ -45,6 +56,37 @@ def read_text(source: str, flag: str = "--eval_data", encoding: str = "utf-8", n
         if not (remote or isinstance(exc, (OSError, UnicodeDecodeError))):
             raise
         raise _unreadable(source, flag, exc, "UTF-8 text", "pass a readable UTF-8 text file") from exc
+
+
+def is_row_file(source: str) -> bool:
+    return source.lower().endswith((".jsonl", ".csv"))
+
+
+def read_rows(source: str, flag: str = "--eval_data",
+              fix: str = "a .jsonl file holds one JSON object per line") -> list[dict[str, Any]]:
+    """The rows of a ``.jsonl`` file (one JSON object per line) or a ``.csv`` file with a header, as
+    dicts. Raises InvalidRequest naming the line that is not an object, then ``fix``."""
+    import csv
+    import io
+
+    from grove.errors import InvalidRequest
+
+    # newline="": quoted CSV fields may hold line breaks; utf-8-sig: spreadsheets often start with a BOM
+    f = io.StringIO(read_raw(source, flag, encoding="utf-8-sig", newline=""), newline="")
+    if not source.lower().endswith(".jsonl"):
+        return list(csv.DictReader(f))
+    rows = []
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"{flag} {source}: line {number} is not JSON ({exc.msg}); {fix}") from exc
+        if not isinstance(row, dict):
+            raise InvalidRequest(f"{flag} {source}: line {number} is not a JSON object; {fix}")
+        rows.append(row)
+    return rows
 
 
 # Column names a table's text and labels go by in hub datasets (imdb, ag_news: text; sst2: sentence).
@@ -153,7 +195,7 @@ def text_sha256(source: str) -> str:
     (a classifier's labels too)."""
     if is_table(source):
         return hashlib.sha256(json.dumps(read_table(source), sort_keys=True, default=str).encode()).hexdigest()
-    return hashlib.sha256(read_text(source).encode()).hexdigest()
+    return hashlib.sha256((read_text(source) if source == BUILTIN_TEXT else read_raw(source)).encode()).hexdigest()
 
 
 def model_size(model_dir: Path) -> int:

@@ -151,15 +151,17 @@ def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> 
     import io
 
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import LABEL_COLUMNS, TEXT_COLUMNS, is_table, pick_column, read_table, read_text
+    from tasks._decoder_io import (LABEL_COLUMNS, TEXT_COLUMNS, is_row_file, is_table, pick_column, read_raw,
+                                   read_rows, read_table)
 
     label_columns = label_columns or LABEL_COLUMNS
 
+    formats = ("labelled data is a CSV file with a text,label header, a .jsonl file of {\"text\": ..., \"label\": "
+               "...} lines, or a .parquet table with text (or sentence) and label columns; a sentence pair's columns "
+               "are " + ", ".join(" + ".join(pair) for pair in PAIR_COLUMNS))
+
     def bad(problem: str) -> InvalidRequest:
-        return InvalidRequest(f"--eval_data {source}: {problem}; labelled data is a CSV file with a text,label "
-                              "header, a .jsonl file of {\"text\": ..., \"label\": ...} lines, or a .parquet table "
-                              "with text (or sentence) and label columns; a sentence pair's columns are "
-                              + ", ".join(" + ".join(pair) for pair in PAIR_COLUMNS))
+        return InvalidRequest(f"--eval_data {source}: {problem}; {formats}")
 
     if is_table(source):
         table = read_table(source)
@@ -171,30 +173,20 @@ def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> 
         label = pick_column(table, label_columns, source)
         rows = [{"text": t, "label": y} for t, y in zip(texts, table[label], strict=True)]
     else:
-        # newline="": quoted CSV fields may hold line breaks; utf-8-sig: spreadsheets often start with a BOM
-        f = io.StringIO(read_text(source, "--eval_data", encoding="utf-8-sig", newline=""), newline="")
-        if source.endswith(".jsonl"):
-            rows = []
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise bad(f"line {number} is not JSON ({exc.msg})") from exc
-        else:
-            rows = list(csv.DictReader(f))
-        first = rows[0] if rows and isinstance(rows[0], dict) else {}
+        rows = read_rows(source, fix=formats) if is_row_file(source) else list(csv.DictReader(
+            io.StringIO(read_raw(source, encoding="utf-8-sig", newline=""), newline="")))  # another suffix: CSV
+        first = rows[0] if rows else {}
         if pair := next((p for p in PAIR_COLUMNS if p[0] in first and p[1] in first), None):
             rows = [{**r, "text": None if r.get(pair[0]) is None or r.get(pair[1]) is None else
-                     (r[pair[0]], r[pair[1]])} if isinstance(r, dict) else r for r in rows]
+                     (r[pair[0]], r[pair[1]])} for r in rows]
         elif "text" not in first and "sentence" in first:
-            rows = [{**r, "text": r.get("sentence")} if isinstance(r, dict) else r for r in rows]
+            rows = [{**r, "text": r.get("sentence")} for r in rows]
         if (label := next((c for c in label_columns if c in first), "label")) != "label":
-            rows = [{**r, "label": r.get(label)} if isinstance(r, dict) else r for r in rows]
+            rows = [{**r, "label": r.get(label)} for r in rows]
     if not rows:
         raise bad("no rows")
     for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or row.get("text") is None or row.get("label") in (None, ""):
+        if row.get("text") is None or row.get("label") in (None, ""):
             raise bad(f"row {number} has no text or no label")
     return ([(str(r["text"][0]), str(r["text"][1])) if isinstance(r["text"], tuple) else str(r["text"]) for r in rows],
             [str(r["label"]) for r in rows])
@@ -227,13 +219,14 @@ def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]
     and its tag per line, the tag in the last column, a blank line between sentences, ``-DOCSTART-``
     lines skipped). A path or an fsspec URI. Raises InvalidRequest naming what is wrong."""
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import is_table, pick_column, read_table, read_text
+    from tasks._decoder_io import is_table, pick_column, read_raw, read_rows, read_table
+
+    formats = ("a token classifier's labelled data is a .jsonl file of {\"tokens\": [...], \"ner_tags\": [...]} "
+               "lines, a .parquet table with tokens and ner_tags list columns (a hub dataset's layout, e.g. "
+               "conll2003), or CoNLL text: a word and its tag per line, a blank line between sentences")
 
     def bad(problem: str) -> InvalidRequest:
-        return InvalidRequest(f"--eval_data {source}: {problem}; a token classifier's labelled data is a .jsonl file "
-                              "of {\"tokens\": [...], \"ner_tags\": [...]} lines, a .parquet table with tokens and "
-                              "ner_tags list columns (a hub dataset's layout, e.g. conll2003), or CoNLL text: a word "
-                              "and its tag per line, a blank line between sentences")
+        return InvalidRequest(f"--eval_data {source}: {problem}; {formats}")
 
     rows: list[tuple[object, object]] = []
     if is_table(source):
@@ -243,20 +236,11 @@ def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]
     elif source.lower().endswith((".csv", ".json")):
         raise bad("a CSV or JSON file holds no list of words per row")
     elif source.lower().endswith(".jsonl"):
-        for number, line in enumerate(read_text(source, "--eval_data").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise bad(f"line {number} is not JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise bad(f"line {number} is not a JSON object")
-            rows.append((next((obj[k] for k in TOKEN_COLUMNS if k in obj), None),
-                         next((obj[k] for k in TAG_COLUMNS if k in obj), None)))
+        rows = [(next((obj[k] for k in TOKEN_COLUMNS if k in obj), None),
+                 next((obj[k] for k in TAG_COLUMNS if k in obj), None)) for obj in read_rows(source, fix=formats)]
     else:
         sentence: tuple[list[str], list[str]] = ([], [])
-        for number, line in enumerate(read_text(source, "--eval_data").splitlines() + [""], 1):
+        for number, line in enumerate(read_raw(source).splitlines() + [""], 1):
             parts = line.split()
             if not parts:
                 if sentence[0]:

@@ -44,7 +44,8 @@ class Int8Config(StepConfig):
     calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = Field("MinMax", description="static only: how "
                                                                          "activation ranges are chosen")
     calibration_data: str = Field("builtin:GPL-3", description="static only: UTF-8 text (path, s3:// or "
-                                  "'builtin:GPL-3'); each paragraph is one calibration sample")
+                                  "'builtin:GPL-3'); each paragraph is one calibration sample; a Parquet / JSONL / "
+                                  "CSV table: its text column's rows")
     calibration_samples: int = Field(32, ge=1, le=4096, description="static only: paragraphs used")
     max_length: int = Field(128, ge=8, le=512, description="static only: tokens per calibration sample")
 

@@ -481,6 +481,36 @@ def test_a_labelled_table_is_fingerprinted_by_its_labels_too(tmp_path: Path) -> 
     assert eio.read_labelled(str(tmp_path / "a.parquet")) == (texts, ["0", "1"])
 
 
+def test_a_text_table_reads_as_its_text_column_as_parquet_jsonl_or_csv(tmp_path: Path) -> None:
+    """Perplexity text and calibration paragraphs from a dataset's rows: a Parquet, JSONL or CSV
+    table reads as its text column's rows, one paragraph each (not as the file's JSON or CSV
+    syntax); the recipe's fingerprint covers the file's every column."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from grove.errors import InvalidRequest
+    from tasks import _decoder_io as dio
+
+    texts = [" ".join(p.split()) for p in eio.read_lines("builtin:GPL-3", 6)]
+    texts[2] = 'a row with "quotes", a comma\nand a line break, longer than forty characters'
+    pq.write_table(pa.table({"text": texts, "label": [0] * 6}), tmp_path / "t.parquet")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t, "label": 0}) + "\n" for t in texts))
+    with (tmp_path / "t.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("label", "text"), *((0, t) for t in texts)])
+    for name in ("t.parquet", "t.jsonl", "t.csv"):
+        assert dio.read_text(str(tmp_path / name)) == "\n\n".join(texts), name
+        assert eio.read_lines(str(tmp_path / name), 4) == [" ".join(t.split()) for t in texts[:4]], name
+    before = dio.text_sha256(str(tmp_path / "t.jsonl"))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t, "label": 1}) + "\n" for t in texts))
+    assert dio.text_sha256(str(tmp_path / "t.jsonl")) != before
+    (tmp_path / "no-text.jsonl").write_text('{"sentence1": "a", "sentence2": "b"}\n')
+    with pytest.raises(InvalidRequest, match=r"no-text.jsonl has no column named text or sentence or content \(its "
+                       r"columns: sentence1, sentence2\)"):
+        dio.read_text(str(tmp_path / "no-text.jsonl"))
+
+
 @pytest.mark.parametrize(("reader", "name", "content", "expected"), [
     ("read_labelled", "wrong-header.csv", "txt,lab\nhello,0\n", "row 1 has no text or no label"),
     ("read_labelled", "empty.csv", "text,label\n", "no rows"),

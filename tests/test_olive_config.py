@@ -100,8 +100,8 @@ def test_a_configs_hub_dataset_scores_the_classifier_and_its_text_calibrates_sta
     """Olive's MRPC data config, served by the loopback hub in its Parquet copy (refs/convert/parquet),
     scores the classifier on its sentence pairs through `grove run`: only the first max_samples rows
     (labelled with the model's own answers, the rows after them with wrong ones, so the fp32
-    accuracy is 1.0 only if exactly those rows are scored, as pairs); a local Parquet table's text
-    calibrates the static int8."""
+    accuracy is 1.0 only if exactly those rows are scored, as pairs); a local JSONL file's text rows
+    calibrate the static int8."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -129,8 +129,8 @@ def test_a_configs_hub_dataset_scores_the_classifier_and_its_text_calibrates_sta
     converted.mkdir(parents=True)
     pq.write_table(pa.table({"sentence1": [a for (a, _), _ in rows], "sentence2": [b for (_, b), _ in rows],
                              "label": [y for _, y in rows], "idx": list(range(len(rows)))}), converted / "0000.parquet")
-    calibration = tmp_path / "calibration.parquet"
-    pq.write_table(pa.table({"text": eio.read_lines("builtin:GPL-3", 40)}), calibration)
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text("".join(json.dumps({"text": t}) + "\n" for t in eio.read_lines("builtin:GPL-3", 40)))
     config = {"input_model": {"type": "HfModel", "model_path": str(model), "task": "text-classification"},
               "data_configs": [{"name": "glue_mrpc", "type": "HuggingfaceContainer",
                                 "load_dataset_config": {"data_name": "grove-test/glue", "subset": "mrpc",
@@ -138,7 +138,7 @@ def test_a_configs_hub_dataset_scores_the_classifier_and_its_text_calibrates_sta
                                 "pre_process_data_config": {"input_cols": ["sentence1", "sentence2"],
                                                             "label_col": "label", "max_samples": 12}},
                                {"name": "calib", "type": "HuggingfaceContainer",
-                                "load_dataset_config": {"data_name": "parquet", "data_files": str(calibration)},
+                                "load_dataset_config": {"data_name": "json", "data_files": str(calibration)},
                                 "pre_process_data_config": {"input_cols": ["text"], "max_samples": 8}}],
               "passes": {"int8": {"type": "OnnxStaticQuantization", "data_config": "calib", "per_channel": True}},
               "evaluators": {"common": {"metrics": [{"name": "accuracy", "type": "accuracy",
@@ -338,9 +338,10 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "evaluators.e.metrics[0] and evaluators.e.metrics[1] score different data configs; Grove scores one labelled "
      "set per run"),
     ({"input_model": _MODEL, "output_dir": "o", "data_configs": [{"name": "calib", "load_dataset_config": {
-        "data_files": "calib.jsonl"}}], "passes": {"q": {"type": "OnnxStaticQuantization", "data_config": "calib"}}},
-     "passes.q.data_config: static int8 calibrates on plain text (its paragraphs) or a .parquet table's text column, "
-     "not calib.jsonl"),
+        "data_name": "json", "data_files": "calib.json"}}],
+      "passes": {"q": {"type": "OnnxStaticQuantization", "data_config": "calib"}}},
+     "data_configs.calib.load_dataset_config.data_files calib.json: Grove reads rows from JSON lines (.jsonl), .csv "
+     "or .parquet files; save the rows as JSON lines"),
     ({"input_model": {"type": "ONNXModel", "model_path": "m.onnx"}, "passes": _INT4, "output_dir": "o"},
      "input_model is an ONNX model: Grove starts from the Hugging Face model"),
     ({"input_model": {"type": "PyTorchModel", "config": {"model_path": "m.pt", "model_loader": "load"}},
