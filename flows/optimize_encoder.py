@@ -34,8 +34,10 @@ def optimize_encoder(request: EncoderOptRequest) -> dict[str, object]:
     graph_parity = parity = check_parity(reference, captured, request.parity("fp32"))
     reference_eval = evaluate_encoder(reference, request.evaluation(labelled_sha), reference=hf_model)
 
-    if request.int8 is not None:
-        model = quantize_int8(reference, request.int8)
+    if (int8 := request.int8) is not None:
+        if int8.mode == "static":  # what it calibrates on is part of the recipe, as the evaluation's text is
+            int8 = int8.model_copy(update={"calibration_sha256": fingerprint_text(int8.calibration_data)})
+        model = quantize_int8(reference, int8)
     elif request.fp16 is not None:
         model = convert_fp16(reference, request.fp16)
     else:

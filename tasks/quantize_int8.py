@@ -31,7 +31,7 @@ __all__ = ["Int8Config", "quantize_int8"]
 
 class Int8Config(StepConfig):
     NODE = "quantize-int8"
-    VERSION = 2  # 2: static quantization leaves LayerNormalization nodes float
+    VERSION = 3  # 2: static quantization leaves LayerNormalization nodes float; 3: calibration_sha256
     mode: Literal["dynamic", "static"] = Field("dynamic", description="dynamic: activations scaled per run (no "
                                                "data needed); static: activation ranges calibrated on text")
     per_channel: bool = Field(True, description="one weight scale per output channel (keeps cosine >= 0.99 on "
@@ -47,6 +47,8 @@ class Int8Config(StepConfig):
                                   "'builtin:GPL-3'); each paragraph is one calibration sample; a Parquet / JSONL / "
                                   "CSV table: its text column's rows")
     calibration_samples: int = Field(32, ge=1, le=4096, description="static only: paragraphs used")
+    calibration_sha256: str = Field("", description="static only: sha256 of calibration_data (part of the recipe: "
+                                    "an edited file at the same path is a new calibration)")
     max_length: int = Field(128, ge=8, le=512, description="static only: tokens per calibration sample")
 
     @model_validator(mode="after")

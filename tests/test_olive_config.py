@@ -102,6 +102,8 @@ def test_a_configs_hub_dataset_scores_the_classifier_and_its_text_calibrates_sta
     (labelled with the model's own answers, the rows after them with wrong ones, so the fp32
     accuracy is 1.0 only if exactly those rows are scored, as pairs); a local JSONL file's text rows
     calibrate the static int8."""
+    import hashlib
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -161,6 +163,7 @@ def test_a_configs_hub_dataset_scores_the_classifier_and_its_text_calibrates_sta
     assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
     int8 = next(n for n in report["lineage"] if n["node"] == "quantize-int8")["config"]
     assert (int8["mode"], int8["calibration_data"], int8["calibration_samples"]) == ("static", str(calibration), 8)
+    assert int8["calibration_sha256"] == hashlib.sha256(calibration.read_bytes()).hexdigest()  # an edit: new int8
 
 
 @pytest.mark.parametrize(("passes", "expected"), [
