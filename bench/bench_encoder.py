@@ -1,9 +1,11 @@
 """all-MiniLM-L6-v2, batch 1, 64 tokens, 2 threads: PyTorch fp32 vs the fp32 ONNX (optimized)
 vs int8 options (latency vs mean-pooled cosine vs PyTorch), all measured in the same run.
-Prints JSON, then a table.
+Prints JSON, then a table and the issue's bars (fp32 ONNX <= 0.55x PyTorch; default int8 <= 0.30x
+at cosine >= 0.99), PASS or FAIL; exits 0 whatever the figures.
 
 ``--alternate N`` then measures PyTorch fp32, the fp32 ONNX and the default int8 once more, each
-alone in a fresh process, N rounds in turn, and reports the median over rounds. On a shared
+alone in a fresh process, N rounds in turn (the order rotated each round), and reports the median
+over rounds. On a shared
 machine this is the ratio to quote: the in-process ratios compare measurements minutes apart
 (the load changes in between), and runtimes timed in one process disturb each other (PyTorch
 timed between onnxruntime runs in one process came out 20-50% slower than PyTorch timed alone).
@@ -54,13 +56,27 @@ def main() -> None:
     rows = run(args.store, args.repeat, args.threads)
     if args.alternate:
         rows += alternate(rows, args.store, args.repeat, args.threads, args.alternate)
-    print(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    bars = _bars(rows)
+    print(json.dumps({"machine": machine(), "rows": rows, "bars": bars}, indent=2))
     print(f"\nmachine: {machine()}")
     print(f"\n{'variant':44s} {'ms avg':>8s} {'p90':>7s} {'x PyTorch':>9s} {'cosine':>7s} {'min cos':>7s} {'MB':>6s}")
     for r in rows:
         print(f"{r['variant']:44s} {r['ms']:8.2f} {r['p90']:7.2f} {r['vs_pytorch']:9.3f} "
               f"{r['cosine'] if r['cosine'] is not None else float('nan'):7.4f} "
               f"{r['min_cosine'] if r['min_cosine'] is not None else float('nan'):7.4f} {r['mb']:6.1f}")
+    print("\nbars:", ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in bars.items()))
+
+
+def _bars(rows: list[dict[str, object]]) -> dict[str, bool]:
+    """The issue's bars, read off the one-runtime-per-process rows when there are (--alternate), else
+    off the in-process ones."""
+    alone = [r for r in rows if str(r["variant"]).startswith("alone")]
+    fp32 = next(r for r in alone or rows if "ONNX fp32 (optimized)" in str(r["variant"]))
+    int8 = next(r for r in alone or rows if "int8 dynamic per-channel" in str(r["variant"])
+                and (alone or "[default]" in str(r["variant"])))
+    return {"fp32 ONNX <= 0.55x PyTorch": float(fp32["vs_pytorch"]) <= 0.55,  # type: ignore[arg-type]
+            "default int8 <= 0.30x PyTorch": float(int8["vs_pytorch"]) <= 0.30,  # type: ignore[arg-type]
+            "default int8 cosine >= 0.99": float(int8["cosine"]) >= 0.99}  # type: ignore[arg-type]
 
 
 def run(store: str, repeat: int, threads: int) -> list[dict[str, object]]:
@@ -142,7 +158,7 @@ def _time_alone(what: str, repeat: int, threads: int) -> dict[str, float]:
 def alternate(rows: list[dict[str, object]], store: str, repeat: int, threads: int,
               rounds: int) -> list[dict[str, object]]:
     """PyTorch, the fp32 ONNX and the default int8, each timed alone in a fresh process, ``rounds``
-    times in turn: one row each, the median over rounds of the per-process average (p90 column:
+    times in turn (the order rotated each round): one row each, the median over rounds of the per-process average (p90 column:
     the slowest round)."""
     import statistics
     import subprocess
@@ -163,8 +179,10 @@ def alternate(rows: list[dict[str, object]], store: str, repeat: int, threads: i
     targets = {pytorch: "pytorch", onnx_fp32: store_for(store).fetch(fp32.node, fp32.digest) / "model.onnx",
                default: store_for(store).fetch(int8.node, int8.digest) / "model.onnx"}
     avg: dict[str, list[float]] = {name: [] for name in targets}
-    for _ in range(rounds):
-        for name, what in targets.items():
+    names = list(targets)
+    for turn in range(rounds):  # the order rotates: the process after PyTorch's tends to run slower
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            what = targets[name]
             out = subprocess.run([sys.executable, __file__, "--child", str(what), "--repeat", str(repeat),
                                   "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
             avg[name].append(float(json.loads(out.strip().splitlines()[-1])["avg"]))
