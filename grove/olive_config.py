@@ -363,6 +363,9 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             out.flags["calibration_data"] = source
             if samples:
                 out.flags["calibration_samples"] = samples
+            else:
+                out.notes.append(f"{name}: static int8 is calibrated on the first 32 rows (or paragraphs) of its data "
+                                 "config, Grove's default; its max_samples sets how many")
         if isinstance(spec, OnnxQuantization) and spec.per_channel is None:
             out.notes.append(f"{name}: per_channel is not set, so per-tensor weight scales, as Olive's default; "
                              "Grove's auto-opt default is per-channel (all-MiniLM-L6-v2: cosine 0.992 vs 0.960 "
@@ -481,7 +484,8 @@ def _target(config: dict[str, Any], engine: dict[str, Any], out: Translation) ->
 
 _MEASURED = {"latency", "throughput"}  # Olive metric types that Grove's evaluation reports on every run
 # Olive's accuracy sub-types and what Grove's labelled scores answer them with ("": nothing).
-_SCORED = {"accuracy_score": "", "f1_score": "computed only for token classifiers with B-/I- tags, as entity F1"}
+_ENTITY_F1 = "computed only for token classifiers with B-/I- tags, as entity F1"
+_SCORED = {"accuracy_score": "", "accuracy": "", "f1_score": _ENTITY_F1, "f1": _ENTITY_F1}  # torchmetrics', HF's
 
 
 def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, Any], out: Translation) -> None:
@@ -618,21 +622,26 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
 def _check_columns(pre: dict[str, Any], where: str, *, for_labels: bool) -> None:
     """Grove finds a table's columns by their usual names (tasks/_encoder_io.py); columns a config
     names otherwise would be read wrong or not at all, so they are an error naming what Grove reads.
-    Calibration text (``for_labels`` False) is one text column."""
+    Olive writes the label column as label_col, or label_cols (a list of one)."""
     from tasks._decoder_io import LABEL_COLUMNS, TEXT_COLUMNS
     from tasks._encoder_io import PAIR_COLUMNS, SCORE_COLUMNS, TAG_COLUMNS, TOKEN_COLUMNS
 
     cols = pre.get("input_cols")
     cols = [cols] if isinstance(cols, str) else list(cols or [])
-    singles = (*TEXT_COLUMNS, *TOKEN_COLUMNS) if for_labels else TEXT_COLUMNS
-    pairs = PAIR_COLUMNS if for_labels else ()
-    if len(cols) > 2 or (len(cols) == 1 and cols[0] not in singles) or (len(cols) == 2 and tuple(cols) not in pairs):
-        pair_text = f", or a sentence pair ({', '.join(' + '.join(p) for p in pairs)})" if pairs else ""
+    singles = (*TEXT_COLUMNS, *TOKEN_COLUMNS) if for_labels else TEXT_COLUMNS  # calibration: text only
+    if len(cols) > 2 or (len(cols) == 1 and cols[0] not in singles) or (
+            len(cols) == 2 and tuple(cols) not in PAIR_COLUMNS):
         raise InvalidRequest(f"{where}.input_cols {cols}: Grove reads {'a' if for_labels else 'calibration'} text "
-                             f"from a column named {', '.join(singles)}{pair_text}; rename the columns in a copy of "
+                             f"from a column named {', '.join(singles)}, or a sentence pair "
+                             f"({', '.join(' + '.join(p) for p in PAIR_COLUMNS)}); rename the columns in a copy of "
                              "the data (data_files)")
     labels = tuple(dict.fromkeys((*LABEL_COLUMNS, *SCORE_COLUMNS, *TAG_COLUMNS)))
-    if for_labels and (label := pre.get("label_col")) is not None and label not in labels:
+    label = pre.get("label_col", pre.get("label_cols"))
+    if isinstance(label, list):
+        if len(label) > 1:
+            raise InvalidRequest(f"{where}.label_cols {label}: Grove scores one label column per row; keep one")
+        label = label[0] if label else None
+    if for_labels and label is not None and label not in labels:
         raise InvalidRequest(f"{where}.label_col {label!r}: Grove reads labels from a column named "
                              f"{', '.join(labels)}; rename it in a copy of the data (data_files)")
 

@@ -44,7 +44,7 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
     """Everything that can be checked before any work, given the source ``request_from_flags`` resolved: model
     architecture, output path, store, evaluation text. Raises a GroveError naming the cause and the fix."""
     from tasks._decoder_io import BUILTIN_TEXT, read_text
-    from tasks._encoder_io import read_lines
+    from tasks._encoder_io import calibration_texts
     from tasks.download_model import check_safetensors
     from tasks.package_genai import REPORT
     from tasks.registry import arch_spec
@@ -80,7 +80,7 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
     quantize = request.int8 if isinstance(request, EncoderOptRequest) else None
     if quantize is not None and quantize.mode == "static" and quantize.calibration_data != BUILTIN_TEXT:
         _check_regular_file("--calibration_data", quantize.calibration_data)
-        read_lines(quantize.calibration_data, quantize.calibration_samples)
+        calibration_texts(quantize.calibration_data, quantize.calibration_samples)
 
 
 def _check_writable_beside(out: Path) -> None:

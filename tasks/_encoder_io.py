@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
     import onnxruntime as ort
 
-__all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "cosine_rows", "encode", "encoder_info", "label_ids",
+__all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "calibration_texts", "cosine_rows", "encode", "encoder_info", "label_ids",
            "max_tokens", "primary_output", "read_labelled", "read_labelled_tokens", "read_lines", "read_scored_pairs",
            "run", "session", "tokenizer"]
 
@@ -138,6 +138,27 @@ def read_lines(source: str, limit: int, flag: str = "--calibration_data") -> lis
         raise InvalidRequest(f"{flag} {source} holds no paragraph longer than 40 characters (paragraphs are "
                              "separated by blank lines); pass a text file with real sentences")
     return kept
+
+
+def calibration_texts(source: str, limit: int, flag: str = "--calibration_data") -> list[str | tuple[str, str]]:
+    """What static int8 calibrates on: a table's sentence pairs (``PAIR_COLUMNS``, as a paraphrase or
+    NLI model reads them: GLUE MRPC's sentence1 + sentence2) when it has them, else the text's
+    paragraphs (``read_lines``); at most ``limit``. Raises InvalidRequest naming ``flag``."""
+    from grove.errors import InvalidRequest
+    from tasks._decoder_io import is_row_file, is_table, read_rows, read_table
+
+    if is_table(source) or is_row_file(source):
+        if is_table(source):
+            table = read_table(source, flag)
+        else:
+            rows = read_rows(source, flag)
+            table = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {})}
+        if pair := next((p for p in PAIR_COLUMNS if p[0] in table and p[1] in table), None):
+            if not (pairs := [(str(a), str(b)) for a, b in zip(table[pair[0]], table[pair[1]], strict=True)
+                              if a is not None and b is not None][:limit]):
+                raise InvalidRequest(f"{flag} {source} has no row with both {pair[0]} and {pair[1]}")
+            return pairs  # type: ignore[return-value]
+    return read_lines(source, limit, flag)  # type: ignore[return-value]
 
 
 def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> tuple[list[str | tuple[str, str]],

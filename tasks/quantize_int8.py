@@ -45,7 +45,8 @@ class Int8Config(StepConfig):
                                                                          "activation ranges are chosen")
     calibration_data: str = Field("builtin:GPL-3", description="static only: UTF-8 text (path, s3:// or "
                                   "'builtin:GPL-3'); each paragraph is one calibration sample; a Parquet / JSONL / "
-                                  "CSV table: its text column's rows")
+                                  "CSV table: its sentence pairs (sentence1 + sentence2, ...) or its text column's "
+                                  "rows")
     calibration_samples: int = Field(32, ge=1, le=4096, description="static only: paragraphs used")
     calibration_sha256: str = Field("", description="static only: sha256 of calibration_data (part of the recipe: "
                                     "an edited file at the same path is a new calibration)")
@@ -127,7 +128,7 @@ def _calibration_reader(src: Path, config: Int8Config) -> CalibrationDataReader:
     from onnxruntime.quantization import CalibrationDataReader
 
     info = eio.encoder_info(src)
-    texts = eio.read_lines(config.calibration_data, config.calibration_samples)
+    texts = eio.calibration_texts(config.calibration_data, config.calibration_samples)
     # One sample per batch, so MinMax sees real (unpadded) lengths; the histogram methods stack
     # every sample's activations into one array, so for them all samples are padded alike.
     pad_to = config.max_length if config.calibrate_method != "MinMax" else None

@@ -511,6 +511,29 @@ def test_a_text_table_reads_as_its_text_column_as_parquet_jsonl_or_csv(tmp_path:
         dio.read_text(str(tmp_path / "no-text.jsonl"))
 
 
+def test_static_int8_calibrates_on_a_tables_sentence_pairs(tmp_path: Path) -> None:
+    """A paraphrase / NLI table (GLUE MRPC's sentence1 + sentence2) calibrates on its pairs, as the
+    model reads them, at most the limit asked for; a text table on its text rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from grove.errors import InvalidRequest
+
+    first, second = ["He said so.", "It rained.", None, "Fine."], ["So he said.", "Rain fell.", "x", "Good."]
+    pq.write_table(pa.table({"sentence1": first, "sentence2": second, "label": [1, 1, 0, 1]}), tmp_path / "p.parquet")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"premise": a, "hypothesis": b}) + "\n"
+                                              for a, b in zip(first, second) if a))
+    expected = [("He said so.", "So he said."), ("It rained.", "Rain fell."), ("Fine.", "Good.")]
+    assert eio.calibration_texts(str(tmp_path / "p.parquet"), 32) == expected  # the row without a pair skipped
+    assert eio.calibration_texts(str(tmp_path / "p.jsonl"), 2) == expected[:2]
+    texts = eio.read_lines("builtin:GPL-3", 3)
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert eio.calibration_texts(str(tmp_path / "t.jsonl"), 3) == texts
+    pq.write_table(pa.table({"sentence1": [None], "sentence2": ["b"]}), tmp_path / "empty.parquet")
+    with pytest.raises(InvalidRequest, match="has no row with both sentence1 and sentence2"):
+        eio.calibration_texts(str(tmp_path / "empty.parquet"), 4)
+
+
 @pytest.mark.parametrize(("reader", "name", "content", "expected"), [
     ("read_labelled", "wrong-header.csv", "txt,lab\nhello,0\n", "row 1 has no text or no label"),
     ("read_labelled", "empty.csv", "text,label\n", "no rows"),

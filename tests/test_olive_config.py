@@ -95,21 +95,20 @@ def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path,
     assert not (tmp_path / "not-here").exists()
 
 
-def test_a_configs_hub_dataset_scores_the_classifier_and_its_text_calibrates_static_int8(tmp_path: Path,
-                                                                                      store: str) -> None:
-    """Olive's MRPC data config, served by the loopback hub in its Parquet copy (refs/convert/parquet),
-    scores the classifier on its sentence pairs through `grove run`: only the first max_samples rows
-    (labelled with the model's own answers, the rows after them with wrong ones, so the fp32
-    accuracy is 1.0 only if exactly those rows are scored, as pairs); a local JSONL file's text rows
-    calibrate the static int8."""
-    import hashlib
-
+def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path: Path, store: str) -> None:
+    """Olive's examples/bert/bert_ptq_cpu.json, as written (one MRPC data config for calibration,
+    accuracy, latency and perf tuning; label_cols; HF metric names), with a tiny model and the
+    dataset served by the loopback hub in its Parquet copy (refs/convert/parquet): the static int8
+    calibrates on the sentence pairs, and the classifier is scored on the first max_samples rows,
+    as pairs. Those rows carry the model's own answers and the rows after them wrong ones, so the
+    fp32 accuracy is 1.0 only if exactly those rows are scored and tokenized as pairs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tasks import _encoder_io as eio
+    from tasks._decoder_io import text_sha256
     from tests import tiny_models
     from tests.hub_server import HubRepo, serve_hub
 
@@ -131,39 +130,50 @@ def test_a_configs_hub_dataset_scores_the_classifier_and_its_text_calibrates_sta
     converted.mkdir(parents=True)
     pq.write_table(pa.table({"sentence1": [a for (a, _), _ in rows], "sentence2": [b for (_, b), _ in rows],
                              "label": [y for _, y in rows], "idx": list(range(len(rows)))}), converted / "0000.parquet")
-    calibration = tmp_path / "calibration.jsonl"
-    calibration.write_text("".join(json.dumps({"text": t}) + "\n" for t in eio.read_lines("builtin:GPL-3", 40)))
-    config = {"input_model": {"type": "HfModel", "model_path": str(model), "task": "text-classification"},
-              "data_configs": [{"name": "glue_mrpc", "type": "HuggingfaceContainer",
-                                "load_dataset_config": {"data_name": "grove-test/glue", "subset": "mrpc",
-                                                        "split": "validation"},
-                                "pre_process_data_config": {"input_cols": ["sentence1", "sentence2"],
-                                                            "label_col": "label", "max_samples": 12}},
-                               {"name": "calib", "type": "HuggingfaceContainer",
-                                "load_dataset_config": {"data_name": "json", "data_files": str(calibration)},
-                                "pre_process_data_config": {"input_cols": ["text"], "max_samples": 8}}],
-              "passes": {"int8": {"type": "OnnxStaticQuantization", "data_config": "calib", "per_channel": True}},
-              "evaluators": {"common": {"metrics": [{"name": "accuracy", "type": "accuracy",
-                                                     "data_config": "glue_mrpc",
-                                                     "sub_types": [{"name": "accuracy_score"}]}]}},
-              "evaluator": "common", "output_dir": str(tmp_path / "out")}
+    mrpc = "glue_mrpc"
+    config = {  # examples/bert/bert_ptq_cpu.json; the model, data_name and max_samples are this test's
+        "input_model": {"type": "HfModel", "model_path": str(model), "task": "text-classification",
+                        "load_kwargs": {"attn_implementation": "eager"}},
+        "systems": {"local_system": {"type": "LocalSystem", "accelerators": [
+            {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
+        "data_configs": [{"name": mrpc, "type": "HuggingfaceContainer",
+                          "load_dataset_config": {"data_name": "grove-test/glue", "subset": "mrpc",
+                                                  "split": "validation"},
+                          "pre_process_data_config": {"input_cols": ["sentence1", "sentence2"],
+                                                      "label_cols": ["label"], "max_samples": 12},
+                          "dataloader_config": {"batch_size": 1}}],
+        "evaluators": {"common_evaluator": {"metrics": [
+            {"name": "accuracy", "type": "accuracy", "backend": "huggingface_metrics", "data_config": mrpc,
+             "sub_types": [{"name": "accuracy", "priority": 1, "goal": {"type": "max-degradation", "value": 0.05}},
+                           {"name": "f1"}]},
+            {"name": "latency", "type": "latency", "data_config": mrpc, "sub_types": [{"name": "avg"}]},
+            {"name": "throughput", "type": "throughput", "data_config": mrpc, "sub_types": [{"name": "avg"}]}]}},
+        "passes": {"conversion": {"type": "OnnxConversion", "target_opset": 13},
+                   "transformers_optimization": {"type": "OrtTransformersOptimization", "disable_search": True},
+                   "quantization": {"type": "OnnxQuantization", "quant_preprocess": True, "per_channel": False,
+                                    "reduce_range": False, "calibrate_method": "MinMax", "data_config": mrpc},
+                   "perf_tuning": {"type": "OrtPerfTuning", "data_config": mrpc}},
+        "search_strategy": {"execution_order": "joint", "search_algorithm": "tpe", "num_samples": 3, "seed": 0},
+        "evaluator": "common_evaluator", "host": "local_system", "target": "local_system", "cache_dir": "cache",
+        "output_dir": str(tmp_path / "out")}
     hub = HubRepo(main_branch, "6" * 40, refs={"refs/convert/parquet": HubRepo(tmp_path / "hub-parquet", "7" * 40)})
     with serve_hub({"datasets/grove-test/glue": hub}) as (endpoint, requests):
         result = grove_cli("run", "--config", str(_write(tmp_path, config)), "--store", store,
                            env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"})
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (f"--calibration_data {calibration} --calibration_samples 8 --int8_mode static --per_channel --eval_data "
-            "hf://datasets/grove-test/glue@refs/convert/parquet/mrpc/validation/0000.parquet --eval_samples 12"
-            ) in result.stderr, result.stderr
+    table = "hf://datasets/grove-test/glue@refs/convert/parquet/mrpc/validation/0000.parquet"
+    assert (f"--calibration_data {table} --calibration_samples 12 --int8_mode static --no-per_channel "
+            f"--calibrate_method MinMax --eval_data {table} --eval_samples 12") in result.stderr, result.stderr
+    assert "not computed: f1 (accuracy; computed only for token classifiers" in result.stderr
     assert "scoring the first 12 of 16 labelled rows" in result.stderr
     assert any(r.endswith("/resolve/refs/convert/parquet/mrpc/validation/0000.parquet") for r in requests), requests
     report = json.loads((tmp_path / "out" / "grove_report.json").read_text())
     assert report["reference"]["accuracy"] == 1.0
     assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
     int8 = next(n for n in report["lineage"] if n["node"] == "quantize-int8")["config"]
-    assert (int8["mode"], int8["calibration_data"], int8["calibration_samples"]) == ("static", str(calibration), 8)
-    assert int8["calibration_sha256"] == hashlib.sha256(calibration.read_bytes()).hexdigest()  # an edit: new int8
+    assert (int8["mode"], int8["calibration_data"], int8["calibration_samples"]) == ("static", table, 12)
+    assert int8["calibration_sha256"] == text_sha256(str(converted / "0000.parquet"))  # an edited table: new int8
 
 
 @pytest.mark.parametrize(("passes", "expected"), [
@@ -287,7 +297,12 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
     out, err = capsys.readouterr()
     assert ("--calibration_data hf://datasets/Salesforce/wikitext@refs/convert/parquet/wikitext-2-raw-v1/train/"
             "0000.parquet --calibration_samples 16 --int8_mode static --per_channel") in out, out
-    assert "calibrated on Grove's default text" not in err
+    assert "calibrated on Grove's default text" not in err and "calibrated on the first 32 rows" not in err
+    del config["data_configs"]["wiki"]["pre_process_data_config"]
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "--calibration_samples" not in out
+    assert "grove run: q: static int8 is calibrated on the first 32 rows (or paragraphs) of its data config" in err
 
 
 @pytest.mark.parametrize(("config", "expected"), [
@@ -326,6 +341,9 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
     ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"input_cols": ["question", "passage"]}}]},
      "data_configs.mrpc.pre_process_data_config.input_cols ['question', 'passage']: Grove reads a text from a "
      "column named text, sentence, content, tokens, words, or a sentence pair (sentence1 + sentence2, "),
+    ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"label_cols": ["label", "idx"]}}]},
+     "data_configs.mrpc.pre_process_data_config.label_cols ['label', 'idx']: Grove scores one label column per "
+     "row; keep one"),
     ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"label_col": "target"}}]},
      "data_configs.mrpc.pre_process_data_config.label_col 'target': Grove reads labels from a column named label, "
      "labels, score, similarity_score, relatedness_score, ner_tags, tags"),
