@@ -465,10 +465,15 @@ def _target(config: dict[str, Any], engine: dict[str, Any], out: Translation) ->
     accelerator = accelerators[0] if isinstance(accelerators[0], dict) else {}
     providers = accelerator.get("execution_providers") or []
     providers = [providers] if isinstance(providers, str) else providers
-    if len(providers) > 1:
-        raise InvalidRequest(f"{where}.accelerators[0].execution_providers: Grove optimizes for one execution "
-                             f"provider per run, not {len(providers)}; keep one (for several targets, list them in "
-                             "a fleet manifest: 'grove fleet refresh')")
+    if len(providers) > 1:  # Olive searches over them; Grove's own targets among them must be one
+        if len(ours := [p for p in providers if p in PROVIDER_DEVICE]) > 1:
+            raise InvalidRequest(f"{where}.accelerators[0].execution_providers: Grove optimizes for one execution "
+                                 f"provider per run, not {len(ours)} ({', '.join(ours)}); keep one (for several "
+                                 "targets, list them in a fleet manifest: 'grove fleet refresh')")
+        if ours:
+            out.notes.append(f"{where}: execution providers {', '.join(p for p in providers if p not in ours)} are "
+                             f"not Grove targets; it optimizes for {ours[0]}")
+            providers = ours
     device = str(accelerator.get("device") or "").lower() or None
     if device not in (None, "cpu", "gpu"):
         raise InvalidRequest(f"{where}.accelerators[0].device {device!r}: Grove targets cpu or gpu")

@@ -135,7 +135,7 @@ def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path:
         "input_model": {"type": "HfModel", "model_path": str(model), "task": "text-classification",
                         "load_kwargs": {"attn_implementation": "eager"}},
         "systems": {"local_system": {"type": "LocalSystem", "accelerators": [
-            {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
+            {"device": "cpu", "execution_providers": ["CPUExecutionProvider", "OpenVINOExecutionProvider"]}]}},
         "data_configs": [{"name": mrpc, "type": "HuggingfaceContainer",
                           "load_dataset_config": {"data_name": "grove-test/glue", "subset": "mrpc",
                                                   "split": "validation"},
@@ -166,6 +166,8 @@ def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path:
     assert (f"--calibration_data {table} --calibration_samples 12 --int8_mode static --no-per_channel "
             f"--calibrate_method MinMax --eval_data {table} --eval_samples 12") in result.stderr, result.stderr
     assert "not computed: f1 (accuracy; computed only for token classifiers" in result.stderr
+    assert ("execution providers OpenVINOExecutionProvider are not Grove targets; it optimizes for "
+            "CPUExecutionProvider") in result.stderr
     assert "scoring the first 12 of 16 labelled rows" in result.stderr
     assert any(r.endswith("/resolve/refs/convert/parquet/mrpc/validation/0000.parquet") for r in requests), requests
     report = json.loads((tmp_path / "out" / "grove_report.json").read_text())
@@ -369,7 +371,8 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
       "passes": _INT4, "output_dir": "o"}, "input_model.model_loader: Grove loads Hugging Face models"),
     ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "systems": {"s": {"type": "LocalSystem",
       "accelerators": [{"device": "gpu", "execution_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}]}}},
-     "systems.s.accelerators[0].execution_providers: Grove optimizes for one execution provider per run, not 2"),
+     "systems.s.accelerators[0].execution_providers: Grove optimizes for one execution provider per run, not 2 "
+     "(CUDAExecutionProvider, CPUExecutionProvider)"),
     ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "systems": {"s": {"type": "LocalSystem",
       "config": {"accelerators": [{"device": "npu", "execution_providers": ["QNNExecutionProvider"]}]}}}},
      "systems.s.accelerators[0].device 'npu': Grove targets cpu or gpu"),
