@@ -615,6 +615,10 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
     elif name.count("/") != 1:
         raise InvalidRequest(f"{where}.load_dataset_config.data_name {name!r}: hub datasets are named org/name "
                              "(GLUE is nyu-mll/glue); set that name, or data_files to a local file")
+    elif load.get("data_dir"):
+        raise InvalidRequest(f"{where}.load_dataset_config.data_dir: Grove reads a hub dataset's Parquet copy by "
+                             "subset and split, not a folder of its files; set data_files to the file, "
+                             f"hf://datasets/{name}/<path in the repo>")
     else:  # the hub's own Parquet copy of every public dataset: <subset>/<split>/ in refs/convert/parquet
         source = f"hf://datasets/{name}@refs/convert/parquet/{load.get('subset') or 'default'}/{split}/0000.parquet"
     _check_columns(pre, f"{where}.pre_process_data_config", for_labels=for_labels)

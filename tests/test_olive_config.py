@@ -352,6 +352,9 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
     ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_name": "nyu-mll/glue",
                                                                  "col_filters": {"label": 1}}}]},
      "data_configs.mrpc.load_dataset_config.col_filters: Grove scores every row it reads"),
+    ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_name": "org/set", "data_dir": "en"}}]},
+     "data_configs.mrpc.load_dataset_config.data_dir: Grove reads a hub dataset's Parquet copy by subset and split, "
+     "not a folder of its files; set data_files to the file, hf://datasets/org/set/<path in the repo>"),
     ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_files": ["a.jsonl", "b.jsonl"]}}]},
      "data_configs.mrpc.load_dataset_config.data_files lists 2 files; Grove reads one file: join them into one"),
     ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"max_samples": 0}}]},
