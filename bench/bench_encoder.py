@@ -158,8 +158,8 @@ def _time_alone(what: str, repeat: int, threads: int) -> dict[str, float]:
 def alternate(rows: list[dict[str, object]], store: str, repeat: int, threads: int,
               rounds: int) -> list[dict[str, object]]:
     """PyTorch, the fp32 ONNX and the default int8, each timed alone in a fresh process, ``rounds``
-    times in turn (the order rotated each round): one row each, the median over rounds of the per-process average (p90 column:
-    the slowest round)."""
+    times in turn (the order rotated each round): one row each, the median over rounds of the
+    per-process average (p90 column: the slowest round)."""
     import statistics
     import subprocess
     import sys

@@ -119,9 +119,9 @@ def _parser() -> argparse.ArgumentParser:
                    "the vocabulary, then the K best tokens' logits recomputed at 8 bits (32, default: decodes faster "
                    "with the 8-bit head's choices; 0: the whole 8-bit lm_head for every token)")
     p.add_argument("--eval_data", help="decoders: UTF-8 text for perplexity, or a Parquet/JSONL/CSV table's text "
-                   "column (default: the GPL-3 text shipped with Grove); text classifiers: CSV/JSONL/Parquet with text,label; token classifiers: JSONL/Parquet/CoNLL "
-                   "with tokens,ner_tags (accuracy; entity F1 for B-/I- tags); embedding models: sentence pairs "
-                   "with a similarity score, as STS-B (Spearman)")
+                   "column (default: the GPL-3 text shipped with Grove); text classifiers: CSV/JSONL/Parquet with "
+                   "text,label; token classifiers: JSONL/Parquet/CoNLL with tokens,ner_tags (accuracy; entity F1 "
+                   "for B-/I- tags); embedding models: sentence pairs with a similarity score, as STS-B (Spearman)")
     p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (1024; 2048 matches the figures in README)")
     p.add_argument("--min_top1_agreement", type=float,
                    help="fail if top-1 agreement with the fp32 model is lower than this")

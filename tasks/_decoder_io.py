@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["BUILTIN_TEXT", "LABEL_COLUMNS", "TEXT_COLUMNS", "available_cpus", "context_length", "generation_timing",
-           "genai_model", "is_row_file", "is_table", "logits", "model_size", "perplexity", "pick_column", "read_raw",
-           "read_rows", "read_table", "read_text", "text_sha256", "tokenize"]
+           "genai_model", "is_row_file", "is_table", "logits", "model_size", "perplexity", "pick_column",
+           "read_columns", "read_raw", "read_rows", "read_table", "read_text", "text_sha256", "tokenize"]
 
 BUILTIN_TEXT = "builtin:GPL-3"
 
@@ -32,11 +32,7 @@ def read_text(source: str, flag: str = "--eval_data") -> str:
     if source == BUILTIN_TEXT:
         return (resources.files("grove") / "data" / "GPL-3.txt").read_text(encoding="utf-8")
     if is_table(source) or is_row_file(source):
-        if is_table(source):
-            table = read_table(source, flag)
-        else:
-            rows = read_rows(source, flag)
-            table = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {})}
+        table = read_columns(source, flag)
         return "\n\n".join(str(row) for row in table[pick_column(table, TEXT_COLUMNS, source, flag)]
                             if row is not None)
     return read_raw(source, flag)
@@ -87,6 +83,14 @@ def read_rows(source: str, flag: str = "--eval_data",
             raise InvalidRequest(f"{flag} {source}: line {number} is not a JSON object; {fix}")
         rows.append(row)
     return rows
+
+
+def read_columns(source: str, flag: str = "--eval_data") -> dict[str, list[Any]]:
+    """A table's columns: a Parquet file's, or a JSONL / CSV file's (named by its first row)."""
+    if is_table(source):
+        return read_table(source, flag)
+    rows = read_rows(source, flag)
+    return {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {})}
 
 
 # Column names a table's text and labels go by in hub datasets (imdb, ag_news: text; sst2: sentence).

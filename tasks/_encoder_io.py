@@ -15,9 +15,9 @@ if TYPE_CHECKING:
     import numpy as np
     import onnxruntime as ort
 
-__all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "calibration_texts", "cosine_rows", "encode", "encoder_info", "label_ids",
-           "max_tokens", "primary_output", "read_labelled", "read_labelled_tokens", "read_lines", "read_scored_pairs",
-           "run", "session", "tokenizer"]
+__all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "calibration_texts", "cosine_rows", "encode", "encoder_info",
+           "label_ids", "max_tokens", "primary_output", "read_labelled", "read_labelled_tokens", "read_lines",
+           "read_scored_pairs", "run", "session", "tokenizer"]
 
 # A sentence pair's columns, as hub datasets name them: MRPC / RTE / WNLI / STS-B, MNLI / SNLI,
 # QNLI, QQP, SICK, and transformers' own (text, text_pair).
@@ -145,14 +145,10 @@ def calibration_texts(source: str, limit: int, flag: str = "--calibration_data")
     NLI model reads them: GLUE MRPC's sentence1 + sentence2) when it has them, else the text's
     paragraphs (``read_lines``); at most ``limit``. Raises InvalidRequest naming ``flag``."""
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import is_row_file, is_table, read_rows, read_table
+    from tasks._decoder_io import is_row_file, is_table, read_columns
 
     if is_table(source) or is_row_file(source):
-        if is_table(source):
-            table = read_table(source, flag)
-        else:
-            rows = read_rows(source, flag)
-            table = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {})}
+        table = read_columns(source, flag)
         if pair := next((p for p in PAIR_COLUMNS if p[0] in table and p[1] in table), None):
             if not (pairs := [(str(a), str(b)) for a, b in zip(table[pair[0]], table[pair[1]], strict=True)
                               if a is not None and b is not None][:limit]):

@@ -29,8 +29,8 @@ class EvalConfig(MeasureConfig):
     NODE = "evaluate"
     VERSION = 2  # 2: measured in onnxruntime-genai with an explicit thread count; parity over the text
     text: str = Field(dio.BUILTIN_TEXT, description="perplexity text: 'builtin:GPL-3' (shipped with Grove, same "
-                      "bytes as Debian's /usr/share/common-licenses/GPL-3) or a path / s3:// URI to a UTF-8 file, or to a "
-                      "Parquet / JSONL / CSV table (its text column's rows)")
+                      "bytes as Debian's /usr/share/common-licenses/GPL-3) or a path / s3:// URI to a UTF-8 file, "
+                      "or to a Parquet / JSONL / CSV table (its text column's rows)")
     text_sha256: str = Field("", description="sha256 of the text (filled in by the request; part of the recipe)")
     ppl_tokens: int = Field(1024, ge=16, description="tokens of the text scored for perplexity")
     ppl_chunk: int = Field(512, ge=8, description="tokens per chunk, each scored from an empty KV cache")
