@@ -64,7 +64,8 @@ def test_auto_opt_forks_the_warm_runner_and_matches_a_run_in_process(tiny_dir, t
         assert filecmp.cmp(tmp_path / "second" / name, tmp_path / "local" / name, shallow=False), name
     reports = [json.loads((tmp_path / d / "grove_report.json").read_text()) for d in ("second", "local")]
     assert reports[0]["metrics"]["perplexity"] == reports[1]["metrics"]["perplexity"]
-    table = [[line for line in run.stdout.splitlines() if line.startswith(("size on disk", "perplexity"))]
+    # the cells, not the padding: a column's width follows its longest cell, e.g. a timing of the run
+    table = [[line.split() for line in run.stdout.splitlines() if line.startswith(("size on disk", "perplexity"))]
              for run in (second, local)]
     assert len(table[0]) == 2 and table[0] == table[1], "the printed report reaches the caller's stdout"
 
