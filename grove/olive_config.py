@@ -359,10 +359,10 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
         if cls.NOTE and cls.NOTE not in out.notes:
             out.notes.append(cls.NOTE)
         if isinstance(spec, OnnxQuantization) and spec.data_config is not None and spec.quant_mode == "static":
-            source, samples = _data_source(spec.data_config, data, f"{where}.data_config", for_labels=False)
-            out.flags["calibration_data"] = source
-            if samples:
-                out.flags["calibration_samples"] = samples
+            calibration = _data_source(spec.data_config, data, f"{where}.data_config", for_labels=False)
+            out.flags["calibration_data"] = calibration.source
+            if calibration.max_samples:
+                out.flags["calibration_samples"] = calibration.max_samples
             else:
                 out.notes.append(f"{name}: static int8 is calibrated on the first 32 rows (or paragraphs) of its data "
                                  "config, Grove's default; its max_samples sets how many")
@@ -490,7 +490,8 @@ def _target(config: dict[str, Any], engine: dict[str, Any], out: Translation) ->
 _MEASURED = {"latency", "throughput"}  # Olive metric types that Grove's evaluation reports on every run
 # Olive's accuracy sub-types and what Grove's labelled scores answer them with ("": nothing).
 _ENTITY_F1 = "computed only for token classifiers with B-/I- tags, as entity F1"
-_SCORED = {"accuracy_score": "", "accuracy": "", "f1_score": _ENTITY_F1, "f1": _ENTITY_F1}  # torchmetrics', HF's
+_SCORED = {"accuracy_score": "", "accuracy": "", "f1_score": _ENTITY_F1, "f1": _ENTITY_F1,  # torchmetrics', HF's
+           "perplexity": ""}  # decoders
 
 
 def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, Any], out: Translation) -> None:
@@ -503,6 +504,7 @@ def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, A
     metrics = [m for m in (chosen or {}).get("metrics") or [] if isinstance(m, dict)]
     others: list[str] = []
     labelled: list[tuple[str, object]] = []  # (where, data config) of the accuracy metrics
+    perplexity = False
     for index, metric in enumerate(metrics):
         kind = str(metric.get("type", "")).lower()
         ref = metric.get("data_config") or (chosen or {}).get("data_config")
@@ -514,22 +516,28 @@ def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, A
         if kind == "accuracy" and ref is not None:
             labelled.append((f"{where}.metrics[{index}]", ref))
             for sub in (str(s.get("name") if isinstance(s, dict) else s) for s in metric.get("sub_types") or []):
+                perplexity |= sub == "perplexity"
                 if sub not in _SCORED or _SCORED[sub]:
                     others.append(f"{sub} ({metric.get('name')}{'; ' + _SCORED[sub] if _SCORED.get(sub) else ''})")
         else:
             others.append(f"{metric.get('name')} ({metric.get('type')})")
     others += [f"lm-eval task {t}" for t in (chosen or {}).get("tasks") or []]  # Olive's LMEvaluator
-    sources: dict[tuple[str, int | None], str] = {}  # (source, max_samples) -> the first metric scoring it
+    sources: dict[_Data, str] = {}  # the data -> the first metric scoring it
     for at, ref in labelled:
         sources.setdefault(_data_source(ref, data, f"{at}.data_config", for_labels=True), at)
     if len(sources) > 1:
         raise InvalidRequest(f"{' and '.join(sources.values())} score different data configs; Grove scores one "
                              "labelled set per run: keep one accuracy metric's data config")
     if sources:
-        ((source, samples), _), = sources.items()
-        out.flags["eval_data"] = source
-        if samples:
-            out.flags["eval_samples"] = samples
+        (scored, at), = sources.items()
+        out.flags["eval_data"] = scored.source
+        if perplexity and scored.max_samples and scored.max_seq_len:  # a decoder's text: chunks of tokens
+            out.flags["eval_tokens"] = scored.max_samples * scored.max_seq_len
+        elif perplexity and scored.max_samples:
+            out.notes.append(f"{at}: max_samples without max_seq_len: Grove scores the text's first 1024 tokens "
+                             "(--eval_tokens N sets how many)")
+        elif scored.max_samples:
+            out.flags["eval_samples"] = scored.max_samples
     out.notes.append("evaluation: Grove's report measures the output beside the fp32 reference on every run "
                      "(decoders: size, prefill ms, decode tokens/s, perplexity, top-1 agreement; encoders: size, "
                      "latency avg/p50/p90/p95/p99, throughput, cosine vs PyTorch or accuracy with --eval_data)"
@@ -544,10 +552,22 @@ _DUMMY_CONTAINERS = {"dummydatacontainer", "transformersdummydatacontainer", "tr
                      "transformerstokendummydatacontainer"}
 # Olive's built-in components (a type outside these is a user_script's function, which Grove never runs).
 _COMPONENTS = {"load_dataset_config": {"huggingface_dataset"},
-               "pre_process_data_config": {"huggingface_pre_process", "ner_huggingface_preprocess", "pre_process"},
-               "post_process_data_config": {"text_classification_post_process", "ner_post_process", "post_process"},
-               "dataloader_config": {"default_dataloader"}}
+               "pre_process_data_config": {"huggingface_pre_process", "ner_huggingface_preprocess", "tokenizer_pre_process",
+                                           "text_generation_huggingface_pre_process", "pre_process", "skip_pre_process"},
+               "post_process_data_config": {"text_classification_post_process", "ner_post_process",
+                                            "text_generation_post_process", "post_process"},
+               "dataloader_config": {"default_dataloader", "no_auto_batch_dataloader"}}
 _FILE_BUILDERS = {"json", "csv", "parquet", "text"}  # datasets' builders that read data_files
+
+
+@dataclass(frozen=True)
+class _Data:
+    """A data config as Grove reads it: where its rows are, and how many of them (max_samples rows,
+    or for a text generation config, max_samples chunks of max_seq_len tokens)."""
+
+    source: str
+    max_samples: int | None = None
+    max_seq_len: int | None = None
 
 
 def _data_configs(config: dict[str, Any]) -> dict[str, Any]:
@@ -561,10 +581,10 @@ def _data_configs(config: dict[str, Any]) -> dict[str, Any]:
     return {d["name"]: d for d in raw}
 
 
-def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels: bool) -> tuple[str, int | None]:
+def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels: bool) -> _Data:
     """What a data config reference (a name in data_configs, or the config itself) amounts to for
-    Grove: the file or hub table its rows are in (``--eval_data`` / ``--calibration_data``) and its
-    max_samples. Raises InvalidRequest naming the key Grove cannot read and what to write instead."""
+    Grove: the file or hub table its rows are in (``--eval_data`` / ``--calibration_data``) and how
+    many. Raises InvalidRequest naming the key Grove cannot read and what to write instead."""
     if isinstance(ref, str):
         if ref not in configs:
             raise InvalidRequest(f"{where} {ref!r} is not among data_configs ({', '.join(configs) or 'none'})")
@@ -622,10 +642,11 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
     else:  # the hub's own Parquet copy of every public dataset: <subset>/<split>/ in refs/convert/parquet
         source = f"hf://datasets/{name}@refs/convert/parquet/{load.get('subset') or 'default'}/{split}/0000.parquet"
     _check_columns(pre, f"{where}.pre_process_data_config", for_labels=for_labels)
-    samples = pre.get("max_samples", load.get("max_samples"))
-    if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
-        raise InvalidRequest(f"{where}: max_samples {samples!r} must be a positive whole number")
-    return source, samples
+    counts = {"max_samples": pre.get("max_samples", load.get("max_samples")), "max_seq_len": pre.get("max_seq_len")}
+    for key, value in counts.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidRequest(f"{where}: {key} {value!r} must be a positive whole number")
+    return _Data(source, **counts)
 
 
 def _check_columns(pre: dict[str, Any], where: str, *, for_labels: bool) -> None:
@@ -635,7 +656,7 @@ def _check_columns(pre: dict[str, Any], where: str, *, for_labels: bool) -> None
     from tasks._decoder_io import LABEL_COLUMNS, TEXT_COLUMNS
     from tasks._encoder_io import PAIR_COLUMNS, SCORE_COLUMNS, TAG_COLUMNS, TOKEN_COLUMNS
 
-    cols = pre.get("input_cols")
+    cols = pre.get("input_cols", pre.get("text_cols"))  # text_cols: a text generation config's
     cols = [cols] if isinstance(cols, str) else list(cols or [])
     singles = (*TEXT_COLUMNS, *TOKEN_COLUMNS) if for_labels else TEXT_COLUMNS  # calibration: text only
     if len(cols) > 2 or (len(cols) == 1 and cols[0] not in singles) or (

@@ -287,6 +287,35 @@ def test_an_accuracy_metrics_data_config_is_the_labelled_data(data: dict, expect
     assert "latency (latency): Grove times fixed inputs" in err, err
 
 
+def test_a_perplexity_metrics_data_config_is_the_decoders_text(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Olive's LLM perplexity metric (an accuracy metric of sub-type perplexity) on wikitext-2's test
+    split, max_samples chunks of max_seq_len tokens: the hub's Parquet copy of that split is the
+    perplexity text and the tokens scored are max_samples x max_seq_len."""
+    from grove.cli import main
+
+    wikitext = {"name": "wikitext2_test", "type": "HuggingfaceContainer",
+                "load_dataset_config": {"data_name": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1",
+                                        "split": "test"},
+                "pre_process_data_config": {"type": "text_generation_huggingface_pre_process", "strategy": "join",
+                                            "add_special_tokens": False, "max_seq_len": 512, "max_samples": 4,
+                                            "text_cols": ["text"]}}
+    config = {"input_model": {"type": "HfModel", "model_path": "some/llm", "task": "text-generation"},
+              "output_dir": "o", "passes": _INT4, "data_configs": [wikitext], "evaluator": "e",
+              "evaluators": {"e": {"metrics": [{"name": "ppl", "type": "accuracy", "data_config": "wikitext2_test",
+                                                "sub_types": [{"name": "perplexity"}]}]}}}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().endswith("--eval_data hf://datasets/Salesforce/wikitext@refs/convert/parquet/wikitext-2-raw-v1/"
+                                "test/0000.parquet --eval_tokens 2048"), out
+    assert "not computed" not in err, err
+    del wikitext["pre_process_data_config"]["max_seq_len"]
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "--eval_tokens" not in out and "--eval_samples" not in out, out
+    assert "evaluators.e.metrics[0]: max_samples without max_seq_len: Grove scores the text's first 1024 tokens" in err
+
+
 def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from grove.cli import main
