@@ -552,8 +552,9 @@ _DUMMY_CONTAINERS = {"dummydatacontainer", "transformersdummydatacontainer", "tr
                      "transformerstokendummydatacontainer"}
 # Olive's built-in components (a type outside these is a user_script's function, which Grove never runs).
 _COMPONENTS = {"load_dataset_config": {"huggingface_dataset"},
-               "pre_process_data_config": {"huggingface_pre_process", "ner_huggingface_preprocess", "tokenizer_pre_process",
-                                           "text_generation_huggingface_pre_process", "pre_process", "skip_pre_process"},
+               "pre_process_data_config": {"huggingface_pre_process", "ner_huggingface_preprocess",
+                                           "tokenizer_pre_process", "text_generation_huggingface_pre_process",
+                                           "pre_process", "skip_pre_process"},
                "post_process_data_config": {"text_classification_post_process", "ner_post_process",
                                             "text_generation_post_process", "post_process"},
                "dataloader_config": {"default_dataloader", "no_auto_batch_dataloader"}}
