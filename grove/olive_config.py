@@ -361,6 +361,7 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
         if isinstance(spec, OnnxQuantization) and spec.data_config is not None and spec.quant_mode == "static":
             calibration = _data_source(spec.data_config, data, f"{where}.data_config", for_labels=False)
             out.flags["calibration_data"] = calibration.source
+            _unused(calibration, out)
             if calibration.max_samples:
                 out.flags["calibration_samples"] = calibration.max_samples
             else:
@@ -531,6 +532,7 @@ def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, A
     if sources:
         (scored, at), = sources.items()
         out.flags["eval_data"] = scored.source
+        _unused(scored, out)
         if perplexity and scored.max_samples and scored.max_seq_len:  # a decoder's text: chunks of tokens
             out.flags["eval_tokens"] = scored.max_samples * scored.max_seq_len
         elif perplexity and scored.max_samples:
@@ -559,6 +561,13 @@ _COMPONENTS = {"load_dataset_config": {"huggingface_dataset"},
                                             "text_generation_post_process", "post_process"},
                "dataloader_config": {"default_dataloader", "no_auto_batch_dataloader"}}
 _FILE_BUILDERS = {"json", "csv", "parquet", "text"}  # datasets' builders that read data_files
+_LOAD_KEYS = {"type", "params", "data_name", "subset", "split", "data_files", "data_dir", "col_filters", "max_samples"}
+
+
+def _unused(data: _Data, out: Translation) -> None:
+    if data.unused and (note := f"{', '.join(data.unused)}: not used: Grove reads the rows itself, from the file or "
+                                "the hub's Parquet copy") not in out.notes:
+        out.notes.append(note)
 
 
 @dataclass(frozen=True)
@@ -569,6 +578,7 @@ class _Data:
     source: str
     max_samples: int | None = None
     max_seq_len: int | None = None
+    unused: tuple[str, ...] = ()  # load_dataset options Grove does not use
 
 
 def _data_configs(config: dict[str, Any]) -> dict[str, Any]:
@@ -647,7 +657,8 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
     for key, value in counts.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise InvalidRequest(f"{where}: {key} {value!r} must be a positive whole number")
-    return _Data(source, **counts)
+    unused = tuple(sorted(set(load) - _LOAD_KEYS))
+    return _Data(source, **counts, unused=tuple(f"{where}.load_dataset_config.{key}" for key in unused))
 
 
 def _check_columns(pre: dict[str, Any], where: str, *, for_labels: bool) -> None:

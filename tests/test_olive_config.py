@@ -267,7 +267,8 @@ _EVAL = {"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "Onn
                                        "data_files": {"train": "train.csv", "test": ["test.csv"]}}},
      "--eval_data test.csv"),
     ({"name": "mrpc", "type": "DataContainer",  # Olive's components with their params
-      "load_dataset_config": {"type": "huggingface_dataset", "params": {"data_files": "s3://bucket/dev.parquet"}},
+      "load_dataset_config": {"type": "huggingface_dataset", "params": {"data_files": "s3://bucket/dev.parquet",
+                                                                          "streaming": True}},
       "pre_process_data_config": {"type": "huggingface_pre_process", "params": {"max_samples": 64}}},
      "--eval_data s3://bucket/dev.parquet --eval_samples 64"),
 ])
@@ -285,6 +286,7 @@ def test_an_accuracy_metrics_data_config_is_the_labelled_data(data: dict, expect
     assert out.strip().endswith(expected), out
     assert "not computed: auroc (accuracy)" in err and "accuracy_score" not in err, err
     assert "latency (latency): Grove times fixed inputs" in err, err
+    assert ("data_configs.mrpc.load_dataset_config.streaming: not used" in err) == ("streaming" in json.dumps(data))
 
 
 def test_a_perplexity_metrics_data_config_is_the_decoders_text(tmp_path: Path,
