@@ -401,6 +401,20 @@ def test_labelled_accuracy_csv_and_jsonl_match_pytorch(tiny_bert: dict[str, obje
     assert first.metrics["accuracy"] == round(float(hits.mean()), 4) != round(expected, 4)
 
 
+def test_eval_samples_beyond_the_data_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """Asking for more labelled rows than the data holds scores them all and says so; fewer: the first."""
+    from tasks.evaluate_encoder import _first
+
+    rows = (["a", "b", "c"], ["0", "1", "0"])
+    with caplog.at_level("INFO", logger="grove"):
+        assert _first(rows, 5, "rows") == rows
+        assert _first(rows, 2, "rows") == (["a", "b"], ["0", "1"])
+        assert _first(rows, 3, "rows") == rows and _first(rows, None, "rows") == rows
+    assert [r.getMessage() for r in caplog.records] == [
+        "--eval_samples 5 asks for more labelled rows than the data holds: scoring all 3",
+        "scoring the first 2 of 3 labelled rows (--eval_samples)"]
+
+
 def test_sentence_pairs_are_scored_as_pairs(tiny_bert: dict[str, object], tmp_path: Path) -> None:
     """Labelled sentence pairs (paraphrase, NLI: GLUE's sentence1,sentence2 in a CSV; MNLI's
     premise,hypothesis in a hub table, its classes named in another order) are tokenised as pairs,
