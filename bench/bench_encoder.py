@@ -5,10 +5,10 @@ at cosine >= 0.99), PASS or FAIL; exits 0 whatever the figures.
 
 ``--alternate N`` then measures PyTorch fp32, the fp32 ONNX and the default int8 once more, each
 alone in a fresh process, N rounds in turn (the order rotated each round), and reports the median
-over rounds. On a shared
-machine this is the ratio to quote: the in-process ratios compare measurements minutes apart
-(the load changes in between), and runtimes timed in one process disturb each other (PyTorch
-timed between onnxruntime runs in one process came out 20-50% slower than PyTorch timed alone).
+over rounds. On a shared machine this is the ratio to quote: the in-process ratios compare
+measurements minutes apart (the load changes in between), and runtimes timed in one process disturb
+each other (PyTorch timed between onnxruntime runs in one process came out 20-50% slower than
+PyTorch timed alone).
 
     .venv/bin/python bench/bench_encoder.py [--repeat 200] [--alternate 5] [--store /tmp/grove-bench-encoder-store]
 """

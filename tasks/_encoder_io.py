@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 __all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "calibration_texts", "cosine_rows", "encode", "encoder_info",
-           "label_ids", "max_tokens", "primary_output", "read_labelled", "read_labelled_tokens", "read_lines",
-           "read_scored_pairs", "run", "session", "tokenizer"]
+           "label_ids", "max_tokens", "pair_columns", "primary_output", "read_labelled", "read_labelled_tokens",
+           "read_lines", "read_scored_pairs", "run", "session", "tokenizer"]
 
 # A sentence pair's columns, as hub datasets name them: MRPC / RTE / WNLI / STS-B, MNLI / SNLI,
 # QNLI, QQP, SICK, and transformers' own (text, text_pair).
@@ -140,6 +140,12 @@ def read_lines(source: str, limit: int, flag: str = "--calibration_data") -> lis
     return kept
 
 
+def pair_columns(columns: object) -> tuple[str, str] | None:
+    """The sentence pair's columns (``PAIR_COLUMNS``) that ``columns`` (names, or a row or table keyed
+    by them) holds, if any."""
+    return next((p for p in PAIR_COLUMNS if p[0] in columns and p[1] in columns), None)  # type: ignore[operator]
+
+
 def calibration_texts(source: str, limit: int, flag: str = "--calibration_data") -> list[str | tuple[str, str]]:
     """What static int8 calibrates on: a table's sentence pairs (``PAIR_COLUMNS``, as a paraphrase or
     NLI model reads them: GLUE MRPC's sentence1 + sentence2) when it has them, else the text's
@@ -149,7 +155,7 @@ def calibration_texts(source: str, limit: int, flag: str = "--calibration_data")
 
     if is_table(source) or is_row_file(source):
         table = read_columns(source, flag)
-        if pair := next((p for p in PAIR_COLUMNS if p[0] in table and p[1] in table), None):
+        if pair := pair_columns(table):
             if not (pairs := [(str(a), str(b)) for a, b in zip(table[pair[0]], table[pair[1]], strict=True)
                               if a is not None and b is not None][:limit]):
                 raise InvalidRequest(f"{flag} {source} has no row with both {pair[0]} and {pair[1]}")
@@ -164,12 +170,8 @@ def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> 
     (GLUE's and NLI datasets' columns, ``PAIR_COLUMNS``: the text is then a pair, which the tokenizer
     joins as the model was trained); ``label_columns``: where the label is (default: label, labels);
     a path or an fsspec URI. Raises InvalidRequest naming what is wrong."""
-    import csv
-    import io
-
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import (LABEL_COLUMNS, TEXT_COLUMNS, is_row_file, is_table, pick_column, read_raw,
-                                   read_rows, read_table)
+    from tasks._decoder_io import LABEL_COLUMNS, TEXT_COLUMNS, is_table, pick_column, read_rows, read_table
 
     label_columns = label_columns or LABEL_COLUMNS
 
@@ -182,7 +184,7 @@ def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> 
 
     if is_table(source):
         table = read_table(source)
-        if pair := next((p for p in PAIR_COLUMNS if p[0] in table and p[1] in table), None):
+        if pair := pair_columns(table):
             texts: list[object] = [None if a is None or b is None else (a, b)
                                    for a, b in zip(table[pair[0]], table[pair[1]], strict=True)]
         else:
@@ -190,10 +192,9 @@ def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> 
         label = pick_column(table, label_columns, source)
         rows = [{"text": t, "label": y} for t, y in zip(texts, table[label], strict=True)]
     else:
-        rows = read_rows(source, fix=formats) if is_row_file(source) else list(csv.DictReader(
-            io.StringIO(read_raw(source, encoding="utf-8-sig", newline=""), newline="")))  # another suffix: CSV
+        rows = read_rows(source, fix=formats)  # JSON lines, or CSV whatever the suffix
         first = rows[0] if rows else {}
-        if pair := next((p for p in PAIR_COLUMNS if p[0] in first and p[1] in first), None):
+        if pair := pair_columns(first):
             rows = [{**r, "text": None if r.get(pair[0]) is None or r.get(pair[1]) is None else
                      (r[pair[0]], r[pair[1]])} for r in rows]
         elif "text" not in first and "sentence" in first:
