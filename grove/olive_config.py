@@ -677,13 +677,15 @@ def _check_columns(pre: dict[str, Any], where: str, *, for_labels: bool) -> None
                              f"from a column named {', '.join(singles)}, or a sentence pair "
                              f"({', '.join(' + '.join(p) for p in PAIR_COLUMNS)}); rename the columns in a copy of "
                              "the data (data_files)")
+    if not for_labels:  # calibration reads text only: its label columns do not matter
+        return
     labels = tuple(dict.fromkeys((*LABEL_COLUMNS, *SCORE_COLUMNS, *TAG_COLUMNS)))
     label = pre.get("label_col", pre.get("label_cols"))
     if isinstance(label, list):
         if len(label) > 1:
             raise InvalidRequest(f"{where}.label_cols {label}: Grove scores one label column per row; keep one")
         label = label[0] if label else None
-    if for_labels and label is not None and label not in labels:
+    if label is not None and label not in labels:
         raise InvalidRequest(f"{where}.label_col {label!r}: Grove reads labels from a column named "
                              f"{', '.join(labels)}; rename it in a copy of the data (data_files)")
 

@@ -154,10 +154,10 @@ def _pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
 def _first(rows: tuple[list, list], limit: int | None, what: str) -> tuple[list, list]:
     """The first ``limit`` labelled rows (all when None), said in the log when that is fewer, or when
     the data holds fewer rows than asked for (e.g. a hub split's first Parquet shard)."""
-    if limit is not None and limit > len(rows[0]):
-        node_logger().warning("--eval_samples %d asks for more labelled %s than the data holds: scoring all %d",
-                              limit, what, len(rows[0]))
     if limit is None or limit >= len(rows[0]):
+        if limit is not None and limit > len(rows[0]):
+            node_logger().warning("--eval_samples %d asks for more labelled %s than the data holds: scoring all %d",
+                                  limit, what, len(rows[0]))
         return rows
     node_logger().info("scoring the first %d of %d labelled %s (--eval_samples)", limit, len(rows[0]), what)
     return rows[0][:limit], rows[1][:limit]

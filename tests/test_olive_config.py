@@ -325,7 +325,8 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
     config = {"input_model": _MODEL, "output_dir": "o", "passes": {"q": {
         "type": "OnnxStaticQuantization", "data_config": "wiki", "per_channel": True}}, "data_configs": {
         "wiki": {"load_dataset_config": {"data_name": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1",
-                                         "split": "train"}, "pre_process_data_config": {"max_samples": 16}}}}
+                                         "split": "train"}, "pre_process_data_config": {"max_samples": 16,
+                                                                            "label_cols": ["label", "idx"]}}}}
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert ("--calibration_data hf://datasets/Salesforce/wikitext@refs/convert/parquet/wikitext-2-raw-v1/train/"
