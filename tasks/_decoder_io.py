@@ -212,6 +212,15 @@ def context_length(model_dir: Path) -> int | None:
     return int(value) if value else None
 
 
+def kv_floor(model_dir: Path) -> int:
+    """The shortest KV cache (a generator's max_length) the model accepts: onnxruntime's
+    GroupQueryAttention refuses a cache shorter than the model's sliding window (Gemma 2: 4096),
+    whatever the sequence; 0 for a model without one."""
+    model = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+    window = int((model.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
+    return min(window, int(model["context_length"])) if model.get("context_length") else window
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -253,21 +262,22 @@ def tokenize(model_dir: Path, text: str, model: Any = None, limit: int | None = 
 _CUT_MARGIN_TOKENS = 64  # tokens past the limit that a prefix must reach (its cut is that far away)
 
 
-def logits(model: Any, tokens: list[int]) -> np.ndarray:
+def logits(model: Any, tokens: list[int], min_cache: int = 0) -> np.ndarray:
     """Logits for every position of ``tokens`` from an empty KV cache: shape [len, vocab], fp32.
-    (onnxruntime-genai returns the whole prefill's logits, as onnxruntime computes them.)"""
+    (onnxruntime-genai returns the whole prefill's logits, as onnxruntime computes them.)
+    ``min_cache``: the model's ``kv_floor``."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(tokens) + 1)
+    params.set_search_options(max_length=max(len(tokens) + 1, min_cache))
     generator = og.Generator(model, params)
     generator.append_tokens(tokens)
     out = np.asarray(generator.get_output("logits"))
     return out.reshape(-1, out.shape[-1])[-len(tokens):].astype(np.float32, copy=False)
 
 
-def perplexity(model: Any, tokens: list[int], chunk: int,
-               on_chunk: Callable[[float], None] | None = None) -> tuple[float, list[int]]:
+def perplexity(model: Any, tokens: list[int], chunk: int, on_chunk: Callable[[float], None] | None = None,
+               min_cache: int = 0) -> tuple[float, list[int]]:
     """exp(mean next-token NLL) over consecutive chunks, each from an empty cache, and the
     model's top-1 prediction at every scored position (what parity with a reference compares)."""
     nll, predictions = 0.0, []
@@ -277,7 +287,7 @@ def perplexity(model: Any, tokens: list[int], chunk: int,
         piece = tokens[start : start + chunk]
         if len(piece) < 2:
             break
-        scores = logits(model, piece)[:-1]
+        scores = logits(model, piece, min_cache)[:-1]
         nll += _nll(scores, piece[1:])
         predictions += scores.argmax(-1).tolist()
     return float(np.exp(nll / len(predictions))), predictions
@@ -312,9 +322,10 @@ def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: s
                                  f"({len(ids)} tokens) and one generated token")
     from grove.timing import timed_alone
 
+    floor = kv_floor(model_dir)
     with timed_alone(f"{new_tokens} generated tokens") as load:
-        _generate(og, model, ids, min(4, new_tokens))  # warm-up: first-run allocations
-        prefill_s, decode_s, out = _generate(og, model, ids, new_tokens)
+        _generate(og, model, ids, min(4, new_tokens), floor)  # warm-up: first-run allocations
+        prefill_s, decode_s, out = _generate(og, model, ids, new_tokens, floor)
     decoded = max(len(out) - 1, 1)
     return {
         "prompt_tokens": len(ids),
@@ -327,17 +338,18 @@ def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: s
     }
 
 
-def _generate(og: object, model: object, ids: object, n: int) -> tuple[float, float, list[int]]:
+def _generate(og: object, model: object, ids: object, n: int, min_cache: int) -> tuple[float, float, list[int]]:
     params = og.GeneratorParams(model)  # type: ignore[attr-defined]
-    # min_length = max_length: a fixed token count, so timings compare across models
-    params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+    # A fixed token count, so that timings compare across models: min_length keeps an end-of-text
+    # token from stopping it early, and the loop stops at n (max_length may be more: kv_floor).
+    params.set_search_options(max_length=max(len(ids) + n, min_cache), min_length=len(ids) + n, do_sample=False)
     gen = og.Generator(model, params)  # type: ignore[attr-defined]
     t0 = time.perf_counter()
     gen.append_tokens(ids)
     gen.generate_next_token()
     out = [int(gen.get_next_tokens()[0])]
     t1 = time.perf_counter()
-    while not gen.is_done():
+    while len(out) < n and not gen.is_done():
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
     return t1 - t0, time.perf_counter() - t1, out

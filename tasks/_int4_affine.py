@@ -408,8 +408,7 @@ class _Rewriter:
         """Rewrite every quantizable MatMul and the embedding Gather, then drop dead parts."""
         producers = {o: n for n in self.graph.node for o in n.output}
         outputs = {o.name for o in self.graph.output}
-        # The lm_head is the weight MatMul that writes a graph output (logits); tied embeddings share it.
-        heads = {n.input[1] for n in self.graph.node if n.op_type == "MatMul" and n.output[0] in outputs}
+        heads = _lm_heads(self.graph, outputs)
         self.head_weights = set(heads)
         matmuls = [n for n in self.graph.node if n.op_type == "MatMul" and self.quantizable(n.input[1])]
         groups = self.fuse_siblings(matmuls)
@@ -439,6 +438,37 @@ class _Rewriter:
         kept = [t for t in list(self.graph.initializer) + self.new_inits if t.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(kept)
+
+
+# Ops the builder may put between the lm_head and the logits, each with constant other inputs
+# (Gemma 2's soft-capping: Div, Tanh, Mul). All are monotonic in the logit, so a shortlist picked
+# before them is the same shortlist after.
+_LOGIT_EPILOGUE = {"Div", "Mul", "Tanh", "Cast"}
+
+
+def _lm_heads(graph: onnx.GraphProto, outputs: set[str]) -> set[str]:
+    """Weight names of the lm_head: the MatMul that writes a graph output (logits) directly or through
+    a chain of ``_LOGIT_EPILOGUE`` ops by positive constants. Tied embeddings share its weight."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if list(t.dims) in ([], [1])}
+    constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                  if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+
+    def reaches_output(name: str) -> bool:
+        for _ in range(8):  # Gemma 2: three
+            if name in outputs:
+                return True
+            (nxt, *more) = consumers.get(name, [None])
+            if more or nxt is None or nxt.op_type not in _LOGIT_EPILOGUE or nxt.input[0] != name or any(
+                    i not in constants or np.any(constants[i] <= 0) for i in nxt.input[1:]):
+                return False
+            name = nxt.output[0]
+        return name in outputs
+
+    return {n.input[1] for n in graph.node if n.op_type == "MatMul" and reaches_output(n.output[0])}
 
 
 def _live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:

@@ -74,7 +74,8 @@ def _evaluate(inputs: list[Path], config: EvalConfig, out: Path) -> dict[str, ob
     if (context := dio.context_length(model_dir)) is not None and chunk >= context:
         chunk = context - 1  # each chunk is scored in one generator of len(chunk) + 1 tokens
         log.info("perplexity chunks of %d tokens: the model's context is %d", chunk, context)
-    ppl, predictions = dio.perplexity(genai, tokens, chunk, lambda f: report_progress(0.7 * f, "perplexity"))
+    ppl, predictions = dio.perplexity(genai, tokens, chunk, lambda f: report_progress(0.7 * f, "perplexity"),
+                                      dio.kv_floor(model_dir))
     metrics.update(perplexity=round(ppl, 4), ppl_tokens=len(tokens), ppl_chunk=chunk)
     log.info("perplexity %.3f over %d tokens", ppl, len(tokens))
     scored = {"tokens_sha256": _sha256(tokens), "top1": predictions}

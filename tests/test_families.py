@@ -4,6 +4,7 @@ int4 output loads in onnxruntime-genai and generates."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from grove.node import store_for
@@ -11,6 +12,7 @@ from tasks import _decoder_io as dio
 from tasks._sources import resolve
 from tasks.capture_onnx import CaptureConfig, capture_onnx
 from tasks.download_model import DownloadConfig, download_model
+from tasks.evaluate import EvalConfig, evaluate
 from tasks.quantize_int4 import Int4Config, quantize_int4
 from tests.tiny_models import FAMILIES
 
@@ -18,7 +20,7 @@ FP32_ATOL = 1e-4  # measured ~2e-6 on these models: same math, different kernels
 INT4_MIN_COSINE = 0.8
 TOKENS = list(range(3, 60))
 # Each int4 quantizer on at least one family (tied and untied embeddings), the rest on rtn.
-ALGORITHM = {"qwen2": "affine", "gemma": "hqq", "phi3": "hqq"}
+ALGORITHM = {"qwen2": "affine", "gemma": "hqq", "phi3": "hqq", "gemma2": "affine", "granite": "affine", "smollm3": "affine"}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -34,9 +36,10 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
     fp32_dir = store_for(store).fetch(fp32.node, fp32.digest)
     int4_dir = store_for(store).fetch(int4.node, int4.digest)
 
-    onnx_logits = dio.logits(dio.genai_model(fp32_dir), TOKENS)
+    onnx_logits = dio.logits(dio.genai_model(fp32_dir), TOKENS, dio.kv_floor(fp32_dir))
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
-        torch_logits = AutoModelForCausalLM.from_pretrained(folder).eval()(torch.tensor([TOKENS])).logits[0].numpy()
+        torch_logits = model(torch.tensor([TOKENS])).logits[0].numpy()
     assert np.abs(onnx_logits - torch_logits).max() < FP32_ATOL
 
     timing = dio.generation_timing(int4_dir, "What is machine learning?", new_tokens=12)
@@ -44,11 +47,32 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
     busy = timing["cpu_busy_elsewhere"]  # the machine's state while timed (None: too short to sample)
     assert busy is None or 0 <= busy <= 1
     assert dio.model_size(int4_dir) < dio.model_size(fp32_dir)
+    if algorithm != "rtn":  # Grove's grids: the lm_head found (gemma2's sits before its soft-capping) and
+        # given the default 8-bit shortlist, its weight shared with the embedding's 8-bit table
+        ops = [n.op_type for n in onnx.load(str(int4_dir / "model.onnx"), load_external_data=False).graph.node]
+        assert ops.count("TopK") == 1 and ops.count("GatherBlockQuantized") == 2, family
     # Random Gaussian weights are the worst case for 4-bit blocks (measured: logit cosine
     # 0.89-0.99 with rtn, affine or hqq); a broken quantizer lands near 0.
-    a, b = dio.logits(dio.genai_model(int4_dir), TOKENS), onnx_logits
+    a, b = dio.logits(dio.genai_model(int4_dir), TOKENS, dio.kv_floor(int4_dir)), onnx_logits
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert cosine.min() > INT4_MIN_COSINE, f"int4 {algorithm} {family}: logit cosine vs fp32 down to {cosine.min():.3f}"
+
+    # The evaluate node as auto-opt runs it, in perplexity chunks shorter than gemma2's sliding
+    # window (as a real Gemma 2's 512-token chunks are shorter than its 4096): the fp32 perplexity
+    # is PyTorch's over the same chunks, and int4 stays near it.
+    measure = EvalConfig(ppl_tokens=64, ppl_chunk=16, new_tokens=4, threads=1)
+    reference = evaluate.fn(fp32, measure)
+    scored = evaluate.fn(int4, measure, reference).metrics
+    tokens = dio.tokenize(fp32_dir, dio.read_text(dio.BUILTIN_TEXT), limit=64)
+    nll = 0.0
+    with torch.no_grad():
+        for start in range(0, 64, 16):
+            piece = torch.tensor([tokens[start:start + 16]])
+            nll += float(torch.nn.functional.cross_entropy(model(piece).logits[0, :-1], piece[0, 1:], reduction="sum"))
+    assert reference.metrics["perplexity"] == pytest.approx(np.exp(nll / 60), rel=1e-4)
+    assert scored["ppl_chunk"] == 16 and scored["generated_tokens"] == 4
+    assert scored["perplexity"] == pytest.approx(reference.metrics["perplexity"], rel=0.1)  # measured 0.97-1.02x
+    assert scored["top1_agreement"] > 0.5  # measured 0.58-1.0
 
 
 def test_eval_text_is_tokenized_only_as_far_as_it_is_scored(tiny_dir, store: str,  # noqa: ANN001

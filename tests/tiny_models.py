@@ -27,6 +27,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3": dict(head_dim=16, tie_word_embeddings=True),
     "phi3": dict(original_max_position_embeddings=256, tie_word_embeddings=False),
     "gemma": dict(head_dim=16, tie_word_embeddings=True),
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=48, tie_word_embeddings=True),
+    "smollm3": dict(tie_word_embeddings=True),
+    "granite": dict(tie_word_embeddings=True),
 }
 
 
