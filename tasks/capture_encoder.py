@@ -25,10 +25,13 @@ from tasks.registry import ARCHITECTURES
 __all__ = ["CaptureEncoderConfig", "EncoderTask", "ExportFailed", "capture_encoder", "sentence_transformers_pipeline"]
 
 EncoderTask = Literal["feature-extraction", "text-classification", "token-classification"]
-# Graph inputs per architecture (DistilBERT has no segment embeddings).
+# Graph inputs per architecture (DistilBERT and the RoBERTa family have no segment embeddings to feed).
 _INPUTS: dict[str, list[str]] = {
     "bert": ["input_ids", "attention_mask", "token_type_ids"],
+    "electra": ["input_ids", "attention_mask", "token_type_ids"],
     "roberta": ["input_ids", "attention_mask"],
+    "xlm-roberta": ["input_ids", "attention_mask"],
+    "camembert": ["input_ids", "attention_mask"],
     "distilbert": ["input_ids", "attention_mask"],
 }
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")

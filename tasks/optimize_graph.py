@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = ["GraphConfig", "optimize_graph"]
 
-# onnxruntime's optimizer model_type by Hugging Face model_type: the three share BERT's graph.
-_ORT_MODEL_TYPE = {"bert": "bert", "roberta": "bert", "distilbert": "bert"}
+# onnxruntime's optimizer model_type by Hugging Face model_type: all share BERT's graph.
+_ORT_MODEL_TYPE = {"bert": "bert", "electra": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
+                   "distilbert": "bert"}
 
 
 class GraphConfig(StepConfig):

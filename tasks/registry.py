@@ -30,7 +30,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "smollm3": ArchSpec("decoder"),
     "granite": ArchSpec("decoder"),
     "bert": ArchSpec("encoder"),
+    "electra": ArchSpec("encoder"),
     "roberta": ArchSpec("encoder"),
+    "xlm-roberta": ArchSpec("encoder"),
+    "camembert": ArchSpec("encoder"),
     "distilbert": ArchSpec("encoder"),
 }
 

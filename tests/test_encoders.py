@@ -98,7 +98,7 @@ def _tiny_classifier(family: str, folder: Path, *, per_token: bool = False) -> P
     return tiny_models.build_encoder(family, folder, head="token" if per_token else "sequence")
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "electra", "roberta", "xlm-roberta", "camembert", "distilbert"])
 def test_tiny_classifier_int8_and_fp16_agree_with_pytorch(family: str, tmp_path: Path, enc_store: str) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -203,7 +203,7 @@ def test_token_classifier_and_unsupported_architecture(tmp_path: Path, enc_store
     assert np.abs(got - want)[real].max() < 1e-4
     assert parity.metrics["top1_agreement"] >= TINY_INT8_MIN_TOP1  # type: ignore[operator]
     decoder = download_model.fn(resolve(str(tiny_dir("llama"))), DownloadConfig(), enc_store)
-    with pytest.raises(UnsupportedArchitecture, match="bert, distilbert, roberta"):
+    with pytest.raises(UnsupportedArchitecture, match="bert, camembert, distilbert, electra, roberta, xlm-roberta"):
         capture_encoder.fn(decoder, CaptureEncoderConfig())
 
 

@@ -1,6 +1,6 @@
 """Tiny randomly initialised models of each supported family, so tests exercise every
 architecture in seconds: decoders with a small real BPE tokenizer trained on the GPL-3 text,
-encoders (BERT, RoBERTa, DistilBERT) with the real all-MiniLM-L6-v2 WordPiece tokenizer."""
+encoders (BERT, ELECTRA, the RoBERTa family, DistilBERT) with the real all-MiniLM-L6-v2 WordPiece tokenizer."""
 
 from __future__ import annotations
 
@@ -86,10 +86,12 @@ def build_encoder(family: str, folder: Path, head: str | None = "sequence") -> P
     from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
                               AutoModelForTokenClassification)
 
+    from tasks._encoder_io import ROBERTA_LIKE
+
     torch.manual_seed(0)
     sizes = (dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4) if family == "distilbert" else
              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
-    extra = dict(pad_token_id=1, type_vocab_size=1) if family == "roberta" else {}
+    extra = dict(pad_token_id=1, type_vocab_size=1) if family in ROBERTA_LIKE else {}
     config = AutoConfig.for_model(family, vocab_size=30522, max_position_embeddings=160, num_labels=3,
                                   **sizes, **extra)
     auto = {"sequence": AutoModelForSequenceClassification, "token": AutoModelForTokenClassification,
