@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (1024; 2048 matches the figures in README)")
     p.add_argument("--min_top1_agreement", type=float,
                    help="fail if top-1 agreement with the fp32 model is lower than this")
-    e = p.add_argument_group("encoders (BERT, ELECTRA, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT)")
+    e = p.add_argument_group("encoders (BERT, ELECTRA, MPNet, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT)")
     e.add_argument("--int8_mode", choices=["dynamic", "static"], help="int8: activations scaled per run (dynamic, "
                    "default) or calibrated on text (static)")
     e.add_argument("--per_channel", action=argparse.BooleanOptionalAction, default=None,

@@ -30,6 +30,7 @@ TOKEN_COLUMNS = ("tokens", "words")
 # Families whose positions start after the padding id and whose BPE tokenizer needs
 # add_prefix_space for words given one by one.
 ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
+POSITIONS_AFTER_PADDING = (*ROBERTA_LIKE, "mpnet")  # position ids start at pad_token_id + 1
 TAG_COLUMNS = ("ner_tags", "tags", "labels", "label")
 
 ENCODER_JSON = "grove_encoder.json"
@@ -282,11 +283,11 @@ def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]
 
 def max_tokens(folder: Path, tok: object) -> int:
     """The most tokens one row can have: the tokenizer ``tok``'s limit, the position table's
-    (RoBERTa's positions start after its padding id) and sentence-transformers' max_seq_length,
+    (RoBERTa's and MPNet's positions start after the padding id) and sentence-transformers' max_seq_length,
     512 at most."""
     config = json.loads((folder / "config.json").read_text())
     positions = int(config.get("max_position_embeddings") or 512)
-    if config.get("model_type") in ROBERTA_LIKE:
+    if config.get("model_type") in POSITIONS_AFTER_PADDING:
         positions -= int(config.get("pad_token_id") or 1) + 1
     if (st := folder / "sentence_bert_config.json").exists():  # sentence-transformers cuts here (MiniLM: 256)
         positions = min(positions, int(json.loads(st.read_text()).get("max_seq_length") or positions))

@@ -32,6 +32,7 @@ _INPUTS: dict[str, list[str]] = {
     "roberta": ["input_ids", "attention_mask"],
     "xlm-roberta": ["input_ids", "attention_mask"],
     "camembert": ["input_ids", "attention_mask"],
+    "mpnet": ["input_ids", "attention_mask"],
     "distilbert": ["input_ids", "attention_mask"],
 }
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")

@@ -78,8 +78,11 @@ def _quantize(inputs: list[Path], config: Int8Config, out: Path) -> dict[str, ob
     for f in src.iterdir():
         if f.is_file() and f.name not in ("model.onnx", "manifest.json"):
             shutil.copy2(f, out / f.name)
+    if kept := _embeddings_with_positions(src / "model.onnx"):
+        node_logger().info("kept in fp32: %s (onnxruntime's QEmbedLayerNormalization has no position-ids input: "
+                           "its positions would restart at 0)", ", ".join(kept))
     common = dict(per_channel=config.per_channel, op_types_to_quantize=config.op_types_to_quantize,
-                  nodes_to_exclude=list(config.nodes_to_exclude))
+                  nodes_to_exclude=list(config.nodes_to_exclude) + kept)
     if config.mode == "dynamic":
         quantize_dynamic(src / "model.onnx", out / "model.onnx", **common)  # type: ignore[arg-type]
     else:
@@ -89,6 +92,17 @@ def _quantize(inputs: list[Path], config: Int8Config, out: Path) -> dict[str, ob
     node_logger().info("int8 %s (per_channel=%s): %s; %.1f MB -> %.1f MB", config.mode, config.per_channel, stats,
                        (src / "model.onnx").stat().st_size / 1e6, size)
     return {"mode": config.mode, "per_channel": config.per_channel, "quantized_ops": stats, "size_mb": round(size, 2)}
+
+
+def _embeddings_with_positions(model: Path) -> list[str]:
+    """Fused EmbedLayerNormalization nodes fed explicit position ids (MPNet's start after the padding
+    id). onnxruntime's quantizer rewrites them as QEmbedLayerNormalization, which has no such input,
+    and drops it: positions would silently restart at 0 (a tiny MPNet's logits moved by 0.5). They
+    stay fp32."""
+    import onnx
+
+    nodes = onnx.load(str(model), load_external_data=False).graph.node
+    return [n.name for n in nodes if n.op_type == "EmbedLayerNormalization" and len(n.input) > 8 and n.input[8]]
 
 
 def _check_names(model: Path, config: Int8Config) -> None:

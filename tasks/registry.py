@@ -34,6 +34,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "roberta": ArchSpec("encoder"),
     "xlm-roberta": ArchSpec("encoder"),
     "camembert": ArchSpec("encoder"),
+    "mpnet": ArchSpec("encoder"),
     "distilbert": ArchSpec("encoder"),
 }
 
