@@ -10,7 +10,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import task
 from pydantic import Field
@@ -61,6 +61,7 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
     (hf_dir,) = inputs
     model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type", "")
     arch_spec(model_type)  # raises UnsupportedArchitecture with the supported list
+    _adapt_builder_configs(builder)
     chatter = io.StringIO()
     # The builder prints progress to stdout; keep it for the log instead of the terminal.
     with (tempfile.TemporaryDirectory(prefix="grove-builder-") as cache, contextlib.redirect_stdout(chatter),
@@ -78,6 +79,41 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
     _copy_chat_template(hf_dir, out)
     node_logger().info("captured %s at %s for %s", model_type, config.precision, config.execution_provider)
     return {"model_type": model_type, "precision": config.precision, "nodes": _node_count(out / "model.onnx")}
+
+
+def _adapt_builder_configs(builder: Any) -> None:
+    """Let the builder (onnxruntime-genai 0.18) read transformers 5's Gemma 3 config. It expects
+    transformers 4's layout, the global layers' RoPE in ``rope_parameters`` and the sliding layers'
+    theta in ``rope_local_base_freq``; transformers 5 nests both by layer type and the builder stops
+    (``KeyError: 'rope_type'``). Its ``AutoConfig`` is wrapped once (other configs pass through as
+    they are) so that it sees the old layout; fp32 logits then match PyTorch's (tests/test_families)."""
+    auto = builder.AutoConfig
+    if getattr(auto, "grove_adapted", False):
+        return
+
+    class AdaptedAutoConfig:
+        grove_adapted = True
+
+        @staticmethod
+        def from_pretrained(*args: Any, **kwargs: Any) -> Any:
+            return _gemma3_rope_for_builder(auto.from_pretrained(*args, **kwargs))
+
+    builder.AutoConfig = AdaptedAutoConfig
+
+
+def _gemma3_rope_for_builder(config: Any) -> Any:
+    rope = getattr(config, "rope_parameters", None)
+    if getattr(config, "model_type", "") != "gemma3_text" or not isinstance(rope, dict) or "full_attention" not in rope:
+        return config
+    full, local = rope["full_attention"], rope.get("sliding_attention", rope["full_attention"])
+    if {full.get("rope_type", "default"), local.get("rope_type", "default")} != {"default"}:
+        # The builder would scale the sliding layers' RoPE too (a tiny model's logits 2.4 off PyTorch's).
+        raise NotImplementedError(f"Gemma 3 with scaled RoPE ({full.get('rope_type')} x{full.get('factor')} on the "
+                                  "global layers) is exported wrong by this builder, so Grove does not export it; "
+                                  "Gemma 3 text models with plain RoPE (270M, 1B) are supported")
+    config.rope_local_base_freq = local["rope_theta"]
+    config.rope_parameters = dict(full)
+    return config
 
 
 def _copy_chat_template(hf_dir: Path, out: Path) -> None:

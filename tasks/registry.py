@@ -27,6 +27,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "phi3": ArchSpec("decoder", gguf=True),
     "gemma": ArchSpec("decoder"),
     "gemma2": ArchSpec("decoder"),
+    "gemma3_text": ArchSpec("decoder"),
     "smollm3": ArchSpec("decoder"),
     "granite": ArchSpec("decoder"),
     "bert": ArchSpec("encoder"),

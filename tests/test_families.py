@@ -14,13 +14,15 @@ from tasks.capture_onnx import CaptureConfig, capture_onnx
 from tasks.download_model import DownloadConfig, download_model
 from tasks.evaluate import EvalConfig, evaluate
 from tasks.quantize_int4 import Int4Config, quantize_int4
+from tests import tiny_models
 from tests.tiny_models import FAMILIES
 
 FP32_ATOL = 1e-4  # measured ~2e-6 on these models: same math, different kernels
 INT4_MIN_COSINE = 0.8
 TOKENS = list(range(3, 60))
 # Each int4 quantizer on at least one family (tied and untied embeddings), the rest on rtn.
-ALGORITHM = {"qwen2": "affine", "gemma": "hqq", "phi3": "hqq", "gemma2": "affine", "granite": "affine", "smollm3": "affine"}
+ALGORITHM = {"qwen2": "affine", "gemma": "hqq", "phi3": "hqq", "gemma2": "affine", "gemma3_text": "affine",
+             "granite": "affine", "smollm3": "affine"}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -73,6 +75,18 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
     assert scored["ppl_chunk"] == 16 and scored["generated_tokens"] == 4
     assert scored["perplexity"] == pytest.approx(reference.metrics["perplexity"], rel=0.1)  # measured 0.97-1.02x
     assert scored["top1_agreement"] > 0.5  # measured 0.58-1.0
+
+
+def test_gemma3_with_scaled_rope_is_refused(tmp_path, store: str) -> None:  # noqa: ANN001
+    """The builder scales the sliding layers' RoPE like the global ones' (wrong logits): refused by name."""
+    from grove.errors import ModelSourceError
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    folder = tiny_models.build("gemma3_text", tmp_path / "gemma3-linear", rope_parameters=rope)
+    hf = download_model.fn(resolve(str(folder)), DownloadConfig(), store)
+    with pytest.raises(ModelSourceError, match=r"Gemma 3 with scaled RoPE \(linear x8.0"):
+        capture_onnx.fn(hf, CaptureConfig.cpu())
 
 
 def test_eval_text_is_tokenized_only_as_far_as_it_is_scored(tiny_dir, store: str,  # noqa: ANN001

@@ -28,6 +28,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "phi3": dict(original_max_position_embeddings=256, tie_word_embeddings=False),
     "gemma": dict(head_dim=16, tie_word_embeddings=True),
     "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=48, tie_word_embeddings=True),
+    # Gemma 3: sliding and global layers, each with its own RoPE theta (10^4 and 10^6 by default).
+    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=24, tie_word_embeddings=True,
+                        layer_types=["sliding_attention", "full_attention"]),
     "smollm3": dict(tie_word_embeddings=True),
     "granite": dict(tie_word_embeddings=True),
 }
@@ -52,13 +55,14 @@ def tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def build(family: str, folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random ``family`` model (safetensors + tokenizer) to ``folder``."""
+def build(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a tiny random ``family`` model (safetensors + tokenizer) to ``folder``; ``overrides``
+    replace config fields."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, **_COMMON, **FAMILIES[family])
+    config = AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family], **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random init is near-uniform; widen it so logits have a clear top-1
         for p in model.parameters():
