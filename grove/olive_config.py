@@ -505,7 +505,8 @@ def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, A
     metrics = [m for m in (chosen or {}).get("metrics") or [] if isinstance(m, dict)]
     others: list[str] = []
     labelled: list[tuple[str, object]] = []  # (where, data config) of the accuracy metrics
-    perplexity = False
+    decoder = str(out.flags.get("task", "")).startswith("text-generation")  # scored by perplexity only
+    perplexity = decoder
     for index, metric in enumerate(metrics):
         kind = str(metric.get("type", "")).lower()
         ref = metric.get("data_config") or (chosen or {}).get("data_config")
@@ -518,7 +519,10 @@ def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, A
             labelled.append((f"{where}.metrics[{index}]", ref))
             for sub in (str(s.get("name") if isinstance(s, dict) else s) for s in metric.get("sub_types") or []):
                 perplexity |= sub == "perplexity"
-                if sub not in _SCORED or _SCORED[sub]:
+                if decoder and sub != "perplexity":
+                    others.append(f"{sub} ({metric.get('name')}; a text-generation model is scored by perplexity "
+                                  "on the data's text)")
+                elif sub not in _SCORED or _SCORED[sub]:
                     others.append(f"{sub} ({metric.get('name')}{'; ' + _SCORED[sub] if _SCORED.get(sub) else ''})")
         else:
             others.append(f"{metric.get('name')} ({metric.get('type')})")

@@ -318,6 +318,24 @@ def test_a_perplexity_metrics_data_config_is_the_decoders_text(tmp_path: Path,
     assert "evaluators.e.metrics[0]: max_samples without max_seq_len: Grove scores the text's first 1024 tokens" in err
 
 
+def test_a_text_generation_models_accuracy_metric_is_scored_as_perplexity(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A decoder's accuracy metric other than perplexity (e.g. accuracy_score on a data config with
+    max_samples): Grove scores perplexity on that data's text, says the sub-type is not computed and
+    why, and passes no --eval_samples (an encoder's flag, which the decoder path would refuse)."""
+    from grove.cli import main
+
+    data = {**_MRPC, "load_dataset_config": {"data_name": "stanfordnlp/imdb", "split": "test"},
+            "pre_process_data_config": {"input_cols": ["text"], "max_samples": 500}}
+    config = {**_EVAL, "input_model": {**_MODEL, "task": "text-generation"}, "passes": _INT4, "data_configs": [data]}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().endswith("--eval_data hf://datasets/stanfordnlp/imdb@refs/convert/parquet/default/test/"
+                                "0000.parquet"), out
+    assert "not computed: accuracy_score (accuracy; a text-generation model is scored by perplexity" in err, err
+    assert "max_samples without max_seq_len: Grove scores the text's first 1024 tokens" in err, err
+
+
 def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from grove.cli import main
