@@ -21,9 +21,10 @@ _COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=64, intermediate_si
                                bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": dict(tie_word_embeddings=False),
+    # Real checkpoints' RoPE bases, not the default 10^4 (SmolLM2: 10^5; Qwen2.5: 10^6): the builder must read them.
+    "llama": dict(tie_word_embeddings=False, rope_theta=1e5),
     "mistral": dict(sliding_window=None, tie_word_embeddings=False),
-    "qwen2": dict(tie_word_embeddings=True),
+    "qwen2": dict(tie_word_embeddings=True, rope_theta=1e6),
     "qwen3": dict(head_dim=16, tie_word_embeddings=True),
     "phi3": dict(original_max_position_embeddings=256, tie_word_embeddings=False),
     "gemma": dict(head_dim=16, tie_word_embeddings=True),
