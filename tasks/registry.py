@@ -1,7 +1,8 @@
 """What Grove supports, as data: architectures by Hugging Face ``model_type``.
 
 Nothing registers itself on import; adding an architecture is one line here plus a tiny
-model in ``tests/tiny_models.py`` that proves it.
+model in ``tests/tiny_models.py`` that proves it (an encoder also names its graph inputs in
+``capture_encoder._INPUTS`` and its onnxruntime optimizer type in ``optimize_graph._ORT_MODEL_TYPE``).
 """
 
 from __future__ import annotations
