@@ -208,17 +208,22 @@ def model_size(model_dir: Path) -> int:
 
 def context_length(model_dir: Path) -> int | None:
     """The longest sequence (prompt + generated tokens) the folder's genai_config.json allows."""
-    value = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"].get("context_length")
+    value = _genai_model_section(model_dir).get("context_length")
     return int(value) if value else None
+
+
+def _genai_model_section(model_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
 
 
 def kv_floor(model_dir: Path) -> int:
     """The shortest KV cache (a generator's max_length) the model accepts: onnxruntime's
     GroupQueryAttention refuses a cache shorter than the model's sliding window (Gemma 2: 4096),
     whatever the sequence; 0 for a model without one."""
-    model = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
-    window = int((model.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
-    return min(window, int(model["context_length"])) if model.get("context_length") else window
+    window = int((_genai_model_section(model_dir).get("decoder", {}).get("sliding_window") or {}).get("window_size")
+                 or 0)
+    context = context_length(model_dir)
+    return min(window, context) if context else window
 
 
 def available_cpus() -> int:

@@ -24,6 +24,9 @@ from grove.node import RECIPE_CACHE, node_logger, run_node
 from tasks import _encoder_io as eio
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader
 
 __all__ = ["Int8Config", "quantize_int8"]
@@ -73,12 +76,15 @@ def quantize_int8(model: Artifact, config: Int8Config) -> Artifact:
 def _quantize(inputs: list[Path], config: Int8Config, out: Path) -> dict[str, object]:
     from onnxruntime.quantization import quantize_dynamic
 
+    import onnx
+
     (src,) = inputs
-    _check_names(src / "model.onnx", config)
+    nodes = onnx.load(str(src / "model.onnx"), load_external_data=False).graph.node
+    _check_names(nodes, config)
     for f in src.iterdir():
         if f.is_file() and f.name not in ("model.onnx", "manifest.json"):
             shutil.copy2(f, out / f.name)
-    if kept := _embeddings_with_positions(src / "model.onnx"):
+    if kept := _embeddings_with_positions(nodes):
         node_logger().info("kept in fp32: %s (onnxruntime's QEmbedLayerNormalization has no position-ids input: "
                            "its positions would restart at 0)", ", ".join(kept))
     common = dict(per_channel=config.per_channel, op_types_to_quantize=config.op_types_to_quantize,
@@ -94,23 +100,17 @@ def _quantize(inputs: list[Path], config: Int8Config, out: Path) -> dict[str, ob
     return {"mode": config.mode, "per_channel": config.per_channel, "quantized_ops": stats, "size_mb": round(size, 2)}
 
 
-def _embeddings_with_positions(model: Path) -> list[str]:
+def _embeddings_with_positions(nodes: Sequence[onnx.NodeProto]) -> list[str]:
     """Fused EmbedLayerNormalization nodes fed explicit position ids (MPNet's start after the padding
     id). onnxruntime's quantizer rewrites them as QEmbedLayerNormalization, which has no such input,
     and drops it: positions would silently restart at 0 (a tiny MPNet's logits moved by 0.5). They
     stay fp32."""
-    import onnx
-
-    nodes = onnx.load(str(model), load_external_data=False).graph.node
     return [n.name for n in nodes if n.op_type == "EmbedLayerNormalization" and len(n.input) > 8 and n.input[8]]
 
 
-def _check_names(model: Path, config: Int8Config) -> None:
+def _check_names(nodes: Sequence[onnx.NodeProto], config: Int8Config) -> None:
     """Node names and op types the user gave must be in the graph: onnxruntime's quantizer ignores
     the ones that are not, so a typo would quantize what the user meant to keep."""
-    import onnx
-
-    nodes = onnx.load(str(model), load_external_data=False).graph.node
     names, ops = {n.name for n in nodes}, {n.op_type for n in nodes}
     if unknown := [n for n in config.nodes_to_exclude if n not in names]:
         examples = ", ".join(sorted(n.name for n in nodes if n.op_type in ("MatMul", "Gemm"))[:3])
