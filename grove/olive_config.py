@@ -654,8 +654,8 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
         raise InvalidRequest(f"{where}.load_dataset_config.data_dir: Grove reads a hub dataset's Parquet copy by "
                              "subset and split, not a folder of its files; set data_files to the file, "
                              f"hf://datasets/{name}/<path in the repo>")
-    else:  # the hub's own Parquet copy of every public dataset: <subset>/<split>/ in refs/convert/parquet
-        source = f"hf://datasets/{name}@refs/convert/parquet/{load.get('subset') or 'default'}/{split}/0000.parquet"
+    else:  # the hub's own Parquet copy of every public dataset: <subset>/<split>/NNNN.parquet, a file a shard
+        source = f"hf://datasets/{name}@refs/convert/parquet/{load.get('subset') or 'default'}/{split}/*.parquet"
     _check_columns(pre, f"{where}.pre_process_data_config", for_labels=for_labels)
     counts = {"max_samples": pre.get("max_samples", load.get("max_samples")), "max_seq_len": pre.get("max_seq_len")}
     for key, value in counts.items():

@@ -17,7 +17,8 @@ import numpy as np
 
 __all__ = ["BUILTIN_TEXT", "LABEL_COLUMNS", "TEXT_COLUMNS", "available_cpus", "context_length", "generation_timing",
            "genai_model", "is_row_file", "is_table", "logits", "model_size", "perplexity", "pick_column",
-           "read_columns", "read_raw", "read_rows", "read_table", "read_text", "text_sha256", "tokenize"]
+           "read_columns", "read_raw", "read_rows", "read_table", "read_text", "table_files", "text_sha256",
+           "tokenize"]
 
 BUILTIN_TEXT = "builtin:GPL-3"
 
@@ -43,7 +44,7 @@ def read_raw(source: str, flag: str = "--eval_data", encoding: str = "utf-8", ne
     if it cannot be read."""
     import fsspec
 
-    remote = "://" in source and not source.startswith("file://")
+    remote = _is_remote(source)
     try:
         local = _local_copy(source) if remote else source
         with fsspec.open(local, "r", encoding=encoding, newline=newline) as f:
@@ -99,26 +100,72 @@ LABEL_COLUMNS = ("label", "labels")
 
 
 def is_table(source: str) -> bool:
+    """A Parquet file, or a glob of them (``<split>/*.parquet``)."""
     return source.lower().endswith(".parquet")
 
 
-def read_table(source: str, flag: str = "--eval_data") -> dict[str, list[Any]]:
-    """A Parquet file's columns (a path or an fsspec URI, e.g. a hub dataset's
-    ``hf://datasets/<org>/<name>/<split>.parquet``). Raises InvalidRequest naming ``flag``."""
+_PARQUET_COPY = "@refs/convert/parquet/"  # the hub's Parquet copy of a dataset (grove/olive_config.py reads it)
+_SPLIT_LAYOUT = "the hub's Parquet copy of a dataset holds <subset>/<split>/NNNN.parquet"
+
+
+def _is_remote(source: str) -> bool:
+    return "://" in source and not source.startswith("file://")
+
+
+def table_files(source: str, flag: str = "--eval_data") -> list[str]:
+    """The files a table source names: itself, or, for a glob (``*``, ``?``, ``[``), the files it
+    matches in name order: a hub split's Parquet copy is one file per shard
+    (``<subset>/<split>/0000.parquet``, ``0001.parquet``...). Raises InvalidRequest naming ``flag``
+    when a glob matches nothing or its folder cannot be listed."""
+    import glob
+
     import fsspec
+
+    from grove.errors import InvalidRequest
+
+    if not glob.has_magic(source):
+        return [source]
+    try:
+        if _is_remote(source):
+            fs, pattern = fsspec.core.url_to_fs(source)
+            files = [fs.unstrip_protocol(f) for f in fs.glob(pattern)]
+        else:
+            files = glob.glob(source.removeprefix("file://"))
+    except Exception as exc:
+        if not (_is_remote(source) or isinstance(exc, OSError)):
+            raise
+        raise _unreadable(source, flag, exc, "a folder of Parquet files", "check the folder") from exc
+    if not files:
+        fix = f"{_SPLIT_LAYOUT}: check the subset and split names" if _PARQUET_COPY in source else (
+            "check the folder and the pattern")
+        raise InvalidRequest(f"{flag} {source} matches no file; {fix}")
+    return sorted(files)
+
+
+def read_table(source: str, flag: str = "--eval_data") -> dict[str, list[Any]]:
+    """A Parquet table's columns: one file (a path or an fsspec URI, e.g. a hub dataset's
+    ``hf://datasets/<org>/<name>/<split>.parquet``), or the rows of every file a glob matches, in name
+    order (a hub split's shards, ``.../<split>/*.parquet``). Raises InvalidRequest naming ``flag``."""
+    import fsspec
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    remote = "://" in source and not source.startswith("file://")
-    try:
-        local = _local_copy(source) if remote else source
-        with fsspec.open(local, "rb") as f:
-            return dict(pq.read_table(f).to_pydict())
-    except Exception as exc:
-        import pyarrow as pa
+    from grove.errors import InvalidRequest
 
-        if not (remote or isinstance(exc, (OSError, pa.ArrowException))):
-            raise
-        raise _unreadable(source, flag, exc, "a Parquet table", "pass a readable .parquet file") from exc
+    tables = []
+    for file in table_files(source, flag):
+        try:
+            with fsspec.open(_local_copy(file) if _is_remote(file) else file, "rb") as f:
+                tables.append(pq.read_table(f))
+        except Exception as exc:
+            if not (_is_remote(file) or isinstance(exc, (OSError, pa.ArrowException))):
+                raise
+            raise _unreadable(file, flag, exc, "a Parquet table", "pass a readable .parquet file") from exc
+    try:
+        return dict(pa.concat_tables(tables).to_pydict())
+    except pa.ArrowInvalid as exc:  # shards whose columns differ
+        raise InvalidRequest(f"{flag} {source}: its files do not have the same columns ({exc}); name one file, "
+                             "or files with one schema") from exc
 
 
 def table_label_names(source: str, columns: tuple[str, ...]) -> list[str] | None:
@@ -128,8 +175,8 @@ def table_label_names(source: str, columns: tuple[str, ...]) -> list[str] | None
     import fsspec
     import pyarrow.parquet as pq
 
-    local = _local_copy(source) if "://" in source and not source.startswith("file://") else source
-    with fsspec.open(local, "rb") as f:
+    first = table_files(source)[0]  # a glob's files share a schema (read_table checks)
+    with fsspec.open(_local_copy(first) if _is_remote(first) else first, "rb") as f:
         schema = pq.read_schema(f)
     present = [c for c in columns if c in schema.names]
     return _class_names(schema.metadata or {}).get(present[0]) if present else None
@@ -169,6 +216,8 @@ def _unreadable(source: str, flag: str, exc: Exception, what: str, fix: str) -> 
     if source.startswith("hf://") and isinstance(exc, FileNotFoundError):  # the hub answered: no such file
         fix = ("the hub has no such file: check the path, hf://datasets/<org>/<name>/<file>, or set HF_TOKEN "
                "if the dataset is private")
+        if _PARQUET_COPY in source:
+            fix = f"{_SPLIT_LAYOUT}: check the dataset, subset and split names, or set HF_TOKEN if it is private"
     elif source.startswith("hf://"):
         fix = "a hub dataset file needs the hub: offline, copy the file to this machine and pass its path"
     cause = str(exc) if isinstance(exc, (OSError, UnicodeDecodeError)) else f"{exc.__class__.__name__}: {exc}"

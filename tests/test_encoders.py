@@ -594,6 +594,17 @@ def test_a_table_without_its_columns_or_not_a_table_is_one_clear_error(tmp_path:
     (tmp_path / "fake.parquet").write_text("text,label\nhello,1\n")
     with pytest.raises(InvalidRequest, match="fake.parquet cannot be read as a Parquet table"):
         eio.read_labelled(str(tmp_path / "fake.parquet"))
+    shards = tmp_path / "split"  # a split in shards (a hub dataset's Parquet copy): one file's fault is named
+    shards.mkdir()
+    pq.write_table(pa.table({"text": ["good"], "label": [1]}), shards / "0000.parquet")
+    pq.write_table(pa.table({"review": ["bad"], "stars": [1]}), shards / "0001.parquet")
+    with pytest.raises(InvalidRequest, match=r"split/\*.parquet: its files do not have the same columns"):
+        eio.read_labelled(str(shards / "*.parquet"))
+    (shards / "0001.parquet").write_text("not parquet")
+    with pytest.raises(InvalidRequest, match="0001.parquet cannot be read as a Parquet table"):
+        eio.read_labelled(str(shards / "*.parquet"))
+    with pytest.raises(InvalidRequest, match=r"test-\*.parquet matches no file; check the folder and the pattern"):
+        eio.read_labelled(str(shards / "test-*.parquet"))
 
 
 def test_a_spreadsheet_csv_with_a_byte_order_mark_reads(tmp_path: Path) -> None:

@@ -98,10 +98,11 @@ def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path,
 def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path: Path, store: str) -> None:
     """Olive's examples/bert/bert_ptq_cpu.json, as written (one MRPC data config for calibration,
     accuracy, latency and perf tuning; label_cols; HF metric names), with a tiny model and the
-    dataset served by the loopback hub in its Parquet copy (refs/convert/parquet): the static int8
-    calibrates on the sentence pairs, and the classifier is scored on the first max_samples rows,
-    as pairs. Those rows carry the model's own answers and the rows after them wrong ones, so the
-    fp32 accuracy is 1.0 only if exactly those rows are scored and tokenized as pairs."""
+    dataset served by the loopback hub in its Parquet copy (refs/convert/parquet, the split in two
+    shards, as the hub cuts a large one): the static int8 calibrates on the sentence pairs, and the
+    classifier is scored on the first max_samples rows, as pairs. Those rows (8 in the first shard, 4
+    in the second) carry the model's own answers and the rows after them wrong ones, so the fp32
+    accuracy is 1.0 only if exactly those rows are scored, in order, and tokenized as pairs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -128,8 +129,10 @@ def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path:
     main_branch.mkdir()
     (main_branch / "README.md").write_text("GLUE, as the hub keeps it\n")
     converted.mkdir(parents=True)
-    pq.write_table(pa.table({"sentence1": [a for (a, _), _ in rows], "sentence2": [b for (_, b), _ in rows],
-                             "label": [y for _, y in rows], "idx": list(range(len(rows)))}), converted / "0000.parquet")
+    columns = {"sentence1": [a for (a, _), _ in rows], "sentence2": [b for (_, b), _ in rows],
+               "label": [y for _, y in rows], "idx": list(range(len(rows)))}
+    for shard, part in enumerate((slice(0, 8), slice(8, None))):
+        pq.write_table(pa.table({k: v[part] for k, v in columns.items()}), converted / f"{shard:04d}.parquet")
     mrpc = "glue_mrpc"
     config = {  # examples/bert/bert_ptq_cpu.json; the model, data_name and max_samples are this test's
         "input_model": {"type": "HfModel", "model_path": str(model), "task": "text-classification",
@@ -162,20 +165,56 @@ def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path:
                            env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"})
 
     assert result.returncode == 0, result.stderr[-3000:]
-    table = "hf://datasets/grove-test/glue@refs/convert/parquet/mrpc/validation/0000.parquet"
-    assert (f"--calibration_data {table} --calibration_samples 12 --int8_mode static --no-per_channel "
-            f"--calibrate_method MinMax --eval_data {table} --eval_samples 12") in result.stderr, result.stderr
+    table = "hf://datasets/grove-test/glue@refs/convert/parquet/mrpc/validation/*.parquet"
+    assert (f"--calibration_data '{table}' --calibration_samples 12 --int8_mode static --no-per_channel "
+            f"--calibrate_method MinMax --eval_data '{table}' --eval_samples 12") in result.stderr, result.stderr
     assert "not computed: f1 (accuracy; computed only for token classifiers" in result.stderr
     assert ("execution providers OpenVINOExecutionProvider are not Grove targets; it optimizes for "
             "CPUExecutionProvider") in result.stderr
     assert "scoring the first 12 of 16 labelled rows" in result.stderr
-    assert any(r.endswith("/resolve/refs/convert/parquet/mrpc/validation/0000.parquet") for r in requests), requests
+    for shard in ("0000", "0001"):
+        assert any(r.endswith(f"/resolve/refs/convert/parquet/mrpc/validation/{shard}.parquet") for r in requests)
     report = json.loads((tmp_path / "out" / "grove_report.json").read_text())
     assert report["reference"]["accuracy"] == 1.0
     assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
     int8 = next(n for n in report["lineage"] if n["node"] == "quantize-int8")["config"]
     assert (int8["mode"], int8["calibration_data"], int8["calibration_samples"]) == ("static", table, 12)
-    assert int8["calibration_sha256"] == text_sha256(str(converted / "0000.parquet"))  # an edited table: new int8
+    assert int8["calibration_sha256"] == text_sha256(str(converted / "*.parquet"))  # an edited shard: new int8
+
+
+def test_a_hub_split_that_is_not_there_is_one_clear_error(tmp_path: Path) -> None:
+    """A data config's subset or split the hub's Parquet copy does not have: the error says how that
+    copy is laid out and what to check, not a bare "no such file". (In a child process: the hub
+    client reads its endpoint when imported.)"""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.hub_server import HubRepo, serve_hub
+
+    (tmp_path / "main").mkdir()
+    (tmp_path / "main" / "README.md").write_text("a dataset\n")
+    (tmp_path / "parquet" / "default" / "test").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["a row"]}), tmp_path / "parquet" / "default" / "test" / "0000.parquet")
+    hub = HubRepo(tmp_path / "main", "6" * 40, refs={"refs/convert/parquet": HubRepo(tmp_path / "parquet", "7" * 40)})
+    script = ("import sys\nfrom grove.errors import InvalidRequest\nfrom tasks._decoder_io import read_table\n"
+              "split = 'hf://datasets/grove-test/imdb@refs/convert/parquet/default/{}/*.parquet'\n"
+              "print(read_table(split.format('test')))\n"
+              "try:\n    read_table(split.format('validation'))\nexcept InvalidRequest as exc:\n    print(exc)\n")
+    with serve_hub({"datasets/grove-test/imdb": hub}) as (endpoint, _):
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0",
+                                   "HF_HOME": str(tmp_path / "hf")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    table, error = done.stdout.strip().splitlines()
+    assert table == "{'text': ['a row']}"
+    assert error.startswith("--eval_data hf://datasets/grove-test/imdb@refs/convert/parquet/default/validation/"
+                            "*.parquet cannot be read"), error
+    assert error.endswith("; the hub's Parquet copy of a dataset holds <subset>/<split>/NNNN.parquet: check the "
+                          "dataset, subset and split names, or set HF_TOKEN if it is private"), error
 
 
 @pytest.mark.parametrize(("passes", "expected"), [
@@ -257,10 +296,10 @@ _EVAL = {"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "Onn
 
 
 @pytest.mark.parametrize(("data", "expected"), [
-    (_MRPC, "--eval_data hf://datasets/nyu-mll/glue@refs/convert/parquet/mrpc/validation/0000.parquet"),
+    (_MRPC, "--eval_data 'hf://datasets/nyu-mll/glue@refs/convert/parquet/mrpc/validation/*.parquet'"),
     ({**_MRPC, "load_dataset_config": {"data_name": "stanfordnlp/imdb", "split": "test"},
       "pre_process_data_config": {"input_cols": ["text"], "max_samples": 500}},
-     "--eval_data hf://datasets/stanfordnlp/imdb@refs/convert/parquet/default/test/0000.parquet --eval_samples 500"),
+     "--eval_data 'hf://datasets/stanfordnlp/imdb@refs/convert/parquet/default/test/*.parquet' --eval_samples 500"),
     ({**_MRPC, "load_dataset_config": {"data_name": "json", "data_dir": "data", "data_files": "dev.jsonl"}},
      "--eval_data data/dev.jsonl"),
     ({**_MRPC, "load_dataset_config": {"data_name": "csv", "split": "test",
@@ -308,8 +347,8 @@ def test_a_perplexity_metrics_data_config_is_the_decoders_text(tmp_path: Path,
                                                 "sub_types": [{"name": "perplexity"}]}]}}}
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
     out, err = capsys.readouterr()
-    assert out.strip().endswith("--eval_data hf://datasets/Salesforce/wikitext@refs/convert/parquet/wikitext-2-raw-v1/"
-                                "test/0000.parquet --eval_tokens 2048"), out
+    assert out.strip().endswith("--eval_data 'hf://datasets/Salesforce/wikitext@refs/convert/parquet/wikitext-2-raw-v1/"
+                                "test/*.parquet' --eval_tokens 2048"), out
     assert "not computed" not in err, err
     del wikitext["pre_process_data_config"]["max_seq_len"]
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
@@ -330,8 +369,8 @@ def test_a_text_generation_models_accuracy_metric_is_scored_as_perplexity(tmp_pa
     config = {**_EVAL, "input_model": {**_MODEL, "task": "text-generation"}, "passes": _INT4, "data_configs": [data]}
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
     out, err = capsys.readouterr()
-    assert out.strip().endswith("--eval_data hf://datasets/stanfordnlp/imdb@refs/convert/parquet/default/test/"
-                                "0000.parquet"), out
+    assert out.strip().endswith("--eval_data 'hf://datasets/stanfordnlp/imdb@refs/convert/parquet/default/test/"
+                                "*.parquet'"), out
     assert "not computed: accuracy_score (accuracy; a text-generation model is scored by perplexity" in err, err
     assert "max_samples without max_seq_len: Grove scores the text's first 1024 tokens" in err, err
 
@@ -347,8 +386,8 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
                                                                             "label_cols": ["label", "idx"]}}}}
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
     out, err = capsys.readouterr()
-    assert ("--calibration_data hf://datasets/Salesforce/wikitext@refs/convert/parquet/wikitext-2-raw-v1/train/"
-            "0000.parquet --calibration_samples 16 --int8_mode static --per_channel") in out, out
+    assert ("--calibration_data 'hf://datasets/Salesforce/wikitext@refs/convert/parquet/wikitext-2-raw-v1/train/"
+            "*.parquet' --calibration_samples 16 --int8_mode static --per_channel") in out, out
     assert "calibrated on Grove's default text" not in err and "calibrated on the first 32 rows" not in err
     del config["data_configs"]["wiki"]["pre_process_data_config"]
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
