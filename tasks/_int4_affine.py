@@ -185,6 +185,7 @@ class _Rewriter:
         self.graph, self.bs, self.mode, self.head_bits = graph, block_size, mode, head_bits
         self.accuracy_level, self.head_shortlist = accuracy_level, head_shortlist
         self.head_weights: set[str] = set()  # lm_head / embedding weights, quantized with head_bits
+        self.head_bias: dict[str, str | None] = {}  # lm_head weight -> its bias initializer (phi), if any
         self.c_dtype = np.dtype(correction_dtype)
         self.inits = {t.name: t for t in graph.initializer}
         self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
@@ -345,7 +346,8 @@ class _Rewriter:
     def rewrite_head(self, x: str, w_name: str, output: str) -> None:
         """lm_head: ``rewrite_matmul`` unless a shortlist applies (an 8-bit head, ``head_shortlist``
         > 0): then a 4-bit symmetric pass picks each position's ``head_shortlist`` best tokens and
-        their logits are recomputed from the 8-bit rows (see the module docstring)."""
+        their logits are recomputed from the 8-bit rows (see the module docstring). A head with a
+        bias (added after this MatMul, as before) picks them with the bias added."""
         if not self.head_shortlist or self.head_bits != 8:
             self.rewrite_matmul(x, w_name, output)
             return
@@ -356,7 +358,9 @@ class _Rewriter:
                            K=qw.scales.shape[1] * self.bs, N=qw.packed.shape[0], bits=4, block_size=self.bs,
                            accuracy_level=self.accuracy_level)
         top, k_name = output + "/shortlist_ids", self.add_init(f"int4_shortlist_k_{k}", np.array([k], np.int64))
-        self.nodes.append(helper.make_node("TopK", [approx, k_name], [output + "/shortlist_top", top], name=top, axis=-1))
+        ranked = approx if (bias := self.head_bias.get(w_name)) is None else self.node(
+            "Add", [approx, bias], output + "/shortlist_biased")
+        self.nodes.append(helper.make_node("TopK", [ranked, k_name], [output + "/shortlist_top", top], name=top, axis=-1))
         rows = self.node("GatherBlockQuantized", [self.table(w_name), top, *self.register(w_name)[1:]],
                          output + "/shortlist_rows", _MS, bits=qw.bits, block_size=self.bs, gather_axis=0, quantize_axis=1)
         last = self.add_init("int4_last_axis", np.array([-1], np.int64))
@@ -408,7 +412,7 @@ class _Rewriter:
         """Rewrite every quantizable MatMul and the embedding Gather, then drop dead parts."""
         producers = {o: n for n in self.graph.node for o in n.output}
         outputs = {o.name for o in self.graph.output}
-        heads = _lm_heads(self.graph, outputs)
+        self.head_bias = heads = _lm_heads(self.graph, outputs)
         self.head_weights = set(heads)
         matmuls = [n for n in self.graph.node if n.op_type == "MatMul" and self.quantizable(n.input[1])]
         groups = self.fuse_siblings(matmuls)
@@ -442,13 +446,15 @@ class _Rewriter:
 
 # Ops the builder may put between the lm_head and the logits, each with constant other inputs
 # (Gemma 2's soft-capping: Div, Tanh, Mul). All are monotonic in the logit, so a shortlist picked
-# before them is the same shortlist after.
+# before them is the same shortlist after. A bias Add (phi's lm_head) is not: it may only come
+# first, and the shortlist is then picked with the bias added.
 _LOGIT_EPILOGUE = {"Div", "Mul", "Tanh", "Cast"}
 
 
-def _lm_heads(graph: onnx.GraphProto, outputs: set[str]) -> set[str]:
-    """Weight names of the lm_head: the MatMul that writes a graph output (logits) directly or through
-    a chain of ``_LOGIT_EPILOGUE`` ops by positive constants. Tied embeddings share its weight."""
+def _lm_heads(graph: onnx.GraphProto, outputs: set[str]) -> dict[str, str | None]:
+    """The lm_head's weight name and its bias (an initializer, or None): the MatMul that writes a
+    graph output (logits) directly, or through a bias ``Add`` and a chain of ``_LOGIT_EPILOGUE`` ops
+    by positive constants. Tied embeddings share its weight."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for i in n.input:
@@ -456,19 +462,33 @@ def _lm_heads(graph: onnx.GraphProto, outputs: set[str]) -> set[str]:
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if list(t.dims) in ([], [1])}
     constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    vectors = {t.name for t in graph.initializer if len(t.dims) == 1 and t.data_type == TensorProto.FLOAT}
+
+    def only_consumer(name: str) -> onnx.NodeProto | None:
+        (nxt, *more) = consumers.get(name, [None])
+        return None if more or nxt is None or nxt.input[0] != name else nxt
 
     def reaches_output(name: str) -> bool:
         for _ in range(8):  # Gemma 2: three
             if name in outputs:
                 return True
-            (nxt, *more) = consumers.get(name, [None])
-            if more or nxt is None or nxt.op_type not in _LOGIT_EPILOGUE or nxt.input[0] != name or any(
+            nxt = only_consumer(name)
+            if nxt is None or nxt.op_type not in _LOGIT_EPILOGUE or any(
                     i not in constants or np.any(constants[i] <= 0) for i in nxt.input[1:]):
                 return False
             name = nxt.output[0]
         return name in outputs
 
-    return {n.input[1] for n in graph.node if n.op_type == "MatMul" and reaches_output(n.output[0])}
+    heads: dict[str, str | None] = {}
+    for n in graph.node:
+        if n.op_type != "MatMul":
+            continue
+        add = only_consumer(n.output[0])
+        if reaches_output(n.output[0]):
+            heads[n.input[1]] = None
+        elif add is not None and add.op_type == "Add" and add.input[1] in vectors and reaches_output(add.output[0]):
+            heads[n.input[1]] = add.input[1]
+    return heads
 
 
 def _live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:

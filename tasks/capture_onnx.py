@@ -82,7 +82,8 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
 
 
 def _adapt_builder_configs(builder: Any) -> None:
-    """Let the builder (onnxruntime-genai 0.18) read transformers 5's Gemma 3 config. It expects
+    """Let the builder (onnxruntime-genai 0.18) read what it misreads: a LayerNorm model's epsilon
+    (``_norm_eps_for_builder``), and transformers 5's Gemma 3 config. The builder expects
     transformers 4's layout, the global layers' RoPE in ``rope_parameters`` and the sliding layers'
     theta in ``rope_local_base_freq``; transformers 5 nests both by layer type and the builder stops
     (``KeyError: 'rope_type'``). Its ``AutoConfig`` is wrapped once (other configs pass through as
@@ -96,9 +97,40 @@ def _adapt_builder_configs(builder: Any) -> None:
 
         @staticmethod
         def from_pretrained(*args: Any, **kwargs: Any) -> Any:
-            return _gemma3_rope_for_builder(auto.from_pretrained(*args, **kwargs))
+            return _norm_eps_for_builder(_gemma3_rope_for_builder(auto.from_pretrained(*args, **kwargs)))
 
     builder.AutoConfig = AdaptedAutoConfig
+
+    class OLMoLayerNormModel(builder.OLMoModel):  # type: ignore[name-defined,misc]
+        """OLMo's norms are LayerNorms without weights, at epsilon 1e-5 (transformers' OlmoLayerNorm);
+        the builder made them RMSNorms at 1e-6 (a tiny OLMo's logits 1.26 off PyTorch's)."""
+
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            if getattr(config, "clip_qkv", None) is not None:
+                raise NotImplementedError(f"OLMo with clip_qkv ({config.clip_qkv}) clamps its queries, keys and values, "
+                                          "which this builder does not export; OLMo without it is supported")
+            super().__init__(config, *args, **kwargs)
+            self.layernorm_attrs["simple"] = False
+            self.layernorm_attrs["epsilon"] = 1e-5
+
+    builder.OLMoModel = OLMoLayerNormModel
+
+
+# Where configs other than RMSNorm models' keep their norms' epsilon (phi: layer_norm_eps; nemotron: norm_eps).
+_NORM_EPS_FIELDS = ("layer_norm_eps", "norm_eps", "layer_norm_epsilon")
+
+
+def _norm_eps_for_builder(config: Any) -> Any:
+    """The builder reads every norm's epsilon from ``rms_norm_eps`` and falls back to 1e-6 where a
+    config has none, so a LayerNorm model (phi: 1e-5) was exported with the wrong epsilon (a tiny
+    phi's logits 2.6e-3 off PyTorch's; 2e-6 with it). Such a config gets ``rms_norm_eps`` from the
+    field it keeps its epsilon in."""
+    if getattr(config, "rms_norm_eps", None) is None:
+        for field in _NORM_EPS_FIELDS:
+            if isinstance(value := getattr(config, field, None), float):
+                config.rms_norm_eps = value
+                break
+    return config
 
 
 def _gemma3_rope_for_builder(config: Any) -> Any:

@@ -31,6 +31,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3_text": ArchSpec("decoder"),
     "smollm3": ArchSpec("decoder"),
     "granite": ArchSpec("decoder"),
+    "phi": ArchSpec("decoder"),  # LayerNorm decoders: the builder's epsilon (and OLMo's norm) set right in capture
+    "nemotron": ArchSpec("decoder"),
+    "olmo": ArchSpec("decoder"),
     "bert": ArchSpec("encoder"),
     "electra": ArchSpec("encoder"),
     "roberta": ArchSpec("encoder"),

@@ -22,7 +22,7 @@ INT4_MIN_COSINE = 0.8
 TOKENS = list(range(3, 60))
 # Each int4 quantizer on at least one family (tied and untied embeddings), the rest on rtn.
 ALGORITHM = {"qwen2": "affine", "gemma": "hqq", "phi3": "hqq", "gemma2": "affine", "gemma3_text": "affine",
-             "granite": "affine", "smollm3": "affine"}
+             "granite": "affine", "smollm3": "affine", "phi": "affine", "nemotron": "hqq", "olmo": "affine"}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -86,6 +86,16 @@ def test_gemma3_with_scaled_rope_is_refused(tmp_path, store: str) -> None:  # no
     folder = tiny_models.build("gemma3_text", tmp_path / "gemma3-linear", rope_parameters=rope)
     hf = download_model.fn(resolve(str(folder)), DownloadConfig(), store)
     with pytest.raises(ModelSourceError, match=r"Gemma 3 with scaled RoPE \(linear x8.0"):
+        capture_onnx.fn(hf, CaptureConfig.cpu())
+
+
+def test_olmo_with_clip_qkv_is_refused(tmp_path, store: str) -> None:  # noqa: ANN001
+    """The builder does not export OLMo's clamping of queries, keys and values: refused by name."""
+    from grove.errors import ModelSourceError
+
+    folder = tiny_models.build("olmo", tmp_path / "olmo-clip", clip_qkv=8.0)
+    hf = download_model.fn(resolve(str(folder)), DownloadConfig(), store)
+    with pytest.raises(ModelSourceError, match=r"OLMo with clip_qkv \(8.0\) clamps its queries"):
         capture_onnx.fn(hf, CaptureConfig.cpu())
 
 

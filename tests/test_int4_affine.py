@@ -69,11 +69,12 @@ def test_error_stays_within_the_grid_step(mode: str, bits: int, bound: float) ->
     assert (qw.zero_points is not None) == (mode == "asym" and bits == 4)
 
 
-def _model(path: Path, weights: dict[str, np.ndarray]) -> None:
+def _model(path: Path, weights: dict[str, np.ndarray], head_bias: np.ndarray | None = None) -> None:
     """ids -> Gather(embedding [V, K]) -> MatMul(w1) (+ the same w1 on a graph input x) -> MatMul(w2)
     times MatMul(w3) (siblings like gate/up, of different N) -> MatMul(head [K, V]) -> logits: an
     untied embedding, inner MatMuls reading tensors of unknown and known rank (the two block-sum
-    forms), a fused pair, and an lm_head (a MatMul writing a graph output)."""
+    forms), a fused pair, and an lm_head (a MatMul writing a graph output; with ``head_bias``, through
+    a bias Add, as phi's)."""
     nodes = [
         helper.make_node("Gather", ["embed", "ids"], ["h"]),
         helper.make_node("MatMul", ["h", "w1"], ["a"]),
@@ -83,8 +84,11 @@ def _model(path: Path, weights: dict[str, np.ndarray]) -> None:
         helper.make_node("MatMul", ["c", "w3"], ["d3"]),  # a sibling of w2 (gate/up): fused with it
         helper.make_node("Slice", ["d3", "zero", "k", "minus_one"], ["d3k"]),  # N differs from w2's
         helper.make_node("Mul", ["d2", "d3k"], ["d"]),
-        helper.make_node("MatMul", ["d", "head"], ["logits"]),
+        helper.make_node("MatMul", ["d", "head"], ["logits" if head_bias is None else "raw_logits"]),
     ]
+    if head_bias is not None:
+        nodes.append(helper.make_node("Add", ["raw_logits", "head_bias"], ["logits"]))
+        weights = {**weights, "head_bias": head_bias}
     graph = helper.make_graph(
         nodes, "tiny", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5]),
                         helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, K])],
@@ -132,7 +136,11 @@ def test_rewritten_graph_computes_with_the_dequantized_weights(tmp_path: Path, m
     assert np.abs(got - fp32).max() > 1e-3 * np.abs(fp32).max(), "the weights really are quantized"
 
 
-def test_head_shortlist_rescores_the_best_tokens_of_a_4bit_pass_with_the_8bit_head(tmp_path: Path) -> None:
+@pytest.mark.parametrize("biased", [False, True])
+def test_head_shortlist_rescores_the_best_tokens_of_a_4bit_pass_with_the_8bit_head(tmp_path: Path,
+                                                                                   biased: bool) -> None:
+    """The shortlist's logits are the 8-bit head's, the others the 4-bit pass's; a head with a bias
+    (phi's) picks its shortlist with the bias added (a bias as large as the scores reorders them)."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(4)
@@ -140,7 +148,8 @@ def test_head_shortlist_rescores_the_best_tokens_of_a_4bit_pass_with_the_8bit_he
                "w2": rng.normal(0, 0.1, (N + 16, K)), "w3": rng.normal(0, 0.1, (N + 16, K)),
                "head": rng.normal(0, 0.1, (K, V))}
     weights = {k: v.astype(np.float32) for k, v in weights.items()}
-    _model(tmp_path / "fp32", weights)
+    bias = rng.normal(0, 0.05, V).astype(np.float32) if biased else np.zeros(V, np.float32)
+    _model(tmp_path / "fp32", weights, bias if biased else None)
     shortlist = 8
     int4.quantize(tmp_path / "fp32", tmp_path / "full", block_size=BLOCK, accuracy_level=0)
     int4.quantize(tmp_path / "fp32", tmp_path / "short", block_size=BLOCK, accuracy_level=0, head_shortlist=shortlist)
@@ -153,8 +162,8 @@ def test_head_shortlist_rescores_the_best_tokens_of_a_4bit_pass_with_the_8bit_he
 
     c = (deq(weights["embed"].T.copy(), bits=8).T[feeds["ids"]] + feeds["x"]) @ deq(weights["w1"])
     h = ((c @ deq(weights["w2"])) * (c @ deq(weights["w3"])))[0]  # what the head reads
-    assert np.abs(h @ deq(weights["head"], bits=8) - full).max() < 1e-4 * np.abs(full).max()
-    approx = h @ deq(weights["head"], "sym")  # the 4-bit pass
+    assert np.abs(h @ deq(weights["head"], bits=8) + bias - full).max() < 1e-4 * np.abs(full).max()
+    approx = h @ deq(weights["head"], "sym") + bias  # the 4-bit pass
     for row in range(len(full)):
         top = np.argsort(-approx[row])[:shortlist]
         rest = np.setdiff1d(np.arange(V), top)

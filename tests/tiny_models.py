@@ -34,6 +34,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
                         layer_types=["sliding_attention", "full_attention"]),
     "smollm3": dict(tie_word_embeddings=True),
     "granite": dict(tie_word_embeddings=True),
+    # LayerNorm decoders (phi, nemotron: epsilon 1e-5; OLMo: no weights). Partial RoPE (phi, nemotron:
+    # half the head) needs a rotary width that is a multiple of 16, so a wider model.
+    "phi": dict(hidden_size=128, intermediate_size=256, tie_word_embeddings=False),
+    "nemotron": dict(hidden_size=128, intermediate_size=256, tie_word_embeddings=False),
+    "olmo": dict(tie_word_embeddings=True),
 }
 
 
@@ -66,9 +71,11 @@ def build(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
     config = AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family], **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random init is near-uniform; widen it so logits have a clear top-1
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+            elif name.endswith(".bias"):  # initialised to 0, where an export that drops a bias goes unseen
+                p.normal_(0.0, 0.05)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer(folder)
     return folder
@@ -103,9 +110,11 @@ def build_encoder(family: str, folder: Path, head: str | None = "sequence") -> P
             None: AutoModel}[head]
     model = auto.from_config(config).eval()
     with torch.no_grad():  # random init is near-uniform; widen it so logits have a clear top-1
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+            elif name.endswith(".bias"):  # initialised to 0, where an export that drops a bias goes unseen
+                p.normal_(0.0, 0.05)
     model.save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy2(minilm_dir() / name, folder / name)
