@@ -34,6 +34,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "phi": ArchSpec("decoder"),  # LayerNorm decoders: the builder's epsilon (and OLMo's norm) set right in capture
     "nemotron": ArchSpec("decoder"),
     "olmo": ArchSpec("decoder"),
+    "ernie4_5": ArchSpec("decoder"),
+    "hunyuan_v1_dense": ArchSpec("decoder"),
+    "lfm2": ArchSpec("decoder"),  # hybrid: short convolution layers and attention layers
     "bert": ArchSpec("encoder"),
     "electra": ArchSpec("encoder"),
     "roberta": ArchSpec("encoder"),

@@ -22,7 +22,8 @@ INT4_MIN_COSINE = 0.8
 TOKENS = list(range(3, 60))
 # Each int4 quantizer on at least one family (tied and untied embeddings), the rest on rtn.
 ALGORITHM = {"qwen2": "affine", "gemma": "hqq", "phi3": "hqq", "gemma2": "affine", "gemma3_text": "affine",
-             "granite": "affine", "smollm3": "affine", "phi": "affine", "nemotron": "hqq", "olmo": "affine"}
+             "granite": "affine", "smollm3": "affine", "phi": "affine", "nemotron": "hqq", "olmo": "affine",
+             "ernie4_5": "affine", "hunyuan_v1_dense": "hqq", "lfm2": "affine"}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

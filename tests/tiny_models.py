@@ -15,7 +15,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-VOCAB = 512
+VOCAB = 512  # unlike any projection's width: the builder takes a Linear of shape [vocab, hidden] for the lm_head
 _COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -39,6 +39,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "phi": dict(hidden_size=128, intermediate_size=256, tie_word_embeddings=False),
     "nemotron": dict(hidden_size=128, intermediate_size=256, tie_word_embeddings=False),
     "olmo": dict(tie_word_embeddings=True),
+    "ernie4_5": dict(head_dim=16, tie_word_embeddings=True),  # interleaved RoPE
+    "hunyuan_v1_dense": dict(head_dim=16, tie_word_embeddings=True),  # query/key norms
+    "lfm2": dict(layer_types=["conv", "full_attention"], tie_word_embeddings=True),
 }
 
 
