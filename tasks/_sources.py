@@ -164,7 +164,7 @@ def _resolve_s3(uri: str) -> Source:
     return Source(kind="s3", location=uri, digest=h.hexdigest(), files=sorted(entries), **facts)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model", "spm.model")
 
 
 def _check_complete(where: str, files: list[str], fix: str) -> None:

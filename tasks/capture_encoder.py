@@ -34,7 +34,11 @@ _INPUTS: dict[str, list[str]] = {
     "camembert": ["input_ids", "attention_mask"],
     "mpnet": ["input_ids", "attention_mask"],
     "distilbert": ["input_ids", "attention_mask"],
+    "deberta-v2": ["input_ids", "attention_mask"],  # v3 has no token types (type_vocab_size 0)
 }
+# Models that build their attention mask from the 0 / 1 padding mask themselves (DeBERTa also zeroes
+# padded embeddings with it): given the additive mask, their padded rows turn NaN.
+_OWN_MASK = {"deberta-v2"}
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")
 
 
@@ -180,6 +184,7 @@ def _wrapper(src: Path, task_name: str, n_inputs: int, pooling: str | None, norm
     # Eager attention with a prepared additive 4D mask gives the graph onnxruntime's BERT fuser
     # recognises (transformers 5's own mask builder exports as gathers the fuser does not match).
     model = auto.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
+    raw_mask = model.config.model_type in _OWN_MASK
 
     class Encoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -187,8 +192,8 @@ def _wrapper(src: Path, task_name: str, n_inputs: int, pooling: str | None, norm
             self.model = model
 
         def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
-            extended = (1.0 - attention_mask.unsqueeze(1).unsqueeze(2).to(torch.float32)) * torch.finfo(
-                torch.float32).min
+            extended = attention_mask if raw_mask else (1.0 - attention_mask.unsqueeze(1).unsqueeze(2).to(
+                torch.float32)) * torch.finfo(torch.float32).min
             kwargs = {"token_type_ids": token_type_ids} if n_inputs == 3 else {}
             result = self.model(input_ids=input_ids, attention_mask=extended, **kwargs)
             if task_name != "feature-extraction":

@@ -29,7 +29,7 @@ __all__ = ["GraphConfig", "optimize_graph"]
 
 # onnxruntime's optimizer model_type by Hugging Face model_type: all share BERT's graph.
 _ORT_MODEL_TYPE = {"bert": "bert", "electra": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
-                   "mpnet": "bert", "distilbert": "bert"}
+                   "mpnet": "bert", "distilbert": "bert", "deberta-v2": "bert"}
 
 
 class GraphConfig(StepConfig):

@@ -44,6 +44,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "camembert": ArchSpec("encoder"),
     "mpnet": ArchSpec("encoder"),
     "distilbert": ArchSpec("encoder"),
+    "deberta-v2": ArchSpec("encoder"),  # DeBERTa v2 and v3
 }
 
 

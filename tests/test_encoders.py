@@ -99,7 +99,8 @@ def _tiny_classifier(family: str, folder: Path, *, per_token: bool = False) -> P
     return tiny_models.build_encoder(family, folder, head="token" if per_token else "sequence")
 
 
-@pytest.mark.parametrize("family", ["bert", "electra", "roberta", "xlm-roberta", "camembert", "mpnet", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "electra", "roberta", "xlm-roberta", "camembert", "mpnet", "distilbert",
+                                    "deberta-v2"])
 def test_tiny_classifier_int8_and_fp16_agree_with_pytorch(family: str, tmp_path: Path, enc_store: str) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -116,8 +117,10 @@ def test_tiny_classifier_int8_and_fp16_agree_with_pytorch(family: str, tmp_path:
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         want = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     logits = {a.node: eio.run(eio.session(_dir(a) / "model.onnx"), feeds, "logits") for a in (fp32, int8, fp16)}
-    # MPNet's relative position bias is added inside the attention, which onnxruntime's fuser does not match.
-    assert fp32.metrics["fusions"].get("Attention", 0) == (0 if family == "mpnet" else 2)  # type: ignore[union-attr]
+    # MPNet's relative position bias and DeBERTa's disentangled terms are added inside the attention,
+    # which onnxruntime's fuser does not match.
+    unfused = family in ("mpnet", "deberta-v2")
+    assert fp32.metrics["fusions"].get("Attention", 0) == (0 if unfused else 2)  # type: ignore[union-attr]
     assert np.abs(logits["optimize-graph"] - want).max() < 1e-4
     assert np.abs(logits["quantize-int8"] - want).max() < TINY_INT8_MAX_ABS
     assert (logits["quantize-int8"].argmax(-1) == want.argmax(-1)).mean() >= TINY_INT8_MIN_TOP1
@@ -192,17 +195,19 @@ def test_auto_opt_encoder_flow_minilm_int8(minilm: dict[str, Artifact], tmp_path
     assert "sentence_embedding" in [o.name for o in sess.get_outputs()]
 
 
-def test_token_classifier_and_unsupported_architecture(tmp_path: Path, enc_store: str, tiny_dir) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+def test_token_classifier_and_unsupported_architecture(family: str, tmp_path: Path, enc_store: str,
+                                                       tiny_dir) -> None:  # noqa: ANN001
     import torch
     from transformers import AutoModelForTokenClassification
 
     from grove.errors import UnsupportedArchitecture
 
-    folder = _tiny_classifier("bert", tmp_path / "bert-ner", per_token=True)
+    folder = _tiny_classifier(family, tmp_path / f"{family}-ner", per_token=True)
     hf = download_model.fn(resolve(str(folder)), DownloadConfig(), enc_store)
     fp32 = optimize_graph.fn(capture_encoder.fn(hf, CaptureEncoderConfig(task="token-classification")), GraphConfig())
     parity = check_parity.fn(quantize_int8.fn(fp32, Int8Config.cpu()), fp32, ParityConfig(precision="int8"))
-    feeds = eio.encode(folder, list(eio.PARITY_TEXTS), ["input_ids", "attention_mask", "token_type_ids"])
+    feeds = eio.encode(folder, list(eio.PARITY_TEXTS), eio.encoder_info(_dir(fp32)).inputs)
     with torch.no_grad():
         want = AutoModelForTokenClassification.from_pretrained(folder).eval()(
             **{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
@@ -212,7 +217,8 @@ def test_token_classifier_and_unsupported_architecture(tmp_path: Path, enc_store
     assert np.abs(got - want)[real].max() < 1e-4
     assert parity.metrics["top1_agreement"] >= TINY_INT8_MIN_TOP1  # type: ignore[operator]
     decoder = download_model.fn(resolve(str(tiny_dir("llama"))), DownloadConfig(), enc_store)
-    with pytest.raises(UnsupportedArchitecture, match="bert, camembert, distilbert, electra, mpnet, roberta, xlm-roberta"):
+    with pytest.raises(UnsupportedArchitecture, match="bert, camembert, deberta-v2, distilbert, electra, mpnet, "
+                       "roberta, xlm-roberta"):
         capture_encoder.fn(decoder, CaptureEncoderConfig())
 
 

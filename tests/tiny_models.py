@@ -107,7 +107,12 @@ def build_encoder(family: str, folder: Path, head: str | None = "sequence") -> P
     sizes = (dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4) if family == "distilbert" else
              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
     extra = dict(pad_token_id=1, type_vocab_size=1) if family in ROBERTA_LIKE else {}
-    config = AutoConfig.for_model(family, vocab_size=30522, max_position_embeddings=160, num_labels=3,
+    if family == "deberta-v2":  # DeBERTa v3's layout: relative positions only, both disentangled terms, no token types
+        extra = dict(type_vocab_size=0, relative_attention=True, position_biased_input=False, position_buckets=64,
+                     max_relative_positions=-1, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                     share_att_key=True)
+    vocab = SPM_VOCAB if family == "deberta-v2" else 30522
+    config = AutoConfig.for_model(family, vocab_size=vocab, max_position_embeddings=160, num_labels=3,
                                   **sizes, **extra)
     auto = {"sequence": AutoModelForSequenceClassification, "token": AutoModelForTokenClassification,
             None: AutoModel}[head]
@@ -119,9 +124,36 @@ def build_encoder(family: str, folder: Path, head: str | None = "sequence") -> P
             elif name.endswith(".bias"):  # initialised to 0, where an export that drops a bias goes unseen
                 p.normal_(0.0, 0.05)
     model.save_pretrained(folder, safe_serialization=True)
+    if family == "deberta-v2":  # as DeBERTa v3 repos ship it: a SentencePiece model only
+        sentencepiece_tokenizer(folder)
+        return folder
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy2(minilm_dir() / name, folder / name)
     return folder
+
+
+SPM_VOCAB = 1000
+
+
+def sentencepiece_tokenizer(folder: Path) -> None:
+    """A DeBERTa v3 style tokenizer: ``spm.model`` (a unigram SentencePiece model trained on the GPL-3
+    text, DeBERTa's special pieces) and a tokenizer_config.json naming DebertaV2Tokenizer; no
+    tokenizer.json, so loading it takes the sentencepiece package, as the real repos do."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    from tasks._decoder_io import BUILTIN_TEXT, read_text
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(read_text(BUILTIN_TEXT).splitlines()), model_writer=model,
+                                   vocab_size=SPM_VOCAB, model_type="unigram", pad_id=0, bos_id=1, eos_id=2,
+                                   unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]",
+                                   unk_piece="[UNK]", user_defined_symbols=["[MASK]"], minloglevel=2)
+    (folder / "spm.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "DebertaV2Tokenizer",
+                                                              "do_lower_case": False, "model_max_length": 512}))
 
 
 def build_sentence_transformer(folder: Path, modules: list[str], pooling: tuple[str, ...] = ("mean",)) -> Path:
