@@ -35,10 +35,12 @@ _INPUTS: dict[str, list[str]] = {
     "mpnet": ["input_ids", "attention_mask"],
     "distilbert": ["input_ids", "attention_mask"],
     "deberta-v2": ["input_ids", "attention_mask"],  # v3 has no token types (type_vocab_size 0)
+    "modernbert": ["input_ids", "attention_mask"],
 }
-# Models that build their attention mask from the 0 / 1 padding mask themselves (DeBERTa also zeroes
-# padded embeddings with it): given the additive mask, their padded rows turn NaN.
-_OWN_MASK = {"deberta-v2"}
+# Models that build their attention mask from the 0 / 1 padding mask themselves: given the additive
+# mask, DeBERTa's padded rows turn NaN (it also zeroes padded embeddings with the mask) and ModernBERT
+# skips its sliding window (rows past 64 tokens drift).
+_OWN_MASK = {"deberta-v2", "modernbert"}
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")
 
 

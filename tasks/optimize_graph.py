@@ -29,7 +29,8 @@ __all__ = ["GraphConfig", "optimize_graph"]
 
 # onnxruntime's optimizer model_type by Hugging Face model_type: all share BERT's graph.
 _ORT_MODEL_TYPE = {"bert": "bert", "electra": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
-                   "mpnet": "bert", "distilbert": "bert", "deberta-v2": "bert"}
+                   "mpnet": "bert", "distilbert": "bert", "deberta-v2": "bert",
+                   "modernbert": "bert"}
 
 
 class GraphConfig(StepConfig):
@@ -158,6 +159,11 @@ def _prepare_for_fusion(model: onnx.ModelProto) -> None:
                                           list(node.output), name=f"{base}_unsqueeze"))
         else:
             nodes.append(node)
+        if node.op_type == "LayerNormalization" and len(node.input) == 2 and node.input[1] in consts:
+            # No bias (ModernBERT's norms): a zero one, the three inputs the SkipLayerNorm fuser reads
+            gamma = numpy_helper.to_array(consts[node.input[1]])
+            node.input.append(f"{base}_zero_bias")
+            graph.initializer.append(numpy_helper.from_array(np.zeros_like(gamma), f"{base}_zero_bias"))
     for softmax in (n for n in nodes if n.op_type == "Softmax"):
         add = producer.get(softmax.input[0])
         for name in add.input if add is not None and add.op_type == "Add" else []:

@@ -45,6 +45,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mpnet": ArchSpec("encoder"),
     "distilbert": ArchSpec("encoder"),
     "deberta-v2": ArchSpec("encoder"),  # DeBERTa v2 and v3
+    "modernbert": ArchSpec("encoder"),
 }
 
 

@@ -100,7 +100,7 @@ def _tiny_classifier(family: str, folder: Path, *, per_token: bool = False) -> P
 
 
 @pytest.mark.parametrize("family", ["bert", "electra", "roberta", "xlm-roberta", "camembert", "mpnet", "distilbert",
-                                    "deberta-v2"])
+                                    "deberta-v2", "modernbert"])
 def test_tiny_classifier_int8_and_fp16_agree_with_pytorch(family: str, tmp_path: Path, enc_store: str) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -111,17 +111,21 @@ def test_tiny_classifier_int8_and_fp16_agree_with_pytorch(family: str, tmp_path:
     int8 = quantize_int8.fn(fp32, Int8Config.cpu())
     fp16 = convert_fp16.fn(fp32, Fp16Config())
 
-    texts = list(eio.PARITY_TEXTS)
+    # One row past 64 tokens: past ModernBERT's local attention window (128 wide, 64 either side).
+    texts = [*eio.PARITY_TEXTS, " ".join(eio.PARITY_TEXTS[:6])]
     feeds = eio.encode(folder, texts, eio.encoder_info(_dir(fp32)).inputs)
+    assert feeds["attention_mask"].sum(-1).max() > 64
     with torch.no_grad():
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         want = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     logits = {a.node: eio.run(eio.session(_dir(a) / "model.onnx"), feeds, "logits") for a in (fp32, int8, fp16)}
-    # MPNet's relative position bias and DeBERTa's disentangled terms are added inside the attention,
-    # which onnxruntime's fuser does not match.
-    unfused = family in ("mpnet", "deberta-v2")
+    # MPNet's relative position bias, DeBERTa's disentangled terms and ModernBERT's rotary embedding
+    # sit inside the attention, which onnxruntime's fuser does not match.
+    unfused = family in ("mpnet", "deberta-v2", "modernbert")
     assert fp32.metrics["fusions"].get("Attention", 0) == (0 if unfused else 2)  # type: ignore[union-attr]
     assert np.abs(logits["optimize-graph"] - want).max() < 1e-4
+    # ModernBERT's norms have no bias; the fusions still apply (a zero bias is added for the fuser).
+    assert fp32.metrics["fusions"].get("SkipLayerNormalization", 0) > 0  # type: ignore[union-attr]
     assert np.abs(logits["quantize-int8"] - want).max() < TINY_INT8_MAX_ABS
     assert (logits["quantize-int8"].argmax(-1) == want.argmax(-1)).mean() >= TINY_INT8_MIN_TOP1
     assert np.abs(logits["convert-fp16"] - want).max() < TINY_FP16_MAX_ABS
@@ -217,8 +221,8 @@ def test_token_classifier_and_unsupported_architecture(family: str, tmp_path: Pa
     assert np.abs(got - want)[real].max() < 1e-4
     assert parity.metrics["top1_agreement"] >= TINY_INT8_MIN_TOP1  # type: ignore[operator]
     decoder = download_model.fn(resolve(str(tiny_dir("llama"))), DownloadConfig(), enc_store)
-    with pytest.raises(UnsupportedArchitecture, match="bert, camembert, deberta-v2, distilbert, electra, mpnet, "
-                       "roberta, xlm-roberta"):
+    with pytest.raises(UnsupportedArchitecture, match="bert, camembert, deberta-v2, distilbert, electra, modernbert, "
+                       "mpnet, roberta, xlm-roberta"):
         capture_encoder.fn(decoder, CaptureEncoderConfig())
 
 

@@ -111,6 +111,8 @@ def build_encoder(family: str, folder: Path, head: str | None = "sequence") -> P
         extra = dict(type_vocab_size=0, relative_attention=True, position_biased_input=False, position_buckets=64,
                      max_relative_positions=-1, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
                      share_att_key=True)
+    if family == "modernbert":  # the tokenizer's padding id; alternating global and local (window 128) attention
+        extra = dict(pad_token_id=0, global_attn_every_n_layers=2, local_attention=128)
     vocab = SPM_VOCAB if family == "deberta-v2" else 30522
     config = AutoConfig.for_model(family, vocab_size=vocab, max_position_embeddings=160, num_labels=3,
                                   **sizes, **extra)
