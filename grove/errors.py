@@ -53,12 +53,10 @@ class MissingExtra(GroveError):
 
 
 class UnsupportedArchitecture(GroveError):
-    def __init__(self, model_type: str, supported: list[str], path: str = "") -> None:
+    def __init__(self, model_type: str, supported: list[str], path: str = "",
+                 fix: str = "Pick a model of one of these architectures, or open an issue with the model id.") -> None:
         where = f" for the {path} path" if path else ""
-        super().__init__(
-            f"model_type '{model_type}' is not supported{where}; supported: {', '.join(supported)}. "
-            "Pick a model of one of these architectures, or open an issue with the model id."
-        )
+        super().__init__(f"model_type '{model_type}' is not supported{where}; supported: {', '.join(supported)}. {fix}")
         self.model_type = model_type
         self.supported = supported
 

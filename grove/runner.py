@@ -30,11 +30,11 @@ def request_from_flags(fields: dict[str, Any], source: Source | None = None,
     a fleet's eval_tokens). Raises a GroveError, or pydantic's ValidationError naming the flags."""
     from grove.request_encoder import refuse_encoder_flags
     from tasks import _sources
-    from tasks.registry import arch_spec
+    from tasks.registry import source_spec
 
     if source is None:
         source = _sources.resolve(str(fields["model_name_or_path"]), fields.get("revision"))
-    if arch_spec(source.model_type).path == "decoder":
+    if source_spec(source).path == "decoder":
         refuse_encoder_flags(fields, str(fields["model_name_or_path"]))
         return AutoOptRequest(**fields, **(decoder_fields or {})), source
     return EncoderOptRequest.from_flags(fields).resolved(source), source

@@ -23,8 +23,8 @@ __all__ = ["HUB_PATTERNS", "fast_gguf_reader", "resolve"]
 # What the tutorial's step 1 downloads: configs, weights, tokenizer files, chat templates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma": "gemma",
-              "mistral": "mistral"}
+# Hugging Face model_type by GGUF architecture, where the names differ.
+_GGUF_ARCH = {"gemma3": "gemma3_text"}
 
 
 def resolve(name_or_path: str, revision: str | None = None) -> Source:

@@ -19,14 +19,14 @@ from grove.errors import ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from grove.store import cache_home, download_file, mark_used
 from tasks import _sources
-from tasks.registry import arch_spec
+from tasks.registry import source_spec
 
 __all__ = ["DownloadConfig", "check_safetensors", "download_model", "resolve_source"]
 
 
 class DownloadConfig(StepConfig):
     NODE = "download-model"
-    VERSION = 1
+    VERSION = 2  # 2: GGUF head width and Gemma query scale read as llama.cpp reads them
     trust_remote_code: bool = Field(False, description="Olive's flag, recorded; no model code is fetched or run "
                                     "(every supported architecture is native to transformers)")
 
@@ -36,7 +36,8 @@ def resolve_source(name_or_path: str, revision: str | None = None) -> Source:
     """Pin the source to exact bytes (hub commit or file hashes). Never cached: this is what
     detects upstream change."""
     source = _sources.resolve(name_or_path, revision)
-    arch_spec(source.model_type)  # unsupported architectures stop here, before any download
+    # Unsupported architectures (and GGUFs transformers cannot read) stop here, before any download.
+    source_spec(source)
     return source
 
 
@@ -124,6 +125,7 @@ def _load_gguf_once(path: Path) -> tuple[Any, Any]:
         meta = load_gguf_checkpoint(str(path), return_tensors=False)
         config_dict = dict(meta["config"])
         model_type = config_dict.pop("model_type")
+        config_dict |= _config_fixes(path, config_dict)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**config_dict), dtype=torch.float32)
         tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model,
@@ -139,6 +141,32 @@ def _load_gguf_once(path: Path) -> tuple[Any, Any]:
                 if vocab.get(f"{n}_token_id") is not None}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=fast, **meta["tokenizer_config"], **extra, **specials)
     return model, tokenizer
+
+
+def _config_fixes(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Config fields transformers 5.24 leaves at the config class's defaults, read from the GGUF as
+    llama.cpp reads them: the attention head width (Qwen3's mapping skips ``attention.key_length``:
+    a Qwen3 whose heads are not 128 wide failed to load) and Gemma 2 / 3's query scale (transformers
+    keeps 256; llama.cpp scales by the head width, by hidden / heads for the 27B models, which it
+    knows by their layer count)."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields  # memoized during a conversion
+
+    def value(key: str) -> Any:
+        field = fields.get(key)
+        return None if field is None else field.parts[field.data[0]].tolist()[0]
+
+    arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
+    fixes: dict[str, Any] = {}
+    head_dim = value(f"{arch}.attention.key_length")
+    if head_dim and config.get("head_dim") != head_dim:
+        fixes["head_dim"] = head_dim
+    if arch in ("gemma2", "gemma3"):
+        big = (arch, config.get("num_hidden_layers")) in (("gemma2", 46), ("gemma3", 62))
+        fixes["query_pre_attn_scalar"] = (config["hidden_size"] // config["num_attention_heads"] if big
+                                          else head_dim or config.get("head_dim"))
+    return fixes
 
 
 @contextlib.contextmanager
@@ -182,7 +210,9 @@ def _load_gguf_public(path: Path) -> tuple[Any, Any]:
 
     folder, name = str(path.parent), path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    for field, value in _config_fixes(path, config.to_dict()).items():
+        setattr(config, field, value)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=False, assign=True)

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from grove.errors import UnsupportedArchitecture
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "arch_spec"]
+if TYPE_CHECKING:
+    from grove.artifacts import Source
+
+__all__ = ["ARCHITECTURES", "ArchSpec", "arch_spec", "source_spec"]
 
 
 @dataclass(frozen=True)
@@ -27,8 +32,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": ArchSpec("decoder", gguf=True),
     "phi3": ArchSpec("decoder", gguf=True),
     "gemma": ArchSpec("decoder"),
-    "gemma2": ArchSpec("decoder"),
-    "gemma3_text": ArchSpec("decoder"),
+    "gemma2": ArchSpec("decoder", gguf=True),
+    "gemma3_text": ArchSpec("decoder", gguf=True),
     "smollm3": ArchSpec("decoder"),
     "granite": ArchSpec("decoder"),
     "phi": ArchSpec("decoder"),  # LayerNorm decoders: the builder's epsilon (and OLMo's norm) set right in capture
@@ -54,4 +59,16 @@ def arch_spec(model_type: str) -> ArchSpec:
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         raise UnsupportedArchitecture(model_type, sorted(ARCHITECTURES))
+    return spec
+
+
+def source_spec(source: Source) -> ArchSpec:
+    """The spec for a resolved source's architecture; a GGUF file's must also be one transformers
+    dequantizes. Raises UnsupportedArchitecture listing what is supported."""
+    model_type = source.model_type
+    spec = arch_spec(model_type)
+    if source.kind == "gguf" and not spec.gguf:
+        raise UnsupportedArchitecture(model_type, sorted(m for m, s in ARCHITECTURES.items() if s.gguf), path="GGUF",
+                                      fix=f"transformers cannot read a {model_type} GGUF; pass the model's Hugging "
+                                          "Face folder or hub id (safetensors weights) instead.")
     return spec

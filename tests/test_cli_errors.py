@@ -49,6 +49,10 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str] | Callabl
                                                "output path /proc/grove-out cannot be written: /proc does not take"),
         "flag of another int4 algorithm": (["-m", str(tiny_dir("llama")), "--symmetric"],
                                            "--symmetric applies to --int4_algorithm rtn; affine chooses"),
+        "gguf transformers cannot read": (  # a Gemma (1) GGUF, built only for its case
+            lambda: ["-m", str(tiny_models.write_gguf(tiny_dir("gemma"), tmp_path / "gemma.gguf"))],
+            "model_type 'gemma' is not supported for the GGUF path; supported: gemma2, gemma3_text, llama, mistral, "
+            "phi3, qwen2, qwen3. transformers cannot read a gemma GGUF; pass the model's Hugging Face folder"),
         "sentence-transformers module not computed": (  # built only for its case (a torch model)
             lambda: ["-m", str(tiny_models.build_sentence_transformer(tmp_path / "st-dense", ["Pooling", "Dense"]))],
             "sentence-transformers module(s) ['sentence_transformers.models.Dense'] are not supported"),
@@ -59,7 +63,7 @@ CASES = ["missing path", "unknown hub id offline", "corrupt safetensors", "trunc
          "unsupported architecture", "contradictory flags", "fp16 on cpu", "gpu target without CUDA",
          "eval text is a pipe", "empty eval text", "revision of a folder", "too few eval tokens",
          "hub eval text offline", "output where no folder can be made", "flag of another int4 algorithm",
-         "sentence-transformers module not computed"]
+         "sentence-transformers module not computed", "gguf transformers cannot read"]
 
 
 def _has_cuda() -> bool:

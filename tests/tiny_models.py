@@ -4,6 +4,7 @@ encoders (BERT, ELECTRA, the RoBERTa family, DistilBERT) with the real all-MiniL
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -192,4 +193,78 @@ def hub_ner_table(path: Path, sentences: list[list[str]], tags: list[list[int]],
                 "ner_tags": {"feature": {"names": names, "_type": "ClassLabel"}, "_type": "Sequence"}}
     table = pa.table({"id": [str(i) for i in range(len(sentences))], "tokens": sentences, "ner_tags": tags})
     pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})}), path)
+    return path
+
+
+# GGUF architecture (as llama.cpp's convert_hf_to_gguf.py names it) by Hugging Face model_type.
+GGUF_ARCH = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "phi3": "PHI3",
+             "gemma": "GEMMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3"}
+
+
+def write_gguf(folder: Path, path: Path) -> Path:
+    """Write the tiny model in ``folder`` as llama.cpp's converter writes a GGUF (fp32 tensors):
+    its tensor names, query / key rows permuted for llama-style RoPE, Gemma's norms stored as 1 + w,
+    the config as ``<arch>.*`` fields and the byte-level BPE tokenizer as ``tokenizer.ggml.*``."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    arch = gguf.MODEL_ARCH[GGUF_ARCH[config.model_type]]
+    name = gguf.MODEL_ARCH_NAMES[arch]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), name)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    theta = (config.rope_parameters.get("full_attention", config.rope_parameters) if config.model_type == "gemma3_text"
+             else config.rope_parameters)["rope_theta"]
+    writer.add_rope_freq_base(theta)
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+    writer.add_vocab_size(config.vocab_size)
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL
+                            for token, _ in vocab])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]])
+    for kind in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    for hf_name, tensor in load_file(str(folder / "model.safetensors")).items():
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"no GGUF name for {hf_name}")
+        proj = hf_name.split(".")[-2]
+        if arch == gguf.MODEL_ARCH.LLAMA and proj in heads:  # llama.cpp's RoPE pairs rows differently
+            n = heads[proj]
+            tensor = tensor.reshape(n, 2, tensor.shape[0] // n // 2, *tensor.shape[1:]).swapaxes(1, 2)
+            tensor = tensor.reshape(-1, *tensor.shape[3:])
+        if config.model_type.startswith("gemma") and hf_name.endswith("norm.weight"):
+            tensor = tensor + 1
+        writer.add_tensor(gguf_name, np.ascontiguousarray(tensor, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path
