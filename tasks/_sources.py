@@ -18,7 +18,7 @@ from grove.artifacts import Source
 from grove.errors import ModelSourceError
 from grove.store import sha256_file
 
-__all__ = ["HUB_PATTERNS", "fast_gguf_reader", "resolve"]
+__all__ = ["HUB_PATTERNS", "fast_gguf_reader", "gguf_value", "resolve"]
 
 # What the tutorial's step 1 downloads: configs, weights, tokenizer files, chat templates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
@@ -66,11 +66,21 @@ def _resolve_gguf(path: Path) -> Source:
 def _gguf_architecture(path: Path) -> str:
     # GGUFReader checks every tensor's extent against the file, so a truncated file fails here.
     try:
-        field = fast_gguf_reader()(str(path)).fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
+        return gguf_value(fast_gguf_reader()(str(path)).fields, "general.architecture")
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         raise ModelSourceError(f"'{path}' is not a readable GGUF file ({exc.__class__.__name__}: {exc}); "
                                "it is truncated or corrupt: download it again") from exc
+
+
+def gguf_value(fields: dict[str, Any], key: str) -> Any:
+    """A scalar or string field of a GGUF header (a reader's ``fields``); None when absent."""
+    import gguf
+
+    field = fields.get(key)
+    if field is None:
+        return None
+    part = field.parts[field.data[0]]
+    return bytes(part).decode() if field.types[0] == gguf.GGUFValueType.STRING else part.tolist()[0]
 
 
 def _resolve_folder(path: Path) -> Source:

@@ -152,14 +152,9 @@ def _config_fixes(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     import gguf
 
     fields = gguf.GGUFReader(str(path)).fields  # memoized during a conversion
-
-    def value(key: str) -> Any:
-        field = fields.get(key)
-        return None if field is None else field.parts[field.data[0]].tolist()[0]
-
-    arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
+    arch = _sources.gguf_value(fields, "general.architecture")
     fixes: dict[str, Any] = {}
-    head_dim = value(f"{arch}.attention.key_length")
+    head_dim = _sources.gguf_value(fields, f"{arch}.attention.key_length")
     if head_dim and config.get("head_dim") != head_dim:
         fixes["head_dim"] = head_dim
     if arch in ("gemma2", "gemma3"):

@@ -8,7 +8,6 @@ model in ``tests/tiny_models.py`` that proves it (an encoder also names its grap
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from grove.errors import UnsupportedArchitecture
