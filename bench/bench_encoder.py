@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -165,6 +166,7 @@ def alternate(rows: list[dict[str, object]], store: str, repeat: int, threads: i
     import sys
 
     from grove.node import store_for
+    from grove.timing import with_huge_pages
     from tasks._sources import resolve
     from tasks.capture_encoder import CaptureEncoderConfig, capture_encoder
     from tasks.download_model import DownloadConfig, download_model
@@ -184,7 +186,8 @@ def alternate(rows: list[dict[str, object]], store: str, repeat: int, threads: i
         for name in names[turn % len(names):] + names[:turn % len(names)]:
             what = targets[name]
             out = subprocess.run([sys.executable, __file__, "--child", str(what), "--repeat", str(repeat),
-                                  "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
+                                  "--threads", str(threads)], capture_output=True, text=True, check=True,
+                                 env=with_huge_pages(os.environ)).stdout  # as Grove's processes run
             avg[name].append(float(json.loads(out.strip().splitlines()[-1])["avg"]))
     base = statistics.median(avg[pytorch])
     by_name = {r["variant"]: r for r in rows}

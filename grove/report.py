@@ -42,6 +42,8 @@ def format_report(report: dict[str, object], output_path: str) -> str:
     assert isinstance(metrics, dict) and isinstance(reference, dict)
     if metrics.get("threads"):
         head += f"; timings with {metrics['threads']} threads"
+    if isinstance(huge := metrics.get("huge_pages"), bool):  # glibc's tunable: grove/timing.py
+        head += ", on transparent huge pages" if huge else ", without transparent huge pages"
     if isinstance(busy := metrics.get("cpu_busy_elsewhere"), (int, float)):
         ref_busy = reference.get("cpu_busy_elsewhere")
         head += (f" (other processes used {busy:.0%} of the CPUs meanwhile"

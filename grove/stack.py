@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 from grove.server import ensure_api, free_port, grove_home, stop_server
+from grove.timing import with_huge_pages
 
 __all__ = ["spawn_worker", "stack_down", "stack_status", "stack_up"]
 
@@ -93,7 +94,7 @@ def spawn_worker(pool: str, device: str, env: dict[str, str], name: str | None =
     proc = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
          "--name", name, *(["--limit", str(limit)] if limit else [])],
-        env={**os.environ, **env, "GROVE_DEVICE": device}, stdout=log, stderr=subprocess.STDOUT,
+        env=with_huge_pages({**os.environ, **env, "GROVE_DEVICE": device}), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     return proc.pid
 

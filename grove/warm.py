@@ -141,11 +141,14 @@ def _start(path: Path) -> socket.socket | None:
     print("grove: starting the warm runner (once; later runs fork it instead of importing again)",
           file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from grove.timing import with_huge_pages
+
     log = open(path.with_suffix(".log"), "ab")  # noqa: SIM115 - handed to the child
-    with log:
+    with log:  # its runs (forks) keep its malloc, which backs the models' weights with huge pages
         proc = subprocess.Popen([sys.executable, "-m", "grove.warm", str(path)], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True, close_fds=True,
-                                cwd=Path(__file__).resolve().parents[1])  # imports resolve from Grove's tree
+                                cwd=Path(__file__).resolve().parents[1],  # imports resolve from Grove's tree
+                                env=with_huge_pages(os.environ))
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline:
         conn = _connect(path)

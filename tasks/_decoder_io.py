@@ -387,6 +387,7 @@ def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: s
         "decode_tok_s": round(decoded / decode_s, 2) if decode_s > 0 else None,
         "generated_tokens": len(out),
         "cpu_busy_elsewhere": load["cpu_busy_elsewhere"],  # other processes' share of the CPUs meanwhile
+        "huge_pages": load["huge_pages"],  # this process had memory on transparent huge pages
         # The token budget can end inside a multi-byte character: no trailing replacement mark.
         "sample": tokenizer.decode(out).rstrip("\ufffd"),
     }

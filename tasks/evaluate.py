@@ -27,7 +27,8 @@ MIN_PPL_TOKENS = 16  # the least --eval_tokens accepts
 
 class EvalConfig(MeasureConfig):
     NODE = "evaluate"
-    VERSION = 2  # 2: measured in onnxruntime-genai with an explicit thread count; parity over the text
+    VERSION = 3  # 2: measured in onnxruntime-genai with an explicit thread count; parity over the text;
+    # 3: says whether the timing process had transparent huge pages
     text: str = Field(dio.BUILTIN_TEXT, description="perplexity text: 'builtin:GPL-3' (shipped with Grove, same "
                       "bytes as Debian's /usr/share/common-licenses/GPL-3) or a path / s3:// URI to a UTF-8 file, "
                       "or to a Parquet / JSONL / CSV table (its text column's rows)")

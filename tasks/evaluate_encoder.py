@@ -29,9 +29,10 @@ __all__ = ["EncoderEvalConfig", "entity_f1", "entity_spans", "evaluate_encoder",
 
 class EncoderEvalConfig(MeasureConfig):
     NODE = "evaluate-encoder"
-    VERSION = 3  # 2: labelled data is validated (unknown labels and malformed rows are errors, not misses);
+    VERSION = 4  # 2: labelled data is validated (unknown labels and malformed rows are errors, not misses);
     # 3: a hub table's class ids are matched to the model's classes by name; token classifiers and
-    # embedding models (sentence pairs with a similarity score) are scored
+    # embedding models (sentence pairs with a similarity score) are scored; 4: says whether the
+    # timing process had transparent huge pages
     batch_size: int = Field(1, ge=1, le=256, description="rows per timed call")
     sequence_length: int = Field(64, ge=4, le=512, description="tokens per row in the timed call (padded)")
     warmup: int = Field(10, ge=0, description="untimed calls first (allocations, thread pools)")
@@ -61,8 +62,8 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
     timed = eio.encode(model_dir, ["Grove measures latency on a fixed padded input. " * 40] * config.batch_size,
                        info.inputs, pad_to=config.sequence_length)
     stats = latency_stats(lambda: eio.run(sess, timed, output), config.warmup, config.repeat)
-    metrics: dict[str, object] = {f"latency_ms_{k}": v for k, v in stats.items() if k != "busy"}
-    metrics["cpu_busy_elsewhere"] = stats["busy"]
+    metrics: dict[str, object] = {f"latency_ms_{k}": v for k, v in stats.items() if k not in ("busy", "huge_pages")}
+    metrics["cpu_busy_elsewhere"], metrics["huge_pages"] = stats["busy"], stats["huge_pages"]
     metrics["throughput_rows_s"] = round(1000.0 * config.batch_size / stats["avg"], 2)
     metrics["size_mb"] = round((model_dir / "model.onnx").stat().st_size / 1e6, 2)
     log.info("latency %.2f ms avg (p90 %.2f) at batch %d x %d tokens, %d threads", stats["avg"], stats["p90"],
@@ -81,9 +82,10 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
     return metrics
 
 
-def latency_stats(call: Callable[[], object], warmup: int, repeat: int) -> dict[str, float | None]:
+def latency_stats(call: Callable[[], object], warmup: int, repeat: int) -> dict[str, float | bool | None]:
     """Milliseconds per call (avg, p50, p90, p95, p99) after ``warmup`` calls, timed in this machine's
-    timing turn; ``busy`` is the share of CPU time other processes used meanwhile (None: unknown)."""
+    timing turn; ``busy`` is the share of CPU time other processes used meanwhile (None: unknown);
+    ``huge_pages``: whether this process had memory on transparent huge pages (grove/timing.py)."""
     import numpy as np
 
     from grove.timing import timed_alone
@@ -98,7 +100,8 @@ def latency_stats(call: Callable[[], object], warmup: int, repeat: int) -> dict[
             times.append((time.perf_counter() - start) * 1000.0)
     ms = np.asarray(times)
     return {"avg": round(float(ms.mean()), 3), **{f"p{q}": round(float(np.percentile(ms, q)), 3)
-                                                  for q in (50, 90, 95, 99)}, "busy": load["cpu_busy_elsewhere"]}
+                                                  for q in (50, 90, 95, 99)},
+            "busy": load["cpu_busy_elsewhere"], "huge_pages": load["huge_pages"]}
 
 
 def _vs_pytorch(hf_dir: Path, model_dir: Path, sess: object, info: eio.EncoderInfo,
@@ -114,7 +117,8 @@ def _vs_pytorch(hf_dir: Path, model_dir: Path, sess: object, info: eio.EncoderIn
         feeds = eio.encode(model_dir, eio.PARITY_TEXTS, info.inputs)
         result = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
     onnx_out = eio.run(sess, feeds, eio.primary_output(info))  # type: ignore[arg-type]
-    metrics: dict[str, object] = {f"pytorch_latency_ms_{k}": v for k, v in stats.items() if k != "busy"}
+    metrics: dict[str, object] = {f"pytorch_latency_ms_{k}": v for k, v in stats.items()
+                                  if k not in ("busy", "huge_pages")}
     metrics["pytorch_cpu_busy_elsewhere"] = stats["busy"]
     if info.task == "feature-extraction":
         hidden = result.last_hidden_state.numpy()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from grove.timing import thp_mode
 from tests.conftest import grove_cli
 
 CACHED_NODES = {"download-model", "capture-onnx", "quantize-int4", "evaluate", "package-genai"}
@@ -61,6 +62,9 @@ def test_triggered_run_executes_on_a_worker_and_lands_in_s3(stack_api: dict, tin
     assert len(node_records) >= len(CACHED_NODES), "every record is JSON (json.loads above), none pickle"
     assert all(r["metadata"]["serializer"]["type"] == "grove-json" for r in node_records)
     assert (out / "model.onnx").exists() and (out / "grove_report.json").exists()
+    # the worker's flow runs measure on transparent huge pages, as the warm runner's do
+    metrics = json.loads((out / "grove_report.json").read_text())["metrics"]
+    assert metrics["huge_pages"] is (thp_mode() in ("madvise", "always")), metrics
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
