@@ -17,7 +17,7 @@ __all__ = ["HUGE_PAGES", "huge_pages_in_use", "thp_mode", "timed_alone", "with_h
 # glibc (2.35+) then advises the kernel to back malloc's memory with 2 MB pages where the machine's
 # transparent huge pages are in "madvise" mode (Ubuntu's and Debian's default; "always" needs
 # nothing). A decode step reads all of a model's weights, ~70 MB for an int4 SmolLM2, and on 4 KB
-# pages the TLB misses on nearly every page: onnxruntime-genai decoded 8-10% faster with it here
+# pages the TLB misses on nearly every page: onnxruntime-genai decoded 10-17% faster with it here
 # (bench/bench_auto_opt.py's row without it), PyTorch no faster, at ~2% more resident memory.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 

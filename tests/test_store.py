@@ -296,7 +296,7 @@ def test_a_timing_says_how_much_cpu_other_processes_used_meanwhile(tmp_path: Pat
 
 def test_grove_processes_ask_glibc_for_transparent_huge_pages() -> None:
     """The warm runner and the workers start with glibc's malloc on transparent huge pages (a decode
-    step reads every weight: onnxruntime-genai decoded 8-10% faster on them); a user's own setting of
+    step reads every weight: onnxruntime-genai decoded 10-17% faster on them); a user's own setting of
     the tunable stands, and other tunables are kept."""
     from grove.timing import with_huge_pages
 
