@@ -12,14 +12,15 @@ from collections.abc import Iterator, Mapping
 
 from grove.store import cache_home, file_lock
 
-__all__ = ["HUGE_PAGES", "huge_pages_in_use", "thp_mode", "timed_alone", "with_huge_pages"]
+__all__ = ["HUGE_PAGES", "huge_pages_available", "huge_pages_in_use", "thp_mode", "timed_alone", "with_huge_pages"]
 
 # glibc (2.35+) then advises the kernel to back malloc's memory with 2 MB pages where the machine's
 # transparent huge pages are in "madvise" mode (Ubuntu's and Debian's default; "always" needs
 # nothing). A decode step reads all of a model's weights, ~70 MB for an int4 SmolLM2, and on 4 KB
 # pages the TLB misses on nearly every page: onnxruntime-genai decoded 10-17% faster with it here
 # (bench/bench_auto_opt.py's row without it), PyTorch no faster, at ~2% more resident memory.
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
+_TUNABLE = "glibc.malloc.hugetlb"
+HUGE_PAGES = f"{_TUNABLE}=1"
 
 
 def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
@@ -27,8 +28,7 @@ def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
     gains ``glibc.malloc.hugetlb=1``, unless it sets that tunable already (then the user's value
     stands: ``glibc.malloc.hugetlb=0`` turns it off). glibc reads it once, at the process's start."""
     tunables = env.get("GLIBC_TUNABLES", "")
-    name = HUGE_PAGES.split("=", 1)[0]
-    if any(item.split("=", 1)[0] == name for item in tunables.split(":")):
+    if any(item.split("=", 1)[0] == _TUNABLE for item in tunables.split(":")):
         return dict(env)
     return {**env, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, HUGE_PAGES)))}
 
@@ -53,7 +53,7 @@ def huge_pages_in_use() -> bool | None:
     mode = thp_mode()
     if mode is None or mode == "never":
         return None if mode is None else False
-    if mode == "madvise" and not _started_with_tunable():
+    if mode == "madvise" and not (_glibc_reads_tunable() and _started_with_tunable()):
         return False
     try:
         with open("/proc/self/smaps_rollup") as f:
@@ -65,18 +65,32 @@ def huge_pages_in_use() -> bool | None:
     return None
 
 
-def _started_with_tunable() -> bool:
-    """glibc 2.35+ and ``glibc.malloc.hugetlb`` on in the environment this process started with."""
+def huge_pages_available() -> bool:
+    """Whether a process Grove starts gets transparent huge pages here: the kernel's mode is
+    'always', or 'madvise' with a glibc that reads the tunable (2.35+)."""
+    mode = thp_mode()
+    return mode == "always" or (mode == "madvise" and _glibc_reads_tunable())
+
+
+def _glibc_reads_tunable() -> bool:
     libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else None
-    try:
+    try:  # "glibc 2.36"; None or another libc (musl) reads no tunables
         major, minor = (int(v) for v in (libc or "").split()[-1].split(".")[:2])
+    except (ValueError, IndexError):
+        return False
+    return (major, minor) >= (2, 35)
+
+
+def _started_with_tunable() -> bool:
+    """``glibc.malloc.hugetlb`` on in the environment this process started with."""
+    try:
         with open("/proc/self/environ", "rb") as f:
             environ = f.read().decode(errors="replace").split("\0")
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return False
     tunables = next((v.split("=", 1)[1] for v in environ if v.startswith("GLIBC_TUNABLES=")), "")
     setting = dict(item.split("=", 1) for item in tunables.split(":") if "=" in item)
-    return (major, minor) >= (2, 35) and setting.get(HUGE_PAGES.split("=", 1)[0], "0") != "0"
+    return setting.get(_TUNABLE, "0") != "0"
 
 
 def _busy_and_total() -> tuple[float, float] | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from grove.timing import thp_mode
+from grove.timing import huge_pages_available
 from tests.conftest import grove_cli
 
 CACHED_NODES = {"download-model", "capture-onnx", "quantize-int4", "evaluate", "package-genai"}
@@ -64,7 +64,7 @@ def test_triggered_run_executes_on_a_worker_and_lands_in_s3(stack_api: dict, tin
     assert (out / "model.onnx").exists() and (out / "grove_report.json").exists()
     # the worker's flow runs measure on transparent huge pages, as the warm runner's do
     metrics = json.loads((out / "grove_report.json").read_text())["metrics"]
-    assert metrics["huge_pages"] is (thp_mode() in ("madvise", "always")), metrics
+    assert metrics["huge_pages"] is huge_pages_available(), metrics
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))

@@ -11,7 +11,7 @@ import pytest
 
 from grove.errors import StoreError
 from grove.store import ArtifactStore, sha256_file
-from grove.timing import thp_mode
+from grove.timing import huge_pages_available, thp_mode
 
 
 def _files(tmp_path: Path) -> Path:
@@ -307,8 +307,9 @@ def test_grove_processes_ask_glibc_for_transparent_huge_pages() -> None:
         assert with_huge_pages({"GLIBC_TUNABLES": theirs})["GLIBC_TUNABLES"] == theirs
 
 
-@pytest.mark.skipif(thp_mode() != "madvise", reason="the tunable decides only where transparent huge pages are "
-                    f"in 'madvise' mode (this machine: {thp_mode()})")
+@pytest.mark.skipif(thp_mode() != "madvise" or not huge_pages_available(), reason="the tunable decides only "
+                    f"where transparent huge pages are in 'madvise' mode (this machine: {thp_mode()}) and glibc "
+                    "is 2.35 or later")
 def test_the_tunable_puts_a_process_on_huge_pages_and_its_timings_say_so(tmp_path: Path) -> None:
     """A process started with ``with_huge_pages`` has its large allocations on 2 MB pages, one
     started without has none, and ``timed_alone`` records which (the report prints it)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from grove.timing import thp_mode
+from grove.timing import huge_pages_available
 from tests.conftest import grove_cli
 
 
@@ -57,7 +57,7 @@ def test_auto_opt_forks_the_warm_runner_and_matches_a_run_in_process(tiny_dir, t
     if Path(f"/proc/{pid}/environ").exists():  # the runner's malloc puts the weights on huge pages
         assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     report = json.loads((tmp_path / "second" / "grove_report.json").read_text())
-    assert report["metrics"]["huge_pages"] is (thp_mode() in ("madvise", "always")), report["metrics"]
+    assert report["metrics"]["huge_pages"] is huge_pages_available(), report["metrics"]
     assert ("on transparent huge pages" in second.stdout) is report["metrics"]["huge_pages"], second.stdout[:400]
 
     # A run in the calling process (GROVE_WARM=0, its own store: computed, not cached) writes the
