@@ -51,9 +51,9 @@ def huge_pages_in_use() -> bool | None:
     granted some. Not just any huge page: numpy asks for them itself for its large arrays. None
     where the system does not say."""
     mode = thp_mode()
-    if mode is None or mode == "never":
-        return None if mode is None else False
-    if mode == "madvise" and not (_glibc_reads_tunable() and _started_with_tunable()):
+    if mode is None:
+        return None
+    if mode == "never" or (mode == "madvise" and not (_glibc_reads_tunable() and _started_with_tunable())):
         return False
     try:
         with open("/proc/self/smaps_rollup") as f:

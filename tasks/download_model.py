@@ -151,7 +151,9 @@ def _config_fixes(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     knows by their layer count)."""
     import gguf
 
-    fields = gguf.GGUFReader(str(path)).fields  # memoized during a conversion
+    # Inside _memoized_gguf (_load_gguf_once) this is the cached header transformers parsed; the
+    # public fallback path, which parses the file several times anyway, parses it once more.
+    fields = gguf.GGUFReader(str(path)).fields
     arch = _sources.gguf_value(fields, "general.architecture")
     fixes: dict[str, Any] = {}
     head_dim = _sources.gguf_value(fields, f"{arch}.attention.key_length")

@@ -62,7 +62,7 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
     timed = eio.encode(model_dir, ["Grove measures latency on a fixed padded input. " * 40] * config.batch_size,
                        info.inputs, pad_to=config.sequence_length)
     stats = latency_stats(lambda: eio.run(sess, timed, output), config.warmup, config.repeat)
-    metrics: dict[str, object] = {f"latency_ms_{k}": v for k, v in stats.items() if k not in ("busy", "huge_pages")}
+    metrics: dict[str, object] = {f"latency_ms_{k}": v for k, v in stats.items() if k not in _MACHINE_STATE}
     metrics["cpu_busy_elsewhere"], metrics["huge_pages"] = stats["busy"], stats["huge_pages"]
     metrics["throughput_rows_s"] = round(1000.0 * config.batch_size / stats["avg"], 2)
     metrics["size_mb"] = round((model_dir / "model.onnx").stat().st_size / 1e6, 2)
@@ -80,6 +80,9 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
     metrics["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     (out / "eval.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+_MACHINE_STATE = ("busy", "huge_pages")  # latency_stats' keys that describe the machine, not the latency
 
 
 def latency_stats(call: Callable[[], object], warmup: int, repeat: int) -> dict[str, float | bool | None]:
@@ -117,8 +120,7 @@ def _vs_pytorch(hf_dir: Path, model_dir: Path, sess: object, info: eio.EncoderIn
         feeds = eio.encode(model_dir, eio.PARITY_TEXTS, info.inputs)
         result = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
     onnx_out = eio.run(sess, feeds, eio.primary_output(info))  # type: ignore[arg-type]
-    metrics: dict[str, object] = {f"pytorch_latency_ms_{k}": v for k, v in stats.items()
-                                  if k not in ("busy", "huge_pages")}
+    metrics: dict[str, object] = {f"pytorch_latency_ms_{k}": v for k, v in stats.items() if k not in _MACHINE_STATE}
     metrics["pytorch_cpu_busy_elsewhere"] = stats["busy"]
     if info.task == "feature-extraction":
         hidden = result.last_hidden_state.numpy()
