@@ -80,9 +80,7 @@ def _check(inputs: list[Path], config: ParityConfig, out: Path) -> dict[str, obj
     numbers = compare(candidate_dir, reference_dir, config.texts)
     (out / "parity.json").write_text(json.dumps({"precision": config.precision, **numbers,
                                                  "limits": vars(config.limits())}, indent=2))
-    node_logger().info("parity (%s): max abs %.3g, mean cosine %.5f (min %.5f), top-1 %s, max prob diff %s",
-                       config.precision, numbers["max_abs_diff"], numbers["mean_cosine"], numbers["min_cosine"],
-                       numbers["top1_agreement"], numbers["max_prob_diff"])
+    node_logger().info("parity (%s): %s", config.precision, _summary(numbers))
     _enforce(numbers, config)
     return numbers
 
@@ -107,6 +105,15 @@ def compare(candidate_dir: Path, reference_dir: Path, texts: list[str] | tuple[s
             "max_prob_diff": prob_diff}
 
 
+def _summary(numbers: dict[str, object]) -> str:
+    """The parity numbers in words; a classifier's top-1 and class probabilities only where computed."""
+    top1, prob_diff = numbers["top1_agreement"], numbers["max_prob_diff"]
+    return (f"max abs diff {numbers['max_abs_diff']:.4g}, mean cosine {numbers['mean_cosine']:.5f} "
+            f"(min {numbers['min_cosine']:.5f})"
+            + (f", top-1 agreement {top1:.4g}, max class-probability change {prob_diff:.4g}"
+               if isinstance(top1, float) and isinstance(prob_diff, float) else ""))
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     import numpy as np
 
@@ -118,10 +125,7 @@ def _enforce(numbers: dict[str, object], config: ParityConfig) -> None:
     limits = config.limits()
     top1, prob_diff = numbers["top1_agreement"], numbers["max_prob_diff"]
     detail = (f"{config.precision} candidate vs reference on {numbers['texts']} fixed sentences, output "
-              f"'{numbers['output']}': max abs diff {numbers['max_abs_diff']:.4g}, mean cosine "
-              f"{numbers['mean_cosine']:.5f} (min {numbers['min_cosine']:.5f})"
-              + (f", top-1 agreement {top1:.4g}, max class-probability change {prob_diff:.4g}"
-                 if isinstance(top1, float) and isinstance(prob_diff, float) else ""))
+              f"'{numbers['output']}': {_summary(numbers)}")
     fix = _FIXES[config.precision]
     max_abs, mean_cos = float(numbers["max_abs_diff"]), float(numbers["mean_cosine"])  # type: ignore[arg-type]
     if limits.max_abs_diff is not None and max_abs > limits.max_abs_diff:
