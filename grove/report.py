@@ -11,8 +11,13 @@ ROWS = {
     "decode_tok_s": "decode (tokens/s)",
     "top1_agreement": "top-1 agreement vs reference",
 }
+_LABELS = {"pytorch_latency_ms_avg": "pytorch fp32 latency ms avg"}  # labelled, in the metrics' own order
+# PyTorch's percentiles stay in grove_report.json: the table keeps its average, which latency_vs_pytorch divides by.
 _SKIP = {"seconds", "ppl_tokens", "ppl_chunk", "prompt_tokens", "generated_tokens", "threads", "cpu_busy_elsewhere",
-         "pytorch_cpu_busy_elsewhere"}
+         "pytorch_cpu_busy_elsewhere", *(f"pytorch_latency_ms_p{q}" for q in (50, 90, 95, 99))}
+# Rows that time the baseline, not the model: output / reference is how the machine drifted between the two
+# evaluations, not what the optimization did, so they get no ratio.
+_NO_RATIO = ("pytorch_latency_ms_",)
 
 
 def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
@@ -24,9 +29,10 @@ def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
         if k not in ROWS and k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)]
     rows = []
     for key in keys:
-        label = ROWS.get(key, key.replace("_", " "))
+        label = ROWS.get(key) or _LABELS.get(key) or key.replace("_", " ")
         out, ref = metrics.get(key), reference.get(key)
-        ratio = round(out / ref, 3) if isinstance(out, (int, float)) and isinstance(ref, (int, float)) and ref else None
+        ratio = (round(out / ref, 3) if isinstance(out, (int, float)) and isinstance(ref, (int, float)) and ref
+                 and not key.startswith(_NO_RATIO) else None)
         rows.append({"metric": label, "output": out, "reference": ref, "ratio": ratio})
     return rows
 

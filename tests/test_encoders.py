@@ -193,6 +193,13 @@ def test_auto_opt_encoder_flow_minilm_int8(minilm: dict[str, Artifact], tmp_path
         "download-model", "capture-encoder", "optimize-graph", "quantize-int8", "evaluate-encoder", "evaluate-encoder",
         "check-parity", "check-parity"], "every node behind the output, upstream first, both parity checks"
     assert report["reference"]["parity"]["mean_cosine"] > 0.9999, "the fused fp32 graph vs the export"
+    from grove.report import table_rows
+
+    rows = {r["metric"]: r for r in table_rows(report)}
+    assert rows["pytorch fp32 latency ms avg"]["ratio"] is None, "two timings of PyTorch: a drift, not a result"
+    assert not [m for m in rows if m.startswith("pytorch latency ms p")], "PyTorch's percentiles: the JSON's"
+    assert rows["latency vs pytorch"]["ratio"] == round(report["metrics"]["latency_vs_pytorch"]
+                                                        / report["reference"]["latency_vs_pytorch"], 3)
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
