@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_data", help="decoders: UTF-8 text for perplexity, or a Parquet/JSONL/CSV table's text "
                    "column (default: the GPL-3 text shipped with Grove); text classifiers: CSV/JSONL/Parquet with "
                    "text,label; token classifiers: JSONL/Parquet/CoNLL with tokens,ner_tags (accuracy; entity F1 "
-                   "for B-/I- tags); embedding models: sentence pairs with a similarity score, as STS-B (Spearman)")
+                   "for B-/I- tags); embedding models: sentence pairs with a similarity score, as STS-B (Spearman). "
+                   "Columns of other names: FILE#text=COL[+COL2],label=COL")
     p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (1024; 2048 matches the figures in README)")
     p.add_argument("--min_top1_agreement", type=float,
                    help="fail if top-1 agreement with the fp32 model is lower than this")
@@ -137,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--calibrate_method", choices=["MinMax", "Entropy", "Percentile"],
                    help="static int8: activation ranges (MinMax)")
     e.add_argument("--calibration_data", help="static int8: UTF-8 text, one sample per paragraph, or a "
-                   "Parquet/JSONL/CSV table's text column (default: the GPL-3 text shipped with Grove)")
+                   "Parquet/JSONL/CSV table's text column or sentence pair, FILE#text=COL[+COL2] to name them "
+                   "(default: the GPL-3 text shipped with Grove)")
     e.add_argument("--calibration_samples", type=int, help="static int8: paragraphs used (32)")
     e.add_argument("--eval_samples", type=int, metavar="N", help="classifiers: score the first N labelled rows "
                    "(token classifiers: sentences) of --eval_data (default: all)")

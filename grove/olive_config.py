@@ -656,7 +656,7 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
                              f"hf://datasets/{name}/<path in the repo>")
     else:  # the hub's own Parquet copy of every public dataset: <subset>/<split>/NNNN.parquet, a file a shard
         source = f"hf://datasets/{name}@refs/convert/parquet/{load.get('subset') or 'default'}/{split}/*.parquet"
-    _check_columns(pre, f"{where}.pre_process_data_config", for_labels=for_labels)
+    source += _columns_suffix(pre, f"{where}.pre_process_data_config", for_labels=for_labels)
     counts = {"max_samples": pre.get("max_samples", load.get("max_samples")), "max_seq_len": pre.get("max_seq_len")}
     for key, value in counts.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -665,33 +665,27 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
     return _Data(source, **counts, unused=tuple(f"{where}.load_dataset_config.{key}" for key in unused))
 
 
-def _check_columns(pre: dict[str, Any], where: str, *, for_labels: bool) -> None:
-    """Grove finds a table's columns by their usual names (tasks/_encoder_io.py); columns a config
-    names otherwise would be read wrong or not at all, so they are an error naming what Grove reads.
-    Olive writes the label column as label_col, or label_cols (a list of one)."""
-    from tasks._decoder_io import LABEL_COLUMNS, TEXT_COLUMNS
-    from tasks._encoder_io import PAIR_COLUMNS, SCORE_COLUMNS, TAG_COLUMNS, TOKEN_COLUMNS
-
-    cols = pre.get("input_cols", pre.get("text_cols"))  # text_cols: a text generation config's
+def _columns_suffix(pre: dict[str, Any], where: str, *, for_labels: bool) -> str:
+    """The ``#text=...,label=...`` suffix (tasks/_decoder_io.split_columns) that reads the columns a
+    config names: input_cols (text_cols in a text generation config), one text or a sentence pair;
+    label_col, or label_cols (a list of one), for labelled data (calibration reads text only). Names
+    the suffix cannot hold, or more columns than Grove reads, are an error naming the key."""
+    cols = pre.get("input_cols", pre.get("text_cols"))
     cols = [cols] if isinstance(cols, str) else list(cols or [])
-    singles = (*TEXT_COLUMNS, *TOKEN_COLUMNS) if for_labels else TEXT_COLUMNS  # calibration: text only
-    if len(cols) > 2 or (len(cols) == 1 and cols[0] not in singles) or (
-            len(cols) == 2 and tuple(cols) not in PAIR_COLUMNS):
-        raise InvalidRequest(f"{where}.input_cols {cols}: Grove reads {'a' if for_labels else 'calibration'} text "
-                             f"from a column named {', '.join(singles)}, or a sentence pair "
-                             f"({', '.join(' + '.join(p) for p in PAIR_COLUMNS)}); rename the columns in a copy of "
-                             "the data (data_files)")
-    if not for_labels:  # calibration reads text only: its label columns do not matter
-        return
-    labels = tuple(dict.fromkeys((*LABEL_COLUMNS, *SCORE_COLUMNS, *TAG_COLUMNS)))
-    label = pre.get("label_col", pre.get("label_cols"))
+    label = pre.get("label_col", pre.get("label_cols")) if for_labels else None
     if isinstance(label, list):
         if len(label) > 1:
             raise InvalidRequest(f"{where}.label_cols {label}: Grove scores one label column per row; keep one")
         label = label[0] if label else None
-    if label is not None and label not in labels:
-        raise InvalidRequest(f"{where}.label_col {label!r}: Grove reads labels from a column named "
-                             f"{', '.join(labels)}; rename it in a copy of the data (data_files)")
+    if len(cols) > 2:
+        raise InvalidRequest(f"{where}.input_cols {cols}: Grove reads one text column or a sentence pair (two); "
+                             "join the others into one in a copy of the data (data_files)")
+    named = [*cols, *([label] if label is not None else [])]
+    if odd := [c for c in named if not isinstance(c, str) or not c or any(ch in c for ch in "#,=+")]:
+        raise InvalidRequest(f"{where}: column names {odd} hold one of # , = + (or are not names), which Grove's "
+                             "column suffix cannot carry; rename them in a copy of the data (data_files)")
+    parts = ([f"text={'+'.join(cols)}"] if cols else []) + ([f"label={label}"] if label else [])
+    return "#" + ",".join(parts) if parts else ""
 
 
 # -- the whole config ------------------------------------------------------------------------------

@@ -100,7 +100,9 @@ def _check_writable_beside(out: Path) -> None:
 
 def _check_regular_file(flag: str, uri: str) -> None:
     """A local text that is a folder, pipe or device is refused (reading a pipe would wait forever)."""
-    local = uri.removeprefix("file://")
+    from tasks._decoder_io import split_columns
+
+    local = split_columns(uri, flag)[0].removeprefix("file://")
     if "://" not in local and Path(local).expanduser().exists() and not Path(local).expanduser().is_file():
         raise InvalidRequest(f"{flag} {uri} is not a regular file (a folder, pipe or device); the text is read "
                              "more than once: save it to a file and pass that")

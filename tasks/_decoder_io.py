@@ -7,36 +7,82 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["BUILTIN_TEXT", "LABEL_COLUMNS", "TEXT_COLUMNS", "available_cpus", "context_length", "generation_timing",
-           "genai_model", "is_row_file", "is_table", "logits", "model_size", "perplexity", "pick_column",
-           "read_columns", "read_raw", "read_rows", "read_table", "read_text", "table_files", "text_sha256",
-           "tokenize"]
+__all__ = ["BUILTIN_TEXT", "COLUMNS_HELP", "LABEL_COLUMNS", "TEXT_COLUMNS", "Columns", "available_cpus",
+           "context_length", "generation_timing", "genai_model", "is_row_file", "is_table", "logits", "model_size",
+           "perplexity", "pick_column", "read_columns", "read_raw", "read_rows", "read_table", "read_text",
+           "split_columns", "table_files", "text_sha256", "tokenize"]
 
 BUILTIN_TEXT = "builtin:GPL-3"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The columns a data source's ``#text=...,label=...`` suffix names (``split_columns``): ``text``,
+    one column, or two for a sentence pair (a token classifier's: its words); ``label``, the label,
+    score or tags column. Empty: Grove finds them by their usual names."""
+
+    text: tuple[str, ...] = ()
+    label: str | None = None
+
+
+# <source>#text=<column>[+<column>][,label=<column>]: '+' and ',' so that a shell needs no quotes.
+_COLUMNS_SUFFIX = re.compile(r"#((?:text|label)=[^#,=+]+(?:\+[^#,=+]+)*(?:,(?:text|label)=[^#,=+]+(?:\+[^#,=+]+)*)*)$")
+COLUMNS_HELP = ("name a table's columns after the source, SOURCE#text=<column>,label=<column> (text=<first>+<second> "
+                "for a sentence pair; label= where labels are read), e.g. reviews.csv#text=review,label=stars")
+
+
+def split_columns(source: str, flag: str = "--eval_data") -> tuple[str, Columns]:
+    """``source`` without its ``#text=<column>[+<column>][,label=<column>]`` suffix, and the columns it
+    names (Olive configs' ``input_cols`` / ``label_col``, grove/olive_config.py). A source without
+    the suffix names none. Raises InvalidRequest for a key given twice."""
+    from grove.errors import InvalidRequest
+
+    if not (match := _COLUMNS_SUFFIX.search(source)):
+        return source, Columns()
+    fields: dict[str, str] = {}
+    for part in match.group(1).split(","):
+        key, value = part.split("=", 1)
+        if key in fields:
+            raise InvalidRequest(f"{flag} {source}: {key}= is given twice; {COLUMNS_HELP}")
+        fields[key] = value
+    text = tuple(fields["text"].split("+")) if "text" in fields else ()
+    if len(text) > 2:
+        raise InvalidRequest(f"{flag} {source}: text= names {len(text)} columns; Grove reads one text or a "
+                             "sentence pair (two)")
+    return source[:match.start()], Columns(text, fields.get("label"))
 
 
 def read_text(source: str, flag: str = "--eval_data") -> str:
     """'builtin:GPL-3' (the GNU GPL v3 text shipped with Grove), a local path, or an fsspec URI
     (``s3://``, ``hf://datasets/...``). A table (``.parquet``, how the hub stores datasets: wikitext,
     sst2...; or ``.jsonl`` / ``.csv`` rows) reads as its text column's rows joined by blank lines, as
-    transformers' perplexity guide joins wikitext. A source that cannot be read raises InvalidRequest
-    naming ``flag``; for a remote one, whatever its client raised (no network, no such dataset) is
-    reported the same way."""
-    if source == BUILTIN_TEXT:
+    transformers' perplexity guide joins wikitext; the text column is the one ``#text=<column>`` names,
+    else the first of ``TEXT_COLUMNS`` it has (a ``label=`` column does not matter here). A source that
+    cannot be read raises InvalidRequest naming ``flag``; for a remote one, whatever its client raised
+    (no network, no such dataset) is reported the same way."""
+    from grove.errors import InvalidRequest
+
+    path, columns = split_columns(source, flag)
+    if len(columns.text) > 1 or (columns.text and not (is_table(path) or is_row_file(path))):
+        raise InvalidRequest(f"{flag} {source}: this text is read from one column of a .parquet, .jsonl or .csv "
+                             "table; name one with #text=<column>")
+    if path == BUILTIN_TEXT:
         return (resources.files("grove") / "data" / "GPL-3.txt").read_text(encoding="utf-8")
-    if is_table(source) or is_row_file(source):
-        table = read_columns(source, flag)
-        return "\n\n".join(str(row) for row in table[pick_column(table, TEXT_COLUMNS, source, flag)]
+    if is_table(path) or is_row_file(path):
+        table = read_columns(path, flag)
+        return "\n\n".join(str(row) for row in table[pick_column(table, columns.text or TEXT_COLUMNS, path, flag)]
                             if row is not None)
-    return read_raw(source, flag)
+    return read_raw(path, flag)
 
 
 def read_raw(source: str, flag: str = "--eval_data", encoding: str = "utf-8", newline: str | None = None) -> str:
@@ -207,7 +253,7 @@ def pick_column(table: dict[str, list[Any]], names: tuple[str, ...], source: str
         if name in table:
             return name
     raise InvalidRequest(f"{flag} {source} has no column named {' or '.join(names)} (its columns: "
-                         f"{', '.join(table) or 'none'}); rename the column to {names[0]}")
+                         f"{', '.join(table) or 'none'}); {COLUMNS_HELP}")
 
 
 def _unreadable(source: str, flag: str, exc: Exception, what: str, fix: str) -> Exception:
@@ -246,9 +292,10 @@ def _local_copy(source: str) -> str:
 def text_sha256(source: str) -> str:
     """sha256 of what an evaluation reads from ``source``: its text, or a table's every column
     (a classifier's labels too)."""
-    if is_table(source):
-        return hashlib.sha256(json.dumps(read_table(source), sort_keys=True, default=str).encode()).hexdigest()
-    return hashlib.sha256((read_text(source) if source == BUILTIN_TEXT else read_raw(source)).encode()).hexdigest()
+    path = split_columns(source)[0]  # the columns named are in the recipe, as part of the source
+    if is_table(path):
+        return hashlib.sha256(json.dumps(read_table(path), sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256((read_text(path) if path == BUILTIN_TEXT else read_raw(path)).encode()).hexdigest()
 
 
 def model_size(model_dir: Path) -> int:

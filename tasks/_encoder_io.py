@@ -152,16 +152,31 @@ def calibration_texts(source: str, limit: int, flag: str = "--calibration_data")
     NLI model reads them: GLUE MRPC's sentence1 + sentence2) when it has them, else the text's
     paragraphs (``read_lines``); at most ``limit``. Raises InvalidRequest naming ``flag``."""
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import is_row_file, is_table, read_columns
+    from tasks._decoder_io import is_row_file, is_table, read_columns, split_columns
 
-    if is_table(source) or is_row_file(source):
-        table = read_columns(source, flag)
-        if pair := pair_columns(table):
+    path, columns = split_columns(source, flag)
+    if (is_table(path) or is_row_file(path)) and len(columns.text) != 1:  # one named column: read_lines reads it
+        table = read_columns(path, flag)
+        if pair := _named_pair(columns, table, source, flag) or pair_columns(table):
             if not (pairs := [(str(a), str(b)) for a, b in zip(table[pair[0]], table[pair[1]], strict=True)
                               if a is not None and b is not None][:limit]):
                 raise InvalidRequest(f"{flag} {source} has no row with both {pair[0]} and {pair[1]}")
             return pairs  # type: ignore[return-value]
     return read_lines(source, limit, flag)  # type: ignore[return-value]
+
+
+def _named_pair(columns: object, table: object, source: str, flag: str = "--eval_data") -> tuple[str, str] | None:
+    """The sentence pair ``#text=<first>+<second>`` names (``columns``: a Columns), if it does; InvalidRequest
+    if ``table`` (column names, or a row) lacks either."""
+    from grove.errors import InvalidRequest
+
+    named = columns.text  # type: ignore[attr-defined]
+    if len(named) != 2:
+        return None
+    if missing := [c for c in named if c not in table]:  # type: ignore[operator]
+        raise InvalidRequest(f"{flag} {source} has no column named {' or '.join(missing)} (its columns: "
+                             f"{', '.join(table) or 'none'})")  # type: ignore[arg-type]
+    return named[0], named[1]
 
 
 def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> tuple[list[str | tuple[str, str]],
@@ -170,11 +185,15 @@ def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> 
     (a hub dataset's file), each with a text (or sentence) and a label column, or a sentence pair
     (GLUE's and NLI datasets' columns, ``PAIR_COLUMNS``: the text is then a pair, which the tokenizer
     joins as the model was trained); ``label_columns``: where the label is (default: label, labels);
-    a path or an fsspec URI. Raises InvalidRequest naming what is wrong."""
+    a path or an fsspec URI. ``#text=<column>[+<column>],label=<column>`` after it names the columns
+    instead. Raises InvalidRequest naming what is wrong."""
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import LABEL_COLUMNS, TEXT_COLUMNS, is_table, pick_column, read_rows, read_table
+    from tasks._decoder_io import (LABEL_COLUMNS, TEXT_COLUMNS, is_table, pick_column, read_rows, read_table,
+                                   split_columns)
 
-    label_columns = label_columns or LABEL_COLUMNS
+    path, columns = split_columns(source)
+    label_columns = (columns.label,) if columns.label else label_columns or LABEL_COLUMNS
+    text_columns = columns.text if len(columns.text) == 1 else TEXT_COLUMNS
 
     formats = ("labelled data is a CSV file with a text,label header, a .jsonl file of {\"text\": ..., \"label\": "
                "...} lines, or a .parquet table with text (or sentence) and label columns; a sentence pair's columns "
@@ -183,25 +202,28 @@ def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> 
     def bad(problem: str) -> InvalidRequest:
         return InvalidRequest(f"--eval_data {source}: {problem}; {formats}")
 
-    if is_table(source):
-        table = read_table(source)
-        if pair := pair_columns(table):
+    if is_table(path):
+        table = read_table(path)
+        if pair := _named_pair(columns, table, source) or (None if columns.text else pair_columns(table)):
             texts: list[object] = [None if a is None or b is None else (a, b)
                                    for a, b in zip(table[pair[0]], table[pair[1]], strict=True)]
         else:
-            texts = table[pick_column(table, TEXT_COLUMNS, source)]
+            texts = table[pick_column(table, text_columns, source)]
         label = pick_column(table, label_columns, source)
         rows = [{"text": t, "label": y} for t, y in zip(texts, table[label], strict=True)]
     else:
-        rows = read_rows(source, fix=formats)  # JSON lines, or CSV whatever the suffix
+        rows = read_rows(path, fix=formats)  # JSON lines, or CSV whatever the suffix
         first = rows[0] if rows else {}
-        if pair := pair_columns(first):
+        if pair := _named_pair(columns, first, source) or (None if columns.text else pair_columns(first)):
             rows = [{**r, "text": None if r.get(pair[0]) is None or r.get(pair[1]) is None else
                      (r[pair[0]], r[pair[1]])} for r in rows]
-        elif "text" not in first and "sentence" in first:
-            rows = [{**r, "text": r.get("sentence")} for r in rows]
-        if (label := next((c for c in label_columns if c in first), "label")) != "label":
-            rows = [{**r, "label": r.get(label)} for r in rows]
+        else:
+            text = pick_column(first, text_columns, source) if columns.text and rows else next(
+                (c for c in text_columns if c in first), "text")
+            rows = [{**r, "text": r.get(text)} for r in rows]
+        label = pick_column(first, label_columns, source) if columns.label and rows else next(
+            (c for c in label_columns if c in first), "label")
+        rows = [{**r, "label": r.get(label)} for r in rows]
     if not rows:
         raise bad("no rows")
     for number, row in enumerate(rows, 1):
@@ -238,7 +260,7 @@ def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]
     and its tag per line, the tag in the last column, a blank line between sentences, ``-DOCSTART-``
     lines skipped). A path or an fsspec URI. Raises InvalidRequest naming what is wrong."""
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import is_table, pick_column, read_raw, read_rows, read_table
+    from tasks._decoder_io import is_table, pick_column, read_raw, read_rows, read_table, split_columns
 
     formats = ("a token classifier's labelled data is a .jsonl file of {\"tokens\": [...], \"ner_tags\": [...]} "
                "lines, a .parquet table with tokens and ner_tags list columns (a hub dataset's layout, e.g. "
@@ -247,19 +269,29 @@ def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]
     def bad(problem: str) -> InvalidRequest:
         return InvalidRequest(f"--eval_data {source}: {problem}; {formats}")
 
+    path, columns = split_columns(source)
+    if len(columns.text) > 1:
+        raise bad(f"text= names {len(columns.text)} columns; a token classifier reads one, its words")
+    names = (columns.text or TOKEN_COLUMNS, (columns.label,) if columns.label else TAG_COLUMNS)
     rows: list[tuple[object, object]] = []
-    if is_table(source):
-        table = read_table(source)
-        words, tags = (pick_column(table, names, source) for names in (TOKEN_COLUMNS, TAG_COLUMNS))
+    if is_table(path):
+        table = read_table(path)
+        words, tags = (pick_column(table, n, source) for n in names)
         rows = list(zip(table[words], table[tags], strict=True))
-    elif source.lower().endswith((".csv", ".json")):
+    elif path.lower().endswith((".csv", ".json")):
         raise bad("a CSV or JSON file holds no list of words per row")
-    elif source.lower().endswith(".jsonl"):
-        rows = [(next((obj[k] for k in TOKEN_COLUMNS if k in obj), None),
-                 next((obj[k] for k in TAG_COLUMNS if k in obj), None)) for obj in read_rows(source, fix=formats)]
+    elif path.lower().endswith(".jsonl"):
+        objects = read_rows(path, fix=formats)
+        if columns.text or columns.label:  # named: the first row must have them (the others: checked below)
+            for n in names:
+                pick_column(objects[0] if objects else {}, n, source)
+        rows = [(next((obj[k] for k in names[0] if k in obj), None), next((obj[k] for k in names[1] if k in obj), None))
+                for obj in objects]
+    elif columns.text or columns.label:
+        raise bad("CoNLL text has no columns to name; leave #text= and label= out")
     else:
         sentence: tuple[list[str], list[str]] = ([], [])
-        for number, line in enumerate(read_raw(source).splitlines() + [""], 1):
+        for number, line in enumerate(read_raw(path).splitlines() + [""], 1):
             parts = line.split()
             if not parts:
                 if sentence[0]:

@@ -606,7 +606,7 @@ def test_a_table_without_its_columns_or_not_a_table_is_one_clear_error(tmp_path:
 
     pq.write_table(pa.table({"review": ["good"], "stars": [5]}), tmp_path / "reviews.parquet")
     with pytest.raises(InvalidRequest, match="has no column named text or sentence or content \\(its columns: "
-                       "review, stars\\); rename the column to text"):
+                       "review, stars\\); name a table's columns after the source, SOURCE#text=<column>,label=<column>"):
         eio.read_labelled(str(tmp_path / "reviews.parquet"))
     (tmp_path / "fake.parquet").write_text("text,label\nhello,1\n")
     with pytest.raises(InvalidRequest, match="fake.parquet cannot be read as a Parquet table"):
@@ -622,6 +622,59 @@ def test_a_table_without_its_columns_or_not_a_table_is_one_clear_error(tmp_path:
         eio.read_labelled(str(shards / "*.parquet"))
     with pytest.raises(InvalidRequest, match=r"test-\*.parquet matches no file; check the folder and the pattern"):
         eio.read_labelled(str(shards / "test-*.parquet"))
+
+
+def test_a_tables_columns_are_named_after_the_source(tmp_path: Path) -> None:
+    """``#text=<column>[+<column>],label=<column>`` (what an Olive config's input_cols / label_col
+    become) reads columns of any name, in CSV, JSON lines and Parquet, for every reader; a named
+    column the table lacks is an error listing its columns, never a silent fallback to another."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks import _decoder_io as dio
+
+    reviews = {"review": ["A quiet film about two brothers who run a farm together.", "Dull and long."],
+               "stars": ["5", "1"], "label": ["decoy", "decoy"]}  # a label column the suffix must not pick
+    (tmp_path / "reviews.csv").write_text("review,stars,label\n" + "".join(
+        f'"{r}",{s},{d}\n' for r, s, d in zip(*reviews.values(), strict=True)))
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(dict(zip(reviews, row, strict=True))) + "\n"
+                                                    for row in zip(*reviews.values(), strict=True)))
+    pq.write_table(pa.table(reviews), tmp_path / "reviews.parquet")
+    for suffix in ("csv", "jsonl", "parquet"):
+        source = f"{tmp_path / 'reviews'}.{suffix}#text=review,label=stars"
+        assert eio.read_labelled(source) == (reviews["review"], ["5", "1"]), suffix
+        with pytest.raises(InvalidRequest, match=r"has no column named rating \(its columns: review, stars, label\)"):
+            eio.read_labelled(f"{tmp_path / 'reviews'}.{suffix}#text=review,label=rating")
+        assert dio.text_sha256(source) == dio.text_sha256(f"{tmp_path / 'reviews'}.{suffix}")
+
+    nli = {"premise": ["The committee met on Tuesday to discuss the new budget for the library.",
+                       "Two children are playing football in a park near the old railway station."],
+           "hypothesis": ["The library's budget was discussed.", "Nobody is outside."], "gold": [0, 2]}
+    pq.write_table(pa.table(nli), tmp_path / "nli.parquet")
+    pairs = list(zip(nli["premise"], nli["hypothesis"], strict=True))
+    assert eio.read_labelled(f"{tmp_path / 'nli.parquet'}#text=premise+hypothesis,label=gold") == (pairs, ["0", "2"])
+    assert eio.read_scored_pairs(f"{tmp_path / 'nli.parquet'}#text=premise+hypothesis,label=gold") == (pairs, [0, 2])
+    # static int8 calibration: one named column (its rows as paragraphs), or a named pair
+    assert eio.calibration_texts(f"{tmp_path / 'nli.parquet'}#text=premise", 8, "--calibration_data") == nli["premise"]
+    assert eio.calibration_texts(f"{tmp_path / 'nli.parquet'}#text=premise+hypothesis", 8) == pairs
+    with pytest.raises(InvalidRequest, match="has no column named hypo"):
+        eio.calibration_texts(f"{tmp_path / 'nli.parquet'}#text=premise+hypo", 8)
+    # a decoder's perplexity text: the named column's rows joined by blank lines
+    assert dio.read_text(f"{tmp_path / 'nli.parquet'}#text=hypothesis,label=gold") == "\n\n".join(nli["hypothesis"])
+    with pytest.raises(InvalidRequest, match="read from one column of a .parquet, .jsonl or .csv table"):
+        dio.read_text(f"{tmp_path / 'notes.txt'}#text=body")
+    # a token classifier's words and tags
+    (tmp_path / "ner.jsonl").write_text(json.dumps({"w": ["Ada", "codes"], "t": ["B-PER", "O"], "tags": ["x", "y"]}))
+    assert eio.read_labelled_tokens(f"{tmp_path / 'ner.jsonl'}#text=w,label=t") == ([["Ada", "codes"]],
+                                                                                   [["B-PER", "O"]])
+    with pytest.raises(InvalidRequest, match="has no column named words_"):
+        eio.read_labelled_tokens(f"{tmp_path / 'ner.jsonl'}#text=words_,label=t")
+
+    assert dio.split_columns("data/run#3/dev.csv") == ("data/run#3/dev.csv", dio.Columns())  # no suffix: a path
+    with pytest.raises(InvalidRequest, match="text= names 3 columns; Grove reads one text or a sentence pair"):
+        dio.split_columns("a.csv#text=x+y+z")
+    with pytest.raises(InvalidRequest, match="label= is given twice"):
+        dio.split_columns("a.csv#label=x,label=y")
 
 
 def test_a_spreadsheet_csv_with_a_byte_order_mark_reads(tmp_path: Path) -> None:

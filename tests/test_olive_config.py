@@ -166,8 +166,9 @@ def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path:
 
     assert result.returncode == 0, result.stderr[-3000:]
     table = "hf://datasets/grove-test/glue@refs/convert/parquet/mrpc/validation/*.parquet"
-    assert (f"--calibration_data '{table}' --calibration_samples 12 --int8_mode static --no-per_channel "
-            f"--calibrate_method MinMax --eval_data '{table}' --eval_samples 12") in result.stderr, result.stderr
+    assert (f"--calibration_data '{table}#text=sentence1+sentence2' --calibration_samples 12 --int8_mode static "
+            f"--no-per_channel --calibrate_method MinMax --eval_data '{table}#text=sentence1+sentence2,label=label' "
+            "--eval_samples 12") in result.stderr, result.stderr
     assert "not computed: f1 (accuracy; computed only for token classifiers" in result.stderr
     assert ("execution providers OpenVINOExecutionProvider are not Grove targets; it optimizes for "
             "CPUExecutionProvider") in result.stderr
@@ -178,7 +179,7 @@ def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path:
     assert report["reference"]["accuracy"] == 1.0
     assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
     int8 = next(n for n in report["lineage"] if n["node"] == "quantize-int8")["config"]
-    assert (int8["mode"], int8["calibration_data"], int8["calibration_samples"]) == ("static", table, 12)
+    assert (int8["mode"], int8["calibration_data"], int8["calibration_samples"]) == ("static", f"{table}#text=sentence1+sentence2", 12)
     assert int8["calibration_sha256"] == text_sha256(str(converted / "*.parquet"))  # an edited shard: new int8
 
 
@@ -296,14 +297,18 @@ _EVAL = {"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "Onn
 
 
 @pytest.mark.parametrize(("data", "expected"), [
-    (_MRPC, "--eval_data 'hf://datasets/nyu-mll/glue@refs/convert/parquet/mrpc/validation/*.parquet'"),
+    (_MRPC, "--eval_data 'hf://datasets/nyu-mll/glue@refs/convert/parquet/mrpc/validation/*.parquet"
+            "#text=sentence1+sentence2,label=label'"),
     ({**_MRPC, "load_dataset_config": {"data_name": "stanfordnlp/imdb", "split": "test"},
       "pre_process_data_config": {"input_cols": ["text"], "max_samples": 500}},
-     "--eval_data 'hf://datasets/stanfordnlp/imdb@refs/convert/parquet/default/test/*.parquet' --eval_samples 500"),
-    ({**_MRPC, "load_dataset_config": {"data_name": "json", "data_dir": "data", "data_files": "dev.jsonl"}},
-     "--eval_data data/dev.jsonl"),
+     "--eval_data 'hf://datasets/stanfordnlp/imdb@refs/convert/parquet/default/test/*.parquet#text=text' "
+     "--eval_samples 500"),
+    ({**_MRPC, "load_dataset_config": {"data_name": "json", "data_dir": "data", "data_files": "dev.jsonl"},
+      "pre_process_data_config": {"input_cols": "review", "label_cols": ["stars"]}},  # columns of other names
+     "--eval_data 'data/dev.jsonl#text=review,label=stars'"),
     ({**_MRPC, "load_dataset_config": {"data_name": "csv", "split": "test",
-                                       "data_files": {"train": "train.csv", "test": ["test.csv"]}}},
+                                       "data_files": {"train": "train.csv", "test": ["test.csv"]}},
+      "pre_process_data_config": {}},
      "--eval_data test.csv"),
     ({"name": "mrpc", "type": "DataContainer",  # Olive's components with their params
       "load_dataset_config": {"type": "huggingface_dataset", "params": {"data_files": "s3://bucket/dev.parquet",
@@ -348,7 +353,7 @@ def test_a_perplexity_metrics_data_config_is_the_decoders_text(tmp_path: Path,
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert out.strip().endswith("--eval_data 'hf://datasets/Salesforce/wikitext@refs/convert/parquet/wikitext-2-raw-v1/"
-                                "test/*.parquet' --eval_tokens 2048"), out
+                                "test/*.parquet#text=text' --eval_tokens 2048"), out
     assert "not computed" not in err, err
     del wikitext["pre_process_data_config"]["max_seq_len"]
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
@@ -370,7 +375,7 @@ def test_a_text_generation_models_accuracy_metric_is_scored_as_perplexity(tmp_pa
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert out.strip().endswith("--eval_data 'hf://datasets/stanfordnlp/imdb@refs/convert/parquet/default/test/"
-                                "*.parquet'"), out
+                                "*.parquet#text=text'"), out
     assert "not computed: accuracy_score (accuracy; a text-generation model is scored by perplexity" in err, err
     assert "max_samples without max_seq_len: Grove scores the text's first 1024 tokens" in err, err
 
@@ -429,15 +434,14 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
     ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_name": "glue", "subset": "mrpc"}}]},
      "data_configs.mrpc.load_dataset_config.data_name 'glue': hub datasets are named org/name (GLUE is "
      "nyu-mll/glue)"),
-    ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"input_cols": ["question", "passage"]}}]},
-     "data_configs.mrpc.pre_process_data_config.input_cols ['question', 'passage']: Grove reads a text from a "
-     "column named text, sentence, content, tokens, words, or a sentence pair (sentence1 + sentence2, "),
+    ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"input_cols": ["title", "body", "tags"]}}]},
+     "data_configs.mrpc.pre_process_data_config.input_cols ['title', 'body', 'tags']: Grove reads one text column "
+     "or a sentence pair (two)"),
     ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"label_cols": ["label", "idx"]}}]},
      "data_configs.mrpc.pre_process_data_config.label_cols ['label', 'idx']: Grove scores one label column per "
      "row; keep one"),
-    ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"label_col": "target"}}]},
-     "data_configs.mrpc.pre_process_data_config.label_col 'target': Grove reads labels from a column named label, "
-     "labels, score, similarity_score, relatedness_score, ner_tags, tags"),
+    ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"label_col": "stars,5"}}]},
+     "data_configs.mrpc.pre_process_data_config: column names ['stars,5'] hold one of # , = + (or are not names)"),
     ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_name": "nyu-mll/glue",
                                                                  "col_filters": {"label": 1}}}]},
      "data_configs.mrpc.load_dataset_config.col_filters: Grove scores every row it reads"),
