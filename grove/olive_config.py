@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -722,19 +723,30 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
         raise InvalidRequest(f"engine.{unknown[0]} is not an Olive engine key that Grove reads; it reads "
                              f"{', '.join(sorted(_ENGINE_KEYS))}")
     out = Translation()
+    problems: list[str] = []  # what each part cannot honour, reported at once (a part's own: at once too)
+
+    def attempt(part: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return part(*args)
+        except InvalidRequest as exc:
+            problems.append(str(exc))
+            return None
+
     model = _section(config, "input_model", "")
     if model or "model_name_or_path" not in overrides:
-        _input_model(model, out)
-    _target(config, engine, out)
-    data = _data_configs(config)
-    _passes(_section(config, "passes", ""), data, out)
-    _evaluator(config, engine, data, out)
+        attempt(_input_model, model, out)
+    attempt(_target, config, engine, out)
+    if (data := attempt(_data_configs, config)) is not None:  # the passes and metrics name its configs
+        attempt(_passes, _section(config, "passes", ""), data, out)
+        attempt(_evaluator, config, engine, data, out)
     if engine.get("output_dir"):
         out.flags["output_path"] = str(engine["output_dir"])
     if (level := engine.get("log_severity_level")) is not None:
         if level not in range(5) or isinstance(level, bool):
-            raise InvalidRequest(f"log_severity_level {level!r}: Olive's levels are 0 (verbose) to 4 (fatal)")
+            problems.append(f"log_severity_level {level!r}: Olive's levels are 0 (verbose) to 4 (fatal)")
         out.flags["log_level"] = level
+    if problems:
+        raise InvalidRequest("; ".join(problems))
     if engine.get("search_strategy"):
         out.notes.append("search_strategy: Grove does not search; it runs the passes once with the options given "
                          "(each step cached, so trying another option reruns only what it changes)")

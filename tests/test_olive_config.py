@@ -472,6 +472,11 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
     ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "systems": {"s": {"type": "LocalSystem",
       "config": {"accelerators": [{"device": "npu", "execution_providers": ["QNNExecutionProvider"]}]}}}},
      "systems.s.accelerators[0].device 'npu': Grove targets cpu or gpu"),
+    ({"input_model": _MODEL, "passes": {**_INT4, "fix": {"type": "DynamicToFixedShape"}}, "output_dir": "o",
+      "log_severity_level": 7, "systems": {"s": {"type": "LocalSystem", "accelerators": [
+          {"device": "npu", "execution_providers": ["VitisAIExecutionProvider"]}]}}},  # every part's problem at once
+     "systems.s.accelerators[0].device 'npu': Grove targets cpu or gpu; passes fix (DynamicToFixedShape): not read "
+     "by Grove, which reads ModelBuilder, "),
     ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "systems": {"aml": {"type": "AzureML"}}},
      "systems.aml.type 'AzureML': Grove runs where it is started, or on its Prefect work pools"),
     ({"input_model": _MODEL, "passes": _INT4, "engine": {"target": "gpu_system", "output_dir": "o"}},
@@ -493,6 +498,7 @@ def test_what_grove_cannot_honour_is_one_error_naming_the_key(config: dict, expe
     err = capsys.readouterr().err
     assert err.startswith(f"grove: error: {path}: {expected}"), err
     assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+    assert ("log_severity_level 7: Olive's levels are 0" in err) == (config.get("log_severity_level") == 7), err
 
 
 def test_a_config_file_that_cannot_be_read_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
