@@ -169,8 +169,12 @@ class OnnxQuantization(_Pass):
     calibrate_method: Literal["MinMax", "Entropy", "Percentile"] | None = Field(None, description="static: ranges")
     weight_type: Literal["QInt8"] = Field("QInt8", description="Grove writes signed int8 weights (uint8 weights "
                                           "measured slower and no more accurate: README)")
-    weight_precision: Literal["int8"] = Field("int8", alias="precision", description="weight_type's newer name")
-    activation_type: Literal["QInt8", "QUInt8", "int8", "uint8"] | None = Field(None, description="Grove's choice")
+    weight_precision: Literal["int8"] = Field("int8", alias="precision", description="weight_type's newer name: "
+                                              "Grove writes signed int8 weights, uint8 ones measured slower and no "
+                                              "more accurate (README)")
+    activation_type: Literal["QInt8", "QUInt8", "int8", "uint8"] | None = Field(
+        None, description="8-bit activations, signed or not as Grove chooses: 16-bit "
+        "ones are for NPU targets, which Grove does not build for")
     reduce_range: Literal[False] = Field(False, description="7-bit weights: measured slower and less accurate on "
                                          "MiniLM (README), not offered")
     quant_preprocess: bool | None = Field(None, description="Grove's graph optimization runs first anyway")
@@ -283,8 +287,11 @@ _NOT_IN_GROVE = {
 def _pass_errors(exc: ValidationError, where: str, cls: type[_Pass]) -> str:
     """pydantic's errors for one pass as one line; an unknown option lists those Grove reads."""
     known = ", ".join(f.alias or n for n, f in cls.model_fields.items())
+    why = {f.alias or n: f.description for n, f in cls.model_fields.items() if f.description}
     errors = [e for e in exc.errors() if e["type"] != "extra_forbidden"]
-    lines = [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors]
+    lines = [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}"  # a refused value: why Grove has only these
+             + (f" - {why[str(e['loc'][0])]}" if e["type"] == "literal_error" and str(e["loc"][0]) in why else "")
+             for e in errors]
     if unknown := [str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden"]:
         lines.append(f"{where}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} "
                      f"of {cls.__name__} that Grove reads (it reads {known})")
