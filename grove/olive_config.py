@@ -366,6 +366,12 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             continue
         if cls.NOTE and cls.NOTE not in out.notes:
             out.notes.append(cls.NOTE)
+        if isinstance(spec, ModelBuilder) and not str(out.flags.get("task", "text-generation")).startswith(
+                "text-generation"):  # olive-recipes' TensorRT-RTX Qwen2.5 config says text-classification
+            out.notes.append(f"input_model.task {out.flags['task']!r}: {name} (ModelBuilder) builds the model as an "
+                             "onnxruntime-genai text generator whatever the task, as Olive's does; Grove runs it "
+                             "as text-generation")
+            out.flags["task"] = "text-generation"
         if isinstance(spec, OnnxQuantization) and spec.data_config is not None and spec.quant_mode == "static":
             calibration = _data_source(spec.data_config, data, f"{where}.data_config", for_labels=False)
             out.flags["calibration_data"] = calibration.source
@@ -752,8 +758,6 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
         if level not in range(5) or isinstance(level, bool):
             problems.append(f"log_severity_level {level!r}: Olive's levels are 0 (verbose) to 4 (fatal)")
         out.flags["log_level"] = level
-    if problems:
-        raise InvalidRequest("; ".join(problems))
     if engine.get("search_strategy"):
         out.notes.append("search_strategy: Grove does not search; it runs the passes once with the options given "
                          "(each step cached, so trying another option reruns only what it changes)")
@@ -768,5 +772,7 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
                          "files, grove_report.json), not a zip")
     out.flags.update(overrides)
     if require_output and "output_path" not in out.flags:
-        raise InvalidRequest("no output folder: set output_dir (at the top level, or under engine), or pass -o")
+        problems.append("no output folder: set output_dir (at the top level, or under engine), or pass -o")
+    if problems:
+        raise InvalidRequest("; ".join(problems))
     return out

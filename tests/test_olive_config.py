@@ -252,6 +252,21 @@ def test_passes_become_the_auto_opt_flags_they_amount_to(passes: dict, expected:
     assert sorted(flags.split(" --")) == sorted(expected.split(" --")), command
 
 
+def test_a_model_builder_pass_builds_a_text_generator_whatever_the_task(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """olive-recipes' TensorRT-RTX Qwen2.5 config gives its ModelBuilder model the task text-classification,
+    which Olive's builder ignores: Grove runs it as text-generation and says so."""
+    from grove.cli import main
+
+    config = {"input_model": {"type": "HfModel", "model_path": "some/model", "task": "text-classification"},
+              "output_dir": "o", "passes": {"builder": {"type": "ModelBuilder", "precision": "fp16"}}}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().endswith("--precision fp16 --task text-generation"), out
+    assert "input_model.task 'text-classification': builder (ModelBuilder) builds the model as an onnxruntime-genai " \
+           "text generator" in err, err
+
+
 def test_a_target_systems_accelerator_sets_device_and_provider(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     from grove.cli import main
