@@ -366,6 +366,9 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             continue
         if cls.NOTE and cls.NOTE not in out.notes:
             out.notes.append(cls.NOTE)
+        if isinstance(spec, _Accepted) and spec.model_extra:  # e.g. an NPU recipe's enable_attention: false
+            out.notes.append(f"{where}: {', '.join(sorted(spec.model_extra))} not used: Grove chooses what "
+                             f"{cls.__name__} sets itself, as above")
         if isinstance(spec, ModelBuilder) and not str(out.flags.get("task", "text-generation")).startswith(
                 "text-generation"):  # olive-recipes' TensorRT-RTX Qwen2.5 config says text-classification
             out.notes.append(f"input_model.task {out.flags['task']!r}: {name} (ModelBuilder) builds the model as an "

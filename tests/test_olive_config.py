@@ -287,15 +287,18 @@ def test_what_grove_does_differently_is_said_before_the_run(tmp_path: Path, caps
 
     config = {"input_model": {"type": "HfModel", "model_path": "some/model",
                               "load_kwargs": {"attn_implementation": "eager", "revision": "v2"}},
-              "passes": {"q": {"type": "OnnxDynamicQuantization"}}, "evaluate_input_model": False,
-              "packaging_config": {"type": "Zipfile"}, "cache_dir": "cache", "output_dir": "o"}
+              "passes": {"q": {"type": "OnnxDynamicQuantization"}, "t": {
+                  "type": "OrtTransformersOptimization", "optimization_options": {"enable_attention": False}}},
+              "evaluate_input_model": False, "packaging_config": {"type": "Zipfile"}, "cache_dir": "cache",
+              "output_dir": "o"}
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == ("grove auto-opt --model_name_or_path some/model --output_path o --precision int8 "
                            "--revision v2 --int8_mode dynamic --no-per_channel")
     for note in ("input_model: attn_implementation not used", "q: per_channel is not set, so per-tensor weight "
                  "scales, as Olive's default", "evaluate_input_model false: Grove evaluates the fp32 reference",
-                 "packaging_config: Grove writes the output as a folder", "cache_dir 'cache': Grove caches"):
+                 "packaging_config: Grove writes the output as a folder", "cache_dir 'cache': Grove caches",
+                 "passes.t: optimization_options not used: Grove chooses what OrtTransformersOptimization sets"):
         assert f"grove run: {note}" in err, err
 
 
