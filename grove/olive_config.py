@@ -583,11 +583,16 @@ _COMPONENTS = {"load_dataset_config": {"huggingface_dataset"},
                "dataloader_config": {"default_dataloader", "no_auto_batch_dataloader"}}
 _FILE_BUILDERS = {"json", "csv", "parquet", "text"}  # datasets' builders that read data_files
 _LOAD_KEYS = {"type", "params", "data_name", "subset", "split", "data_files", "data_dir", "col_filters", "max_samples"}
+_PRE_KEYS = {"type", "params", "input_cols", "text_cols", "label_col", "label_cols", "max_samples", "max_seq_len"}
 
 
 def _unused(data: _Data, out: Translation) -> None:
     if data.unused and (note := f"{', '.join(data.unused)}: not used: Grove reads the rows itself, from the file or "
                                 "the hub's Parquet copy") not in out.notes:
+        out.notes.append(note)
+    if data.tokenizing and (note := f"{', '.join(data.tokenizing)}: not used: Grove tokenizes the rows itself "
+                                    "(static int8 calibrates on one sample at a time, cut at 128 tokens; an "
+                                    "evaluation cuts rows at the model's longest input)") not in out.notes:
         out.notes.append(note)
 
 
@@ -600,6 +605,7 @@ class _Data:
     max_samples: int | None = None
     max_seq_len: int | None = None
     unused: tuple[str, ...] = ()  # load_dataset options Grove does not use
+    tokenizing: tuple[str, ...] = ()  # pre-processing and batching options: Grove tokenizes itself
 
 
 def _data_configs(config: dict[str, Any]) -> dict[str, Any]:
@@ -679,7 +685,11 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise InvalidRequest(f"{where}: {key} {value!r} must be a positive whole number")
     unused = tuple(sorted(set(load) - _LOAD_KEYS))
-    return _Data(source, **counts, unused=tuple(f"{where}.load_dataset_config.{key}" for key in unused))
+    tokenizing = tuple(f"{where}.{part}.{key}" for part, read in (("pre_process_data_config", _PRE_KEYS),
+                                                                   ("dataloader_config", {"type", "params"}))
+                       for key in sorted(set(parts[part]) - read))
+    return _Data(source, **counts, unused=tuple(f"{where}.load_dataset_config.{key}" for key in unused),
+                 tokenizing=tokenizing)
 
 
 def _columns_suffix(pre: dict[str, Any], where: str, *, for_labels: bool) -> str:

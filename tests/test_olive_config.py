@@ -322,7 +322,7 @@ _EVAL = {"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "Onn
      "--eval_data 'hf://datasets/stanfordnlp/imdb@refs/convert/parquet/default/test/*.parquet#text=text' "
      "--eval_samples 500"),
     ({**_MRPC, "load_dataset_config": {"data_name": "json", "data_dir": "data", "data_files": "dev.jsonl"},
-      "pre_process_data_config": {"input_cols": "review", "label_cols": ["stars"]}},  # columns of other names
+      "pre_process_data_config": {"input_cols": "review", "label_cols": ["stars"], "padding": "max_length"}},
      "--eval_data 'data/dev.jsonl#text=review,label=stars'"),
     ({**_MRPC, "load_dataset_config": {"data_name": "csv", "split": "test",
                                        "data_files": {"train": "train.csv", "test": ["test.csv"]}},
@@ -349,6 +349,8 @@ def test_an_accuracy_metrics_data_config_is_the_labelled_data(data: dict, expect
     assert "not computed: auroc (accuracy)" in err and "accuracy_score" not in err, err
     assert "latency (latency): Grove times fixed inputs" in err, err
     assert ("data_configs.mrpc.load_dataset_config.streaming: not used" in err) == ("streaming" in json.dumps(data))
+    assert ("data_configs.mrpc.pre_process_data_config.padding: not used: Grove tokenizes the rows itself" in err) == (
+        "padding" in json.dumps(data)), err
 
 
 def test_a_perplexity_metrics_data_config_is_the_decoders_text(tmp_path: Path,
