@@ -179,7 +179,8 @@ def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path:
     assert report["reference"]["accuracy"] == 1.0
     assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
     int8 = next(n for n in report["lineage"] if n["node"] == "quantize-int8")["config"]
-    assert (int8["mode"], int8["calibration_data"], int8["calibration_samples"]) == ("static", f"{table}#text=sentence1+sentence2", 12)
+    assert (int8["mode"], int8["calibration_data"], int8["calibration_samples"]) == (
+        "static", f"{table}#text=sentence1+sentence2", 12)
     assert int8["calibration_sha256"] == text_sha256(str(converted / "*.parquet"))  # an edited shard: new int8
 
 
