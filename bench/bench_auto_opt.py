@@ -106,15 +106,14 @@ def _alternate(targets: dict[str, tuple[str, Path]], rounds: int, threads: int,
     the order rotated every round (no target always follows the same one). Every process has
     transparent huge pages, as Grove's own processes do (grove/timing.py), except a ``genai-4k``
     target's: the same model on 4 KB pages, as a process started without the tunable has it."""
-    from grove.timing import with_huge_pages
+    from grove.timing import NO_HUGE_PAGES, with_huge_pages
 
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
     names = list(targets)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             kind, path = targets[name]
-            env = with_huge_pages(os.environ) if kind != "genai-4k" else {
-                **os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+            env = with_huge_pages(os.environ) if kind != "genai-4k" else {**os.environ, "GLIBC_TUNABLES": NO_HUGE_PAGES}
             out = subprocess.run([sys.executable, __file__, "--child", kind.removesuffix("-4k"), str(path),
                                   "--threads", str(threads), "--repeats", str(repeats)], capture_output=True,
                                  text=True, check=True, cwd=ROOT, env=env).stdout

@@ -707,12 +707,13 @@ def _columns_suffix(pre: dict[str, Any], where: str, *, for_labels: bool) -> str
     if len(cols) > 2:
         raise InvalidRequest(f"{where}.input_cols {cols}: Grove reads one text column or a sentence pair (two); "
                              "join the others into one in a copy of the data (data_files)")
-    named = [*cols, *([label] if label is not None else [])]
-    if odd := [c for c in named if not isinstance(c, str) or not c or any(ch in c for ch in "#,=+")]:
-        raise InvalidRequest(f"{where}: column names {odd} hold one of # , = + (or are not names), which Grove's "
-                             "column suffix cannot carry; rename them in a copy of the data (data_files)")
-    parts = ([f"text={'+'.join(cols)}"] if cols else []) + ([f"label={label}"] if label else [])
-    return "#" + ",".join(parts) if parts else ""
+    from tasks._decoder_io import Columns
+
+    try:
+        return Columns(tuple(cols), label).suffix()
+    except ValueError as exc:
+        raise InvalidRequest(f"{where}: {exc}, which Grove's column suffix cannot carry; rename them in a copy of "
+                             "the data (data_files)") from None
 
 
 # -- the whole config ------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ _LABELS = {"pytorch_latency_ms_avg": "pytorch fp32 latency ms avg"}  # labelled,
 # PyTorch's percentiles stay in grove_report.json: the table keeps its average, which latency_vs_pytorch divides by.
 _SKIP = {"seconds", "ppl_tokens", "ppl_chunk", "prompt_tokens", "generated_tokens", "threads", "cpu_busy_elsewhere",
          "pytorch_cpu_busy_elsewhere", *(f"pytorch_latency_ms_p{q}" for q in (50, 90, 95, 99))}
-# Rows that time the baseline, not the model: output / reference is how the machine drifted between the two
-# evaluations, not what the optimization did, so they get no ratio.
-_NO_RATIO = ("pytorch_latency_ms_",)
+# The row that times the baseline, not the model: output / reference is how the machine drifted between the two
+# evaluations, not what the optimization did, so it gets no ratio.
+_NO_RATIO = {"pytorch_latency_ms_avg"}
 
 
 def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
@@ -32,7 +32,7 @@ def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
         label = ROWS.get(key) or _LABELS.get(key) or key.replace("_", " ")
         out, ref = metrics.get(key), reference.get(key)
         ratio = (round(out / ref, 3) if isinstance(out, (int, float)) and isinstance(ref, (int, float)) and ref
-                 and not key.startswith(_NO_RATIO) else None)
+                 and key not in _NO_RATIO else None)
         rows.append({"metric": label, "output": out, "reference": ref, "ratio": ratio})
     return rows
 

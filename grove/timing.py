@@ -12,7 +12,8 @@ from collections.abc import Iterator, Mapping
 
 from grove.store import cache_home, file_lock
 
-__all__ = ["HUGE_PAGES", "huge_pages_available", "huge_pages_in_use", "thp_mode", "timed_alone", "with_huge_pages"]
+__all__ = ["HUGE_PAGES", "NO_HUGE_PAGES", "huge_pages_available", "huge_pages_in_use", "thp_mode", "timed_alone",
+           "with_huge_pages"]
 
 # glibc (2.35+) then advises the kernel to back malloc's memory with 2 MB pages where the machine's
 # transparent huge pages are in "madvise" mode (Ubuntu's and Debian's default; "always" needs
@@ -21,6 +22,7 @@ __all__ = ["HUGE_PAGES", "huge_pages_available", "huge_pages_in_use", "thp_mode"
 # (bench/bench_auto_opt.py's row without it), PyTorch no faster, at ~2% more resident memory.
 _TUNABLE = "glibc.malloc.hugetlb"
 HUGE_PAGES = f"{_TUNABLE}=1"
+NO_HUGE_PAGES = f"{_TUNABLE}=0"  # the user's way to turn them off (bench/bench_auto_opt.py's 4 KB-page row)
 
 
 def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:

@@ -34,8 +34,18 @@ class Columns:
     text: tuple[str, ...] = ()
     label: str | None = None
 
+    def suffix(self) -> str:
+        """``#text=...,label=...`` naming these columns ('' for none), as ``split_columns`` reads it back.
+        Raises ValueError for a name the suffix cannot carry (not a string, empty, or holding one of ``# , = +``)."""
+        if bad := [c for c in (*self.text, *([self.label] if self.label is not None else []))
+                   if not isinstance(c, str) or not c or any(ch in c for ch in _SUFFIX_SIGNS)]:
+            raise ValueError(f"column names {bad} hold one of {' '.join(_SUFFIX_SIGNS)} (or are not names)")
+        parts = ([f"text={'+'.join(self.text)}"] if self.text else []) + ([f"label={self.label}"] if self.label else [])
+        return "#" + ",".join(parts) if parts else ""
+
 
 # <source>#text=<column>[+<column>][,label=<column>]: '+' and ',' so that a shell needs no quotes.
+_SUFFIX_SIGNS = "#,=+"
 _COLUMNS_SUFFIX = re.compile(r"#((?:text|label)=[^#,=+]+(?:\+[^#,=+]+)*(?:,(?:text|label)=[^#,=+]+(?:\+[^#,=+]+)*)*)$")
 COLUMNS_HELP = ("name a table's columns after the source, SOURCE#text=<column>,label=<column> (text=<first>+<second> "
                 "for a sentence pair; label= where labels are read), e.g. reviews.csv#text=review,label=stars")

@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import numpy as np
     import onnxruntime as ort
+
+    from tasks._decoder_io import Columns
 
 __all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "calibration_texts", "cosine_rows", "encode", "encoder_info",
            "label_ids", "max_tokens", "pair_columns", "primary_output", "read_labelled", "read_labelled_tokens",
@@ -165,18 +169,16 @@ def calibration_texts(source: str, limit: int, flag: str = "--calibration_data")
     return read_lines(source, limit, flag)  # type: ignore[return-value]
 
 
-def _named_pair(columns: object, table: object, source: str, flag: str = "--eval_data") -> tuple[str, str] | None:
-    """The sentence pair ``#text=<first>+<second>`` names (``columns``: a Columns), if it does; InvalidRequest
-    if ``table`` (column names, or a row) lacks either."""
-    from grove.errors import InvalidRequest
+def _named_pair(columns: Columns, table: Mapping[str, object], source: str,
+                flag: str = "--eval_data") -> tuple[str, str] | None:
+    """The sentence pair ``#text=<first>+<second>`` names, if it does; InvalidRequest if ``table`` (a
+    table's columns, or a row) lacks either."""
+    from tasks._decoder_io import pick_column
 
-    named = columns.text  # type: ignore[attr-defined]
-    if len(named) != 2:
+    if len(columns.text) != 2:
         return None
-    if missing := [c for c in named if c not in table]:  # type: ignore[operator]
-        raise InvalidRequest(f"{flag} {source} has no column named {' or '.join(missing)} (its columns: "
-                             f"{', '.join(table) or 'none'})")  # type: ignore[arg-type]
-    return named[0], named[1]
+    first, second = (pick_column(table, (name,), source, flag) for name in columns.text)  # type: ignore[arg-type]
+    return first, second
 
 
 def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> tuple[list[str | tuple[str, str]],
