@@ -1,0 +1,211 @@
+"""Recipe coverage: how many of olive-recipes' workflow configs ``grove run --dry-run`` accepts.
+
+    .venv/bin/python bench/bench_recipes.py [--recipes DIR] [--baseline FILE] [--json FILE] [--show N]
+
+Every JSON file under DIR (default: the olive-recipes snapshot in ../shared/olive-recipes) that is a
+workflow config (it has ``input_model`` or ``passes``) is classified by its target: the execution
+provider of the system its ``target`` names (or its only system; none: Olive's default, the CPU).
+The configs counted are those that target CPU, CUDA or DirectML, use no vendor-specific pass (Quark,
+RyzenAI, QAIRT, INC, VitisAI, OpenVINO, QNN, NVIDIA ModelOpt...) and no ``model_script`` (multimodal,
+speech and diffusion models come with loader code). Each one is run through ``grove run --config F
+--dry-run`` in this process (the command's own ``main``: reading the config and translating it is all
+a dry run does, so in-process calls give its exact exit code and error line without a process start
+per file), and the refusals are grouped by reason: the error split into its parts, each with the
+config's names and values masked. Prints JSON and a table, writes bench/results/recipes.json, and
+compares with ``--baseline`` (default: bench/recipes_baseline.json, the figures before issue
+25's work) when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPES = ROOT.parent / "shared" / "olive-recipes"
+RESULTS = ROOT / "bench" / "results"
+TARGETS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
+# Pass types that run a vendor's toolchain (matched as prefixes, without case).
+VENDOR_PASSES = ("quark", "ryzen", "qairt", "inc", "vitis", "openvino", "qnn", "nvmodelopt", "aimet",
+                 "epcontextbinarygenerator", "aitkpython")
+
+
+def _target(config: dict) -> str:
+    """The execution provider a config targets, as a short name (cpu, cuda, dml, or the provider
+    itself for the others)."""
+    systems = config.get("systems") or {}
+    engine = config.get("engine") or {}
+    name = config.get("target", engine.get("target"))
+    system = name if isinstance(name, dict) else systems.get(name) if isinstance(name, str) else None
+    if system is None and isinstance(systems, dict) and len(systems) == 1:
+        system = next(iter(systems.values()))
+    if not isinstance(system, dict):
+        return "cpu"  # Olive's default: the local CPU
+    accelerators = (system.get("config") or {}).get("accelerators") or system.get("accelerators") or [{}]
+    first = accelerators[0] if isinstance(accelerators, list) and accelerators else {}
+    providers = first.get("execution_providers") or []
+    providers = [providers] if isinstance(providers, str) else providers
+    if providers:
+        return TARGETS.get(providers[0], providers[0])
+    return "cuda" if str(first.get("device", "cpu")).lower() == "gpu" else str(first.get("device", "cpu")).lower()
+
+
+def _pass_types(config: dict) -> list[str]:
+    passes = config.get("passes") or {}
+    sections = passes.values() if isinstance(passes, dict) else passes
+    out = []
+    for section in sections:
+        if isinstance(section, list):
+            section = section[0] if section else {}
+        if isinstance(section, dict):
+            out.append(str(section.get("type", "")))
+    return out
+
+
+def _has_key(value: object, key: str) -> bool:
+    if isinstance(value, dict):
+        return any(k == key and v for k, v in value.items()) or any(_has_key(v, key) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_key(v, key) for v in value)
+    return False
+
+
+def classify(path: Path) -> tuple[str | None, str]:
+    """(target, why it is left out or ""), or (None, "") for a JSON file that is not a workflow config."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, ""
+    if not isinstance(config, dict) or not ({"input_model", "passes"} & set(config)):
+        return None, ""
+    target = _target(config)
+    if target not in TARGETS.values():
+        return target, f"targets {target}"
+    if vendor := [t for t in _pass_types(config) if t.lower().startswith(VENDOR_PASSES)]:
+        return target, f"vendor pass {vendor[0]}"
+    if _has_key(config, "model_script"):
+        return target, "model_script"
+    return target, ""
+
+
+_MASKS = [
+    (re.compile(r"passes (?:[\w\-]+ \([^)]*\)(?:, )?)+:"), "passes <names>:"),  # a group of unread passes
+    (re.compile(r"(?<=different precisions: )[^;]*"), "<passes>"),
+    (re.compile(r"passes\.[\w.\-\[\]]+"), "passes.<name>"),
+    (re.compile(r"data_configs\.[\w\-]+"), "data_configs.<name>"),
+    (re.compile(r"evaluators\.[\w\-]+"), "evaluators.<name>"),
+    (re.compile(r"systems\.[\w\-]+"), "systems.<name>"),
+    (re.compile(r"'[^']*'"), "'<value>'"),
+    (re.compile(r"(?<![\w.])\d+(\.\d+)?(?![\w.])"), "<n>"),
+]
+
+
+def reasons(message: str) -> list[str]:
+    """A refusal's parts, each masked of the config's own names and values, so that the same cause
+    in two configs groups as one reason."""
+    parts: list[str] = []
+    for part in re.split(r"; (?=passes|input_model|systems|data_configs|evaluators|evaluator|target|no output|"
+                         r"log_severity|engine|'[^']*' is not an Olive)", message):
+        for pattern, mask in _MASKS:
+            part = pattern.sub(mask, part)
+        parts.append(part.strip())
+    return parts
+
+
+def dry_run(path: Path) -> tuple[int, str]:
+    """``grove run --config path --dry-run``: (exit code, its error line or the command)."""
+    from grove.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["run", "--config", str(path), "--dry-run"])
+        except SystemExit as exc:  # argparse
+            code = int(exc.code or 0)
+    if code == 0:
+        return 0, out.getvalue().strip()
+    lines = [line for line in err.getvalue().splitlines() if line.startswith("grove: error:")]
+    message = lines[-1].removeprefix("grove: error: ") if lines else err.getvalue().strip()
+    return code, message.removeprefix(f"{path}: ")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipes", type=Path, default=DEFAULT_RECIPES, help="olive-recipes checkout")
+    parser.add_argument("--baseline", type=Path, default=ROOT / "bench" / "recipes_baseline.json",
+                        help="an earlier run's JSON to compare with")
+    parser.add_argument("--json", type=Path, default=RESULTS / "recipes.json", help="where to write the figures")
+    parser.add_argument("--show", type=int, default=0, metavar="N", help="also list N refused files per reason")
+    args = parser.parse_args()
+    if not args.recipes.is_dir():
+        print(f"bench_recipes: {args.recipes} is not a folder; pass --recipes <olive-recipes checkout>",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(ROOT))
+    left_out: Counter[str] = Counter()
+    per_target: dict[str, dict[str, int]] = {}
+    grouped: dict[str, list[str]] = {}
+    files: dict[str, dict[str, object]] = {}
+    for path in sorted(args.recipes.rglob("*.json")):
+        target, why = classify(path)
+        if target is None:
+            continue
+        name = str(path.relative_to(args.recipes))
+        if why:
+            left_out[why.split(" ")[0] if why.startswith("vendor") else why] += 1
+            continue
+        code, message = dry_run(path)
+        row = per_target.setdefault(target, {"accepted": 0, "refused": 0})
+        row["accepted" if code == 0 else "refused"] += 1
+        files[name] = {"target": target, "accepted": code == 0, **({} if code == 0 else {"error": message})}
+        if code:
+            for reason in dict.fromkeys(reasons(message)):
+                grouped.setdefault(reason, []).append(name)
+    accepted = sum(r["accepted"] for r in per_target.values())
+    total = sum(r["accepted"] + r["refused"] for r in per_target.values())
+    result = {
+        "recipes": str(args.recipes), "counted": total, "accepted": accepted,
+        "accepted_share": round(accepted / total, 3) if total else None,
+        "per_target": dict(sorted(per_target.items())),
+        "left_out": dict(left_out.most_common()),
+        "refusal_reasons": {r: len(f) for r, f in sorted(grouped.items(), key=lambda kv: -len(kv[1]))},
+        "files": files,
+    }
+    baseline = None
+    if args.baseline.is_file() and args.baseline.resolve() != args.json.resolve():
+        baseline = json.loads(args.baseline.read_text())
+        result["baseline"] = {"file": str(args.baseline), "accepted": baseline["accepted"],
+                              "counted": baseline["counted"], "accepted_share": baseline["accepted_share"],
+                              "newly_accepted": sorted(f for f, r in files.items() if r["accepted"]
+                                                       and not baseline["files"].get(f, {}).get("accepted")),
+                              "newly_refused": sorted(f for f, r in files.items() if not r["accepted"]
+                                                      and baseline["files"].get(f, {}).get("accepted"))}
+    print(json.dumps({k: v for k, v in result.items() if k != "files"}, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\nolive-recipes workflow configs targeting CPU / CUDA / DirectML, no vendor pass, no model_script: "
+          f"{accepted}/{total} accepted ({100 * accepted / max(total, 1):.0f}%)"
+          + (f"; baseline {baseline['accepted']}/{baseline['counted']} ({100 * baseline['accepted_share']:.0f}%)"
+             if baseline else ""))
+    print(f"{'target':8} {'accepted':>9} {'refused':>8}" + (f" {'baseline accepted':>18}" if baseline else ""))
+    for target, row in sorted(per_target.items()):
+        was = baseline["per_target"].get(target, {}).get("accepted", 0) if baseline else None
+        print(f"{target:8} {row['accepted']:9} {row['refused']:8}" + (f" {was:18}" if baseline else ""))
+    print(f"\n{'configs':>7}  refusal reason")
+    for reason, names in sorted(grouped.items(), key=lambda kv: -len(kv[1])):
+        print(f"{len(names):7}  {reason[:200]}")
+        for name in names[:args.show]:
+            print(f"{'':9}{name}")
+    print(f"\nleft out: {', '.join(f'{k} {v}' for k, v in left_out.most_common())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
