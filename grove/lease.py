@@ -7,7 +7,11 @@ multi-GB download twice, the same capture twice. So the first run to need an art
 *lease*, a small JSON file in the store (``leases/<node>/<digest>.json``) created exclusively
 (``link`` on a local store, ``If-None-Match: *`` on S3), renews it while it builds, and removes it
 once the artifact is committed. The others wait, and read the committed artifact. A lease that is
-not renewed for its time to live (its holder crashed or lost the store) is taken over.
+not renewed for its time to live (its holder crashed or lost the store) is taken over; so is, at once,
+a lease whose holder was a process of this same machine that no longer runs (a rerun after a crash or
+a ``kill -9`` need not wait out the time to live). A lease records its holder's machine (host name,
+kernel boot and pid namespace: a pid means nothing outside them) and process (pid and start time, so
+that a pid the kernel gave to another process since does not pass for the holder).
 
 It is a guard against wasted work, not a correctness mechanism: commits are idempotent (the store
 keeps the first whole one), so where it cannot exclude (an S3-compatible server that ignores
@@ -18,6 +22,7 @@ build, as before.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -73,7 +78,8 @@ class _Lease:
         self.since = time.time()
 
     def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "since": self.since, "expires": time.time() + self.ttl}).encode()
+        return json.dumps({"owner": self.owner, "since": self.since, "expires": time.time() + self.ttl,
+                           "machine": _machine(), "pid": os.getpid(), "start": _process_start(os.getpid())}).encode()
 
     def _staged(self, body: bytes) -> Path:
         """``body`` in a file of this lease's own beside the lease (local stores), to link or rename."""
@@ -90,8 +96,9 @@ class _Lease:
             return None
         try:
             held = json.loads(raw)
-            return {"owner": str(held["owner"]), "since": float(held["since"]), "expires": float(held["expires"])}
-        except (ValueError, KeyError, TypeError):
+            return {"owner": str(held["owner"]), "since": float(held["since"]), "expires": float(held["expires"]),
+                    "machine": held.get("machine"), "pid": held.get("pid"), "start": held.get("start")}
+        except (ValueError, KeyError, TypeError, AttributeError):
             return {"owner": "?", "since": 0.0, "expires": 0.0}
 
     def create(self) -> bool:
@@ -144,6 +151,35 @@ class _Lease:
                 self.store.fs.rm(self.path)
 
 
+@functools.cache
+def _machine() -> str | None:
+    """This machine as far as a pid means anything: host name, kernel boot and pid namespace (two
+    containers of one host may share a name and a kernel, not their pids). None without /proc."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{socket.gethostname()}/{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot); None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the command name before ')' may hold spaces
+
+
+def _holder_gone(held: dict[str, Any]) -> bool:
+    """Whether the lease's holder was a process of this machine that has ended (or whose pid now
+    names a process started later). A holder elsewhere, or a lease without these facts: not known."""
+    machine, pid, start = held.get("machine"), held.get("pid"), held.get("start")
+    if machine is None or machine != _machine() or not isinstance(pid, int) or not isinstance(start, int):
+        return False
+    return _process_start(pid) != start
+
+
 def _describe(owner: str) -> str:
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
@@ -191,9 +227,10 @@ def build_lease(store: ArtifactStore, node: str, digest: str,
             if lease.create():
                 break
             continue  # another run's lease landed first: read it
-        if held["expires"] < time.time():
-            log.warning("%s/%s: taking over the build lease of %s, not renewed for %.0f s (its run stopped)",
-                        node, digest[:12], _describe(held["owner"]), time.time() - held["expires"] + ttl)
+        if (gone := _holder_gone(held)) or held["expires"] < time.time():
+            why = ("a process of this machine that is gone" if gone else
+                   f"not renewed for {time.time() - held['expires'] + ttl:.0f} s (its run stopped)")
+            log.warning("%s/%s: taking over the build lease of %s, %s", node, digest[:12], _describe(held["owner"]), why)
             lease.remove(held["owner"])
             continue
         now = time.monotonic()
@@ -224,10 +261,11 @@ class HeldLease:
     holder: str  # "process PID on HOST"
     since: float
     expires: float
+    gone: bool = False  # its holder was a process of this machine that has ended
 
     @property
     def stale(self) -> bool:
-        return self.expires < time.time()
+        return self.gone or self.expires < time.time()
 
 
 def scan_leases(store: ArtifactStore) -> list[HeldLease]:
@@ -240,7 +278,7 @@ def scan_leases(store: ArtifactStore) -> list[HeldLease]:
         lease = _Lease(store, node, name.removesuffix(".json"), LEASE_TTL_S)
         if (held := lease.read()) is not None:
             found.append(HeldLease(node, name.removesuffix(".json"), _describe(held["owner"]), held["since"],
-                                   held["expires"]))
+                                   held["expires"], _holder_gone(held)))
     return sorted(found, key=lambda h: h.since)
 
 

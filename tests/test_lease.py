@@ -193,3 +193,62 @@ def test_usage_lists_the_builds_in_progress_and_prune_tidies_leases_left_by_stop
     assert pruned.returncode == 0, pruned.stderr
     assert "removed 1 build lease(s) left by runs that stopped more than an hour ago" in pruned.stdout
     assert sorted(p.name[0] for p in (store / "leases" / "capture-onnx").iterdir()) == ["a", "c"]
+
+
+def _hold_until_killed(store_uri: str, digest: str, ready: str) -> None:
+    """A build that takes its lease (renewed for an hour) and then hangs until it is killed."""
+    with build_lease(store_for(store_uri), "test-slow", digest, LOG, ttl=3600) as done:
+        assert done is None
+        Path(ready).write_text("holding")
+        time.sleep(600)
+
+
+@pytest.mark.timeout(120)  # without the check, the run below would wait out the hour
+def test_a_lease_of_a_dead_process_on_this_machine_is_taken_at_once(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import os
+    import signal
+
+    uri, config = str(tmp_path / "store"), Slow(seconds=0.1)
+    digest, ready = recipe_digest(config, [SOURCE]), tmp_path / "ready"
+    holder = multiprocessing.get_context("spawn").Process(target=_hold_until_killed, args=(uri, digest, str(ready)))
+    holder.start()
+    while not ready.exists():
+        assert holder.is_alive(), "the holder died before it held the lease"
+        time.sleep(0.05)
+    os.kill(holder.pid, signal.SIGKILL)  # as a crash, an OOM kill or a CI timeout does: no cleanup
+    holder.join()
+    assert json.loads(Path(_lease_path(uri, config)).read_text())["expires"] > time.time() + 3000
+
+    calls: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="grove"):
+        run_node(config, [SOURCE], uri, _builder(calls))
+    assert len(calls) == 1
+    assert f"taking over the build lease of process {holder.pid} on " in caplog.text
+    assert "a process of this machine that is gone" in caplog.text
+
+
+def test_a_live_holder_on_this_machine_is_waited_for_and_a_reused_pid_is_not_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The pid alone is not the holder: a lease naming a live pid whose process started at another time
+    (the kernel reused the pid) is a dead holder's; one naming this very process is a live one's."""
+    import os
+
+    from grove import lease
+
+    store = store_for(str(tmp_path / "store"))
+    me = {"machine": lease._machine(), "pid": os.getpid(), "start": lease._process_start(os.getpid())}
+    assert me["machine"] is not None and me["start"] is not None, "Linux: /proc names this machine and process"
+    assert lease._holder_gone(me) is False
+    assert lease._holder_gone({**me, "start": me["start"] + 1}) is True  # the pid, reused by a later process
+    assert lease._holder_gone({**me, "machine": "another-host/boot/pid:[1]"}) is False  # not ours to judge
+    assert lease._holder_gone({"owner": "old-grove:1:x"}) is False  # a lease written before these facts
+
+    digest, path = "e" * 64, Path(store.root) / "leases" / "test-slow" / f"{'e' * 64}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"owner": f"{lease.socket.gethostname()}:{os.getpid()}:live", "since": time.time(),
+                                "expires": time.time() + 1.0, **me}))
+    with caplog.at_level(logging.INFO, logger=LOG.name), build_lease(store, "test-slow", digest, LOG) as done:
+        assert done is None
+    assert "is being built by process" in caplog.text  # it waited for the live holder
+    assert "not renewed for" in caplog.text and "is gone" not in caplog.text  # and took the lease once it expired
