@@ -108,7 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default $GROVE_STORE or "
                    "~/.cache/grove/store)")
-    p.add_argument("--int4_algorithm", choices=["affine", "rtn", "hqq", "k_quant", "builder"])
+    p.add_argument("--int4_algorithm", choices=["affine", "rtn", "hqq", "k_quant", "builder", "gptq"],
+                   help="gptq: calibrated int4 of the PyTorch weights before the capture (the builder keeps them)")
+    p.add_argument("--mixed_precision_ratio", type=float, metavar="R", help="gptq: share of the linear layers at "
+                   "4 bits; the most sensitive others keep 8 bits (Olive's SelectiveMixedPrecision ratio)")
     p.add_argument("--block_size", type=int, choices=[16, 32, 64, 128, 256], help="int4 weights per block (32)")
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric int4 blocks (rtn)")
     p.add_argument("--accuracy_level", type=int, choices=range(5), help="int4 MatMulNBits compute type: 4 = int8 "
@@ -137,10 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quant_format", choices=["QDQ", "QOperator"], help="static int8: graph format (QDQ)")
     e.add_argument("--calibrate_method", choices=["MinMax", "Entropy", "Percentile"],
                    help="static int8: activation ranges (MinMax)")
-    e.add_argument("--calibration_data", help="static int8: UTF-8 text, one sample per paragraph, or a "
+    e.add_argument("--calibration_data", help="static int8, and a decoder's gptq: UTF-8 text, one sample per "
+                   "paragraph, or a "
                    "Parquet/JSONL/CSV table's text column or sentence pair, FILE#text=COL[+COL2] to name them "
                    "(default: the GPL-3 text shipped with Grove)")
-    e.add_argument("--calibration_samples", type=int, help="static int8: paragraphs used (32)")
+    e.add_argument("--calibration_samples", type=int, help="static int8: paragraphs used (32); gptq: windows of "
+                   "512 tokens (32)")
     e.add_argument("--eval_samples", type=int, metavar="N", help="classifiers: score the first N labelled rows "
                    "(token classifiers: sentences) of --eval_data (default: all)")
     e.add_argument("--eval_repeat", type=int, help="timed calls per latency measurement (100)")

@@ -13,6 +13,7 @@ from tasks.download_model import DownloadConfig
 from tasks.evaluate import EvalConfig
 from tasks.package_genai import PackageConfig
 from tasks.quantize_int4 import Int4Algorithm, Int4Config
+from tasks.quantize_torch import TorchQuantConfig
 
 __all__ = ["EP_SHORT", "PROVIDER_DEVICE", "AutoOptRequest", "local_output_path"]
 
@@ -71,11 +72,23 @@ class AutoOptRequest(BaseModel):
     head_shortlist: int | None = Field(None, ge=0, le=1024, description="affine/hqq int4 with 8-bit heads: tokens "
                                        "per position whose logits are recomputed at 8 bits after a 4-bit pass "
                                        "over the vocabulary (default 32; 0 = the whole 8-bit lm_head every token)")
+    mixed_precision_ratio: float | None = Field(None, gt=0, le=1, description="gptq: share of the decoder's linear "
+                                                "layers at 4 bits; the most sensitive others keep 8 bits (Olive's "
+                                                "SelectiveMixedPrecision ratio)")
+    calibration_data: str | None = Field(None, description="gptq: calibration text (default: builtin GPL-3 text, "
+                                         "its last tokens)")
+    calibration_samples: int | None = Field(None, ge=1, le=1024, description="gptq: windows of 512 calibration "
+                                            "tokens (32)")
     eval_data: str | None = Field(None, description="text file for perplexity (default: builtin GPL-3 text)")
     eval_tokens: int = Field(1024, ge=16, description="tokens scored for perplexity (2 chunks of 512)")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="fail if parity with fp32 is lower")
     publish_as: tuple[str, str, str] | None = Field(None, description="fleet refresh: (name, target, version) "
                                                     "to publish the output under in the store's registry")
+    adapter_path: str | None = Field(None, description="a LoRA adapter folder (peft: adapter_config.json, "
+                                     "adapter_model.safetensors) trained on this model: kept switchable beside the "
+                                     "int4 base (adapter_weights.onnx_adapter, loaded with onnxruntime_genai.Adapters), "
+                                     "or merged with --merge_adapter")
+    merge_adapter: bool = Field(False, description="fold --adapter_path into the weights first: one plain model")
     gpu_nodes: list[Literal["capture-onnx", "quantize-int4", "evaluate", "package-genai"]] = Field(
         default_factory=list, description="on a deployed stack: nodes to run on the gpu pool (others run where "
         "they naturally do); ignored when running locally")
@@ -91,8 +104,9 @@ class AutoOptRequest(BaseModel):
         if self.precision == "fp16" and self.device == "cpu":
             problems.append("--precision fp16 targets GPUs (onnxruntime's CPU kernels for these graphs are fp32); "
                             "for CPU pass --precision int4, int8 or fp32")
-        if self.device == "gpu" and self.int4_algorithm not in (None, "builder"):
-            problems.append(f"--int4_algorithm {self.int4_algorithm} is for CPU graphs; on gpu use 'builder'")
+        if self.device == "gpu" and self.int4_algorithm not in (None, "builder", "gptq"):
+            problems.append(f"--int4_algorithm {self.int4_algorithm} is for CPU graphs; on gpu use 'builder' or "
+                            "'gptq'")
         if self.precision != "int4" and self.int4_algorithm is not None:
             problems.append(f"--int4_algorithm applies to --precision int4, not {self.precision}")
         if self.precision != "int4" and (int4_only := [f for f, on in (("--block_size", self.block_size != 32),
@@ -100,19 +114,29 @@ class AutoOptRequest(BaseModel):
             problems.append(f"{', '.join(int4_only)} {'apply' if len(int4_only) > 1 else 'applies'} to "
                             f"--precision int4, not {self.precision}")
         algorithm = self.int4_algorithm_used
-        if self.symmetric and algorithm not in (None, "rtn", "builder"):
+        if self.symmetric and algorithm not in (None, "rtn", "builder", "gptq"):
             problems.append(f"--symmetric applies to --int4_algorithm rtn; {algorithm} chooses its own zero points "
                             "(pass --int4_algorithm rtn --symmetric, or drop --symmetric)")
-        if self.accuracy_level != 4 and algorithm in (None, "builder"):
+        if self.accuracy_level != 4 and algorithm in (None, "builder", "gptq"):
             problems.append("--accuracy_level applies to Grove's int4 quantizer (--precision int4 on cpu, "
                             "--int4_algorithm affine, rtn, hqq or k_quant)")
-        if self.head_bits != 8 and algorithm not in ("affine", "hqq"):
-            problems.append("--head_bits applies to Grove's affine and hqq int4 (--precision int4 on cpu)")
+        if self.head_bits != 8 and algorithm not in ("affine", "hqq", "gptq"):
+            problems.append("--head_bits applies to Grove's affine and hqq int4 (--precision int4 on cpu), and gptq")
         if self.head_shortlist is not None and algorithm not in ("affine", "hqq"):
             problems.append("--head_shortlist applies to Grove's affine and hqq int4 (--precision int4 on cpu)")
         elif self.head_shortlist and self.head_bits != 8:
             problems.append("--head_shortlist rescores with the 8-bit lm_head, and --head_bits 4 has none; "
                             "drop --head_shortlist, or pass --head_bits 8")
+        if (calibrated := [f"--{f}" for f in ("mixed_precision_ratio", "calibration_data", "calibration_samples")
+                           if getattr(self, f) is not None]) and algorithm != "gptq":
+            problems.append(f"{', '.join(calibrated)}: for a decoder, calibration is GPTQ's; pass --int4_algorithm "
+                            "gptq")
+        if self.merge_adapter and self.adapter_path is None:
+            problems.append("--merge_adapter merges the adapter --adapter_path names: pass it too")
+        if self.keeps_adapter and not (self.device == "cpu" and (self.precision == "fp32" or algorithm in ("affine",
+                                                                                                          "hqq"))):
+            problems.append("a switchable adapter (--adapter_path) is kept beside an int4 base of Grove's affine or "
+                            "hqq int4 on cpu, or an fp32 one; for this target pass --merge_adapter")
         if self.task not in ("text-generation", "text-generation-with-past"):
             problems.append(f"--task {self.task} is not supported by auto-opt yet; supported: text-generation")
         if problems:
@@ -139,10 +163,17 @@ class AutoOptRequest(BaseModel):
 
     @property
     def capture(self) -> CaptureConfig:
+        """The output's capture (the reference's unless the builder quantizes; for gptq, the builder
+        reads the quantize-torch node's checkpoint, whose integers it keeps)."""
         builder_int4 = self.int4_algorithm_used == "builder"
         return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider,  # type: ignore[arg-type]
                              block_size=self.block_size if builder_int4 else None,
                              placement=self._placement("capture-onnx"))
+
+    @property
+    def keeps_adapter(self) -> bool:
+        """Whether the output keeps --adapter_path switchable (multi-LoRA) rather than merged."""
+        return self.adapter_path is not None and not self.merge_adapter
 
     @property
     def int4_algorithm_used(self) -> Int4Algorithm | None:
@@ -156,11 +187,23 @@ class AutoOptRequest(BaseModel):
     def int4(self) -> Int4Config | None:
         """The int4 node's config, or None when the builder quantizes (or no int4 is asked)."""
         algorithm = self.int4_algorithm_used
-        if algorithm in (None, "builder"):
+        if algorithm in (None, "builder", "gptq"):
             return None
         return Int4Config(algorithm=algorithm, block_size=self.block_size, symmetric=self.symmetric,
                           accuracy_level=self.accuracy_level, placement=self._placement("quantize-int4"),
                           head_bits=self.head_bits, head_shortlist=self.head_shortlist)
+
+    def torch_quant(self, calibration_sha256: str) -> TorchQuantConfig:
+        """The quantize-torch node's config (``--int4_algorithm gptq``: the weights are quantized before
+        the capture)."""
+        from tasks._decoder_io import BUILTIN_TEXT
+
+        return TorchQuantConfig(group_size=self.block_size, symmetric=self.symmetric, head_bits=self.head_bits,
+                                mixed_precision_ratio=self.mixed_precision_ratio,
+                                calibration=self.calibration_data or BUILTIN_TEXT,
+                                calibration_sha256=calibration_sha256,
+                                calibration_samples=self.calibration_samples or 32,
+                                placement=self._placement("quantize-int4"))
 
     def evaluation(self, text_sha256: str, *, gate: bool) -> EvalConfig:
         from tasks._decoder_io import BUILTIN_TEXT

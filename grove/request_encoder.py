@@ -27,11 +27,11 @@ __all__ = ["EncoderOptRequest", "infer_task", "refuse_encoder_flags"]
 
 # auto-opt flags (and fleet target fields) that only the decoder path takes.
 _DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", "head_bits", "head_shortlist",
-                 "eval_tokens", "min_top1_agreement")
+                 "eval_tokens", "min_top1_agreement", "mixed_precision_ratio")
 
 # auto-opt flags that only the encoder path takes.
 _ENCODER_ONLY = ("int8_mode", "per_channel", "op_types_to_quantize", "nodes_to_exclude", "quant_format",
-                 "calibrate_method", "calibration_data", "calibration_samples", "eval_repeat", "eval_samples", "min_cosine")
+                 "calibrate_method", "eval_repeat", "eval_samples", "min_cosine")  # calibration: gptq's too
 _STATIC_OPTIONS = ("quant_format", "calibrate_method", "calibration_data", "calibration_samples")
 _INT8_OPTIONS = ("int8_mode", "per_channel", "op_types_to_quantize", "nodes_to_exclude", *_STATIC_OPTIONS)
 

@@ -68,6 +68,7 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
           contextlib.redirect_stderr(chatter)):
         try:
             options = [f"block_size={config.block_size}"] if config.block_size else []
+            options += _prequantized_options(hf_dir)
             extra = builder.parse_extra_options(None, str(hf_dir), str(out), config.precision,
                                                 config.execution_provider, str(cache), options)
             builder.create_model(None, str(hf_dir), str(out), config.precision, config.execution_provider,
@@ -76,9 +77,52 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
             raise ModelSourceError(f"the onnxruntime-genai model builder cannot export this {model_type} model "
                                    f"({exc.__class__.__name__}: {exc})") from exc
     logging.getLogger("grove.builder").debug(chatter.getvalue()[-4000:])
+    if _prequantized_options(hf_dir):
+        _gather_scales_as_rows(out / "model.onnx")
     _copy_chat_template(hf_dir, out)
     node_logger().info("captured %s at %s for %s", model_type, config.precision, config.execution_provider)
     return {"model_type": model_type, "precision": config.precision, "nodes": _node_count(out / "model.onnx")}
+
+
+def _prequantized_options(hf_dir: Path) -> list[str]:
+    """A checkpoint quantize-torch wrote (Olive's format) for a model whose embedding is its lm_head:
+    the embedding reads the lm_head's quantized rows (GatherBlockQuantized), as Olive's
+    TieWordEmbeddings surgery makes it, instead of a float copy of the table (SmolLM2: 113 MB)."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "olive" or not quant.get("lm_head") or not config.get("tie_word_embeddings"):
+        return []
+    return ["shared_embeddings=true", "int4_op_types_to_quantize=MatMul/Gather"]
+
+
+def _gather_scales_as_rows(path: Path) -> None:
+    """onnxruntime-genai 0.18's builder hands the embedding's GatherBlockQuantized the quantized
+    lm_head's scales and zero points flattened, as MatMulNBits reads them, and onnxruntime refuses the
+    graph ("scales must have the same rank as data"); they are reshaped to [rows, -1] in front of it."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "GatherBlockQuantized" and node.input[0] in producers:
+            rows = dims[producers[node.input[0]].input[0]][0]  # the lm_head's qweight: [rows, blocks, bytes]
+            shape = f"{node.name}/rows_shape"
+            graph.initializer.append(numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), shape))
+            for slot in range(2, len(node.input)):
+                if node.input[slot] and len(dims.get(node.input[slot], [0, 0])) == 1:
+                    reshaped = f"{node.name}/input{slot}_rows"
+                    nodes.append(helper.make_node("Reshape", [node.input[slot], shape], [reshaped],
+                                                  name=f"{node.name}/Reshape{slot}"))
+                    node.input[slot] = reshaped
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
 
 
 def _adapt_builder_configs(builder: Any) -> None:

@@ -17,8 +17,8 @@ from grove.node import RECIPE_CACHE, node_logger, run_node
 
 __all__ = ["INT4_ALGORITHMS", "Int4Config", "quantize_int4"]
 
-Int4Algorithm = Literal["affine", "rtn", "hqq", "k_quant", "builder"]
-INT4_ALGORITHMS: tuple[str, ...] = ("affine", "rtn", "hqq", "k_quant", "builder")
+Int4Algorithm = Literal["affine", "rtn", "hqq", "k_quant", "builder", "gptq"]
+INT4_ALGORITHMS: tuple[str, ...] = ("affine", "rtn", "hqq", "k_quant", "builder", "gptq")
 
 
 class Int4Config(StepConfig):
@@ -57,6 +57,8 @@ class Int4Config(StepConfig):
 
     @model_validator(mode="after")
     def _check(self) -> Int4Config:
+        if self.algorithm == "gptq":
+            raise ValueError("gptq quantizes the PyTorch weights before the capture (node quantize-torch), not the graph")
         if self.symmetric and self.algorithm not in ("rtn", "builder"):
             raise ValueError(f"symmetric=True applies to rtn only; {self.algorithm} chooses its own zero points")
         if self.head_bits != 8 and self.algorithm not in ("affine", "hqq"):
