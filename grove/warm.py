@@ -7,7 +7,8 @@ embedded Prefect server, Grove keeps one process that has done those imports: th
 ``fork`` of it, so it starts with everything imported and nothing else shared: its own memory,
 its own Prefect client, the caller's environment, working directory, stdin/stdout/stderr (passed
 over a Unix socket, so progress and colours reach the terminal as before) and exit code. Ctrl-C
-and SIGTERM are forwarded to the run.
+and SIGTERM are forwarded to the run, and a caller killed outright (SIGKILL) takes its run with it:
+the run is its own process group, which a watchdog kills when the caller's socket closes.
 
 One runner per interpreter, Grove source tree and the environment variables read at import (a
 changed source file, a new ``pip install`` or another ``PREFECT_API_URL`` gets its own); it exits
@@ -259,13 +260,14 @@ def _serve_one(conn: socket.socket, runner_files: list[socket.socket | io.TextIO
             print(f"warm runner {os.getpid()}: run {pid}: grove {' '.join(request['argv'])}", flush=True)
         return
     # The child: becomes the caller's command, then exits with its code.
-    code = 1
+    code, watchdog = 1, None
     try:
         _send_message(conn, os.getpid())  # first: the caller forwards its signals here
         for f in runner_files:  # the listener, and the lock (a run outliving the runner must not hold it)
             f.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        watchdog = _watch_caller(conn)
         _reseed()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
@@ -296,9 +298,50 @@ def _serve_one(conn: socket.socket, runner_files: list[socket.socket | io.TextIO
             from grove import cli
 
             cli.wind_down()
+        _stop_watch(watchdog)  # before the caller reads the code and hangs up: that is not its death
         with contextlib.suppress(OSError):
             _send_message(conn, code)
         os._exit(code)
+
+
+def _watch_caller(conn: socket.socket) -> int:
+    """Make this run its own process group and fork a watchdog that kills that group the moment the
+    caller's end of ``conn`` closes before the run ends: a caller killed with SIGKILL (a CI timeout,
+    a scheduler, the OOM killer) forwards no signal, and without this the run went on at full CPU and
+    wrote the output folder afterwards. A process, not a thread: a thread needs the GIL, which a long
+    C call of the run (a protobuf serialization, say) can hold for seconds. Returns its pid."""
+    os.setpgid(0, 0)  # the run and what it starts, apart from the runner and its other runs
+    run = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the watchdog: nothing but two fds, no Python beyond this loop
+        keep = conn.fileno()
+        os.closerange(0, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        run_fd = os.pidfd_open(run)
+        if os.getppid() != run:  # the run ended before the pidfd was opened
+            os._exit(0)
+        while True:
+            ready = select.select([keep, run_fd], [], [])[0]
+            if run_fd in ready:  # the run ended by itself (or was killed): nothing to do
+                os._exit(0)
+            try:
+                hung_up = not conn.recv(1)  # the caller sends nothing more: readable means closed
+            except OSError:
+                hung_up = True
+            if hung_up:
+                os.killpg(run, signal.SIGKILL)  # the run, what it started, and this watchdog
+    finally:
+        os._exit(0)
+
+
+def _stop_watch(watchdog: int | None) -> None:
+    if watchdog is None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(watchdog, signal.SIGKILL)
+        os.waitpid(watchdog, 0)
 
 
 def _reseed() -> None:

@@ -1,0 +1,82 @@
+"""Fixtures of the fault suite: a decoder big enough that a node takes a moment (so a test can kill a
+run inside one), and the helpers that start, watch and kill real ``grove`` processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="session")
+def mid_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random llama of ~35 M parameters: its int4 quantization takes about a second here, long enough
+    to be killed in the middle of, and the whole auto-opt still takes seconds."""
+    from tests import tiny_models
+
+    return tiny_models.build("llama", tmp_path_factory.mktemp("mid") / "llama", hidden_size=768,
+                             intermediate_size=3072, num_hidden_layers=4, num_attention_heads=12,
+                             num_key_value_heads=4)
+
+
+def start_grove(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``grove ARGS`` as a user's shell starts it (the console script's entry: auto-opt goes through the
+    warm runner), its output to ``log``: a file, so a run that outlived its caller has somewhere to write."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-c", "from grove.cli import entry; entry()", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def wait_for(check, what: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = 300):  # noqa: ANN001, ANN201
+    """Poll ``check()`` until it returns something truthy; fail naming ``what`` if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the command ended (status {proc.returncode}) before {what}")
+        time.sleep(0.01)
+    pytest.fail(f"no {what} within {timeout_s:.0f} s")
+
+
+def lease_of(store: Path, node: str) -> Path | None:
+    """The build lease of ``node`` in a local store: the node is being built right now."""
+    return next((p for p in (store / "leases" / node).glob("*.json")), None) if (store / "leases").exists() else None
+
+
+def run_pid(output: Path) -> int | None:
+    """The pid of the warm runner's fork that runs the auto-opt writing ``output`` (from its log)."""
+    from grove.server import grove_home
+
+    for log in (grove_home() / "warm").glob("*.log"):
+        if m := re.search(rf"run (\d+): grove auto-opt .*{re.escape(str(output))}", log.read_text()):
+            return int(m.group(1))
+    return None
+
+
+def group_members(pgid: int) -> list[int]:
+    """Every live process of process group ``pgid`` (zombies are dead)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test here is in the fault suite: ``pytest -m faults`` runs it alone."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.faults)
