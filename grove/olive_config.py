@@ -125,6 +125,9 @@ class ModelBuilder(_Pass):
                                          "onnxruntime-genai folder")
     use_dynamo_exporter: bool | None = Field(None, description="the tutorial's key: the model builder writes the "
                                              "graph itself, no exporter involved")
+    extra_options: dict[str, Any] | None = Field(None, description="the builder's options: Grove reads "
+                                                 "int4_accuracy_level and filename")
+    enable_cuda_graph: bool | None = Field(None, description="a CUDA session option of the output")
 
     NOTE = ("ModelBuilder: Grove captures decoder LLMs with onnxruntime-genai's model builder (fp32 on cpu) and "
             "quantizes int4 with its own quantizer (affine by default on cpu: see the README; --int4_algorithm "
@@ -132,6 +135,28 @@ class ModelBuilder(_Pass):
 
     def precision(self) -> str | None:
         return self.precision_
+
+    def problems(self, where: str) -> list[str]:
+        """The extra options Grove cannot honour: ones that change the model's inputs or outputs (its
+        evaluation and package read them as the builder writes them by default), and ones the builder
+        does not know."""
+        problems = []
+        for key in sorted(self.extra_options or {}):
+            if key in _BUILDER_SHAPE_OPTIONS:
+                problems.append(f"{where}.extra_options.{key}: changes the model's inputs or outputs, which Grove's "
+                                "evaluation reads as the builder writes them by default; not in Grove yet")
+            elif key not in _BUILDER_OPTIONS:
+                problems.append(f"{where}.extra_options.{key} is not an option of onnxruntime-genai's model builder")
+        return problems
+
+    def notes(self, where: str) -> list[str]:
+        extra = {k: v for k, v in (self.extra_options or {}).items() if k not in _BUILDER_SHAPE_OPTIONS
+                 and k in _BUILDER_OPTIONS and k != "int4_accuracy_level"}
+        if self.enable_cuda_graph is not None:
+            extra["enable_cuda_graph"] = self.enable_cuda_graph
+        return [f"{where}: {', '.join(f'{k}={v}' for k, v in sorted(extra.items()))} not used: Grove names the "
+                "graph model.onnx (genai_config.json points at it) and builds with the builder's defaults "
+                "otherwise"] if extra else []
 
     def flags(self) -> dict[str, object]:
         flags: dict[str, object] = {}
@@ -141,8 +166,22 @@ class ModelBuilder(_Pass):
             flags["int4_algorithm"] = "rtn"
         if self.int4_is_symmetric:
             flags["symmetric"] = True
+        level = self.int4_accuracy_level or (self.extra_options or {}).get("int4_accuracy_level")
         return {**flags, **{k: v for k, v in (("block_size", self.int4_block_size),
-                                              ("accuracy_level", self.int4_accuracy_level)) if v is not None}}
+                                              ("accuracy_level", int(level) if level else None)) if v is not None}}
+
+
+# onnxruntime-genai 0.18's model builder options (its --extra_options help), and those of them that
+# change the graph's inputs or outputs.
+_BUILDER_SHAPE_OPTIONS = {"exclude_embeds", "exclude_lm_head", "include_hidden_states", "prune_lm_head",
+                          "config_only", "num_hidden_layers", "adapter_path", "exclude_mtp"}
+_BUILDER_OPTIONS = _BUILDER_SHAPE_OPTIONS | {
+    "int4_accuracy_level", "filename", "enable_cuda_graph", "enable_dml_graph", "enable_webgpu_graph",
+    "accuracy_level", "block_size", "is_symmetric", "op_types_to_quantize", "nodes_to_exclude", "algo_config",
+    "int4_block_size", "int4_is_symmetric", "int4_op_types_to_quantize", "int4_nodes_to_exclude", "int4_algo_config",
+    "matmul_mixed_precision", "hf_token", "hf_remote", "shared_embeddings", "use_qdq", "use_8bits_moe",
+    "use_webgpu_fp32", "use_cuda_bf16", "fuse_qkv", "disable_qkv_fusion", "fuse_qk_norm_gqa", "fuse_mlp_gate_up",
+    "use_device_allocator_for_initializers", "use_paged_attention", "windowed_kv_cache", "kv_cache_quant_scheme"}
 
 
 class OnnxConversion(_Accepted):
@@ -256,6 +295,103 @@ class OnnxKQuantQuantization(OnnxBlockWiseRtnQuantization):
     ALGORITHM = "k_quant"
 
 
+class Gptq(_Pass):
+    """Olive's Gptq pass (and its GptqQuantizer / GptqModel spellings): GPTQ on the PyTorch weights
+    before the capture, Grove's quantize-torch node (--int4_algorithm gptq)."""
+
+    bits: Literal[4] = Field(4, description="Grove's GPTQ writes 4-bit weights (8-bit ones: the lm_head, and the "
+                             "layers mixed precision keeps)")
+    group_size: Literal[16, 32, 64, 128, 256] = Field(128, description="weights per group: Grove's int4 is "
+                                                      "block-wise (16-256), not per-channel (-1)")
+    sym: bool = Field(False, description="symmetric groups")
+    lm_head: bool | None = Field(None, description="Grove keeps the lm_head at 8 bits (round to nearest)")
+    damp_percent: float | None = Field(None, gt=0, lt=1, description="dampening of the Hessian")
+    desc_act: bool | None = Field(None, description="Grove quantizes the columns in order (act-order is not used)")
+    data_config: Any = Field(None, description="calibration data: a data config's text")
+    device: str | None = Field(None, description="where to quantize: Grove's node runs on the CPU (or its GPU pool)")
+    dynamic: dict[str, dict[str, Any]] | None = Field(None, description="GptqModel's per-module overrides: Grove "
+                                                      "reads the lm_head's bits")
+    rotation: None = Field(None, description="Hadamard rotation (QuaRot) is not in Grove yet")
+    moe_fallback_threshold: Any = None
+    moe_fallback_min_k_multiple: Any = None
+    NOTE = ("Gptq: Grove runs GPTQ on the PyTorch weights in its quantize-torch node (layer by layer, on the "
+            "calibration text), and the model builder writes MatMulNBits from those integers, without rounding again")
+
+    def precision(self) -> str | None:
+        return "int4"
+
+    def flags(self) -> dict[str, object]:
+        flags: dict[str, object] = {"int4_algorithm": "gptq", "block_size": self.group_size}
+        if self.sym:
+            flags["symmetric"] = True
+        for pattern, override in (self.dynamic or {}).items():
+            if "lm_head" in pattern and override.get("bits") in (4, 8):
+                flags["head_bits"] = override["bits"]
+        return flags
+
+    def problems(self, where: str) -> list[str]:
+        others = [p for p in self.dynamic or {} if "lm_head" not in p]
+        return [f"{where}.dynamic: per-module bits for {', '.join(others)} are not in Grove (it reads the lm_head's); "
+                "use SelectiveMixedPrecision to keep sensitive layers at 8 bits"] if others else []
+
+
+class Rtn(_Pass):
+    """Olive's Rtn pass on the PyTorch weights. In olive-recipes it follows Gptq with 8 bits for the
+    lm_head and the embedding, which is what Grove's int4 keeps them at; on its own at 4 bits it is
+    round to nearest, which Grove's rtn does on the captured graph's weights (the same values)."""
+
+    bits: Literal[4, 8] = Field(4, description="bits of the weights it quantizes")
+    group_size: Literal[16, 32, 64, 128, 256] = Field(128, description="weights per group")
+    sym: bool = Field(False, description="symmetric groups")
+    lm_head: bool = Field(False, description="quantize the lm_head too")
+    embeds: bool = Field(False, description="quantize the embedding too")
+    overrides: dict[str, dict[str, Any]] | None = Field(None, description="per-module bits: Grove reads the "
+                                                        "lm_head's and the embedding's")
+
+    def head_bits(self) -> int | None:
+        bits = {o.get("bits") for name, o in (self.overrides or {}).items()
+                if name in ("lm_head", "model.embed_tokens")}
+        return bits.pop() if len(bits) == 1 else (self.bits if self.lm_head or self.embeds else None)
+
+    def body(self) -> bool:
+        """Whether it quantizes the decoder layers (not only the lm_head and embedding)."""
+        return self.bits == 4
+
+    def precision(self) -> str | None:
+        return "int4" if self.body() else None
+
+    def problems(self, where: str) -> list[str]:
+        others = [n for n in self.overrides or {} if n not in ("lm_head", "model.embed_tokens")]
+        return [f"{where}.overrides: per-module bits for {', '.join(others)} are not in Grove (it reads lm_head and "
+                "model.embed_tokens); use SelectiveMixedPrecision to keep sensitive layers at 8 bits"] if others else []
+
+
+class SelectiveMixedPrecision(_Pass):
+    """Olive's SelectiveMixedPrecision: which linear layers keep ``high_bits`` (8); Grove's GPTQ keeps
+    the layers whose 4-bit output error on the calibration text is largest (--mixed_precision_ratio)."""
+
+    algorithm: Literal["kld_gradient", "iqe", "iqe_relative", "snr", "snr_relative", "k_quant_down",
+                       "k_quant_mixed", "k_quant_last"] = Field("kld_gradient", description="how Olive measures "
+                                                               "sensitivity; Grove measures each layer's output error")
+    bits: Literal[4] = Field(4, description="the low bits (Grove's int4)")
+    high_bits: Literal[8] = Field(8, description="the high bits (Grove's 8)")
+    ratio: float = Field(0.65, gt=0, le=1, description="share of layers kept at the low bits")
+    group_size: Literal[16, 32, 64, 128, 256] | None = None
+    sym: bool | None = None
+    high_group_size: int | None = None
+    high_sym: bool | None = None
+    kld_memory_mode: Any = None
+    data_config: Any = Field(None, description="the calibration data (the Gptq pass's, when it has one)")
+
+    def flags(self) -> dict[str, object]:
+        return {"mixed_precision_ratio": self.ratio}
+
+
+class OnnxPeepholeOptimizer(_Accepted):
+    NOTE = ("OnnxPeepholeOptimizer: Grove's graphs come fused from the model builder (decoders) or onnxruntime's "
+            "transformer optimizer (encoders); the peephole rewrites are not run again")
+
+
 class OrtSessionParamsTuning(_Accepted):
     NOTE = ("OrtSessionParamsTuning: Grove does not tune session options; the output runs with onnxruntime's "
             "defaults, and its latency is measured with the threads of the evaluation (2)")
@@ -265,22 +401,22 @@ class OrtSessionParamsTuning(_Accepted):
 PASSES: dict[str, type[_Pass]] = {cls.__name__.lower(): cls for cls in (
     ModelBuilder, OnnxConversion, OrtTransformersOptimization, OnnxQuantization, OnnxDynamicQuantization,
     OnnxStaticQuantization, OnnxFloatToFloat16, OnnxBlockWiseRtnQuantization, OnnxMatMul4Quantizer,
-    OnnxHqqQuantization, OnnxKQuantQuantization, OrtSessionParamsTuning)}
+    OnnxHqqQuantization, OnnxKQuantQuantization, OrtSessionParamsTuning, Gptq, Rtn, SelectiveMixedPrecision,
+    OnnxPeepholeOptimizer)}
+PASSES["gptqquantizer"] = PASSES["gptqmodel"] = Gptq
 PASSES["ortperftuning"] = OrtSessionParamsTuning  # its name before Olive 0.7
 PASSES["onnxmatmulnbits"] = OnnxBlockWiseRtnQuantization
 
 # Olive pass types a user may well write, and why Grove has no counterpart.
 _NOT_IN_GROVE = {
     **dict.fromkeys(("lora", "qlora", "loftq", "dora", "loha", "lokr"),
-                    "fine-tuning is not in Grove: fine-tune with Olive or PEFT, merge the adapter, then optimize "
-                    "the merged model"),
+                    "fine-tuning passes are not supported by grove run yet: fine-tune with Olive or PEFT, merge the "
+                    "adapter, then optimize the merged model"),
     **dict.fromkeys(("mergeadapterweights", "extractadapters"), "LoRA adapters are not applied by Grove: merge the "
                     "adapter into the model (PEFT's merge_and_unload), then optimize the merged model"),
-    **dict.fromkeys(("gptqquantizer", "gptq", "gptqmodel", "autoawqquantizer", "awq", "quarot", "spinquant",
-                     "selectivemixedprecision", "rtn"),
-                    "quantizing the PyTorch weights before the capture is not in Grove, which quantizes the captured "
-                    "graph: a ModelBuilder pass with precision int4 gets Grove's affine int4 (the lm_head and "
-                    "embedding kept at 8 bits)"),
+    **dict.fromkeys(("autoawqquantizer", "awq", "quarot", "spinquant"),
+                    "rotating (QuaRot, SpinQuant) or AWQ-scaling the PyTorch weights is not in Grove yet: its GPTQ "
+                    "(a Gptq pass, --int4_algorithm gptq) calibrates the int4 weights without them"),
 }
 
 
@@ -335,6 +471,7 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
         raise InvalidRequest('passes is empty: Grove needs at least one, e.g. "passes": {"convert": {"type": '
                              '"ModelBuilder", "precision": "int4"}}')
     precisions: dict[str, str] = {}
+    specs: dict[str, _Pass] = {}
     problems: list[str] = []  # every pass Grove cannot honour, reported at once
     unread: dict[str, list[str]] = {}  # why -> the passes of types Grove has no counterpart for
     for name, section in passes.items():
@@ -364,6 +501,16 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
         except ValidationError as exc:
             problems.append(_pass_errors(exc, where, cls))
             continue
+        specs[name] = spec
+        if isinstance(spec, Gptq | Rtn | ModelBuilder):
+            problems += spec.problems(where)
+        if isinstance(spec, ModelBuilder):
+            out.notes += spec.notes(where)
+        if isinstance(spec, Gptq | SelectiveMixedPrecision) and spec.data_config is not None \
+                and "calibration_data" not in out.flags:
+            calibration = _data_source(spec.data_config, data, f"{where}.data_config", for_labels=False)
+            out.flags["calibration_data"] = calibration.source
+            _unused(calibration, out)
         if cls.NOTE and cls.NOTE not in out.notes:
             out.notes.append(cls.NOTE)
         if isinstance(spec, _Accepted) and spec.model_extra:  # e.g. an NPU recipe's enable_attention: false
@@ -394,14 +541,64 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
         if (precision := spec.precision()) is not None:
             precisions[name] = precision
         out.flags.update(spec.flags())
+    problems += _before_capture(specs, out)
     problems += [f"passes {', '.join(names)}: {why}" for why, names in unread.items()]
     if problems:
         raise InvalidRequest("; ".join(problems) + ("; remove those passes to run the rest" if unread else ""))
+    builders = [n for n, spec in specs.items()
+                if isinstance(spec, ModelBuilder) and spec.precision_ in ("fp32", "fp16")]
+    if builders and (later := [n for n in list(specs)[list(specs).index(builders[0]) + 1:]
+                               if precisions.get(n) in ("int4", "int8")]):  # a chain: the last quantizer decides
+        out.notes.append(f"{builders[0]} (ModelBuilder) writes {precisions[builders[0]]} and {later[-1]} quantizes it: "
+                         f"the output is {precisions[later[-1]]}, as in Olive's chain")
+        precisions.pop(builders[0])
     quantizing = {n: p for n, p in precisions.items() if p != "fp32"}
     if len(set(quantizing.values())) > 1:
         raise InvalidRequest("passes ask for different precisions: " + ", ".join(f"{n} {p}" for n, p in
                              quantizing.items()) + "; Grove writes one output per run: keep one quantization pass")
     out.flags["precision"] = next(iter(quantizing.values()), "fp32")
+
+
+def _before_capture(specs: dict[str, _Pass], out: Translation) -> list[str]:
+    """Olive's passes on the PyTorch weights (SelectiveMixedPrecision -> Gptq -> Rtn 8-bit head, the
+    olive-recipes LLM chain) as Grove's GPTQ flags; what they ask that Grove cannot do, as problems."""
+    gptq = [s for s in specs.values() if isinstance(s, Gptq)]
+    rtn = [(n, s) for n, s in specs.items() if isinstance(s, Rtn)]
+    mixed = [n for n, s in specs.items() if isinstance(s, SelectiveMixedPrecision)]
+    problems: list[str] = []
+    if mixed and not gptq:
+        problems.append(f"passes.{mixed[0]} (SelectiveMixedPrecision): Grove keeps the sensitive layers at 8 bits in "
+                        "its GPTQ; add a Gptq pass after it")
+    elif mixed:
+        out.notes.append(f"{mixed[0]} (SelectiveMixedPrecision): Grove ranks the linear layers by the error 4-bit "
+                         "rounding adds to their output on the calibration text, and keeps the worst share at 8 bits "
+                         "in its GPTQ (Olive's algorithm option is not used)")
+    for name, spec in rtn:
+        head = spec.head_bits() if not gptq else spec.head_bits() or spec.bits  # after Gptq: what it left, the head
+        if spec.body() and not gptq:
+            out.flags.update({"int4_algorithm": "rtn", "block_size": spec.group_size})
+            if spec.sym:
+                out.flags["symmetric"] = True
+            out.notes.append(f"{name} (Rtn): Grove rounds the captured graph's int4 weights to nearest, the same "
+                             "values" + ("; the lm_head stays as onnxruntime's RTN writes it" if head else ""))
+        elif head is not None and head != 8:
+            out.flags["head_bits"] = head
+        if gptq or not spec.body():
+            out.notes.append(f"{name} (Rtn): the lm_head and embedding at {head} bits, round to nearest: Grove's int4 "
+                             "keeps them so (a tied embedding reads the lm_head's rows)")
+    if gptq:
+        g = gptq[-1]
+        out.flags.update(g.flags())
+        out.flags.pop("accuracy_level", None)  # the builder writes GPTQ's MatMulNBits with its own (4 on cpu)
+        if unused := [f"{k} {v}" for k, v in (("damp_percent", g.damp_percent), ("desc_act", g.desc_act))
+                      if v not in (None, False, 0.01)]:
+            out.notes.append(f"Gptq: {', '.join(unused)} not used: Grove's GPTQ damps the Hessian by 1% of its mean "
+                             "diagonal (Olive's default) and quantizes the columns in order")
+        if "calibration_data" not in out.flags:
+            out.notes.append("Gptq: no data config, so Grove calibrates on its built-in text (the GPL-3, after the "
+                             "tokens its default evaluation scores); --calibration_data FILE takes yours (Olive's "
+                             "default is wikitext-2 from the hub)")
+    return problems
 
 
 # -- the input model, the target, the evaluator ---------------------------------------------------

@@ -174,6 +174,22 @@ def choose_high_bits(scores: dict[str, float], ratio: float) -> tuple[str, ...]:
     return tuple(sorted(sorted(scores, key=lambda n: -scores[n])[:keep]))
 
 
+# Projections the builder fuses into one MatMulNBits, which has one bit width: they keep the same bits.
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _with_fused_siblings(high: set[str], names: set[str]) -> set[str]:
+    """The 8-bit layers with the projections the builder fuses with them (a Q kept at 8 bits takes
+    its K and V along: one MatMulNBits cannot mix 4- and 8-bit columns)."""
+    out = set(high)
+    for name in high:
+        module, _, leaf = name.rpartition(".")
+        for group in _FUSED:
+            if leaf in group:
+                out |= {f"{module}.{sibling}" for sibling in group if f"{module}.{sibling}" in names}
+    return out
+
+
 # -- the checkpoint ---------------------------------------------------------------------------------
 
 def pack(values: Any, bits: int) -> Any:
@@ -324,7 +340,7 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
             m.weight.data = dequantize(q, s, z, config.group_size).to(w.dtype)
         xs = [_run_layer(layer, x, kw) for x, kw in zip(xs, kws, strict=True)]  # the next layer's inputs
     if config.mixed_precision_ratio is not None:  # second pass: chosen layers at 8 bits, the rest at `bits`
-        high = set(choose_high_bits(scores, config.mixed_precision_ratio))
+        high = _with_fused_siblings(set(choose_high_bits(scores, config.mixed_precision_ratio)), set(scores))
         log.info("mixed precision: %d of %d linear layers keep 8 bits (most sensitive: %s)", len(high), len(scores),
                  ", ".join(sorted(high, key=lambda n: -scores[n])[:3]))
         yield from quantize_model(folder, config.model_copy(update={"mixed_precision_ratio": None,

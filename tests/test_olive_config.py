@@ -61,6 +61,52 @@ def test_the_tutorials_config_runs_and_is_the_same_recipe_as_its_auto_opt_comman
     assert len(generator.get_sequence(0)) == 12
 
 
+def test_olive_recipes_llm_chain_runs_as_grove_gptq_with_mixed_precision(tiny_dir, tmp_path: Path,  # noqa: ANN001
+                                                                         store: str) -> None:
+    """olive-recipes' LLM recipe (SelectiveMixedPrecision -> Gptq -> Rtn 8-bit head and embedding ->
+    ModelBuilder int4 -> TieWordEmbeddings), pointed at a tiny tied Qwen2: it runs through `grove run`
+    as GPTQ int4 on the PyTorch weights, the most sensitive share of the linear layers and the lm_head
+    (which the embedding reads) at 8 bits, and the model generates in onnxruntime-genai."""
+    import onnx
+    import onnxruntime_genai as og
+
+    config = {
+        "input_model": {"type": "HfModel", "model_path": str(tiny_dir("qwen2")),
+                        "load_kwargs": {"torch_dtype": "float16"}},
+        "systems": {"local_system": {"type": "LocalSystem", "accelerators": [
+            {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
+        "passes": {
+            "s": {"type": "SelectiveMixedPrecision", "algorithm": "kld_gradient", "bits": 4, "high_bits": 8,
+                  "ratio": 0.65, "sym": False, "group_size": 32},
+            "g": {"type": "gptq", "bits": 4, "sym": False, "group_size": 32},
+            "r": {"type": "rtn", "bits": 8, "sym": False, "group_size": 32, "lm_head": True, "embeds": True,
+                  "overrides": {"lm_head": {"bits": 8}, "model.embed_tokens": {"bits": 8}}},
+            "m": {"type": "ModelBuilder", "precision": "int4"},
+            "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "TieWordEmbeddings"}]}},
+        "target": "local_system", "output_dir": "model", "cache_dir": "cache", "no_artifacts": True}
+    result = grove_cli("run", "--config", str(_write(tmp_path, config)), env={"GROVE_STORE": store}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [command] = [x for x in result.stderr.splitlines() if " is: grove auto-opt " in x]
+    assert {"--int4_algorithm gptq", "--block_size 32", "--mixed_precision_ratio 0.65"} <= set(
+        " ".join(pair) for pair in zip(command.split()[::1], command.split()[1:], strict=False)), command
+    assert "GPTQ calibration: Grove's built-in text" in result.stderr
+    out = tmp_path / "model"
+    assert json.loads((out / "grove_report.json").read_text())["target"]["int4_algorithm"] == "gptq"
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
+    layers = len(bits) - 1  # the lm_head last; q, k and v fused in one
+    assert bits[-1] == 8 and 0 < sum(b == 8 for b in bits[:-1]) < layers, bits
+    assert any(n.op_type == "GatherBlockQuantized" for n in graph.node)
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12)
+    generator = og.Generator(model, params)
+    generator.append_tokens([[1, 2, 3, 4]])
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 12
+
+
 def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path, store: str) -> None:
     """Olive >= 0.7's flat style (HfModel, options beside "type", engine keys at the top), as YAML:
     the dynamic quantization pass's options reach the int8 node; a command-line -o wins over output_dir."""
@@ -232,6 +278,25 @@ def test_a_hub_split_that_is_not_there_is_one_clear_error(tmp_path: Path) -> Non
      "--precision int8 --int8_mode static --no-per_channel --quant_format QOperator --calibrate_method Entropy"),
     ({"q": [{"type": "OnnxDynamicQuantization", "per_channel": True}, {"type": "OnnxDynamicQuantization"}]},
      "--precision int8 --int8_mode dynamic --per_channel"),
+    ({"s": {"type": "SelectiveMixedPrecision", "algorithm": "kld_gradient", "bits": 4, "high_bits": 8, "ratio": 0.65,
+            "sym": False, "group_size": 32},  # olive-recipes' LLM chain
+      "g": {"type": "gptq", "bits": 4, "sym": False, "group_size": 32},
+      "r": {"type": "rtn", "bits": 8, "sym": False, "group_size": 32, "lm_head": True, "embeds": True,
+            "overrides": {"lm_head": {"bits": 8}, "model.embed_tokens": {"bits": 8}}},
+      "m": {"type": "ModelBuilder", "precision": "int4"},
+      "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "TieWordEmbeddings"}]}},
+     "--precision int4 --int4_algorithm gptq --block_size 32 --mixed_precision_ratio 0.65"),
+    ({"g": {"type": "GptqModel", "bits": 4, "group_size": 128, "sym": True, "dynamic": {"+:.*lm_head*": {"bits": 4}}},
+      "m": {"type": "ModelBuilder", "precision": "int4"}},
+     "--precision int4 --int4_algorithm gptq --block_size 128 --symmetric --head_bits 4"),
+    ({"r": {"type": "Rtn", "bits": 4, "group_size": 64}, "m": {"type": "ModelBuilder", "precision": "int4"}},
+     "--precision int4 --int4_algorithm rtn --block_size 64"),
+    ({"m": {"type": "ModelBuilder", "precision": "fp16"}, "q": {"type": "OnnxHqqQuantization"}},  # a chain
+     "--precision int4 --int4_algorithm hqq --block_size 128"),
+    ({"m": {"type": "ModelBuilder", "precision": "int4", "extra_options": {"int4_accuracy_level": 4,
+                                                                           "filename": "model.onnx"}},
+      "p": {"type": "OnnxPeepholeOptimizer"}},
+     "--precision int4 --accuracy_level 4"),
     ({"q": {"type": "OnnxBlockWiseRtnQuantization"}},  # Olive's defaults
      "--precision int4 --int4_algorithm rtn --block_size 128 --symmetric"),
     ({"mb": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant_mixed"}},
@@ -424,19 +489,30 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
 
 @pytest.mark.parametrize(("config", "expected"), [
     ({"input_model": _MODEL, "passes": {"ft": {"type": "LoRA"}}, "output_dir": "o"},
-     "passes ft (LoRA): fine-tuning is not in Grove: fine-tune with Olive or PEFT, merge the adapter"),
+     "passes ft (LoRA): fine-tuning passes are not supported by grove run yet: fine-tune with Olive or PEFT, merge "
+     "the adapter"),
     ({"input_model": _MODEL, "passes": {"x": {"type": "SparseGPT"}}, "output_dir": "o"},
-     "passes x (SparseGPT): not read by Grove, which reads ModelBuilder, OnnxBlockWiseRtnQuantization"),
+     "passes x (SparseGPT): not read by Grove, which reads Gptq, ModelBuilder, OnnxBlockWiseRtnQuantization"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {  # a recent olive-recipes layout, all reported at once
         "s": {"type": "SelectiveMixedPrecision"}, "g": {"type": "gptq", "bits": 4}, "r": {"type": "rtn"},
         "m": {"type": "ModelBuilder", "precision": "int4", "int4_block": 32},
         "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "RemoveRopeMultiCache"}]}}},
      "passes.m: int4_block is not an option of ModelBuilder that Grove reads (it reads precision, int4_block_size, "
      "int4_accuracy_level, int4_is_symmetric, int4_algo_config, metadata_only, search, use_ort_genai, "
-     "use_dynamo_exporter); passes.t: graph surgeries RemoveRopeMultiCache are not in Grove (it reads "
-     "TieWordEmbeddings); passes s (SelectiveMixedPrecision), g (gptq), r (rtn): quantizing the PyTorch weights "
-     "before the capture is not in Grove, which quantizes the captured graph: a ModelBuilder pass with precision "
-     "int4 gets Grove's affine int4 (the lm_head and embedding kept at 8 bits); remove those passes to run the rest"),
+     "use_dynamo_exporter, extra_options, enable_cuda_graph); passes.t: graph surgeries RemoveRopeMultiCache are "
+     "not in Grove (it reads TieWordEmbeddings)"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "QuaRot"}, "g": {"type": "Gptq"},
+                                                            "m": {"type": "ModelBuilder", "precision": "int4"}}},
+     "passes q (QuaRot): rotating (QuaRot, SpinQuant) or AWQ-scaling the PyTorch weights is not in Grove yet"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"g": {"type": "GptqModel", "group_size": -1}}},
+     "passes.g.group_size: Input should be 16, 32, 64, 128 or 256 - weights per group: Grove's int4 is block-wise"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"s": {"type": "SelectiveMixedPrecision"},
+                                                            "m": {"type": "ModelBuilder", "precision": "int4"}}},
+     "passes.s (SelectiveMixedPrecision): Grove keeps the sensitive layers at 8 bits in its GPTQ; add a Gptq pass"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {
+        "type": "ModelBuilder", "precision": "int4", "extra_options": {"prune_lm_head": True, "fast_mode": 1}}}},
+     "passes.m.extra_options.fast_mode is not an option of onnxruntime-genai's model builder; "
+     "passes.m.extra_options.prune_lm_head: changes the model's inputs or outputs"),
     ({"input_model": _MODEL, "passes": {"q": {"type": "OnnxDynamicQuantization", "weight_type": "QUInt8"}},
       "output_dir": "o"}, "passes.q.weight_type: Input should be 'QInt8' - Grove writes signed int8 weights (uint8 "
                           "weights measured slower and no more accurate: README)"),  # a refused value says why
@@ -498,7 +574,7 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
       "log_severity_level": 7, "systems": {"s": {"type": "LocalSystem", "accelerators": [
           {"device": "npu", "execution_providers": ["VitisAIExecutionProvider"]}]}}},  # every part's problem at once
      "systems.s.accelerators[0].device 'npu': Grove targets cpu or gpu; passes fix (DynamicToFixedShape): not read "
-     "by Grove, which reads ModelBuilder, "),
+     "by Grove, which reads Gptq, ModelBuilder, "),
     ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "systems": {"aml": {"type": "AzureML"}}},
      "systems.aml.type 'AzureML': Grove runs where it is started, or on its Prefect work pools"),
     ({"input_model": _MODEL, "passes": _INT4, "engine": {"target": "gpu_system", "output_dir": "o"}},
