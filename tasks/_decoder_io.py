@@ -414,16 +414,31 @@ def _nll(logits_: np.ndarray, targets: list[int]) -> float:
     return float((torch.logsumexp(x, dim=-1) - picked).double().sum())
 
 
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the model folder carries a chat template (``chat_template.jinja``, or the tokenizer config's
+    ``chat_template``). A base model has none: it is prompted with the plain text, which is how it is used
+    (onnxruntime-genai's apply_chat_template raises 'Empty chat template' on it)."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
 def generation_timing(model_dir: Path, prompt: str, new_tokens: int, provider: str = "cpu",
                       model: Any = None) -> dict[str, object]:
-    """Greedy generation of ``new_tokens`` for the chat-formatted ``prompt``: prefill ms,
-    decode tokens/s (after the first token), and the text (after one warm-up run)."""
+    """Greedy generation of ``new_tokens`` for ``prompt`` (chat-formatted, if the model has a chat
+    template): prefill ms, decode tokens/s (after the first token), and the text (after one warm-up run)."""
     import onnxruntime_genai as og
 
     model = model if model is not None else genai_model(model_dir, provider)
     tokenizer = og.Tokenizer(model)
-    chat = json.dumps([{"role": "user", "content": prompt}])
-    ids = tokenizer.encode(tokenizer.apply_chat_template(chat, add_generation_prompt=True))
+    if has_chat_template(model_dir):
+        prompt = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
+                                               add_generation_prompt=True)
+    ids = tokenizer.encode(prompt)
     if (context := context_length(model_dir)) is not None:  # a short-context model: as many as fit
         new_tokens = min(new_tokens, context - len(ids))
         if new_tokens < 1:

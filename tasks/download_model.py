@@ -81,19 +81,25 @@ def _fetch_folder(source: Source, config: DownloadConfig) -> Path:
 
 
 def check_safetensors(folder: Path) -> None:
-    """Read every safetensors header and check the file holds all the bytes it declares."""
+    """Read every safetensors header and check the file holds all the bytes it declares. Any file that
+    is not one (random bytes, say: half of them declare a header longer than 2^63 bytes) is one error."""
     import json
     import struct
 
     for path in folder.rglob("*.safetensors"):
         try:
+            size = path.stat().st_size
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:  # checked before the read: a length past 2^63 cannot even be asked for
+                    raise ValueError(f"its header declares {n} bytes, the file has {size}")
                 header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if path.stat().st_size < 8 + n + end:
-                raise ValueError(f"file has {path.stat().st_size} bytes, header declares {8 + n + end}")
-        except (ValueError, KeyError, struct.error, UnicodeDecodeError, MemoryError) as exc:
+            if size < 8 + n + end:
+                raise ValueError(f"file has {size} bytes, header declares {8 + n + end}")
+        except (ValueError, KeyError, IndexError, TypeError, struct.error, UnicodeDecodeError, MemoryError) as exc:
             raise ModelSourceError(f"'{path.name}' is not a valid safetensors file ({exc}); the weights are "
                                    "corrupt or truncated: download the model again") from exc
 

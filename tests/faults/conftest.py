@@ -80,3 +80,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(item.fspath).parents:
             item.add_marker(pytest.mark.faults)
+
+
+def one_error_line(stderr: str) -> str:
+    """The command's error: exactly one ``grove: error:`` line, its last, and no traceback. (Lines before it
+    that are not Grove's, such as the warm runner starting or a library's warning, are not the error.)"""
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("grove: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in stderr, stderr[-3000:]
+    return errors[0]
