@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from grove import __version__
 from grove.store import default_store_uri
 
-__all__ = ["FleetManifest", "FleetModel", "Target", "entry_version"]
+__all__ = ["FleetManifest", "FleetModel", "Target", "entry_row", "entry_version", "fleet_entries", "unchanged_rows"]
 
 _NAME = r"^[a-z0-9][a-z0-9._-]*$"
 
@@ -94,3 +95,56 @@ def entry_version(source_digest: str, target: Target) -> str:
     """Same upstream bytes + same target + same Grove = same version (nothing to refresh)."""
     blob = json.dumps([source_digest, target.model_dump(mode="json"), __version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_RESOLVERS = 16  # sources resolved at once: a hub id is a round trip to the hub, an s3:// folder a listing
+
+
+def fleet_entries(manifest: FleetManifest) -> list[tuple[FleetModel, str]]:
+    """Every (model, target name) of the manifest, in its order: the order of the refresh's rows."""
+    return [(model, target) for model in manifest.models for target in model.targets]
+
+
+def entry_row(model: FleetModel, target: str, status: str = "failed", version: str = "",
+              reason: str = "") -> dict[str, str]:
+    """One row of a refresh's result and summary table."""
+    return {"model": model.name, "target": target, "status": status, "version": version, "reason": reason}
+
+
+def unchanged_rows(manifest: FleetManifest) -> list[dict[str, str] | None]:
+    """Staleness of the whole fleet at once, one item per entry of :func:`fleet_entries`: the
+    entry's ``unchanged`` row where the registry's ``latest`` already has the version its source
+    and target make, else None: the entry needs its own refresh-entry task (a changed or new
+    source, nothing published yet, or a source or pointer that cannot be read, which the task
+    reads again and reports as before). A nightly refresh is mostly unchanged entries, and a task
+    each cost ~80 ms of orchestration (1,000 entries: 89 s); here they cost a digest lookup and a
+    small read, both in parallel."""
+    from tasks.publish_registry import read_latest_many
+
+    entries = fleet_entries(manifest)
+    digests = _source_digests([model.source for model, _ in entries])
+    published = read_latest_many(manifest.store, [(model.name, target) for model, target in entries])
+    rows: list[dict[str, str] | None] = []
+    for model, target in entries:
+        digest, pointer = digests.get(model.source), published.get((model.name, target))
+        version = entry_version(digest, manifest.targets[target]) if digest is not None else None
+        unchanged = version is not None and pointer is not None and pointer.get("version") == version
+        rows.append(entry_row(model, target, "unchanged", str(version)) if unchanged else None)
+    return rows
+
+
+def _source_digests(sources: list[str]) -> dict[str, str]:
+    """The digest of each distinct source that resolves (a model's targets share one); a source
+    that does not is left out, for its entries' tasks to report."""
+    from tasks import _sources
+
+    def digest(source: str) -> str | None:
+        try:
+            return _sources.resolve(source).digest
+        except Exception:  # noqa: BLE001 - the entry's task resolves it again and reports why
+            return None
+
+    distinct = sorted(set(sources))
+    with _sources.remembering_in_bulk(), ThreadPoolExecutor(max_workers=max(1, min(_RESOLVERS, len(distinct)))) as pool:
+        found = dict(zip(distinct, pool.map(digest, distinct), strict=True))
+    return {source: d for source, d in found.items() if d is not None}

@@ -1,14 +1,15 @@
-"""Task ``refresh-entry``: one (model, target) of a fleet. Detects upstream change by the
-source's digest, skips what is current, otherwise runs auto-opt (on the target's pool when
-deployed) and publishes to the registry. Never raises: a failure is a row, so one broken
-model does not stop the fleet."""
+"""Task ``refresh-entry``: one (model, target) of a fleet that the bulk check
+(:func:`grove.fleet.unchanged_rows`) did not find current. Detects upstream change by the
+source's digest again (another refresh may have published it meanwhile), skips what is current,
+otherwise runs auto-opt (on the target's pool when deployed) and publishes to the registry.
+Never raises: a failure is a row, so one broken model does not stop the fleet."""
 
 from __future__ import annotations
 
 from prefect import task
 
 from grove.errors import GroveError
-from grove.fleet import FleetManifest, FleetModel, entry_version
+from grove.fleet import FleetManifest, FleetModel, entry_row, entry_version
 from grove.node import node_logger
 
 __all__ = ["refresh_entry"]
@@ -16,7 +17,7 @@ __all__ = ["refresh_entry"]
 
 @task(name="refresh-entry", persist_result=False)
 def refresh_entry(model: FleetModel, target_name: str, manifest: FleetManifest) -> dict[str, str]:
-    row = {"model": model.name, "target": target_name, "status": "failed", "version": "", "reason": ""}
+    row = entry_row(model, target_name)
     target = manifest.targets[target_name]
     try:
         from grove.dispatch import run_auto_opt_on_pool
