@@ -3,6 +3,15 @@ cpu pool (same run, fresh store prefix each, each worker running one flow run at
 trigger-to-first-node latency of every entry. Prints JSON and a table.
 
     .venv/bin/python bench/bench_fleet.py
+
+With ``--scale``: a nightly refresh at fleet size, nothing changed upstream. For each size (1,000
+and 10,000 entries: half as many models, each on two targets, each its own source folder) the
+bench fills the registry with every entry's current version, then times ``fleet_refresh`` (the
+bulk check), and, as the baseline in the same run, the per-entry task path it replaced (a
+refresh-entry task for every entry) on a smaller manifest. Prints JSON and a table and writes
+bench/results/fleet-scale.json.
+
+    .venv/bin/python bench/bench_fleet.py --scale [--entries 1000 10000] [--baseline 200] [--s3]
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("llama", "qwen2", "gemma", "phi3")
+PARAMETER_LIMIT = 8 << 20  # bytes of flow run parameters the --scale bench's Prefect server accepts
 
 
 def _phase(label: str, workers: int, models: dict[str, Path], env: dict[str, str]) -> dict[str, object]:
@@ -53,6 +63,8 @@ def _phase(label: str, workers: int, models: dict[str, Path], env: dict[str, str
 
 
 def main() -> int:
+    if "--scale" in sys.argv[1:]:
+        return _scale(sys.argv[1:])
     os.environ["GROVE_HOME"] = tempfile.mkdtemp(prefix="grove-bench-fleet-")
     os.environ.pop("PREFECT_API_URL", None)
     sys.path.insert(0, str(ROOT))
@@ -84,6 +96,138 @@ def main() -> int:
         print(f"{r['workers']:<8} {r['wall_s']:<7} {','.join(r['statuses']):<17} {r['trigger_to_first_node_s']}")
     print(f"\n2 workers / 1 worker = {ratio} (bar <= 0.65: {'PASS' if ratio <= 0.65 else 'FAIL'})")
     return 0
+
+
+def _per_entry_flow():  # noqa: ANN202 - a Prefect flow
+    """The refresh before the bulk check: a refresh-entry task for every entry, unchanged or not."""
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from grove.fleet import fleet_entries
+    from tasks.publish_report import publish_fleet_summary
+    from tasks.refresh_entry import refresh_entry
+
+    @flow(name="fleet-refresh-per-entry", task_runner=ThreadPoolTaskRunner(max_workers=4))
+    def fleet_refresh_per_entry(manifest):  # noqa: ANN001, ANN202 - a FleetManifest: Prefect cannot resolve local names
+        entries, rows = fleet_entries(manifest), []
+        for start in range(0, len(entries), manifest.concurrency):
+            futures = [refresh_entry.submit(m, t, manifest) for m, t in entries[start : start + manifest.concurrency]]
+            rows += [future.result() for future in futures]
+        publish_fleet_summary(rows)
+        return rows
+
+    return fleet_refresh_per_entry
+
+
+def _timed_refresh(refresh, manifest) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    rows = refresh(manifest)
+    wall = time.perf_counter() - start
+    statuses = {r["status"] for r in rows}
+    if statuses != {"unchanged"} or len(rows) != sum(len(m.targets) for m in manifest.models):
+        raise SystemExit(f"bench: expected {len(rows)} unchanged rows, got {statuses}")
+    return wall
+
+
+def _cli_refresh(manifest, work: Path) -> float:  # noqa: ANN001
+    """`grove fleet refresh FILE` in its own process (against the running server), as a user runs it."""
+    import subprocess
+
+    import yaml
+
+    path = work / f"fleet-{len(manifest.models)}.yaml"
+    path.write_text(yaml.safe_dump(manifest.model_dump(mode="json", exclude_defaults=True)))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "grove.cli", "fleet", "refresh", str(path)], check=False,
+                          capture_output=True, text=True, env=os.environ.copy(), cwd=ROOT)
+    wall = time.perf_counter() - start
+    if done.returncode != 0 or done.stdout.count(" unchanged ") != sum(len(m.targets) for m in manifest.models):
+        raise SystemExit(f"bench: grove fleet refresh failed ({done.returncode}): {done.stderr[-2000:]}")
+    return wall
+
+
+def _s3_store() -> str:
+    """A bucket on a real S3-protocol server on loopback (moto's server mode, a test dependency)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
+    s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"]).mkdir("fleet")
+    return "s3://fleet/store"
+
+
+def _scale(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bench_fleet.py --scale")
+    parser.add_argument("--scale", action="store_true")
+    parser.add_argument("--entries", type=int, nargs="+", default=[1000, 10000], help="manifest sizes to time")
+    parser.add_argument("--baseline", type=int, default=1000, help="entries timed on the per-entry task path")
+    parser.add_argument("--s3", action="store_true", help="the store (and registry) on an S3 server on loopback")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="grove-bench-fleet-scale-"))
+    # A manifest is the flow run's parameter, and Prefect's server refuses parameters over 512 KB by
+    # default: about 5,000 models with paths this long. The bench's own server takes 8 MB.
+    os.environ.update(GROVE_HOME=str(work / "grove-home"), XDG_CACHE_HOME=str(work / "xdg-cache"),
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
+                      PREFECT_SERVER_API_MAX_PARAMETER_SIZE=str(PARAMETER_LIMIT))
+    os.environ.pop("PREFECT_API_URL", None)
+    sys.path.insert(0, str(ROOT))
+    from grove.server import ensure_api, stop_server
+
+    store = _s3_store() if args.s3 else str(work / "store")
+    ensure_api()  # one local server, as `grove fleet refresh` starts it; not part of a refresh's time
+    from flows.fleet_refresh import fleet_refresh
+    from tests.fleet_scale import fill_registry, scale_manifest
+
+    try:
+        sizes: dict[int, dict[str, float]] = {}
+        for n in sorted({*args.entries, args.baseline}):
+            manifest = scale_manifest(work / "sources", n, store)
+            fill_start = time.perf_counter()
+            fill_registry(manifest)
+            sizes[n] = {"manifest_kb": round(len(manifest.model_dump_json()) / 1024),
+                        "fill_s": round(time.perf_counter() - fill_start, 2),
+                        "bulk_s": round(_timed_refresh(fleet_refresh, manifest), 2)}
+            if n == args.baseline:
+                sizes[n]["per_entry_tasks_s"] = round(_timed_refresh(_per_entry_flow(), manifest), 2)
+            if n == min(args.entries):
+                sizes[n]["cli_s"] = round(_cli_refresh(manifest, work), 2)
+    finally:
+        stop_server()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    from bench._machine import machine
+
+    base = sizes[args.baseline]
+    per_entry_ms = {n: round(1000 * r["bulk_s"] / n, 3) for n, r in sizes.items()}
+    old_ms = 1000 * base["per_entry_tasks_s"] / args.baseline
+    small, large = min(args.entries), max(args.entries)
+    bars = {f"{small} entries <= 20 s": sizes[small]["bulk_s"] <= 20}
+    if large != small:
+        bars[f"{large} entries <= 10x {small}"] = sizes[large]["bulk_s"] <= 10 * sizes[small]["bulk_s"]
+    result = {"machine": machine(), "store": "s3 (moto, loopback)" if args.s3 else "local folder", "sizes": sizes,
+              "bulk_ms_per_entry": per_entry_ms, "per_entry_tasks_ms_per_entry": round(old_ms, 2),
+              "speedup_per_entry_at_baseline": round(base["per_entry_tasks_s"] / base["bulk_s"], 1),
+              f"per_entry_tasks_{small}_estimated_s": round(old_ms * small / 1000, 1), "bars": bars}
+    print(json.dumps(result, indent=2))
+    print(f"\n{'entries':>8} {'bulk s':>8} {'ms/entry':>9} {'per-entry tasks s':>18} {'CLI s':>7}")
+    for n, r in sizes.items():
+        old, cli = r.get("per_entry_tasks_s", ""), r.get("cli_s", "")
+        print(f"{n:>8} {r['bulk_s']:>8} {per_entry_ms[n]:>9} {old:>18} {cli:>7}")
+    print(f"\nper-entry task path / bulk check at {args.baseline} entries: "
+          f"{result['speedup_per_entry_at_baseline']}x")
+    for bar, ok in bars.items():
+        print(f"bar {bar}: {'PASS' if ok else 'FAIL'}")
+    out = ROOT / "bench" / "results" / "fleet-scale.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return 0 if all(bars.values()) else 1
 
 
 if __name__ == "__main__":
