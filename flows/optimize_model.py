@@ -5,9 +5,13 @@ from __future__ import annotations
 from prefect import flow
 
 from grove.request import AutoOptRequest
+from tasks.capture_adapter import CaptureAdapterConfig, capture_adapter
 from tasks.capture_onnx import capture_onnx
 from tasks.download_model import download_model, resolve_source
 from tasks.evaluate import evaluate, fingerprint_text
+from tasks.extract_adapter import ExtractAdapterConfig, extract_adapter
+from tasks.import_adapter import ImportAdapterConfig, import_adapter, resolve_adapter
+from tasks.merge_adapter import MergeConfig, merge_adapter
 from tasks.package_genai import export_output, package_genai
 from tasks.publish_registry import publish_registry
 from tasks.publish_report import publish_report
@@ -23,10 +27,18 @@ def auto_opt(request: AutoOptRequest) -> dict[str, object]:
     source = resolve_source(request.model_name_or_path, request.revision)
     text_sha = fingerprint_text(request.eval_data or "builtin:GPL-3")
     hf_model = download_model(source, request.download, request.store)
+    adapter = (import_adapter(resolve_adapter(request.adapter_path), ImportAdapterConfig(), request.store)
+               if request.adapter_path is not None else None)
+    if adapter is not None and request.merge_adapter:
+        hf_model = merge_adapter(hf_model, adapter, MergeConfig())
     reference = capture_onnx(hf_model, request.reference_capture)
     reference_eval = evaluate(reference, request.evaluation(text_sha, gate=False))
 
-    if request.int4 is not None:
+    if adapter is not None and request.keeps_adapter:  # the LoRA path stays beside the base, switchable
+        with_lora = capture_adapter(hf_model, adapter, CaptureAdapterConfig(**request.reference_capture.model_dump()))
+        model = extract_adapter(quantize_int4(with_lora, request.int4) if request.int4 is not None else with_lora,
+                                ExtractAdapterConfig())
+    elif request.int4 is not None:
         model = quantize_int4(reference, request.int4)
     elif request.int4_algorithm_used == "gptq":  # quantized before the capture; the builder keeps its integers
         calibration_sha = fingerprint_text(request.calibration_data or "builtin:GPL-3")

@@ -22,6 +22,7 @@ class StepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     NODE: ClassVar[str]
     VERSION: ClassVar[int]
+    PREFERS: ClassVar[Device | None] = None  # runs anywhere, but this device's pool is faster (training: a GPU)
     placement: Device | None = Field(None, description="run on this pool's device; None = wherever the node "
                                      "can run. Placement is policy, not recipe: it is not in the digest")
 

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from grove import __version__
 from grove.errors import GroveError
@@ -20,24 +21,23 @@ __all__ = ["entry", "main", "wind_down"]
 
 _LOG_LEVELS = {0: "DEBUG", 1: "INFO", 2: "WARNING", 3: "ERROR", 4: "CRITICAL"}
 
-# Olive commands of the tutorial that Grove does not have: what to do instead.
-_NOT_IN_GROVE = {
-    "finetune": "Olive's LoRA fine-tuning is not in this version of Grove, which optimizes existing models: "
-                "fine-tune with Olive or PEFT, merge the adapter, then run 'grove auto-opt -m <merged model folder>'",
-}
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _NOT_IN_GROVE:
-        parser.exit(2, f"grove: error: 'grove {argv[0]}': {_NOT_IN_GROVE[argv[0]]}\n")
     if argv[:1] == ["run"]:
         expanded = _expand_run(argv)
         if isinstance(expanded, int):
             return expanded
         argv = expanded
-    args = parser.parse_args(argv)
+    if argv[:1] == ["finetune"]:  # every flag it does not know is one of transformers' TrainingArguments
+        args, unknown = parser.parse_known_args(argv)
+        try:
+            args.training_args = _training_flags(unknown)
+        except GroveError as exc:
+            return _fail(str(exc))
+    else:
+        args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -121,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--head_shortlist", type=int, metavar="K", help="affine/hqq int4, 8-bit head: a 4-bit pass over "
                    "the vocabulary, then the K best tokens' logits recomputed at 8 bits (32, default: decodes faster "
                    "with the 8-bit head's choices; 0: the whole 8-bit lm_head for every token)")
+    p.add_argument("--adapter_path", help="a LoRA adapter folder trained on the model (e.g. grove finetune's "
+                   "<output>/adapter): kept switchable beside the base (adapter_weights.onnx_adapter, for "
+                   "onnxruntime_genai.Adapters), or merged with --merge_adapter")
+    p.add_argument("--merge_adapter", action="store_true", default=None, help="merge --adapter_path into the "
+                   "weights first and write one plain model")
     p.add_argument("--eval_data", help="decoders: UTF-8 text for perplexity, or a Parquet/JSONL/CSV table's text "
                    "column (default: the GPL-3 text shipped with Grove); text classifiers: CSV/JSONL/Parquet with "
                    "text,label; token classifiers: JSONL/Parquet/CoNLL with tokens,ner_tags (accuracy; entity F1 "
@@ -167,6 +172,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--store", help="artifact store, as for auto-opt (the config's cache_dir is not it)")
     r.add_argument("--dry-run", action="store_true", help="print the auto-opt command the config amounts to, "
                    "run nothing")
+
+    _finetune_parser(sub)
+    from grove.adapter_commands import add_parsers
+
+    add_parsers(sub)
 
     s = sub.add_parser("server", help="the local Prefect server and warm runner that grove starts on demand")
     s.add_argument("action", choices=["status", "start", "stop"])
@@ -422,6 +432,122 @@ def _deploy(args: argparse.Namespace) -> int:
     check_api(os.environ["PREFECT_API_URL"])
     for name in deploy(args.store or default_store_uri(), manifest, schedule):
         print(f"deployed {name}")
+    return 0
+
+
+# Olive's short flags for finetune's options; the rest are --<field name>.
+_FINETUNE_SHORT = {"model_name_or_path": "-m", "output_path": "-o", "data_name": "-d"}
+_FINETUNE_EPILOG = ("Every other --flag is one of transformers' TrainingArguments (--max_steps, --learning_rate, "
+                    "--gradient_accumulation_steps, --num_train_epochs, --seed ...), as in Olive; Olive's defaults: "
+                    "learning rate 2e-4, constant schedule, 3%% warm-up. Speed defaults: see --torch_dtype; activation "
+                    "checkpointing is off on a CPU (half the speed, for memory a small model does not need) and on "
+                    "for CUDA.")
+
+
+def _finetune_parser(sub: Any) -> None:
+    """``grove finetune``: its flags are the request model's fields (one description for --help, the
+    dashboard's form and the docs), with Olive's names, short flags and defaults."""
+    import typing
+
+    from grove.request_finetune import FinetuneRequest
+
+    p = sub.add_parser("finetune", help="LoRA fine-tuning of a model on a dataset (Olive's finetune)",
+                       description="Trains a LoRA adapter (peft) as cached DAG nodes: prepare-data, train-adapter "
+                       "(checkpoints in the store: a killed run resumes), evaluate-adapter. Writes Olive's layout: "
+                       "<output>/adapter/, model_config.json, and grove_report.json.", epilog=_FINETUNE_EPILOG)
+    for name, field in FinetuneRequest.model_fields.items():
+        if name in ("training_args",):
+            continue
+        flags = [*([_FINETUNE_SHORT[name]] if name in _FINETUNE_SHORT else []), f"--{name}"]
+        kind, default = field.annotation, field.get_default(call_default_factory=False)
+        help_text = (field.description or "").replace("%", "%%")
+        if default not in (None, "", False) and field.default_factory is None:
+            help_text += f" (default: {default})"
+        options: dict[str, Any] = {"help": help_text, "default": None}
+        args = typing.get_args(kind)
+        if kind is bool:
+            options["action"] = "store_true"
+        elif typing.get_origin(kind) is typing.Literal or any(typing.get_origin(a) is typing.Literal for a in args):
+            literal = kind if typing.get_origin(kind) is typing.Literal else next(
+                a for a in args if typing.get_origin(a) is typing.Literal)
+            options["choices"] = list(typing.get_args(literal))
+        elif kind in (int, float) or int in args or float in args:
+            options["type"] = int if (kind is int or int in args) else float
+        elif "list" in str(kind):
+            options["nargs"] = "+"
+        if name == "text_template":
+            options["type"] = _unescaped
+        options["required"] = field.is_required()
+        p.add_argument(*flags, **options)
+    p.add_argument("-t", "--task", choices=["text-generation"], help="what the model is for (text-generation)")
+    p.add_argument("--log_level", type=int, choices=range(5), default=1, help="as for auto-opt")
+    p.add_argument("--dry_run", action="store_true", help="check every flag, print the request, run nothing")
+    p.add_argument("--save_config_file", action="store_true", help="also write the request to "
+                   "<output_path>/finetune_config.json, after the run")
+    p.set_defaults(run=_finetune)
+
+
+def _unescaped(value: str) -> str:
+    r"""A template as typed in a shell: ``\n`` is a newline, ``\t`` a tab (Olive's unescaped_str)."""
+    return value.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _training_flags(unknown: list[str]) -> dict[str, Any]:
+    """The flags finetune's parser did not know, as {name: value}: ``--name value``, ``--name=value``,
+    ``--flag`` alone (true), ``--name a b`` (a list). A stray value is an error."""
+    flags: dict[str, Any] = {}
+    name: str | None = None
+    for token in unknown:
+        if token.startswith("--") and len(token) > 2:
+            name, _, value = token[2:].partition("=")
+            name = name.replace("-", "_")
+            flags[name] = value if value else True
+            if value:
+                name = None
+        elif name is not None:
+            current = flags[name]
+            flags[name] = token if current is True else [*(current if isinstance(current, list) else [current]), token]
+        else:
+            raise GroveError(f"grove finetune: unexpected argument {token!r}; flags are --name value")
+    return flags
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from grove.errors import one_line
+    from grove.request_finetune import FinetuneRequest
+
+    skip = {"run", "log_level", "dry_run", "save_config_file", "task"}
+    fields = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    try:
+        request = FinetuneRequest(**fields)
+        from grove.runner import preflight_finetune
+
+        preflight_finetune(request)
+    except ValidationError as exc:
+        return _fail(f"invalid request: {one_line(exc, lambda loc: f'--{loc[0]}: ' if loc else '')}")
+    if args.dry_run:
+        print(json.dumps(request.model_dump(mode="json"), indent=2))
+        return 0
+    _configure_logging(args.log_level)
+    from grove.runner import run_finetune
+
+    try:
+        report = run_finetune(request)
+    except KeyboardInterrupt:
+        print(f"grove: interrupted; {request.output_path} was left as it was, and the training's last checkpoint "
+              "is in the store: the same command resumes from it", file=sys.stderr)
+        return 130
+    if args.save_config_file:
+        from pathlib import Path
+
+        (Path(request.output_path).expanduser() / "finetune_config.json").write_text(request.model_dump_json(indent=2))
+    from grove.report import format_finetune_report
+
+    print(format_finetune_report(report, request.output_path))
     return 0
 
 

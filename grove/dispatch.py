@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from grove.artifacts import Artifact, Device, Source, StepConfig
@@ -18,18 +19,39 @@ if TYPE_CHECKING:
     from grove.request import AutoOptRequest
     from grove.request_encoder import EncoderOptRequest
 
-__all__ = ["pool_for", "run_on_pool"]
+__all__ = ["pool_for", "pool_has_worker", "run_on_pool"]
 
 
-def pool_for(config: StepConfig, here: str | None = None, api_url: str | None = None) -> Device | None:
+def pool_for(config: StepConfig, here: str | None = None, api_url: str | None = None,
+             has_worker: Callable[[Device], bool] | None = None) -> Device | None:
     """The device whose pool must build ``config``'s node, or None to build it in this process.
-    ``here`` / ``api_url`` default to ``GROVE_DEVICE`` / ``PREFECT_API_URL``."""
+    ``here`` / ``api_url`` default to ``GROVE_DEVICE`` / ``PREFECT_API_URL``. A node that runs anywhere
+    but prefers a device (train-adapter: a GPU) goes to that device's pool when the pool has a live
+    worker (``has_worker``, default: asked of the Prefect API), else runs here."""
     here = here if here is not None else os.environ.get("GROVE_DEVICE")
     api_url = api_url if api_url is not None else os.environ.get("PREFECT_API_URL")
+    if not here or not api_url:
+        return None
     needs = config.device
-    if not here or not api_url or needs is None or needs == here:
+    if needs is None and config.PREFERS not in (None, here) and (has_worker or pool_has_worker)(config.PREFERS):
+        return config.PREFERS
+    if needs is None or needs == here:
         return None
     return needs
+
+
+def pool_has_worker(device: Device) -> bool:
+    """Whether ``<device>-pool`` has a worker that is online now (Prefect marks a worker offline when its
+    heartbeats stop)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            workers = client.read_workers_for_work_pool(f"{device}-pool")
+        except ObjectNotFound:
+            return False
+    return any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers)
 
 
 def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str) -> None:

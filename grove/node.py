@@ -27,7 +27,8 @@ from grove.artifacts import Artifact, Metric, Source, StepConfig, recipe_digest
 from grove.lease import build_lease
 from grove.store import ArtifactStore, lineage_of
 
-__all__ = ["RECIPE_CACHE", "RESULT_SERIALIZER", "cache_key", "node_logger", "report_progress", "run_node", "store_for"]
+__all__ = ["RECIPE_CACHE", "RESULT_SERIALIZER", "cache_key", "node_logger", "node_scratch", "report_progress", "run_node",
+           "store_for"]
 
 C = TypeVar("C", bound=StepConfig)
 Build = Callable[[list[Path], C, Path], Mapping[str, Metric]]
@@ -84,6 +85,19 @@ class _Progress:
 
 
 _progress: ContextVar[_Progress | None] = ContextVar("grove_progress", default=None)
+_building: ContextVar[tuple[ArtifactStore, str, str] | None] = ContextVar("grove_building", default=None)
+
+
+def node_scratch() -> tuple[ArtifactStore, str]:
+    """The store of the node being built, and a folder in it that belongs to this recipe alone
+    (``scratch/<node>/<digest>``): where long nodes keep what lets a rerun resume after a crash (a
+    training's checkpoints). It outlives the process, not the build: the node removes it once
+    committed. Call from inside a node's body."""
+    current = _building.get()
+    if current is None:
+        raise RuntimeError("node_scratch() is for a node's body, called through run_node")
+    store, node, digest = current
+    return store, f"{store.root}/scratch/{node}/{digest}"
 _BAR_EVERY_S = 1.0  # the dashboard's bar moves at most this often (each move is an API call)
 _LOG_EVERY_S = 15.0  # a long node says how far it is this often (a 7B model's int4 takes minutes)
 
@@ -196,8 +210,12 @@ def _build(config: C, parents: list[Artifact | Source], store: ArtifactStore, di
     work = Path(tempfile.mkdtemp(prefix=f"grove-{config.NODE}-"))
     try:
         start = time.perf_counter()
-        with _progress_bar(f"{config.NODE} {digest[:12]}"):
-            metrics = dict(build(local_inputs, config, work))
+        token = _building.set((store, config.NODE, digest))
+        try:
+            with _progress_bar(f"{config.NODE} {digest[:12]}"):
+                metrics = dict(build(local_inputs, config, work))
+        finally:
+            _building.reset(token)
         seconds = time.perf_counter() - start
         metrics.setdefault("seconds", round(seconds, 2))
         manifest = store.commit(
@@ -213,6 +231,17 @@ def _build(config: C, parents: list[Artifact | Source], store: ArtifactStore, di
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _drop_scratch(store, config.NODE, digest)
     size_mb = sum(f.size for f in manifest.files) / 1e6
     log.info("%s/%s built in %.1f s (%.1f MB)", config.NODE, digest[:12], seconds, size_mb)
     return Artifact(node=config.NODE, digest=digest, store=store.uri, metrics=manifest.metrics)
+
+
+def _drop_scratch(store: ArtifactStore, node: str, digest: str) -> None:
+    """The recipe's scratch folder (node_scratch), once its artifact is committed: nothing resumes it now."""
+    scratch = f"{store.root}/scratch/{node}/{digest}"
+    try:
+        if store.fs.exists(scratch):
+            store.fs.rm(scratch, recursive=True)
+    except OSError as exc:  # left for `grove store prune`; the artifact itself is committed
+        node_logger().warning("could not remove %s (%s)", scratch, exc)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ROWS", "format_report", "markdown_report", "table_rows"]
+__all__ = ["ROWS", "format_finetune_report", "format_report", "markdown_report", "table_rows"]
 
 ROWS = {
     "size_mb": "size on disk (MB)",
@@ -77,3 +77,26 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def format_finetune_report(report: dict[str, object], output_path: str) -> str:
+    """What ``grove finetune`` prints: where the adapter is, and what the training changed."""
+    metrics = report.get("metrics") or {}
+    adapter = report.get("adapter") or {}
+    assert isinstance(metrics, dict) and isinstance(adapter, dict)
+
+    def num(key: str, digits: int = 4) -> str:
+        value = metrics.get(key)
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+    resumed = f" (resumed from step {metrics['resumed_from_step']})" if metrics.get("resumed_from_step") else ""
+    lines = [f"Fine-tuned {report.get('model')} -> {output_path}/adapter",
+             f"adapter: {adapter.get('method')} r={adapter.get('r')} alpha={adapter.get('alpha')} on "
+             f"{', '.join(map(str, adapter.get('target_modules') or []))}",
+             f"steps: {metrics.get('steps')}{resumed}; train loss {num('first_loss')} -> {num('train_loss')}; "
+             f"{num('tokens_per_s', 1)} tokens/s",
+             f"eval loss {num('eval_loss_before')} -> {num('eval_loss_after')} (perplexity "
+             f"{num('perplexity_before', 2)} -> {num('perplexity_after', 2)}) on {metrics.get('eval_on')}",
+             f"next: grove auto-opt -m {output_path} -o <folder> (int4 with the adapter merged), or "
+             f"--adapter_path {output_path}/adapter to keep it switchable"]
+    return "\n".join(lines)

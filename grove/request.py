@@ -84,6 +84,11 @@ class AutoOptRequest(BaseModel):
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="fail if parity with fp32 is lower")
     publish_as: tuple[str, str, str] | None = Field(None, description="fleet refresh: (name, target, version) "
                                                     "to publish the output under in the store's registry")
+    adapter_path: str | None = Field(None, description="a LoRA adapter folder (peft: adapter_config.json, "
+                                     "adapter_model.safetensors) trained on this model: kept switchable beside the "
+                                     "int4 base (adapter_weights.onnx_adapter, loaded with onnxruntime_genai.Adapters), "
+                                     "or merged with --merge_adapter")
+    merge_adapter: bool = Field(False, description="fold --adapter_path into the weights first: one plain model")
     gpu_nodes: list[Literal["capture-onnx", "quantize-int4", "evaluate", "package-genai"]] = Field(
         default_factory=list, description="on a deployed stack: nodes to run on the gpu pool (others run where "
         "they naturally do); ignored when running locally")
@@ -126,6 +131,12 @@ class AutoOptRequest(BaseModel):
                            if getattr(self, f) is not None]) and algorithm != "gptq":
             problems.append(f"{', '.join(calibrated)}: for a decoder, calibration is GPTQ's; pass --int4_algorithm "
                             "gptq")
+        if self.merge_adapter and self.adapter_path is None:
+            problems.append("--merge_adapter merges the adapter --adapter_path names: pass it too")
+        if self.keeps_adapter and not (self.device == "cpu" and (self.precision == "fp32" or algorithm in ("affine",
+                                                                                                          "hqq"))):
+            problems.append("a switchable adapter (--adapter_path) is kept beside an int4 base of Grove's affine or "
+                            "hqq int4 on cpu, or an fp32 one; for this target pass --merge_adapter")
         if self.task not in ("text-generation", "text-generation-with-past"):
             problems.append(f"--task {self.task} is not supported by auto-opt yet; supported: text-generation")
         if problems:
@@ -158,6 +169,11 @@ class AutoOptRequest(BaseModel):
         return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider,  # type: ignore[arg-type]
                              block_size=self.block_size if builder_int4 else None,
                              placement=self._placement("capture-onnx"))
+
+    @property
+    def keeps_adapter(self) -> bool:
+        """Whether the output keeps --adapter_path switchable (multi-LoRA) rather than merged."""
+        return self.adapter_path is not None and not self.merge_adapter
 
     @property
     def int4_algorithm_used(self) -> Int4Algorithm | None:

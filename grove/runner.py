@@ -16,9 +16,10 @@ if TYPE_CHECKING:
     from prefect.states import State
 
     from grove.artifacts import Source
+    from grove.request_finetune import FinetuneRequest
 
 __all__ = ["check_provider", "preflight", "request_from_flags", "result_storage", "run_auto_opt",
-           "run_auto_opt_state"]
+           "preflight_finetune", "run_auto_opt_state", "run_finetune"]
 
 
 def request_from_flags(fields: dict[str, Any], source: Source | None = None,
@@ -32,8 +33,11 @@ def request_from_flags(fields: dict[str, Any], source: Source | None = None,
     from tasks import _sources
     from tasks.registry import source_spec
 
+    _read_model_config(fields)
     if source is None:
         source = _sources.resolve(str(fields["model_name_or_path"]), fields.get("revision"))
+    if fields.get("adapter_path"):
+        _check_adapter_base(str(fields["adapter_path"]), source)
     if source_spec(source).path == "decoder":
         refuse_encoder_flags(fields, str(fields["model_name_or_path"]))
         return AutoOptRequest(**fields, **(decoder_fields or {})), source
@@ -184,3 +188,97 @@ def configured_flow(request: AutoOptRequest | EncoderOptRequest) -> Any:
         from flows.optimize_encoder import optimize_encoder as flow
     return flow.with_options(result_storage=result_storage(request.store),  # type: ignore[attr-defined]
                              result_serializer=RESULT_SERIALIZER, persist_result=True)
+
+
+def run_finetune(request: FinetuneRequest) -> dict[str, object]:
+    """Run the finetune flow against the configured (or embedded) Prefect API; returns the report."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.finetune import finetune
+    from grove.node import RESULT_SERIALIZER
+    from grove.server import ensure_api
+
+    with temporary_settings(updates={PREFECT_API_URL: ensure_api()}):
+        flow = finetune.with_options(result_storage=result_storage(request.store), result_serializer=RESULT_SERIALIZER,
+                                     persist_result=True)
+        report: dict[str, object] = flow(request)
+    return report
+
+
+def preflight_finetune(request: FinetuneRequest) -> None:
+    """What can be checked before any work: the base model (found, a decoder Grove trains), the output
+    path, the store, QLoRA's GPU, and the data (found, readable, and its first row holding what the text
+    recipe reads). Raises a GroveError naming the cause and the fix."""
+    from tasks import _finetune_data as fd
+    from tasks import _sources
+    from tasks.registry import source_spec
+    from tasks.package_finetune import MODEL_CONFIG
+    from tasks._report import REPORT
+
+    source = _sources.resolve(request.model_name_or_path, request.revision)
+    if source_spec(source).path != "decoder":
+        raise InvalidRequest(f"{request.model_name_or_path} is a {source.model_type} model; grove finetune trains "
+                             "decoder LLMs (text generation)")
+    out = Path(request.output_path).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).exists()
+                                              and not (out / MODEL_CONFIG).exists())):
+        raise InvalidRequest(f"output path {out} exists and is not an earlier Grove output; choose a new folder")
+    _check_writable_beside(out.absolute())
+    if request.method == "qlora":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidRequest("--method qlora loads the base in 4 bits with bitsandbytes, which needs a CUDA GPU, "
+                                 "and this machine has none; use --method lora, or trigger the finetune deployment "
+                                 "with method qlora so that the gpu pool runs it (grove deploy)")
+    if request.target_modules:
+        from tasks.train_adapter import resolve_targets, skeleton
+
+        if (model := skeleton(source)) is not None:
+            resolve_targets(model, request.train(cuda=False).target_modules)
+    ArtifactStore(request.store).check_reachable()
+    for which in ("train", "eval"):
+        files = request.files(which)  # type: ignore[arg-type]
+        if not files:
+            continue
+        fd.data_sha256(files)  # found and readable (a hub split's shards are kept in this machine's cache)
+        rows = fd.read_rows(files)
+        if not rows:
+            raise InvalidRequest(f"-d {request.data_name}: the {which} split ({', '.join(files)}) holds no rows")
+        if not request.use_chat_template:
+            next(iter(fd.render(rows[:1], text_field=request.text_field, text_template=request.text_template,
+                                input_cols=request.input_cols, train_on_responses=request.train_on_responses)))
+
+
+def _read_model_config(fields: dict[str, Any]) -> None:
+    """``-m`` naming a fine-tuning output (Olive's layout: model_config.json, adapter/) is its base model
+    with ``--adapter_path`` its adapter, as Olive's commands read it."""
+    from tasks.package_finetune import MODEL_CONFIG, read_model_config
+
+    folder = Path(str(fields["model_name_or_path"])).expanduser()
+    if not (folder / MODEL_CONFIG).is_file() or (folder / "config.json").exists():
+        return
+    base, adapter, _ = read_model_config(folder)
+    fields["model_name_or_path"] = base
+    if adapter is not None:
+        if fields.get("adapter_path") and Path(str(fields["adapter_path"])).resolve() != adapter.resolve():
+            raise InvalidRequest(f"-m {folder} names its adapter ({adapter}), and --adapter_path names another; "
+                                 "pass one of them")
+        fields["adapter_path"] = str(adapter)
+
+
+def _check_adapter_base(adapter_path: str, source: Source) -> None:
+    """An adapter Grove trained records its base's digest (model_config.json beside ``adapter/``): a base
+    that is not that one is refused before any work (peft would fail on other shapes, or silently adapt
+    another model of the same shapes)."""
+    from tasks.import_adapter import resolve_adapter
+    from tasks.package_finetune import MODEL_CONFIG, read_model_config
+
+    adapter = resolve_adapter(adapter_path)  # a LoRA adapter folder, or one line saying what is wrong
+    beside = Path(adapter.location).parent
+    if not (beside / MODEL_CONFIG).is_file():
+        return
+    base, _, digest = read_model_config(beside)
+    if digest is not None and digest != source.digest:
+        raise InvalidRequest(f"the adapter {adapter_path} was trained on {base}, not on {source.location} (another "
+                             f"model, or another version of it); pass -m {base}, or an adapter trained on this model")

@@ -247,6 +247,8 @@ class _Rewriter:
         t = self.inits.get(name)
         if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
             return False
+        if ".lora_A." in name or ".lora_B." in name:  # a LoRA path stays fp32: extract-adapter makes it switchable
+            return False
         if t.dims[0] % self.bs:
             self.skipped[name] = t.dims[0]
             return False

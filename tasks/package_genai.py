@@ -73,9 +73,10 @@ def export_output(package: Artifact, output_path: str | None) -> dict[str, objec
                              ) from exc
     previous = staging.with_name(staging.name + "-previous")
     try:
-        for f in src.iterdir():
+        for f in sorted(src.rglob("*")):  # an adapter's output keeps its adapter/ folder
             if f.is_file() and f.name != "manifest.json":
-                _copy_file(f, staging / f.name)
+                (staging / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                _copy_file(f, staging / f.relative_to(src))
         if target.exists():
             target.rename(previous)  # moved aside, not deleted, until the new output is in place
         staging.rename(target)

@@ -12,7 +12,7 @@ from grove.artifacts import Artifact
 
 from grove.report import markdown_report, table_rows
 
-__all__ = ["publish_fleet_summary", "publish_report"]
+__all__ = ["publish_finetune_report", "publish_fleet_summary", "publish_report"]
 
 
 @task(name="publish-report", persist_result=False)
@@ -33,3 +33,23 @@ def publish_fleet_summary(rows: list[dict[str, str]]) -> None:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("refreshed", "unchanged", "failed")}
     create_table_artifact(key="fleet-refresh", table=rows,
                           description=", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+@task(name="publish-finetune-report", persist_result=False)
+def publish_finetune_report(report: dict[str, object], output_path: str) -> None:
+    """The loss curve as a table, and the before / after figures, on the run's page."""
+    name = str(report.get("model", "model")).rstrip("/").rsplit("/", 1)[-1]
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40] or "model"
+    metrics = report.get("metrics") or {}
+    assert isinstance(metrics, dict)
+    log = report.get("loss_curve")
+    curve = [{"step": e.get("step"), "loss": e.get("loss"), "learning_rate": e.get("learning_rate")}
+             for e in log if isinstance(e, dict)] if isinstance(log, list) else []
+    if curve:
+        create_table_artifact(key=f"loss-{slug}", table=curve, description=f"training loss of {name}'s adapter")
+    rows = "\n".join(f"| {k.replace('_', ' ')} | {metrics.get(k)} |" for k in (
+        "steps", "first_loss", "train_loss", "eval_loss_before", "eval_loss_after", "perplexity_before",
+        "perplexity_after", "tokens_per_s") if k in metrics)
+    create_markdown_artifact(key=f"finetune-{slug}", markdown=f"# Fine-tuned {report.get('model')}\n\nAdapter: "
+                             f"`{output_path}/adapter`\n\n| metric | value |\n|---|---|\n{rows}\n",
+                             description=f"finetune report for {report.get('model')}")

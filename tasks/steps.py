@@ -10,17 +10,24 @@ from pathlib import Path
 
 from grove.artifacts import StepConfig
 from tasks import (
+    capture_adapter,
     capture_encoder,
     capture_onnx,
     check_parity,
     convert_fp16,
     evaluate,
+    evaluate_adapter,
     evaluate_encoder,
+    extract_adapter,
+    merge_adapter,
     optimize_graph,
     package_encoder,
+    package_finetune,
     package_genai,
+    prepare_data,
     quantize_int4,
     quantize_int8,
+    train_adapter,
 )
 
 __all__ = ["STEPS", "Step"]
@@ -44,4 +51,11 @@ STEPS: dict[str, Step] = {
     "convert-fp16": Step(convert_fp16.Fp16Config, convert_fp16._convert),  # noqa: SLF001
     "evaluate-encoder": Step(evaluate_encoder.EncoderEvalConfig, evaluate_encoder._evaluate),  # noqa: SLF001
     "package-encoder": Step(package_encoder.EncoderPackageConfig, package_encoder._package),  # noqa: SLF001
+    "prepare-data": Step(prepare_data.PrepareDataConfig, prepare_data._prepare),  # noqa: SLF001
+    "train-adapter": Step(train_adapter.TrainConfig, train_adapter._train),  # noqa: SLF001
+    "evaluate-adapter": Step(evaluate_adapter.AdapterEvalConfig, evaluate_adapter._evaluate),  # noqa: SLF001
+    "merge-adapter": Step(merge_adapter.MergeConfig, merge_adapter._merge),  # noqa: SLF001
+    "package-finetune": Step(package_finetune.FinetunePackageConfig, package_finetune._package),  # noqa: SLF001
+    "capture-adapter": Step(capture_adapter.CaptureAdapterConfig, capture_adapter._capture),  # noqa: SLF001
+    "extract-adapter": Step(extract_adapter.ExtractAdapterConfig, extract_adapter._extract),  # noqa: SLF001
 }

@@ -166,19 +166,6 @@ def test_a_prefect_api_that_does_not_answer_is_one_clear_error(tmp_path: Path, t
     assert not out.exists()
 
 
-def test_the_tutorials_finetune_command_says_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
-    """The tutorial's `olive finetune` typed as grove: one line naming what is missing and what to
-    run instead, exit 2 (not argparse's bare 'invalid choice')."""
-    from grove.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["finetune", "--model_name_or_path", "m", "--data_name", "d", "--output_path", "o"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("grove: error: 'grove finetune'") and "grove auto-opt -m <merged model folder>" in err
-    assert err.count("\n") == 1
-
-
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--cron", "61 * * * *"], "--cron '61 * * * *' is not valid for the fleet schedule; give five fields"),
     (["--timezone", "Mars/Base"], "--timezone 'Mars/Base' is not valid for the fleet schedule; give an IANA"),

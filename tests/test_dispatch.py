@@ -84,3 +84,37 @@ def test_run_node_can_build_every_node_the_dispatcher_may_send(kind: str) -> Non
         assert node in STEPS and isinstance(config, STEPS[node].config), node
         rebuilt = STEPS[node].config.model_validate(config.model_dump(mode="json"))  # as run-node receives it
         assert rebuilt == config
+
+
+def test_training_goes_to_the_gpu_pool_only_while_it_has_a_live_worker() -> None:
+    """train-adapter runs anywhere but prefers a GPU: from a cpu worker it is dispatched to gpu-pool when
+    that pool has an online worker (asked of the real Prefect API of the test session), else it trains in
+    place. QLoRA needs the GPU whatever the pools say."""
+    import os
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from grove.dispatch import pool_has_worker
+    from grove.request_finetune import FinetuneRequest
+
+    lora = FinetuneRequest(model_name_or_path="m", data_name="d.jsonl").train(cuda=False)
+    qlora = FinetuneRequest(model_name_or_path="m", data_name="d.jsonl", method="qlora").train(cuda=True)
+    api = os.environ["PREFECT_API_URL"]
+    assert pool_for(lora, "cpu", api, has_worker=lambda device: False) is None
+    assert pool_for(lora, "cpu", api, has_worker=lambda device: device == "gpu") == "gpu"
+    assert pool_for(lora, "gpu", api, has_worker=lambda device: True) is None
+    assert pool_for(qlora, "cpu", api, has_worker=lambda device: False) == "gpu"
+    assert pool_for(lora, "cpu", "", has_worker=lambda device: True) is None  # no API: not deployed, in place
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name="gpu-pool", type="process"))
+        except ObjectAlreadyExists:
+            pass
+        had_worker = pool_has_worker("gpu")
+        client.send_worker_heartbeat("gpu-pool", f"test-{uuid.uuid4().hex[:8]}", heartbeat_interval_seconds=60)
+    assert not had_worker and pool_has_worker("gpu")
+    assert pool_for(lora, "cpu", api) == "gpu"

@@ -268,3 +268,21 @@ def write_gguf(folder: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def lora_adapter(base: Path, folder: Path, seed: int, targets: list[str], r: int = 8) -> Path:
+    """A LoRA adapter of ``base`` saved by peft, with random A and B (as after training: peft starts B at
+    zero, which would hide a wrong B)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=16, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(str(folder))
+    return folder
