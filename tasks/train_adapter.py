@@ -19,7 +19,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from prefect import task
 from pydantic import Field
@@ -48,7 +48,7 @@ TRAIN_LOG = "train_log.json"
 class TrainConfig(StepConfig):
     NODE = "train-adapter"
     VERSION = 1
-    PREFERS: Device = "gpu"  # trains anywhere, much faster on a GPU: dispatched to a gpu pool when one is deployed
+    PREFERS: ClassVar[Device | None] = "gpu"  # trains anywhere, much faster on a GPU: dispatched to a gpu pool when one is deployed
     method: Literal["lora", "qlora"] = "lora"
     lora_r: int = Field(64, ge=1)
     lora_alpha: float = Field(16, gt=0)
