@@ -9,7 +9,12 @@ Layout under the store root::
     models/<name>/<target>/latest.json            <- moved last, in one write
 
 An artifact exists only once its manifest exists and every file it lists has the listed
-size. Anything else (a crashed upload, a deleted file) is treated as absent and rebuilt.
+size. Anything else (a crashed upload, a deleted file) is treated as absent and rebuilt. On this
+machine (a local store, and the copies fetched from a remote one) every file is also checked against
+the manifest's sha256: a file changed behind the store's back, even to the same size, is never served
+as good; its artifact is dropped, with a warning, and rebuilt (or fetched again). A file is hashed once:
+its size, mtime, inode and ctime when it was last found good are kept in ``cache_home()/checked``, and it
+is hashed again only when one of them changes (a write changes the ctime even where it restores the mtime).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -214,6 +220,10 @@ class ArtifactStore:
         for entry in manifest.files:
             if listing.get(entry.path) != entry.size:
                 return None
+        if self.is_local and not _checked(manifest, Path(base), raw):
+            with contextlib.suppress(FileNotFoundError):  # absent to every reader from now on; rebuilt whole
+                self.fs.rm(f"{base}/{MANIFEST}")
+            return None
         return manifest
 
     def fetch(self, node: str, digest: str, cache_dir: Path | None = None) -> Path:
@@ -225,16 +235,25 @@ class ArtifactStore:
             return Path(self.artifact_path(node, digest))
         cache_dir = cache_dir or cache_home() / "fetched"
         dest = cache_dir / node / digest
-        if (dest / MANIFEST).exists():
+        if self._good_copy(manifest, dest):
             mark_used(dest)
             return dest
         # One download per machine: runs that need the same artifact at once (a fleet's targets on
         # one box's workers) wait for the first one's copy instead of downloading it again.
         with file_lock(_ensure(cache_dir / node) / f".{digest}.lock"):
-            if (dest / MANIFEST).exists():
+            if self._good_copy(manifest, dest):
                 return dest
+            shutil.rmtree(dest, ignore_errors=True)  # a damaged copy, if any: fetched again
             self._download(manifest, dest)
         return dest
+
+    @staticmethod
+    def _good_copy(manifest: Manifest, dest: Path) -> bool:
+        """Whether this machine's fetched copy is whole and every file still matches the manifest."""
+        if not (dest / MANIFEST).exists():
+            return False
+        return all((dest / e.path).is_file() for e in manifest.files) and _checked(manifest, dest,
+                                                                                  (dest / MANIFEST).read_bytes())
 
     def _download(self, manifest: Manifest, dest: Path) -> None:
         node, digest = manifest.node, manifest.digest
@@ -251,6 +270,8 @@ class ArtifactStore:
             staging.rename(dest)
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(staging, ignore_errors=True)
+            return
+        _record_checked(dest, (dest / MANIFEST).read_bytes(), manifest)  # just hashed: no need to again
 
     # -- write side -------------------------------------------------------------------------
     def commit(
@@ -318,6 +339,8 @@ class ArtifactStore:
             staging.rename(base)
         except OSError:  # another commit renamed into place between the check and here
             shutil.rmtree(staging, ignore_errors=True)
+            return
+        _record_checked(base, (base / MANIFEST).read_bytes(), manifest, ctime=False)  # hashed by commit()
 
     def remove(self, node: str, digest: str) -> None:
         """Remove an artifact: its manifest first (absent to every reader from then on), then its
@@ -342,6 +365,67 @@ class ArtifactStore:
         path = f"{self.root}/prefect-results/{key}"
         if self.fs.exists(path):
             self.fs.rm(path)
+
+
+def _checked_record(folder: Path) -> Path:
+    return cache_home() / "checked" / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:32]}.json"
+
+
+def _signature(path: Path) -> list[int | None]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def _same(known: list[int | None] | None, now: list[int | None]) -> bool:
+    """A recorded ctime of None (just committed: the node's work folder, whose hard link's removal
+    changes the ctime, was still there) matches any ctime once."""
+    return known is not None and len(known) == len(now) and known[:3] == now[:3] and known[3] in (None, now[3])
+
+
+def _record_checked(folder: Path, raw_manifest: bytes, manifest: Manifest, ctime: bool = True) -> None:
+    """Remember that ``folder``'s files matched ``manifest`` as they are now (size, mtime, inode, ctime)."""
+    with contextlib.suppress(OSError):  # a cache only: without it, files are hashed again
+        record = {"manifest": hashlib.sha256(raw_manifest).hexdigest(),
+                  "files": {e.path: _signature(folder / e.path)[: 4 if ctime else 3] + ([] if ctime else [None])
+                            for e in manifest.files}}
+        path = _checked_record(folder)
+        _ensure(path.parent)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        partial.write_text(json.dumps(record))
+        partial.replace(path)
+
+
+def _checked(manifest: Manifest, folder: Path, raw_manifest: bytes) -> bool:
+    """Whether every file of the artifact in ``folder`` matches the manifest's sha256. Files unchanged
+    since they were last found good (same size, mtime, inode and ctime) are not hashed again. A mismatch is
+    logged as a warning naming the file."""
+    try:
+        record = json.loads(_checked_record(folder).read_text())
+        known = record["files"] if record["manifest"] == hashlib.sha256(raw_manifest).hexdigest() else {}
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        known = {}
+    update = False  # the record is to be written: a file hashed, or a ctime to pin
+    for entry in manifest.files:
+        path = folder / entry.path
+        try:
+            now = _signature(path)
+            if _same(known.get(entry.path), now):
+                update = update or known[entry.path][3] is None
+                continue
+            good = sha256_file(path) == entry.sha256
+        except OSError:
+            return False  # gone meanwhile: absent, as any incomplete artifact
+        if not good:
+            logging.getLogger("grove").warning(
+                "%s/%s: %s does not match its sha256 in the manifest (it was changed after the artifact was "
+                "committed); not using it: the artifact is built (or fetched) again", manifest.node,
+                manifest.digest[:12], entry.path)
+            return False
+        update = True
+    if update:
+        _record_checked(folder, raw_manifest, manifest)
+    return True
 
 
 def _relative(name: str, base: str) -> str:
