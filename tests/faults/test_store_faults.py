@@ -67,3 +67,48 @@ def test_a_fetched_copy_changed_on_this_machine_is_fetched_again(s3_store: str, 
         again = store.fetch("test-node", "f" * 64, tmp_path / "fetched") / "weights.bin"
     assert "weights.bin does not match its sha256" in caplog.text
     assert sha256_file(again) == good
+
+
+def test_a_failure_is_never_cached_the_node_that_raised_runs_again_on_the_next_run(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    """Olive caches a failed pass and replays the failure; Grove caches only committed artifacts."""
+    store = tmp_path / "store"
+    runs = [_auto_opt(tiny_dir("llama"), tmp_path / "out", store, "--min_top1_agreement", "1.0") for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 2 and "grove: error: parity check failed" in run.stderr, run.stderr[-3000:]
+        assert "top-1 agreement with the reference:" in run.stderr, "the gated evaluation ran (again)"
+    assert not re.findall(r"\| (capture-onnx|quantize-int4)/[0-9a-f]{12} built in", runs[1].stderr), \
+        "what had succeeded is reused"
+    evaluations = list((store / "artifacts" / "evaluate").glob("*/manifest.json"))
+    records = list((store / "prefect-results").glob("evaluate-*"))
+    assert len(evaluations) == len(records) == 1, "the reference's evaluation only: nothing of the failed one"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_planted_pickle_result_record_is_refused_and_never_unpickled(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    """A result record in a shared store is a code-execution path if it is decoded with pickle (Prefect's
+    default serializer): Grove drops any record that is not its own JSON and recomputes the key's result."""
+    from prefect.results import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import JSONSerializer, PickleSerializer
+
+    store, marker = tmp_path / "store", tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204 - unpickling opens (creates) the marker file
+            return (open, (str(marker), "w"))
+
+    first = _auto_opt(tiny_dir("llama"), tmp_path / "first", store)
+    assert first.returncode == 0, first.stderr[-3000:]
+    capture = next((store / "prefect-results").glob("capture-onnx-*"))
+    quantize = next((store / "prefect-results").glob("quantize-int4-*"))
+    for record, serializer, value in ((capture, PickleSerializer(picklelib="cloudpickle"), Payload()),
+                                      (quantize, JSONSerializer(), {"__class__": "os.system", "data": "true"})):
+        planted = ResultRecord(metadata=ResultRecordMetadata(storage_key=record.name, serializer=serializer),
+                               result=value)
+        record.write_bytes(planted.serialize())
+
+    rerun = _auto_opt(tiny_dir("llama"), tmp_path / "second", store)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not marker.exists(), "the planted pickle was unpickled"
+    for record in (capture, quantize):
+        assert json.loads(record.read_bytes())["metadata"]["serializer"]["type"] == "grove-json", record.name
+    assert not re.findall(r"\| \S+/[0-9a-f]{12} built in", rerun.stderr), "the artifacts themselves are reused"
