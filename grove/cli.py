@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust_remote_code", action="store_true", default=None,
                    help="accepted for Olive's commands: every supported architecture is native to transformers, "
                    "so no model code from the hub runs either way")
+    p.add_argument("--include_hidden_states", action="store_true", default=None, help="decoders: the graph also "
+                   "outputs the last hidden states (embedding models built as decoders, e.g. Qwen3-Embedding)")
     p.add_argument("--task", help="text-generation (decoders, default); feature-extraction (encoders, default), "
                    "text-classification, token-classification")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")

@@ -59,6 +59,8 @@ class AutoOptRequest(BaseModel):
                                     "is native to transformers, so no model code from the hub runs either way")
     task: str = Field("text-generation", description="what the model is for")
     use_ort_genai: bool = Field(True, description="produce an onnxruntime-genai folder (decoder LLMs)")
+    include_hidden_states: bool = Field(False, description="the graph also outputs the last hidden states (embedding "
+                                        "models built as decoders, e.g. Qwen3-Embedding)")
     store: str = Field(default_factory=default_store_uri, description="artifact store URI (file path or s3://)")
     int4_algorithm: Int4Algorithm | None = Field(None, description="int4 algorithm; default: affine on CPU, "
                                                  "builder on GPU")
@@ -117,7 +119,7 @@ class AutoOptRequest(BaseModel):
         if self.symmetric and algorithm not in (None, "rtn", "builder", "gptq"):
             problems.append(f"--symmetric applies to --int4_algorithm rtn; {algorithm} chooses its own zero points "
                             "(pass --int4_algorithm rtn --symmetric, or drop --symmetric)")
-        if self.accuracy_level != 4 and algorithm in (None, "builder", "gptq"):
+        if self.accuracy_level != 4 and algorithm in (None, "builder"):
             problems.append("--accuracy_level applies to Grove's int4 quantizer (--precision int4 on cpu, "
                             "--int4_algorithm affine, rtn, hqq or k_quant)")
         if self.head_bits != 8 and algorithm not in ("affine", "hqq", "gptq"):
@@ -159,7 +161,7 @@ class AutoOptRequest(BaseModel):
     def reference_capture(self) -> CaptureConfig:
         precision = "fp32" if self.execution_provider == "cpu" else "fp16"
         return CaptureConfig(precision=precision, execution_provider=self.execution_provider,  # type: ignore[arg-type]
-                             placement=self._placement("capture-onnx"))
+                             include_hidden_states=self.include_hidden_states, placement=self._placement("capture-onnx"))
 
     @property
     def capture(self) -> CaptureConfig:
@@ -168,7 +170,8 @@ class AutoOptRequest(BaseModel):
         builder_int4 = self.int4_algorithm_used == "builder"
         return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider,  # type: ignore[arg-type]
                              block_size=self.block_size if builder_int4 else None,
-                             placement=self._placement("capture-onnx"))
+                             accuracy_level=self.accuracy_level if self.int4_algorithm_used == "gptq" else None,
+                             include_hidden_states=self.include_hidden_states, placement=self._placement("capture-onnx"))
 
     @property
     def keeps_adapter(self) -> bool:

@@ -33,11 +33,16 @@ class CaptureConfig(StepConfig):
     execution_provider: BuilderProvider = Field("cpu", description="provider the graph is built for")
     block_size: Literal[16, 32, 64, 128, 256] | None = Field(None, description="precision int4 (the builder "
                                                              "quantizes): weights per block; None: the builder's 32")
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(None, description="int4 MatMulNBits compute type the "
+                                                          "builder writes; None: its default (4 on cpu)")
+    include_hidden_states: bool = Field(False, description="also output the last hidden states (the final norm's "
+                                        "output), as embedding models built as decoders read them")
 
     def recipe(self) -> dict[str, object]:
         recipe = super().recipe()
-        if recipe["block_size"] is None:  # not part of the recipes written before the field existed
-            del recipe["block_size"]
+        for key in ("block_size", "include_hidden_states", "accuracy_level"):
+            if recipe[key] is None or recipe[key] is False:  # at the default: as the recipes written before it
+                del recipe[key]
         return recipe
 
     @classmethod
@@ -68,7 +73,10 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
           contextlib.redirect_stderr(chatter)):
         try:
             options = [f"block_size={config.block_size}"] if config.block_size else []
-            options += _prequantized_options(hf_dir)
+            options += _prequantized_options(hf_dir) + (["include_hidden_states=true"] if config.include_hidden_states
+                                                         else [])
+            if config.accuracy_level is not None:
+                options.append(f"accuracy_level={config.accuracy_level}")
             extra = builder.parse_extra_options(None, str(hf_dir), str(out), config.precision,
                                                 config.execution_provider, str(cache), options)
             builder.create_model(None, str(hf_dir), str(out), config.precision, config.execution_provider,

@@ -107,6 +107,31 @@ def test_olive_recipes_llm_chain_runs_as_grove_gptq_with_mixed_precision(tiny_di
     assert len(generator.get_sequence(0)) == 12
 
 
+def test_an_embedding_recipe_keeps_the_builders_hidden_states_output(tiny_dir, tmp_path: Path,  # noqa: ANN001
+                                                                      store: str) -> None:
+    """olive-recipes' Qwen3-Embedding int4 recipe (the GPTQ chain, then a ModelBuilder pass with
+    extra_options include_hidden_states and int4_accuracy_level 0) on a tiny Qwen3: the output has the
+    hidden_states output beside the logits, and its MatMulNBits compute at accuracy level 0."""
+    import onnx
+    import onnxruntime as ort
+
+    config = {"input_model": {"type": "HfModel", "model_path": str(tiny_dir("qwen3"))},
+              "passes": {"g": {"type": "gptq", "bits": 4, "sym": False, "group_size": 32},
+                         "m": {"type": "ModelBuilder", "precision": "int4",
+                               "extra_options": {"include_hidden_states": 1, "int4_accuracy_level": 0}},
+                         "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "TieWordEmbeddings"}]}},
+              "output_dir": "model"}
+    result = grove_cli("run", "--config", str(_write(tmp_path, config)), env={"GROVE_STORE": store}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--include_hidden_states" in result.stderr and "--accuracy_level 0" in result.stderr
+    model = tmp_path / "model" / "model.onnx"
+    outputs = {o.name for o in ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_outputs()}
+    assert {"hidden_states", "logits"} <= outputs, outputs
+    levels = {next(a.i for a in n.attribute if a.name == "accuracy_level")
+              for n in onnx.load(str(model), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
+    assert levels == {0}, levels
+
+
 def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path, store: str) -> None:
     """Olive >= 0.7's flat style (HfModel, options beside "type", engine keys at the top), as YAML:
     the dynamic quantization pass's options reach the int8 node; a command-line -o wins over output_dir."""
