@@ -20,6 +20,7 @@ is hashed again only when one of them changes (a write changes the ctime even wh
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -308,26 +309,39 @@ class ArtifactStore:
             ancestors=ancestors or [],
         )
         base = self.artifact_path(node, digest)
-        if self.is_local:
-            self._commit_local(local_dir, Path(base), manifest)
-        else:
-            for path, entry in zip(files, entries, strict=True):
-                self.fs.put_file(str(path), f"{base}/{entry.path}")
-            self.fs.pipe(f"{base}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
+        try:
+            if self.is_local:
+                self._commit_local(local_dir, Path(base), manifest)
+            else:
+                for path, entry in zip(files, entries, strict=True):
+                    self.fs.put_file(str(path), f"{base}/{entry.path}")
+                self.fs.pipe(f"{base}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
+        except OSError as exc:  # no manifest was written: nothing of it is visible to a reader
+            size_mb = sum(e.size for e in entries) / 1e6
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(f"artifact store {self.uri} is full: no space left for {node}/{digest[:12]} "
+                                 f"({size_mb:.1f} MB); free space there (grove store prune) or pass another "
+                                 "--store; the steps already stored are kept, so the same command resumes") from exc
+            raise StoreError(f"artifact store {self.uri} cannot take {node}/{digest[:12]} ({size_mb:.1f} MB): "
+                             f"{exc.__class__.__name__}: {exc}; {self._hint()}") from exc
         return manifest
 
     def _commit_local(self, local_dir: Path, base: Path, manifest: Manifest) -> None:
         # Stage beside the final place, then rename: readers see all files or none.
         base.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{base.name[:12]}-", dir=base.parent))
-        for entry in manifest.files:
-            src, dst = local_dir / entry.path, staging / entry.path
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)  # same filesystem: free; node outputs are never modified again
-            except OSError:
-                shutil.copy2(src, dst)
-        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        try:
+            for entry in manifest.files:
+                src, dst = local_dir / entry.path, staging / entry.path
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dst)  # same filesystem: free; node outputs are never modified again
+                except OSError:
+                    shutil.copy2(src, dst)
+            (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        except BaseException:  # a full disk, say: no half copy left to fill it
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if self.manifest(manifest.node, manifest.digest) is not None:
             # A concurrent identical commit landed first, whole (a fleet's targets share the download
             # and reference nodes): keep it, its readers may be using it; ours holds the same bytes.

@@ -112,3 +112,46 @@ def test_a_planted_pickle_result_record_is_refused_and_never_unpickled(tiny_dir,
     for record in (capture, quantize):
         assert json.loads(record.read_bytes())["metadata"]["serializer"]["type"] == "grove-json", record.name
     assert not re.findall(r"\| \S+/[0-9a-f]{12} built in", rerun.stderr), "the artifacts themselves are reused"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    """A 1 MB filesystem of the test's own (tmpfs): the store's disk, full after the first artifact."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for a full disk here (needs root): {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_full_store_disk_is_one_error_with_nothing_committed_half_and_the_output_left_as_it_was(
+        tiny_dir, tmp_path: Path, small_disk: Path) -> None:  # noqa: ANN001
+    from tests.faults.conftest import one_error_line
+
+    out = tmp_path / "out"
+    earlier = _auto_opt(tiny_dir("llama"), out, tmp_path / "roomy-store")  # an earlier output at the path
+    assert earlier.returncode == 0, earlier.stderr[-3000:]
+    before = _snapshot(out)
+    store = small_disk / "store"
+
+    full = _auto_opt(tiny_dir("llama"), out, store)
+    error = one_error_line(full.stderr)
+    assert full.returncode == 2
+    assert error.startswith(f"grove: error: artifact store {store} is full: no space left for "), error
+    assert "free space there" in error
+    assert _snapshot(out) == before, "the output folder is left as it was"
+    reader = ArtifactStore(str(store))
+    for folder in (store / "artifacts").glob("*/*"):
+        assert not folder.name.startswith("."), f"a half-copied staging folder is left: {folder}"
+        assert reader.manifest(folder.parent.name, folder.name) is not None, f"half an artifact: {folder}"
