@@ -259,19 +259,33 @@ class OnnxFloatToFloat16(_Pass):
 
 
 class OnnxBlockWiseRtnQuantization(_Pass):
-    bits: Literal[4] = Field(4, description="Grove's int4")
+    bits: Literal[4, 8] = Field(4, description="4 (Grove's int4) or 8 (8-bit block-wise weights: --precision int8)")
     block_size: Literal[16, 32, 64, 128, 256] = Field(128, description="int4 weights per block (Olive's default)")
     is_symmetric: bool = Field(True, description="symmetric blocks, no zero point (Olive's default)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(0, description="MatMulNBits compute type; 0 (unset): Grove's 4")
     axis: Literal[0] = Field(0, description="blocks along the input dimension")
     save_as_external_data: bool | None = None
     all_tensors_to_one_file: bool | None = None
+    external_data_name: str | None = Field(None, description="Grove names the weights file model.onnx.data, as "
+                                           "onnxruntime-genai's genai_config expects")
+    customized_weight_config: None = Field(None, description="per-node bits are not in Grove")
     ALGORITHM: ClassVar[str] = "rtn"
 
     def precision(self) -> str | None:
-        return "int4"
+        return "int8" if self.bits == 8 else "int4"
+
+    def notes(self, where: str) -> list[str]:
+        notes = [f"{where}: 8-bit block-wise weights are --precision int8: a decoder's model builder writes 8-bit "
+                 "MatMulNBits blocks (round to nearest, block 32), an encoder gets Grove's int8"
+                 ] if self.bits == 8 else []
+        if self.external_data_name:
+            notes.append(f"{where}: external_data_name {self.external_data_name!r} not used: Grove names the weights "
+                         "model.onnx.data, the file genai_config.json reads")
+        return notes
 
     def flags(self) -> dict[str, object]:
+        if self.bits == 8:
+            return {}
         flags: dict[str, object] = {"int4_algorithm": self.ALGORITHM, "block_size": self.block_size}
         if self.is_symmetric and self.ALGORITHM == "rtn":
             flags["symmetric"] = True
@@ -509,7 +523,7 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
         specs[name] = spec
         if isinstance(spec, Gptq | Rtn | ModelBuilder):
             problems += spec.problems(where)
-        if isinstance(spec, ModelBuilder):
+        if isinstance(spec, ModelBuilder | OnnxBlockWiseRtnQuantization):
             out.notes += spec.notes(where)
         if isinstance(spec, Gptq | SelectiveMixedPrecision) and spec.data_config is not None \
                 and "calibration_data" not in out.flags:

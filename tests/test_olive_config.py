@@ -132,6 +132,24 @@ def test_an_embedding_recipe_keeps_the_builders_hidden_states_output(tiny_dir, t
     assert levels == {0}, levels
 
 
+def test_a_builder_then_8_bit_k_quant_chain_writes_8_bit_blocks(tiny_dir, tmp_path: Path,  # noqa: ANN001
+                                                                  store: str) -> None:
+    """olive-recipes' 8-bit chain (a ModelBuilder at fp32, then OnnxKQuantQuantization with bits 8, as its
+    Whisper int8 recipes write it) on a tiny Llama: the output is the builder's 8-bit MatMulNBits."""
+    import onnx
+
+    config = {"input_model": {"type": "HfModel", "model_path": str(tiny_dir("llama"))},
+              "passes": {"m": {"type": "ModelBuilder", "precision": "fp32"},
+                         "q": {"type": "OnnxKQuantQuantization", "bits": 8, "external_data_name": "w.onnx.data"}},
+              "output_dir": "model"}
+    result = grove_cli("run", "--config", str(_write(tmp_path, config)), env={"GROVE_STORE": store}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--precision int8" in result.stderr and "external_data_name 'w.onnx.data' not used" in result.stderr
+    graph = onnx.load(str(tmp_path / "model" / "model.onnx"), load_external_data=False).graph
+    bits = {next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits == {8}, bits
+
+
 def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path, store: str) -> None:
     """Olive >= 0.7's flat style (HfModel, options beside "type", engine keys at the top), as YAML:
     the dynamic quantization pass's options reach the int8 node; a command-line -o wins over output_dir."""
