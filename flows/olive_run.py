@@ -1,14 +1,24 @@
 """``olive-run``: an Olive workflow config (the JSON of ``olive run --config``) pasted in the
-dashboard, run as the auto-opt it amounts to (``grove run --config`` on the command line)."""
+dashboard, run as the auto-opt it amounts to (``grove run --config`` on the command line).
+
+Whoever can open the dashboard can paste a config, and it runs on a shared worker: so a config reads
+no file of the worker's outside the store (a model or data file named by an absolute path, ``~``,
+``..`` or a relative path that exists there is refused, unless it lies inside a local store; hub ids,
+``s3://``, ``hf://`` and ``pkg:`` sources are not the worker's files) and writes only to the run's
+``output_path`` parameter (the config's ``output_dir`` is not used: without the parameter the output
+stays in the store). ``grove run --config`` on one's own machine has none of these limits.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.optimize_encoder import optimize_encoder
 from flows.optimize_model import auto_opt
+from grove.errors import InvalidRequest
 from grove.olive_config import translate
 from grove.request_encoder import EncoderOptRequest
 from grove.runner import request_from_flags
@@ -24,9 +34,46 @@ def olive_run(config: dict[str, Any], output_path: str | None = None) -> dict[st
     log = get_run_logger()
     for note in translation.notes:
         log.info("%s", note)
-    log.info("the config is: %s", translation.command())
     flags = {k: v for k, v in translation.flags.items() if k != "log_level"}  # the worker's logging stands
+    if not output_path and flags.pop("output_path", None) is not None:
+        log.info("output_dir: not used from the dashboard (a config writes only to the run's output_path); the "
+                 "output stays in the store, linked from this run's page")
+    confine_paths(flags, output_path)
+    log.info("the config is: %s", translation.command())
     request, _ = request_from_flags(flags)
     if isinstance(request, EncoderOptRequest):
         return optimize_encoder(request)
     return auto_opt(request)
+
+
+_READS = ("model_name_or_path", "eval_data", "calibration_data")
+
+
+def confine_paths(flags: dict[str, Any], output_path: str | None) -> None:
+    """Refuse, in one error, every file of the worker's a dashboard config would read outside the store,
+    and an ``output_path`` that climbs out of itself with ``..``."""
+    from grove.store import ArtifactStore, default_store_uri
+
+    store = ArtifactStore(str(flags.get("store") or default_store_uri()))
+    root = Path(store.root).resolve() if store.is_local else None
+    refused = [f"{name} {flags[name]}" for name in _READS if flags.get(name) and not _readable(str(flags[name]), root)]
+    if output_path and ".." in Path(output_path).parts:
+        refused.append(f"output_path {output_path} (it climbs out of itself with '..')")
+    if refused:
+        raise InvalidRequest(f"a config run from the dashboard reads no file of the worker's outside the store: "
+                             f"{'; '.join(refused)}; name the model by its hub id, an s3:// folder or a pkg: source, "
+                             "and data by s3:// or hf://datasets/..., or run 'grove run --config' on your own machine")
+
+
+def _readable(value: str, store_root: Path | None) -> bool:
+    """Whether a source (a model or data file) is not the worker's own file, or lies inside a local store."""
+    value = value.split("#", 1)[0]  # a data file's column suffix
+    if value.startswith("pkg:"):
+        return ".." not in Path(value[len("pkg:"):]).parts
+    if "://" in value and not value.startswith("file://"):
+        return True  # s3://, hf://: read through their clients, not from the worker's disk
+    path = Path(value.removeprefix("file://"))
+    local = path.is_absolute() or value.startswith("~") or ".." in path.parts or path.exists()
+    if not local:
+        return True  # a hub id (org/name)
+    return store_root is not None and path.expanduser().resolve().is_relative_to(store_root)

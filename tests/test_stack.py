@@ -142,13 +142,15 @@ def test_gpu_pool_runs_its_deployment_without_bouncing_nodes_to_the_cpu_pool(sta
 
 def test_an_olive_config_pasted_in_the_dashboard_runs_on_a_worker(stack_api: dict, tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
     """The olive-run deployment: the tutorial's config as the `config` parameter (as the UI's form
-    takes JSON), its model swapped for a tiny one, runs on the cpu pool as the auto-opt it amounts to."""
+    takes JSON), its model swapped for a tiny one in the stack's bucket (a dashboard config reads none of
+    the worker's files), runs on the cpu pool as the auto-opt it amounts to."""
     from prefect.deployments import run_deployment
 
     from tests.test_olive_config import TUTORIAL_CONFIG
 
     config = json.loads(TUTORIAL_CONFIG.read_text())
-    config["input_model"]["config"]["hf_config"]["model_name"] = str(tiny_dir("llama"))
+    _s3(stack_api).put(str(tiny_dir("llama")), "grove/models/tiny-llama", recursive=True)
+    config["input_model"]["config"]["hf_config"]["model_name"] = "s3://grove/models/tiny-llama"
     out = tmp_path / "out"
     run = run_deployment("olive-run/olive-run-cpu", parameters={"config": config, "output_path": str(out)},
                          timeout=300)
