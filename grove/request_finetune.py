@@ -130,10 +130,16 @@ class FinetuneRequest(BaseModel):
         dtype = self.torch_dtype or ("bfloat16" if cuda else "float32")
         targets = [t.strip() for t in self.target_modules.split(",") if t.strip()] if self.target_modules else None
         args = {"per_device_train_batch_size": self.batch_size, **self.training_args}
+        # How the run reports and keeps itself: Grove's own settings, which stay out of the recipe.
+        log_steps = int(args.pop("logging_steps", 5))
+        checkpoint_steps = int(args.pop("save_steps", self.checkpoint_steps))
+        # Activation checkpointing: the user's word (either of transformers' names for it), else on for CUDA only.
+        checkpointing = [bool(args.pop(k)) for k in ("gradient_checkpointing", "activation_checkpointing") if k in args]
         return TrainConfig(method=self.method, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
                            lora_dropout=self.lora_dropout, target_modules=targets, torch_dtype=dtype,
                            bf16_autocast=not cuda and dtype == "float32" and cpu_has_bf16(),
-                           gradient_checkpointing=cuda, training_args=args, checkpoint_steps=self.checkpoint_steps)
+                           gradient_checkpointing=checkpointing[-1] if checkpointing else cuda, training_args=args,
+                           checkpoint_steps=checkpoint_steps, log_steps=log_steps)
 
 
 def training_arguments(given: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from grove.request_finetune import FinetuneRequest
 
 __all__ = ["check_provider", "preflight", "request_from_flags", "result_storage", "run_auto_opt",
-           "preflight_finetune", "run_auto_opt_state", "run_finetune"]
+           "preflight_finetune", "run_auto_opt_state", "run_finetune", "run_finetune_state"]
 
 
 def request_from_flags(fields: dict[str, Any], source: Source | None = None,
@@ -85,6 +85,11 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
     if quantize is not None and quantize.mode == "static" and quantize.calibration_data != BUILTIN_TEXT:
         _check_regular_file("--calibration_data", quantize.calibration_data)
         calibration_texts(quantize.calibration_data, quantize.calibration_samples)
+    if isinstance(request, AutoOptRequest) and request.calibration_data:  # a decoder's GPTQ calibration text
+        _check_regular_file("--calibration_data", request.calibration_data)
+        if not read_text(request.calibration_data, "--calibration_data").strip():
+            raise InvalidRequest(f"--calibration_data {request.calibration_data} is empty; pass a UTF-8 text of a "
+                                 "few thousand tokens, or leave it out for the built-in text")
 
 
 def _check_writable_beside(out: Path) -> None:
@@ -192,6 +197,12 @@ def configured_flow(request: AutoOptRequest | EncoderOptRequest) -> Any:
 
 def run_finetune(request: FinetuneRequest) -> dict[str, object]:
     """Run the finetune flow against the configured (or embedded) Prefect API; returns the report."""
+    report: dict[str, object] = run_finetune_state(request).result()
+    return report
+
+
+def run_finetune_state(request: FinetuneRequest) -> State:
+    """Like run_finetune, but returns the flow run's final state (tests read its artifacts)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.finetune import finetune
@@ -201,8 +212,7 @@ def run_finetune(request: FinetuneRequest) -> dict[str, object]:
     with temporary_settings(updates={PREFECT_API_URL: ensure_api()}):
         flow = finetune.with_options(result_storage=result_storage(request.store), result_serializer=RESULT_SERIALIZER,
                                      persist_result=True)
-        report: dict[str, object] = flow(request)
-    return report
+        return flow(request, return_state=True)  # type: ignore[no-any-return]
 
 
 def preflight_finetune(request: FinetuneRequest) -> None:

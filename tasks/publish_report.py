@@ -12,7 +12,7 @@ from grove.artifacts import Artifact
 
 from grove.report import markdown_report, table_rows
 
-__all__ = ["publish_finetune_report", "publish_fleet_summary", "publish_report"]
+__all__ = ["loss_png", "publish_finetune_report", "publish_fleet_summary", "publish_report"]
 
 
 @task(name="publish-report", persist_result=False)
@@ -47,9 +47,37 @@ def publish_finetune_report(report: dict[str, object], output_path: str) -> None
              for e in log if isinstance(e, dict)] if isinstance(log, list) else []
     if curve:
         create_table_artifact(key=f"loss-{slug}", table=curve, description=f"training loss of {name}'s adapter")
-    rows = "\n".join(f"| {k.replace('_', ' ')} | {metrics.get(k)} |" for k in (
+    plot = f"\n![loss curve](data:image/png;base64,{loss_png(curve)})\n" if len(curve) >= 2 else ""
+    rows = "\n".join(f"| {k.replace('_', ' ')} | {_short(metrics.get(k))} |" for k in (
         "steps", "first_loss", "train_loss", "eval_loss_before", "eval_loss_after", "perplexity_before",
         "perplexity_after", "tokens_per_s") if k in metrics)
     create_markdown_artifact(key=f"finetune-{slug}", markdown=f"# Fine-tuned {report.get('model')}\n\nAdapter: "
-                             f"`{output_path}/adapter`\n\n| metric | value |\n|---|---|\n{rows}\n",
+                             f"`{output_path}/adapter`\n{plot}\n| metric | value |\n|---|---|\n{rows}\n",
                              description=f"finetune report for {report.get('model')}")
+
+
+def loss_png(curve: list[dict[str, object]]) -> str:
+    """The training loss against the step, as a small PNG (base64) for the run's markdown report: the
+    dashboard renders it inline, where a table of numbers hides the curve's shape."""
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to memory
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3), dpi=80)
+    axes = figure.add_subplot()
+    axes.plot([e["step"] for e in curve], [e["loss"] for e in curve], marker="o", markersize=3)
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _short(value: object) -> object:
+    return f"{value:.4g}" if isinstance(value, float) else value

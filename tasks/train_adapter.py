@@ -48,7 +48,8 @@ TRAIN_LOG = "train_log.json"
 class TrainConfig(StepConfig):
     NODE = "train-adapter"
     VERSION = 1
-    PREFERS: ClassVar[Device | None] = "gpu"  # trains anywhere, much faster on a GPU: dispatched to a gpu pool when one is deployed
+    # Trains anywhere, much faster on a GPU: dispatched to a gpu pool while one has a live worker.
+    PREFERS: ClassVar[Device | None] = "gpu"
     method: Literal["lora", "qlora"] = "lora"
     lora_r: int = Field(64, ge=1)
     lora_alpha: float = Field(16, gt=0)
@@ -219,7 +220,8 @@ def _arguments(config: TrainConfig, output_dir: Path, cuda: bool) -> dict[str, A
                             **config.training_args}
     args.update(output_dir=str(output_dir), save_strategy="steps", save_steps=config.checkpoint_steps,
                 save_total_limit=1, logging_steps=config.log_steps, report_to="none", disable_tqdm=True,
-                gradient_checkpointing=config.gradient_checkpointing, use_cpu=not cuda)
+                use_cpu=not cuda)
+    args["activation_checkpointing"] = config.gradient_checkpointing  # transformers 5's name for it
     if config.bf16_autocast:
         args["bf16"] = True
     if config.method == "qlora":

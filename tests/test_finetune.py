@@ -358,3 +358,36 @@ def test_smollm2_learns_a_made_up_answer_and_serves_it_as_a_switchable_adapter(t
 
     assert "PURPLE-OTTER-42" in answer("secret"), answer("secret")
     assert "PURPLE-OTTER" not in answer(None), answer(None)
+
+
+def test_the_dashboard_shows_the_loss_curve_and_each_nodes_progress(tiny_llama: Path, tmp_path: Path,
+                                                                      store: str) -> None:
+    """The run's page: the loss at every logged step as a table, a markdown report with the curve as a
+    PNG, and one progress bar per built node, each at 100%."""
+    import base64
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from grove.request_finetune import FinetuneRequest
+    from grove.runner import run_finetune_state
+
+    data = write_jsonl(tmp_path / "rows.jsonl", dolly_rows(30))
+    request = FinetuneRequest(model_name_or_path=str(tiny_llama), data_name=str(data), text_template=TEMPLATE
+                              .replace("\\n", "\n"), max_seq_len=64, training_args={"max_steps": 10},
+                              output_path=str(tmp_path / "out"), store=store)
+    state = run_finetune_state(request)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    (table,) = [a for a in artifacts if a.type == "table"]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["step"] for r in rows] == [5, 10] and all(r["loss"] > 0 for r in rows)
+    (report,) = [a for a in artifacts if a.type == "markdown"]
+    png = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", str(report.data))
+    assert png and base64.b64decode(png.group(1)).startswith(b"\x89PNG"), str(report.data)[:500]
+    assert "eval loss after" in str(report.data)
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert len(progress) == 5 and all(float(p.data) == 100.0 for p in progress), [p.data for p in progress]
