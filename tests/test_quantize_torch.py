@@ -175,3 +175,34 @@ def test_a_calibration_text_shorter_than_one_window_is_one_clear_error(tiny_dir,
     out.mkdir()
     with pytest.raises(InvalidRequest, match="fewer than one calibration window"):
         qt._quantize([tiny_dir("llama")], qt.TorchQuantConfig(calibration=str(short), **CONFIG), out)
+
+
+def test_auto_opt_gptq_flags_reach_the_nodes_and_calibration_flags_need_gptq() -> None:
+    from pydantic import ValidationError
+
+    from grove.request import AutoOptRequest
+
+    request = AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="gptq", block_size=64,
+                             symmetric=True, accuracy_level=0, head_bits=4, mixed_precision_ratio=0.8,
+                             calibration_data="c.txt", calibration_samples=8)
+    assert request.int4 is None, "gptq is not the graph quantizer's"
+    assert request.capture.recipe() == {"precision": "int4", "execution_provider": "cpu", "accuracy_level": 0}
+    config = request.torch_quant("abc")
+    assert (config.group_size, config.symmetric, config.head_bits, config.mixed_precision_ratio, config.calibration,
+            config.calibration_samples) == (64, True, 4, 0.8, "c.txt", 8)
+    assert AutoOptRequest(model_name_or_path="m", output_path="o", device="gpu", int4_algorithm="gptq").capture \
+        .execution_provider == "cuda"
+    with pytest.raises(ValidationError, match="--mixed_precision_ratio, --calibration_data: for a decoder, "
+                                              "calibration is GPTQ's; pass --int4_algorithm gptq"):
+        AutoOptRequest(model_name_or_path="m", output_path="o", mixed_precision_ratio=0.8, calibration_data="c.txt")
+
+
+def test_a_missing_calibration_file_stops_auto_opt_before_any_work(tiny_dir, tmp_path: Path,  # noqa: ANN001
+                                                                    store: str) -> None:
+    from tests.conftest import grove_cli
+
+    result = grove_cli("auto-opt", "-m", str(tiny_dir("llama")), "-o", str(tmp_path / "out"), "--int4_algorithm",
+                       "gptq", "--calibration_data", str(tmp_path / "missing.txt"), env={"GROVE_STORE": store})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"grove: error: --calibration_data {tmp_path}/missing.txt")
+    assert not (tmp_path / "out").exists() and not any(Path(store).rglob("manifest.json"))
