@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from grove.request_finetune import FinetuneRequest
 
 __all__ = ["check_provider", "preflight", "request_from_flags", "result_storage", "run_auto_opt",
-           "preflight_finetune", "run_auto_opt_state", "run_finetune"]
+           "preflight_finetune", "run_auto_opt_state", "run_finetune", "run_finetune_state"]
 
 
 def request_from_flags(fields: dict[str, Any], source: Source | None = None,
@@ -197,6 +197,12 @@ def configured_flow(request: AutoOptRequest | EncoderOptRequest) -> Any:
 
 def run_finetune(request: FinetuneRequest) -> dict[str, object]:
     """Run the finetune flow against the configured (or embedded) Prefect API; returns the report."""
+    report: dict[str, object] = run_finetune_state(request).result()
+    return report
+
+
+def run_finetune_state(request: FinetuneRequest) -> State:
+    """Like run_finetune, but returns the flow run's final state (tests read its artifacts)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.finetune import finetune
@@ -206,8 +212,7 @@ def run_finetune(request: FinetuneRequest) -> dict[str, object]:
     with temporary_settings(updates={PREFECT_API_URL: ensure_api()}):
         flow = finetune.with_options(result_storage=result_storage(request.store), result_serializer=RESULT_SERIALIZER,
                                      persist_result=True)
-        report: dict[str, object] = flow(request)
-    return report
+        return flow(request, return_state=True)  # type: ignore[no-any-return]
 
 
 def preflight_finetune(request: FinetuneRequest) -> None:
