@@ -802,6 +802,8 @@ _PRE_KEYS = {"type", "params", "input_cols", "text_cols", "label_col", "label_co
 
 
 def _unused(data: _Data, out: Translation) -> None:
+    if data.moved and data.moved not in out.notes:
+        out.notes.append(data.moved)
     if data.unused and (note := f"{', '.join(data.unused)}: not used: Grove reads the rows itself, from the file or "
                                 "the hub's Parquet copy") not in out.notes:
         out.notes.append(note)
@@ -821,6 +823,7 @@ class _Data:
     max_seq_len: int | None = None
     unused: tuple[str, ...] = ()  # load_dataset options Grove does not use
     tokenizing: tuple[str, ...] = ()  # pre-processing and batching options: Grove tokenizes itself
+    moved: str | None = None  # a hub dataset's old name, followed to its new one
 
 
 def _data_configs(config: dict[str, Any]) -> dict[str, Any]:
@@ -875,6 +878,7 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
                                  "file: join them into one")
         files = files[0]
     name = load.get("data_name")
+    moved = None
     if files:
         source = str(files) if "://" in str(files) or not load.get("data_dir") else str(Path(load["data_dir"]) / files)
         if source.lower().endswith(".json"):
@@ -885,14 +889,19 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
                              "file) or data_name (a hub dataset, org/name)")
     elif name in _FILE_BUILDERS:
         raise InvalidRequest(f"{where}.load_dataset_config: data_name {name!r} reads data_files, and none is set")
-    elif name.count("/") != 1:
-        raise InvalidRequest(f"{where}.load_dataset_config.data_name {name!r}: hub datasets are named org/name "
-                             "(GLUE is nyu-mll/glue); set that name, or data_files to a local file")
-    elif load.get("data_dir"):
-        raise InvalidRequest(f"{where}.load_dataset_config.data_dir: Grove reads a hub dataset's Parquet copy by "
-                             "subset and split, not a folder of its files; set data_files to the file, "
-                             f"hf://datasets/{name}/<path in the repo>")
-    else:  # the hub's own Parquet copy of every public dataset: <subset>/<split>/NNNN.parquet, a file a shard
+    else:
+        if "/" not in name and (new := _moved_dataset(name)) is not None:  # glue: the hub redirects it
+            moved = f"{where}.load_dataset_config.data_name {name!r} is {new!r} on the hub now (its redirect)"
+            name = new
+        if name.count("/") != 1:
+            asked = ", and the hub could not be asked where it moved" if "/" not in name else ""
+            raise InvalidRequest(f"{where}.load_dataset_config.data_name {name!r}: hub datasets are named org/name "
+                                 f"(GLUE is nyu-mll/glue){asked}; set that name, or data_files to a local file")
+        if load.get("data_dir"):
+            raise InvalidRequest(f"{where}.load_dataset_config.data_dir: Grove reads a hub dataset's Parquet copy by "
+                                 "subset and split, not a folder of its files; set data_files to the file, "
+                                 f"hf://datasets/{name}/<path in the repo>")
+        # the hub's own Parquet copy of every public dataset: <subset>/<split>/NNNN.parquet, a file a shard
         source = f"hf://datasets/{name}@refs/convert/parquet/{load.get('subset') or 'default'}/{split}/*.parquet"
     source += _columns_suffix(pre, f"{where}.pre_process_data_config", for_labels=for_labels)
     counts = {"max_samples": pre.get("max_samples", load.get("max_samples")), "max_seq_len": pre.get("max_seq_len")}
@@ -904,7 +913,20 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
                                                                    ("dataloader_config", {"type", "params"}))
                        for key in sorted(set(parts[part]) - read))
     return _Data(source, **counts, unused=tuple(f"{where}.load_dataset_config.{key}" for key in unused),
-                 tokenizing=tokenizing)
+                 tokenizing=tokenizing, moved=moved)
+
+
+def _moved_dataset(name: str) -> str | None:
+    """Where the hub says a dataset named without its org now lives (GLUE: glue -> nyu-mll/glue): the
+    hub answers the old name with a redirect, which huggingface_hub follows, as ``datasets`` does;
+    None when the hub cannot be asked (offline) or knows no such dataset."""
+    from huggingface_hub import HfApi
+
+    try:
+        new = HfApi().dataset_info(name).id
+    except Exception:  # noqa: BLE001 - offline, unknown: the caller's error names the fix
+        return None
+    return new if new.count("/") == 1 else None
 
 
 def _columns_suffix(pre: dict[str, Any], where: str, *, for_labels: bool) -> str:

@@ -48,18 +48,39 @@ def _match(pattern: re.Pattern[str], path: str) -> dict[str, str] | None:
 
 class _Handler(BaseHTTPRequestHandler):
     repos: dict[str, HubRepo] = {}
+    moved: dict[str, str] = {}  # an old repo id (datasets/glue) -> its new one (datasets/nyu-mll/glue)
     requests: list[str] = []
 
     def log_message(self, *args: object) -> None:  # quiet
         pass
 
     def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
-        self._serve(body=False)
+        if not self._redirect():
+            self._serve(body=False)
 
     def do_GET(self) -> None:  # noqa: N802
-        self._serve(body=True)
+        if not self._redirect():
+            self._serve(body=True)
+
+    def _redirect(self) -> bool:
+        """A moved repo, as the hub answers for one renamed (GLUE: glue -> nyu-mll/glue): 307 to the
+        same path under the new id, relative."""
+        for old, new in self.moved.items():
+            kind, _, name = old.rpartition("/")
+            for prefix in (f"/api/{kind}/", f"/{kind}/"):
+                rest = self.path[len(prefix + name):] if self.path.startswith(prefix + name) else None
+                if rest is not None and (not rest or rest[0] in "/@?"):
+                    self.requests.append(f"{self.command} {unquote(urlsplit(self.path).path)} -> 307")
+                    self.send_response(307)
+                    self.send_header("Location", prefix + new.partition("/")[2] + rest)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return True
+        return False
 
     def do_POST(self) -> None:  # noqa: N802 - paths-info
+        if self._redirect():
+            return
         path = urlsplit(self.path).path  # matched quoted: a revision's slashes arrive as %2F
         self.requests.append(f"POST {unquote(path)}")
         form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
@@ -164,9 +185,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve_hub(repos: dict[str, HubRepo]) -> Iterator[tuple[str, list[str]]]:
-    """Serve ``repos`` on 127.0.0.1; yields (endpoint URL, the requests received)."""
-    handler = type("Handler", (_Handler,), {"repos": repos, "requests": []})
+def serve_hub(repos: dict[str, HubRepo], moved: dict[str, str] | None = None) -> Iterator[tuple[str, list[str]]]:
+    """Serve ``repos`` on 127.0.0.1 (``moved``: old repo ids redirected to new ones); yields (endpoint
+    URL, the requests received)."""
+    handler = type("Handler", (_Handler,), {"repos": repos, "moved": moved or {}, "requests": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -273,6 +273,31 @@ def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path:
     assert int8["calibration_sha256"] == text_sha256(str(converted / "*.parquet"))  # an edited shard: new int8
 
 
+def test_a_hub_dataset_under_its_old_name_follows_the_hubs_redirect(tmp_path: Path) -> None:
+    """olive-recipes' BERT configs name GLUE 'glue', which the hub now answers with a redirect to
+    nyu-mll/glue: Grove asks the hub, as huggingface_hub and datasets do, and reads the new name's
+    Parquet copy (here a loopback hub moved glue to grove-test/glue)."""
+    from tests.hub_server import HubRepo, serve_hub
+
+    (tmp_path / "main").mkdir()
+    (tmp_path / "main" / "README.md").write_text("GLUE\n")
+    config = {"input_model": {"type": "HfModel", "model_path": "some/bert", "task": "text-classification"},
+              "data_configs": [{"name": "mrpc", "type": "HuggingfaceContainer",
+                                "load_dataset_config": {"data_name": "glue", "subset": "mrpc", "split": "validation"}}],
+              "evaluators": {"e": {"metrics": [{"name": "accuracy", "type": "accuracy", "data_config": "mrpc",
+                                                "sub_types": [{"name": "accuracy"}]}]}},
+              "evaluator": "e", "passes": {"q": {"type": "OnnxDynamicQuantization"}}, "output_dir": "o"}
+    with serve_hub({"datasets/grove-test/glue": HubRepo(tmp_path / "main", "6" * 40)},
+                   moved={"datasets/glue": "datasets/grove-test/glue"}) as (endpoint, requests):
+        result = grove_cli("run", "--config", str(_write(tmp_path, config)), "--dry-run",
+                           env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--eval_data 'hf://datasets/grove-test/glue@refs/convert/parquet/mrpc/validation/*.parquet" \
+        in result.stdout, result.stdout
+    assert "data_configs.mrpc.load_dataset_config.data_name 'glue' is 'grove-test/glue' on the hub now" in result.stderr
+    assert "GET /api/datasets/glue -> 307" in requests
+
+
 def test_a_hub_split_that_is_not_there_is_one_clear_error(tmp_path: Path) -> None:
     """A data config's subset or split the hub's Parquet copy does not have: the error says how that
     copy is laid out and what to check, not a bare "no such file". (In a child process: the hub
@@ -574,7 +599,7 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "data_configs.mrpc is a TransformersDummyDataContainer, dummy inputs without labels"),
     ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_name": "glue", "subset": "mrpc"}}]},
      "data_configs.mrpc.load_dataset_config.data_name 'glue': hub datasets are named org/name (GLUE is "
-     "nyu-mll/glue)"),
+     "nyu-mll/glue), and the hub could not be asked where it moved; set that name"),  # offline
     ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"input_cols": ["title", "body", "tags"]}}]},
      "data_configs.mrpc.pre_process_data_config.input_cols ['title', 'body', 'tags']: Grove reads one text column "
      "or a sentence pair (two)"),
