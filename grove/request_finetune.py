@@ -12,7 +12,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grove.errors import InvalidRequest
-from grove.request import local_output_path
 from grove.store import default_store_uri
 
 __all__ = ["FinetuneRequest", "training_arguments"]
@@ -71,7 +70,12 @@ class FinetuneRequest(BaseModel):
     checkpoint_steps: int = Field(50, ge=1, description="steps between checkpoints kept in the store (a killed "
                                   "training resumes from the last)")
 
-    _output_path = field_validator("output_path")(local_output_path)
+    @field_validator("output_path")
+    @classmethod
+    def _output_path(cls, value: str) -> str:
+        from grove.request import local_output_path  # imports the nodes (and Prefect): not at the CLI's start
+
+        return str(local_output_path(value))
 
     @field_validator("training_args")
     @classmethod

@@ -78,3 +78,15 @@ def test_encoder_flags_reach_the_int8_node_and_are_refused_for_decoders(tiny_dir
     assert result.returncode == 2
     assert "--int8_mode applies to encoders;" in result.stderr and "is a decoder LLM" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_building_the_command_line_imports_neither_prefect_nor_the_nodes() -> None:
+    """Every command's logging is configured after its parser is built; a parser that imported Prefect
+    (finetune's flags come from its request model) left Prefect's own log format on `grove fleet`'s lines."""
+    import subprocess
+    import sys
+
+    code = ("import sys, grove.cli; grove.cli._parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'tasks', 'flows', 'torch')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
