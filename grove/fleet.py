@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from grove import __version__
 from grove.store import default_store_uri
 
-__all__ = ["FleetManifest", "FleetModel", "Target", "entry_row", "entry_version", "fleet_entries", "unchanged_rows"]
+__all__ = ["FleetManifest", "FleetModel", "Target", "entry_row", "entry_version", "fleet_entries", "model_version",
+           "unchanged_rows"]
 
 _NAME = r"^[a-z0-9][a-z0-9._-]*$"
 
@@ -36,6 +37,10 @@ class FleetModel(BaseModel):
     name: str = Field(pattern=_NAME, description="registry name: models/<name>/<target>/ in the store")
     source: str = Field(description="hub id, folder, .gguf, s3:// folder or pkg:<module>/<path>")
     targets: list[str] = Field(min_length=1, description="names of targets in the manifest's targets table")
+    adapter: str | None = Field(None, description="a LoRA adapter folder (local or s3://) trained on the source: "
+                                "served switchable beside the int4 base (adapter_weights.onnx_adapter), or merged "
+                                "with merge_adapter")
+    merge_adapter: bool = Field(False, description="fold the adapter into the weights: one plain model")
 
 
 class FleetManifest(BaseModel):
@@ -91,10 +96,35 @@ class FleetManifest(BaseModel):
             raise InvalidRequest(f"fleet manifest {path} is invalid: {problems}") from exc
 
 
-def entry_version(source_digest: str, target: Target) -> str:
-    """Same upstream bytes + same target + same Grove = same version (nothing to refresh)."""
-    blob = json.dumps([source_digest, target.model_dump(mode="json"), __version__], sort_keys=True)
+def entry_version(source_digest: str, target: Target, adapter_digest: str | None = None,
+                  merge_adapter: bool = False) -> str:
+    """Same upstream bytes (the source's, and the adapter's where the entry names one) + same target +
+    same Grove = same version (nothing to refresh). An entry without an adapter keeps the versions it
+    had before adapters existed."""
+    parts: list[object] = [source_digest, target.model_dump(mode="json"), __version__]
+    if adapter_digest is not None:
+        parts.append({"adapter": adapter_digest, "merge": merge_adapter})
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_version(model: FleetModel, target: Target, source_digest: str,
+                  adapters: dict[str, str] | None = None) -> str | None:
+    """The entry's version, or None when its adapter cannot be resolved (``adapters``: digests already
+    resolved, by location; else resolved here)."""
+    if model.adapter is None:
+        return entry_version(source_digest, target)
+    digest = (adapters or {}).get(model.adapter) if adapters is not None else _adapter_digest(model.adapter)
+    return None if digest is None else entry_version(source_digest, target, digest, model.merge_adapter)
+
+
+def _adapter_digest(location: str) -> str | None:
+    from tasks.import_adapter import resolve_adapter
+
+    try:
+        return resolve_adapter(location).digest
+    except Exception:  # noqa: BLE001 - the entry's task resolves it again and reports why
+        return None
 
 
 _RESOLVERS = 16  # sources resolved at once: a hub id is a round trip to the hub, an s3:// folder a listing
@@ -123,11 +153,12 @@ def unchanged_rows(manifest: FleetManifest) -> list[dict[str, str] | None]:
 
     entries = fleet_entries(manifest)
     digests = _source_digests([model.source for model, _ in entries])
+    adapters = {a: d for a in sorted({m.adapter for m, _ in entries if m.adapter}) if (d := _adapter_digest(a))}
     published = read_latest_many(manifest.store, [(model.name, target) for model, target in entries])
     rows: list[dict[str, str] | None] = []
     for model, target in entries:
         digest, pointer = digests.get(model.source), published.get((model.name, target))
-        version = entry_version(digest, manifest.targets[target]) if digest is not None else None
+        version = model_version(model, manifest.targets[target], digest, adapters) if digest is not None else None
         unchanged = version is not None and pointer is not None and pointer.get("version") == version
         rows.append(entry_row(model, target, "unchanged", str(version)) if unchanged else None)
     return rows

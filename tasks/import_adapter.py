@@ -5,6 +5,7 @@ out as train-adapter's output (``adapter/``), so the nodes after it take either 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class ImportAdapterConfig(StepConfig):
 def resolve_adapter(path: str) -> Source:
     """A local adapter folder pinned by its files' sha256 (the adapter's identity in every later key).
     Raises InvalidRequest when it is not a LoRA adapter folder."""
-    folder = Path(path).expanduser().resolve()
+    folder = _s3_copy(path) if path.startswith("s3://") else Path(path).expanduser().resolve()
     if not folder.is_dir():
         raise InvalidRequest(f"--adapter_path {path}: no such folder; pass the folder holding adapter_config.json "
                              "and adapter_model.safetensors")
@@ -51,3 +52,27 @@ def _import(source: Source, out: Path) -> dict[str, object]:
     for name in source.files:
         shutil.copy2(Path(source.location) / name, out / "adapter" / name)
     return {"adapter": source.location}
+
+
+def _s3_copy(uri: str) -> Path:
+    """An s3:// adapter folder copied into this machine's caches, keyed by its objects' ETags (a changed
+    adapter is a new copy; an unchanged one is read once)."""
+    from grove.errors import StoreError
+    from grove.store import ArtifactStore, cache_home, download_file, mark_used
+
+    remote = ArtifactStore(uri.rstrip("/"))
+    try:
+        listing = {Path(name).name: info for name, info in remote.fs.find(remote.root, detail=True).items()}
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"--adapter_path {uri} cannot be listed ({exc}); check the URI and AWS_* credentials") from exc
+    if missing := [n for n in ADAPTER_FILES if n not in listing]:
+        raise InvalidRequest(f"--adapter_path {uri} has no {missing[0]}; pass the folder holding "
+                             f"{' and '.join(ADAPTER_FILES)}")
+    key = hashlib.sha256(json.dumps([uri, [str(listing[n].get("ETag") or listing[n].get("size")) for n in
+                                           ADAPTER_FILES]]).encode()).hexdigest()[:32]
+    local = cache_home() / "s3-adapters" / key
+    for name in ADAPTER_FILES:
+        if not (local / name).exists():
+            download_file(remote.fs, f"{remote.root}/{name}", local / name)
+    mark_used(local)
+    return local

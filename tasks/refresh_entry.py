@@ -26,7 +26,13 @@ def refresh_entry(model: FleetModel, target_name: str, manifest: FleetManifest) 
         from tasks.publish_registry import read_latest
 
         source = _sources.resolve(model.source)
-        version = entry_version(source.digest, target)
+        if model.adapter is not None:
+            from tasks.import_adapter import resolve_adapter
+
+            adapter = resolve_adapter(model.adapter)  # one line saying what is wrong with it, as a row
+            version = entry_version(source.digest, target, adapter.digest, model.merge_adapter)
+        else:
+            version = entry_version(source.digest, target)
         latest = read_latest(manifest.store, model.name, target_name)
         if latest is not None and latest.get("version") == version:
             return {**row, "status": "unchanged", "version": version}
@@ -35,7 +41,8 @@ def refresh_entry(model: FleetModel, target_name: str, manifest: FleetManifest) 
             # worker's disk per entry would only fill it.
             "model_name_or_path": model.source,
             "store": manifest.store, "publish_as": (model.name, target_name, version),
-            **target.model_dump(exclude_none=True, exclude_defaults=True)}
+            **target.model_dump(exclude_none=True, exclude_defaults=True),
+            **({"adapter_path": model.adapter, "merge_adapter": model.merge_adapter} if model.adapter else {})}
         request, _ = request_from_flags(fields, source, decoder_fields={"eval_tokens": manifest.eval_tokens})
         run_auto_opt_on_pool(request, target.device)
         return {**row, "status": "refreshed", "version": version}

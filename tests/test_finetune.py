@@ -391,3 +391,40 @@ def test_the_dashboard_shows_the_loss_curve_and_each_nodes_progress(tiny_llama: 
     assert "eval loss after" in str(report.data)
     progress = [a for a in artifacts if a.type == "progress"]
     assert len(progress) == 5 and all(float(p.data) == 100.0 for p in progress), [p.data for p in progress]
+
+
+def test_a_fleet_serves_base_plus_adapter_and_refreshes_when_the_adapter_changes(
+        tiny_llama: Path, tmp_path: Path, store: str, s3_server: dict[str, str]) -> None:
+    """Fleet entries may name an adapter (a folder, or s3://): the registry's output is the int4 base with
+    that adapter beside it; a rerun is unchanged; a retrained adapter (same folder, new weights) is a new
+    version, and the model beside it that names no adapter is left as it was."""
+    import s3fs
+
+    from flows.fleet_refresh import fleet_refresh
+    from grove.fleet import FleetManifest
+    from tasks._onnx_adapter import ADAPTER_FILE
+    from tasks.publish_registry import read_latest
+
+    local = tiny_models.lora_adapter(tiny_llama, tmp_path / "adapter", 31, ["q_proj", "v_proj"])
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"])
+    fs.mkdir("adapters")
+    fs.put(str(local) + "/", "adapters/tutor/", recursive=True)
+    manifest = FleetManifest.model_validate({
+        "store": store, "eval_tokens": 64, "targets": {"cpu": {"device": "cpu"}},
+        "models": [{"name": "tutor", "source": str(tiny_llama), "adapter": "s3://adapters/tutor", "targets": ["cpu"]},
+                   {"name": "helper", "source": str(tiny_llama), "adapter": str(local), "targets": ["cpu"]},
+                   {"name": "plain", "source": str(tiny_llama), "targets": ["cpu"]}]})
+
+    def statuses() -> dict[str, str]:
+        return {row["model"]: row["status"] for row in fleet_refresh(manifest)}
+
+    assert statuses() == {"tutor": "refreshed", "helper": "refreshed", "plain": "refreshed"}
+    served = {name: Path(str(read_latest(store, name, "cpu")["path"])) for name in ("tutor", "helper", "plain")}
+    assert (served["tutor"] / ADAPTER_FILE).exists() and (served["helper"] / ADAPTER_FILE).exists()
+    assert not (served["plain"] / ADAPTER_FILE).exists()
+    assert statuses() == {"tutor": "unchanged", "helper": "unchanged", "plain": "unchanged"}
+
+    tiny_models.lora_adapter(tiny_llama, local, 32, ["q_proj", "v_proj"])  # retrained in place
+    before = read_latest(store, "helper", "cpu")
+    assert statuses() == {"tutor": "unchanged", "helper": "refreshed", "plain": "unchanged"}
+    assert read_latest(store, "helper", "cpu")["version"] != before["version"]
