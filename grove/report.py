@@ -97,6 +97,6 @@ def format_finetune_report(report: dict[str, object], output_path: str) -> str:
              f"{num('tokens_per_s', 1)} tokens/s",
              f"eval loss {num('eval_loss_before')} -> {num('eval_loss_after')} (perplexity "
              f"{num('perplexity_before', 2)} -> {num('perplexity_after', 2)}) on {metrics.get('eval_on')}",
-             f"next: grove auto-opt -m {output_path} -o <folder> (int4 with the adapter merged), or "
-             f"--adapter_path {output_path}/adapter to keep it switchable"]
+             f"next: grove auto-opt -m {output_path} -o <folder> (the int4 base with this adapter switchable "
+             "beside it), or add --merge_adapter (one model with the adapter merged in)"]
     return "\n".join(lines)
