@@ -441,7 +441,7 @@ def _deploy(args: argparse.Namespace) -> int:
 _FINETUNE_SHORT = {"model_name_or_path": "-m", "output_path": "-o", "data_name": "-d"}
 _FINETUNE_EPILOG = ("Every other --flag is one of transformers' TrainingArguments (--max_steps, --learning_rate, "
                     "--gradient_accumulation_steps, --num_train_epochs, --seed ...), as in Olive; Olive's defaults: "
-                    "learning rate 2e-4, constant schedule, 3%% warm-up. Speed defaults: see --torch_dtype; activation "
+                    "learning rate 2e-4, constant schedule, 3% warm-up. Speed defaults: see --torch_dtype; activation "
                     "checkpointing is off on a CPU (half the speed, for memory a small model does not need) and on "
                     "for CUDA.")
 
@@ -463,7 +463,7 @@ def _finetune_parser(sub: Any) -> None:
         flags = [*([_FINETUNE_SHORT[name]] if name in _FINETUNE_SHORT else []), f"--{name}"]
         kind, default = field.annotation, field.get_default(call_default_factory=False)
         help_text = (field.description or "").replace("%", "%%")
-        if default not in (None, "", False) and field.default_factory is None:
+        if not field.is_required() and default not in (None, "", False) and field.default_factory is None:
             help_text += f" (default: {default})"
         options: dict[str, Any] = {"help": help_text, "default": None}
         args = typing.get_args(kind)
