@@ -54,14 +54,15 @@ def pool_has_worker(device: Device) -> bool:
     return any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers)
 
 
-def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str) -> None:
-    """Run ``config``'s node on its device's pool and wait; raise if it did not complete."""
+def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str, device: Device) -> None:
+    """Run ``config``'s node on ``device``'s pool (what ``pool_for`` chose) and wait; raise if it did not
+    complete."""
     from prefect.deployments import run_deployment
 
     from grove.node import node_logger
 
-    name = f"run-node/run-node-{config.device}"
-    node_logger().info("dispatching %s to the %s pool (%s)", config.NODE, config.device, name)
+    name = f"run-node/run-node-{device}"
+    node_logger().info("dispatching %s to the %s pool (%s)", config.NODE, device, name)
     flow_run = run_deployment(
         name,
         parameters={"node": config.NODE, "config": config.model_dump(mode="json"),
@@ -71,7 +72,7 @@ def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str
     state = flow_run.state
     if state is None or not state.is_completed():
         message = state.message if state else "no state"
-        raise GroveError(f"node {config.NODE} failed on the {config.device} pool ({name}): {message}")
+        raise GroveError(f"node {config.NODE} failed on the {device} pool ({name}): {message}")
 
 
 # In-process runs (no deployed stack) take turns. A fleet's entries are checked concurrently, in

@@ -187,8 +187,8 @@ def run_node(config: C, parents: list[Artifact | Source], store_uri: str, build:
     digest = recipe_digest(config, parents)
     from grove.dispatch import pool_for, run_on_pool
 
-    if pool_for(config) is not None:  # only on a worker, for a node that needs the other device
-        run_on_pool(config, parents, store_uri)
+    if (pool := pool_for(config)) is not None:  # only on a worker, for a node that needs (or prefers) the other device
+        run_on_pool(config, parents, store_uri, pool)
     existing = store.manifest(config.NODE, digest)
     if existing is not None:
         log.info("%s/%s already in the store; reusing it", config.NODE, digest[:12])

