@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grove.errors import StoreError
+
 if TYPE_CHECKING:
     from grove.store import ArtifactStore, Manifest
 
@@ -91,7 +93,8 @@ class _Lease:
     def read(self) -> dict[str, Any] | None:
         """The lease in the store; None if there is none. An unreadable one reads as expired."""
         try:
-            raw = self.store.fs.cat_file(self.path)
+            with self.store.reaching():
+                raw = self.store.fs.cat_file(self.path)
         except FileNotFoundError:
             return None
         try:
@@ -103,7 +106,10 @@ class _Lease:
 
     def create(self) -> bool:
         """Write this lease if the store holds none; True if it is then ours."""
-        body = self._body()
+        with self.store.reaching():
+            return self._create(self._body())
+
+    def _create(self, body: bytes) -> bool:
         try:
             if self.store.is_local:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +153,7 @@ class _Lease:
         """Remove the lease if ``owner`` still holds it."""
         held = self.read()
         if held is not None and held["owner"] == owner:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError), self.store.reaching():
                 self.store.fs.rm(self.path)
 
 
@@ -249,7 +255,10 @@ def build_lease(store: ArtifactStore, node: str, digest: str,
         with _renewing(lease, log):
             yield None
     finally:
-        lease.remove(lease.owner)
+        try:
+            lease.remove(lease.owner)
+        except StoreError as exc:  # the store went away: the run's own error says so; the lease expires
+            log.warning("could not remove the build lease %s: %s", lease.path, exc)
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,22 @@ class ArtifactStore:
             return "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and that the bucket exists"
         return "check the path exists and is writable, or pass --store"
 
+    @contextlib.contextmanager
+    def reaching(self) -> Iterator[None]:
+        """A connection to the store that failed after the S3 client's own retries (botocore's, then
+        s3fs's, with backoff: about a minute for a server that is down) is one StoreError naming the
+        store, not a traceback from deep in the client."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as exc:
+            if not _unreachable(exc):
+                raise
+            raise StoreError(f"artifact store {self.uri} cannot be reached ({exc.__class__.__name__}: {exc}); "
+                             f"{self._hint()}; the steps already stored are kept, so the same command resumes "
+                             "once it is back") from exc
+
     def listing(self, path: str) -> dict[str, dict[str, object]]:
         """Every file under ``path`` (a full path in this store) with its listing info; {} if none.
         StoreError, naming the cause, if the store cannot be listed."""
@@ -202,6 +218,10 @@ class ArtifactStore:
     # -- read side --------------------------------------------------------------------------
     def manifest(self, node: str, digest: str) -> Manifest | None:
         """The manifest if the artifact is complete, else None (a partial artifact is absent)."""
+        with self.reaching():
+            return self._manifest(node, digest)
+
+    def _manifest(self, node: str, digest: str) -> Manifest | None:
         base = self.artifact_path(node, digest)
         try:
             raw = self.fs.cat_file(f"{base}/{MANIFEST}")
@@ -241,7 +261,7 @@ class ArtifactStore:
             return dest
         # One download per machine: runs that need the same artifact at once (a fleet's targets on
         # one box's workers) wait for the first one's copy instead of downloading it again.
-        with file_lock(_ensure(cache_dir / node) / f".{digest}.lock"):
+        with file_lock(_ensure(cache_dir / node) / f".{digest}.lock"), self.reaching():
             if self._good_copy(manifest, dest):
                 return dest
             shutil.rmtree(dest, ignore_errors=True)  # a damaged copy, if any: fetched again
@@ -316,7 +336,10 @@ class ArtifactStore:
                 for path, entry in zip(files, entries, strict=True):
                     self.fs.put_file(str(path), f"{base}/{entry.path}")
                 self.fs.pipe(f"{base}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
-        except OSError as exc:  # no manifest was written: nothing of it is visible to a reader
+        except Exception as exc:  # no manifest was written: nothing of it is visible to a reader
+            if _unreachable(exc) or not isinstance(exc, OSError):
+                with self.reaching():
+                    raise
             size_mb = sum(e.size for e in entries) / 1e6
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreError(f"artifact store {self.uri} is full: no space left for {node}/{digest[:12]} "
@@ -377,8 +400,18 @@ class ArtifactStore:
 
     def drop_result_record(self, key: str) -> None:
         path = f"{self.root}/prefect-results/{key}"
-        if self.fs.exists(path):
-            self.fs.rm(path)
+        with self.reaching():
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a connection to the store that failed (refused, reset, timed out)."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+    except ImportError:  # no S3 client: only the OS's own
+        return isinstance(exc, ConnectionError)
+    return isinstance(exc, (BotoConnectionError, ConnectionError))
 
 
 def _checked_record(folder: Path) -> Path:
