@@ -81,7 +81,7 @@ def _convert(args: argparse.Namespace) -> int:
         if not any(i.name.endswith(".lora_A.MatMul.weight") for i in graph.input):
             raise InvalidRequest(f"-m {args.model}: the graph has no switchable LoRA inputs; build it with "
                                  "grove auto-opt --adapter_path (without --merge_adapter)")
-        tensors = oa.adapter_tensors(folder, graph)
+        tensors = oa.adapter_tensors(folder, graph, oa.read_layout(Path(args.model).expanduser()))
     else:
         tensors = oa.builder_names(folder)
     path = oa.save_tensors(tensors, Path(args.output_path).expanduser(), args.adapter_format, args.dtype)

@@ -22,8 +22,9 @@ import numpy as np
 
 from grove.errors import InvalidRequest
 
-__all__ = ["ADAPTER_FILE", "RANK_DIM", "adapter_tensors", "builder_names", "graph_lora_names", "make_switchable",
-           "read_adapter", "save_tensors", "write_adapter"]
+__all__ = ["ADAPTER_FILE", "LAYOUT_FILE", "RANK_DIM", "adapter_tensors", "builder_names", "fuse_lora_groups",
+           "fused_tensors", "graph_lora_names", "make_switchable", "read_adapter", "read_layout", "save_tensors",
+           "write_adapter"]
 
 ADAPTER_FILE = "adapter_weights.onnx_adapter"
 RANK_DIM = "lora_r"
@@ -96,35 +97,42 @@ def _scaling(config: dict[str, Any], rank: int, module: str) -> float:
     return alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
 
 
-def adapter_tensors(folder: Path, graph: Any) -> dict[str, np.ndarray]:
+def adapter_tensors(folder: Path, graph: Any, layout: dict[str, dict[str, Any]] | None = None
+                    ) -> dict[str, np.ndarray]:
     """The peft adapter in ``folder`` as the tensors of ``graph``'s LoRA inputs (A transposed, B transposed
-    and scaled, as the builder writes them). Raises InvalidRequest when the adapter does not fit the
-    graph: a layer the graph has no LoRA input for, or one the adapter lacks, or other shapes."""
+    and scaled, as the builder writes them; laid out as ``layout`` says for the inputs fuse_lora_groups
+    fused). Raises InvalidRequest when the adapter does not fit the graph: a layer the graph has no LoRA
+    input for, or one the adapter lacks, or other shapes."""
     config, weights = read_adapter(folder)
     if config.get("use_dora"):
         raise InvalidRequest(f"{folder}: a DoRA adapter (use_dora) rescales the base weights, which a switchable "
                              "LoRA input cannot express; merge it instead (--merge_adapter)")
-    names = graph_lora_names(graph)
+    layout = layout or {}
+    names = {k: n for k, n in graph_lora_names(graph).items() if n not in layout}
+    grouped = {_key(_GRAPH_NAME, n): n for spec in layout.values()
+               for n in (spec["from"] if spec["part"] == "A" else [b for b, _ in spec["from"] if b])}
     shapes = _input_shapes(graph)
     tensors: dict[str, np.ndarray] = {}
     for peft_name, array in weights.items():
         key = _key(_PEFT_NAME, peft_name)
         if key is None:
             continue
-        if key not in names:
+        target = names.get(key) or grouped.get(key)
+        if target is None:
             raise InvalidRequest(f"{folder}: the adapter adapts {peft_name}, which the base graph has no LoRA input "
                                  "for; capture the base with an adapter of the same target_modules")
         layer, module, part = key
-        value = array.T if part == "A" else (array * _scaling(config, array.shape[1], module)).T
-        expected = shapes.get(names[key])
-        fixed = [d for d in (expected or []) if isinstance(d, int)]
-        if expected is not None and [value.shape[0] if part == "A" else value.shape[1]] != fixed:
-            raise InvalidRequest(f"{folder}: {peft_name} has shape {list(array.shape)}, which does not fit this "
-                                 f"base ({names[key]}: {expected}); the adapter was trained on another model")
-        tensors[names[key]] = np.ascontiguousarray(value, dtype=np.float32)
+        tensors[target] = np.ascontiguousarray(
+            array.T if part == "A" else (array * _scaling(config, array.shape[1], module)).T, dtype=np.float32)
     if missing := sorted(set(names.values()) - set(tensors)):
         raise InvalidRequest(f"{folder}: the adapter has no weights for {missing[0]} (and {len(missing) - 1} more) "
                              "that the graph's adapter inputs expect; its target_modules differ from the base's")
+    tensors = fused_tensors(tensors, layout)
+    for name, value in tensors.items():
+        fixed = [(axis, d) for axis, d in enumerate(shapes.get(name, [])) if isinstance(d, int)]
+        if any(value.shape[axis] != d for axis, d in fixed):
+            raise InvalidRequest(f"{folder}: the adapter's weights for {name} have shape {list(value.shape)}, which "
+                                 f"does not fit this base ({shapes[name]}); the adapter was trained on another model")
     return tensors
 
 
@@ -193,3 +201,142 @@ def save_tensors(tensors: dict[str, np.ndarray], path: Path, adapter_format: str
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+LAYOUT_FILE = "adapter_layout.json"
+
+
+def _lora_add(node: Any, producers: dict[str, Any], inits: set[str]) -> tuple[Any, Any] | None:
+    """If ``node`` is a LoRA path's Add (base output + lora_B MatMul of a lora_A MatMul, weights LoRA
+    initializers), its (lora_A MatMul, lora_B MatMul); else None."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    b = producers.get(node.input[1])
+    if b is None or b.op_type != "MatMul" or b.input[1] not in inits or _key(_GRAPH_NAME, b.input[1]) is None:
+        return None
+    a = producers.get(b.input[0])
+    if a is None or a.op_type != "MatMul" or a.input[1] not in inits or _key(_GRAPH_NAME, a.input[1]) is None:
+        return None
+    return a, b
+
+
+def fuse_lora_groups(model: Any) -> dict[str, dict[str, Any]]:
+    """One LoRA path per group of projections that share their input and whose base outputs are one
+    Split's (Grove's int4 fuses q/k/v and gate/up into one MatMulNBits + Split): x @ [A_q | A_k | A_v]
+    @ blockdiag(B_q, B_k, B_v), added before the Split, instead of three lora_A / lora_B / Add triples
+    (SmolLM2 with q/k/v/o adapted: 360 LoRA nodes per token become 180; each is a tiny op whose
+    dispatch, not its arithmetic, is the cost). Call while the LoRA weights are initializers (before
+    make_switchable). Returns the layout (fused weight name -> the builder's weights it holds, in
+    order), which ``fused_tensors`` applies to any adapter of the same targets."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    layout: dict[str, dict[str, Any]] = {}
+    drop: set[int] = set()
+    new_inits, before = [], {}  # before: id(split) -> nodes to insert ahead of it
+    for split in [n for n in graph.node if n.op_type == "Split" and len(n.input) == 2 and n.input[1] in inits]:
+        members = []
+        for out in split.output:
+            paths = [(c, path) for c in consumers.get(out, []) if (path := _lora_add(c, producers, set(inits)))]
+            members.append(paths[0] if len(paths) == 1 and len(consumers[out]) == 1 else None)
+        present = [m for m in members if m is not None]
+        if len(present) < 2 or len({m[1][0].input[0] for m in present}) != 1:
+            continue
+        widths = [int(w) for w in numpy_helper.to_array(inits[split.input[1]])]
+        a_names = [m[1][0].input[1] for m in present]
+        a_parts = [numpy_helper.to_array(inits[n]) for n in a_names]
+        rank = sum(a.shape[1] for a in a_parts)
+        b_fused = np.zeros((rank, sum(widths)), dtype=np.float32)
+        b_layout: list[list[Any]] = []
+        row, col = 0, 0
+        for member, width in zip(members, widths, strict=True):
+            name = member[1][1].input[1] if member else None
+            if member is not None:
+                block = numpy_helper.to_array(inits[name])
+                b_fused[row:row + block.shape[0], col:col + width] = block
+                row += block.shape[0]
+            b_layout.append([name, width])
+            col += width
+        layer, _, _ = _key(_GRAPH_NAME, a_names[0])  # type: ignore[misc]
+        group = "__".join(_key(_GRAPH_NAME, n)[1] for n in a_names)  # type: ignore[index]
+        prefix = a_names[0].split(f".{_key(_GRAPH_NAME, a_names[0])[1]}.")[0]  # type: ignore[index]
+        fused_a, fused_b = f"{prefix}.{group}.lora_A.MatMul.weight", f"{prefix}.{group}.lora_B.MatMul.weight"
+        new_inits += [numpy_helper.from_array(np.concatenate(a_parts, axis=1), fused_a),
+                      numpy_helper.from_array(b_fused, fused_b)]
+        layout[fused_a] = {"part": "A", "from": a_names}
+        layout[fused_b] = {"part": "B", "from": b_layout}
+        x, base = present[0][1][0].input[0], split.input[0]
+        stem = f"{split.name}/lora"
+        before[id(split)] = [helper.make_node("MatMul", [x, fused_a], [f"{stem}/A"], name=f"{stem}/A"),
+                             helper.make_node("MatMul", [f"{stem}/A", fused_b], [f"{stem}/B"], name=f"{stem}/B"),
+                             helper.make_node("Add", [base, f"{stem}/B"], [f"{stem}/sum"], name=f"{stem}/Add")]
+        split.input[0] = f"{stem}/sum"
+        for out, member in zip(split.output, members, strict=True):
+            if member is None:
+                continue
+            add, (a, b) = member
+            drop.update({id(add), id(a), id(b)})
+            for c in consumers.get(add.output[0], []):
+                c.input[:] = [out if i == add.output[0] else i for i in c.input]
+            for o in graph.output:
+                if o.name == add.output[0]:
+                    o.name = out
+    if not layout:
+        return layout
+    nodes = []
+    for n in graph.node:
+        nodes += before.get(id(n), [])
+        if id(n) not in drop:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    fused_from = {n for spec in layout.values() for n in (spec["from"] if spec["part"] == "A" else
+                                                        [b for b, _ in spec["from"] if b])}
+    kept = [t for t in graph.initializer if t.name not in fused_from] + new_inits
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return layout
+
+
+def fused_tensors(tensors: dict[str, np.ndarray], layout: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+    """An adapter's tensors under the builder's names, laid out for a graph whose groups
+    ``fuse_lora_groups`` fused: A's side by side, B's block-diagonal. A projection of a group that the
+    adapter does not adapt contributes rank 0."""
+    out = {k: v for k, v in tensors.items()}
+    for name, spec in layout.items():
+        if spec["part"] == "A":
+            parts = [out.pop(n, None) for n in spec["from"]]
+            inputs = {p.shape[0] for p in parts if p is not None}
+            if not inputs:
+                raise InvalidRequest(f"the adapter adapts none of the projections {name} holds")
+            width = inputs.pop()
+            out[name] = np.concatenate([p if p is not None else np.zeros((width, 0), np.float32) for p in parts],
+                                       axis=1)
+    for name, spec in layout.items():
+        if spec["part"] == "B":
+            blocks = [(out.pop(n, None) if n else None, width) for n, width in spec["from"]]
+            rank = sum(b.shape[0] for b, _ in blocks if b is not None)
+            fused = np.zeros((rank, sum(w for _, w in blocks)), dtype=np.float32)
+            row, col = 0, 0
+            for block, width in blocks:
+                if block is not None:
+                    if block.shape[1] != width:
+                        raise InvalidRequest(f"the adapter's {name} part is {block.shape[1]} wide, the graph's {width}; "
+                                             "the adapter was trained on another model")
+                    fused[row:row + block.shape[0], col:col + width] = block
+                    row += block.shape[0]
+                col += width
+            out[name] = fused
+    return out
+
+
+def read_layout(model_dir: Path) -> dict[str, dict[str, Any]]:
+    """The fused LoRA layout a model folder records (none: every LoRA input is the builder's own)."""
+    path = model_dir / LAYOUT_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -116,3 +116,26 @@ def test_generate_adapter_makes_a_graph_built_with_an_adapter_switchable(switcha
     reference = [s for s in report["lineage"] if s["node"] == "capture-onnx"]
     base_graph = Path(store) / "artifacts" / "capture-onnx" / reference[0]["digest"]
     assert np.abs(run(tmp_path / "gen", False) - run(base_graph, False)).max() < 1e-5
+
+
+def test_convert_adapters_lays_an_adapter_out_as_a_fused_int4_graph_takes_it(switchable, tmp_path: Path) -> None:  # noqa: ANN001
+    """Grove's int4 fuses q/k/v (and gate/up) into one MatMulNBits + Split, and their LoRA paths into one
+    (A side by side, B block-diagonal; adapter_layout.json says how): convert-adapters -m that graph writes a
+    second adapter in that layout, which equals, bit for bit, what auto-opt extracts for that adapter."""
+    base, _, _, store = switchable
+    second = tiny_models.lora_adapter(base, tmp_path / "second", 12, TARGETS)
+    outputs = {}
+    for name, adapter in (("first", switchable[1]), ("second", second)):
+        outputs[name] = tmp_path / f"int4-{name}"
+        result = grove_cli("auto-opt", "-m", str(base), "--adapter_path", str(adapter), "-o", str(outputs[name]),
+                           "--store", store)
+        assert result.returncode == 0, result.stderr[-4000:]
+    layout = json.loads((outputs["first"] / "adapter_layout.json").read_text())
+    assert any("q_proj__v_proj" in name for name in layout), sorted(layout)[:4]
+    result = grove_cli("convert-adapters", "-a", str(second), "-o", str(tmp_path / "second"), "-m",
+                       str(outputs["first"]))
+    assert result.returncode == 0, result.stderr
+    converted = _parameters(tmp_path / "second.onnx_adapter")
+    extracted = _parameters(outputs["second"] / "adapter_weights.onnx_adapter")
+    assert sorted(converted) == sorted(extracted)
+    assert all(np.array_equal(converted[k], extracted[k]) for k in extracted)
