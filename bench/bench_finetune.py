@@ -64,8 +64,15 @@ def plain_trainer(model_dir: Path, data_dir: Path, steps: int, seed: int) -> dic
     timed as train-adapter times itself."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
 
     from tasks.prepare_data import load_blocks
     from tasks.train_adapter import OLIVE_TRAINING_DEFAULTS, cpu_has_bf16

@@ -327,8 +327,8 @@ def fused_tensors(tensors: dict[str, np.ndarray], layout: dict[str, dict[str, An
             for block, width in blocks:
                 if block is not None:
                     if block.shape[1] != width:
-                        raise InvalidRequest(f"the adapter's {name} part is {block.shape[1]} wide, the graph's {width}; "
-                                             "the adapter was trained on another model")
+                        raise InvalidRequest(f"the adapter's {name} part is {block.shape[1]} wide, the graph's "
+                                             f"{width}; the adapter was trained on another model")
                     fused[row:row + block.shape[0], col:col + width] = block
                     row += block.shape[0]
                 col += width

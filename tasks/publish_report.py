@@ -6,10 +6,13 @@ from __future__ import annotations
 import re
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 
 from grove.artifacts import Artifact
-
 from grove.report import markdown_report, table_rows
 
 __all__ = ["loss_png", "publish_finetune_report", "publish_fleet_summary", "publish_report"]
