@@ -84,18 +84,10 @@ class FinetuneRequest(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneRequest:
-        given = [f for f, on in (("--text_field", self.text_field is not None),
-                                 ("--text_template", self.text_template is not None),
-                                 ("--use_chat_template", self.use_chat_template)) if on]
-        if len(given) > 1:
-            raise ValueError(f"{' and '.join(given)} each say how a row becomes text: pass one of them")
-        if self.train_on_responses and not (self.text_template or self.use_chat_template):
-            raise ValueError("--train_on_responses keeps the prompt out of the loss, and only --text_template (its "
-                             "last field is the response) or --use_chat_template (the assistant turns) says where "
-                             "the prompt ends")
-        if self.text_template is not None:
-            from tasks._finetune_data import template_fields
+        from tasks._finetune_data import check_text_recipe, template_fields
 
+        check_text_recipe(self.text_field, self.text_template, self.use_chat_template, self.train_on_responses)
+        if self.text_template is not None:
             if not template_fields(self.text_template):
                 raise ValueError(f"--text_template {self.text_template!r} names no column; write them as {{column}}")
         if "output_dir" in self.training_args:

@@ -26,8 +26,8 @@ from typing import Any
 
 from grove.errors import InvalidRequest
 
-__all__ = ["BUILDERS", "Blocks", "Sample", "data_files", "data_sha256", "read_rows", "render", "template_fields",
-           "token_blocks"]
+__all__ = ["BUILDERS", "Blocks", "Sample", "check_text_recipe", "data_files", "data_sha256", "read_rows", "render",
+           "template_fields", "token_blocks"]
 
 # The ``datasets`` builders Olive's ``-d`` takes with --data_files, and the file suffixes each reads.
 BUILDERS = {"json": (".json", ".jsonl"), "csv": (".csv",), "parquet": (".parquet",), "text": (".txt", ".text")}
@@ -129,6 +129,20 @@ def data_sha256(files: Sequence[str]) -> str:
                 raise InvalidRequest(f"-d: {file} cannot be read ({exc.strerror or exc}); check the path") from exc
             digest.update(b"\0")
     return digest.hexdigest()
+
+
+def check_text_recipe(text_field: str | None, text_template: str | None, use_chat_template: bool,
+                      train_on_responses: bool) -> None:
+    """How rows become text: at most one recipe, and a prompt to mask only where a recipe marks one.
+    Raises ValueError (pydantic reports it against the request's fields)."""
+    given = [f for f, on in (("--text_field", text_field is not None), ("--text_template", text_template is not None),
+                             ("--use_chat_template", use_chat_template)) if on]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} each say how a row becomes text: pass one of them")
+    if train_on_responses and not (text_template or use_chat_template):
+        raise ValueError("--train_on_responses keeps the prompt out of the loss, and only --text_template (its last "
+                         "field is the response) or --use_chat_template (the assistant turns) says where the prompt "
+                         "ends")
 
 
 def template_fields(template: str) -> list[str]:
