@@ -18,6 +18,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 
 
+@pytest.mark.slow  # a browser
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); "
                     "scripts/test.sh installs it when run as root")
 def test_metrics_table_is_on_the_finished_runs_page(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001

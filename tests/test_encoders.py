@@ -71,6 +71,7 @@ def _embed(artifact: Artifact, texts: list[str]) -> np.ndarray:
     return eio.run(eio.session(folder / "model.onnx"), feeds, "sentence_embedding")
 
 
+@pytest.mark.slow
 def test_minilm_fp32_int8_fp16_match_sentence_transformers(minilm: dict[str, Artifact]) -> None:
     from sentence_transformers import SentenceTransformer
 
@@ -143,6 +144,7 @@ def test_tiny_classifier_int8_and_fp16_agree_with_pytorch(family: str, tmp_path:
         check_parity.fn(int8, fp32, strict)
 
 
+@pytest.mark.slow
 def test_parity_catches_a_broken_transformation(minilm: dict[str, Artifact], tmp_path: Path, enc_store: str) -> None:
     import onnx
     from onnx import numpy_helper
@@ -172,6 +174,7 @@ def test_parity_catches_a_broken_transformation(minilm: dict[str, Artifact], tmp
     assert store.manifest("check-parity", recipe_digest(config, [candidate, reference])) is None  # nothing committed
 
 
+@pytest.mark.slow
 def test_auto_opt_encoder_flow_minilm_int8(minilm: dict[str, Artifact], tmp_path: Path, enc_store: str) -> None:
     from grove.request_encoder import EncoderOptRequest
     from grove.runner import run_auto_opt_state as run_encoder_state

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import SMOLLM2, grove_cli
 
+pytestmark = pytest.mark.slow  # the real model end to end: minutes on 2 cores
+
 ON_TOPIC = ("learn", "data", "algorithm", "model", "predict", "pattern", "artificial intelligence")
 TUTORIAL_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 

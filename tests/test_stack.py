@@ -14,6 +14,8 @@ import pytest
 from grove.timing import huge_pages_available
 from tests.conftest import grove_cli
 
+pytestmark = pytest.mark.slow  # a whole stack of processes (Prefect server, S3 server, workers) per module
+
 CACHED_NODES = {"download-model", "capture-onnx", "quantize-int4", "evaluate", "package-genai"}
 
 
