@@ -62,7 +62,23 @@ def test_a_dashboard_config_reads_a_model_in_the_store_and_writes_only_to_its_ou
     config["evaluators"] = {}
     config.get("engine", {}).pop("evaluator", None)
 
-    report = olive_run(config)
+    with _as_a_worker_runs_it(str(store)):
+        report = olive_run(config)
     assert report["target"]["precision"] == "int4"
     assert not (tmp_path / "escaped").exists() and list(work.iterdir()) == []
     assert list((store / "artifacts" / "package-genai").glob("*/manifest.json")), "the output is in the store"
+
+
+def _as_a_worker_runs_it(store: str):  # noqa: ANN202
+    """The result settings the deployments give their workers (grove/deploy.py): node records in the
+    store's own prefect-results, as Grove JSON."""
+    from prefect.settings import (PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, PREFECT_RESULTS_DEFAULT_SERIALIZER,
+                                  PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings)
+
+    from grove.runner import result_storage
+
+    block = result_storage(store)
+    slug = f"{block.get_block_type_slug()}/{block._block_document_name}"  # noqa: SLF001
+    return temporary_settings(updates={PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: slug,
+                                       PREFECT_RESULTS_PERSIST_BY_DEFAULT: True,
+                                       PREFECT_RESULTS_DEFAULT_SERIALIZER: "grove-json"})
