@@ -338,7 +338,7 @@ class ArtifactStore:
                 self.fs.pipe(f"{base}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
         except Exception as exc:  # no manifest was written: nothing of it is visible to a reader
             if _unreachable(exc) or not isinstance(exc, OSError):
-                with self.reaching():
+                with self.reaching():  # a failed connection: StoreError naming the store; the rest as it is
                     raise
             size_mb = sum(e.size for e in entries) / 1e6
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -432,9 +432,11 @@ def _same(known: list[int | None] | None, now: list[int | None]) -> bool:
 def _record_checked(folder: Path, raw_manifest: bytes, manifest: Manifest, ctime: bool = True) -> None:
     """Remember that ``folder``'s files matched ``manifest`` as they are now (size, mtime, inode, ctime)."""
     with contextlib.suppress(OSError):  # a cache only: without it, files are hashed again
-        record = {"manifest": hashlib.sha256(raw_manifest).hexdigest(),
-                  "files": {e.path: _signature(folder / e.path)[: 4 if ctime else 3] + ([] if ctime else [None])
-                            for e in manifest.files}}
+        files = {e.path: _signature(folder / e.path) for e in manifest.files}
+        if not ctime:  # not yet: see _same
+            for signature in files.values():
+                signature[3] = None
+        record = {"manifest": hashlib.sha256(raw_manifest).hexdigest(), "files": files}
         path = _checked_record(folder)
         _ensure(path.parent)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
