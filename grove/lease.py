@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grove.errors import StoreError
+from grove.store import unreachable
 
 if TYPE_CHECKING:
     from grove.store import ArtifactStore, Manifest
@@ -65,7 +66,10 @@ def _exclusive_writes(store: ArtifactStore) -> bool:
             _exclusive[store.uri] = False
         except FileExistsError:
             _exclusive[store.uri] = True
-        except Exception:  # noqa: BLE001 - conditional writes rejected outright
+        except Exception as exc:  # noqa: BLE001 - conditional writes rejected outright
+            if unreachable(exc):  # no answer is not the server's answer: ask again next time
+                with store.reaching():
+                    raise
             _exclusive[store.uri] = False
         with contextlib.suppress(Exception):
             store.fs.rm(probe)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import fsspec
 
 __all__ = ["ArtifactStore", "FileEntry", "Manifest", "cache_home", "default_store_uri", "download_file", "file_lock",
-           "lineage_of", "mark_used", "sha256_file"]
+           "lineage_of", "mark_used", "sha256_file", "unreachable"]
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 * 1024 * 1024
@@ -200,7 +200,7 @@ class ArtifactStore:
         except StoreError:
             raise
         except Exception as exc:
-            if not _unreachable(exc):
+            if not unreachable(exc):
                 raise
             raise StoreError(f"artifact store {self.uri} cannot be reached ({exc.__class__.__name__}: {exc}); "
                              f"{self._hint()}; the steps already stored are kept, so the same command resumes "
@@ -337,7 +337,7 @@ class ArtifactStore:
                     self.fs.put_file(str(path), f"{base}/{entry.path}")
                 self.fs.pipe(f"{base}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
         except Exception as exc:  # no manifest was written: nothing of it is visible to a reader
-            if _unreachable(exc) or not isinstance(exc, OSError):
+            if unreachable(exc) or not isinstance(exc, OSError):
                 with self.reaching():  # a failed connection: StoreError naming the store; the rest as it is
                     raise
             size_mb = sum(e.size for e in entries) / 1e6
@@ -405,7 +405,7 @@ class ArtifactStore:
                 self.fs.rm(path)
 
 
-def _unreachable(exc: BaseException) -> bool:
+def unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` is a connection to the store that failed (refused, reset, timed out)."""
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
