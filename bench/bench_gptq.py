@@ -3,7 +3,8 @@ available offline), through the nodes' own code: quantize-torch (gptq, then rtn:
 group size, 8-bit lm_head and checkpoint layout, so the same size; only the rounding differs), then
 the model builder (capture-onnx), then perplexity in onnxruntime-genai.
 
-    .venv/bin/python bench/bench_gptq.py [--group_size 32] [--samples 32] [--tokens 2048] [--mixed 0.8]
+    .venv/bin/python bench/bench_gptq.py [--group_size 32] [--samples 32] [--tokens 2048] [--mixed 0.65 0.85]
+                                         [--variants rtn,gptq]
 
 Perplexity is scored on the first --tokens tokens of the GPL-3 text (chunks of 512, each from an
 empty cache, as README's figures); calibration reads other texts (the Apache-2.0, LGPL, MPL and GFDL
@@ -29,7 +30,9 @@ def main() -> int:
     parser.add_argument("--group_size", type=int, default=32, choices=[16, 32, 64])
     parser.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--tokens", type=int, default=2048, help="GPL-3 tokens scored")
-    parser.add_argument("--mixed", type=float, default=None, help="also gptq with this mixed_precision_ratio")
+    parser.add_argument("--mixed", type=float, nargs="*", default=[], help="also gptq with these "
+                        "mixed_precision_ratio values")
+    parser.add_argument("--variants", default="rtn,gptq", help="of rtn and gptq (fp32, the baseline, always runs)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gptq.json")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -61,9 +64,8 @@ def main() -> int:
     fp32.mkdir()
     _capture([hf], CaptureConfig(precision="fp32"), fp32)
     rows["fp32"] = score(fp32)
-    variants = [("rtn", {"algorithm": "rtn"}), ("gptq", {"algorithm": "gptq"})]
-    if args.mixed:
-        variants.append((f"gptq mixed {args.mixed}", {"algorithm": "gptq", "mixed_precision_ratio": args.mixed}))
+    variants = [(v, {"algorithm": v}) for v in args.variants.split(",") if v]
+    variants += [(f"gptq mixed {r}", {"algorithm": "gptq", "mixed_precision_ratio": r}) for r in args.mixed]
     for name, options in variants:
         config = qt.TorchQuantConfig(group_size=args.group_size, calibration=str(calibration),
                                      calibration_samples=args.samples, **options)

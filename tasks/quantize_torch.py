@@ -180,27 +180,27 @@ def sensitivity(w: Any, h: Any, bits: int, group_size: int, symmetric: bool) -> 
                                                                             .sum()), 1e-12)
 
 
-def choose_high_bits(scores: dict[str, float], ratio: float) -> tuple[str, ...]:
-    """Olive's SelectiveMixedPrecision ``ratio``: the share of layers kept at low bits; the rest, the
-    most sensitive, keep 8 bits."""
-    keep = len(scores) - round(ratio * len(scores))
-    return tuple(sorted(sorted(scores, key=lambda n: -scores[n])[:keep]))
-
-
 # Projections the builder fuses into one MatMulNBits, which has one bit width: they keep the same bits.
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _with_fused_siblings(high: set[str], names: set[str]) -> set[str]:
-    """The 8-bit layers with the projections the builder fuses with them (a Q kept at 8 bits takes
-    its K and V along: one MatMulNBits cannot mix 4- and 8-bit columns)."""
-    out = set(high)
-    for name in high:
+def choose_high_bits(scores: dict[str, float], ratio: float) -> tuple[str, ...]:
+    """Olive's SelectiveMixedPrecision ``ratio``: the share of layers kept at low bits; the rest, the
+    most sensitive, keep 8 bits. Projections the builder fuses into one MatMulNBits (q/k/v, gate/up)
+    are one unit, as sensitive as its most sensitive member: units are taken, most sensitive first,
+    until the 8-bit layers reach their share."""
+    units: dict[str, list[str]] = {}
+    for name in scores:
         module, _, leaf = name.rpartition(".")
-        for group in _FUSED:
-            if leaf in group:
-                out |= {f"{module}.{sibling}" for sibling in group if f"{module}.{sibling}" in names}
-    return out
+        group = next((g for g in _FUSED if leaf in g), (leaf,))
+        units.setdefault(f"{module}.{'+'.join(group)}", []).append(name)
+    keep = len(scores) - round(ratio * len(scores))
+    chosen: list[str] = []
+    for members in sorted(units.values(), key=lambda m: -max(scores[n] for n in m)):
+        if len(chosen) >= keep:
+            break
+        chosen += members
+    return tuple(sorted(chosen))
 
 
 # -- the checkpoint ---------------------------------------------------------------------------------
@@ -353,7 +353,7 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
             m.weight.data = dequantize(q, s, z, config.group_size).to(w.dtype)
         xs = [_run_layer(layer, x, kw) for x, kw in zip(xs, kws, strict=True)]  # the next layer's inputs
     if config.mixed_precision_ratio is not None:  # second pass: chosen layers at 8 bits, the rest at `bits`
-        high = _with_fused_siblings(set(choose_high_bits(scores, config.mixed_precision_ratio)), set(scores))
+        high = set(choose_high_bits(scores, config.mixed_precision_ratio))
         log.info("mixed precision: %d of %d linear layers keep 8 bits (most sensitive: %s)", len(high), len(scores),
                  ", ".join(sorted(high, key=lambda n: -scores[n])[:3]))
         yield from quantize_model(folder, config.model_copy(update={"mixed_precision_ratio": None,

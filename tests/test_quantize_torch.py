@@ -159,10 +159,16 @@ def test_mixed_precision_keeps_the_most_sensitive_layers_at_8_bits(tmp_path: Pat
     assert bits["/model/layers.0/mlp/down_proj/MatMulNBits"] == 4
 
 
-def test_choose_high_bits_keeps_the_worst_share() -> None:
-    scores = {"a": 0.1, "b": 5.0, "c": 0.3, "d": 2.0}
-    assert qt.choose_high_bits(scores, 0.5) == ("b", "d")
+def test_choose_high_bits_keeps_the_worst_share_with_fused_projections_together() -> None:
+    scores = {"l.a": 0.1, "l.b": 5.0, "l.c": 0.3, "l.d": 2.0}
+    assert qt.choose_high_bits(scores, 0.5) == ("l.b", "l.d")
     assert qt.choose_high_bits(scores, 1.0) == ()
+    fused = {"l.self_attn.q_proj": 0.1, "l.self_attn.k_proj": 9.0, "l.self_attn.v_proj": 0.2, "l.mlp.gate_proj": 3.0,
+             "l.mlp.up_proj": 0.1, "l.mlp.down_proj": 1.0}
+    assert qt.choose_high_bits(fused, 5 / 6) == ("l.self_attn.k_proj", "l.self_attn.q_proj", "l.self_attn.v_proj")
+    assert qt.choose_high_bits(fused, 0.5) == ("l.self_attn.k_proj", "l.self_attn.q_proj", "l.self_attn.v_proj")
+    assert qt.choose_high_bits(fused, 1 / 3) == ("l.mlp.gate_proj", "l.mlp.up_proj", "l.self_attn.k_proj",
+                                                 "l.self_attn.q_proj", "l.self_attn.v_proj")
 
 
 def test_a_calibration_text_shorter_than_one_window_is_one_clear_error(tiny_dir,  # noqa: ANN001
