@@ -34,7 +34,12 @@ __all__ = ["spawn_worker", "stack_down", "stack_status", "stack_up"]
 _BUCKET = "grove"
 # Local-only credentials for the loopback S3 server; real deployments bring their own.
 _S3_KEYS = {"AWS_ACCESS_KEY_ID": "grove-local", "AWS_SECRET_ACCESS_KEY": "grove-local-secret",
-            "AWS_DEFAULT_REGION": "us-east-1"}
+            "AWS_DEFAULT_REGION": "us-east-1",
+            # rclone 1.75 answers a GET of an object uploaded in two parts with a CRC that botocore's
+            # default validation rejects (FlexibleChecksumError: MiniLM's 90 MB weights) though the bytes
+            # are right: validate when an operation requires it; Grove checks every fetched file's sha256.
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required"}
 
 
 def _state_file():  # noqa: ANN202
@@ -58,6 +63,9 @@ def stack_up(postgres_url: str | None = None, workers: bool = True) -> dict[str,
     if existing is not None:
         stack_down()
     rclone = _rclone()  # before anything starts: a missing extra is one line
+    # The stack runs its own Prefect server: a PREFECT_API_URL exported from an earlier `stack up` (the
+    # shell lines it prints) names a server that `stack down` stopped.
+    os.environ.pop("PREFECT_API_URL", None)
     home = grove_home()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["GROVE_SERVER_IDLE"] = "0"  # a stack stays up until `grove stack down`

@@ -19,7 +19,8 @@ from tests.conftest import grove_cli
 from tests.faults.conftest import one_error_line, start_grove, wait_for
 
 KEYS = {"AWS_ACCESS_KEY_ID": "grove-fault", "AWS_SECRET_ACCESS_KEY": "grove-fault-secret",
-        "AWS_DEFAULT_REGION": "us-east-1"}
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required"}  # as grove stack sets them for rclone
 RCLONE = Path(sysconfig.get_path("scripts")) / "rclone"
 
 
