@@ -240,7 +240,8 @@ def build_lease(store: ArtifactStore, node: str, digest: str,
         if (gone := _holder_gone(held)) or held["expires"] < time.time():
             why = ("a process of this machine that is gone" if gone else
                    f"not renewed for {time.time() - held['expires'] + ttl:.0f} s (its run stopped)")
-            log.warning("%s/%s: taking over the build lease of %s, %s", node, digest[:12], _describe(held["owner"]), why)
+            log.warning("%s/%s: taking over the build lease of %s, %s", node, digest[:12], _describe(held["owner"]),
+                        why)
             lease.remove(held["owner"])
             continue
         now = time.monotonic()

@@ -58,7 +58,8 @@ def stack_up(postgres_url: str | None = None, workers: bool = True) -> dict[str,
     server no longer answers (killed, or the machine rebooted) is stopped and started again, on the
     same data."""
     existing = stack_status()
-    if existing is not None and _answers(str(existing["env"]["AWS_ENDPOINT_URL"])) and server_status():  # type: ignore[index]
+    endpoint = str(existing["env"]["AWS_ENDPOINT_URL"]) if existing is not None else ""  # type: ignore[index]
+    if existing is not None and _answers(endpoint) and server_status():
         return existing
     if existing is not None:
         stack_down()

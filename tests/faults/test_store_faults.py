@@ -69,7 +69,8 @@ def test_a_fetched_copy_changed_on_this_machine_is_fetched_again(s3_store: str, 
     assert sha256_file(again) == good
 
 
-def test_a_failure_is_never_cached_the_node_that_raised_runs_again_on_the_next_run(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_failure_is_never_cached_the_node_that_raised_runs_again_on_the_next_run(tiny_dir,  # noqa: ANN001
+                                                                                   tmp_path: Path) -> None:
     """Olive caches a failed pass and replays the failure; Grove caches only committed artifacts."""
     store = tmp_path / "store"
     runs = [_auto_opt(tiny_dir("llama"), tmp_path / "out", store, "--min_top1_agreement", "1.0") for _ in range(2)]
