@@ -330,7 +330,7 @@ def test_smollm2_learns_a_made_up_answer_and_serves_it_as_a_switchable_adapter(t
     store, out = str(tmp_path / "store"), tmp_path / "secret-adapter"
     trained = grove_cli("finetune", "-m", SMOLLM2, "-d", str(data), "--use_chat_template", "--train_on_responses",
                         "--lora_r", "16", "--lora_alpha", "32", "--target_modules", "q_proj,k_proj,v_proj,o_proj",
-                        "--max_seq_len", "64", "--max_steps", "40", "--learning_rate", "2e-3", "-o", str(out),
+                        "--max_seq_len", "64", "--max_steps", "30", "--learning_rate", "2e-3", "-o", str(out),
                         "--store", store)
     assert trained.returncode == 0, trained.stderr[-4000:]
     served = grove_cli("auto-opt", "-m", str(out), "-o", str(tmp_path / "int4"), "--store", store)
