@@ -29,6 +29,8 @@ from grove.errors import GroveError
 
 __all__ = ["check_api", "ensure_api", "free_port", "grove_home", "server_status", "stop_server"]
 
+MAX_PARAMETER_BYTES = 16 * 1024 * 1024  # the local server's limit on a run's parameters (Prefect's: 512 KB)
+
 
 def grove_home() -> Path:
     return Path(os.environ.get("GROVE_HOME", Path.home() / ".grove"))
@@ -217,6 +219,9 @@ def _serve(port: int) -> int:
     env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false", PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
     env.pop("PREFECT_API_URL", None)
+    # A fleet manifest is the fleet refresh's parameter: 10,000 entries are ~0.5 MB, Prefect's default
+    # limit (the server answered 422); a user's own setting stands.
+    env.setdefault("PREFECT_SERVER_API_MAX_PARAMETER_SIZE", str(MAX_PARAMETER_BYTES))
     idle = _idle_s()
     child = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),

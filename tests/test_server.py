@@ -108,3 +108,21 @@ def test_a_run_longer_than_the_idle_time_keeps_its_server_which_stops_once_idle(
         time.sleep(1)
     assert not server._healthy(url), "the server did not stop once no command had used it for 3 s"
     assert "stopping the server: no grove command for 3 s (GROVE_SERVER_IDLE)" in (home / "server.log").read_text()
+
+
+def test_the_local_server_takes_a_fleet_manifest_past_prefects_default_parameter_limit() -> None:
+    """A 10,000-entry fleet manifest is ~0.5 MB, past Prefect's default 512 KB for a run's parameters
+    (the server answered 422): Grove's local server takes runs with parameters of several MB."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    @flow(name="big-parameter")
+    def big(manifest: dict) -> None:  # never run: only created, as a deployment's trigger creates one
+        pass
+
+    manifest = {"models": [{"name": f"model-{i:05d}", "source": f"/models/{'x' * 40}/{i}", "targets": ["cpu"]}
+                           for i in range(10_000)]}
+    assert len(json.dumps(manifest)) > 600_000
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(big, parameters={"manifest": manifest})
+        assert len(client.read_flow_run(run.id).parameters["manifest"]["models"]) == 10_000
