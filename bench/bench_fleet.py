@@ -68,9 +68,8 @@ def main() -> int:
     os.environ["GROVE_HOME"] = tempfile.mkdtemp(prefix="grove-bench-fleet-")
     os.environ.pop("PREFECT_API_URL", None)
     sys.path.insert(0, str(ROOT))
-    from tests import tiny_models
-
     from grove.stack import stack_down, stack_up
+    from tests import tiny_models
 
     base = Path(tempfile.mkdtemp(prefix="grove-bench-models-"))
     models = {f"m-{f}": tiny_models.build(f, base / f) for f in FAMILIES}

@@ -41,9 +41,9 @@ def main() -> int:
     from bench._machine import machine
     from tasks import _decoder_io as dio
     from tasks import quantize_torch as qt
+    from tasks._sources import resolve
     from tasks.capture_onnx import CaptureConfig, _capture
     from tasks.download_model import _convert_gguf
-    from tasks._sources import resolve
 
     work = Path(tempfile.mkdtemp(prefix="grove-bench-gptq-"))
     calibration = work / "calibration.txt"

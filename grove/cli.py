@@ -76,7 +76,7 @@ def entry() -> None:
 def wind_down() -> None:
     """What a normal exit runs before unloading modules: exit handlers (Prefect's log and event
     flushes), logging shutdown, stream flushes."""
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # noqa: SLF001 - what the interpreter's exit runs, without its teardown
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -87,9 +87,8 @@ class FinetuneRequest(BaseModel):
         from tasks._finetune_data import check_text_recipe, template_fields
 
         check_text_recipe(self.text_field, self.text_template, self.use_chat_template, self.train_on_responses)
-        if self.text_template is not None:
-            if not template_fields(self.text_template):
-                raise ValueError(f"--text_template {self.text_template!r} names no column; write them as {{column}}")
+        if self.text_template is not None and not template_fields(self.text_template):
+            raise ValueError(f"--text_template {self.text_template!r} names no column; write them as {{column}}")
         if "output_dir" in self.training_args:
             raise ValueError("--output_dir: the adapter is written to --output_path (-o)")
         return self

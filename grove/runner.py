@@ -221,9 +221,9 @@ def preflight_finetune(request: FinetuneRequest) -> None:
     recipe reads). Raises a GroveError naming the cause and the fix."""
     from tasks import _finetune_data as fd
     from tasks import _sources
-    from tasks.registry import source_spec
-    from tasks.package_finetune import MODEL_CONFIG
     from tasks._report import REPORT
+    from tasks.package_finetune import MODEL_CONFIG
+    from tasks.registry import source_spec
 
     source = _sources.resolve(request.model_name_or_path, request.revision)
     if source_spec(source).path != "decoder":

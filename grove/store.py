@@ -69,10 +69,8 @@ def download_file(fs: fsspec.AbstractFileSystem, remote: str, local: Path) -> No
 def mark_used(folder: Path) -> None:
     """Record that a copy in this machine's caches was just used (its folder's mtime), so that
     ``grove store prune --older-than`` removes what has not been used, not what was fetched long ago."""
-    try:
+    with contextlib.suppress(OSError):  # removed meanwhile, or not ours to touch: only a pruning hint is lost
         os.utime(folder)
-    except OSError:  # removed meanwhile, or not ours to touch: only a pruning hint is lost
-        pass
 
 
 def default_store_uri() -> str:

@@ -190,8 +190,15 @@ def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> 
     a path or an fsspec URI. ``#text=<column>[+<column>],label=<column>`` after it names the columns
     instead. Raises InvalidRequest naming what is wrong."""
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import (LABEL_COLUMNS, TEXT_COLUMNS, is_table, pick_column, read_rows, read_table,
-                                   split_columns)
+    from tasks._decoder_io import (
+        LABEL_COLUMNS,
+        TEXT_COLUMNS,
+        is_table,
+        pick_column,
+        read_rows,
+        read_table,
+        split_columns,
+    )
 
     path, columns = split_columns(source)
     label_columns = (columns.label,) if columns.label else label_columns or LABEL_COLUMNS

@@ -168,9 +168,9 @@ def _export(src: Path, config: CaptureEncoderConfig, names: list[str], outputs: 
 
 
 def _example(src: Path, names: list[str], length: int) -> tuple[Any, ...]:
-    from tasks._encoder_io import encode
-
     import torch
+
+    from tasks._encoder_io import encode
 
     # Two rows of different length, so padding (and the mask) is exercised while tracing.
     feeds = encode(src, ["Grove exports encoders.", "A longer second sentence " * 8], names, pad_to=length)

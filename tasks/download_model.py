@@ -184,7 +184,7 @@ def _memoized_gguf() -> Iterator[None]:
     import gguf.quants
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    reader, name_map, parse = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils._gguf_parse_value
+    reader, name_map, parse = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils._gguf_parse_value  # noqa: SLF001 - patched for this load only, restored below
     grouped = getattr(gguf.quants, "_apply_over_grouped_rows", None)
 
     def parse_value(value: Any, data_type: Any) -> Any:
@@ -195,16 +195,16 @@ def _memoized_gguf() -> Iterator[None]:
 
     gguf.GGUFReader = functools.lru_cache(maxsize=2)(_sources.fast_gguf_reader(reader))  # type: ignore[misc]
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(name_map)
-    gguf_utils._gguf_parse_value = parse_value
+    gguf_utils._gguf_parse_value = parse_value  # noqa: SLF001
     if grouped is not None:
-        gguf.quants._apply_over_grouped_rows = _sources.apply_over_row_groups
+        gguf.quants._apply_over_grouped_rows = _sources.apply_over_row_groups  # noqa: SLF001
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map  # type: ignore[misc]
-        gguf_utils._gguf_parse_value = parse
+        gguf_utils._gguf_parse_value = parse  # noqa: SLF001
         if grouped is not None:
-            gguf.quants._apply_over_grouped_rows = grouped
+            gguf.quants._apply_over_grouped_rows = grouped  # noqa: SLF001
 
 
 def _load_gguf_public(path: Path) -> tuple[Any, Any]:

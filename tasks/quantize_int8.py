@@ -74,9 +74,8 @@ def quantize_int8(model: Artifact, config: Int8Config) -> Artifact:
 
 
 def _quantize(inputs: list[Path], config: Int8Config, out: Path) -> dict[str, object]:
-    from onnxruntime.quantization import quantize_dynamic
-
     import onnx
+    from onnxruntime.quantization import quantize_dynamic
 
     (src,) = inputs
     nodes = onnx.load(str(src / "model.onnx"), load_external_data=False).graph.node
@@ -122,9 +121,8 @@ def _check_names(nodes: Sequence[onnx.NodeProto], config: Int8Config) -> None:
 
 
 def _quantize_static(src: Path, out: Path, config: Int8Config, common: dict[str, object]) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-
     import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     reader = _calibration_reader(src, config)
     # Layer norms stay float, as they do inside the fused SkipLayerNormalization that onnxruntime's

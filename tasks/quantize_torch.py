@@ -327,8 +327,8 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
         def hook(name: str) -> Any:
             def accumulate(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
                 x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-                sums[name] += x.T @ x
-                counts[name] += x.shape[0]
+                sums[name] += x.T @ x  # noqa: B023 - the hooks are removed before the next layer's loop
+                counts[name] += x.shape[0]  # noqa: B023
             return accumulate
 
         handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from tests.conftest import grove_cli
-
 from tests.tiny_models import MINILM
 
 

@@ -4,6 +4,8 @@ test_stack.py."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from grove.artifacts import StepConfig
@@ -110,10 +112,8 @@ def test_training_goes_to_the_gpu_pool_only_while_it_has_a_live_worker() -> None
     assert pool_for(lora, "cpu", "", has_worker=lambda device: True) is None  # no API: not deployed, in place
 
     with get_client(sync_client=True) as client:
-        try:
+        with contextlib.suppress(ObjectAlreadyExists):
             client.create_work_pool(WorkPoolCreate(name="gpu-pool", type="process"))
-        except ObjectAlreadyExists:
-            pass
         had_worker = pool_has_worker("gpu")
         client.send_worker_heartbeat("gpu-pool", f"test-{uuid.uuid4().hex[:8]}", heartbeat_interval_seconds=60)
     assert not had_worker and pool_has_worker("gpu")

@@ -272,7 +272,7 @@ def test_an_embedding_model_is_scored_on_sentence_pairs_similarity(tmp_path: Pat
 
     folder = tiny_models.build_sentence_transformer(tmp_path / "st", ["Pooling", "Normalize"])
     paragraphs = eio.read_lines("builtin:GPL-3", 61)
-    pairs = list(zip(paragraphs[:-1], paragraphs[1:]))
+    pairs = list(zip(paragraphs[:-1], paragraphs[1:], strict=False))
     library = SentenceTransformer(str(folder), device="cpu")
     cosine = (library.encode([a for a, _ in pairs]) * library.encode([b for _, b in pairs])).sum(-1)
     noise = np.random.default_rng(0).normal(0, cosine.std(), len(pairs))
@@ -281,7 +281,7 @@ def test_an_embedding_model_is_scored_on_sentence_pairs_similarity(tmp_path: Pat
     assert 0.3 < expected < 0.95  # the scores follow the model, not exactly
     csv_path = tmp_path / "stsb.csv"
     with open(csv_path, "w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows([("sentence1", "sentence2", "label"), *((a, b, g) for (a, b), g in zip(pairs, gold))])
+        csv.writer(f).writerows([("sentence1", "sentence2", "label"), *((a, b, g) for (a, b), g in zip(pairs, gold, strict=False))])
     table = tmp_path / "stsb.parquet"
     pq.write_table(pa.table({"sentence1": [a for a, _ in pairs], "sentence2": [b for _, b in pairs],
                              "score": [float(g) / 5 for g in gold]}), table)
@@ -461,7 +461,7 @@ def test_sentence_pairs_are_scored_as_pairs(tiny_bert: dict[str, object], tmp_pa
     folder = tiny_bert["folder"]
     assert isinstance(folder, Path)
     paragraphs = eio.read_lines("builtin:GPL-3", 41)
-    pairs = list(zip(paragraphs[:-1], paragraphs[1:]))
+    pairs = list(zip(paragraphs[:-1], paragraphs[1:], strict=False))
     feeds = eio.encode(folder, pairs, _INPUTS_BERT, max_length=eio.max_tokens(folder, eio.tokenizer(folder)))
     assert (feeds["token_type_ids"] == 1).any()  # the second sentence is marked as such
     with torch.no_grad():
@@ -470,7 +470,7 @@ def test_sentence_pairs_are_scored_as_pairs(tiny_bert: dict[str, object], tmp_pa
     labels = [int(p) if i % 3 else (int(p) + 1) % 3 for i, p in enumerate(predicted)]
     expected = round(float((predicted == np.asarray(labels)).mean()), 4)
     with open(tmp_path / "mrpc.csv", "w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows([("sentence1", "sentence2", "label"), *((a, b, y) for (a, b), y in zip(pairs, labels))])
+        csv.writer(f).writerows([("sentence1", "sentence2", "label"), *((a, b, y) for (a, b), y in zip(pairs, labels, strict=False))])
     names = ["LABEL_2", "LABEL_0", "LABEL_1"]  # the hub table's own class order
     table = pa.table({"premise": [a for a, _ in pairs], "hypothesis": [b for _, b in pairs],
                       "label": [names.index(f"LABEL_{y}") for y in labels]})
@@ -565,7 +565,7 @@ def test_static_int8_calibrates_on_a_tables_sentence_pairs(tmp_path: Path) -> No
     first, second = ["He said so.", "It rained.", None, "Fine."], ["So he said.", "Rain fell.", "x", "Good."]
     pq.write_table(pa.table({"sentence1": first, "sentence2": second, "label": [1, 1, 0, 1]}), tmp_path / "p.parquet")
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"premise": a, "hypothesis": b}) + "\n"
-                                              for a, b in zip(first, second) if a))
+                                              for a, b in zip(first, second, strict=False) if a))
     expected = [("He said so.", "So he said."), ("It rained.", "Rain fell."), ("Fine.", "Good.")]
     assert eio.calibration_texts(str(tmp_path / "p.parquet"), 32) == expected  # the row without a pair skipped
     assert eio.calibration_texts(str(tmp_path / "p.jsonl"), 2) == expected[:2]
@@ -748,21 +748,21 @@ def test_token_classifier_accuracy_and_entity_f1_on_labelled_sentences(tmp_path:
     assert scored < sum(len(s) for s in sentences)  # the long sentence is cut
     gold = [[(p + 1) % 3 if p is not None and i % 3 == 0 else (p if p is not None else 0) for i, p in enumerate(ps)]
             for ps in predicted]
-    hits = sum(g == p for gs, ps in zip(gold, predicted) for g, p in zip(gs, ps) if p is not None)
+    hits = sum(g == p for gs, ps in zip(gold, predicted, strict=False) for g, p in zip(gs, ps, strict=False) if p is not None)
     as_names = [[id2label[str(g)] for g in gs] for gs in gold]
-    expected_f1 = entity_f1([[id2label[str(g)] for g, p in zip(gs, ps) if p is not None]
-                             for gs, ps in zip(gold, predicted)],
+    expected_f1 = entity_f1([[id2label[str(g)] for g, p in zip(gs, ps, strict=False) if p is not None]
+                             for gs, ps in zip(gold, predicted, strict=False)],
                             [[id2label[str(p)] for p in ps if p is not None] for ps in predicted])
     assert 0.5 < hits / scored < 0.8 and expected_f1 is not None
 
     jsonl = tmp_path / "ner.jsonl"
-    jsonl.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n" for w, t in zip(sentences, as_names)))
+    jsonl.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n" for w, t in zip(sentences, as_names, strict=False)))
     hub_order = ["O", "I-PER", "B-PER"]  # the dataset's own ids for the model's classes
     table = tiny_models.hub_ner_table(tmp_path / "ner.parquet", sentences,
                                       [[hub_order.index(t) for t in ts] for ts in as_names], hub_order)
     conll = tmp_path / "ner.conll"
-    conll.write_text("-DOCSTART- -X- O\n\n" + "\n\n".join("\n".join(f"{w} NN {t}" for w, t in zip(ws, ts))
-                                                          for ws, ts in zip(sentences, as_names)) + "\n")
+    conll.write_text("-DOCSTART- -X- O\n\n" + "\n\n".join("\n".join(f"{w} NN {t}" for w, t in zip(ws, ts, strict=False))
+                                                          for ws, ts in zip(sentences, as_names, strict=False)) + "\n")
     for path in (jsonl, table, conll):
         metrics = evaluate_encoder.fn(fp32, EncoderEvalConfig(labelled_data=str(path), repeat=5, warmup=0,
                                                               labelled_sha256=fingerprint_text(str(path)))).metrics

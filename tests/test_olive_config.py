@@ -204,7 +204,7 @@ def test_olives_bert_ptq_example_runs_on_the_hubs_parquet_copy_of_glue(tmp_path:
 
     model = tiny_models.build_encoder("bert", tmp_path / "bert")
     sentences = [" ".join(p.split()[:12]) for p in eio.read_lines("builtin:GPL-3", 40)]
-    pairs = list(zip(sentences[0::2], sentences[1::2]))
+    pairs = list(zip(sentences[0::2], sentences[1::2], strict=False))
     with torch.no_grad():
         logits = AutoModelForSequenceClassification.from_pretrained(model)(
             **AutoTokenizer.from_pretrained(model)([a for a, _ in pairs], [b for _, b in pairs], padding=True,

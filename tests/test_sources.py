@@ -168,12 +168,12 @@ def test_an_online_hub_dataset_file_is_read_as_the_evaluation_text(tiny_dir, tmp
     """--eval_data hf://datasets/<org>/<name>/<file> with the hub reachable (the loopback hub) scores
     the same text as the same file given as a path, and so does the hub's Parquet form of it (a
     "text" column of paragraphs, as wikitext); a file the dataset lacks is one error naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from tasks._decoder_io import BUILTIN_TEXT, read_text
     from tests.conftest import grove_cli
     from tests.hub_server import HubRepo, serve_hub
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     texts = tmp_path / "texts"
     texts.mkdir()
@@ -222,7 +222,7 @@ def test_a_hub_ner_dataset_scores_a_token_classifier(tmp_path: Path, store: str)
     sentences = [p.split()[:20] for p in eio.read_lines("builtin:GPL-3", 12)]
     tags = [[classes[(3 * n + i) % 3 if i % 4 else 0] for i in range(len(words))] for n, words in enumerate(sentences)]
     local_file = tmp_path / "ner.jsonl"
-    local_file.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n" for w, t in zip(sentences, tags)))
+    local_file.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n" for w, t in zip(sentences, tags, strict=False)))
     data = tmp_path / "ner-data"
     data.mkdir()
     hub_order = ["O", "I-PER", "B-PER"]
@@ -252,7 +252,7 @@ def test_a_remote_evaluation_text_is_fetched_once_per_version(s3_store: str, s3_
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     store = ArtifactStore(s3_store)
-    store.fs.pipe(f"{store.root}/eval.txt", "first version".encode())
+    store.fs.pipe(f"{store.root}/eval.txt", b"first version")
     uri = f"{s3_store}/eval.txt"
     assert read_text(uri) == "first version"
     copies = list((tmp_path / "xdg" / "grove" / "texts").rglob("eval.txt"))
@@ -260,7 +260,7 @@ def test_a_remote_evaluation_text_is_fetched_once_per_version(s3_store: str, s3_
     copies[0].write_text("the cached copy")  # what the next read returns if it does not fetch again
     assert read_text(uri) == "the cached copy"
 
-    store.fs.pipe(f"{store.root}/eval.txt", "second version".encode())  # a new ETag
+    store.fs.pipe(f"{store.root}/eval.txt", b"second version")  # a new ETag
     s3fs.S3FileSystem.clear_instance_cache()
     assert read_text(uri) == "second version"
 

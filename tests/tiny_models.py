@@ -99,8 +99,7 @@ def build_encoder(family: str, folder: Path, head: str | None = "sequence") -> P
     import shutil
 
     import torch
-    from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
-                              AutoModelForTokenClassification)
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     from tasks._encoder_io import ROBERTA_LIKE
 

@@ -72,8 +72,12 @@ def test_a_dashboard_config_reads_a_model_in_the_store_and_writes_only_to_its_ou
 def _as_a_worker_runs_it(store: str):  # noqa: ANN202
     """The result settings the deployments give their workers (grove/deploy.py): node records in the
     store's own prefect-results, as Grove JSON."""
-    from prefect.settings import (PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, PREFECT_RESULTS_DEFAULT_SERIALIZER,
-                                  PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings)
+    from prefect.settings import (
+        PREFECT_DEFAULT_RESULT_STORAGE_BLOCK,
+        PREFECT_RESULTS_DEFAULT_SERIALIZER,
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
+        temporary_settings,
+    )
 
     from grove.runner import result_storage
 

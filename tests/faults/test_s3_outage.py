@@ -4,7 +4,6 @@ command then completes, reusing what had been committed."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sysconfig
@@ -88,6 +87,6 @@ def test_the_s3_server_stopped_mid_run_is_one_line_naming_the_store_and_the_reru
     s3.start()
     rerun = grove_cli(*args, env=s3.env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "download-model/" not in "".join(l for l in rerun.stderr.splitlines() if " built in " in l), \
+    assert "download-model/" not in "".join(line for line in rerun.stderr.splitlines() if " built in " in line), \
         "what was committed before the outage is reused"
     assert _manifests_point_at_files_that_exist(s3.data / "grove") > before
