@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
                    "text,label; token classifiers: JSONL/Parquet/CoNLL with tokens,ner_tags (accuracy; entity F1 "
                    "for B-/I- tags); embedding models: sentence pairs with a similarity score, as STS-B (Spearman). "
                    "Columns of other names: FILE#text=COL[+COL2],label=COL")
-    p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (1024; 2048 matches the figures in README)")
+    p.add_argument("--eval_tokens", type=int, help="tokens scored for perplexity (1024)")
     p.add_argument("--min_top1_agreement", type=float,
                    help="fail if top-1 agreement with the fp32 model is lower than this")
     e = p.add_argument_group("encoders (BERT, ELECTRA, MPNet, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT)")

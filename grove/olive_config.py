@@ -130,7 +130,7 @@ class ModelBuilder(_Pass):
     enable_cuda_graph: bool | None = Field(None, description="a CUDA session option of the output")
 
     NOTE = ("ModelBuilder: Grove captures decoder LLMs with onnxruntime-genai's model builder (fp32 on cpu) and "
-            "quantizes int4 with its own quantizer (affine by default on cpu: see the README; --int4_algorithm "
+            "quantizes int4 with its own quantizer (affine by default on cpu: see docs/int4.md; --int4_algorithm "
             "builder takes the builder's own)")
 
     def precision(self) -> str | None:
@@ -212,15 +212,15 @@ class OnnxQuantization(_Pass):
     quant_format: Literal["QDQ", "QOperator"] | None = Field(None, description="static: graph format")
     calibrate_method: Literal["MinMax", "Entropy", "Percentile"] | None = Field(None, description="static: ranges")
     weight_type: Literal["QInt8"] = Field("QInt8", description="Grove writes signed int8 weights (uint8 weights "
-                                          "measured slower and no more accurate: README)")
+                                          "measured slower and no more accurate: docs/encoders.md)")
     weight_precision: Literal["int8"] = Field("int8", alias="precision", description="weight_type's newer name: "
                                               "Grove writes signed int8 weights, uint8 ones measured slower and no "
-                                              "more accurate (README)")
+                                              "more accurate (docs/encoders.md)")
     activation_type: Literal["QInt8", "QUInt8", "int8", "uint8"] | None = Field(
         None, description="8-bit activations, signed or not as Grove chooses: 16-bit "
         "ones are for NPU targets, which Grove does not build for")
     reduce_range: Literal[False] = Field(False, description="7-bit weights: measured slower and less accurate on "
-                                         "MiniLM (README), not offered")
+                                         "MiniLM (docs/encoders.md), not offered")
     quant_preprocess: bool | None = Field(None, description="Grove's graph optimization runs first anyway")
     save_as_external_data: bool | None = None
     all_tensors_to_one_file: bool | None = None
@@ -690,7 +690,7 @@ def _target(config: dict[str, Any], engine: dict[str, Any], out: Translation) ->
         raise InvalidRequest(f"{where} must be an object")
     if str(system.get("type", "LocalSystem")).lower() != "localsystem":
         raise InvalidRequest(f"{where}.type {system.get('type')!r}: Grove runs where it is started, or on its Prefect "
-                             "work pools ('grove deploy', see the README); use a LocalSystem with one accelerator")
+                             "work pools ('grove deploy', see docs/distributed.md); use a LocalSystem with one accelerator")
     accelerators = _fields(system, where).get("accelerators") or [{}]
     if not isinstance(accelerators, list) or len(accelerators) > 1:
         raise InvalidRequest(f"{where}.accelerators: Grove optimizes for one target per run; keep one accelerator "

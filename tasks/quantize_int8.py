@@ -4,7 +4,7 @@ calibrated on tokenised text; QDQ or QOperator format). The other files are carr
 
 Default (measured on all-MiniLM-L6-v2, batch 1, 64 tokens, 2 threads, bench/bench_encoder.py):
 dynamic, every MatMul and fused Attention, **per-channel** weights: 6.2 ms vs PyTorch fp32 18.0 ms
-(0.34x) on a 2-CPU AVX2 machine, mean-pooled cosine 0.992 vs sentence-transformers (README: the
+(0.34x) on a 2-CPU AVX2 machine, mean-pooled cosine 0.992 vs sentence-transformers (docs/encoders.md: the
 runs, and why int8 gains little over the fused fp32 graph without VNNI). Per-tensor weights
 (onnxruntime's default) give the same speed but cosine 0.960: a few output channels of the FFN
 down-projections have outlier ranges that one per-tensor scale cannot cover."""
