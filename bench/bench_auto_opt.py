@@ -2,8 +2,8 @@
 the same run. Prints JSON and a table; exits 0 whatever the figures (bars are reported, not
 asserted).
 
-    .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-full affine-h4 rtn rtn-sym hqq] [--cold 2] [--rounds 3] [--repeats 3] [--keep]
-                                             [--json out.json]
+    .venv/bin/python bench/bench_auto_opt.py [--algorithms affine affine-full affine-h4 rtn rtn-sym hqq]
+                                             [--cold 2] [--rounds 3] [--repeats 3] [--keep] [--json out.json]
 
 Measures: wall time of cold runs (each on an empty store; the local Prefect server and the warm
 runner already up, their start times reported apart, and one cold run in its own process,

@@ -56,7 +56,8 @@ def main() -> int:
         "block_size": args.block_size,
         "grids": {g: {"mean_rel_output_error": round(float(np.mean(errors[g])), 5),
                       "vs_affine": round(float(np.mean(errors[g]) / np.mean(errors["affine"])), 3),
-                      "matrices_better_than_affine": sum(e < a for e, a in zip(errors[g], errors["affine"], strict=True)),
+                      "matrices_better_than_affine": sum(e < a for e, a in zip(errors[g], errors["affine"],
+                                                                                 strict=True)),
                       "quantize_s": round(seconds[g], 2)} for g in GRIDS},
     }
     print(json.dumps(result, indent=2))

@@ -164,5 +164,6 @@ def deploy(store: str, fleet_manifest: dict[str, object] | None = None, schedule
             parameters={"manifest": fleet_manifest} if fleet_manifest else None,
             job_variables={"env": {**env, "GROVE_DEVICE": POOLS[0].device}, "working_dir": str(root)})
         fleet.apply()
-        names.append(f"{FLEET.name}/{FLEET.name}" + (f" (cron {schedule.cron}, {schedule.timezone})" if schedule else ""))
+        names.append(f"{FLEET.name}/{FLEET.name}"
+                     + (f" (cron {schedule.cron}, {schedule.timezone})" if schedule else ""))
     return names

@@ -134,7 +134,8 @@ def prune(store: ArtifactStore, older_than_s: float, nodes: list[str] | None = N
     first, then cache record, files and fetched copy). ``artifacts``: the store's ``scan``, if the
     caller has it already."""
     now = time.time()
-    doomed = [a for a in (scan(store) if artifacts is None else artifacts) if (nodes is None or a.node in nodes) and now - a.built_at > older_than_s
+    doomed = [a for a in (scan(store) if artifacts is None else artifacts)
+              if (nodes is None or a.node in nodes) and now - a.built_at > older_than_s
               and (a.complete or now - a.built_at > LEFTOVER_GRACE_S)]
     if not dry_run:
         for artifact in doomed:
@@ -172,7 +173,8 @@ def scan_caches(home: Path | None = None) -> list[CachedCopy]:
     return found
 
 
-def prune_caches(older_than_s: float, dry_run: bool = False, copies: list[CachedCopy] | None = None) -> list[CachedCopy]:
+def prune_caches(older_than_s: float, dry_run: bool = False,
+                 copies: list[CachedCopy] | None = None) -> list[CachedCopy]:
     """Remove the cached copies not fetched nor used for ``older_than_s`` seconds; returns them."""
     now = time.time()
     doomed = [c for c in (scan_caches() if copies is None else copies) if now - c.used_at > older_than_s]
@@ -260,8 +262,10 @@ def format_prune(removed: list[StoredArtifact], older_than_days: float, dry_run:
     """One line saying what was (or would be) removed, and how much it frees."""
     if not removed:
         missing = sorted(set(nodes or ()) - present)
-        holds = f"; this store holds no {', '.join(missing)} artifacts (it holds: {', '.join(sorted(present)) or 'none'})"
-        return f"nothing to prune: no artifact built more than {older_than_days:g} days ago" + (holds if missing else "")
+        holds = (f"; this store holds no {', '.join(missing)} artifacts "
+                 f"(it holds: {', '.join(sorted(present)) or 'none'})")
+        return (f"nothing to prune: no artifact built more than {older_than_days:g} days ago"
+                + (holds if missing else ""))
     counts = Counter(a.node if a.complete else "unfinished" for a in removed)
     what = ", ".join(f"{node} {n}" for node, n in counts.most_common())
     verb = "would remove" if dry_run else "removed"

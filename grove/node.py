@@ -27,8 +27,8 @@ from grove.artifacts import Artifact, Metric, Source, StepConfig, recipe_digest
 from grove.lease import build_lease
 from grove.store import ArtifactStore, lineage_of
 
-__all__ = ["RECIPE_CACHE", "RESULT_SERIALIZER", "cache_key", "node_logger", "node_scratch", "report_progress", "run_node",
-           "store_for"]
+__all__ = ["RECIPE_CACHE", "RESULT_SERIALIZER", "cache_key", "node_logger", "node_scratch", "report_progress",
+           "run_node", "store_for"]
 
 C = TypeVar("C", bound=StepConfig)
 Build = Callable[[list[Path], C, Path], Mapping[str, Metric]]

@@ -690,7 +690,8 @@ def _target(config: dict[str, Any], engine: dict[str, Any], out: Translation) ->
         raise InvalidRequest(f"{where} must be an object")
     if str(system.get("type", "LocalSystem")).lower() != "localsystem":
         raise InvalidRequest(f"{where}.type {system.get('type')!r}: Grove runs where it is started, or on its Prefect "
-                             "work pools ('grove deploy', see docs/distributed.md); use a LocalSystem with one accelerator")
+                             "work pools ('grove deploy', see docs/distributed.md); "
+                             "use a LocalSystem with one accelerator")
     accelerators = _fields(system, where).get("accelerators") or [{}]
     if not isinstance(accelerators, list) or len(accelerators) > 1:
         raise InvalidRequest(f"{where}.accelerators: Grove optimizes for one target per run; keep one accelerator "

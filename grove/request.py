@@ -88,8 +88,8 @@ class AutoOptRequest(BaseModel):
                                                     "to publish the output under in the store's registry")
     adapter_path: str | None = Field(None, description="a LoRA adapter folder (peft: adapter_config.json, "
                                      "adapter_model.safetensors) trained on this model: kept switchable beside the "
-                                     "int4 base (adapter_weights.onnx_adapter, loaded with onnxruntime_genai.Adapters), "
-                                     "or merged with --merge_adapter")
+                                     "int4 base (adapter_weights.onnx_adapter, "
+                                     "loaded with onnxruntime_genai.Adapters), or merged with --merge_adapter")
     merge_adapter: bool = Field(False, description="fold --adapter_path into the weights first: one plain model")
     gpu_nodes: list[Literal["capture-onnx", "quantize-int4", "evaluate", "package-genai"]] = Field(
         default_factory=list, description="on a deployed stack: nodes to run on the gpu pool (others run where "
@@ -102,7 +102,8 @@ class AutoOptRequest(BaseModel):
         problems = []
         if self.provider and PROVIDER_DEVICE[self.provider] != self.device:
             problems.append(f"--provider {self.provider} runs on {PROVIDER_DEVICE[self.provider]}, not "
-                            f"--device {self.device}; pass --device {PROVIDER_DEVICE[self.provider]} or another provider")
+                            f"--device {self.device}; pass --device {PROVIDER_DEVICE[self.provider]} "
+                            "or another provider")
         if self.precision == "fp16" and self.device == "cpu":
             problems.append("--precision fp16 targets GPUs (onnxruntime's CPU kernels for these graphs are fp32); "
                             "for CPU pass --precision int4, int8 or fp32")
@@ -161,7 +162,8 @@ class AutoOptRequest(BaseModel):
     def reference_capture(self) -> CaptureConfig:
         precision = "fp32" if self.execution_provider == "cpu" else "fp16"
         return CaptureConfig(precision=precision, execution_provider=self.execution_provider,  # type: ignore[arg-type]
-                             include_hidden_states=self.include_hidden_states, placement=self._placement("capture-onnx"))
+                             include_hidden_states=self.include_hidden_states,
+                             placement=self._placement("capture-onnx"))
 
     @property
     def capture(self) -> CaptureConfig:
@@ -171,7 +173,8 @@ class AutoOptRequest(BaseModel):
         return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider,  # type: ignore[arg-type]
                              block_size=self.block_size if builder_int4 else None,
                              accuracy_level=self.accuracy_level if self.int4_algorithm_used == "gptq" else None,
-                             include_hidden_states=self.include_hidden_states, placement=self._placement("capture-onnx"))
+                             include_hidden_states=self.include_hidden_states,
+                             placement=self._placement("capture-onnx"))
 
     @property
     def keeps_adapter(self) -> bool:
@@ -221,4 +224,5 @@ class AutoOptRequest(BaseModel):
         return PackageConfig(model=self.model_name_or_path, placement=self._placement("package-genai"),
                              reference_precision=self.reference_capture.precision, target={
             "device": self.device, "provider": self.execution_provider, "precision": self.precision,
-            "int4_algorithm": self.int4_algorithm_used, "block_size": self.block_size if self.int4_algorithm_used else None})
+            "int4_algorithm": self.int4_algorithm_used,
+            "block_size": self.block_size if self.int4_algorithm_used else None})

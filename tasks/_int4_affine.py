@@ -362,9 +362,11 @@ class _Rewriter:
         top, k_name = output + "/shortlist_ids", self.add_init(f"int4_shortlist_k_{k}", np.array([k], np.int64))
         ranked = approx if (bias := self.head_bias.get(w_name)) is None else self.node(
             "Add", [approx, bias], output + "/shortlist_biased")
-        self.nodes.append(helper.make_node("TopK", [ranked, k_name], [output + "/shortlist_top", top], name=top, axis=-1))
+        self.nodes.append(helper.make_node("TopK", [ranked, k_name], [output + "/shortlist_top", top],
+                                           name=top, axis=-1))
         rows = self.node("GatherBlockQuantized", [self.table(w_name), top, *self.register(w_name)[1:]],
-                         output + "/shortlist_rows", _MS, bits=qw.bits, block_size=self.bs, gather_axis=0, quantize_axis=1)
+                         output + "/shortlist_rows", _MS, bits=qw.bits, block_size=self.bs,
+                         gather_axis=0, quantize_axis=1)
         last = self.add_init("int4_last_axis", np.array([-1], np.int64))
         column = self.node("Unsqueeze", [x, last], output + "/shortlist_x")
         exact = self.node("MatMul", [rows, column], output + "/shortlist_exact_col")

@@ -159,8 +159,9 @@ def _adapt_builder_configs(builder: Any) -> None:
 
         def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
             if getattr(config, "clip_qkv", None) is not None:
-                raise NotImplementedError(f"OLMo with clip_qkv ({config.clip_qkv}) clamps its queries, keys and values, "
-                                          "which this builder does not export; OLMo without it is supported")
+                raise NotImplementedError(f"OLMo with clip_qkv ({config.clip_qkv}) clamps its queries, "
+                                          "keys and values, which this builder does not export; "
+                                          "OLMo without it is supported")
             super().__init__(config, *args, **kwargs)
             self.layernorm_attrs["simple"] = False
             self.layernorm_attrs["epsilon"] = 1e-5

@@ -58,7 +58,8 @@ class Int4Config(StepConfig):
     @model_validator(mode="after")
     def _check(self) -> Int4Config:
         if self.algorithm == "gptq":
-            raise ValueError("gptq quantizes the PyTorch weights before the capture (node quantize-torch), not the graph")
+            raise ValueError("gptq quantizes the PyTorch weights before the capture (node quantize-torch), "
+                             "not the graph")
         if self.symmetric and self.algorithm not in ("rtn", "builder"):
             raise ValueError(f"symmetric=True applies to rtn only; {self.algorithm} chooses its own zero points")
         if self.head_bits != 8 and self.algorithm not in ("affine", "hqq"):

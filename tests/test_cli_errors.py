@@ -37,7 +37,8 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str] | Callabl
                                  "--device", "cpu"], "pass --device gpu"),
         "fp16 on cpu": (["-m", str(tiny_dir("llama")), "--precision", "fp16"], "targets GPUs"),
         "gpu target without CUDA": (["-m", str(tiny_dir("llama")), "--device", "gpu", "--provider",
-                                     "CUDAExecutionProvider"], "CUDAExecutionProvider is not available on this machine"),
+                                     "CUDAExecutionProvider"],
+                                    "CUDAExecutionProvider is not available on this machine"),
         "eval text is a pipe": (["-m", str(tiny_dir("llama")), "--eval_data", str(pipe)], "is not a regular file"),
         "empty eval text": (["-m", str(tiny_dir("llama")), "--eval_data", str(blank)], "blank.txt is empty"),
         "revision of a folder": (["-m", str(tiny_dir("llama")), "--revision", "main"], "is not a hub id"),
@@ -147,7 +148,8 @@ def test_the_top1_gate_fails_the_run_with_the_measured_agreement(tmp_path: Path,
     [error] = [line for line in result.stderr.splitlines() if line.startswith("grove: error:")]
     measured = re.search(r"top-1 agreement with the reference = ([0-9.]+), limit 1; over the (\d+) scored", error)
     assert measured and 0 < float(measured[1]) < 1 and int(measured[2]) > 16, error
-    assert "pass a lower --min_top1_agreement" in error and "a smaller --block_size or another --int4_algorithm" in error
+    assert ("pass a lower --min_top1_agreement" in error
+            and "a smaller --block_size or another --int4_algorithm" in error)
     assert not out.exists()
 
 

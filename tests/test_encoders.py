@@ -281,7 +281,8 @@ def test_an_embedding_model_is_scored_on_sentence_pairs_similarity(tmp_path: Pat
     assert 0.3 < expected < 0.95  # the scores follow the model, not exactly
     csv_path = tmp_path / "stsb.csv"
     with open(csv_path, "w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows([("sentence1", "sentence2", "label"), *((a, b, g) for (a, b), g in zip(pairs, gold, strict=False))])
+        csv.writer(f).writerows([("sentence1", "sentence2", "label"),
+                                 *((a, b, g) for (a, b), g in zip(pairs, gold, strict=False))])
     table = tmp_path / "stsb.parquet"
     pq.write_table(pa.table({"sentence1": [a for a, _ in pairs], "sentence2": [b for _, b in pairs],
                              "score": [float(g) / 5 for g in gold]}), table)
@@ -470,7 +471,8 @@ def test_sentence_pairs_are_scored_as_pairs(tiny_bert: dict[str, object], tmp_pa
     labels = [int(p) if i % 3 else (int(p) + 1) % 3 for i, p in enumerate(predicted)]
     expected = round(float((predicted == np.asarray(labels)).mean()), 4)
     with open(tmp_path / "mrpc.csv", "w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows([("sentence1", "sentence2", "label"), *((a, b, y) for (a, b), y in zip(pairs, labels, strict=False))])
+        csv.writer(f).writerows([("sentence1", "sentence2", "label"),
+                                 *((a, b, y) for (a, b), y in zip(pairs, labels, strict=False))])
     names = ["LABEL_2", "LABEL_0", "LABEL_1"]  # the hub table's own class order
     table = pa.table({"premise": [a for a, _ in pairs], "hypothesis": [b for _, b in pairs],
                       "label": [names.index(f"LABEL_{y}") for y in labels]})
@@ -609,7 +611,8 @@ def test_a_table_without_its_columns_or_not_a_table_is_one_clear_error(tmp_path:
 
     pq.write_table(pa.table({"review": ["good"], "stars": [5]}), tmp_path / "reviews.parquet")
     with pytest.raises(InvalidRequest, match="has no column named text or sentence or content \\(its columns: "
-                       "review, stars\\); name a table's columns after the source, SOURCE#text=<column>,label=<column>"):
+                       "review, stars\\); name a table's columns after the source, "
+                       "SOURCE#text=<column>,label=<column>"):
         eio.read_labelled(str(tmp_path / "reviews.parquet"))
     (tmp_path / "fake.parquet").write_text("text,label\nhello,1\n")
     with pytest.raises(InvalidRequest, match="fake.parquet cannot be read as a Parquet table"):
@@ -748,7 +751,8 @@ def test_token_classifier_accuracy_and_entity_f1_on_labelled_sentences(tmp_path:
     assert scored < sum(len(s) for s in sentences)  # the long sentence is cut
     gold = [[(p + 1) % 3 if p is not None and i % 3 == 0 else (p if p is not None else 0) for i, p in enumerate(ps)]
             for ps in predicted]
-    hits = sum(g == p for gs, ps in zip(gold, predicted, strict=False) for g, p in zip(gs, ps, strict=False) if p is not None)
+    hits = sum(g == p for gs, ps in zip(gold, predicted, strict=False)
+               for g, p in zip(gs, ps, strict=False) if p is not None)
     as_names = [[id2label[str(g)] for g in gs] for gs in gold]
     expected_f1 = entity_f1([[id2label[str(g)] for g, p in zip(gs, ps, strict=False) if p is not None]
                              for gs, ps in zip(gold, predicted, strict=False)],
@@ -756,7 +760,8 @@ def test_token_classifier_accuracy_and_entity_f1_on_labelled_sentences(tmp_path:
     assert 0.5 < hits / scored < 0.8 and expected_f1 is not None
 
     jsonl = tmp_path / "ner.jsonl"
-    jsonl.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n" for w, t in zip(sentences, as_names, strict=False)))
+    jsonl.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n"
+                             for w, t in zip(sentences, as_names, strict=False)))
     hub_order = ["O", "I-PER", "B-PER"]  # the dataset's own ids for the model's classes
     table = tiny_models.hub_ner_table(tmp_path / "ner.parquet", sentences,
                                       [[hub_order.index(t) for t in ts] for ts in as_names], hub_order)

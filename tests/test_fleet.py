@@ -102,7 +102,8 @@ def test_a_decoder_and_a_classifier_refresh_side_by_side(tiny_dir, tmp_path: Pat
     assert "refresh-entry-" in result.stderr and " | Finished in state Completed()" in result.stderr
     assert [line.split() for line in result.stdout.splitlines() if line.startswith("model ")] == [
         ["model", "target", "status", "version", "reason"]]
-    rows = {line.split()[0]: line.split()[2] for line in result.stdout.splitlines() if line.split()[:1] in (["cls"], ["dec"])}
+    rows = {line.split()[0]: line.split()[2] for line in result.stdout.splitlines()
+            if line.split()[:1] in (["cls"], ["dec"])}
     assert rows == {"cls": "refreshed", "dec": "refreshed"}, result.stdout
     report = json.loads((Path(read_latest(store, "cls", "cpu")["path"]) / "grove_report.json").read_text())
     assert report["target"]["task"] == "text-classification"

@@ -191,7 +191,8 @@ def test_registry_pruning_keeps_the_newest_versions_and_always_the_latest_one(tm
     (["prune"], "grove store prune needs --older-than DAYS"),
     (["prune", "--older-than", "-1"], "--older-than -1: pass a number of days, 0 or more"),
     (["usage", "--dry-run"], "--older-than, --node, --keep-versions and --dry-run apply to 'grove store prune'"),
-    (["prune", "--keep-versions", "2", "--node", "evaluate"], "--node narrows --older-than: pass --older-than DAYS too"),
+    (["prune", "--keep-versions", "2", "--node", "evaluate"],
+     "--node narrows --older-than: pass --older-than DAYS too"),
     (["prune", "--keep-versions", "0"], "--keep-versions 0: keep at least 1"),
     (["usage"], "artifact store {store} does not exist; check --store or GROVE_STORE"),
 ])

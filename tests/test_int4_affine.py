@@ -167,9 +167,11 @@ def test_head_shortlist_rescores_the_best_tokens_of_a_4bit_pass_with_the_8bit_he
     for row in range(len(full)):
         top = np.argsort(-approx[row])[:shortlist]
         rest = np.setdiff1d(np.arange(V), top)
-        assert np.abs(short[row, top] - full[row, top]).max() < 1e-4 * np.abs(full[row]).max(), "shortlist: 8-bit logits"
+        assert np.abs(short[row, top] - full[row, top]).max() < 1e-4 * np.abs(full[row]).max(), \
+            "shortlist: 8-bit logits"
         assert np.abs(short[row, rest] - approx[row, rest]).max() < 1e-4 * np.abs(full[row]).max(), "others: 4-bit pass"
-        assert np.abs(short[row, rest] - full[row, rest]).max() > 1e-3 * np.abs(full[row]).max(), "others really are 4-bit"
+        assert np.abs(short[row, rest] - full[row, rest]).max() > 1e-3 * np.abs(full[row]).max(), \
+            "others really are 4-bit"
     assert (short.argmax(-1) == full.argmax(-1)).all()
 
     model = onnx.load(str(tmp_path / "short" / "model.onnx"))
@@ -182,7 +184,8 @@ def test_weights_the_block_size_does_not_divide_stay_fp32_with_one_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(3)
     weights = {"embed": rng.normal(0, 0.5, (V, K)), "w1": rng.normal(0, 0.1, (K, N)),  # w2, w3: K = N = 48
-               "w2": rng.normal(0, 0.1, (N, K)), "w3": rng.normal(0, 0.1, (N, K + 32)), "head": rng.normal(0, 0.1, (K, V))}
+               "w2": rng.normal(0, 0.1, (N, K)), "w3": rng.normal(0, 0.1, (N, K + 32)),
+               "head": rng.normal(0, 0.1, (K, V))}
     _model(tmp_path / "fp32", {k: v.astype(np.float32) for k, v in weights.items()})
     with caplog.at_level("WARNING", logger=int4.__name__):
         int4.quantize(tmp_path / "fp32", tmp_path / "int4", block_size=BLOCK, accuracy_level=0)

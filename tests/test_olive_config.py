@@ -583,7 +583,8 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "passes.m.extra_options.prune_lm_head: changes the model's inputs or outputs"),
     ({"input_model": _MODEL, "passes": {"q": {"type": "OnnxDynamicQuantization", "weight_type": "QUInt8"}},
       "output_dir": "o"}, "passes.q.weight_type: Input should be 'QInt8' - Grove writes signed int8 weights (uint8 "
-                          "weights measured slower and no more accurate: docs/encoders.md)"),  # a refused value says why
+                          "weights measured slower and no more accurate: "
+                          "docs/encoders.md)"),  # a refused value says why
     ({"input_model": _MODEL, "passes": {"mb": {"type": "ModelBuilder", "precision": "int4", "int4_blocksize": 64}},
       "output_dir": "o"},
      "passes.mb: int4_blocksize is not an option of ModelBuilder that Grove reads (it reads precision, "

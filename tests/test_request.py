@@ -130,6 +130,6 @@ def test_int8_options_need_int8_and_calibration_options_need_static() -> None:
     with pytest.raises(ValidationError, match="--calibrate_method, --calibration_samples apply to --int8_mode static"):
         EncoderOptRequest.from_flags({**base, "calibrate_method": "Entropy", "calibration_samples": 8})
     # A dashboard run form sends every field at its default: not an option "given".
-    every = {name: field.get_default(call_default_factory=True) for name, field in EncoderOptRequest.model_fields.items()
-             if not field.is_required()}
+    every = {name: field.get_default(call_default_factory=True)
+             for name, field in EncoderOptRequest.model_fields.items() if not field.is_required()}
     assert EncoderOptRequest(**{**every, **base, "precision": "fp16"}).fp16 is not None

@@ -108,7 +108,8 @@ def _sharded(model: Path, folder: Path) -> Path:
     names = sorted(tensors)
     weight_map = {}
     for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
-        save_file({n: tensors[n] for n in part}, folder / f"model-0000{i}-of-00002.safetensors", metadata={"format": "pt"})
+        save_file({n: tensors[n] for n in part}, folder / f"model-0000{i}-of-00002.safetensors",
+                  metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, f"model-0000{i}-of-00002.safetensors"))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     shutil.copy2(model / "model.safetensors", folder / "consolidated.safetensors")
@@ -222,7 +223,8 @@ def test_a_hub_ner_dataset_scores_a_token_classifier(tmp_path: Path, store: str)
     sentences = [p.split()[:20] for p in eio.read_lines("builtin:GPL-3", 12)]
     tags = [[classes[(3 * n + i) % 3 if i % 4 else 0] for i in range(len(words))] for n, words in enumerate(sentences)]
     local_file = tmp_path / "ner.jsonl"
-    local_file.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n" for w, t in zip(sentences, tags, strict=False)))
+    local_file.write_text("".join(json.dumps({"tokens": w, "ner_tags": t}) + "\n"
+                                  for w, t in zip(sentences, tags, strict=False)))
     data = tmp_path / "ner-data"
     data.mkdir()
     hub_order = ["O", "I-PER", "B-PER"]

@@ -167,7 +167,8 @@ def build_sentence_transformer(folder: Path, modules: list[str], pooling: tuple[
     build_encoder("bert", folder, head=None)
     listing = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
     for i, kind in enumerate(modules, 1):
-        listing.append({"idx": i, "name": str(i), "path": f"{i}_{kind}", "type": f"sentence_transformers.models.{kind}"})
+        listing.append({"idx": i, "name": str(i), "path": f"{i}_{kind}",
+                        "type": f"sentence_transformers.models.{kind}"})
         (folder / f"{i}_{kind}").mkdir()
     (folder / "modules.json").write_text(json.dumps(listing))
     if "Pooling" in modules:
