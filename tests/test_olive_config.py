@@ -19,12 +19,25 @@ def _write(tmp_path: Path, config: dict, name: str = "config.json") -> Path:
     return path
 
 
+
+def _generates_twelve_tokens(out: Path) -> None:
+    """The output loads in onnxruntime-genai and generates up to its max_length."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12)
+    generator = og.Generator(model, params)
+    generator.append_tokens([[1, 2, 3, 4]])
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 12
+
 def test_the_tutorials_config_runs_and_is_the_same_recipe_as_its_auto_opt_command(
         tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
     """The tutorial's config file, verbatim, with the hub on loopback serving a tiny Qwen2 under the
     tutorial's id: it writes an onnxruntime-genai int4 model at its output_dir that generates, and the
     auto-opt command it prints is the same recipe (that run builds nothing: every digest equal)."""
-    import onnxruntime_genai as og
 
     from tests.hub_server import HubRepo, serve_hub
 
@@ -51,14 +64,7 @@ def test_the_tutorials_config_runs_and_is_the_same_recipe_as_its_auto_opt_comman
     lineage = {n["node"]: n["digest"] for n in report["lineage"]}
     assert lineage == {n["node"]: n["digest"] for n in json.loads((tmp_path / "again" / "grove_report.json")
                                                                    .read_text())["lineage"]}
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=12)
-    generator = og.Generator(model, params)
-    generator.append_tokens([[1, 2, 3, 4]])
-    while not generator.is_done():
-        generator.generate_next_token()
-    assert len(generator.get_sequence(0)) == 12
+    _generates_twelve_tokens(out)
 
 
 def test_olive_recipes_llm_chain_runs_as_grove_gptq_with_mixed_precision(tiny_dir, tmp_path: Path,  # noqa: ANN001
@@ -68,7 +74,6 @@ def test_olive_recipes_llm_chain_runs_as_grove_gptq_with_mixed_precision(tiny_di
     as GPTQ int4 on the PyTorch weights, the most sensitive share of the linear layers and the lm_head
     (which the embedding reads) at 8 bits, and the model generates in onnxruntime-genai."""
     import onnx
-    import onnxruntime_genai as og
 
     config = {
         "input_model": {"type": "HfModel", "model_path": str(tiny_dir("qwen2")),
@@ -97,14 +102,7 @@ def test_olive_recipes_llm_chain_runs_as_grove_gptq_with_mixed_precision(tiny_di
     layers = len(bits) - 1  # the lm_head last; q, k and v fused in one
     assert bits[-1] == 8 and 0 < sum(b == 8 for b in bits[:-1]) < layers, bits
     assert any(n.op_type == "GatherBlockQuantized" for n in graph.node)
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=12)
-    generator = og.Generator(model, params)
-    generator.append_tokens([[1, 2, 3, 4]])
-    while not generator.is_done():
-        generator.generate_next_token()
-    assert len(generator.get_sequence(0)) == 12
+    _generates_twelve_tokens(out)
 
 
 def test_an_embedding_recipe_keeps_the_builders_hidden_states_output(tiny_dir, tmp_path: Path,  # noqa: ANN001
