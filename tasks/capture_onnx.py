@@ -20,7 +20,7 @@ from grove.errors import ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from tasks.registry import arch_spec
 
-__all__ = ["CaptureConfig", "capture_onnx"]
+__all__ = ["CaptureConfig", "capture_onnx", "run_builder"]
 
 BuilderPrecision = Literal["fp32", "fp16", "int8", "int4"]
 BuilderProvider = Literal["cpu", "cuda", "dml"]
@@ -61,9 +61,25 @@ def capture_onnx(model: Artifact, config: CaptureConfig) -> Artifact:
 
 
 def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, object]:
+    (hf_dir,) = inputs
+    options = [f"block_size={config.block_size}"] if config.block_size else []
+    options += _prequantized_options(hf_dir) + (["include_hidden_states=true"] if config.include_hidden_states
+                                                 else [])
+    if config.accuracy_level is not None:
+        options.append(f"accuracy_level={config.accuracy_level}")
+    model_type = run_builder(hf_dir, out, config.precision, config.execution_provider, options)
+    if _prequantized_options(hf_dir):
+        _gather_scales_as_rows(out / "model.onnx")
+    node_logger().info("captured %s at %s for %s", model_type, config.precision, config.execution_provider)
+    return {"model_type": model_type, "precision": config.precision, "nodes": _node_count(out / "model.onnx")}
+
+
+def run_builder(hf_dir: Path, out: Path, precision: str, execution_provider: str, options: list[str]) -> str:
+    """The onnxruntime-genai model builder on ``hf_dir`` with its ``extra_options`` (``key=value``), its
+    chatter kept for the debug log, the chat template copied; returns the model type. An architecture
+    Grove does not support, or one the builder cannot export, is one error."""
     from onnxruntime_genai.models import builder
 
-    (hf_dir,) = inputs
     model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type", "")
     arch_spec(model_type)  # raises UnsupportedArchitecture with the supported list
     _adapt_builder_configs(builder)
@@ -72,24 +88,15 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
     with (tempfile.TemporaryDirectory(prefix="grove-builder-") as cache, contextlib.redirect_stdout(chatter),
           contextlib.redirect_stderr(chatter)):
         try:
-            options = [f"block_size={config.block_size}"] if config.block_size else []
-            options += _prequantized_options(hf_dir) + (["include_hidden_states=true"] if config.include_hidden_states
-                                                         else [])
-            if config.accuracy_level is not None:
-                options.append(f"accuracy_level={config.accuracy_level}")
-            extra = builder.parse_extra_options(None, str(hf_dir), str(out), config.precision,
-                                                config.execution_provider, str(cache), options)
-            builder.create_model(None, str(hf_dir), str(out), config.precision, config.execution_provider,
-                                 str(cache), **extra)
+            extra = builder.parse_extra_options(None, str(hf_dir), str(out), precision, execution_provider,
+                                                str(cache), options)
+            builder.create_model(None, str(hf_dir), str(out), precision, execution_provider, str(cache), **extra)
         except (ValueError, NotImplementedError, KeyError) as exc:
             raise ModelSourceError(f"the onnxruntime-genai model builder cannot export this {model_type} model "
                                    f"({exc.__class__.__name__}: {exc})") from exc
     logging.getLogger("grove.builder").debug(chatter.getvalue()[-4000:])
-    if _prequantized_options(hf_dir):
-        _gather_scales_as_rows(out / "model.onnx")
     _copy_chat_template(hf_dir, out)
-    node_logger().info("captured %s at %s for %s", model_type, config.precision, config.execution_provider)
-    return {"model_type": model_type, "precision": config.precision, "nodes": _node_count(out / "model.onnx")}
+    return str(model_type)
 
 
 def _prequantized_options(hf_dir: Path) -> list[str]:
