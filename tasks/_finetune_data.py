@@ -206,7 +206,7 @@ def _from_template(row: dict[str, Any], template: str, number: int, responses: b
         return Sample(text)
     parts = list(string.Formatter().parse(template))
     last = max(i for i, (_, field, _, _) in enumerate(parts) if field is not None)
-    prompt = template[:0].join(  # the template up to its last field, filled in: the prompt
+    prompt = "".join(  # the template up to its last field, filled in: the prompt
         literal + ("" if field is None or i == last else format(_field_value(values, field), spec or ""))
         for i, (literal, field, spec, _) in enumerate(parts[:last + 1]))
     return Sample(text, ((len(prompt), len(text)),))
