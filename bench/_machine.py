@@ -24,8 +24,8 @@ def machine() -> dict[str, object]:
                     break
     except OSError:
         pass
+    from grove.tasks._genai_runtime import available_cpus
     from grove.timing import thp_mode
-    from tasks._decoder_io import available_cpus
 
     # thp: the transparent huge pages mode, which decides whether Grove's processes get them
     return {"cpu": model, "cpus": available_cpus(), "isa": [f for f in _FLAGS if f in flags], "thp": thp_mode()}

@@ -50,7 +50,7 @@ ALGORITHMS = {"affine": ["--int4_algorithm", "affine"],
 
 def _grove(args: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "grove.cli", "auto-opt", *args], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "grove.shell.cli", "auto-opt", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"grove failed:\n{proc.stderr[-3000:]}")
@@ -92,10 +92,10 @@ def _time_torch(hf_dir: Path, threads: int, repeats: int) -> dict[str, float]:
 
 
 def _time_genai(model_dir: Path, threads: int, repeats: int) -> dict[str, float]:
-    from tasks import _decoder_io as dio
+    from grove.tasks import _genai_runtime as runtime
 
-    model = dio.genai_model(model_dir, "cpu", threads)
-    timings = [dio.generation_timing(model_dir, PROMPT, NEW_TOKENS, "cpu", model) for _ in range(repeats)]
+    model = runtime.genai_model(model_dir, "cpu", threads)
+    timings = [runtime.generation_timing(model_dir, PROMPT, NEW_TOKENS, "cpu", model) for _ in range(repeats)]
     return _median_of([{k: t[k] for k in ("prefill_ms", "decode_tok_s", "cpu_busy_elsewhere")}  # type: ignore[misc]
                        for t in timings]) | {"huge_pages": timings[-1]["huge_pages"]}
 
@@ -139,7 +139,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the stores and outputs (deleted by default)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from tasks._decoder_io import available_cpus
+    from grove.tasks._genai_runtime import available_cpus
 
     threads = args.threads or available_cpus()
     if args.child:
@@ -159,7 +159,7 @@ def main() -> int:
 
 def _bench(args: argparse.Namespace, threads: int, work: Path) -> int:
     from bench._machine import machine
-    from grove.server import ensure_api, server_status
+    from grove.shell.server import ensure_api, server_status
 
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     t0 = time.perf_counter()
@@ -167,10 +167,10 @@ def _bench(args: argparse.Namespace, threads: int, work: Path) -> int:
     env["PREFECT_API_URL"] = ensure_api()
     server_start = 0.0 if was_up else time.perf_counter() - t0
 
-    # The warm runner (grove/warm.py), like the server, is started once and reused by later runs:
+    # The warm runner (grove/shell/warm.py), like the server, is started once and reused by later runs:
     # its start is reported apart, and one cold run in its own process (GROVE_WARM=0) beside.
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "grove.cli", "server", "start"], env=env, cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "grove.shell.cli", "server", "start"], env=env, cwd=ROOT, check=True,
                    capture_output=True)
     warm_start = time.perf_counter() - t0
 

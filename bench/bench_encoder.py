@@ -86,12 +86,12 @@ def run(store: str, repeat: int, threads: int) -> list[dict[str, object]]:
     from sentence_transformers import SentenceTransformer
 
     from grove.node import store_for
-    from tasks import _encoder_io as eio
-    from tasks._sources import resolve
-    from tasks.capture_encoder import CaptureEncoderConfig, capture_encoder
-    from tasks.download_model import DownloadConfig, download_model
-    from tasks.evaluate_encoder import latency_stats
-    from tasks.optimize_graph import GraphConfig, optimize_graph
+    from grove.tasks import _encoder_io as eio
+    from grove.tasks._sources import resolve
+    from grove.tasks.capture_encoder import CaptureEncoderConfig, capture_encoder
+    from grove.tasks.download_model import DownloadConfig, download_model
+    from grove.tasks.evaluate_encoder import latency_stats
+    from grove.tasks.optimize_graph import GraphConfig, optimize_graph
 
     folder = _minilm()
     torch.set_num_threads(threads)
@@ -137,8 +137,8 @@ def _minilm() -> Path:
 
 def _time_alone(what: str, repeat: int, threads: int) -> dict[str, float]:
     """Latency of PyTorch fp32 ('pytorch') or of one ONNX file, the only runtime in this process."""
-    from tasks import _encoder_io as eio
-    from tasks.evaluate_encoder import latency_stats
+    from grove.tasks import _encoder_io as eio
+    from grove.tasks.evaluate_encoder import latency_stats
 
     folder = _minilm()
     timed = eio.encode(folder, ["Grove measures latency on a fixed padded input. " * 40],
@@ -166,12 +166,12 @@ def alternate(rows: list[dict[str, object]], store: str, repeat: int, threads: i
     import sys
 
     from grove.node import store_for
+    from grove.tasks._sources import resolve
+    from grove.tasks.capture_encoder import CaptureEncoderConfig, capture_encoder
+    from grove.tasks.download_model import DownloadConfig, download_model
+    from grove.tasks.optimize_graph import GraphConfig, optimize_graph
+    from grove.tasks.quantize_int8 import Int8Config, quantize_int8
     from grove.timing import with_huge_pages
-    from tasks._sources import resolve
-    from tasks.capture_encoder import CaptureEncoderConfig, capture_encoder
-    from tasks.download_model import DownloadConfig, download_model
-    from tasks.optimize_graph import GraphConfig, optimize_graph
-    from tasks.quantize_int8 import Int8Config, quantize_int8
 
     hf = download_model.fn(resolve(str(_minilm())), DownloadConfig(), store)
     fp32 = optimize_graph.fn(capture_encoder.fn(hf, CaptureEncoderConfig()), GraphConfig())  # in the store already
@@ -201,7 +201,7 @@ def _int8(fp32: object) -> list[tuple[str, object]]:
     import onnx
 
     from grove.node import store_for
-    from tasks.quantize_int8 import Int8Config, quantize_int8
+    from grove.tasks.quantize_int8 import Int8Config, quantize_int8
 
     path = store_for(fp32.store).fetch(fp32.node, fp32.digest) / "model.onnx"  # type: ignore[attr-defined]
     model = onnx.load(str(path))

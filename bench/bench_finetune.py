@@ -45,7 +45,7 @@ def _finetune_flags(model: str, data: Path, steps: int, seed: int) -> list[str]:
 
 def _run(args: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "grove.cli", *args], env=env, cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "grove.shell.cli", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise SystemExit(f"grove {args[0]} failed:\n{proc.stderr[-3000:]}")
@@ -74,8 +74,8 @@ def plain_trainer(model_dir: Path, data_dir: Path, steps: int, seed: int) -> dic
         set_seed,
     )
 
-    from tasks.prepare_data import load_blocks
-    from tasks.train_adapter import OLIVE_TRAINING_DEFAULTS, cpu_has_bf16
+    from grove.tasks.prepare_data import load_blocks
+    from grove.tasks.train_adapter import OLIVE_TRAINING_DEFAULTS, cpu_has_bf16
 
     set_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -177,8 +177,8 @@ def _child(*argv: str, env: dict[str, str]) -> dict[str, float]:
 
 def _bench(args: argparse.Namespace, work: Path) -> int:
     from bench._machine import machine
-    from grove.server import ensure_api
-    from tasks._encoder_io import read_lines
+    from grove.shell.server import ensure_api
+    from grove.tasks._encoder_io import read_lines
 
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", "GROVE_STORE": str(work / "store")}
     env["PREFECT_API_URL"] = ensure_api()

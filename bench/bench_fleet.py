@@ -33,9 +33,9 @@ def _phase(label: str, workers: int, models: dict[str, Path], env: dict[str, str
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
-    from flows.fleet_refresh import fleet_refresh
-    from grove.fleet import FleetManifest
-    from grove.stack import spawn_worker
+    from grove.flows.fleet import FleetManifest
+    from grove.flows.fleet_refresh import fleet_refresh
+    from grove.shell.stack import spawn_worker
 
     pids = [spawn_worker("cpu-pool", "cpu", env, name=f"bench-{label}-{i}", limit=1) for i in range(workers)]
     time.sleep(3)  # let the workers register before timing
@@ -68,7 +68,7 @@ def main() -> int:
     os.environ["GROVE_HOME"] = tempfile.mkdtemp(prefix="grove-bench-fleet-")
     os.environ.pop("PREFECT_API_URL", None)
     sys.path.insert(0, str(ROOT))
-    from grove.stack import stack_down, stack_up
+    from grove.shell.stack import stack_down, stack_up
     from tests import tiny_models
 
     base = Path(tempfile.mkdtemp(prefix="grove-bench-models-"))
@@ -102,9 +102,9 @@ def _per_entry_flow():  # noqa: ANN202 - a Prefect flow
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from grove.fleet import fleet_entries
-    from tasks.publish_report import publish_fleet_summary
-    from tasks.refresh_entry import refresh_entry
+    from grove.flows.fleet import fleet_entries
+    from grove.flows.refresh_entry import refresh_entry
+    from grove.tasks.publish_report import publish_fleet_summary
 
     @flow(name="fleet-refresh-per-entry", task_runner=ThreadPoolTaskRunner(max_workers=4))
     def fleet_refresh_per_entry(manifest):  # noqa: ANN001, ANN202 - a FleetManifest: Prefect cannot resolve local names
@@ -137,7 +137,7 @@ def _cli_refresh(manifest, work: Path) -> float:  # noqa: ANN001
     path = work / f"fleet-{len(manifest.models)}.yaml"
     path.write_text(yaml.safe_dump(manifest.model_dump(mode="json", exclude_defaults=True)))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "grove.cli", "fleet", "refresh", str(path)], check=False,
+    done = subprocess.run([sys.executable, "-m", "grove.shell.cli", "fleet", "refresh", str(path)], check=False,
                           capture_output=True, text=True, env=os.environ.copy(), cwd=ROOT)
     wall = time.perf_counter() - start
     if done.returncode != 0 or done.stdout.count(" unchanged ") != sum(len(m.targets) for m in manifest.models):
@@ -176,11 +176,11 @@ def _scale(argv: list[str]) -> int:
                       PREFECT_SERVER_API_MAX_PARAMETER_SIZE=str(PARAMETER_LIMIT))
     os.environ.pop("PREFECT_API_URL", None)
     sys.path.insert(0, str(ROOT))
-    from grove.server import ensure_api, stop_server
+    from grove.shell.server import ensure_api, stop_server
 
     store = _s3_store() if args.s3 else str(work / "store")
     ensure_api()  # one local server, as `grove fleet refresh` starts it; not part of a refresh's time
-    from flows.fleet_refresh import fleet_refresh
+    from grove.flows.fleet_refresh import fleet_refresh
     from tests.fleet_scale import fill_registry, scale_manifest
 
     try:

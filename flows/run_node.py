@@ -7,7 +7,7 @@ from prefect import flow
 from grove.artifacts import Artifact
 from grove.errors import InvalidRequest
 from grove.node import run_node
-from tasks.steps import STEPS
+from grove.tasks.steps import STEPS
 
 __all__ = ["run_node_flow"]
 

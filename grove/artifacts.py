@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -80,7 +81,7 @@ class Artifact(BaseModel):
         return f"{self.store}/artifacts/{self.node}/{self.digest}/"
 
 
-def recipe_digest(config: StepConfig, parents: list[Artifact | Source]) -> str:
+def recipe_digest(config: StepConfig, parents: Sequence[Artifact | Source]) -> str:
     """sha256 of (node kind, node version, config, parent digests): the artifact's address."""
     payload = {
         "node": config.NODE,

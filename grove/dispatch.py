@@ -8,16 +8,14 @@ its flow runs. Locally (no ``GROVE_DEVICE``) nothing is dispatched. Flows never 
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, cast
 
 from grove.artifacts import Artifact, Device, Source, StepConfig
 from grove.errors import GroveError
 
 if TYPE_CHECKING:
-    from grove.request import AutoOptRequest
-    from grove.request_encoder import EncoderOptRequest
+    from prefect.client.schemas.objects import FlowRun
 
 __all__ = ["pool_for", "pool_has_worker", "run_on_pool"]
 
@@ -54,7 +52,7 @@ def pool_has_worker(device: Device) -> bool:
     return any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers)
 
 
-def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str, device: Device) -> None:
+def run_on_pool(config: StepConfig, parents: Sequence[Artifact | Source], store: str, device: Device) -> None:
     """Run ``config``'s node on ``device``'s pool (what ``pool_for`` chose) and wait; raise if it did not
     complete."""
     from prefect.deployments import run_deployment
@@ -63,47 +61,13 @@ def run_on_pool(config: StepConfig, parents: list[Artifact | Source], store: str
 
     name = f"run-node/run-node-{device}"
     node_logger().info("dispatching %s to the %s pool (%s)", config.NODE, device, name)
-    flow_run = run_deployment(
+    flow_run = cast("FlowRun", run_deployment(  # sync here (Prefect's dual API)
         name,
         parameters={"node": config.NODE, "config": config.model_dump(mode="json"),
                     "parents": [p.model_dump(mode="json") for p in parents], "store": store},
         as_subflow=True,
-    )
+    ))
     state = flow_run.state
     if state is None or not state.is_completed():
         message = state.message if state else "no state"
         raise GroveError(f"node {config.NODE} failed on the {device} pool ({name}): {message}")
-
-
-# In-process runs (no deployed stack) take turns. A fleet's entries are checked concurrently, in
-# threads of one process; two optimizations at once there share the process's import machinery
-# and the exporters' global registries, which are not thread-safe: a decoder and an encoder
-# refreshed together failed every time (the model builder's "cannot import name
-# 'AutoModelForCausalLM' from 'transformers'", then, with the imports done first, a KeyError
-# inside the builder). On a deployed stack each run is its own process on a worker.
-_IN_PROCESS = threading.Lock()
-
-
-def run_auto_opt_on_pool(request: AutoOptRequest | EncoderOptRequest, device: str) -> None:
-    """Run the request's auto-opt flow: on a deployed stack as the ``auto-opt-<device>`` (or
-    ``auto-opt-encoder-<device>``) deployment, a subflow; in-process otherwise. Raises GroveError
-    if the run did not complete."""
-    from grove.request import AutoOptRequest
-
-    if os.environ.get("GROVE_DEVICE") and os.environ.get("PREFECT_API_URL"):
-        from prefect.deployments import run_deployment
-
-        flow = "auto-opt" if isinstance(request, AutoOptRequest) else "auto-opt-encoder"
-        flow_run = run_deployment(f"{flow}/{flow}-{device}", parameters={"request": request.model_dump(mode="json")},
-                                  as_subflow=True)
-        state = flow_run.state
-    else:
-        from grove.runner import check_provider, configured_flow
-
-        # In this process, as `grove auto-opt` checks it: a gpu target on a machine without CUDA is one
-        # line saying so, not the runtime's failure to load its CUDA library after the capture.
-        check_provider(request.execution_provider, "decoder" if isinstance(request, AutoOptRequest) else "encoder")
-        with _IN_PROCESS:
-            state = configured_flow(request)(request, return_state=True)
-    if state is None or not state.is_completed():
-        raise GroveError(f"auto-opt did not complete: {state.message if state else 'no state'}")

@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 from prefect.cache_policies import CachePolicy
 from prefect.serializers import JSONSerializer
 
-from grove.artifacts import Artifact, Metric, Source, StepConfig, recipe_digest
+from grove.artifacts import Artifact, Source, StepConfig, recipe_digest
 from grove.lease import build_lease
 from grove.store import ArtifactStore, lineage_of
 
@@ -31,7 +31,9 @@ __all__ = ["RECIPE_CACHE", "RESULT_SERIALIZER", "cache_key", "node_logger", "nod
            "run_node", "store_for"]
 
 C = TypeVar("C", bound=StepConfig)
-Build = Callable[[list[Path], C, Path], Mapping[str, Metric]]
+# A node's body: its inputs' local folders, its config, the folder to write to -> its metrics (JSON values,
+# see artifacts.Metric; validated when the Artifact is made).
+Build = Callable[[list[Path], C, Path], Mapping[str, object]]
 
 _DECODER = "grove.node.decode_artifact_json"
 
@@ -42,12 +44,13 @@ class GroveJSONSerializer(JSONSerializer):
     a record in a shared bucket could otherwise run code. Registered under its own type name,
     so workers select it with PREFECT_RESULTS_DEFAULT_SERIALIZER=grove-json."""
 
-    type: Literal["grove-json"] = "grove-json"  # type: ignore[assignment]
+    type: Literal["grove-json"] = "grove-json"
     object_decoder: str | None = _DECODER
 
 
 RESULT_SERIALIZER = GroveJSONSerializer()
-_ALLOWED_CLASSES = {"grove.artifacts.Artifact": Artifact, "grove.artifacts.Source": Source}
+_ALLOWED_CLASSES: dict[str, type[Artifact] | type[Source]] = {"grove.artifacts.Artifact": Artifact,
+                                                              "grove.artifacts.Source": Source}
 
 _stores: dict[str, ArtifactStore] = {}
 
@@ -143,7 +146,7 @@ def _split_inputs(inputs: Mapping[str, Any]) -> tuple[StepConfig, list[Artifact 
     return config, parents, str(store)
 
 
-def cache_key(config: StepConfig, parents: list[Artifact | Source]) -> str:
+def cache_key(config: StepConfig, parents: Sequence[Artifact | Source]) -> str:
     return f"{config.NODE}-{recipe_digest(config, parents)}"
 
 
@@ -180,7 +183,7 @@ def _record_is_safe(store: ArtifactStore, key: str) -> bool:
     return serializer.get("type") == "grove-json" and serializer.get("object_decoder") == _DECODER
 
 
-def run_node(config: C, parents: list[Artifact | Source], store_uri: str, build: Build[C]) -> Artifact:
+def run_node(config: C, parents: Sequence[Artifact | Source], store_uri: str, build: Build[C]) -> Artifact:
     """Build the artifact for (config, parents) unless the store already holds it."""
     log = node_logger()
     store = store_for(store_uri)
@@ -200,7 +203,7 @@ def run_node(config: C, parents: list[Artifact | Source], store_uri: str, build:
         return _build(config, parents, store, digest, build)
 
 
-def _build(config: C, parents: list[Artifact | Source], store: ArtifactStore, digest: str,
+def _build(config: C, parents: Sequence[Artifact | Source], store: ArtifactStore, digest: str,
            build: Build[C]) -> Artifact:
     from grove.quiet import quiet_libraries
 

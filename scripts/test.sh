@@ -9,5 +9,5 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   echo "grove test: installing Debian's chromium for the dashboard test" >&2
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
 fi
-.venv/bin/ruff check --quiet . || { echo "grove test: ruff found the problems above (rules in pyproject.toml)" >&2; exit 1; }
+./scripts/check.sh  # ruff, the four floors' import contracts, mypy
 exec .venv/bin/python -m pytest "$@"

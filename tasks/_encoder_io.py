@@ -9,15 +9,17 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from grove.tasks.architectures import encoder_spec
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     import numpy as np
     import onnxruntime as ort
 
-    from tasks._decoder_io import Columns
+    from grove.tasks._data_sources import Columns
 
 __all__ = ["ENCODER_JSON", "PARITY_TEXTS", "EncoderInfo", "calibration_texts", "cosine_rows", "encode", "encoder_info",
            "label_ids", "max_tokens", "pair_columns", "primary_output", "read_labelled", "read_labelled_tokens",
@@ -31,10 +33,6 @@ PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("questio
 # sentence-transformers/stsb (score, 0-1), SICK (relatedness_score).
 SCORE_COLUMNS = ("label", "score", "similarity_score", "relatedness_score")
 TOKEN_COLUMNS = ("tokens", "words")
-# Families whose positions start after the padding id and whose BPE tokenizer needs
-# add_prefix_space for words given one by one.
-ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
-POSITIONS_AFTER_PADDING = (*ROBERTA_LIKE, "mpnet")  # position ids start at pad_token_id + 1
 TAG_COLUMNS = ("ner_tags", "tags", "labels", "label")
 
 ENCODER_JSON = "grove_encoder.json"
@@ -90,7 +88,7 @@ def _load_tokenizer(folder: str, stamp: tuple[object, ...], options: tuple[tuple
     return AutoTokenizer.from_pretrained(folder, **dict(options))
 
 
-def encode(folder: Path, texts: list[str | tuple[str, str]] | tuple[str, ...], inputs: list[str], *,
+def encode(folder: Path, texts: Sequence[str | tuple[str, str]], inputs: list[str], *,
            max_length: int = 128, pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Tokenise ``texts`` (strings, or sentence pairs) with the artifact's tokenizer into the graph's
     int64 inputs."""
@@ -135,7 +133,7 @@ def read_lines(source: str, limit: int, flag: str = "--calibration_data") -> lis
     """The paragraphs of a text file longer than 40 characters, at most ``limit`` (``builtin:GPL-3`` =
     the text shipped with Grove). Raises InvalidRequest naming ``flag`` if it cannot be read or has none."""
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import read_text
+    from grove.tasks._data_sources import read_text
 
     text = read_text(source, flag)
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
@@ -156,7 +154,7 @@ def calibration_texts(source: str, limit: int, flag: str = "--calibration_data")
     NLI model reads them: GLUE MRPC's sentence1 + sentence2) when it has them, else the text's
     paragraphs (``read_lines``); at most ``limit``. Raises InvalidRequest naming ``flag``."""
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import is_row_file, is_table, read_columns, split_columns
+    from grove.tasks._data_sources import is_row_file, is_table, read_columns, split_columns
 
     path, columns = split_columns(source, flag)
     if (is_table(path) or is_row_file(path)) and len(columns.text) != 1:  # one named column: read_lines reads it
@@ -173,7 +171,7 @@ def _named_pair(columns: Columns, table: Mapping[str, object], source: str,
                 flag: str = "--eval_data") -> tuple[str, str] | None:
     """The sentence pair ``#text=<first>+<second>`` names, if it does; InvalidRequest if ``table`` (a
     table's columns, or a row) lacks either."""
-    from tasks._decoder_io import pick_column
+    from grove.tasks._data_sources import pick_column
 
     if len(columns.text) != 2:
         return None
@@ -190,7 +188,7 @@ def read_labelled(source: str, label_columns: tuple[str, ...] | None = None) -> 
     a path or an fsspec URI. ``#text=<column>[+<column>],label=<column>`` after it names the columns
     instead. Raises InvalidRequest naming what is wrong."""
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import (
+    from grove.tasks._data_sources import (
         LABEL_COLUMNS,
         TEXT_COLUMNS,
         is_table,
@@ -269,7 +267,7 @@ def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]
     and its tag per line, the tag in the last column, a blank line between sentences, ``-DOCSTART-``
     lines skipped). A path or an fsspec URI. Raises InvalidRequest naming what is wrong."""
     from grove.errors import InvalidRequest
-    from tasks._decoder_io import is_table, pick_column, read_raw, read_rows, read_table, split_columns
+    from grove.tasks._data_sources import is_table, pick_column, read_raw, read_rows, read_table, split_columns
 
     formats = ("a token classifier's labelled data is a .jsonl file of {\"tokens\": [...], \"ner_tags\": [...]} "
                "lines, a .parquet table with tokens and ner_tags list columns (a hub dataset's layout, e.g. "
@@ -282,7 +280,7 @@ def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]
     if len(columns.text) > 1:
         raise bad(f"text= names {len(columns.text)} columns; a token classifier reads one, its words")
     names = (columns.text or TOKEN_COLUMNS, (columns.label,) if columns.label else TAG_COLUMNS)
-    rows: list[tuple[object, object]] = []
+    rows: list[tuple[Any, Any]] = []  # checked below: a list of words and a list of tags
     if is_table(path):
         table = read_table(path)
         words, tags = (pick_column(table, n, source) for n in names)
@@ -318,8 +316,8 @@ def read_labelled_tokens(source: str) -> tuple[list[list[str]], list[list[str]]]
             raise bad(f"sentence {number} has no list of words and list of tags")
         if len(words) != len(tags):
             raise bad(f"sentence {number} has {len(words)} words and {len(tags)} tags")
-    return ([[str(w) for w in words] for words, _ in rows],  # type: ignore[attr-defined]
-            [[str(t) for t in tags] for _, tags in rows])  # type: ignore[attr-defined]
+    return ([[str(w) for w in words] for words, _ in rows],
+            [[str(t) for t in tags] for _, tags in rows])
 
 
 def max_tokens(folder: Path, tok: object) -> int:
@@ -328,7 +326,7 @@ def max_tokens(folder: Path, tok: object) -> int:
     512 at most."""
     config = json.loads((folder / "config.json").read_text())
     positions = int(config.get("max_position_embeddings") or 512)
-    if config.get("model_type") in POSITIONS_AFTER_PADDING:
+    if (spec := encoder_spec(config.get("model_type"))) is not None and spec.positions_after_padding:
         positions -= int(config.get("pad_token_id") or 1) + 1
     if (st := folder / "sentence_bert_config.json").exists():  # sentence-transformers cuts here (MiniLM: 256)
         positions = min(positions, int(json.loads(st.read_text()).get("max_seq_length") or positions))

@@ -73,21 +73,21 @@ def _local_or_uri(name: str) -> str:
 
 def read_rows(files: Sequence[str], flag: str = "-d") -> list[dict[str, Any]]:
     """Every row of ``files``, in order. Raises InvalidRequest naming the file that cannot be read."""
-    from tasks import _decoder_io as dio
+    from grove.tasks import _data_sources as data_io
 
     rows: list[dict[str, Any]] = []
     for source in files:
         lower = source.lower()
         if lower.endswith(".parquet"):
-            table = dio.read_table(source, flag)
+            table = data_io.read_table(source, flag)
             names = list(table)
             rows.extend(dict(zip(names, values, strict=True)) for values in zip(*table.values(), strict=True))
         elif lower.endswith((".jsonl", ".csv")):
-            rows.extend(dio.read_rows(source, flag))
+            rows.extend(data_io.read_rows(source, flag))
         elif lower.endswith(".json"):
-            rows.extend(_json_rows(source, dio.read_raw(source, flag), flag))
+            rows.extend(_json_rows(source, data_io.read_raw(source, flag), flag))
         else:  # plain text, as the ``text`` builder reads it: a row a line
-            rows.extend({"text": line} for line in dio.read_raw(source, flag).splitlines() if line.strip())
+            rows.extend({"text": line} for line in data_io.read_raw(source, flag).splitlines() if line.strip())
     return rows
 
 
@@ -115,12 +115,12 @@ def data_sha256(files: Sequence[str]) -> str:
     in the cache keys, so a changed file retrains and an unchanged one does not."""
     import fsspec
 
-    from tasks import _decoder_io as dio
+    from grove.tasks import _data_sources as data_io
 
     digest = hashlib.sha256()
     for pattern in files:
-        for file in dio.table_files(pattern, "-d"):
-            local = dio._local_copy(file) if _is_uri(file) and not file.startswith("file://") else file  # noqa: SLF001
+        for file in data_io.table_files(pattern, "-d"):
+            local = data_io._local_copy(file) if _is_uri(file) and not file.startswith("file://") else file  # noqa: SLF001
             try:
                 with fsspec.open(local, "rb") as f:
                     while chunk := f.read(1 << 20):

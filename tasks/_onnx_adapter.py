@@ -195,7 +195,7 @@ def save_tensors(tensors: dict[str, np.ndarray], path: Path, adapter_format: str
 
             save_file(cast, tmp)
         else:
-            np.savez(tmp, **cast)
+            np.savez(tmp, **cast)  # type: ignore[arg-type]  # numpy's stub takes **kwds for allow_pickle
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from typing import Any
 from grove.artifacts import Source
 from grove.errors import ModelSourceError
 from grove.store import sha256_file
+from grove.tasks.architectures import from_gguf
 
 __all__ = ["HUB_PATTERNS", "fast_gguf_reader", "gguf_value", "remembering_in_bulk", "resolve"]
 
@@ -26,9 +27,6 @@ __all__ = ["HUB_PATTERNS", "fast_gguf_reader", "gguf_value", "remembering_in_bul
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Hugging Face model_type by GGUF architecture, where the names differ.
-_GGUF_ARCH = {"gemma3": "gemma3_text"}
-
-
 def resolve(name_or_path: str, revision: str | None = None) -> Source:
     """Raises ModelSourceError naming the cause and the fix."""
     if revision is not None and not _is_hub_id(name_or_path):
@@ -62,7 +60,7 @@ def _resolve_gguf(path: Path) -> Source:
         raise ModelSourceError(f"'{path}' is a file but not a .gguf; pass a GGUF file or a model folder")
     arch = _remembered(path, "gguf-arch", lambda: _gguf_architecture(path))
     return Source(kind="gguf", location=str(path), digest=_cached_sha256(path), files=[path.name],
-                  model_type=_GGUF_ARCH.get(arch, arch))
+                  model_type=from_gguf(arch))
 
 
 def _gguf_architecture(path: Path) -> str:

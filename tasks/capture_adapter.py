@@ -11,7 +11,7 @@ from prefect import task
 from grove.artifacts import Artifact
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from tasks.capture_onnx import CaptureConfig, run_builder
+from grove.tasks.capture_onnx import CaptureConfig, run_builder
 
 __all__ = ["CaptureAdapterConfig", "capture_adapter"]
 

@@ -19,28 +19,12 @@ from pydantic import Field
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import GroveError, InvalidRequest, UnsupportedArchitecture
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from tasks._encoder_io import ENCODER_JSON
-from tasks.registry import ARCHITECTURES
+from grove.tasks._choices import EncoderTask
+from grove.tasks._encoder_io import ENCODER_JSON
+from grove.tasks.architectures import ARCHITECTURES, encoder_spec
 
 __all__ = ["CaptureEncoderConfig", "EncoderTask", "ExportFailed", "capture_encoder", "sentence_transformers_pipeline"]
 
-EncoderTask = Literal["feature-extraction", "text-classification", "token-classification"]
-# Graph inputs per architecture (DistilBERT and the RoBERTa family have no segment embeddings to feed).
-_INPUTS: dict[str, list[str]] = {
-    "bert": ["input_ids", "attention_mask", "token_type_ids"],
-    "electra": ["input_ids", "attention_mask", "token_type_ids"],
-    "roberta": ["input_ids", "attention_mask"],
-    "xlm-roberta": ["input_ids", "attention_mask"],
-    "camembert": ["input_ids", "attention_mask"],
-    "mpnet": ["input_ids", "attention_mask"],
-    "distilbert": ["input_ids", "attention_mask"],
-    "deberta-v2": ["input_ids", "attention_mask"],  # v3 has no token types (type_vocab_size 0)
-    "modernbert": ["input_ids", "attention_mask"],
-}
-# Models that build their attention mask from the 0 / 1 padding mask themselves: given the additive
-# mask, DeBERTa's padded rows turn NaN (it also zeroes padded embeddings with the mask) and ModernBERT
-# skips its sliding window (rows past 64 tokens drift).
-_OWN_MASK = {"deberta-v2", "modernbert"}
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")
 
 
@@ -71,11 +55,11 @@ def _capture(inputs: list[Path], config: CaptureEncoderConfig, out: Path) -> dic
     (src,) = inputs
     hf_config = json.loads((src / "config.json").read_text())
     model_type = str(hf_config.get("model_type"))
-    if model_type not in _INPUTS or ARCHITECTURES.get(model_type) is None:
+    if (spec := encoder_spec(model_type)) is None:
         encoders = sorted(k for k, v in ARCHITECTURES.items() if v.path == "encoder")
         raise UnsupportedArchitecture(model_type, encoders, path="encoder")
     pooling, normalize = sentence_transformers_pipeline(src) if config.task == "feature-extraction" else (None, False)
-    names = _INPUTS[model_type]
+    names = list(spec.inputs)
     outputs = (["last_hidden_state"] + (["sentence_embedding"] if pooling else [])
                if config.task == "feature-extraction" else ["logits"])
     exporter = _export(src, config, names, outputs, out / "model.onnx", pooling, normalize)
@@ -170,7 +154,7 @@ def _export(src: Path, config: CaptureEncoderConfig, names: list[str], outputs: 
 def _example(src: Path, names: list[str], length: int) -> tuple[Any, ...]:
     import torch
 
-    from tasks._encoder_io import encode
+    from grove.tasks._encoder_io import encode
 
     # Two rows of different length, so padding (and the mask) is exercised while tracing.
     feeds = encode(src, ["Grove exports encoders.", "A longer second sentence " * 8], names, pad_to=length)
@@ -186,7 +170,7 @@ def _wrapper(src: Path, task_name: str, n_inputs: int, pooling: str | None, norm
     # Eager attention with a prepared additive 4D mask gives the graph onnxruntime's BERT fuser
     # recognises (transformers 5's own mask builder exports as gathers the fuser does not match).
     model = auto.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
-    raw_mask = model.config.model_type in _OWN_MASK
+    raw_mask = ARCHITECTURES[model.config.model_type].own_mask  # see ArchSpec.own_mask
 
     class Encoder(torch.nn.Module):
         def __init__(self) -> None:

@@ -9,6 +9,8 @@ import io
 import json
 import logging
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +20,7 @@ from pydantic import Field
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from tasks.registry import arch_spec
+from grove.tasks.architectures import arch_spec
 
 __all__ = ["CaptureConfig", "capture_onnx", "run_builder"]
 
@@ -82,11 +84,10 @@ def run_builder(hf_dir: Path, out: Path, precision: str, execution_provider: str
 
     model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type", "")
     arch_spec(model_type)  # raises UnsupportedArchitecture with the supported list
-    _adapt_builder_configs(builder)
     chatter = io.StringIO()
     # The builder prints progress to stdout; keep it for the log instead of the terminal.
-    with (tempfile.TemporaryDirectory(prefix="grove-builder-") as cache, contextlib.redirect_stdout(chatter),
-          contextlib.redirect_stderr(chatter)):
+    with (_builder_adapted(builder), tempfile.TemporaryDirectory(prefix="grove-builder-") as cache,
+          contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter)):
         try:
             extra = builder.parse_extra_options(None, str(hf_dir), str(out), precision, execution_provider,
                                                 str(cache), options)
@@ -140,40 +141,46 @@ def _gather_scales_as_rows(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _adapt_builder_configs(builder: Any) -> None:
-    """Let the builder (onnxruntime-genai 0.18) read what it misreads: a LayerNorm model's epsilon
-    (``_norm_eps_for_builder``), and transformers 5's Gemma 3 config. The builder expects
-    transformers 4's layout, the global layers' RoPE in ``rope_parameters`` and the sliding layers'
-    theta in ``rope_local_base_freq``; transformers 5 nests both by layer type and the builder stops
-    (``KeyError: 'rope_type'``). Its ``AutoConfig`` is wrapped once (other configs pass through as
-    they are) so that it sees the old layout; fp32 logits then match PyTorch's (tests/test_families)."""
-    auto = builder.AutoConfig
-    if getattr(auto, "grove_adapted", False):
-        return
+# One builder run at a time in a process: the fixes below replace module globals of the builder while it
+# runs (and the builder's own module state is not thread-safe either).
+_BUILDER = threading.Lock()
 
-    class AdaptedAutoConfig:
-        grove_adapted = True
 
-        @staticmethod
-        def from_pretrained(*args: Any, **kwargs: Any) -> Any:
-            return _norm_eps_for_builder(_gemma3_rope_for_builder(auto.from_pretrained(*args, **kwargs)))
+@contextlib.contextmanager
+def _builder_adapted(builder: Any) -> Iterator[None]:
+    """While the builder (onnxruntime-genai 0.18) runs, let it read what it misreads: a LayerNorm model's
+    epsilon (``_norm_eps_for_builder``), transformers 5's Gemma 3 config, and OLMo's norms. The builder
+    expects transformers 4's layout, the global layers' RoPE in ``rope_parameters`` and the sliding
+    layers' theta in ``rope_local_base_freq``; transformers 5 nests both by layer type and the builder
+    stops (``KeyError: 'rope_type'``). Its ``AutoConfig`` is wrapped (other configs pass through as they
+    are) so that it sees the old layout; fp32 logits then match PyTorch's (tests/tasks/test_families).
+    What it replaces is put back on exit: nothing else in the process sees the builder changed."""
+    with _BUILDER:
+        auto, olmo = builder.AutoConfig, builder.OLMoModel
 
-    builder.AutoConfig = AdaptedAutoConfig
+        class AdaptedAutoConfig:
+            @staticmethod
+            def from_pretrained(*args: Any, **kwargs: Any) -> Any:
+                return _norm_eps_for_builder(_gemma3_rope_for_builder(auto.from_pretrained(*args, **kwargs)))
 
-    class OLMoLayerNormModel(builder.OLMoModel):  # type: ignore[name-defined,misc]
-        """OLMo's norms are LayerNorms without weights, at epsilon 1e-5 (transformers' OlmoLayerNorm);
-        the builder made them RMSNorms at 1e-6 (a tiny OLMo's logits 1.26 off PyTorch's)."""
+        class OLMoLayerNormModel(olmo):  # type: ignore[misc,valid-type]
+            """OLMo's norms are LayerNorms without weights, at epsilon 1e-5 (transformers' OlmoLayerNorm);
+            the builder made them RMSNorms at 1e-6 (a tiny OLMo's logits 1.26 off PyTorch's)."""
 
-        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
-            if getattr(config, "clip_qkv", None) is not None:
-                raise NotImplementedError(f"OLMo with clip_qkv ({config.clip_qkv}) clamps its queries, "
-                                          "keys and values, which this builder does not export; "
-                                          "OLMo without it is supported")
-            super().__init__(config, *args, **kwargs)
-            self.layernorm_attrs["simple"] = False
-            self.layernorm_attrs["epsilon"] = 1e-5
+            def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+                if getattr(config, "clip_qkv", None) is not None:
+                    raise NotImplementedError(f"OLMo with clip_qkv ({config.clip_qkv}) clamps its queries, "
+                                              "keys and values, which this builder does not export; "
+                                              "OLMo without it is supported")
+                super().__init__(config, *args, **kwargs)
+                self.layernorm_attrs["simple"] = False
+                self.layernorm_attrs["epsilon"] = 1e-5
 
-    builder.OLMoModel = OLMoLayerNormModel
+        builder.AutoConfig, builder.OLMoModel = AdaptedAutoConfig, OLMoLayerNormModel
+        try:
+            yield
+        finally:
+            builder.AutoConfig, builder.OLMoModel = auto, olmo
 
 
 # Where configs other than RMSNorm models' keep their norms' epsilon (phi: layer_norm_eps; nemotron: norm_eps).
@@ -194,10 +201,11 @@ def _norm_eps_for_builder(config: Any) -> Any:
 
 
 def _gemma3_rope_for_builder(config: Any) -> Any:
-    rope = getattr(config, "rope_parameters", None)
+    rope: Any = getattr(config, "rope_parameters", None)
     if getattr(config, "model_type", "") != "gemma3_text" or not isinstance(rope, dict) or "full_attention" not in rope:
         return config
-    full, local = rope["full_attention"], rope.get("sliding_attention", rope["full_attention"])
+    full: dict[str, Any] = rope["full_attention"]
+    local: dict[str, Any] = rope.get("sliding_attention", full)
     if {full.get("rope_type", "default"), local.get("rope_type", "default")} != {"default"}:
         # The builder would scale the sliding layers' RoPE too (a tiny model's logits 2.4 off PyTorch's).
         raise NotImplementedError(f"Gemma 3 with scaled RoPE ({full.get('rope_type')} x{full.get('factor')} on the "

@@ -17,7 +17,7 @@ from pydantic import Field
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import ParityError
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from tasks import _encoder_io as eio
+from grove.tasks import _encoder_io as eio
 
 if TYPE_CHECKING:
     import numpy as np

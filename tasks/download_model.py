@@ -18,8 +18,8 @@ from grove.artifacts import Artifact, Source, StepConfig
 from grove.errors import ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from grove.store import cache_home, download_file, mark_used
-from tasks import _sources
-from tasks.registry import source_spec
+from grove.tasks import _sources
+from grove.tasks.architectures import source_spec
 
 __all__ = ["DownloadConfig", "check_safetensors", "download_model", "resolve_source"]
 
@@ -193,7 +193,7 @@ def _memoized_gguf() -> Iterator[None]:
             return bytes(value).decode()
         return parse(value, data_type)
 
-    gguf.GGUFReader = functools.lru_cache(maxsize=2)(_sources.fast_gguf_reader(reader))  # type: ignore[misc]
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(_sources.fast_gguf_reader(reader))  # type: ignore[misc,assignment]
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(name_map)
     gguf_utils._gguf_parse_value = parse_value  # noqa: SLF001
     if grouped is not None:

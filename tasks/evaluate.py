@@ -17,7 +17,8 @@ from pydantic import Field
 from grove.artifacts import Artifact, MeasureConfig
 from grove.errors import InvalidRequest, ParityError
 from grove.node import RECIPE_CACHE, node_logger, report_progress, run_node
-from tasks import _decoder_io as dio
+from grove.tasks import _data_sources as data_io
+from grove.tasks import _genai_runtime as runtime
 
 __all__ = ["EvalConfig", "evaluate", "fingerprint_text"]
 
@@ -29,7 +30,7 @@ class EvalConfig(MeasureConfig):
     NODE = "evaluate"
     VERSION = 3  # 2: measured in onnxruntime-genai with an explicit thread count; parity over the text;
     # 3: says whether the timing process had transparent huge pages
-    text: str = Field(dio.BUILTIN_TEXT, description="perplexity text: 'builtin:GPL-3' (shipped with Grove, same "
+    text: str = Field(data_io.BUILTIN_TEXT, description="perplexity text: 'builtin:GPL-3' (shipped with Grove, same "
                       "bytes as Debian's /usr/share/common-licenses/GPL-3) or a path / s3:// URI to a UTF-8 file, "
                       "or to a Parquet / JSONL / CSV table (its text column's rows)")
     text_sha256: str = Field("", description="sha256 of the text (filled in by the request; part of the recipe)")
@@ -46,7 +47,7 @@ class EvalConfig(MeasureConfig):
 @task(name="fingerprint-text", persist_result=False)
 def fingerprint_text(source: str) -> str:
     """sha256 of the perplexity text, so a changed file invalidates evaluations."""
-    return dio.text_sha256(source)
+    return data_io.text_sha256(source)
 
 
 @task(name="evaluate", cache_policy=RECIPE_CACHE)
@@ -60,10 +61,10 @@ def evaluate(model: Artifact, config: EvalConfig, reference: Artifact | None = N
 def _evaluate(inputs: list[Path], config: EvalConfig, out: Path) -> dict[str, object]:
     log = node_logger()
     model_dir = inputs[0]
-    threads = config.threads or dio.available_cpus()
-    metrics: dict[str, object] = {"size_mb": round(dio.model_size(model_dir) / 1e6, 2), "threads": threads}
-    genai = dio.genai_model(model_dir, config.provider, threads)  # one load serves every measurement
-    tokens = dio.tokenize(model_dir, dio.read_text(config.text), genai, limit=config.ppl_tokens)
+    threads = config.threads or runtime.available_cpus()
+    metrics: dict[str, object] = {"size_mb": round(runtime.model_size(model_dir) / 1e6, 2), "threads": threads}
+    genai = runtime.genai_model(model_dir, config.provider, threads)  # one load serves every measurement
+    tokens = runtime.tokenize(model_dir, data_io.read_text(config.text), genai, limit=config.ppl_tokens)
     if len(tokens) < MIN_PPL_TOKENS:
         raise InvalidRequest(f"the perplexity text {config.text} is {len(tokens)} tokens long for this model's "
                              f"tokenizer; at least {MIN_PPL_TOKENS} are needed: pass a longer --eval_data")
@@ -72,17 +73,17 @@ def _evaluate(inputs: list[Path], config: EvalConfig, out: Path) -> dict[str, ob
                     "over so few tokens vary a lot from text to text; a longer --eval_data gives steadier figures",
                     config.text, len(tokens), config.ppl_tokens)
     chunk = config.ppl_chunk
-    if (context := dio.context_length(model_dir)) is not None and chunk >= context:
+    if (context := runtime.context_length(model_dir)) is not None and chunk >= context:
         chunk = context - 1  # each chunk is scored in one generator of len(chunk) + 1 tokens
         log.info("perplexity chunks of %d tokens: the model's context is %d", chunk, context)
-    ppl, predictions = dio.perplexity(genai, tokens, chunk, lambda f: report_progress(0.7 * f, "perplexity"),
-                                      dio.kv_floor(model_dir))
+    ppl, predictions = runtime.perplexity(genai, tokens, chunk, lambda f: report_progress(0.7 * f, "perplexity"),
+                                      runtime.kv_floor(model_dir))
     metrics.update(perplexity=round(ppl, 4), ppl_tokens=len(tokens), ppl_chunk=chunk)
     log.info("perplexity %.3f over %d tokens", ppl, len(tokens))
     scored = {"tokens_sha256": _sha256(tokens), "top1": predictions}
     (out / PREDICTIONS).write_text(json.dumps(scored))
     report_progress(0.7, "generation timing")
-    metrics.update(dio.generation_timing(model_dir, config.prompt, config.new_tokens, config.provider, genai))
+    metrics.update(runtime.generation_timing(model_dir, config.prompt, config.new_tokens, config.provider, genai))
     log.info("prefill %.1f ms, decode %.1f tok/s (%d threads)", metrics["prefill_ms"], metrics["decode_tok_s"],
              threads)
     if len(inputs) > 1:

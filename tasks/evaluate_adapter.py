@@ -13,7 +13,7 @@ from prefect import task
 
 from grove.artifacts import Artifact, StepConfig
 from grove.node import RECIPE_CACHE, node_logger, report_progress, run_node
-from tasks.prepare_data import load_blocks
+from grove.tasks.prepare_data import load_blocks
 
 __all__ = ["AdapterEvalConfig", "evaluate_adapter", "mean_loss"]
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from prefect import task
 from pydantic import Field
 
 from grove.artifacts import Artifact, MeasureConfig
 from grove.node import RECIPE_CACHE, node_logger, report_progress, run_node
-from tasks import _encoder_io as eio
-from tasks._decoder_io import LABEL_COLUMNS, is_table, table_label_names
+from grove.tasks import _encoder_io as eio
+from grove.tasks._data_sources import LABEL_COLUMNS, is_table, table_label_names
+from grove.tasks.architectures import encoder_spec
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,13 +65,14 @@ def _evaluate(inputs: list[Path], config: EncoderEvalConfig, out: Path) -> dict[
     stats = latency_stats(lambda: eio.run(sess, timed, output), config.warmup, config.repeat)
     metrics: dict[str, object] = {f"latency_ms_{k}": v for k, v in stats.items() if k not in _MACHINE_STATE}
     metrics["cpu_busy_elsewhere"], metrics["huge_pages"] = stats["busy"], stats["huge_pages"]
-    metrics["throughput_rows_s"] = round(1000.0 * config.batch_size / stats["avg"], 2)
+    avg = float(cast(float, stats["avg"]))  # always measured (None is only for "busy": unknown)
+    metrics["throughput_rows_s"] = round(1000.0 * config.batch_size / avg, 2)
     metrics["size_mb"] = round((model_dir / "model.onnx").stat().st_size / 1e6, 2)
     log.info("latency %.2f ms avg (p90 %.2f) at batch %d x %d tokens, %d threads", stats["avg"], stats["p90"],
              config.batch_size, config.sequence_length, config.threads)
     if len(inputs) > 1:
         metrics.update(_vs_pytorch(inputs[1], model_dir, sess, info, timed, config))
-        metrics["latency_vs_pytorch"] = round(stats["avg"] / float(metrics["pytorch_latency_ms_avg"]), 4)  # type: ignore[arg-type]
+        metrics["latency_vs_pytorch"] = round(avg / float(cast(float, metrics["pytorch_latency_ms_avg"])), 4)
     if config.labelled_data and info.task == "text-classification":
         metrics["accuracy"] = _accuracy(sess, model_dir, info, config.labelled_data, config.labelled_samples)
     elif config.labelled_data and info.task == "token-classification":
@@ -119,7 +121,7 @@ def _vs_pytorch(hf_dir: Path, model_dir: Path, sess: object, info: eio.EncoderIn
         stats = latency_stats(lambda: module(**as_torch), config.warmup, config.repeat)
         feeds = eio.encode(model_dir, eio.PARITY_TEXTS, info.inputs)
         result = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
-    onnx_out = eio.run(sess, feeds, eio.primary_output(info))  # type: ignore[arg-type]
+    onnx_out = eio.run(sess, feeds, eio.primary_output(info))
     metrics: dict[str, object] = {f"pytorch_latency_ms_{k}": v for k, v in stats.items() if k not in _MACHINE_STATE}
     metrics["pytorch_cpu_busy_elsewhere"] = stats["busy"]
     if info.task == "feature-extraction":
@@ -180,7 +182,7 @@ def _accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str, l
     correct = 0
     for start in range(0, len(texts), 32):
         feeds = eio.encode(model_dir, texts[start:start + 32], info.inputs, max_length=longest)
-        predicted = eio.run(sess, feeds, "logits").argmax(-1)  # type: ignore[arg-type]
+        predicted = eio.run(sess, feeds, "logits").argmax(-1)
         correct += int((predicted == labels[start:start + 32]).sum())
         done = min(start + 32, len(texts))
         report_progress(0.5 + 0.5 * done / len(texts), f"accuracy: {done}/{len(texts)} labelled rows")
@@ -203,8 +205,8 @@ def _token_accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: 
     names = table_label_names(path, eio.TAG_COLUMNS) if is_table(path) else None
     flat = iter(eio.label_ids([t for tags in raw for t in tags], id2label, path, names=names, log=log))
     gold = [[next(flat) for _ in tags] for tags in raw]
-    tok = eio.tokenizer(model_dir, **({"add_prefix_space": True} if config.get("model_type") in eio.ROBERTA_LIKE
-                                      else {}))
+    spec = encoder_spec(config.get("model_type"))
+    tok = eio.tokenizer(model_dir, **({"add_prefix_space": True} if spec is not None and spec.prefix_space else {}))
     if not tok.is_fast:
         raise InvalidRequest(f"--eval_data for a token classifier needs a fast tokenizer (tokenizer.json) in "
                              f"{info.model_type}'s folder, to map words to sub-tokens")
@@ -217,7 +219,7 @@ def _token_accuracy(sess: object, model_dir: Path, info: eio.EncoderInfo, path: 
         enc = tok(batch, is_split_into_words=True, padding=True, truncation=True, max_length=limit, return_tensors="np")
         feeds = {name: np.asarray(enc[name], dtype=np.int64) if name in enc else
                  np.zeros_like(enc["input_ids"], dtype=np.int64) for name in info.inputs}
-        logits = eio.run(sess, feeds, "logits")  # type: ignore[arg-type]
+        logits = eio.run(sess, feeds, "logits")
         for row in range(len(batch)):
             first: dict[int, int] = {}
             for position, word in enumerate(enc.word_ids(row)):
@@ -262,7 +264,7 @@ def _similarity(sess: object, model_dir: Path, info: eio.EncoderInfo, path: str,
     def embed(texts: list[str]) -> np.ndarray:
         batches = (eio.encode(model_dir, texts[i:i + 32], info.inputs, max_length=longest)
                    for i in range(0, len(texts), 32))
-        return np.concatenate([eio.run(sess, feeds, "sentence_embedding") for feeds in batches])  # type: ignore[arg-type]
+        return np.concatenate([eio.run(sess, feeds, "sentence_embedding") for feeds in batches])
 
     sides = []
     for side in (0, 1):

@@ -14,7 +14,7 @@ from prefect import task
 
 from grove.artifacts import Artifact, StepConfig
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from tasks._onnx_adapter import ADAPTER_FILE, LAYOUT_FILE, fuse_lora_groups, make_switchable, write_adapter
+from grove.tasks._onnx_adapter import ADAPTER_FILE, LAYOUT_FILE, fuse_lora_groups, make_switchable, write_adapter
 
 __all__ = ["ExtractAdapterConfig", "extract_adapter"]
 

@@ -15,7 +15,7 @@ from grove.artifacts import Artifact, Source, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, run_node
 from grove.store import sha256_file
-from tasks._onnx_adapter import read_adapter
+from grove.tasks._onnx_adapter import read_adapter
 
 __all__ = ["ADAPTER_FILES", "ImportAdapterConfig", "import_adapter", "resolve_adapter"]
 

@@ -20,18 +20,13 @@ from pydantic import Field
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import UnsupportedArchitecture
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from tasks._encoder_io import encoder_info
+from grove.tasks._encoder_io import encoder_info
+from grove.tasks.architectures import ARCHITECTURES, encoder_spec
 
 if TYPE_CHECKING:
     import onnx
 
 __all__ = ["GraphConfig", "optimize_graph"]
-
-# onnxruntime's optimizer model_type by Hugging Face model_type: all share BERT's graph.
-_ORT_MODEL_TYPE = {"bert": "bert", "electra": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
-                   "mpnet": "bert", "distilbert": "bert", "deberta-v2": "bert",
-                   "modernbert": "bert"}
-
 
 class GraphConfig(StepConfig):
     NODE = "optimize-graph"
@@ -59,14 +54,16 @@ def _optimize(inputs: list[Path], config: GraphConfig, out: Path) -> dict[str, o
 
     (src,) = inputs
     info = encoder_info(src)
-    if info.model_type not in _ORT_MODEL_TYPE:
-        raise UnsupportedArchitecture(info.model_type, sorted(_ORT_MODEL_TYPE), path="graph optimization")
+    spec = encoder_spec(info.model_type)
+    if spec is None or spec.ort_optimizer is None:
+        optimized = sorted(m for m, s in ARCHITECTURES.items() if s.ort_optimizer)
+        raise UnsupportedArchitecture(info.model_type, optimized, path="graph optimization")
     model = onnx.load(str(src / "model.onnx"))
     before = len(model.graph.node)
     _prepare_for_fusion(model)
     staged = out / "prepared.onnx"
     onnx.save(model, str(staged))
-    optimizer = optimize_model(str(staged), model_type=_ORT_MODEL_TYPE[info.model_type], num_heads=info.num_heads,
+    optimizer = optimize_model(str(staged), model_type=spec.ort_optimizer, num_heads=info.num_heads,
                                hidden_size=info.hidden_size, opt_level=config.opt_level, use_gpu=config.use_gpu)
     staged.unlink()
     fusions = {k: int(v) for k, v in optimizer.get_fused_operator_statistics().items() if v}

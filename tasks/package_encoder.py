@@ -1,6 +1,6 @@
 """Node ``package-encoder``: the encoder output folder (``model.onnx``, tokenizer and config
 files, ``grove_encoder.json``, ``grove_report.json``) as one artifact, in the same report shape
-as the decoder path. ``tasks.package_genai.export_output`` copies it to the output path."""
+as the decoder path. ``grove.tasks.package_genai.export_output`` copies it to the output path."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydantic import Field
 
 from grove.artifacts import Artifact, StepConfig
 from grove.node import RECIPE_CACHE, run_node
-from tasks._report import copy_model_files, ratio, write_report
+from grove.tasks._report import copy_model_files, ratio, write_report
 
 __all__ = ["EncoderPackageConfig", "package_encoder"]
 

@@ -17,9 +17,9 @@ from pydantic import Field
 
 from grove.artifacts import Artifact, StepConfig
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from tasks._report import REPORT
-from tasks.package_genai import export_output
-from tasks.train_adapter import ADAPTER_DIR, TRAIN_LOG
+from grove.tasks._report import REPORT
+from grove.tasks.package_genai import export_output
+from grove.tasks.train_adapter import ADAPTER_DIR, TRAIN_LOG
 
 __all__ = ["MODEL_CONFIG", "FinetunePackageConfig", "export_finetune", "package_finetune", "read_model_config"]
 

@@ -16,7 +16,7 @@ from pydantic import Field
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node, store_for
-from tasks._report import REPORT, copy_model_files, ratio, write_report
+from grove.tasks._report import REPORT, copy_model_files, ratio, write_report
 
 __all__ = ["PackageConfig", "export_output", "package_genai"]
 

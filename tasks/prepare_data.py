@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from tasks import _finetune_data as fd
+from grove.tasks import _finetune_data as fd
 
 __all__ = ["DATA_FILES", "PrepareDataConfig", "fingerprint_data", "load_blocks", "prepare_data"]
 
@@ -73,9 +73,9 @@ def _prepare(inputs: list[Path], config: PrepareDataConfig, out: Path) -> dict[s
         evaluation, eval_on = _blocks(config.eval_files, config, tokenizer, config.max_eval_samples), "eval split"
     elif len(train.input_ids) >= 2:  # the tail of the training blocks, never trained on
         held = min(config.max_eval_samples, max(1, math.ceil(len(train.input_ids) * config.holdout)))
-        evaluation = fd.Blocks(*(rows[-held:] for rows in (train.input_ids, train.labels, train.attention_mask)),
+        evaluation = fd.Blocks(train.input_ids[-held:], train.labels[-held:], train.attention_mask[-held:],
                                samples=0, tokens=sum(map(sum, train.attention_mask[-held:])))
-        train = fd.Blocks(*(rows[:-held] for rows in (train.input_ids, train.labels, train.attention_mask)),
+        train = fd.Blocks(train.input_ids[:-held], train.labels[:-held], train.attention_mask[:-held],
                           samples=train.samples, tokens=sum(map(sum, train.attention_mask[:-held])))
         eval_on = f"held-out ({held} of the training blocks)"
     else:
@@ -126,7 +126,7 @@ def load_blocks(data_dir: Path, which: str) -> Any:
 
     tensors = load_file(str(data_dir / f"{which}.safetensors"))
 
-    class Blocks(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    class Blocks(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return int(tensors["input_ids"].shape[0])
 

@@ -4,6 +4,7 @@ metrics table and a readable report on the flow run's page."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import (
@@ -13,7 +14,7 @@ from prefect.artifacts import (
 )
 
 from grove.artifacts import Artifact
-from grove.report import markdown_report, table_rows
+from grove.tasks._report_text import markdown_report, table_rows
 
 __all__ = ["loss_png", "publish_finetune_report", "publish_fleet_summary", "publish_report"]
 
@@ -46,7 +47,8 @@ def publish_finetune_report(report: dict[str, object], output_path: str) -> None
     metrics = report.get("metrics") or {}
     assert isinstance(metrics, dict)
     log = report.get("loss_curve")
-    curve = [{"step": e.get("step"), "loss": e.get("loss"), "learning_rate": e.get("learning_rate")}
+    curve: list[dict[str, Any]] = [{"step": e.get("step"), "loss": e.get("loss"),
+                                    "learning_rate": e.get("learning_rate")}
              for e in log if isinstance(e, dict)] if isinstance(log, list) else []
     if curve:
         create_table_artifact(key=f"loss-{slug}", table=curve, description=f"training loss of {name}'s adapter")
@@ -59,7 +61,7 @@ def publish_finetune_report(report: dict[str, object], output_path: str) -> None
                              description=f"finetune report for {report.get('model')}")
 
 
-def loss_png(curve: list[dict[str, object]]) -> str:
+def loss_png(curve: list[dict[str, Any]]) -> str:
     """The training loss against the step, as a small PNG (base64) for the run's markdown report: the
     dashboard renders it inline, where a table of numbers hides the curve's shape."""
     import base64

@@ -14,10 +14,10 @@ from pydantic import Field, model_validator
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
+from grove.tasks._choices import Int4Algorithm
 
 __all__ = ["INT4_ALGORITHMS", "Int4Config", "quantize_int4"]
 
-Int4Algorithm = Literal["affine", "rtn", "hqq", "k_quant", "builder", "gptq"]
 INT4_ALGORITHMS: tuple[str, ...] = ("affine", "rtn", "hqq", "k_quant", "builder", "gptq")
 
 
@@ -83,13 +83,13 @@ def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, ob
         if f.is_file() and not f.name.startswith("model.onnx") and f.name != "manifest.json":
             shutil.copy2(f, out / f.name)
     if config.algorithm in ("affine", "hqq"):
-        from tasks import _int4_affine
+        from grove.tasks import _int4_grids
 
         # fp16 correction terms: the same perplexity as fp32 ones, half their size (measured)
-        _int4_affine.quantize(src, out, block_size=config.block_size, mode=config.algorithm,
+        _int4_grids.quantize(src, out, block_size=config.block_size, mode=config.algorithm,
                               correction_dtype="float16", head_bits=config.head_bits,
                               accuracy_level=config.accuracy_level, head_shortlist=config.head_shortlist)
-        stats = {"head_bits": config.head_bits, "head_shortlist": config.head_shortlist}
+        stats: dict[str, object] = {"head_bits": config.head_bits, "head_shortlist": config.head_shortlist}
     else:
         stats = _quantize_ort(src / "model.onnx", out / "model.onnx", config)
     node_logger().info("int4 %s, block %d: %s", config.algorithm, config.block_size,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prefect import task
 from pydantic import Field, model_validator
@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from tasks import _encoder_io as eio
+from grove.tasks import _encoder_io as eio
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -86,10 +86,10 @@ def _quantize(inputs: list[Path], config: Int8Config, out: Path) -> dict[str, ob
     if kept := _embeddings_with_positions(nodes):
         node_logger().info("kept in fp32: %s (onnxruntime's QEmbedLayerNormalization has no position-ids input: "
                            "its positions would restart at 0)", ", ".join(kept))
-    common = dict(per_channel=config.per_channel, op_types_to_quantize=config.op_types_to_quantize,
-                  nodes_to_exclude=list(config.nodes_to_exclude) + kept)
+    common: dict[str, Any] = dict(per_channel=config.per_channel, op_types_to_quantize=config.op_types_to_quantize,
+                                  nodes_to_exclude=list(config.nodes_to_exclude) + kept)
     if config.mode == "dynamic":
-        quantize_dynamic(src / "model.onnx", out / "model.onnx", **common)  # type: ignore[arg-type]
+        quantize_dynamic(src / "model.onnx", out / "model.onnx", **common)
     else:
         _quantize_static(src, out, config, common)
     stats = _int8_ops(out / "model.onnx")
@@ -133,7 +133,7 @@ def _quantize_static(src: Path, out: Path, config: Int8Config, common: dict[str,
     common = {**common, "nodes_to_exclude": [*common["nodes_to_exclude"], *norms]}  # type: ignore[misc]
     quantize_static(src / "model.onnx", out / "model.onnx", reader, quant_format=QuantFormat[config.quant_format],
                     calibrate_method=CalibrationMethod[config.calibrate_method],
-                    **common)  # type: ignore[arg-type]
+                    **common)
 
 
 def _calibration_reader(src: Path, config: Int8Config) -> CalibrationDataReader:
@@ -150,7 +150,7 @@ def _calibration_reader(src: Path, config: Int8Config) -> CalibrationDataReader:
         def __init__(self) -> None:
             self._it = iter(samples)
 
-        def get_next(self) -> dict[str, object] | None:
+        def get_next(self) -> dict[str, Any] | None:
             return next(self._it, None)
 
         def rewind(self) -> None:

@@ -225,7 +225,7 @@ def _calibration_tokens(config: TorchQuantConfig, folder: Path) -> tuple[Any, st
     import torch
     from transformers import AutoTokenizer
 
-    from tasks._decoder_io import BUILTIN_TEXT, read_text
+    from grove.tasks._data_sources import BUILTIN_TEXT, read_text
 
     text = read_text(config.calibration, "--calibration_data")
     ids = AutoTokenizer.from_pretrained(str(folder))(text, add_special_tokens=False)["input_ids"]
@@ -346,10 +346,10 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
                 scores[name] = sensitivity(w, h, config.bits, config.group_size, config.symmetric)
                 hessians[name] = h
                 continue
-            bits = 8 if name in high else config.bits
-            q, s, z = _quantize_one(w, h, bits, config)
+            layer_bits = 8 if name in high else config.bits
+            q, s, z = _quantize_one(w, h, layer_bits, config)
             errors[config.algorithm] += output_error(w, dequantize(q, s, z, config.group_size), h)
-            quantized[name] = (q, s, z, bits)
+            quantized[name] = (q, s, z, layer_bits)
             m.weight.data = dequantize(q, s, z, config.group_size).to(w.dtype)
         xs = [_run_layer(layer, x, kw) for x, kw in zip(xs, kws, strict=True)]  # the next layer's inputs
     if config.mixed_precision_ratio is not None:  # second pass: chosen layers at 8 bits, the rest at `bits`

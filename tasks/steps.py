@@ -4,12 +4,13 @@ its config never needs a particular device, so it always runs where its flow run
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from grove.artifacts import StepConfig
-from tasks import (
+from grove.tasks import (
     capture_adapter,
     capture_encoder,
     capture_onnx,
@@ -36,7 +37,7 @@ __all__ = ["STEPS", "Step"]
 @dataclass(frozen=True)
 class Step:
     config: type[StepConfig]
-    build: Callable[[list[Path], StepConfig, Path], dict[str, object]]
+    build: Callable[[list[Path], Any, Path], Mapping[str, object]]  # the body of ``config``'s node
 
 
 STEPS: dict[str, Step] = {

@@ -27,8 +27,8 @@ from pydantic import Field
 from grove.artifacts import Artifact, Device, StepConfig
 from grove.errors import InvalidRequest, MissingExtra
 from grove.node import RECIPE_CACHE, node_logger, node_scratch, report_progress, run_node
-from tasks._checkpoints import StoreCheckpoints
-from tasks.prepare_data import load_blocks
+from grove.tasks._checkpoints import StoreCheckpoints
+from grove.tasks.prepare_data import load_blocks
 
 __all__ = ["OLIVE_TRAINING_DEFAULTS", "TrainConfig", "cpu_has_bf16", "linear_names", "resolve_targets", "skeleton",
            "train_adapter"]
@@ -155,7 +155,8 @@ def _train(inputs: list[Path], config: TrainConfig, out: Path) -> dict[str, obje
     set_seed(int(config.training_args.get("seed", 42)))  # LoRA's A starts random: the same seed, the same adapter
     model = _load_base(model_dir, config, cuda)
     targets = resolve_targets(model, config.target_modules)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft takes a float
+                      lora_dropout=config.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, lora)
     if config.gradient_checkpointing:

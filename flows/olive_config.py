@@ -1,0 +1,1030 @@
+"""``grove run --config``: an Olive workflow config (the tutorial's ``olive run --config
+config.json``) read as the ``grove auto-opt`` command it amounts to.
+
+Grove's pipeline is fixed (capture -> graph optimization -> quantization -> parity -> evaluation
+-> package), so a config maps onto auto-opt's flags: the input model, the target system's
+accelerator and execution provider, and the precision and quantizer options of its passes. What
+Grove does on every run anyway (ONNX conversion, transformer fusions, latency) is accepted; what
+Grove does differently (a search strategy, the cache folder) is printed as a note; what it cannot
+honour (remote systems, LoRA, quantizing the PyTorch weights, a custom model loader...) is one
+error naming every such key and what to do instead, never dropped in silence. The translation is
+printed before the run, so the config and the command stay interchangeable."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from grove.errors import InvalidRequest
+from grove.flows.request import PROVIDER_DEVICE
+
+__all__ = ["PASSES", "Translation", "load", "translate"]
+
+# auto-opt flags in the order a person would write them (the rest follow in insertion order).
+_FLAG_ORDER = ("model_name_or_path", "output_path", "device", "provider", "precision", "task", "revision",
+               "trust_remote_code", "log_level")
+
+
+@dataclass
+class Translation:
+    """A config as auto-opt flags (argparse dest -> value), and what Grove does differently."""
+
+    flags: dict[str, object] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def argv(self) -> list[str]:
+        out: list[str] = []
+        for name in sorted(self.flags, key=lambda n: _FLAG_ORDER.index(n) if n in _FLAG_ORDER else len(_FLAG_ORDER)):
+            value = self.flags[name]
+            if value is True:
+                out.append(f"--{name}")
+            elif value is False:
+                out.append(f"--no-{name}")  # only BooleanOptionalAction flags take False (per_channel)
+            elif isinstance(value, list):
+                out += [f"--{name}", *map(str, value)]
+            else:
+                out += [f"--{name}", str(value)]
+        return out
+
+    def command(self) -> str:
+        return "grove auto-opt " + shlex.join(self.argv())
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """The config file as a dict (JSON, or YAML for .yaml/.yml, as Olive reads them)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidRequest(f"config file {path} does not exist; pass the path of an Olive workflow config "
+                             "(JSON or YAML)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"config file {path} is not UTF-8 text; pass an Olive workflow config (JSON or YAML)") \
+            from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise InvalidRequest(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            hint = " (JSON has no comments: remove the // lines)" if "//" in text else ""
+            raise InvalidRequest(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column "
+                                 f"{exc.colno}{hint}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"config file {path} holds a {type(data).__name__}, not a workflow config (an object "
+                             "with input_model, systems, passes, ...)")
+    return data
+
+
+# -- passes --------------------------------------------------------------------------------------
+
+class _Pass(BaseModel):
+    """One Olive pass type: the fields Grove reads (others are an error naming them), and the
+    auto-opt flags they amount to. ``precision``: what the pass makes of the weights (None: it
+    does not quantize), so that two passes asking for different precisions are one error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    NOTE: ClassVar[str | None] = None  # printed when the pass is in the config
+
+    def precision(self) -> str | None:
+        return None
+
+    def flags(self) -> dict[str, object]:
+        return {}
+
+
+class _Accepted(_Pass):
+    """Passes whose work Grove does on every run: their options tune what Grove chooses itself."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class ModelBuilder(_Pass):
+    precision_: Literal["int4", "int8", "fp16", "fp32"] = Field("fp32", alias="precision",
+                                                                  description="weights the builder writes")
+    int4_block_size: Literal[16, 32, 64, 128, 256] | None = Field(None, description="int4 weights per block")
+    int4_accuracy_level: Literal[1, 2, 3, 4] | None = Field(None, description="MatMulNBits compute type")
+    int4_is_symmetric: bool | None = Field(None, description="symmetric (rtn) or asymmetric (rtn) int4 blocks "
+                                           "instead of Grove's affine")
+    int4_algo_config: Literal["default", "rtn", "k_quant_mixed", "k_quant_last"] | None = Field(
+        None, description="the builder's int4 algorithm: rtn, or k_quant")
+    metadata_only: Literal[False] = Field(False, description="Grove always builds the model")
+    search: dict[str, Any] | None = Field(None, description="generation defaults: Grove writes its own")
+    use_ort_genai: Literal[True] = Field(True, description="the tutorial's key: a decoder's output is always an "
+                                         "onnxruntime-genai folder")
+    use_dynamo_exporter: bool | None = Field(None, description="the tutorial's key: the model builder writes the "
+                                             "graph itself, no exporter involved")
+    extra_options: dict[str, Any] | None = Field(None, description="the builder's options: Grove reads "
+                                                 "int4_accuracy_level, include_hidden_states and filename")
+    enable_cuda_graph: bool | None = Field(None, description="a CUDA session option of the output")
+
+    NOTE = ("ModelBuilder: Grove captures decoder LLMs with onnxruntime-genai's model builder (fp32 on cpu) and "
+            "quantizes int4 with its own quantizer (affine by default on cpu: see docs/int4.md; --int4_algorithm "
+            "builder takes the builder's own)")
+
+    def precision(self) -> str | None:
+        return self.precision_
+
+    def problems(self, where: str) -> list[str]:
+        """The extra options Grove cannot honour: ones that change the model's inputs or outputs (its
+        evaluation and package read them as the builder writes them by default), and ones the builder
+        does not know."""
+        problems = []
+        for key in sorted(self.extra_options or {}):
+            if key in _BUILDER_SHAPE_OPTIONS:
+                problems.append(f"{where}.extra_options.{key}: changes the model's inputs or outputs, which Grove's "
+                                "evaluation reads as the builder writes them by default; not in Grove yet")
+            elif key not in _BUILDER_OPTIONS:
+                problems.append(f"{where}.extra_options.{key} is not an option of onnxruntime-genai's model builder")
+        return problems
+
+    def notes(self, where: str) -> list[str]:
+        extra = {k: v for k, v in (self.extra_options or {}).items() if k not in _BUILDER_SHAPE_OPTIONS
+                 and k in _BUILDER_OPTIONS and k not in ("int4_accuracy_level", "include_hidden_states")}
+        if self.enable_cuda_graph is not None:
+            extra["enable_cuda_graph"] = self.enable_cuda_graph
+        return [f"{where}: {', '.join(f'{k}={v}' for k, v in sorted(extra.items()))} not used: Grove names the "
+                "graph model.onnx (genai_config.json points at it) and builds with the builder's defaults "
+                "otherwise"] if extra else []
+
+    def flags(self) -> dict[str, object]:
+        flags: dict[str, object] = {}
+        if self.int4_algo_config in ("k_quant_mixed", "k_quant_last"):
+            flags["int4_algorithm"] = "k_quant"
+        elif self.int4_algo_config == "rtn" or self.int4_is_symmetric is not None:
+            flags["int4_algorithm"] = "rtn"
+        if self.int4_is_symmetric:
+            flags["symmetric"] = True
+        if str((self.extra_options or {}).get("include_hidden_states", "")).lower() in ("1", "true"):
+            flags["include_hidden_states"] = True
+        level: int | None = self.int4_accuracy_level
+        if level is None and (self.extra_options or {}).get("int4_accuracy_level") is not None:
+            level = int((self.extra_options or {})["int4_accuracy_level"])
+        return {**flags, **{k: v for k, v in (("block_size", self.int4_block_size),
+                                              ("accuracy_level", level)) if v is not None}}
+
+
+# onnxruntime-genai 0.18's model builder options (its --extra_options help), and those of them that
+# change the graph's inputs or outputs.
+_BUILDER_SHAPE_OPTIONS = {"exclude_embeds", "exclude_lm_head", "prune_lm_head",
+                          "config_only", "num_hidden_layers", "adapter_path", "exclude_mtp"}
+_BUILDER_OPTIONS = _BUILDER_SHAPE_OPTIONS | {
+    "int4_accuracy_level", "include_hidden_states", "filename", "enable_cuda_graph", "enable_dml_graph",
+    "enable_webgpu_graph",
+    "accuracy_level", "block_size", "is_symmetric", "op_types_to_quantize", "nodes_to_exclude", "algo_config",
+    "int4_block_size", "int4_is_symmetric", "int4_op_types_to_quantize", "int4_nodes_to_exclude", "int4_algo_config",
+    "matmul_mixed_precision", "hf_token", "hf_remote", "shared_embeddings", "use_qdq", "use_8bits_moe",
+    "use_webgpu_fp32", "use_cuda_bf16", "fuse_qkv", "disable_qkv_fusion", "fuse_qk_norm_gqa", "fuse_mlp_gate_up",
+    "use_device_allocator_for_initializers", "use_paged_attention", "windowed_kv_cache", "kv_cache_quant_scheme"}
+
+
+class OnnxConversion(_Accepted):
+    NOTE = ("OnnxConversion: Grove captures the model itself (decoder LLMs with the model builder, encoders with "
+            "torch.onnx.export, dynamo first), with dynamic batch and sequence axes")
+
+
+class OrtTransformersOptimization(_Accepted):
+    float16: bool = Field(False, description="convert to fp16 after the fusions")
+    NOTE = ("OrtTransformersOptimization: Grove fuses encoders with onnxruntime's transformer optimizer (the model "
+            "type read from config.json) on every run; a decoder's graph comes fused from the model builder")
+
+    def precision(self) -> str | None:
+        return "fp16" if self.float16 else None
+
+
+class OnnxQuantization(_Pass):
+    quant_mode: Literal["dynamic", "static"] = Field("static", description="activations scaled per run, or calibrated")
+    per_channel: bool | None = Field(None, description="one weight scale per output channel (Olive's default: "
+                                     "off)")
+    op_types_to_quantize: list[str] | None = Field(None, description="only these op types")
+    nodes_to_exclude: list[str] | None = Field(None, description="node names kept in fp32")
+    quant_format: Literal["QDQ", "QOperator"] | None = Field(None, description="static: graph format")
+    calibrate_method: Literal["MinMax", "Entropy", "Percentile"] | None = Field(None, description="static: ranges")
+    weight_type: Literal["QInt8"] = Field("QInt8", description="Grove writes signed int8 weights (uint8 weights "
+                                          "measured slower and no more accurate: docs/encoders.md)")
+    weight_precision: Literal["int8"] = Field("int8", alias="precision", description="weight_type's newer name: "
+                                              "Grove writes signed int8 weights, uint8 ones measured slower and no "
+                                              "more accurate (docs/encoders.md)")
+    activation_type: Literal["QInt8", "QUInt8", "int8", "uint8"] | None = Field(
+        None, description="8-bit activations, signed or not as Grove chooses: 16-bit "
+        "ones are for NPU targets, which Grove does not build for")
+    reduce_range: Literal[False] = Field(False, description="7-bit weights: measured slower and less accurate on "
+                                         "MiniLM (docs/encoders.md), not offered")
+    quant_preprocess: bool | None = Field(None, description="Grove's graph optimization runs first anyway")
+    save_as_external_data: bool | None = None
+    all_tensors_to_one_file: bool | None = None
+    data_config: Any = Field(None, description="static: calibration data, a data config's name (a table's text "
+                             "column, or a text file's paragraphs)")
+
+    def precision(self) -> str | None:
+        return "int8"
+
+    def flags(self) -> dict[str, object]:
+        flags: dict[str, object] = {"int8_mode": self.quant_mode, "per_channel": bool(self.per_channel)}
+        flags.update({k: v for k, v in self.model_dump(include={"op_types_to_quantize", "nodes_to_exclude",
+                                                                 "quant_format", "calibrate_method"}).items()
+                      if v is not None})
+        return flags
+
+
+class OnnxDynamicQuantization(OnnxQuantization):
+    quant_mode: Literal["dynamic"] = "dynamic"
+
+
+class OnnxStaticQuantization(OnnxQuantization):
+    quant_mode: Literal["static"] = "static"
+
+
+class OnnxFloatToFloat16(_Pass):
+    keep_io_types: bool = Field(False, description="Grove's fp16 graphs keep fp32 inputs and outputs either way")
+    use_symbolic_shape_infer: bool | None = None
+    save_as_external_data: bool | None = None
+    all_tensors_to_one_file: bool | None = None
+    NOTE = ("OnnxFloatToFloat16: Grove's fp16 output keeps fp32 inputs and outputs, and the ops that overflow in "
+            "fp16 in fp32")
+
+    def precision(self) -> str | None:
+        return "fp16"
+
+
+class OnnxBlockWiseRtnQuantization(_Pass):
+    bits: Literal[4, 8] = Field(4, description="4 (Grove's int4) or 8 (8-bit block-wise weights: --precision int8)")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(128, description="int4 weights per block (Olive's default)")
+    is_symmetric: bool = Field(True, description="symmetric blocks, no zero point (Olive's default)")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(0, description="MatMulNBits compute type; 0 (unset): Grove's 4")
+    axis: Literal[0] = Field(0, description="blocks along the input dimension")
+    save_as_external_data: bool | None = None
+    all_tensors_to_one_file: bool | None = None
+    external_data_name: str | None = Field(None, description="Grove names the weights file model.onnx.data, as "
+                                           "onnxruntime-genai's genai_config expects")
+    customized_weight_config: None = Field(None, description="per-node bits are not in Grove")
+    ALGORITHM: ClassVar[str] = "rtn"
+
+    def precision(self) -> str | None:
+        return "int8" if self.bits == 8 else "int4"
+
+    def notes(self, where: str) -> list[str]:
+        notes = [f"{where}: 8-bit block-wise weights are --precision int8: a decoder's model builder writes 8-bit "
+                 "MatMulNBits blocks (round to nearest, block 32), an encoder gets Grove's int8"
+                 ] if self.bits == 8 else []
+        if self.external_data_name:
+            notes.append(f"{where}: external_data_name {self.external_data_name!r} not used: Grove names the weights "
+                         "model.onnx.data, the file genai_config.json reads")
+        return notes
+
+    def flags(self) -> dict[str, object]:
+        if self.bits == 8:
+            return {}
+        flags: dict[str, object] = {"int4_algorithm": self.ALGORITHM, "block_size": self.block_size}
+        if self.is_symmetric and self.ALGORITHM == "rtn":
+            flags["symmetric"] = True
+        if self.accuracy_level:
+            flags["accuracy_level"] = self.accuracy_level
+        return flags
+
+
+class OnnxMatMul4Quantizer(OnnxBlockWiseRtnQuantization):
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block (Olive's default)")
+    algorithm: Literal["RTN", "HQQ", "DEFAULT"] | None = Field(None, description="RTN (default) or HQQ; GPTQ "
+                                                               "needs calibration data and is not in Grove")
+
+    def flags(self) -> dict[str, object]:
+        if self.algorithm != "HQQ":
+            return super().flags()
+        return {k: v for k, v in super().flags().items() if k != "symmetric"} | {"int4_algorithm": "hqq"}
+
+
+class OnnxHqqQuantization(OnnxBlockWiseRtnQuantization):
+    ALGORITHM = "hqq"
+
+
+class OnnxKQuantQuantization(OnnxBlockWiseRtnQuantization):
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block (Olive's default)")
+    ALGORITHM = "k_quant"
+
+
+class Gptq(_Pass):
+    """Olive's Gptq pass (and its GptqQuantizer / GptqModel spellings): GPTQ on the PyTorch weights
+    before the capture, Grove's quantize-torch node (--int4_algorithm gptq)."""
+
+    bits: Literal[4] = Field(4, description="Grove's GPTQ writes 4-bit weights (8-bit ones: the lm_head, and the "
+                             "layers mixed precision keeps)")
+    group_size: Literal[16, 32, 64, 128, 256] = Field(128, description="weights per group: Grove's int4 is "
+                                                      "block-wise (16-256), not per-channel (-1)")
+    sym: bool = Field(False, description="symmetric groups")
+    lm_head: bool | None = Field(None, description="Grove keeps the lm_head at 8 bits (round to nearest)")
+    damp_percent: float | None = Field(None, gt=0, lt=1, description="dampening of the Hessian")
+    desc_act: bool | None = Field(None, description="Grove quantizes the columns in order (act-order is not used)")
+    data_config: Any = Field(None, description="calibration data: a data config's text")
+    device: str | None = Field(None, description="where to quantize: Grove's node runs on the CPU (or its GPU pool)")
+    dynamic: dict[str, dict[str, Any]] | None = Field(None, description="GptqModel's per-module overrides: Grove "
+                                                      "reads the lm_head's bits")
+    rotation: None = Field(None, description="Hadamard rotation (QuaRot) is not in Grove yet")
+    moe_fallback_threshold: Any = None
+    moe_fallback_min_k_multiple: Any = None
+    NOTE = ("Gptq: Grove runs GPTQ on the PyTorch weights in its quantize-torch node (layer by layer, on the "
+            "calibration text), and the model builder writes MatMulNBits from those integers, without rounding again")
+
+    def precision(self) -> str | None:
+        return "int4"
+
+    def flags(self) -> dict[str, object]:
+        flags: dict[str, object] = {"int4_algorithm": "gptq", "block_size": self.group_size}
+        if self.sym:
+            flags["symmetric"] = True
+        for pattern, override in (self.dynamic or {}).items():
+            if "lm_head" in pattern and override.get("bits") in (4, 8):
+                flags["head_bits"] = override["bits"]
+        return flags
+
+    def problems(self, where: str) -> list[str]:
+        others = [p for p in self.dynamic or {} if "lm_head" not in p]
+        return [f"{where}.dynamic: per-module bits for {', '.join(others)} are not in Grove (it reads the lm_head's); "
+                "use SelectiveMixedPrecision to keep sensitive layers at 8 bits"] if others else []
+
+
+class Rtn(_Pass):
+    """Olive's Rtn pass on the PyTorch weights. In olive-recipes it follows Gptq with 8 bits for the
+    lm_head and the embedding, which is what Grove's int4 keeps them at; on its own at 4 bits it is
+    round to nearest, which Grove's rtn does on the captured graph's weights (the same values)."""
+
+    bits: Literal[4, 8] = Field(4, description="bits of the weights it quantizes")
+    group_size: Literal[16, 32, 64, 128, 256] = Field(128, description="weights per group")
+    sym: bool = Field(False, description="symmetric groups")
+    lm_head: bool = Field(False, description="quantize the lm_head too")
+    embeds: bool = Field(False, description="quantize the embedding too")
+    overrides: dict[str, dict[str, Any]] | None = Field(None, description="per-module bits: Grove reads the "
+                                                        "lm_head's and the embedding's")
+
+    def head_bits(self) -> int | None:
+        bits = {o.get("bits") for name, o in (self.overrides or {}).items()
+                if name in ("lm_head", "model.embed_tokens")}
+        return bits.pop() if len(bits) == 1 else (self.bits if self.lm_head or self.embeds else None)
+
+    def body(self) -> bool:
+        """Whether it quantizes the decoder layers (not only the lm_head and embedding)."""
+        return self.bits == 4
+
+    def precision(self) -> str | None:
+        return "int4" if self.body() else None
+
+    def problems(self, where: str) -> list[str]:
+        others = [n for n in self.overrides or {} if n not in ("lm_head", "model.embed_tokens")]
+        return [f"{where}.overrides: per-module bits for {', '.join(others)} are not in Grove (it reads lm_head and "
+                "model.embed_tokens); use SelectiveMixedPrecision to keep sensitive layers at 8 bits"] if others else []
+
+
+class SelectiveMixedPrecision(_Pass):
+    """Olive's SelectiveMixedPrecision: which linear layers keep ``high_bits`` (8); Grove's GPTQ keeps
+    the layers whose 4-bit output error on the calibration text is largest (--mixed_precision_ratio)."""
+
+    algorithm: Literal["kld_gradient", "iqe", "iqe_relative", "snr", "snr_relative", "k_quant_down",
+                       "k_quant_mixed", "k_quant_last"] = Field("kld_gradient", description="how Olive measures "
+                                                               "sensitivity; Grove measures each layer's output error")
+    bits: Literal[4] = Field(4, description="the low bits (Grove's int4)")
+    high_bits: Literal[8] = Field(8, description="the high bits (Grove's 8)")
+    ratio: float = Field(0.65, gt=0, le=1, description="share of layers kept at the low bits")
+    group_size: Literal[16, 32, 64, 128, 256] | None = None
+    sym: bool | None = None
+    high_group_size: int | None = None
+    high_sym: bool | None = None
+    kld_memory_mode: Any = None
+    data_config: Any = Field(None, description="the calibration data (the Gptq pass's, when it has one)")
+
+    def flags(self) -> dict[str, object]:
+        return {"mixed_precision_ratio": self.ratio}
+
+
+class OnnxPeepholeOptimizer(_Accepted):
+    NOTE = ("OnnxPeepholeOptimizer: Grove's graphs come fused from the model builder (decoders) or onnxruntime's "
+            "transformer optimizer (encoders); the peephole rewrites are not run again")
+
+
+class OrtSessionParamsTuning(_Accepted):
+    NOTE = ("OrtSessionParamsTuning: Grove does not tune session options; the output runs with onnxruntime's "
+            "defaults, and its latency is measured with the threads of the evaluation (2)")
+
+
+# Olive's pass types that Grove reads (matched without case, as Olive does).
+PASSES: dict[str, type[_Pass]] = {cls.__name__.lower(): cls for cls in (
+    ModelBuilder, OnnxConversion, OrtTransformersOptimization, OnnxQuantization, OnnxDynamicQuantization,
+    OnnxStaticQuantization, OnnxFloatToFloat16, OnnxBlockWiseRtnQuantization, OnnxMatMul4Quantizer,
+    OnnxHqqQuantization, OnnxKQuantQuantization, OrtSessionParamsTuning, Gptq, Rtn, SelectiveMixedPrecision,
+    OnnxPeepholeOptimizer)}
+PASSES["gptqquantizer"] = PASSES["gptqmodel"] = Gptq
+PASSES["ortperftuning"] = OrtSessionParamsTuning  # its name before Olive 0.7
+PASSES["onnxmatmulnbits"] = OnnxBlockWiseRtnQuantization
+
+# Olive pass types a user may well write, and why Grove has no counterpart.
+_NOT_IN_GROVE = {
+    **dict.fromkeys(("lora", "qlora", "loftq", "dora", "loha", "lokr"),
+                    "fine-tuning passes are not supported by grove run yet: fine-tune with Olive or PEFT, merge the "
+                    "adapter, then optimize the merged model"),
+    **dict.fromkeys(("mergeadapterweights", "extractadapters"), "LoRA adapters are not applied by Grove: merge the "
+                    "adapter into the model (PEFT's merge_and_unload), then optimize the merged model"),
+    **dict.fromkeys(("autoawqquantizer", "awq", "quarot", "spinquant"),
+                    "rotating (QuaRot, SpinQuant) or AWQ-scaling the PyTorch weights is not in Grove yet: its GPTQ "
+                    "(a Gptq pass, --int4_algorithm gptq) calibrates the int4 weights without them"),
+}
+
+
+def _pass_errors(exc: ValidationError, where: str, cls: type[_Pass]) -> str:
+    """pydantic's errors for one pass as one line; an unknown option lists those Grove reads."""
+    known = ", ".join(f.alias or n for n, f in cls.model_fields.items())
+    why = {f.alias or n: f.description for n, f in cls.model_fields.items() if f.description}
+    errors = [e for e in exc.errors() if e["type"] != "extra_forbidden"]
+    lines = [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}"  # a refused value: why Grove has only these
+             + (f" - {why[str(e['loc'][0])]}" if e["type"] == "literal_error" and str(e["loc"][0]) in why else "")
+             for e in errors]
+    if unknown := [str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden"]:
+        lines.append(f"{where}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} "
+                     f"of {cls.__name__} that Grove reads (it reads {known})")
+    return "; ".join(lines)
+
+
+def _surgeries(fields: dict[str, Any], where: str, out: Translation) -> str | None:
+    """Olive's GraphSurgeries: TieWordEmbeddings is what Grove's int4 does anyway (one 8-bit table
+    serves the embedding and a tied lm_head); another surgeon is a problem to report."""
+    surgeons = [str(s.get("surgeon")) if isinstance(s, dict) else str(s) for s in fields.get("surgeries") or []]
+    if others := [s for s in surgeons if s != "TieWordEmbeddings"]:
+        return f"{where}: graph surgeries {', '.join(others)} are not in Grove (it reads TieWordEmbeddings)"
+    out.notes.append(f"{where}: TieWordEmbeddings: Grove's int4 of a tied model reads one 8-bit table for the "
+                     "embedding and the lm_head")
+    return None
+
+
+def _fields(section: dict[str, Any], where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A section's options: Olive takes them under "config" or beside "type" (``skip``: keys that
+    are not options, e.g. a pass's host)."""
+    nested = section.get("config", {})
+    if not isinstance(nested, dict):
+        raise InvalidRequest(f"{where}.config must be an object of options")
+    return {k: v for k, v in {**section, **nested}.items() if k not in ("type", "config", *skip)}
+
+
+def _object(value: object, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _section(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    return _object(data.get(key) or None, f"{where}{key}")
+
+
+def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> None:
+    if not passes:
+        raise InvalidRequest('passes is empty: Grove needs at least one, e.g. "passes": {"convert": {"type": '
+                             '"ModelBuilder", "precision": "int4"}}')
+    precisions: dict[str, str] = {}
+    specs: dict[str, _Pass] = {}
+    problems: list[str] = []  # every pass Grove cannot honour, reported at once
+    unread: dict[str, list[str]] = {}  # why -> the passes of types Grove has no counterpart for
+    for name, section in passes.items():
+        where = f"passes.{name}"
+        if isinstance(section, list) and section:  # Olive's search alternatives: without a search, the first
+            if len(section) > 1:
+                out.notes.append(f"{where} lists {len(section)} alternatives: Grove does not search; it runs the "
+                                 "first, as Olive does without a search strategy")
+            section, where = section[0], f"{where}[0]"
+        if not isinstance(section, dict) or not isinstance(section.get("type"), str):
+            raise InvalidRequest(f'{where} must be an object with a "type" (e.g. "ModelBuilder")')
+        kind = section["type"].lower()
+        if kind in _NOT_IN_GROVE:
+            unread.setdefault(_NOT_IN_GROVE[kind], []).append(f"{name} ({section['type']})")
+            continue
+        if kind == "graphsurgeries":
+            if problem := _surgeries(_fields(section, where), where, out):
+                problems.append(problem)
+            continue
+        if kind not in PASSES:
+            known = ", ".join(sorted({c.__name__ for c in PASSES.values()}))
+            unread.setdefault(f"not read by Grove, which reads {known}", []).append(f"{name} ({section['type']})")
+            continue
+        cls = PASSES[kind]
+        try:  # a pass's own host and evaluator: Grove runs and evaluates every step the same way
+            spec = cls(**_fields(section, where, skip=("host", "evaluator")))
+        except ValidationError as exc:
+            problems.append(_pass_errors(exc, where, cls))
+            continue
+        specs[name] = spec
+        if isinstance(spec, Gptq | Rtn | ModelBuilder):
+            problems += spec.problems(where)
+        if isinstance(spec, ModelBuilder | OnnxBlockWiseRtnQuantization):
+            out.notes += spec.notes(where)
+        if isinstance(spec, Gptq | SelectiveMixedPrecision) and spec.data_config is not None \
+                and "calibration_data" not in out.flags:
+            calibration = _data_source(spec.data_config, data, f"{where}.data_config", for_labels=False)
+            out.flags["calibration_data"] = calibration.source
+            _unused(calibration, out)
+        if cls.NOTE and cls.NOTE not in out.notes:
+            out.notes.append(cls.NOTE)
+        if isinstance(spec, _Accepted) and spec.model_extra:  # e.g. an NPU recipe's enable_attention: false
+            out.notes.append(f"{where}: {', '.join(sorted(spec.model_extra))} not used: Grove chooses what "
+                             f"{cls.__name__} sets itself, as above")
+        if isinstance(spec, ModelBuilder) and not str(out.flags.get("task", "text-generation")).startswith(
+                "text-generation"):  # olive-recipes' TensorRT-RTX Qwen2.5 config says text-classification
+            out.notes.append(f"input_model.task {out.flags['task']!r}: {name} (ModelBuilder) builds the model as an "
+                             "onnxruntime-genai text generator whatever the task, as Olive's does; Grove runs it "
+                             "as text-generation")
+            out.flags["task"] = "text-generation"
+        if isinstance(spec, OnnxQuantization) and spec.data_config is not None and spec.quant_mode == "static":
+            calibration = _data_source(spec.data_config, data, f"{where}.data_config", for_labels=False)
+            out.flags["calibration_data"] = calibration.source
+            _unused(calibration, out)
+            if calibration.max_samples:
+                out.flags["calibration_samples"] = calibration.max_samples
+            else:
+                out.notes.append(f"{name}: static int8 is calibrated on the first 32 rows (or paragraphs) of its data "
+                                 "config, Grove's default; its max_samples sets how many")
+        if isinstance(spec, OnnxQuantization) and spec.per_channel is None:
+            out.notes.append(f"{name}: per_channel is not set, so per-tensor weight scales, as Olive's default; "
+                             "Grove's auto-opt default is per-channel (all-MiniLM-L6-v2: cosine 0.992 vs 0.960 "
+                             "per-tensor): set per_channel to true for it")
+        if isinstance(spec, OnnxQuantization) and spec.quant_mode == "static" and spec.data_config is None:
+            out.notes.append(f"{name}: static int8 is calibrated on Grove's default text (the GPL-3, 32 paragraphs); "
+                             "--calibration_data FILE takes yours")
+        if (precision := spec.precision()) is not None:
+            precisions[name] = precision
+        out.flags.update(spec.flags())
+    problems += _before_capture(specs, out)
+    problems += [f"passes {', '.join(names)}: {why}" for why, names in unread.items()]
+    if problems:
+        raise InvalidRequest("; ".join(problems) + ("; remove those passes to run the rest" if unread else ""))
+    builders = [n for n, spec in specs.items()
+                if isinstance(spec, ModelBuilder) and spec.precision_ in ("fp32", "fp16")]
+    if builders and (later := [n for n in list(specs)[list(specs).index(builders[0]) + 1:]
+                               if precisions.get(n) in ("int4", "int8")]):  # a chain: the last quantizer decides
+        out.notes.append(f"{builders[0]} (ModelBuilder) writes {precisions[builders[0]]} and {later[-1]} quantizes it: "
+                         f"the output is {precisions[later[-1]]}, as in Olive's chain")
+        precisions.pop(builders[0])
+    quantizing = {n: p for n, p in precisions.items() if p != "fp32"}
+    if len(set(quantizing.values())) > 1:
+        raise InvalidRequest("passes ask for different precisions: " + ", ".join(f"{n} {p}" for n, p in
+                             quantizing.items()) + "; Grove writes one output per run: keep one quantization pass")
+    out.flags["precision"] = next(iter(quantizing.values()), "fp32")
+
+
+def _before_capture(specs: dict[str, _Pass], out: Translation) -> list[str]:
+    """Olive's passes on the PyTorch weights (SelectiveMixedPrecision -> Gptq -> Rtn 8-bit head, the
+    olive-recipes LLM chain) as Grove's GPTQ flags; what they ask that Grove cannot do, as problems."""
+    gptq = [s for s in specs.values() if isinstance(s, Gptq)]
+    rtn = [(n, s) for n, s in specs.items() if isinstance(s, Rtn)]
+    mixed = [n for n, s in specs.items() if isinstance(s, SelectiveMixedPrecision)]
+    problems: list[str] = []
+    if mixed and not gptq:
+        problems.append(f"passes.{mixed[0]} (SelectiveMixedPrecision): Grove keeps the sensitive layers at 8 bits in "
+                        "its GPTQ; add a Gptq pass after it")
+    elif mixed:
+        out.notes.append(f"{mixed[0]} (SelectiveMixedPrecision): Grove ranks the linear layers by the error 4-bit "
+                         "rounding adds to their output on the calibration text, and keeps the worst share at 8 bits "
+                         "in its GPTQ (Olive's algorithm option is not used)")
+    for name, spec in rtn:
+        head = spec.head_bits() if not gptq else spec.head_bits() or spec.bits  # after Gptq: what it left, the head
+        if spec.body() and not gptq:
+            out.flags.update({"int4_algorithm": "rtn", "block_size": spec.group_size})
+            if spec.sym:
+                out.flags["symmetric"] = True
+            out.notes.append(f"{name} (Rtn): Grove rounds the captured graph's int4 weights to nearest, the same "
+                             "values" + ("; the lm_head stays as onnxruntime's RTN writes it" if head else ""))
+        elif head is not None and head != 8:
+            out.flags["head_bits"] = head
+        if gptq or not spec.body():
+            out.notes.append(f"{name} (Rtn): the lm_head and embedding at {head} bits, round to nearest: Grove's int4 "
+                             "keeps them so (a tied embedding reads the lm_head's rows)")
+    if gptq:
+        g = gptq[-1]
+        out.flags.update(g.flags())
+        if unused := [f"{k} {v}" for k, v in (("damp_percent", g.damp_percent), ("desc_act", g.desc_act))
+                      if v not in (None, False, 0.01)]:
+            out.notes.append(f"Gptq: {', '.join(unused)} not used: Grove's GPTQ damps the Hessian by 1% of its mean "
+                             "diagonal (Olive's default) and quantizes the columns in order")
+        if "calibration_data" not in out.flags:
+            out.notes.append("Gptq: no data config, so Grove calibrates on its built-in text (the GPL-3, after the "
+                             "tokens its default evaluation scores); --calibration_data FILE takes yours (Olive's "
+                             "default is wikitext-2 from the hub)")
+    return problems
+
+
+# -- the input model, the target, the evaluator ---------------------------------------------------
+
+_CUSTOM_CODE = ("model_script", "script_dir", "model_loader", "dummy_inputs_func")
+
+
+def _input_model(section: dict[str, Any], out: Translation) -> None:
+    where = "input_model"
+    if not section:
+        raise InvalidRequest("input_model is missing: add {\"type\": \"HfModel\", \"model_path\": \"<hub id or "
+                             "folder>\"}, or pass -m")
+    kind = str(section.get("type", "")).lower().removesuffix("handler")
+    if kind == "onnxmodel":
+        raise InvalidRequest("input_model is an ONNX model: Grove starts from the Hugging Face model (hub id, local "
+                             "folder, .gguf or s3:// folder) and captures the ONNX itself; set input_model to "
+                             '{"type": "HfModel", "model_path": "<that model>"}')
+    if kind not in ("hfmodel", "pytorchmodel"):
+        raise InvalidRequest(f"{where}.type {section.get('type')!r}: Grove reads HfModel (or PyTorchModel with "
+                             "hf_config), the Hugging Face model to optimize")
+    fields = _fields(section, where)
+    if custom := [k for k in _CUSTOM_CODE if fields.get(k)]:
+        raise InvalidRequest(f"{where}.{custom[0]}: Grove loads Hugging Face models with transformers and runs no "
+                             "loader code from a config; save the model with save_pretrained and point "
+                             f"{where}.model_path at that folder")
+    if fields.get("adapter_path"):
+        raise InvalidRequest(f"{where}.adapter_path: LoRA adapters are not applied by Grove; merge the adapter into "
+                             "the model (PEFT's merge_and_unload, then save_pretrained) and optimize the merged model")
+    hf = _object(fields.pop("hf_config", None), f"{where}.hf_config")
+    loading = {**_object(hf.get("from_pretrained_args"), f"{where}.hf_config.from_pretrained_args"),
+               **_object(fields.get("load_kwargs"), f"{where}.load_kwargs")}
+    # Olive passes unknown load_kwargs on to from_pretrained through extra_args
+    loading.update(_object(loading.get("extra_args"), f"{where}.load_kwargs.extra_args"))
+    model = hf.get("model_name") or fields.get("model_path")
+    if not model or not isinstance(model, str):
+        raise InvalidRequest(f"{where} names no model: set {where}.model_path (hub id, local folder, .gguf or "
+                             "s3:// folder), or pass -m")
+    out.flags["model_name_or_path"] = model
+    if task := hf.get("task") or fields.get("task"):
+        out.flags["task"] = task
+    if revision := loading.get("revision"):
+        out.flags["revision"] = revision
+    if hf.get("trust_remote_code") or fields.get("trust_remote_code") or loading.get("trust_remote_code"):
+        out.flags["trust_remote_code"] = True
+    if unused := sorted(set(loading) - {"trust_remote_code", "revision", "extra_args"}):
+        out.notes.append(f"input_model: {', '.join(unused)} not used: Grove loads the weights itself, for the "
+                         "capture and the reference")
+    if fields.get("io_config"):
+        out.notes.append("input_model.io_config: Grove names the inputs and outputs itself (dynamic batch and "
+                         "sequence axes), as onnxruntime-genai and its tokenizer files expect")
+
+
+def _target(config: dict[str, Any], engine: dict[str, Any], out: Translation) -> None:
+    systems = _section(config, "systems", "")
+    name = engine.get("target")
+    if isinstance(name, dict):
+        system, where = name, "target"
+    elif name is not None:
+        if name not in systems:
+            raise InvalidRequest(f"target {name!r} is not among systems ({', '.join(systems) or 'none'}); name one "
+                                 "of them, or add it to systems")
+        system, where = systems[name], f"systems.{name}"
+    elif len(systems) == 1:
+        (where, system), = ((f"systems.{k}", v) for k, v in systems.items())
+    elif not systems:
+        return  # Olive's default: the local CPU
+    else:
+        raise InvalidRequest(f"systems has {len(systems)} systems and no target names one; set target to one of "
+                             f"{', '.join(systems)}")
+    if not isinstance(system, dict):
+        raise InvalidRequest(f"{where} must be an object")
+    if str(system.get("type", "LocalSystem")).lower() != "localsystem":
+        raise InvalidRequest(f"{where}.type {system.get('type')!r}: Grove runs where it is started, or on its Prefect "
+                             "work pools ('grove deploy', see docs/distributed.md); "
+                             "use a LocalSystem with one accelerator")
+    accelerators = _fields(system, where).get("accelerators") or [{}]
+    if not isinstance(accelerators, list) or len(accelerators) > 1:
+        raise InvalidRequest(f"{where}.accelerators: Grove optimizes for one target per run; keep one accelerator "
+                             "(for several targets, list them in a fleet manifest: 'grove fleet refresh')")
+    accelerator = accelerators[0] if isinstance(accelerators[0], dict) else {}
+    providers = accelerator.get("execution_providers") or []
+    providers = [providers] if isinstance(providers, str) else providers
+    if len(providers) > 1:  # Olive searches over them; Grove's own targets among them must be one
+        if len(ours := [p for p in providers if p in PROVIDER_DEVICE]) > 1:
+            raise InvalidRequest(f"{where}.accelerators[0].execution_providers: Grove optimizes for one execution "
+                                 f"provider per run, not {len(ours)} ({', '.join(ours)}); keep one (for several "
+                                 "targets, list them in a fleet manifest: 'grove fleet refresh')")
+        if ours:
+            out.notes.append(f"{where}: execution providers {', '.join(p for p in providers if p not in ours)} are "
+                             f"not Grove targets; it optimizes for {ours[0]}")
+            providers = ours
+    device = str(accelerator.get("device") or "").lower() or None
+    if device not in (None, "cpu", "gpu"):
+        raise InvalidRequest(f"{where}.accelerators[0].device {device!r}: Grove targets cpu or gpu")
+    if providers:
+        if providers[0] not in PROVIDER_DEVICE:
+            raise InvalidRequest(f"{where}.accelerators[0].execution_providers: {providers[0]} is not a Grove target; "
+                                 f"it targets {', '.join(PROVIDER_DEVICE)}")
+        out.flags["provider"] = providers[0]
+        device = device or PROVIDER_DEVICE[providers[0]]
+    if device:
+        out.flags["device"] = device
+
+
+_MEASURED = {"latency", "throughput"}  # Olive metric types that Grove's evaluation reports on every run
+# Olive's accuracy sub-types and what Grove's labelled scores answer them with ("": nothing).
+_ENTITY_F1 = "computed only for token classifiers with B-/I- tags, as entity F1"
+_SCORED = {"accuracy_score": "", "accuracy": "", "f1_score": _ENTITY_F1, "f1": _ENTITY_F1,  # torchmetrics', HF's
+           "perplexity": ""}  # decoders
+
+
+def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, Any], out: Translation) -> None:
+    evaluators = _section(config, "evaluators", "")
+    name = engine.get("evaluator")
+    if isinstance(name, str) and name not in evaluators:
+        raise InvalidRequest(f"evaluator {name!r} is not among evaluators ({', '.join(evaluators) or 'none'})")
+    chosen = name if isinstance(name, dict) else evaluators.get(name) if name else None
+    where = "evaluator" if isinstance(name, dict) else f"evaluators.{name}"
+    metrics = [m for m in (chosen or {}).get("metrics") or [] if isinstance(m, dict)]
+    others: list[str] = []
+    labelled: list[tuple[str, object]] = []  # (where, data config) of the accuracy metrics
+    decoder = str(out.flags.get("task", "")).startswith("text-generation")  # scored by perplexity only
+    perplexity = decoder
+    for index, metric in enumerate(metrics):
+        kind = str(metric.get("type", "")).lower()
+        ref = metric.get("data_config") or (chosen or {}).get("data_config")
+        if kind in _MEASURED:
+            if ref is not None:
+                out.notes.append(f"{metric.get('name')} ({kind}): Grove times fixed inputs (decoders: the prompt "
+                                 "'What is machine learning?'; encoders: 64 tokens), not a data config's rows")
+            continue
+        if kind == "accuracy" and ref is not None:
+            labelled.append((f"{where}.metrics[{index}]", ref))
+            for sub in (str(s.get("name") if isinstance(s, dict) else s) for s in metric.get("sub_types") or []):
+                perplexity |= sub == "perplexity"
+                if decoder and sub != "perplexity":
+                    others.append(f"{sub} ({metric.get('name')}; a text-generation model is scored by perplexity "
+                                  "on the data's text)")
+                elif sub not in _SCORED or _SCORED[sub]:
+                    others.append(f"{sub} ({metric.get('name')}{'; ' + _SCORED[sub] if _SCORED.get(sub) else ''})")
+        else:
+            others.append(f"{metric.get('name')} ({metric.get('type')})")
+    others += [f"lm-eval task {t}" for t in (chosen or {}).get("tasks") or []]  # Olive's LMEvaluator
+    sources: dict[_Data, str] = {}  # the data -> the first metric scoring it
+    for at, ref in labelled:
+        sources.setdefault(_data_source(ref, data, f"{at}.data_config", for_labels=True), at)
+    if len(sources) > 1:
+        raise InvalidRequest(f"{' and '.join(sources.values())} score different data configs; Grove scores one "
+                             "labelled set per run: keep one accuracy metric's data config")
+    if sources:
+        (scored, at), = sources.items()
+        out.flags["eval_data"] = scored.source
+        _unused(scored, out)
+        if perplexity and scored.max_samples and scored.max_seq_len:  # a decoder's text: chunks of tokens
+            out.flags["eval_tokens"] = scored.max_samples * scored.max_seq_len
+        elif perplexity and scored.max_samples:
+            out.notes.append(f"{at}: max_samples without max_seq_len: Grove scores the text's first 1024 tokens "
+                             "(--eval_tokens N sets how many)")
+        elif scored.max_samples:
+            out.flags["eval_samples"] = scored.max_samples
+    out.notes.append("evaluation: Grove's report measures the output beside the fp32 reference on every run "
+                     "(decoders: size, prefill ms, decode tokens/s, perplexity, top-1 agreement; encoders: size, "
+                     "latency avg/p50/p90/p95/p99, throughput, cosine vs PyTorch or accuracy with --eval_data)"
+                     + (f"; not computed: {', '.join(others)}" if others else ""))
+
+
+# -- data configs ----------------------------------------------------------------------------------
+
+# Olive's data containers whose rows Grove can read, and its dummy-input ones (shapes, no rows).
+_DATA_CONTAINERS = {"huggingfacecontainer", "datacontainer"}
+_DUMMY_CONTAINERS = {"dummydatacontainer", "transformersdummydatacontainer", "transformerspromptdummydatacontainer",
+                     "transformerstokendummydatacontainer"}
+# Olive's built-in components (a type outside these is a user_script's function, which Grove never runs).
+_COMPONENTS = {"load_dataset_config": {"huggingface_dataset"},
+               "pre_process_data_config": {"huggingface_pre_process", "ner_huggingface_preprocess",
+                                           "tokenizer_pre_process", "text_generation_huggingface_pre_process",
+                                           "pre_process", "skip_pre_process"},
+               "post_process_data_config": {"text_classification_post_process", "ner_post_process",
+                                            "text_generation_post_process", "post_process"},
+               "dataloader_config": {"default_dataloader", "no_auto_batch_dataloader"}}
+_FILE_BUILDERS = {"json", "csv", "parquet", "text"}  # datasets' builders that read data_files
+_LOAD_KEYS = {"type", "params", "data_name", "subset", "split", "data_files", "data_dir", "col_filters", "max_samples"}
+_PRE_KEYS = {"type", "params", "input_cols", "text_cols", "label_col", "label_cols", "max_samples", "max_seq_len"}
+
+
+def _unused(data: _Data, out: Translation) -> None:
+    if data.moved and data.moved not in out.notes:
+        out.notes.append(data.moved)
+    if data.unused and (note := f"{', '.join(data.unused)}: not used: Grove reads the rows itself, from the file or "
+                                "the hub's Parquet copy") not in out.notes:
+        out.notes.append(note)
+    if data.tokenizing and (note := f"{', '.join(data.tokenizing)}: not used: Grove tokenizes the rows itself "
+                                    "(static int8 calibrates on one sample at a time, cut at 128 tokens; an "
+                                    "evaluation cuts rows at the model's longest input)") not in out.notes:
+        out.notes.append(note)
+
+
+@dataclass(frozen=True)
+class _Data:
+    """A data config as Grove reads it: where its rows are, and how many of them (max_samples rows,
+    or for a text generation config, max_samples chunks of max_seq_len tokens)."""
+
+    source: str
+    max_samples: int | None = None
+    max_seq_len: int | None = None
+    unused: tuple[str, ...] = ()  # load_dataset options Grove does not use
+    tokenizing: tuple[str, ...] = ()  # pre-processing and batching options: Grove tokenizes itself
+    moved: str | None = None  # a hub dataset's old name, followed to its new one
+
+
+def _data_configs(config: dict[str, Any]) -> dict[str, Any]:
+    """data_configs by name: Olive writes a list of objects with a "name" (older configs: an object
+    keyed by name)."""
+    raw = config.get("data_configs") or []
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, list) or not all(isinstance(d, dict) and isinstance(d.get("name"), str) for d in raw):
+        raise InvalidRequest('data_configs must be a list of objects, each with a "name"')
+    return {d["name"]: d for d in raw}
+
+
+def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels: bool) -> _Data:
+    """What a data config reference (a name in data_configs, or the config itself) amounts to for
+    Grove: the file or hub table its rows are in (``--eval_data`` / ``--calibration_data``) and how
+    many. Raises InvalidRequest naming the key Grove cannot read and what to write instead."""
+    if isinstance(ref, str):
+        if ref not in configs:
+            raise InvalidRequest(f"{where} {ref!r} is not among data_configs ({', '.join(configs) or 'none'})")
+        where, ref = f"data_configs.{ref}", configs[ref]
+    if not isinstance(ref, dict):
+        raise InvalidRequest(f"{where} must name a data config, or be one")
+    kind = str(ref.get("type", "DataContainer")).lower()
+    export = ("write the rows to a .jsonl, .csv or .parquet file and set load_dataset_config.data_files to it "
+              "(or pass --eval_data / --calibration_data FILE)")
+    if ref.get("user_script") or ref.get("script_dir"):
+        raise InvalidRequest(f"{where}.user_script: Grove runs no code from a config; {export}")
+    if kind in _DUMMY_CONTAINERS:
+        raise InvalidRequest(f"{where} is a {ref.get('type')}, dummy inputs without "
+                             f"{'labels' if for_labels else 'text'}; {export}")
+    if kind not in _DATA_CONTAINERS:
+        raise InvalidRequest(f"{where}.type {ref.get('type')!r}: Grove reads HuggingfaceContainer (or DataContainer) "
+                             f"data configs; {export}")
+    parts: dict[str, dict[str, Any]] = {}
+    for key, known in _COMPONENTS.items():
+        part = _object(ref.get(key), f"{where}.{key}")
+        if part.get("type") is not None and str(part["type"]) not in known:
+            raise InvalidRequest(f"{where}.{key}.type {part['type']!r} is not one of Olive's built-in components "
+                                 f"({', '.join(sorted(known))}); {export}")
+        parts[key] = {**part, **_object(part.get("params"), f"{where}.{key}.params")}
+    load, pre = parts["load_dataset_config"], parts["pre_process_data_config"]
+    if load.get("col_filters"):
+        raise InvalidRequest(f"{where}.load_dataset_config.col_filters: Grove scores every row it reads; {export}")
+    split = str(load.get("split") or "validation")  # Olive's default split
+    files = load.get("data_files")
+    if isinstance(files, dict):
+        files = files.get(split)
+    if isinstance(files, list):
+        if len(files) != 1:
+            raise InvalidRequest(f"{where}.load_dataset_config.data_files lists {len(files)} files; Grove reads one "
+                                 "file: join them into one")
+        files = files[0]
+    name = load.get("data_name")
+    moved = None
+    if files:
+        source = str(files) if "://" in str(files) or not load.get("data_dir") else str(Path(load["data_dir"]) / files)
+        if source.lower().endswith(".json"):
+            raise InvalidRequest(f"{where}.load_dataset_config.data_files {source}: Grove reads rows from JSON lines "
+                                 "(.jsonl), .csv or .parquet files; save the rows as JSON lines, one object a line")
+    elif not isinstance(name, str) or not name:
+        raise InvalidRequest(f"{where}.load_dataset_config names no data: set data_files (a .jsonl, .csv or .parquet "
+                             "file) or data_name (a hub dataset, org/name)")
+    elif name in _FILE_BUILDERS:
+        raise InvalidRequest(f"{where}.load_dataset_config: data_name {name!r} reads data_files, and none is set")
+    else:
+        if "/" not in name and (new := _moved_dataset(name)) is not None:  # glue: the hub redirects it
+            moved = f"{where}.load_dataset_config.data_name {name!r} is {new!r} on the hub now (its redirect)"
+            name = new
+        if name.count("/") != 1:
+            asked = ", and the hub could not be asked where it moved" if "/" not in name else ""
+            raise InvalidRequest(f"{where}.load_dataset_config.data_name {name!r}: hub datasets are named org/name "
+                                 f"(GLUE is nyu-mll/glue){asked}; set that name, or data_files to a local file")
+        if load.get("data_dir"):
+            raise InvalidRequest(f"{where}.load_dataset_config.data_dir: Grove reads a hub dataset's Parquet copy by "
+                                 "subset and split, not a folder of its files; set data_files to the file, "
+                                 f"hf://datasets/{name}/<path in the repo>")
+        # the hub's own Parquet copy of every public dataset: <subset>/<split>/NNNN.parquet, a file a shard
+        source = f"hf://datasets/{name}@refs/convert/parquet/{load.get('subset') or 'default'}/{split}/*.parquet"
+    source += _columns_suffix(pre, f"{where}.pre_process_data_config", for_labels=for_labels)
+    counts = {"max_samples": pre.get("max_samples", load.get("max_samples")), "max_seq_len": pre.get("max_seq_len")}
+    for key, value in counts.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidRequest(f"{where}: {key} {value!r} must be a positive whole number")
+    unused = tuple(sorted(set(load) - _LOAD_KEYS))
+    tokenizing = tuple(f"{where}.{part}.{key}" for part, read in (("pre_process_data_config", _PRE_KEYS),
+                                                                   ("dataloader_config", {"type", "params"}))
+                       for key in sorted(set(parts[part]) - read))
+    return _Data(source, **counts, unused=tuple(f"{where}.load_dataset_config.{key}" for key in unused),
+                 tokenizing=tokenizing, moved=moved)
+
+
+def _moved_dataset(name: str) -> str | None:
+    """Where the hub says a dataset named without its org now lives (GLUE: glue -> nyu-mll/glue): the
+    hub answers the old name with a redirect, which huggingface_hub follows, as ``datasets`` does;
+    None when the hub cannot be asked (offline) or knows no such dataset."""
+    from huggingface_hub import HfApi
+
+    try:
+        new = HfApi().dataset_info(name).id
+    except Exception:  # noqa: BLE001 - offline, unknown: the caller's error names the fix
+        return None
+    return new if new.count("/") == 1 else None
+
+
+def _columns_suffix(pre: dict[str, Any], where: str, *, for_labels: bool) -> str:
+    """The ``#text=...,label=...`` suffix (tasks/_data_sources.split_columns) that reads the columns a
+    config names: input_cols (text_cols in a text generation config), one text or a sentence pair;
+    label_col, or label_cols (a list of one), for labelled data (calibration reads text only). Names
+    the suffix cannot hold, or more columns than Grove reads, are an error naming the key."""
+    cols = pre.get("input_cols", pre.get("text_cols"))
+    cols = [cols] if isinstance(cols, str) else list(cols or [])
+    label = pre.get("label_col", pre.get("label_cols")) if for_labels else None
+    if isinstance(label, list):
+        if len(label) > 1:
+            raise InvalidRequest(f"{where}.label_cols {label}: Grove scores one label column per row; keep one")
+        label = label[0] if label else None
+    if len(cols) > 2:
+        raise InvalidRequest(f"{where}.input_cols {cols}: Grove reads one text column or a sentence pair (two); "
+                             "join the others into one in a copy of the data (data_files)")
+    from grove.tasks._data_sources import Columns
+
+    try:
+        return Columns(tuple(cols), label).suffix()
+    except ValueError as exc:
+        raise InvalidRequest(f"{where}: {exc}, which Grove's column suffix cannot carry; rename them in a copy of "
+                             "the data (data_files)") from None
+
+
+# -- the whole config ------------------------------------------------------------------------------
+
+# Keys Olive reads under "engine" (older configs) or at the top level (Olive >= 0.7).
+_ENGINE_KEYS = {"output_dir", "cache_dir", "host", "target", "evaluator", "search_strategy", "log_severity_level",
+                "ort_log_severity_level", "ort_py_log_severity_level", "log_to_file", "evaluate_input_model",
+                "clean_cache", "clean_evaluation_cache", "packaging_config", "plot_pareto_frontier", "no_artifacts",
+                "output_name", "workflow_id", "verbose"}
+_TOP_KEYS = {"$schema", "input_model", "systems", "evaluators", "passes", "engine", "data_configs", *_ENGINE_KEYS}
+_REFUSED = {
+    "pass_flows": "Grove runs one pipeline per run; write one config per flow",
+    "auto_optimizer_config": "Grove's auto-opt picks its passes itself: run 'grove auto-opt' instead",
+    "azureml_client": "Grove runs where it is started, or on its Prefect work pools ('grove deploy')",
+    "workflow_host": "Grove runs where it is started, or on its Prefect work pools ('grove deploy')",
+}
+
+
+def translate(config: dict[str, Any], overrides: dict[str, object] | None = None, *,
+              require_output: bool = True) -> Translation:
+    """The auto-opt flags an Olive workflow ``config`` amounts to (``overrides``: flags given on the
+    command line, which win, as ``olive run``'s -m and -o do), and notes on what Grove does
+    differently. Raises InvalidRequest naming what Grove cannot honour. ``require_output``: a
+    config without output_dir is an error (a deployed run may leave its output in the store)."""
+    overrides = overrides or {}
+    for key in config:
+        if key in _REFUSED:
+            raise InvalidRequest(f"{key}: {_REFUSED[key]}")
+        if key not in _TOP_KEYS:
+            raise InvalidRequest(f"{key!r} is not an Olive workflow key that Grove reads; it reads "
+                                 f"{', '.join(sorted(_TOP_KEYS - {'$schema'}))}")
+    engine = {**_section(config, "engine", ""), **{k: v for k, v in config.items() if k in _ENGINE_KEYS}}
+    if unknown := sorted(set(engine) - _ENGINE_KEYS):
+        raise InvalidRequest(f"engine.{unknown[0]} is not an Olive engine key that Grove reads; it reads "
+                             f"{', '.join(sorted(_ENGINE_KEYS))}")
+    out = Translation()
+    problems: list[str] = []  # what each part cannot honour, reported at once (a part's own: at once too)
+
+    def attempt(part: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return part(*args)
+        except InvalidRequest as exc:
+            problems.append(str(exc))
+            return None
+
+    model = _section(config, "input_model", "")
+    if model or "model_name_or_path" not in overrides:
+        attempt(_input_model, model, out)
+    attempt(_target, config, engine, out)
+    if (data := attempt(_data_configs, config)) is not None:  # the passes and metrics name its configs
+        attempt(_passes, _section(config, "passes", ""), data, out)
+        attempt(_evaluator, config, engine, data, out)
+    if engine.get("output_dir"):
+        out.flags["output_path"] = str(engine["output_dir"])
+    if (level := engine.get("log_severity_level")) is not None:
+        if level not in range(5) or isinstance(level, bool):
+            problems.append(f"log_severity_level {level!r}: Olive's levels are 0 (verbose) to 4 (fatal)")
+        out.flags["log_level"] = level
+    if engine.get("search_strategy"):
+        out.notes.append("search_strategy: Grove does not search; it runs the passes once with the options given "
+                         "(each step cached, so trying another option reruns only what it changes)")
+    if engine.get("cache_dir"):
+        out.notes.append(f"cache_dir {engine['cache_dir']!r}: Grove caches every step in its artifact store "
+                         "(--store, default $GROVE_STORE or ~/.cache/grove/store), shared by all runs")
+    if engine.get("evaluate_input_model") is False:
+        out.notes.append("evaluate_input_model false: Grove evaluates the fp32 reference on every run (the report's "
+                         "ratios compare with it); it is cached like any step")
+    if engine.get("packaging_config"):
+        out.notes.append("packaging_config: Grove writes the output as a folder (model, genai_config or tokenizer "
+                         "files, grove_report.json), not a zip")
+    out.flags.update(overrides)
+    if require_output and "output_path" not in out.flags:
+        problems.append("no output folder: set output_dir (at the top level, or under engine), or pass -o")
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+    return out

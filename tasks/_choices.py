@@ -1,0 +1,11 @@
+"""The choices that node configs take and requests name too, in a module that imports nothing heavy:
+the CLI builds its parser from the requests (grove.flows.flags) before Prefect or torch are imported."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = ["EncoderTask", "Int4Algorithm"]
+
+Int4Algorithm = Literal["affine", "rtn", "hqq", "k_quant", "builder", "gptq"]
+EncoderTask = Literal["feature-extraction", "text-classification", "token-classification"]

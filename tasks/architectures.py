@@ -1,0 +1,102 @@
+"""What Grove supports, as data: every per-architecture fact, by Hugging Face ``model_type``.
+
+Nothing registers itself on import and no other module keeps a table by architecture: adding one
+is one entry here plus a tiny model in ``tests/tiny_models.py`` that proves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from grove.errors import UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from grove.artifacts import Source
+
+__all__ = ["ARCHITECTURES", "ArchSpec", "arch_spec", "encoder_spec", "from_gguf", "source_spec"]
+
+_NO_SEGMENTS = ("input_ids", "attention_mask")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    path: Literal["decoder", "encoder"]  # decoder: onnxruntime-genai's model builder; encoder: torch.onnx export
+    gguf: bool = False  # transformers can load this architecture from a GGUF file
+    gguf_name: str | None = None  # a GGUF file's general.architecture, where it is not the model_type
+    # Encoders only:
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")  # the graph's inputs
+    own_mask: bool = False  # builds its attention mask from the 0 / 1 padding mask itself (see capture_encoder)
+    positions_after_padding: bool = False  # position ids start at pad_token_id + 1 (fewer usable positions)
+    prefix_space: bool = False  # a BPE tokenizer that needs add_prefix_space for words given one by one
+    ort_optimizer: str | None = None  # onnxruntime.transformers' optimizer model_type for the graph
+
+
+def _encoder(**facts: object) -> ArchSpec:
+    return ArchSpec("encoder", ort_optimizer="bert", **facts)  # type: ignore[arg-type]  # all share BERT's graph
+
+
+# The RoBERTa family: no segment embeddings, positions after the padding id, a byte-level BPE tokenizer.
+_ROBERTA = dict(inputs=_NO_SEGMENTS, positions_after_padding=True, prefix_space=True)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec("decoder", gguf=True),
+    "mistral": ArchSpec("decoder", gguf=True),
+    "qwen2": ArchSpec("decoder", gguf=True),
+    "qwen3": ArchSpec("decoder", gguf=True),
+    "phi3": ArchSpec("decoder", gguf=True),
+    "gemma": ArchSpec("decoder"),
+    "gemma2": ArchSpec("decoder", gguf=True),
+    "gemma3_text": ArchSpec("decoder", gguf=True, gguf_name="gemma3"),
+    "smollm3": ArchSpec("decoder"),
+    "granite": ArchSpec("decoder"),
+    "phi": ArchSpec("decoder"),  # LayerNorm decoders: the builder's epsilon (and OLMo's norm) set right in capture
+    "nemotron": ArchSpec("decoder"),
+    "olmo": ArchSpec("decoder"),
+    "ernie4_5": ArchSpec("decoder"),
+    "hunyuan_v1_dense": ArchSpec("decoder"),
+    "lfm2": ArchSpec("decoder"),  # hybrid: short convolution layers and attention layers
+    "bert": _encoder(),
+    "electra": _encoder(),
+    "roberta": _encoder(**_ROBERTA),
+    "xlm-roberta": _encoder(**_ROBERTA),
+    "camembert": _encoder(**_ROBERTA),
+    "mpnet": _encoder(inputs=_NO_SEGMENTS, positions_after_padding=True),
+    "distilbert": _encoder(inputs=_NO_SEGMENTS),
+    # DeBERTa v2 and v3 (v3 has no token types: type_vocab_size 0). DeBERTa and ModernBERT build their mask
+    # from the 0 / 1 padding mask: given the additive one, DeBERTa's padded rows turn NaN (it also zeroes
+    # padded embeddings with the mask) and ModernBERT skips its sliding window (rows past 64 tokens drift).
+    "deberta-v2": _encoder(inputs=_NO_SEGMENTS, own_mask=True),
+    "modernbert": _encoder(inputs=_NO_SEGMENTS, own_mask=True),
+}
+
+
+def from_gguf(architecture: str) -> str:
+    """The model_type of a GGUF file's ``general.architecture``."""
+    return next((m for m, s in ARCHITECTURES.items() if s.gguf_name == architecture), architecture)
+
+
+def encoder_spec(model_type: str | None) -> ArchSpec | None:
+    """The spec of an encoder architecture, or None for anything else (a decoder, an unknown one)."""
+    spec = ARCHITECTURES.get(str(model_type))
+    return spec if spec is not None and spec.path == "encoder" else None
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    """The spec for ``model_type``; raises UnsupportedArchitecture listing what is supported."""
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise UnsupportedArchitecture(model_type, sorted(ARCHITECTURES))
+    return spec
+
+
+def source_spec(source: Source) -> ArchSpec:
+    """The spec for a resolved source's architecture; a GGUF file's must also be one transformers
+    dequantizes. Raises UnsupportedArchitecture listing what is supported."""
+    model_type = source.model_type
+    spec = arch_spec(model_type)
+    if source.kind == "gguf" and not spec.gguf:
+        raise UnsupportedArchitecture(model_type, sorted(m for m, s in ARCHITECTURES.items() if s.gguf), path="GGUF",
+                                      fix=f"transformers cannot read a {model_type} GGUF; pass the model's Hugging "
+                                          "Face folder or hub id (safetensors weights) instead.")
+    return spec

@@ -1,0 +1,177 @@
+"""The auto-opt flow on a real Prefect server: outputs, report, and the cache contract
+(identical rerun = every node Cached; a deleted artifact is rebuilt, never dangling)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from grove.flows.request import AutoOptRequest
+from grove.shell.local_run import run_auto_opt_state
+from grove.store import ArtifactStore
+from grove.tasks._sources import resolve
+
+CACHED_NODES = {"download-model", "capture-onnx", "quantize-int4", "evaluate", "package-genai"}
+GENAI_FILES = {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
+               "grove_report.json"}
+
+
+def _request(model: Path, out: Path, store: str, **kw: object) -> AutoOptRequest:
+    return AutoOptRequest(model_name_or_path=str(model), output_path=str(out), store=store, eval_tokens=128, **kw)
+
+
+def _task_states(state, expect: Iterable[str] = ()) -> dict[str, list[str]]:  # noqa: ANN001
+    """{node name: [state name of each of its task runs]} of the flow run behind ``state``.
+
+    The server records task runs from events sent asynchronously, so right after a flow returns a
+    run can still be missing or not final: read until every node of ``expect`` is there, two reads
+    agree and every state is final (on a loaded machine two reads agreed while a run was missing).
+    """
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    previous: dict[str, list[str]] | None = None
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            states: dict[str, list[str]] = {}
+            final = True
+            for run in client.read_task_runs(flow_run_filter=flow_run):
+                states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name if run.state else "?")
+                final = final and run.state is not None and run.state.is_final()
+            states = {name: sorted(names) for name, names in states.items()}
+            if (final and states == previous and set(expect) <= states.keys()) or time.monotonic() > deadline:
+                return states
+            previous = states
+            time.sleep(0.3)
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_auto_opt_outputs_a_genai_folder_with_a_report(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    state = run_auto_opt_state(_request(tiny_dir("qwen2"), out, store))
+
+    assert state.is_completed()
+    assert {p.name for p in out.iterdir()} >= GENAI_FILES
+    report = json.loads((out / "grove_report.json").read_text())
+    assert report["target"]["precision"] == "int4"
+    assert report["metrics"]["perplexity"] > 1 and report["reference"]["perplexity"] > 1
+    assert report["reference"]["precision"] == "fp32"
+    assert 0 <= report["metrics"]["top1_agreement"] <= 1
+    assert report["ratios"]["size_vs_reference"] < 0.6
+    # Every node behind the output, upstream first, down to the source's digest.
+    lineage = report["lineage"]
+    assert [step["node"] for step in lineage] == ["download-model", "capture-onnx", "quantize-int4", "evaluate",
+                                                  "evaluate"]
+    assert lineage[0]["inputs"] == [resolve(str(tiny_dir("qwen2"))).digest]
+    built = {step["digest"] for step in lineage} | set(lineage[0]["inputs"])
+    assert all(set(step["inputs"]) <= built for step in lineage), "each step's inputs are in the lineage"
+
+    import onnxruntime_genai as og
+
+    og.Model(str(out))  # the tutorial's step 3 loads exactly this folder
+
+
+def test_identical_rerun_is_all_cached_with_identical_output(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    request = _request(tiny_dir("llama"), out, store)
+    first = _task_states(run_auto_opt_state(request), CACHED_NODES)
+    files = _hashes(out)
+    second = _task_states(run_auto_opt_state(request), CACHED_NODES)
+
+    assert all("Cached" not in first[n] for n in CACHED_NODES), first
+    assert all(set(second[n]) == {"Cached"} for n in CACHED_NODES), second
+    assert _hashes(out) == files
+
+
+def test_deleted_artifact_is_recomputed_not_dangling(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    request = _request(tiny_dir("llama"), out, store)
+    run_auto_opt_state(request)
+    files = _hashes(out)
+    artifacts = Path(ArtifactStore(store).root) / "artifacts"
+    (quantized,) = (artifacts / "quantize-int4").iterdir()
+    (quantized / "model.onnx.data").unlink()  # incomplete: a file is missing
+    shutil.rmtree(next((artifacts / "package-genai").iterdir()))  # gone entirely
+
+    states = _task_states(run_auto_opt_state(request), CACHED_NODES)
+
+    assert states["quantize-int4"] == ["Completed"] and states["package-genai"] == ["Completed"]
+    assert states["capture-onnx"] == ["Cached"]
+    files.pop("grove_report.json")  # its lineage records how long the rebuilt node took
+    assert {k: v for k, v in _hashes(out).items() if k != "grove_report.json"} == files
+
+
+def test_s3_store_end_to_end(tiny_dir, tmp_path: Path, s3_store: str) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    request = _request(tiny_dir("gemma"), out, s3_store)
+    run_auto_opt_state(request)
+    store = ArtifactStore(s3_store)
+
+    manifests = store.fs.glob(f"{store.root}/artifacts/*/*/manifest.json")
+    assert {m.split("/")[-3] for m in manifests} == CACHED_NODES
+    assert store.fs.glob(f"{store.root}/prefect-results/*")
+    assert set(_task_states(run_auto_opt_state(request), CACHED_NODES)["quantize-int4"]) == {"Cached"}
+    assert {p.name for p in out.iterdir()} >= GENAI_FILES
+
+
+def test_without_an_output_path_the_output_stays_in_the_store(tiny_dir, tmp_path: Path, s3_store: str,  # noqa: ANN001
+                                                              monkeypatch) -> None:  # noqa: ANN001
+    """Fleet entries and dashboard runs on a worker: no copy on the worker's disk; the report comes
+    from the package in the (here S3) store, and the run's page links to it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    monkeypatch.chdir(tmp_path)
+    request = AutoOptRequest(model_name_or_path=str(tiny_dir("gemma")), store=s3_store, eval_tokens=128)
+    state = run_auto_opt_state(request)
+
+    assert state.is_completed()
+    report = state.result()
+    store = ArtifactStore(s3_store)
+    [package] = store.fs.glob(f"{store.root}/artifacts/package-genai/*/grove_report.json")
+    assert report == json.loads(store.fs.cat_file(package)) and report["metrics"]["perplexity"] > 1
+    assert list(tmp_path.iterdir()) == [], "nothing written outside the store"
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    (link,) = [a for a in artifacts if (a.key or "").startswith("output-")]
+    location = f"{s3_store}/artifacts/package-genai/{package.split('/')[-2]}/"
+    assert str(link.data) == f"[{location}]({location})"  # a markdown link on the run's page
+
+
+def test_a_short_context_model_is_scored_in_chunks_that_fit_it(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    """The tiny models hold 256 positions; the default 512-token perplexity chunk does not fit
+    (onnxruntime-genai refuses max_length > context_length). Chunks shrink to the context."""
+    out = tmp_path / "out"
+    state = run_auto_opt_state(_request(tiny_dir("llama"), out, store).model_copy(update={"eval_tokens": 600}))
+
+    assert state.is_completed()
+    metrics = json.loads((out / "grove_report.json").read_text())["metrics"]
+    assert metrics["ppl_tokens"] == 600 and metrics["ppl_chunk"] == 255
+    assert metrics["perplexity"] > 1 and metrics["generated_tokens"] == 64
+
+
+def test_builder_int4_takes_the_block_size(tiny_dir, tmp_path: Path, store: str) -> None:  # noqa: ANN001
+    """--int4_algorithm builder (the GPU default) quantizes inside the model builder; --block_size
+    must reach it, not be dropped silently."""
+    import onnx
+
+    out = tmp_path / "out"
+    state = run_auto_opt_state(_request(tiny_dir("qwen2"), out, store, int4_algorithm="builder", block_size=16))
+
+    assert state.is_completed()
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {16}
+    target = json.loads((out / "grove_report.json").read_text())["target"]
+    assert (target["int4_algorithm"], target["block_size"]) == ("builder", 16)

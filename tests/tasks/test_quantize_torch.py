@@ -1,0 +1,214 @@
+"""quantize-torch (tasks/quantize_torch.py): GPTQ, round-to-nearest and mixed precision on the
+PyTorch weights, written as a checkpoint the model builder turns into MatMulNBits without rounding
+again; on tiny random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from grove.tasks import quantize_torch as qt  # noqa: E402
+
+CONFIG = dict(calibration_samples=4, calibration_seq_len=64)
+
+
+def _correlated_inputs(k: int, n: int = 512, seed: int = 0) -> torch.Tensor:
+    """Inputs whose features are correlated and of unequal scale, as a layer's activations are."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5
+    scale = torch.exp(torch.randn(k, generator=g))
+    return (torch.randn(n, k, generator=g) @ mix) * scale
+
+
+def test_gptq_output_error_is_below_round_to_nearest_on_the_same_weights_and_inputs() -> None:
+    torch.manual_seed(1)
+    for k, out in ((64, 48), (128, 96), (256, 64)):
+        w = torch.distributions.StudentT(3).sample((out, k)) * 0.02  # heavy-tailed, as trained weights
+        x = _correlated_inputs(k)
+        h = 2 * x.T @ x / x.shape[0]
+        for symmetric in (False, True):
+            rtn = qt.dequantize(*qt.rtn(w, 4, 32, symmetric), 32)
+            gptq = qt.dequantize(*qt.gptq(w, h, 4, 32, symmetric), 32)
+            err_rtn, err_gptq = qt.output_error(w, rtn, h), qt.output_error(w, gptq, h)
+            # the error on the calibration inputs themselves, measured directly
+            assert torch.linalg.norm(x @ (gptq - w).T) ** 2 / x.shape[0] == pytest.approx(err_gptq / 2, rel=1e-3)
+            assert err_gptq < 0.8 * err_rtn, (k, out, symmetric, err_gptq, err_rtn)
+
+
+def test_gptq_keeps_its_grid() -> None:
+    """Every GPTQ weight is on its group's grid: (q - zero) * scale with integer q in 0..15."""
+    w = torch.randn(32, 64)
+    x = _correlated_inputs(64)
+    q, s, z = qt.gptq(w, 2 * x.T @ x / 512, 4, 32, False)
+    assert q.min() >= 0 and q.max() <= 15 and torch.equal(q, q.round()) and torch.equal(z, z.round())
+    assert s.shape == z.shape == (32, 2)
+
+
+def test_pack_puts_the_first_value_in_the_low_bits() -> None:
+    values = torch.tensor([[1, 2, 3, 15, 0]])
+    assert qt.pack(values, 4).tolist() == [[0x21, 0xF3, 0x00]]
+    assert qt.pack(values, 8).tolist() == [[1, 2, 3, 15, 0]]
+
+
+def _genai_logits(folder: Path, tokens: list[int]) -> np.ndarray:
+    from grove.tasks import _genai_runtime as runtime
+
+    return runtime.logits(runtime.genai_model(folder), tokens, runtime.kv_floor(folder))
+
+
+def _dequantized_model(src: Path, checkpoint: Path) -> torch.nn.Module:
+    """The source model with the checkpoint's integers, dequantized, in place of its linear weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    for name, module in model.named_modules():
+        if f"{name}.qweight" in tensors:
+            bits = (config["overrides"] or {}).get(name, {}).get("bits", config["bits"])
+            q = _unpack(tensors[f"{name}.qweight"], bits, module.weight.shape[1])
+            z = _unpack(tensors[f"{name}.qzeros"], bits, tensors[f"{name}.scales"].shape[1])
+            group = module.weight.shape[1] // tensors[f"{name}.scales"].shape[1]
+            module.weight.data = qt.dequantize(q.float(), tensors[f"{name}.scales"], z.float(), group)
+    return model.eval()
+
+
+def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    per = 8 // bits
+    parts = [(packed >> (bits * i)) & (2 ** bits - 1) for i in range(per)]
+    return torch.stack(parts, -1).reshape(packed.shape[0], -1)[:, :n].to(torch.int32)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # an lm_head of its own; one tied to the embedding
+def test_the_builder_writes_the_checkpoints_integers_and_genai_runs_them(family: str, tiny_dir,  # noqa: ANN001
+                                                                        tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from grove.tasks.capture_onnx import CaptureConfig, _capture
+
+    src = tiny_dir(family)
+    checkpoint, onnx_dir = tmp_path / "q", tmp_path / "onnx"
+    checkpoint.mkdir()
+    onnx_dir.mkdir()
+    stats = qt._quantize([src], qt.TorchQuantConfig(**CONFIG), checkpoint)
+    assert stats["layers_quantized"] == 14 and "GPL-3" in stats["calibration"]
+    _capture([checkpoint], CaptureConfig(precision="int4"), onnx_dir)
+
+    graph = onnx.load(str(onnx_dir / "model.onnx"))
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    from safetensors.torch import load_file
+
+    ours = load_file(str(checkpoint / "model.safetensors"))
+    down = ours["model.layers.1.mlp.down_proj.qweight"].numpy()
+    onnx_down = weights["model.layers.1.mlp.down_proj.MatMulNBits.qweight"]
+    assert np.array_equal(onnx_down.reshape(down.shape), down), "the builder rounded the weights again"
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.graph.node
+            if n.op_type == "MatMulNBits"}
+    assert bits["/lm_head/MatMulNBits"] == 8 and bits["/model/layers.1/mlp/down_proj/MatMulNBits"] == 4
+    if family == "qwen2":  # tied: the embedding reads the lm_head's 8-bit rows, no float table
+        assert any(n.op_type == "GatherBlockQuantized" for n in graph.graph.node)
+
+    tokens = list(range(3, 40))
+    with torch.no_grad():
+        expected = _dequantized_model(src, checkpoint)(torch.tensor([tokens])).logits[0].numpy()
+    got = _genai_logits(onnx_dir, tokens)
+    spread = float(np.abs(expected).mean())
+    assert np.abs(got - expected).mean() < 0.05 * spread, "genai does not compute with the checkpoint's weights"
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_mixed_precision_keeps_the_most_sensitive_layers_at_8_bits(tmp_path: Path) -> None:
+    """A tiny llama whose layer-1 down_proj has outlier weights: the sensitivity ranks it first, it
+    keeps 8 bits in the checkpoint and in the graph, and the others stay at 4."""
+    from safetensors.torch import load_file, save_file
+
+    from grove.tasks.capture_onnx import CaptureConfig, _capture
+    from tests import tiny_models
+
+    src = tiny_models.build("llama", tmp_path / "src")
+    weights = load_file(str(src / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    w = weights[f"{name}.weight"].clone()
+    w[:, ::32] = 3.0  # one outlier in every group of 32 stretches that group's grid
+    weights[f"{name}.weight"] = w
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+
+    config = qt.TorchQuantConfig(mixed_precision_ratio=13 / 14, **CONFIG)
+    checkpoint, onnx_dir = tmp_path / "q", tmp_path / "onnx"
+    checkpoint.mkdir()
+    onnx_dir.mkdir()
+    stats = qt._quantize([src], config, checkpoint)
+    assert stats["layers_8bit"] == 1
+    overrides = json.loads((checkpoint / "config.json").read_text())["quantization_config"]["overrides"]
+    assert overrides[name] == {"bits": 8}
+    assert set(overrides) == {name, "lm_head"}
+    _capture([checkpoint], CaptureConfig(precision="int4"), onnx_dir)
+    import onnx
+
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits"}
+    assert bits["/model/layers.1/mlp/down_proj/MatMulNBits"] == 8
+    assert bits["/model/layers.0/mlp/down_proj/MatMulNBits"] == 4
+
+
+def test_choose_high_bits_keeps_the_worst_share_with_fused_projections_together() -> None:
+    scores = {"l.a": 0.1, "l.b": 5.0, "l.c": 0.3, "l.d": 2.0}
+    assert qt.choose_high_bits(scores, 0.5) == ("l.b", "l.d")
+    assert qt.choose_high_bits(scores, 1.0) == ()
+    fused = {"l.self_attn.q_proj": 0.1, "l.self_attn.k_proj": 9.0, "l.self_attn.v_proj": 0.2, "l.mlp.gate_proj": 3.0,
+             "l.mlp.up_proj": 0.1, "l.mlp.down_proj": 1.0}
+    assert qt.choose_high_bits(fused, 5 / 6) == ("l.self_attn.k_proj", "l.self_attn.q_proj", "l.self_attn.v_proj")
+    assert qt.choose_high_bits(fused, 0.5) == ("l.self_attn.k_proj", "l.self_attn.q_proj", "l.self_attn.v_proj")
+    assert qt.choose_high_bits(fused, 1 / 3) == ("l.mlp.gate_proj", "l.mlp.up_proj", "l.self_attn.k_proj",
+                                                 "l.self_attn.q_proj", "l.self_attn.v_proj")
+
+
+def test_a_calibration_text_shorter_than_one_window_is_one_clear_error(tiny_dir,  # noqa: ANN001
+                                                                      tmp_path: Path) -> None:
+    from grove.errors import InvalidRequest
+
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    out = tmp_path / "q"
+    out.mkdir()
+    with pytest.raises(InvalidRequest, match="fewer than one calibration window"):
+        qt._quantize([tiny_dir("llama")], qt.TorchQuantConfig(calibration=str(short), **CONFIG), out)
+
+
+def test_auto_opt_gptq_flags_reach_the_nodes_and_calibration_flags_need_gptq() -> None:
+    from pydantic import ValidationError
+
+    from grove.flows.request import AutoOptRequest
+
+    request = AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="gptq", block_size=64,
+                             symmetric=True, accuracy_level=0, head_bits=4, mixed_precision_ratio=0.8,
+                             calibration_data="c.txt", calibration_samples=8)
+    assert request.int4 is None, "gptq is not the graph quantizer's"
+    assert request.capture.recipe() == {"precision": "int4", "execution_provider": "cpu", "accuracy_level": 0}
+    config = request.torch_quant("abc")
+    assert (config.group_size, config.symmetric, config.head_bits, config.mixed_precision_ratio, config.calibration,
+            config.calibration_samples) == (64, True, 4, 0.8, "c.txt", 8)
+    assert AutoOptRequest(model_name_or_path="m", output_path="o", device="gpu", int4_algorithm="gptq").capture \
+        .execution_provider == "cuda"
+    with pytest.raises(ValidationError, match="--mixed_precision_ratio, --calibration_data: for a decoder, "
+                                              "calibration is GPTQ's; pass --int4_algorithm gptq"):
+        AutoOptRequest(model_name_or_path="m", output_path="o", mixed_precision_ratio=0.8, calibration_data="c.txt")
+
+
+def test_a_missing_calibration_file_stops_auto_opt_before_any_work(tiny_dir, tmp_path: Path,  # noqa: ANN001
+                                                                    store: str) -> None:
+    from tests.conftest import grove_cli
+
+    result = grove_cli("auto-opt", "-m", str(tiny_dir("llama")), "-o", str(tmp_path / "out"), "--int4_algorithm",
+                       "gptq", "--calibration_data", str(tmp_path / "missing.txt"), env={"GROVE_STORE": store})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"grove: error: --calibration_data {tmp_path}/missing.txt")
+    assert not (tmp_path / "out").exists() and not any(Path(store).rglob("manifest.json"))
