@@ -56,11 +56,11 @@ def stack_status() -> dict[str, object] | None:
 def stack_up(postgres_url: str | None = None, workers: bool = True) -> dict[str, object]:
     """Start (or return) the local stack; idempotent. A recorded stack whose S3 server or Prefect
     server no longer answers (killed, or the machine rebooted) is stopped and started again, on the
-    same data."""
+    same data; on a stack that answers, a worker that is gone (killed, OOM) is started again."""
     existing = stack_status()
     endpoint = str(existing["env"]["AWS_ENDPOINT_URL"]) if existing is not None else ""  # type: ignore[index]
     if existing is not None and _answers(endpoint) and server_status():
-        return existing
+        return _restart_workers(existing)
     if existing is not None:
         stack_down()
     rclone = _rclone()  # before anything starts: a missing extra is one line
@@ -94,15 +94,52 @@ def _start_stack(home: Path, rclone: Path, workers: bool, started: dict[str, obj
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         deployments = deploy(env["GROVE_STORE"])
-    worker_pids = []
+    worker_pids = {}
     for pool in POOLS if workers else []:
-        worker_pids.append(spawn_worker(pool.name, pool.device, env))
-        pids.append(worker_pids[-1])
+        worker_pids[pool.name] = spawn_worker(pool.name, pool.device, env)
+        pids.append(worker_pids[pool.name])
     state: dict[str, object] = {"api_url": api_url, "ui_url": api_url.removesuffix("/api"), "env": env,
-                                "s3_pid": s3_pid, "s3_data": str(home / "s3"), "worker_pids": worker_pids,
-                                "deployments": deployments}
+                                "s3_pid": s3_pid, "s3_data": str(home / "s3"), "workers": worker_pids,
+                                "worker_pids": list(worker_pids.values()), "deployments": deployments}
     _state_file().write_text(json.dumps(state, indent=2))
     return state
+
+
+def _restart_workers(state: dict[str, object]) -> dict[str, object]:
+    """Start again each recorded worker of a running stack whose process is gone (killed, OOM). The flow
+    runs it had started go on without it: Prefect's process worker starts each in a process group of its
+    own, which reports the run's states and heartbeats itself."""
+    from grove.shell.deploy import POOLS
+
+    workers: dict[str, int] = dict(state.get("workers") or {})  # type: ignore[call-overload]
+    gone = [pool for pool in POOLS if pool.name in workers and not _worker_alive(workers[pool.name], pool.name)]
+    if not gone:
+        return state
+    env: dict[str, str] = dict(state["env"])  # type: ignore[call-overload]
+    for pool in gone:
+        workers[pool.name] = spawn_worker(pool.name, pool.device, env)
+    state = {**state, "workers": workers, "worker_pids": list(workers.values())}
+    _state_file().write_text(json.dumps(state, indent=2))
+    return state
+
+
+def _worker_alive(pid: int, pool: str) -> bool:
+    """Whether ``pid`` is still this pool's ``prefect worker`` (not a zombie, not a reused pid)."""
+    proc = Path(f"/proc/{pid}")
+    if not proc.parent.exists():  # no procfs: the pid's existence is all we can tell
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's
+            pass
+        return True
+    try:
+        status = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return status != "Z" and b"worker" in cmdline and pool.encode() in cmdline
 
 
 def _stop(started: dict[str, object]) -> None:

