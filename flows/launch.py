@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 from grove.errors import GroveError, InvalidRequest
 from grove.flows.request import EP_SHORT, AutoOptRequest
 from grove.flows.request_encoder import EncoderOptRequest
+from grove.flows.request_graph import GraphOptRequest
 from grove.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ __all__ = ["check_provider", "configured_flow", "request_from_flags", "result_st
 
 def request_from_flags(fields: dict[str, Any], source: Source | None = None,
                        decoder_fields: dict[str, Any] | None = None
-                       ) -> tuple[AutoOptRequest | EncoderOptRequest, Source]:
+                       ) -> tuple[AutoOptRequest | EncoderOptRequest | GraphOptRequest, Source]:
     """auto-opt's flags (argparse dest -> value, those given) as the request of the path that serves
     the model (an unsupported architecture raises, naming the supported ones), with the resolved
     source (``source``: already resolved; ``decoder_fields``: added when the model is a decoder, e.g.
@@ -40,6 +41,8 @@ def request_from_flags(fields: dict[str, Any], source: Source | None = None,
     _read_model_config(fields)
     if source is None:
         source = _sources.resolve(str(fields["model_name_or_path"]), fields.get("revision"))
+    if source.kind == "onnx":  # a graph given as such: the graph path
+        return GraphOptRequest.from_flags(fields), source
     if fields.get("adapter_path"):
         _check_adapter_base(str(fields["adapter_path"]), source)
     if source_spec(source).path == "decoder":
@@ -96,13 +99,15 @@ def result_storage(store_uri: str) -> WritableFileSystem:
     return block
 
 
-def configured_flow(request: AutoOptRequest | EncoderOptRequest) -> Any:
+def configured_flow(request: AutoOptRequest | EncoderOptRequest | GraphOptRequest) -> Any:
     """The request's flow, with its node results (cache records) in the request's store."""
     from grove.flows.auto_opt import auto_opt
     from grove.flows.optimize_encoder import optimize_encoder
+    from grove.flows.optimize_onnx import optimize_onnx
     from grove.node import RESULT_SERIALIZER
 
-    flow: Any = auto_opt if isinstance(request, AutoOptRequest) else optimize_encoder
+    flow: Any = (auto_opt if isinstance(request, AutoOptRequest) else
+                 optimize_onnx if isinstance(request, GraphOptRequest) else optimize_encoder)
     return flow.with_options(result_storage=result_storage(request.store), result_serializer=RESULT_SERIALIZER,
                              persist_result=True)
 
@@ -150,14 +155,15 @@ def _check_adapter_base(adapter_path: str, source: Source) -> None:
 _IN_PROCESS = threading.Lock()
 
 
-def run_auto_opt_on_pool(request: AutoOptRequest | EncoderOptRequest, device: str) -> None:
+def run_auto_opt_on_pool(request: AutoOptRequest | EncoderOptRequest | GraphOptRequest, device: str) -> None:
     """Run the request's auto-opt flow: on a deployed stack as the ``auto-opt-<device>`` (or
-    ``auto-opt-encoder-<device>``) deployment, a subflow; in-process otherwise. Raises GroveError
-    if the run did not complete."""
+    ``auto-opt-encoder-<device>``, ``auto-opt-onnx-<device>``) deployment, a subflow; in-process otherwise.
+    Raises GroveError if the run did not complete."""
     if os.environ.get("GROVE_DEVICE") and os.environ.get("PREFECT_API_URL"):
         from prefect.deployments import run_deployment
 
-        flow = "auto-opt" if isinstance(request, AutoOptRequest) else "auto-opt-encoder"
+        flow = ("auto-opt" if isinstance(request, AutoOptRequest) else
+                "auto-opt-onnx" if isinstance(request, GraphOptRequest) else "auto-opt-encoder")
         flow_run = cast("FlowRun", run_deployment(f"{flow}/{flow}-{device}", as_subflow=True,  # sync here
                                                   parameters={"request": request.model_dump(mode="json")}))
         state = flow_run.state

@@ -630,10 +630,9 @@ def _input_model(section: dict[str, Any], out: Translation) -> None:
         raise InvalidRequest("input_model is missing: add {\"type\": \"HfModel\", \"model_path\": \"<hub id or "
                              "folder>\"}, or pass -m")
     kind = str(section.get("type", "")).lower().removesuffix("handler")
-    if kind == "onnxmodel":
-        raise InvalidRequest("input_model is an ONNX model: Grove starts from the Hugging Face model (hub id, local "
-                             "folder, .gguf or s3:// folder) and captures the ONNX itself; set input_model to "
-                             '{"type": "HfModel", "model_path": "<that model>"}')
+    if kind == "onnxmodel":  # the graph path: -m model.onnx
+        _onnx_input(_fields(section, where), out)
+        return
     if kind not in ("hfmodel", "pytorchmodel"):
         raise InvalidRequest(f"{where}.type {section.get('type')!r}: Grove reads HfModel (or PyTorchModel with "
                              "hf_config), the Hugging Face model to optimize")
@@ -667,6 +666,21 @@ def _input_model(section: dict[str, Any], out: Translation) -> None:
     if fields.get("io_config"):
         out.notes.append("input_model.io_config: Grove names the inputs and outputs itself (dynamic batch and "
                          "sequence axes), as onnxruntime-genai and its tokenizer files expect")
+
+
+def _onnx_input(fields: dict[str, Any], out: Translation) -> None:
+    """An ``ONNXModel`` input: its graph (``model_path``, a .onnx file or a folder, with ``onnx_file_name``
+    naming the graph in a folder) is the model, and Grove's graph path serves it."""
+    path = fields.get("model_path")
+    if not path or not isinstance(path, str):
+        raise InvalidRequest("input_model names no graph: set input_model.model_path to the .onnx file (or its "
+                             "folder), or pass -m")
+    if name := fields.get("onnx_file_name"):
+        path = f"{path.rstrip('/')}/{name}"
+    out.flags["model_name_or_path"] = path
+    if unused := sorted(k for k in fields if k not in ("type", "model_path", "onnx_file_name") and fields[k]):
+        out.notes.append(f"input_model: {', '.join(unused)} not used: Grove reads the graph's own inputs and "
+                         "outputs")
 
 
 def _target(config: dict[str, Any], engine: dict[str, Any], out: Translation) -> None:

@@ -21,7 +21,9 @@ from grove.flows.auto_opt import auto_opt
 from grove.flows.launch import request_from_flags
 from grove.flows.olive_config import translate
 from grove.flows.optimize_encoder import optimize_encoder
+from grove.flows.optimize_onnx import optimize_onnx
 from grove.flows.request_encoder import EncoderOptRequest
+from grove.flows.request_graph import GraphOptRequest
 
 __all__ = ["olive_run"]
 
@@ -43,6 +45,8 @@ def olive_run(config: dict[str, Any], output_path: str | None = None) -> dict[st
     request, _ = request_from_flags(flags)
     if isinstance(request, EncoderOptRequest):
         return optimize_encoder(request)
+    if isinstance(request, GraphOptRequest):
+        return optimize_onnx(request)
     return auto_opt(request)
 
 

@@ -52,7 +52,7 @@ class Source(BaseModel):
     """A resolved model source: where it is and what exactly it is (the root of every digest)."""
 
     model_config = ConfigDict(frozen=True)
-    kind: Literal["hub", "local", "gguf", "s3"]
+    kind: Literal["hub", "local", "gguf", "s3", "onnx"]
     location: str = Field(description="hub id, absolute local path, or s3:// URI")
     digest: str = Field(description="hub commit sha, or sha256 over the source files")
     revision: str | None = Field(None, description="hub commit the digest pins")

@@ -12,6 +12,7 @@ ROWS = {
     "prefill_ms": "prefill (ms)",
     "decode_tok_s": "decode (tokens/s)",
     "top1_agreement": "top-1 agreement vs reference",
+    "min_cosine": "output cosine vs reference (min)",
 }
 _LABELS = {"pytorch_latency_ms_avg": "pytorch fp32 latency ms avg"}  # labelled, in the metrics' own order
 # PyTorch's percentiles stay in grove_report.json: the table keeps its average, which latency_vs_pytorch divides by.
@@ -57,7 +58,8 @@ def format_report(report: dict[str, object], output_path: str) -> str:
         ref_busy = reference.get("cpu_busy_elsewhere")
         head += (f" (other processes used {busy:.0%} of the CPUs meanwhile"
                  + (f", {ref_busy:.0%} during the reference's" if isinstance(ref_busy, (int, float)) else "") + ")")
-    head += f"; reference: the {reference.get('precision', 'fp32')} model"
+    precision = reference.get("precision", "fp32")
+    head += "; reference: the input graph" if precision == "input graph" else f"; reference: the {precision} model"
     rows = table_rows(report)
     cols = ["metric", "output", "reference", "ratio"]
     cells = [[_fmt(r[c]) for c in cols] for r in rows]

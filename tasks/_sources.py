@@ -38,6 +38,9 @@ def resolve(name_or_path: str, revision: str | None = None) -> Source:
         name_or_path = str(_package_path(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
+        if path.suffix == ".onnx" or (path.is_dir() and not (path / "config.json").exists()
+                                      and any(path.glob("*.onnx"))):
+            return _resolve_onnx(path.resolve())
         return _resolve_gguf(path.resolve()) if path.is_file() else _resolve_folder(path.resolve())
     if not _is_hub_id(name_or_path):
         raise ModelSourceError(f"model path '{name_or_path}' does not exist; pass an existing folder, "
@@ -94,6 +97,62 @@ def _resolve_folder(path: Path) -> Source:
     for rel in files:
         h.update(f"{rel}\0{_cached_sha256(path / rel)}\n".encode())
     return Source(kind="local", location=str(path), digest=h.hexdigest(), files=files, **_config_facts(config))
+
+
+# What an ONNX model's folder holds beside its graph that its users read: configs (genai_config.json,
+# config.json), tokenizers, chat templates.
+_GRAPH_SIDECARS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+
+
+def _resolve_onnx(path: Path) -> Source:
+    """An ONNX graph: a .onnx file, or a folder holding one (its configs and tokenizer files come along).
+    The digest covers the graph, its external data and those files."""
+    if path.is_file():
+        graph, folder, sidecars = path, path.parent, []
+    else:
+        graphs = sorted(path.glob("*.onnx"))
+        if len(graphs) > 1:
+            raise ModelSourceError(f"'{path}' holds {len(graphs)} ONNX graphs ({', '.join(g.name for g in graphs)}); "
+                                   "pass the one to optimize (-m <folder>/<graph>.onnx)")
+        graph, folder = graphs[0], path
+        sidecars = sorted({p.name for pattern in _GRAPH_SIDECARS for p in folder.glob(pattern) if p.is_file()})
+    files = [graph.name, *graph_data_files(graph), *sidecars]
+    for rel in files:
+        if not (folder / rel).is_file():
+            raise ModelSourceError(f"'{graph}' keeps its weights in {rel}, which is not beside it; pass the graph "
+                                   "with its external data files")
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(f"{rel}\0{_cached_sha256(folder / rel)}\n".encode())
+    return Source(kind="onnx", location=str(path), digest=h.hexdigest(), files=files, model_type="onnx")
+
+
+def graph_data_files(graph: Path) -> list[str]:
+    """The external data files an ONNX graph names (relative to its folder), read from the graph
+    without loading the weights. A file that is not a graph is one error."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's errors name no common base
+        raise ModelSourceError(f"'{graph}' is not an ONNX graph onnx can read ({type(exc).__name__}: "
+                               f"{str(exc)[:200]}); pass a .onnx model file") from None
+    return sorted({ExternalDataInfo(t).location for t in _tensors(model.graph) if uses_external_data(t)})
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph holds: initializers and node attributes, subgraphs' too."""
+    import onnx
+
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+            yield from attribute.tensors
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []) + list(attribute.graphs):
+                yield from _tensors(sub)
 
 
 def _is_hub_id(name_or_path: str) -> bool:

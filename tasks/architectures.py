@@ -14,14 +14,15 @@ from grove.errors import UnsupportedArchitecture
 if TYPE_CHECKING:
     from grove.artifacts import Source
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "arch_spec", "encoder_spec", "from_gguf", "source_spec"]
+__all__ = ["ARCHITECTURES", "GRAPH", "ArchSpec", "arch_spec", "encoder_spec", "from_gguf", "source_spec"]
 
 _NO_SEGMENTS = ("input_ids", "attention_mask")
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    path: Literal["decoder", "encoder"]  # decoder: onnxruntime-genai's model builder; encoder: torch.onnx export
+    # decoder: onnxruntime-genai's model builder; encoder: torch.onnx export; graph: an ONNX graph given as such
+    path: Literal["decoder", "encoder", "graph"]
     gguf: bool = False  # transformers can load this architecture from a GGUF file
     gguf_name: str | None = None  # a GGUF file's general.architecture, where it is not the model_type
     # Encoders only:
@@ -71,6 +72,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+# An ONNX graph given as the model (-m model.onnx): no architecture to know, the graph path serves it.
+GRAPH = ArchSpec("graph")
+
+
 def from_gguf(architecture: str) -> str:
     """The model_type of a GGUF file's ``general.architecture``."""
     return next((m for m, s in ARCHITECTURES.items() if s.gguf_name == architecture), architecture)
@@ -93,6 +98,8 @@ def arch_spec(model_type: str) -> ArchSpec:
 def source_spec(source: Source) -> ArchSpec:
     """The spec for a resolved source's architecture; a GGUF file's must also be one transformers
     dequantizes. Raises UnsupportedArchitecture listing what is supported."""
+    if source.kind == "onnx":
+        return GRAPH
     model_type = source.model_type
     spec = arch_spec(model_type)
     if source.kind == "gguf" and not spec.gguf:

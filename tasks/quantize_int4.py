@@ -102,14 +102,25 @@ def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     algo: mnq.WeightOnlyQuantConfig
+    model, keep = onnx.load(str(src)), []
     if config.algorithm == "k_quant":
         algo = mnq.KQuantWeightOnlyQuantConfig()
+        # onnxruntime 1.32's k-quant drops a MatMul whose output is a graph output (the graph then names an
+        # output nothing computes, and does not load): such a MatMul keeps its weights.
+        outputs = {o.name for o in model.graph.output}
+        for i, node in enumerate(model.graph.node):
+            if node.op_type == "MatMul" and outputs & set(node.output):
+                node.name = node.name or f"grove_matmul_{i}"
+                keep.append(node.name)
+        if keep:
+            node_logger().info("k_quant: %d MatMul(s) computing a graph output keep their weights (%s)", len(keep),
+                               ", ".join(keep))
     else:
         algo = mnq.DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
                                                 accuracy_level=config.accuracy_level)
-    quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(src)), block_size=config.block_size,
-                                         is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
-                                         algo_config=algo)
+    quantizer = mnq.MatMulNBitsQuantizer(model, block_size=config.block_size, is_symmetric=config.symmetric,
+                                         accuracy_level=config.accuracy_level, algo_config=algo,
+                                         nodes_to_exclude=keep)
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
     _rename_external_data(dst)

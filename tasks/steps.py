@@ -19,6 +19,7 @@ from grove.tasks import (
     evaluate,
     evaluate_adapter,
     evaluate_encoder,
+    evaluate_graph,
     extract_adapter,
     merge_adapter,
     optimize_graph,
@@ -59,4 +60,5 @@ STEPS: dict[str, Step] = {
     "package-finetune": Step(package_finetune.FinetunePackageConfig, package_finetune._package),  # noqa: SLF001
     "capture-adapter": Step(capture_adapter.CaptureAdapterConfig, capture_adapter._capture),  # noqa: SLF001
     "extract-adapter": Step(extract_adapter.ExtractAdapterConfig, extract_adapter._extract),  # noqa: SLF001
+    "evaluate-graph": Step(evaluate_graph.GraphEvalConfig, evaluate_graph._evaluate),  # noqa: SLF001
 }

@@ -36,6 +36,8 @@ DEPLOYMENTS = (
     Deployment("flows/auto_opt.py:auto_opt", "auto-opt", "One decoder LLM to an onnxruntime-genai folder"),
     Deployment("flows/optimize_encoder.py:optimize_encoder", "auto-opt-encoder",
                "One encoder (BERT family) to an optimized ONNX model"),
+    Deployment("flows/optimize_onnx.py:optimize_onnx", "auto-opt-onnx",
+               "An ONNX graph given as the model to int4 weights, measured against the graph"),
     Deployment("flows/olive_run.py:olive_run", "olive-run",
                "An Olive workflow config (the JSON of olive run --config), as the auto-opt it amounts to"),
     Deployment("flows/finetune.py:finetune", "finetune", "LoRA fine-tuning of one model on one dataset (grove "

@@ -10,6 +10,7 @@ from grove.errors import InvalidRequest
 from grove.flows.launch import check_provider, configured_flow, result_storage
 from grove.flows.request import AutoOptRequest
 from grove.flows.request_encoder import EncoderOptRequest
+from grove.flows.request_graph import GraphOptRequest
 from grove.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ __all__ = ["preflight", "preflight_finetune", "run_auto_opt", "run_auto_opt_stat
            "run_finetune_state"]
 
 
-def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> None:
+def preflight(request: AutoOptRequest | EncoderOptRequest | GraphOptRequest, source: Source) -> None:
     """Everything that can be checked before any work, given the source ``request_from_flags`` resolved: model
     architecture, output path, store, evaluation text. Raises a GroveError naming the cause and the fix."""
     from grove.tasks._data_sources import BUILTIN_TEXT, read_text
@@ -31,8 +32,9 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
     from grove.tasks.download_model import check_safetensors
     from grove.tasks.package_genai import REPORT
 
-    path = "decoder" if isinstance(request, AutoOptRequest) else "encoder"
-    if arch_spec(source.model_type).path != path:
+    path = ("decoder" if isinstance(request, AutoOptRequest) else
+            "graph" if isinstance(request, GraphOptRequest) else "encoder")
+    if path != "graph" and arch_spec(source.model_type).path != path:
         raise InvalidRequest(f"{request.model_name_or_path} is a {source.model_type} model, which Grove optimizes "
                              f"on the {arch_spec(source.model_type).path} path, not the {path} path")
     if source.kind == "local":
@@ -42,9 +44,9 @@ def preflight(request: AutoOptRequest | EncoderOptRequest, source: Source) -> No
         raise InvalidRequest(f"output path {out} exists and is not an earlier Grove output; choose a new folder")
     if out is not None:
         _check_writable_beside(out.absolute())
-    check_provider(request.execution_provider, path)
+    check_provider(request.execution_provider, "encoder" if path == "graph" else path)  # onnxruntime alone
     ArtifactStore(request.store).check_reachable()
-    if request.eval_data:
+    if not isinstance(request, GraphOptRequest) and request.eval_data:
         _check_regular_file("--eval_data", request.eval_data)
         try:
             if path == "decoder":
@@ -95,14 +97,14 @@ def _check_regular_file(flag: str, uri: str) -> None:
                              "more than once: save it to a file and pass that")
 
 
-def run_auto_opt(request: AutoOptRequest | EncoderOptRequest) -> dict[str, object]:
+def run_auto_opt(request: AutoOptRequest | EncoderOptRequest | GraphOptRequest) -> dict[str, object]:
     """Run the auto-opt flow for the request's path against the configured (or embedded) Prefect
     API; returns the report."""
     report: dict[str, object] = run_auto_opt_state(request).result()
     return report
 
 
-def run_auto_opt_state(request: AutoOptRequest | EncoderOptRequest) -> State:
+def run_auto_opt_state(request: AutoOptRequest | EncoderOptRequest | GraphOptRequest) -> State:
     """Like run_auto_opt, but returns the flow run's final state (tests read its task runs)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -626,8 +626,8 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
       "passes": {"q": {"type": "OnnxStaticQuantization", "data_config": "calib"}}},
      "data_configs.calib.load_dataset_config.data_files calib.json: Grove reads rows from JSON lines (.jsonl), .csv "
      "or .parquet files; save the rows as JSON lines"),
-    ({"input_model": {"type": "ONNXModel", "model_path": "m.onnx"}, "passes": _INT4, "output_dir": "o"},
-     "input_model is an ONNX model: Grove starts from the Hugging Face model"),
+    ({"input_model": {"type": "ONNXModel"}, "passes": _INT4, "output_dir": "o"},
+     "input_model names no graph: set input_model.model_path to the .onnx file"),
     ({"input_model": {"type": "PyTorchModel", "config": {"model_path": "m.pt", "model_loader": "load"}},
       "passes": _INT4, "output_dir": "o"}, "input_model.model_loader: Grove loads Hugging Face models"),
     ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "systems": {"s": {"type": "LocalSystem",

@@ -89,8 +89,8 @@ def test_a_run_longer_than_the_idle_time_keeps_its_server_which_stops_once_idle(
     env.pop("PREFECT_API_URL")
     # A starts the server with a 3 s idle time and stays a few seconds; B attaches meanwhile,
     # without the variable, and runs longer than the idle time after A is gone.
-    starter = subprocess.Popen([sys.executable, "-c", "import time\nfrom grove.shell import server\nserver.ensure_api()\n"
-                                "print('ready', flush=True)\ntime.sleep(5)"],
+    starter = subprocess.Popen([sys.executable, "-c", "import time\nfrom grove.shell import server\n"
+                                "server.ensure_api()\nprint('ready', flush=True)\ntime.sleep(5)"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert starter.stdout is not None and starter.stdout.readline().strip() == "ready", starter.communicate()[1][-3000:]
     env.pop("GROVE_SERVER_IDLE")

@@ -1,0 +1,91 @@
+"""The auto-opt request for an ONNX graph given as the model (``-m model.onnx``, or a folder holding one;
+Olive's ``ONNXModel`` input): the shared fields, and what applies to a graph of unknown architecture:
+int4 weights by onnxruntime's quantizers (MatMulNBits), measured against the graph itself."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from grove.errors import InvalidRequest
+from grove.flows.request import EP_SHORT, OptRequestBase
+
+if TYPE_CHECKING:
+    from grove.tasks.evaluate_graph import GraphEvalConfig
+    from grove.tasks.import_onnx import ImportOnnxConfig
+    from grove.tasks.package_graph import GraphPackageConfig
+    from grove.tasks.quantize_int4 import Int4Config
+
+__all__ = ["GraphOptRequest"]
+
+# auto-opt flags that a graph takes (besides the shared ones).
+_GRAPH_FLAGS = ("precision", "int4_algorithm", "block_size", "symmetric", "accuracy_level", "min_cosine",
+                "eval_repeat", "task")
+
+
+class GraphOptRequest(OptRequestBase):
+    """What ``grove auto-opt`` was asked to do for an ONNX graph."""
+
+    precision: Literal["int4"] = Field("int4", description="int4 weights (MatMulNBits) for the graph's MatMuls")
+    int4_algorithm: Literal["rtn", "k_quant"] = Field("rtn", description="onnxruntime's round-to-nearest (Olive's "
+                                                      "OnnxBlockWiseRtnQuantization) or k-quant")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block")
+    symmetric: bool = Field(False, description="symmetric int4 blocks")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type")
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="fail if an output's cosine to the input "
+                                     "graph's, on the same synthetic inputs, is lower than this")
+    eval_repeat: int = Field(20, ge=1, description="timed runs per latency measurement")
+
+    @classmethod
+    def from_flags(cls, fields: Mapping[str, object]) -> GraphOptRequest:
+        """The graph request from auto-opt's flags, refusing by name the ones a graph does not take."""
+        shared = set(OptRequestBase.model_fields)
+        if others := [k for k in fields if k not in shared and k not in _GRAPH_FLAGS and k != "use_ort_genai"]:
+            raise InvalidRequest(f"{', '.join('--' + k for k in others)}: not for an ONNX graph given as the model "
+                                 "(it takes --precision int4, --int4_algorithm rtn or k_quant, --block_size, "
+                                 "--symmetric, --accuracy_level, --min_cosine); pass the Hugging Face model instead "
+                                 "for the rest")
+        if fields.get("precision", "int4") != "int4":
+            raise InvalidRequest(f"--precision {fields['precision']}: an ONNX graph given as the model is quantized to "
+                                 "int4 weights; for int8 or fp16, pass the Hugging Face model")
+        if fields.get("int4_algorithm") not in (None, "rtn", "k_quant"):
+            raise InvalidRequest(f"--int4_algorithm {fields['int4_algorithm']}: an ONNX graph takes rtn or k_quant "
+                                 "(the others need to know the model: pass the Hugging Face model)")
+        if fields.get("task") not in (None, "", "text-generation", "feature-extraction", "text-classification",
+                                      "token-classification"):
+            raise InvalidRequest(f"--task {fields['task']} is not a task Grove knows")
+        return cls(**{k: v for k, v in fields.items() if k not in ("use_ort_genai", "task")})
+
+    @property
+    def execution_provider(self) -> Literal["cpu", "cuda", "dml"]:
+        provider = self.provider or ("CUDAExecutionProvider" if self.device == "gpu" else "CPUExecutionProvider")
+        return EP_SHORT[provider]  # type: ignore[return-value]
+
+    @property
+    def imported(self) -> ImportOnnxConfig:
+        from grove.tasks.import_onnx import ImportOnnxConfig
+
+        return ImportOnnxConfig()
+
+    @property
+    def int4(self) -> Int4Config:
+        from grove.tasks.quantize_int4 import Int4Config
+
+        return Int4Config(algorithm=self.int4_algorithm, block_size=self.block_size, symmetric=self.symmetric,
+                          accuracy_level=self.accuracy_level, head_bits=8, head_shortlist=0)
+
+    def evaluation(self, *, gate: bool) -> GraphEvalConfig:
+        from grove.tasks.evaluate_graph import GraphEvalConfig
+
+        return GraphEvalConfig(provider=self.execution_provider, repeat=self.eval_repeat,
+                               min_cosine=self.min_cosine if gate else None)
+
+    @property
+    def package(self) -> GraphPackageConfig:
+        from grove.tasks.package_graph import GraphPackageConfig
+
+        return GraphPackageConfig(model=self.model_name_or_path, target={
+            "device": self.device, "provider": self.execution_provider, "precision": self.precision,
+            "int4_algorithm": self.int4_algorithm, "block_size": self.block_size})
