@@ -28,8 +28,16 @@ class Target(BaseModel):
     provider: Literal["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider"] | None = None
     precision: Literal["int4", "int8", "fp16", "fp32"] | None = Field(
         None, description="None: the model's path default (int4 for decoder LLMs, int8 for encoders)")
-    int4_algorithm: Literal["affine", "rtn", "hqq", "k_quant", "builder"] | None = None
+    int4_algorithm: Literal["affine", "rtn", "hqq", "k_quant", "builder", "gptq"] | None = None
     block_size: Literal[16, 32, 64, 128, 256] = 32
+    mixed_precision_ratio: float | None = Field(None, gt=0, le=1, description="gptq: share of the linear layers "
+                                                "at 4 bits, the most sensitive others at 8 (auto-opt's flag)")
+
+    def versioned(self) -> dict[str, object]:
+        """What an entry's version hashes: the fields, those added since versions began left out while unset
+        (a manifest that does not use them keeps its versions: nothing to refresh after an upgrade)."""
+        return self.model_dump(mode="json", exclude={"mixed_precision_ratio"} if self.mixed_precision_ratio is None
+                               else set())
 
 
 class FleetModel(BaseModel):
@@ -101,7 +109,7 @@ def entry_version(source_digest: str, target: Target, adapter_digest: str | None
     """Same upstream bytes (the source's, and the adapter's where the entry names one) + same target +
     same Grove = same version (nothing to refresh). An entry without an adapter keeps the versions it
     had before adapters existed."""
-    parts: list[object] = [source_digest, target.model_dump(mode="json"), __version__]
+    parts: list[object] = [source_digest, target.versioned(), __version__]
     if adapter_digest is not None:
         parts.append({"adapter": adapter_digest, "merge": merge_adapter})
     blob = json.dumps(parts, sort_keys=True)

@@ -138,3 +138,24 @@ def test_a_gpu_target_on_a_machine_without_cuda_fails_its_row_before_any_work(ti
     assert "CUDAExecutionProvider is not available on this machine" in row["reason"]
     assert "auto-opt-gpu deployment" in row["reason"], "says where such a target runs"
     assert not Path(store).exists() or not any(Path(store).rglob("manifest.json")), "nothing was built"
+
+
+def test_a_gptq_target_and_the_versions_of_targets_that_do_not_use_it() -> None:
+    """A target may ask for GPTQ (and its mixed precision); a target that does not keeps the version it had
+    before the field existed, so an upgrade refreshes nothing."""
+    import hashlib
+    import json
+
+    from grove import __version__
+    from grove.flows.fleet import Target, entry_version
+    from grove.flows.request import AutoOptRequest
+
+    digest = "d" * 64
+    before = {"device": "cpu", "provider": None, "precision": "int4", "int4_algorithm": None, "block_size": 32}
+    expected = hashlib.sha256(json.dumps([digest, before, __version__], sort_keys=True).encode()).hexdigest()[:16]
+    assert entry_version(digest, Target(precision="int4")) == expected
+    gptq = Target(int4_algorithm="gptq", mixed_precision_ratio=0.7)
+    assert entry_version(digest, gptq) != entry_version(digest, Target(int4_algorithm="gptq"))
+    request = AutoOptRequest(model_name_or_path="m", output_path="o",
+                             **gptq.model_dump(exclude_none=True, exclude_defaults=True))
+    assert request.int4_algorithm_used == "gptq" and request.mixed_precision_ratio == 0.7
