@@ -204,9 +204,15 @@ def spawn_worker(pool: str, device: str, env: dict[str, str], name: str | None =
     proc = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
          "--name", name, *(["--limit", str(limit)] if limit else [])],
-        env=with_huge_pages({**os.environ, **env, "GROVE_DEVICE": device}), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        env=with_huge_pages({**_worker_environ(), **env, "GROVE_DEVICE": device}), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
     return proc.pid
+
+
+def _worker_environ() -> dict[str, str]:
+    """What a worker inherits: this environment but the server's database URL (with its password): a
+    worker talks to the API, and its flow runs' processes would otherwise carry the credential too."""
+    return {k: v for k, v in os.environ.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
 
 
 def stack_down() -> bool:

