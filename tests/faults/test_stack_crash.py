@@ -9,7 +9,11 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from tests.faults.conftest import wait_for
+
+pytestmark = pytest.mark.slow  # a whole stack of processes (Prefect server, S3 server, workers) per test
 
 
 def _manifests(bucket: Path) -> dict[str, float]:

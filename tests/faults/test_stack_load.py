@@ -21,6 +21,8 @@ import pytest
 
 from tests.conftest import grove_cli
 
+pytestmark = pytest.mark.slow  # a whole stack of processes (Prefect server, S3 server, workers) per test
+
 RUNS = 20
 
 

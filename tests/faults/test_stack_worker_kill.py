@@ -13,8 +13,12 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import grove_cli
 from tests.faults.conftest import wait_for
+
+pytestmark = pytest.mark.slow  # a whole stack of processes (Prefect server, S3 server, workers) per test
 
 NODES = {"download-model", "capture-onnx", "quantize-int4", "evaluate", "package-genai"}
 
