@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,30 @@ def smollm2_gguf() -> Path:
     from grove.tasks._sources import resolve
 
     return Path(resolve(SMOLLM2).location)
+
+
+def task_states(flow_run_id: object, expect: Iterable[str] = ()) -> dict[str, list[str]]:
+    """{node name: [state name of each of its task runs]} of a flow run. The server records task runs from
+    events sent asynchronously, so right after a flow returns a run can still be missing or not final: read
+    until every node of ``expect`` is there, two reads agree and every state is final (on a loaded machine
+    two reads agreed while a run was missing), for 30 s at most."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    previous: dict[str, list[str]] | None = None
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            states: dict[str, list[str]] = {}
+            final = True
+            for run in client.read_task_runs(flow_run_filter=only):
+                states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name if run.state else "?")
+                final = final and run.state is not None and run.state.is_final()
+            states = {name: sorted(names) for name, names in states.items()}
+            if (final and states == previous and set(expect) <= states.keys()) or time.monotonic() > deadline:
+                return states
+            previous = states
+            time.sleep(0.3)

@@ -13,6 +13,7 @@ from grove.flows.request import AutoOptRequest
 from grove.shell.local_run import run_auto_opt_state
 from grove.store import ArtifactStore
 from grove.tasks._sources import resolve
+from tests.conftest import task_states
 
 CACHED_NODES = {"download-model", "capture-onnx", "quantize-int4", "evaluate", "package-genai"}
 GENAI_FILES = {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -24,32 +25,8 @@ def _request(model: Path, out: Path, store: str, **kw: object) -> AutoOptRequest
 
 
 def _task_states(state, expect: Iterable[str] = ()) -> dict[str, list[str]]:  # noqa: ANN001
-    """{node name: [state name of each of its task runs]} of the flow run behind ``state``.
-
-    The server records task runs from events sent asynchronously, so right after a flow returns a
-    run can still be missing or not final: read until every node of ``expect`` is there, two reads
-    agree and every state is final (on a loaded machine two reads agreed while a run was missing).
-    """
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-    previous: dict[str, list[str]] | None = None
-    deadline = time.monotonic() + 30
-    with get_client(sync_client=True) as client:
-        while True:
-            states: dict[str, list[str]] = {}
-            final = True
-            for run in client.read_task_runs(flow_run_filter=flow_run):
-                states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name if run.state else "?")
-                final = final and run.state is not None and run.state.is_final()
-            states = {name: sorted(names) for name, names in states.items()}
-            if (final and states == previous and set(expect) <= states.keys()) or time.monotonic() > deadline:
-                return states
-            previous = states
-            time.sleep(0.3)
+    """{node name: [state name of each of its task runs]} of the flow run behind ``state``."""
+    return task_states(state.state_details.flow_run_id, expect)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
