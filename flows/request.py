@@ -198,9 +198,9 @@ class AutoOptRequest(OptRequestBase):
 
     @property
     def reference_capture(self) -> CaptureConfig:
-        precision = "fp32" if self.execution_provider == "cpu" else "fp16"
         from grove.tasks.capture_onnx import CaptureConfig
 
+        precision = "fp32" if self.execution_provider == "cpu" else "fp16"
         return CaptureConfig(precision=precision, execution_provider=self.execution_provider,
                              include_hidden_states=self.include_hidden_states,
                              placement=self._placement("capture-onnx"))
@@ -209,9 +209,9 @@ class AutoOptRequest(OptRequestBase):
     def capture(self) -> CaptureConfig:
         """The output's capture (the reference's unless the builder quantizes; for gptq, the builder
         reads the quantize-torch node's checkpoint, whose integers it keeps)."""
-        builder_int4 = self.int4_algorithm_used == "builder"
         from grove.tasks.capture_onnx import CaptureConfig
 
+        builder_int4 = self.int4_algorithm_used == "builder"
         return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider,
                              block_size=self.block_size if builder_int4 else None,
                              accuracy_level=self.accuracy_level if self.int4_algorithm_used == "gptq" else None,

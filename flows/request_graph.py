@@ -4,6 +4,7 @@ int4 weights by onnxruntime's quantizers (MatMulNBits), measured against the gra
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
@@ -11,6 +12,7 @@ from pydantic import Field
 
 from grove.errors import InvalidRequest
 from grove.flows.request import EP_SHORT, OptRequestBase
+from grove.tasks._choices import EncoderTask
 
 if TYPE_CHECKING:
     from grove.tasks.evaluate_graph import GraphEvalConfig
@@ -53,8 +55,7 @@ class GraphOptRequest(OptRequestBase):
         if fields.get("int4_algorithm") not in (None, "rtn", "k_quant"):
             raise InvalidRequest(f"--int4_algorithm {fields['int4_algorithm']}: an ONNX graph takes rtn or k_quant "
                                  "(the others need to know the model: pass the Hugging Face model)")
-        if fields.get("task") not in (None, "", "text-generation", "feature-extraction", "text-classification",
-                                      "token-classification"):
+        if fields.get("task") not in (None, "", "text-generation", *typing.get_args(EncoderTask)):
             raise InvalidRequest(f"--task {fields['task']} is not a task Grove knows")
         return cls(**{k: v for k, v in fields.items() if k not in ("use_ort_genai", "task")})
 

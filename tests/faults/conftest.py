@@ -113,3 +113,16 @@ def stack(tmp_path: Path):  # noqa: ANN201
             yield state, env
     finally:
         grove_cli("stack", "down", env=env, timeout=60)
+
+
+def trigger_until_quantizing(bucket: Path, request: dict) -> tuple[object, Path]:
+    """Trigger the stack's auto-opt-cpu deployment with ``request`` and wait until its quantize-int4 holds
+    its build lease in the stack's store (``bucket``): the moment these tests kill something. Returns the
+    flow run and the lease file."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment("auto-opt/auto-opt-cpu", parameters={"request": request}, timeout=0)
+    leases = bucket / "store" / "leases" / "quantize-int4"
+    lease = wait_for(lambda: next(leases.glob("*.json"), None) if leases.exists() else None,
+                     "quantize-int4 started on the worker")
+    return run, lease

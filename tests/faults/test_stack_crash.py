@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import wait_for
+from tests.faults.conftest import trigger_until_quantizing, wait_for
 
 pytestmark = pytest.mark.slow  # a whole stack of processes (Prefect server, S3 server, workers) per test
 
@@ -29,10 +29,7 @@ def test_kill_9_of_a_flow_run_on_a_stack_worker_ends_crashed_and_the_retry_resum
     stack_state, _ = stack
     bucket = Path(stack_state["s3_data"]) / "grove"
     request = {"model_name_or_path": str(mid_llama), "output_path": str(tmp_path / "out"), "eval_tokens": 64}
-    run = run_deployment("auto-opt/auto-opt-cpu", parameters={"request": request}, timeout=0)
-    leases = bucket / "store" / "leases" / "quantize-int4"
-    lease = wait_for(lambda: next(leases.glob("*.json"), None) if leases.exists() else None,
-                     "quantize-int4 started on the worker")
+    run, lease = trigger_until_quantizing(bucket, request)
     holder = int(json.loads(lease.read_text())["pid"])
     os.kill(holder, signal.SIGKILL)  # the flow run's process, as the OOM killer would
 

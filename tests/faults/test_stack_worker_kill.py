@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import grove_cli, task_states
-from tests.faults.conftest import wait_for
+from tests.faults.conftest import trigger_until_quantizing, wait_for
 
 pytestmark = pytest.mark.slow  # a whole stack of processes (Prefect server, S3 server, workers) per test
 
@@ -46,10 +46,7 @@ def test_kill_9_of_the_stack_worker_mid_run_the_run_still_ends_and_stack_up_rest
     state, env = stack
     bucket = Path(state["s3_data"]) / "grove"
     request = {"model_name_or_path": str(mid_llama), "output_path": str(tmp_path / "out"), "eval_tokens": 64}
-    run = run_deployment("auto-opt/auto-opt-cpu", parameters={"request": request}, timeout=0)
-    leases = bucket / "store" / "leases" / "quantize-int4"
-    wait_for(lambda: next(leases.glob("*.json"), None) if leases.exists() else None,
-             "quantize-int4 started on the worker")
+    run, _ = trigger_until_quantizing(bucket, request)
     worker = int(state["workers"]["cpu-pool"])
     os.kill(worker, signal.SIGKILL)  # the worker, as the OOM killer would; not its flow run's process
     at_kill = _manifests(bucket)
