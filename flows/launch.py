@@ -44,7 +44,7 @@ def request_from_flags(fields: dict[str, Any], source: Source | None = None,
     if source.kind == "onnx":  # a graph given as such: the graph path
         return GraphOptRequest.from_flags(fields), source
     if fields.get("adapter_path"):
-        _check_adapter_base(str(fields["adapter_path"]), source)
+        _check_adapter_base(str(fields["adapter_path"]), source, switchable=not fields.get("merge_adapter"))
     if source_spec(source).path == "decoder":
         refuse_encoder_flags(fields, str(fields["model_name_or_path"]))
         return AutoOptRequest(**fields, **(decoder_fields or {})), source
@@ -129,14 +129,17 @@ def _read_model_config(fields: dict[str, Any]) -> None:
         fields["adapter_path"] = str(adapter)
 
 
-def _check_adapter_base(adapter_path: str, source: Source) -> None:
+def _check_adapter_base(adapter_path: str, source: Source, *, switchable: bool) -> None:
     """An adapter Grove trained records its base's digest (model_config.json beside ``adapter/``): a base
     that is not that one is refused before any work (peft would fail on other shapes, or silently adapt
-    another model of the same shapes)."""
+    another model of the same shapes). ``switchable``: kept beside the base, so it must be a plain LoRA."""
+    from grove.tasks._onnx_adapter import read_adapter
     from grove.tasks.import_adapter import resolve_adapter
     from grove.tasks.package_finetune import MODEL_CONFIG, read_model_config
 
-    adapter = resolve_adapter(adapter_path)  # a LoRA adapter folder, or one line saying what is wrong
+    adapter = resolve_adapter(adapter_path)  # an adapter folder, or one line saying what is wrong
+    if switchable:
+        read_adapter(Path(adapter.location))  # a DoRA, LoHa or LoKr adapter: one line naming --merge_adapter
     beside = Path(adapter.location).parent
     if not (beside / MODEL_CONFIG).is_file():
         return

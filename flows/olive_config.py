@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,23 +37,42 @@ class Translation:
 
     flags: dict[str, object] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # A fine-tuning pass: grove finetune's flags (training_args among them), run before auto-opt, whose
+    # -m then names the fine-tuning output (its base and adapter).
+    finetune: dict[str, object] | None = None
 
     def argv(self) -> list[str]:
-        out: list[str] = []
-        for name in sorted(self.flags, key=lambda n: _FLAG_ORDER.index(n) if n in _FLAG_ORDER else len(_FLAG_ORDER)):
-            value = self.flags[name]
-            if value is True:
-                out.append(f"--{name}")
-            elif value is False:
-                out.append(f"--no-{name}")  # only BooleanOptionalAction flags take False (per_channel)
-            elif isinstance(value, list):
-                out += [f"--{name}", *map(str, value)]
-            else:
-                out += [f"--{name}", str(value)]
-        return out
+        return _argv(self.flags)
+
+    def finetune_argv(self) -> list[str]:
+        """grove finetune's argv (its TrainingArguments as --name value, as typed), or [] without one."""
+        if self.finetune is None:
+            return []
+        flags = dict(self.finetune)
+        training = flags.pop("training_args", None) or {}
+        return _argv(flags) + [token for name, value in cast(dict[str, object], training).items()
+                               for token in (f"--{name}", *(map(str, value) if isinstance(value, list) else
+                                                            [json.dumps(value) if isinstance(value, dict) else
+                                                             str(value)]))]
 
     def command(self) -> str:
-        return "grove auto-opt " + shlex.join(self.argv())
+        auto_opt = "grove auto-opt " + shlex.join(self.argv())
+        return f"grove finetune {shlex.join(self.finetune_argv())} && {auto_opt}" if self.finetune else auto_opt
+
+
+def _argv(flags: dict[str, object]) -> list[str]:
+    out: list[str] = []
+    for name in sorted(flags, key=lambda n: _FLAG_ORDER.index(n) if n in _FLAG_ORDER else len(_FLAG_ORDER)):
+        value = flags[name]
+        if value is True:
+            out.append(f"--{name}")
+        elif value is False:
+            out.append(f"--no-{name}")  # only BooleanOptionalAction flags take False (per_channel)
+        elif isinstance(value, list):
+            out += [f"--{name}", *map(str, value)]
+        else:
+            out += [f"--{name}", str(value)]
+    return out
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -119,7 +138,8 @@ class ModelBuilder(_Pass):
                                            "instead of Grove's affine")
     int4_algo_config: Literal["default", "rtn", "k_quant_mixed", "k_quant_last"] | None = Field(
         None, description="the builder's int4 algorithm: rtn, or k_quant")
-    metadata_only: Literal[False] = Field(False, description="Grove always builds the model")
+    metadata_only: bool = Field(False, description="only the genai config for the ONNX model of an earlier "
+                                "OnnxConversion: Grove's builder writes the graph and its config together")
     search: dict[str, Any] | None = Field(None, description="generation defaults: Grove writes its own")
     use_ort_genai: Literal[True] = Field(True, description="the tutorial's key: a decoder's output is always an "
                                          "onnxruntime-genai folder")
@@ -416,23 +436,137 @@ class OrtSessionParamsTuning(_Accepted):
             "defaults, and its latency is measured with the threads of the evaluation (2)")
 
 
+class LoRA(_Pass):
+    """Olive's LoRA pass (and QLoRA, DoRA, LoHa, LoKr): grove finetune's training before the capture.
+    The adapter is then merged into the weights, or kept switchable when an ExtractAdapters pass
+    follows (a plain LoRA: DoRA, LoHa and LoKr updates are not low-rank A and B pairs)."""
+
+    r: int = Field(64, ge=1, description="rank")
+    alpha: float = Field(16, gt=0, description="the update's scale is alpha / r")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path")
+    target_modules: list[str] | None = Field(None, description="modules to adapt (peft's default for the "
+                                             "architecture)")
+    modules_to_save: None = Field(None, description="modules trained whole beside the adapter are not in Grove's "
+                                  "adapters (the switchable graph's inputs are LoRA pairs)")
+    torch_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(None, description="the base weights' "
+                                                                          "dtype while training")
+    device_map: Any = Field(None, description="Grove loads the base on the one device training runs on")
+    allow_tf32: bool | None = Field(None, description="a CUDA math option")
+    ephemeral_gpu_offload: Literal[False] = Field(False, description="Grove keeps the model on one device")
+    train_data_config: Any = Field(description="the training data: a data config's name")
+    eval_data_config: Any = Field(None, description="evaluation data: a split of the training data's dataset")
+    training_args: dict[str, Any] | None = Field(None, description="transformers TrainingArguments")
+    METHOD: ClassVar[str] = "lora"
+
+    def finetune(self, data: dict[str, Any], where: str) -> tuple[dict[str, object], list[str]]:
+        """grove finetune's flags for this pass (the data's among them), and notes."""
+        flags, notes = _finetune_data(self.train_data_config, data, f"{where}.train_data_config")
+        flags.update(method=self.METHOD, lora_r=self.r, lora_alpha=self.alpha, lora_dropout=self.lora_dropout)
+        if self.target_modules:
+            flags["target_modules"] = ",".join(self.target_modules)
+        if self.torch_dtype:
+            flags["torch_dtype"] = self.torch_dtype
+        if self.eval_data_config is not None:
+            evaluation, _ = _finetune_data(self.eval_data_config, data, f"{where}.eval_data_config")
+            if (evaluation.get("data_name"), evaluation.get("data_files")) != (flags.get("data_name"),
+                                                                                 flags.get("data_files")):
+                raise InvalidRequest(f"{where}.eval_data_config reads {evaluation.get('data_name')}, another dataset "
+                                     f"than train_data_config's {flags.get('data_name')}: Grove evaluates on a split "
+                                     "of the training dataset; point both at one dataset (or drop eval_data_config: "
+                                     "held-out blocks of the training data)")
+            flags["eval_split"] = evaluation["train_split"]
+            if evaluation.get("train_subset") != flags.get("train_subset"):
+                flags["eval_subset"] = evaluation.get("train_subset")
+        args = dict(self.training_args or {})
+        if "per_device_train_batch_size" in args:  # grove finetune's own name for it
+            flags["batch_size"] = args.pop("per_device_train_batch_size")
+        for key in [k for k in args if k in ("output_dir", "overwrite_output_dir", "extra_args")]:
+            notes.append(f"{where}.training_args.{key}: not used: grove finetune keeps its checkpoints in the store")
+            args.pop(key)
+        if args:
+            flags["training_args"] = args
+        if self.device_map is not None or self.allow_tf32 is not None:
+            notes.append(f"{where}: device_map / allow_tf32 not used: Grove trains on one device, the GPU where its "
+                         "node runs on one (train-adapter prefers a gpu pool)")
+        return flags, notes
+
+
+class QLoRA(LoRA):
+    compute_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(None, description="the 4-bit base's "
+                                                                            "compute dtype (Grove: torch_dtype)")
+    double_quant: bool | None = Field(None, description="Grove's QLoRA quantizes the 4-bit base's scales too "
+                                      "(double quantization, QLoRA's paper)")
+    quant_type: Literal["nf4"] = Field("nf4", description="Grove's QLoRA base is NF4")
+    save_quant_config: bool | None = None
+    METHOD = "qlora"
+
+
+class _Lycoris(LoRA):
+    """DoRA, LoHa, LoKr: peft's options of these passes, at peft's defaults (what Grove trains with)."""
+
+    rank_dropout: Literal[0, 0.0] = Field(0.0, description="Grove trains with peft's default (0)")
+    module_dropout: Literal[0, 0.0] = Field(0.0, description="Grove trains with peft's default (0)")
+    use_effective_conv2d: bool | None = Field(None, description="convolutions: not in the decoders Grove trains")
+    exclude_modules: None = Field(None, description="name the modules to adapt in target_modules instead")
+    init_weights: Literal[True] = Field(True, description="Grove trains from peft's initialization")
+    layers_to_transform: None = Field(None, description="per-layer adapters are not in Grove")
+    layers_pattern: None = None
+    rank_pattern: dict[str, Any] | None = Field(None, description="per-module ranks are not in Grove")
+    alpha_pattern: dict[str, Any] | None = Field(None, description="per-module alphas are not in Grove")
+
+    def problems(self, where: str) -> list[str]:
+        return [f"{where}.{key}: per-module values are not in Grove; one rank and alpha for every module"
+                for key in ("rank_pattern", "alpha_pattern") if getattr(self, key)]
+
+
+class DoRA(_Lycoris):
+    METHOD = "dora"
+
+
+class LoHa(_Lycoris):
+    METHOD = "loha"
+
+
+class LoKr(_Lycoris):
+    decompose_both: Literal[False] = Field(False, description="Grove trains with peft's default")
+    decompose_factor: Literal[-1] = Field(-1, description="Grove trains with peft's default")
+    rank_dropout_scale: Literal[False] = Field(False, description="Grove trains with peft's default")
+    METHOD = "lokr"
+
+
+class ExtractAdapters(_Pass):
+    """Olive's ExtractAdapters: the adapter's weights become the graph's inputs, the adapter a file
+    beside (grove auto-opt --adapter_path without --merge_adapter)."""
+
+    adapter_type: Literal["lora"] = Field("lora", description="a graph input carries a plain LoRA's A and B; DoRA's "
+                                          "and LoHa's updates are not of that form: drop ExtractAdapters to merge "
+                                          "them into the weights")
+    make_inputs: Literal[True] = Field(True, description="Grove's switchable graphs take the LoRA weights as inputs")
+    dynamic_lora_r: Literal[True] = Field(True, description="Grove's LoRA inputs have a dynamic rank")
+    optional_inputs: Literal[True] = Field(True, description="Grove's LoRA inputs default to rank 0 (no adapter)")
+    save_format: Literal["onnx_adapter"] = Field("onnx_adapter", description="Grove writes adapter_weights."
+                                                 "onnx_adapter (grove convert-adapters writes the others)")
+    NOTE = ("ExtractAdapters: the adapter stays switchable: its weights are the graph's optional inputs and "
+            "adapter_weights.onnx_adapter is written beside (onnxruntime_genai.Adapters)")
+
+
+class MergeAdapterWeights(_Pass):
+    NOTE = "MergeAdapterWeights: the adapter is merged into the weights before the capture (--merge_adapter)"
+
+
 # Olive's pass types that Grove reads (matched without case, as Olive does).
 PASSES: dict[str, type[_Pass]] = {cls.__name__.lower(): cls for cls in (
     ModelBuilder, OnnxConversion, OrtTransformersOptimization, OnnxQuantization, OnnxDynamicQuantization,
     OnnxStaticQuantization, OnnxFloatToFloat16, OnnxBlockWiseRtnQuantization, OnnxMatMul4Quantizer,
     OnnxHqqQuantization, OnnxKQuantQuantization, OrtSessionParamsTuning, Gptq, Rtn, SelectiveMixedPrecision,
-    OnnxPeepholeOptimizer)}
+    OnnxPeepholeOptimizer, LoRA, QLoRA, DoRA, LoHa, LoKr, ExtractAdapters, MergeAdapterWeights)}
 PASSES["gptqquantizer"] = PASSES["gptqmodel"] = Gptq
 PASSES["ortperftuning"] = OrtSessionParamsTuning  # its name before Olive 0.7
 PASSES["onnxmatmulnbits"] = OnnxBlockWiseRtnQuantization
 
 # Olive pass types a user may well write, and why Grove has no counterpart.
 _NOT_IN_GROVE = {
-    **dict.fromkeys(("lora", "qlora", "loftq", "dora", "loha", "lokr"),
-                    "fine-tuning passes are not supported by grove run yet: fine-tune with Olive or PEFT, merge the "
-                    "adapter, then optimize the merged model"),
-    **dict.fromkeys(("mergeadapterweights", "extractadapters"), "LoRA adapters are not applied by Grove: merge the "
-                    "adapter into the model (PEFT's merge_and_unload), then optimize the merged model"),
+    "loftq": "LoftQ's quantization-aware initialization is not in Grove: use a QLoRA pass (LoRA on a 4-bit NF4 base)",
     **dict.fromkeys(("autoawqquantizer", "awq", "quarot", "spinquant"),
                     "rotating (QuaRot, SpinQuant) or AWQ-scaling the PyTorch weights is not in Grove yet: its GPTQ "
                     "(a Gptq pass, --int4_algorithm gptq) calibrates the int4 weights without them"),
@@ -521,8 +655,16 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             problems.append(_pass_errors(exc, where, cls))
             continue
         specs[name] = spec
-        if isinstance(spec, Gptq | Rtn | ModelBuilder):
+        if isinstance(spec, Gptq | Rtn | ModelBuilder | _Lycoris):
             problems += spec.problems(where)
+        if isinstance(spec, ModelBuilder) and spec.metadata_only:
+            if not any(isinstance(s, OnnxConversion) for s in specs.values()):
+                problems.append(f"{where}.metadata_only: writes only the genai config of the ONNX model an earlier "
+                                "OnnxConversion made, and there is none; drop metadata_only (Grove's builder writes "
+                                "the graph and its config)")
+            else:
+                out.notes.append(f"{where}.metadata_only: Grove's builder writes the graph and its genai config "
+                                 "together, the model OnnxConversion and metadata_only make in Olive")
         if isinstance(spec, ModelBuilder | OnnxBlockWiseRtnQuantization):
             out.notes += spec.notes(where)
         if isinstance(spec, Gptq | SelectiveMixedPrecision) and spec.data_config is not None \
@@ -561,6 +703,7 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             precisions[name] = precision
         out.flags.update(spec.flags())
     problems += _before_capture(specs, out)
+    problems += _fine_tuning(specs, data, out)
     problems += [f"passes {', '.join(names)}: {why}" for why, names in unread.items()]
     if problems:
         raise InvalidRequest("; ".join(problems) + ("; remove those passes to run the rest" if unread else ""))
@@ -576,6 +719,70 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
         raise InvalidRequest("passes ask for different precisions: " + ", ".join(f"{n} {p}" for n, p in
                              quantizing.items()) + "; Grove writes one output per run: keep one quantization pass")
     out.flags["precision"] = next(iter(quantizing.values()), "fp32")
+
+
+def _fine_tuning(specs: dict[str, _Pass], data: dict[str, Any], out: Translation) -> list[str]:
+    """A fine-tuning pass as grove finetune's flags (``out.finetune``), and what becomes of its adapter:
+    kept switchable when ExtractAdapters follows, merged into the weights otherwise."""
+    tuning = [(n, s) for n, s in specs.items() if isinstance(s, LoRA)]
+    extract = [n for n, s in specs.items() if isinstance(s, ExtractAdapters)]
+    merge = [n for n, s in specs.items() if isinstance(s, MergeAdapterWeights)]
+    if len(tuning) > 1:
+        return [f"passes {', '.join(n for n, _ in tuning)}: Grove trains one adapter per run; keep one fine-tuning "
+                "pass"]
+    if extract and merge:
+        return [f"passes {extract[0]} (ExtractAdapters) and {merge[0]} (MergeAdapterWeights): an adapter is kept "
+                "switchable or merged, not both; keep one"]
+    if not tuning:
+        return [f"passes.{n}: no fine-tuning pass (LoRA, QLoRA, DoRA, LoHa, LoKr) makes an adapter for it; add one, "
+                "or pass a fine-tuned model with grove auto-opt --adapter_path" for n in extract + merge]
+    name, spec = tuning[0]
+    try:
+        flags, notes = spec.finetune(data, f"passes.{name}")
+        _check_finetune(flags, f"passes.{name}")
+    except InvalidRequest as exc:
+        return [str(exc)]
+    if extract and spec.METHOD not in ("lora", "qlora"):
+        return [f"passes.{extract[0]} (ExtractAdapters): a {spec.METHOD} adapter cannot be kept switchable (a graph "
+                f"input carries a plain LoRA's A and B); drop ExtractAdapters to merge it into the weights"]
+    out.finetune = flags
+    out.notes += notes
+    out.notes.append(f"{name} ({type(spec).__name__}): grove finetune trains the adapter first (cached nodes: "
+                     "prepare-data, train-adapter, evaluate-adapter), then auto-opt optimizes its base with it "
+                     + ("kept switchable" if extract else "merged into the weights (no ExtractAdapters pass)"))
+    if not extract:
+        out.flags["merge_adapter"] = True
+    return []
+
+
+def _check_finetune(flags: dict[str, object], where: str) -> None:
+    """The fine-tuning flags checked as grove finetune checks them (its request; TrainingArguments by
+    transformers' parser), so that a dry run refuses what the run would."""
+    from pydantic import ValidationError
+
+    from grove.flows.request_finetune import FinetuneRequest
+
+    try:  # output_path None: its check (a folder to write) is the run's
+        FinetuneRequest.model_validate({"model_name_or_path": "-", **flags, "output_path": None})
+    except InvalidRequest as exc:  # TrainingArguments' parser: it names the flag
+        raise InvalidRequest(f"{where}.training_args: {exc}") from None
+    except ValidationError as exc:
+        if errors := [f"{'.'.join(map(str, e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
+                      for e in exc.errors() if e["loc"] != ("output_path",)]:
+            raise InvalidRequest(f"{where}: {'; '.join(errors)}") from None
+
+
+def _finetune_paths(finetune: dict[str, object], out: Translation) -> None:
+    """grove finetune (``finetune``, its flags) writes to <output>/finetuned, and auto-opt reads it there
+    (-m: its base and adapter) and writes <output>/model."""
+    for key in ("model_name_or_path", "revision", "trust_remote_code", "store"):
+        if key in out.flags:
+            finetune[key] = out.flags[key]
+    if (output := out.flags.get("output_path")) is not None:
+        finetune["output_path"] = f"{output}/finetuned"
+        out.flags.update(model_name_or_path=f"{output}/finetuned", output_path=f"{output}/model")
+        out.notes.append(f"output_dir: the adapter is written to {output}/finetuned (grove finetune's layout), the "
+                         f"optimized model to {output}/model")
 
 
 def _before_capture(specs: dict[str, _Pass], out: Translation) -> list[str]:
@@ -856,31 +1063,9 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
     """What a data config reference (a name in data_configs, or the config itself) amounts to for
     Grove: the file or hub table its rows are in (``--eval_data`` / ``--calibration_data``) and how
     many. Raises InvalidRequest naming the key Grove cannot read and what to write instead."""
-    if isinstance(ref, str):
-        if ref not in configs:
-            raise InvalidRequest(f"{where} {ref!r} is not among data_configs ({', '.join(configs) or 'none'})")
-        where, ref = f"data_configs.{ref}", configs[ref]
-    if not isinstance(ref, dict):
-        raise InvalidRequest(f"{where} must name a data config, or be one")
-    kind = str(ref.get("type", "DataContainer")).lower()
-    export = ("write the rows to a .jsonl, .csv or .parquet file and set load_dataset_config.data_files to it "
-              "(or pass --eval_data / --calibration_data FILE)")
-    if ref.get("user_script") or ref.get("script_dir"):
-        raise InvalidRequest(f"{where}.user_script: Grove runs no code from a config; {export}")
-    if kind in _DUMMY_CONTAINERS:
-        raise InvalidRequest(f"{where} is a {ref.get('type')}, dummy inputs without "
-                             f"{'labels' if for_labels else 'text'}; {export}")
-    if kind not in _DATA_CONTAINERS:
-        raise InvalidRequest(f"{where}.type {ref.get('type')!r}: Grove reads HuggingfaceContainer (or DataContainer) "
-                             f"data configs; {export}")
-    parts: dict[str, dict[str, Any]] = {}
-    for key, known in _COMPONENTS.items():
-        part = _object(ref.get(key), f"{where}.{key}")
-        if part.get("type") is not None and str(part["type"]) not in known:
-            raise InvalidRequest(f"{where}.{key}.type {part['type']!r} is not one of Olive's built-in components "
-                                 f"({', '.join(sorted(known))}); {export}")
-        parts[key] = {**part, **_object(part.get("params"), f"{where}.{key}.params")}
+    where, parts = _data_parts(ref, configs, where, for_labels=for_labels)
     load, pre = parts["load_dataset_config"], parts["pre_process_data_config"]
+    export = _EXPORT
     if load.get("col_filters"):
         raise InvalidRequest(f"{where}.load_dataset_config.col_filters: Grove scores every row it reads; {export}")
     split = str(load.get("split") or "validation")  # Olive's default split
@@ -905,13 +1090,7 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
     elif name in _FILE_BUILDERS:
         raise InvalidRequest(f"{where}.load_dataset_config: data_name {name!r} reads data_files, and none is set")
     else:
-        if "/" not in name and (new := _moved_dataset(name)) is not None:  # glue: the hub redirects it
-            moved = f"{where}.load_dataset_config.data_name {name!r} is {new!r} on the hub now (its redirect)"
-            name = new
-        if name.count("/") != 1:
-            asked = ", and the hub could not be asked where it moved" if "/" not in name else ""
-            raise InvalidRequest(f"{where}.load_dataset_config.data_name {name!r}: hub datasets are named org/name "
-                                 f"(GLUE is nyu-mll/glue){asked}; set that name, or data_files to a local file")
+        name, moved = _hub_name(name, where)  # glue: the hub redirects it
         if load.get("data_dir"):
             raise InvalidRequest(f"{where}.load_dataset_config.data_dir: Grove reads a hub dataset's Parquet copy by "
                                  "subset and split, not a folder of its files; set data_files to the file, "
@@ -929,6 +1108,105 @@ def _data_source(ref: object, configs: dict[str, Any], where: str, *, for_labels
                        for key in sorted(set(parts[part]) - read))
     return _Data(source, **counts, unused=tuple(f"{where}.load_dataset_config.{key}" for key in unused),
                  tokenizing=tokenizing, moved=moved)
+
+
+_EXPORT = ("write the rows to a .jsonl, .csv or .parquet file and set load_dataset_config.data_files to it "
+           "(or pass --eval_data / --calibration_data FILE)")
+
+
+def _data_parts(ref: object, configs: dict[str, Any], where: str, *,
+                for_labels: bool) -> tuple[str, dict[str, dict[str, Any]]]:
+    """A data config reference (its name in data_configs, or the config itself) as (where it is, its
+    components by key with their params merged in), refusing what Grove cannot read: loader code, a
+    dummy or custom container, a component that is not one of Olive's built-in ones."""
+    if isinstance(ref, str):
+        if ref not in configs:
+            raise InvalidRequest(f"{where} {ref!r} is not among data_configs ({', '.join(configs) or 'none'})")
+        where, ref = f"data_configs.{ref}", configs[ref]
+    if not isinstance(ref, dict):
+        raise InvalidRequest(f"{where} must name a data config, or be one")
+    kind = str(ref.get("type", "DataContainer")).lower()
+    if ref.get("user_script") or ref.get("script_dir"):
+        raise InvalidRequest(f"{where}.user_script: Grove runs no code from a config; {_EXPORT}")
+    if kind in _DUMMY_CONTAINERS:
+        raise InvalidRequest(f"{where} is a {ref.get('type')}, dummy inputs without "
+                             f"{'labels' if for_labels else 'text'}; {_EXPORT}")
+    if kind not in _DATA_CONTAINERS:
+        raise InvalidRequest(f"{where}.type {ref.get('type')!r}: Grove reads HuggingfaceContainer (or DataContainer) "
+                             f"data configs; {_EXPORT}")
+    parts: dict[str, dict[str, Any]] = {}
+    for key, known in _COMPONENTS.items():
+        part = _object(ref.get(key), f"{where}.{key}")
+        if part.get("type") is not None and str(part["type"]) not in known:
+            raise InvalidRequest(f"{where}.{key}.type {part['type']!r} is not one of Olive's built-in components "
+                                 f"({', '.join(sorted(known))}); {_EXPORT}")
+        parts[key] = {**part, **_object(part.get("params"), f"{where}.{key}.params")}
+    return where, parts
+
+
+def _hub_name(name: str, where: str) -> tuple[str, str | None]:
+    """A hub dataset's name, followed to where the hub moved it (glue -> nyu-mll/glue), and the note
+    saying so; an error when it is not org/name."""
+    moved = None
+    if "/" not in name and (new := _moved_dataset(name)) is not None:
+        moved = f"{where}.load_dataset_config.data_name {name!r} is {new!r} on the hub now (its redirect)"
+        name = new
+    if name.count("/") != 1:
+        asked = ", and the hub could not be asked where it moved" if "/" not in name else ""
+        raise InvalidRequest(f"{where}.load_dataset_config.data_name {name!r}: hub datasets are named org/name "
+                             f"(GLUE is nyu-mll/glue){asked}; set that name, or data_files to a local file")
+    return name, moved
+
+
+def _finetune_data(ref: object, configs: dict[str, Any], where: str) -> tuple[dict[str, object], list[str]]:
+    """A fine-tuning pass's data config as grove finetune's data flags (-d, its subset and split, the
+    text recipe, block length and count), and notes on what is read differently."""
+    where, parts = _data_parts(ref, configs, where, for_labels=False)
+    load, pre = parts["load_dataset_config"], parts["pre_process_data_config"]
+    notes: list[str] = []
+    if load.get("col_filters"):
+        raise InvalidRequest(f"{where}.load_dataset_config.col_filters: Grove trains on every row it reads; "
+                             f"{_EXPORT}")
+    flags: dict[str, object] = {"train_split": str(load.get("split") or "train")}
+    files, name = load.get("data_files"), load.get("data_name")
+    if isinstance(files, list):
+        files = ",".join(map(str, files))
+    if name in _FILE_BUILDERS and files:
+        flags.update(data_name=name, data_files=str(files))
+    elif files:
+        flags["data_name"] = name or str(files)
+        if name:
+            flags["data_files"] = str(files)
+    elif isinstance(name, str) and name:
+        flags["data_name"], moved = _hub_name(name, where)
+        if moved:
+            notes.append(moved)
+    else:
+        raise InvalidRequest(f"{where}.load_dataset_config names no data: set data_name (a hub dataset, org/name) "
+                             "or data_files")
+    if load.get("subset"):
+        flags["train_subset"] = str(load["subset"])
+    cols = pre.get("text_cols", pre.get("input_cols"))
+    cols = [cols] if isinstance(cols, str) else list(cols or [])
+    if pre.get("text_template"):
+        flags["text_template"] = str(pre["text_template"])
+    elif len(cols) == 1:
+        flags["text_field"] = cols[0]
+    elif cols:
+        flags["input_cols"] = cols
+    for key in ("max_seq_len", "max_samples"):
+        if pre.get(key) is not None:
+            flags[key] = pre[key]
+    if pre.get("add_special_tokens"):
+        flags["add_special_tokens"] = True
+    if pre.get("strategy") not in (None, "join"):
+        raise InvalidRequest(f"{where}.pre_process_data_config.strategy {pre['strategy']!r}: Grove joins the samples "
+                             "and cuts them into max_seq_len blocks (Olive's join); drop the key or set it to join")
+    if unused := sorted(set(pre) - {"type", "params", "text_cols", "input_cols", "text_template", "max_seq_len",
+                                    "max_samples", "add_special_tokens", "strategy"}):
+        notes.append(f"{where}.pre_process_data_config: {', '.join(unused)} not used: Grove tokenizes the rows "
+                     "itself (docs/finetune.md, Data)")
+    return flags, notes
 
 
 def _moved_dataset(name: str) -> str | None:
@@ -1037,6 +1315,8 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
         out.notes.append("packaging_config: Grove writes the output as a folder (model, genai_config or tokenizer "
                          "files, grove_report.json), not a zip")
     out.flags.update(overrides)
+    if out.finetune is not None and "model_name_or_path" in out.flags:
+        _finetune_paths(out.finetune, out)
     if require_output and "output_path" not in out.flags:
         problems.append("no output folder: set output_dir (at the top level, or under engine), or pass -o")
     if problems:

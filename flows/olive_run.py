@@ -11,6 +11,7 @@ stays in the store). ``grove run --config`` on one's own machine has none of the
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,13 @@ from prefect import flow, get_run_logger
 
 from grove.errors import InvalidRequest
 from grove.flows.auto_opt import auto_opt
+from grove.flows.finetune import finetune
 from grove.flows.launch import request_from_flags
 from grove.flows.olive_config import translate
 from grove.flows.optimize_encoder import optimize_encoder
 from grove.flows.optimize_onnx import optimize_onnx
 from grove.flows.request_encoder import EncoderOptRequest
+from grove.flows.request_finetune import FinetuneRequest
 from grove.flows.request_graph import GraphOptRequest
 
 __all__ = ["olive_run"]
@@ -40,8 +43,19 @@ def olive_run(config: dict[str, Any], output_path: str | None = None) -> dict[st
     if not output_path and flags.pop("output_path", None) is not None:
         log.info("output_dir: not used from the dashboard (a config writes only to the run's output_path); the "
                  "output stays in the store, linked from this run's page")
-    confine_paths(flags, output_path)
+    confine_paths({**flags, **{k: v for k, v in (translation.finetune or {}).items() if k in _READS}}, output_path)
     log.info("the config is: %s", translation.command())
+    if translation.finetune is None:
+        return _optimize(flags)
+    with tempfile.TemporaryDirectory(prefix="grove-olive-run-") as scratch:
+        tuning = {**translation.finetune}
+        if not output_path:  # the adapter's folder for auto-opt to read; its nodes' outputs stay in the store
+            tuning["output_path"] = flags["model_name_or_path"] = str(Path(scratch) / "finetuned")
+        finetune(FinetuneRequest(**tuning))
+        return _optimize(flags)
+
+
+def _optimize(flags: dict[str, Any]) -> dict[str, object]:
     request, _ = request_from_flags(flags)
     if isinstance(request, EncoderOptRequest):
         return optimize_encoder(request)
@@ -50,7 +64,7 @@ def olive_run(config: dict[str, Any], output_path: str | None = None) -> dict[st
     return auto_opt(request)
 
 
-_READS = ("model_name_or_path", "eval_data", "calibration_data")
+_READS = ("model_name_or_path", "eval_data", "calibration_data", "data_name", "data_files")
 
 
 def confine_paths(flags: dict[str, Any], output_path: str | None) -> None:

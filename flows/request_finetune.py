@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from grove.errors import InvalidRequest
 from grove.store import default_store_uri
 
-__all__ = ["FinetuneRequest", "training_arguments"]
+__all__ = ["FinetuneRequest", "split_rows", "training_arguments"]
 
 
 class FinetuneRequest(BaseModel):
@@ -29,8 +30,9 @@ class FinetuneRequest(BaseModel):
     trust_remote_code: bool = Field(False, description="Olive's flag, accepted: every architecture Grove supports is "
                                     "native to transformers, so no model code from the hub runs either way")
     store: str = Field(default_factory=default_store_uri, description="artifact store URI (file path or s3://)")
-    method: Literal["lora", "qlora"] = Field("lora", description="lora, or qlora (a 4-bit base through bitsandbytes: "
-                                             "needs a CUDA GPU)")
+    method: Literal["lora", "qlora", "dora", "loha", "lokr"] = Field(
+        "lora", description="lora; qlora (lora on a 4-bit base through bitsandbytes: needs a CUDA GPU); dora, loha or "
+        "lokr (peft's DoRA, LoHa, LoKr: merged into the weights when optimized, not switchable)")
     lora_r: int = Field(64, ge=1, description="LoRA rank (Olive's default)")
     lora_alpha: float = Field(16, gt=0, description="LoRA alpha: the update is scaled by alpha / r (Olive's default)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path (Olive's default)")
@@ -45,9 +47,11 @@ class FinetuneRequest(BaseModel):
                            "a builder with --data_files (json, csv, parquet, text), or a file or folder (local or "
                            "s3://) of JSON lines, JSON, CSV, Parquet or text")
     train_subset: str | None = Field(None, description="hub dataset subset (config) to train on")
-    train_split: str = Field("train", description="split to train on")
+    train_split: str = Field("train", description="split to train on; a slice of its rows as datasets writes it: "
+                             "train[:4096], train[10%:20%]")
     eval_subset: str | None = Field(None, description="subset to evaluate on (default: the training subset)")
-    eval_split: str = Field("", description="split to evaluate on; none: a held-out slice of the training blocks")
+    eval_split: str = Field("", description="split to evaluate on (a slice too: train[4096:4224]); none: a "
+                            "held-out slice of the training blocks")
     data_files: str | None = Field(None, description="data files, comma-separated: local or s3:// paths with a "
                                    "builder (-d json), or paths in a hub dataset's repo")
     text_field: str | None = Field(None, description="the column holding each row's text")
@@ -82,6 +86,13 @@ class FinetuneRequest(BaseModel):
     def _known_arguments(cls, value: dict[str, Any]) -> dict[str, Any]:
         return training_arguments(value)
 
+    @field_validator("train_split", "eval_split")
+    @classmethod
+    def _split(cls, value: str) -> str:
+        if value:
+            split_rows(value)  # a malformed slice: one error naming the form
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneRequest:
         from grove.tasks._finetune_data import check_text_recipe, template_fields
@@ -99,15 +110,17 @@ class FinetuneRequest(BaseModel):
 
         files = self.data_files.split(",") if self.data_files else []
         if which == "train":
-            return data_files(self.data_name, self.train_split, self.train_subset, files)
+            return data_files(self.data_name, split_rows(self.train_split)[0], self.train_subset, files)
         if not self.eval_split:
             return []
-        return data_files(self.data_name, self.eval_split, self.eval_subset or self.train_subset, files)
+        return data_files(self.data_name, split_rows(self.eval_split)[0], self.eval_subset or self.train_subset, files)
 
     def prepare(self, train_files: list[str], eval_files: list[str], data_sha256: str) -> Any:
         from grove.tasks.prepare_data import PrepareDataConfig
 
-        return PrepareDataConfig(train_files=train_files, eval_files=eval_files, data_sha256=data_sha256,
+        rows = {"train_rows": split_rows(self.train_split)[1],
+                "eval_rows": split_rows(self.eval_split)[1] if self.eval_split else None}
+        return PrepareDataConfig(**rows, train_files=train_files, eval_files=eval_files, data_sha256=data_sha256,
                                  text_field=self.text_field, text_template=self.text_template,
                                  use_chat_template=self.use_chat_template, input_cols=self.input_cols,
                                  train_on_responses=self.train_on_responses, max_seq_len=self.max_seq_len,
@@ -135,6 +148,19 @@ class FinetuneRequest(BaseModel):
                            bf16_autocast=not cuda and dtype == "float32" and cpu_has_bf16(),
                            gradient_checkpointing=checkpointing[-1] if checkpointing else cuda, training_args=args,
                            checkpoint_steps=checkpoint_steps, log_steps=log_steps)
+
+
+_SLICE = re.compile(r"(?P<split>[A-Za-z0-9_.-]+)(?:\[(?P<rows>-?\d*%?:-?\d*%?)\])?")
+
+
+def split_rows(split: str) -> tuple[str, str | None]:
+    """A split as ``datasets`` writes it, ``train`` or ``train[:4096]`` / ``train[10%:20%]``: the split's
+    name and its rows' slice (``":4096"``, None for every row)."""
+    match = _SLICE.fullmatch(split.strip())
+    if match is None:
+        raise ValueError(f"split {split!r}: write a split's name, or a slice of its rows as datasets does "
+                         "(train[:4096], train[100:200], train[:10%])")
+    return match["split"], match["rows"] if match["rows"] not in (None, ":") else None
 
 
 def training_arguments(given: dict[str, Any]) -> dict[str, Any]:

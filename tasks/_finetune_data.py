@@ -27,7 +27,7 @@ from typing import Any
 from grove.errors import InvalidRequest
 
 __all__ = ["BUILDERS", "Blocks", "Sample", "check_text_recipe", "data_files", "data_sha256", "read_rows", "render",
-           "template_fields", "token_blocks"]
+           "row_slice", "template_fields", "token_blocks"]
 
 # The ``datasets`` builders Olive's ``-d`` takes with --data_files, and the file suffixes each reads.
 BUILDERS = {"json": (".json", ".jsonl"), "csv": (".csv",), "parquet": (".parquet",), "text": (".txt", ".text")}
@@ -65,6 +65,20 @@ def data_files(data_name: str, split: str, subset: str | None, files: Sequence[s
         return [f"hf://datasets/{data_name}/{f.lstrip('/')}" for f in files]
     # The hub's Parquet copy of every public dataset: <subset>/<split>/NNNN.parquet, one file per shard.
     return [f"hf://datasets/{data_name}@refs/convert/parquet/{subset or 'default'}/{split}/*.parquet"]
+
+
+def row_slice(rows: str, total: int) -> slice:
+    """``datasets``' slice of a split (``:4096``, ``100:200``, ``10%:20%``, negative from the end) over
+    ``total`` rows; a percentage rounds to the closest row, as datasets' default rounding does."""
+    def bound(text: str) -> int | None:
+        if not text:
+            return None
+        if text.endswith("%"):
+            return round(total * int(text[:-1]) / 100)
+        return int(text)
+
+    start, _, stop = rows.partition(":")
+    return slice(bound(start), bound(stop))
 
 
 def _local_or_uri(name: str) -> str:

@@ -22,9 +22,9 @@ import numpy as np
 
 from grove.errors import InvalidRequest
 
-__all__ = ["ADAPTER_FILE", "LAYOUT_FILE", "RANK_DIM", "adapter_tensors", "builder_names", "fuse_lora_groups",
-           "fused_tensors", "graph_lora_names", "make_switchable", "read_adapter", "read_layout", "save_tensors",
-           "write_adapter"]
+__all__ = ["ADAPTER_FILE", "LAYOUT_FILE", "MERGEABLE", "RANK_DIM", "adapter_kind", "adapter_tensors", "builder_names",
+           "fuse_lora_groups", "fused_tensors", "graph_lora_names", "make_switchable", "read_adapter", "read_layout",
+           "save_tensors", "write_adapter"]
 
 ADAPTER_FILE = "adapter_weights.onnx_adapter"
 RANK_DIM = "lora_r"
@@ -71,8 +71,21 @@ def make_switchable(model: Any) -> dict[str, np.ndarray]:
     return taken
 
 
-def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """A peft adapter folder: its config and its weights (fp32 numpy)."""
+# peft's adapter types that merge into the base (merge_and_unload), as Grove names them.
+MERGEABLE = ("lora", "dora", "loha", "lokr")
+
+
+def adapter_kind(config: dict[str, Any]) -> str:
+    """An adapter_config.json's method: lora, dora (a LoRA config with use_dora), loha, lokr, or
+    peft's own name of another type, lower case."""
+    kind = str(config.get("peft_type", "")).lower()
+    return "dora" if kind == "lora" and config.get("use_dora") else kind
+
+
+def read_adapter(folder: Path, *, switchable: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A peft adapter folder: its config and its weights (fp32 numpy). ``switchable``: it must be a
+    plain LoRA (low-rank A and B matrices, what a graph's LoRA inputs carry); otherwise any adapter
+    peft merges into the weights (LoRA, DoRA, LoHa, LoKr)."""
     from safetensors.numpy import load_file
 
     config_path = folder / "adapter_config.json"
@@ -81,8 +94,14 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     except (OSError, ValueError) as exc:
         raise InvalidRequest(f"{folder} is not a peft adapter folder ({config_path.name}: {exc}); pass the folder "
                              "holding adapter_config.json and adapter_model.safetensors") from exc
-    if str(config.get("peft_type", "")).upper() != "LORA":
-        raise InvalidRequest(f"{folder}: a {config.get('peft_type')} adapter; Grove reads LoRA adapters")
+    kind = adapter_kind(config)
+    if kind not in MERGEABLE:
+        raise InvalidRequest(f"{folder}: a {config.get('peft_type')} adapter; Grove reads LoRA, DoRA, LoHa and LoKr "
+                             "adapters")
+    if switchable and kind != "lora":
+        raise InvalidRequest(f"{folder}: a {kind} adapter cannot be kept switchable (a graph's LoRA inputs carry the "
+                             f"low-rank A and B of a plain LoRA; {kind}'s update is not of that form); merge it into "
+                             "the weights instead (--merge_adapter)")
     weights_path = folder / "adapter_model.safetensors"
     if not weights_path.exists():
         raise InvalidRequest(f"{folder} has no adapter_model.safetensors; save the adapter with peft's "

@@ -15,7 +15,7 @@ from grove.artifacts import Artifact, Source, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, run_node
 from grove.store import sha256_file
-from grove.tasks._onnx_adapter import read_adapter
+from grove.tasks._onnx_adapter import adapter_kind, read_adapter
 
 __all__ = ["ADAPTER_FILES", "ImportAdapterConfig", "import_adapter", "resolve_adapter"]
 
@@ -28,18 +28,19 @@ class ImportAdapterConfig(StepConfig):
 
 
 def resolve_adapter(path: str) -> Source:
-    """A local adapter folder pinned by its files' sha256 (the adapter's identity in every later key).
-    Raises InvalidRequest when it is not a LoRA adapter folder."""
+    """A local adapter folder pinned by its files' sha256 (the adapter's identity in every later key);
+    its model_type is the adapter's method (lora, dora, loha, lokr). Raises InvalidRequest when it is
+    not an adapter folder peft can merge."""
     folder = _s3_copy(path) if path.startswith("s3://") else Path(path).expanduser().resolve()
     if not folder.is_dir():
         raise InvalidRequest(f"--adapter_path {path}: no such folder; pass the folder holding adapter_config.json "
                              "and adapter_model.safetensors")
-    config, _ = read_adapter(folder)
+    config, _ = read_adapter(folder, switchable=False)
     digest = hashlib.sha256()
     for name in ADAPTER_FILES:
         digest.update(f"{name}\0{sha256_file(folder / name)}\n".encode())
     return Source(kind="local", location=str(folder), digest=digest.hexdigest(), files=list(ADAPTER_FILES),
-                  model_type="lora", architectures=[str(config.get("base_model_name_or_path") or "")])
+                  model_type=adapter_kind(config), architectures=[str(config.get("base_model_name_or_path") or "")])
 
 
 @task(name="import-adapter", cache_policy=RECIPE_CACHE)

@@ -41,6 +41,16 @@ class PrepareDataConfig(StepConfig):
     max_eval_samples: int = Field(32, ge=1, description="evaluation blocks at most")
     holdout: float = Field(0.1, gt=0, lt=1, description="share of the blocks held out for evaluation when there "
                            "is no evaluation split")
+    train_rows: str | None = Field(None, description="a slice of the training split's rows, as datasets writes it "
+                                   "(':4096', '10%:20%'); None: every row")
+    eval_rows: str | None = Field(None, description="a slice of the evaluation split's rows")
+
+    def recipe(self) -> dict[str, object]:
+        recipe = super().recipe()
+        for key in ("train_rows", "eval_rows"):  # unset: the keys of the stores written before slices existed
+            if recipe[key] is None:
+                del recipe[key]
+        return recipe
 
     @model_validator(mode="after")
     def _one_text_recipe(self) -> PrepareDataConfig:
@@ -65,12 +75,13 @@ def _prepare(inputs: list[Path], config: PrepareDataConfig, out: Path) -> dict[s
 
     (model_dir,) = inputs
     tokenizer = _tokenizer(model_dir, config.use_chat_template)
-    train = _blocks(config.train_files, config, tokenizer, config.max_samples)
+    train = _blocks(config.train_files, config.train_rows, config, tokenizer, config.max_samples)
     if not train.input_ids:
         raise InvalidRequest(f"-d: the training data gave no tokens to train on ({train.samples} rows); check "
                                 "the data and the text recipe")
     if config.eval_files:
-        evaluation, eval_on = _blocks(config.eval_files, config, tokenizer, config.max_eval_samples), "eval split"
+        evaluation = _blocks(config.eval_files, config.eval_rows, config, tokenizer, config.max_eval_samples)
+        eval_on = "eval split"
     elif len(train.input_ids) >= 2:  # the tail of the training blocks, never trained on
         held = min(config.max_eval_samples, max(1, math.ceil(len(train.input_ids) * config.holdout)))
         evaluation = fd.Blocks(train.input_ids[-held:], train.labels[-held:], train.attention_mask[-held:],
@@ -101,10 +112,13 @@ def _tokenizer(model_dir: Path, chat: bool) -> Any:
     return tokenizer
 
 
-def _blocks(files: list[str], config: PrepareDataConfig, tokenizer: Any, max_blocks: int) -> fd.Blocks:
+def _blocks(files: list[str], rows_slice: str | None, config: PrepareDataConfig, tokenizer: Any,
+            max_blocks: int) -> fd.Blocks:
     rows = fd.read_rows(files)
+    if rows_slice is not None:
+        rows = rows[fd.row_slice(rows_slice, len(rows))]
     if not rows:
-        raise InvalidRequest(f"-d: {', '.join(files)} holds no rows")
+        raise InvalidRequest(f"-d: {', '.join(files)} holds no rows{f' in [{rows_slice}]' if rows_slice else ''}")
     samples = fd.render(rows, text_field=config.text_field, text_template=config.text_template,
                         chat=tokenizer if config.use_chat_template else None, input_cols=config.input_cols,
                         train_on_responses=config.train_on_responses)

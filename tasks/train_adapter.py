@@ -30,8 +30,8 @@ from grove.node import RECIPE_CACHE, node_logger, node_scratch, report_progress,
 from grove.tasks._checkpoints import StoreCheckpoints
 from grove.tasks.prepare_data import load_blocks
 
-__all__ = ["OLIVE_TRAINING_DEFAULTS", "TrainConfig", "cpu_has_bf16", "linear_names", "resolve_targets", "skeleton",
-           "train_adapter"]
+__all__ = ["OLIVE_TRAINING_DEFAULTS", "TrainConfig", "cpu_has_bf16", "linear_names", "peft_config", "resolve_targets",
+           "skeleton", "train_adapter"]
 
 # Olive's HFTrainingArguments defaults (olive/passes/pytorch/lora.py), where they differ from transformers'.
 # Olive's warmup_ratio 0.03: transformers 5 reads a warmup_steps below 1 as that ratio (warmup_ratio is gone).
@@ -50,7 +50,8 @@ class TrainConfig(StepConfig):
     VERSION = 1
     # Trains anywhere, much faster on a GPU: dispatched to a gpu pool while one has a live worker.
     PREFERS: ClassVar[Device | None] = "gpu"
-    method: Literal["lora", "qlora"] = "lora"
+    method: Literal["lora", "qlora", "dora", "loha", "lokr"] = Field("lora", description="the adapter: lora, qlora "
+                                                                    "(lora on a 4-bit base), dora, loha or lokr")
     lora_r: int = Field(64, ge=1)
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -146,7 +147,7 @@ def skeleton(source: Any) -> Any | None:
 
 def _train(inputs: list[Path], config: TrainConfig, out: Path) -> dict[str, object]:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator, set_seed
 
     model_dir, data_dir = inputs
@@ -155,10 +156,7 @@ def _train(inputs: list[Path], config: TrainConfig, out: Path) -> dict[str, obje
     set_seed(int(config.training_args.get("seed", 42)))  # LoRA's A starts random: the same seed, the same adapter
     model = _load_base(model_dir, config, cuda)
     targets = resolve_targets(model, config.target_modules)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft takes a float
-                      lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, peft_config(config, targets))
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointing a frozen base needs its inputs to carry gradients
     train = load_blocks(data_dir, "train")
@@ -192,12 +190,29 @@ def _train(inputs: list[Path], config: TrainConfig, out: Path) -> dict[str, obje
     return metrics
 
 
+def peft_config(config: TrainConfig, targets: list[str] | str) -> Any:
+    """peft's config for the method: LoRA (and QLoRA, LoRA on a 4-bit base), DoRA (LoRA whose update is
+    split into a magnitude and a direction, peft's use_dora), LoHa (a Hadamard product of two low-rank
+    pairs) or LoKr (a Kronecker product). The rank and alpha mean what Olive's passes of those names
+    give peft; LoRA's dropout applies to LoRA and DoRA (LoHa and LoKr keep peft's rank and module
+    dropout, 0, as Olive's passes do)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if config.method in ("loha", "lokr"):
+        cls = LoHaConfig if config.method == "loha" else LoKrConfig
+        return cls(r=config.lora_r, alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft takes a float
+                   target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft takes a float
+                      lora_dropout=config.lora_dropout, use_dora=config.method == "dora",
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+
+
 def _load_base(model_dir: Path, config: TrainConfig, cuda: bool) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, config.torch_dtype)
-    if config.method == "lora":
+    if config.method != "qlora":
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     if not cuda:
         raise InvalidRequest("--method qlora loads the base in 4 bits with bitsandbytes, which needs a CUDA GPU and "

@@ -32,7 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         expanded = _expand_run(argv)
         if isinstance(expanded, int):
             return expanded
-        argv = expanded
+        *before, argv = expanded
+        for step in before:  # a fine-tuning config: grove finetune first
+            if code := main(step):
+                return code
     if argv[:1] == ["finetune"]:  # every flag it does not know is one of transformers' TrainingArguments
         args, unknown = parser.parse_known_args(argv)
         try:
@@ -64,7 +67,11 @@ def entry() -> None:
         if isinstance(expanded, int):
             wind_down()
             os._exit(expanded)
-        argv = expanded
+        *before, argv = expanded
+        for step in before:  # a fine-tuning config: grove finetune first, in this process
+            if code := main(step):
+                wind_down()
+                os._exit(code)
     if argv[:1] == ["auto-opt"] and not {"-h", "--help"} & set(argv):
         from grove.shell import warm
 
@@ -226,9 +233,10 @@ def _auto_opt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand_run(argv: list[str]) -> list[str] | int:
-    """``grove run --config F ...`` as the auto-opt argv it amounts to (the notes and the command
-    printed to stderr), or an exit code: 0 after --dry-run, 2 for a config Grove cannot honour."""
+def _expand_run(argv: list[str]) -> list[list[str]] | int:
+    """``grove run --config F ...`` as the commands it amounts to, in order (the auto-opt argv, after
+    grove finetune's for a config with a fine-tuning pass; the notes and the commands printed to
+    stderr), or an exit code: 0 after --dry-run, 2 for a config Grove cannot honour."""
     from grove.flows.olive_config import load, translate
 
     args = _parser().parse_args(argv)
@@ -245,7 +253,9 @@ def _expand_run(argv: list[str]) -> list[str] | int:
     if args.dry_run:
         print(translation.command())
         return 0
-    return ["auto-opt", *translation.argv()]
+    finetune = [["finetune", *translation.finetune_argv(), "--log_level", str(translation.flags.get("log_level", 1))]
+                ] if translation.finetune is not None else []
+    return [*finetune, ["auto-opt", *translation.argv()]]
 
 
 def _server(args: argparse.Namespace) -> int:

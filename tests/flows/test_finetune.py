@@ -428,3 +428,47 @@ def test_a_fleet_serves_base_plus_adapter_and_refreshes_when_the_adapter_changes
     before = read_latest(store, "helper", "cpu")
     assert statuses() == {"tutor": "unchanged", "helper": "refreshed", "plain": "unchanged"}
     assert read_latest(store, "helper", "cpu")["version"] != before["version"]
+
+
+@pytest.mark.parametrize(("pass_type", "peft_type"), [("LoKr", "LOKR"), ("DoRA", "LORA")])
+def test_a_recipe_with_a_fine_tuning_pass_trains_then_optimizes_the_merged_model(
+        pass_type: str, peft_type: str, tiny_llama: Path, tmp_path: Path, store: str) -> None:
+    """olive-recipes' lokr.json / dora.json layout (a fine-tuning pass on a slice of a split, the capture passes,
+    ModelBuilder metadata_only), on a tiny llama and local rows: grove run trains the adapter with that method
+    (peft's LoKr, or LoRA with DoRA's magnitude), evaluates it on the eval slice, merges it and writes a model
+    onnxruntime-genai runs; the run's output answers like the merged PyTorch model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", dolly_rows(48))
+    data = {"type": "HuggingfaceContainer", "load_dataset_config": {"data_name": "json", "data_files": str(rows)},
+            "pre_process_data_config": {"text_template": TEMPLATE.replace("\\n", "\n"), "max_seq_len": 64}}
+    config = {"input_model": {"type": "HfModel", "model_path": str(tiny_llama)}, "output_dir": str(tmp_path / "m"),
+              "data_configs": [{**data, "name": "train", "load_dataset_config": {
+                  **data["load_dataset_config"], "split": "train[:40]"}},
+                  {**data, "name": "eval", "load_dataset_config": {**data["load_dataset_config"],
+                                                                   "split": "train[40:48]"}}],
+              "passes": {"f": {"type": pass_type, "train_data_config": "train", "eval_data_config": "eval", "r": 4,
+                               "alpha": 8, "torch_dtype": "float32", "training_args": {"max_steps": 6,
+                                                                                       "learning_rate": 1e-3}},
+                         "c": {"type": "OnnxConversion"},
+                         "m": {"type": "ModelBuilder", "metadata_only": True, "precision": "fp32"}}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    result = grove_cli("run", "--config", str(path), "--store", store)
+    assert result.returncode == 0, result.stderr[-4000:]
+    adapter = tmp_path / "m" / "finetuned" / "adapter"
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == peft_type and adapter_config.get("use_dora", False) == (pass_type == "DoRA")
+    trained = json.loads((tmp_path / "m" / "finetuned" / "grove_report.json").read_text())["metrics"]
+    assert trained["steps"] == 6 and trained["eval_on"] == "eval split", trained
+    out = tmp_path / "m" / "model"
+    report = json.loads((out / "grove_report.json").read_text())
+    assert [s["node"] for s in report["lineage"]][:3] == ["download-model", "import-adapter", "merge-adapter"]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+    ids = [5, 17, 42, 9, 11]
+    with torch.no_grad():
+        expected = merged(torch.tensor([ids])).logits[0, -1].numpy()
+    np.testing.assert_allclose(_genai_logits(out, ids)[-1], expected, atol=2e-3)

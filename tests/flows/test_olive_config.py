@@ -436,6 +436,8 @@ def test_what_grove_does_differently_is_said_before_the_run(tmp_path: Path, caps
 
 _MODEL = {"type": "HfModel", "model_path": "some/model"}
 _INT4 = {"mb": {"type": "ModelBuilder", "precision": "int4"}}
+_TRAIN = {"name": "train", "type": "HuggingfaceContainer", "load_dataset_config": {
+    "data_name": "timdettmers/openassistant-guanaco", "split": "train[:4096]"}}
 # Olive's own data config example: GLUE MRPC's validation split scored for accuracy.
 _MRPC = {"name": "mrpc", "type": "HuggingfaceContainer",
          "load_dataset_config": {"data_name": "nyu-mll/glue", "subset": "mrpc", "split": "validation"},
@@ -555,10 +557,30 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
 
 @pytest.mark.parametrize(("config", "expected"), [
     ({"input_model": _MODEL, "passes": {"ft": {"type": "LoRA"}}, "output_dir": "o"},
-     "passes ft (LoRA): fine-tuning passes are not supported by grove run yet: fine-tune with Olive or PEFT, merge "
-     "the adapter"),
+     "passes.ft.train_data_config: Field required"),
+    ({"input_model": _MODEL, "passes": {"ft": {"type": "LoftQ"}}, "output_dir": "o"},
+     "passes ft (LoftQ): LoftQ's quantization-aware initialization is not in Grove: use a QLoRA pass"),
+    ({"input_model": _MODEL, "output_dir": "o", "data_configs": [_TRAIN], "passes": {
+        "ft": {"type": "LoHa", "train_data_config": "train"}, "e": {"type": "ExtractAdapters"}}},
+     "passes.e (ExtractAdapters): a loha adapter cannot be kept switchable (a graph input carries a plain LoRA's A "
+     "and B); drop ExtractAdapters to merge it into the weights"),
+    ({"input_model": _MODEL, "output_dir": "o", "data_configs": [_TRAIN], "passes": {
+        "ft": {"type": "LoRA", "train_data_config": "train", "training_args": {"max_step": 3}}}},
+     "passes.ft.training_args: --max_step is neither a grove finetune flag nor a transformers TrainingArguments field; did you "
+     "mean --max_steps"),
+    ({"input_model": _MODEL, "output_dir": "o", "data_configs": [_TRAIN, {**_TRAIN, "name": "other",
+                                                                          "load_dataset_config": {"data_name": "a/b"}}],
+      "passes": {"ft": {"type": "DoRA", "train_data_config": "train", "eval_data_config": "other"}}},
+     "passes.ft.eval_data_config reads a/b, another dataset than train_data_config's timdettmers/openassistant-"
+     "guanaco: Grove evaluates on a split of the training dataset"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"e": {"type": "ExtractAdapters"}}},
+     "passes.e: no fine-tuning pass (LoRA, QLoRA, DoRA, LoHa, LoKr) makes an adapter for it"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "ModelBuilder", "metadata_only": True}}},
+     "passes.m.metadata_only: writes only the genai config of the ONNX model an earlier OnnxConversion made, and "
+     "there is none"),
     ({"input_model": _MODEL, "passes": {"x": {"type": "SparseGPT"}}, "output_dir": "o"},
-     "passes x (SparseGPT): not read by Grove, which reads Gptq, ModelBuilder, OnnxBlockWiseRtnQuantization"),
+     "passes x (SparseGPT): not read by Grove, which reads DoRA, ExtractAdapters, Gptq, LoHa, LoKr, LoRA, "
+     "MergeAdapterWeights, ModelBuilder, OnnxBlockWiseRtnQuantization"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {  # a recent olive-recipes layout, all reported at once
         "s": {"type": "SelectiveMixedPrecision"}, "g": {"type": "gptq", "bits": 4}, "r": {"type": "rtn"},
         "m": {"type": "ModelBuilder", "precision": "int4", "int4_block": 32},
@@ -641,7 +663,7 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
       "log_severity_level": 7, "systems": {"s": {"type": "LocalSystem", "accelerators": [
           {"device": "npu", "execution_providers": ["VitisAIExecutionProvider"]}]}}},  # every part's problem at once
      "systems.s.accelerators[0].device 'npu': Grove targets cpu or gpu; passes fix (DynamicToFixedShape): not read "
-     "by Grove, which reads Gptq, ModelBuilder, "),
+     "by Grove, which reads DoRA, ExtractAdapters, Gptq, "),
     ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "systems": {"aml": {"type": "AzureML"}}},
      "systems.aml.type 'AzureML': Grove runs where it is started, or on its Prefect work pools"),
     ({"input_model": _MODEL, "passes": _INT4, "engine": {"target": "gpu_system", "output_dir": "o"}},
@@ -677,3 +699,49 @@ def test_a_config_file_that_cannot_be_read_is_one_error(tmp_path: Path, capsys: 
         assert main(["run", "--config", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"grove: error: {path}: config file {path} {expected}"), err
+
+
+def test_a_fine_tuning_recipe_is_grove_finetune_then_auto_opt_of_its_output(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """olive-recipes' LoRA layout (a fine-tuning pass, the capture passes, ModelBuilder metadata_only,
+    ExtractAdapters): grove finetune with the pass's options and data, then auto-opt of its output with the
+    adapter kept switchable; without ExtractAdapters, merged."""
+    from grove.shell.cli import main
+
+    passes = {"l": {"type": "LoRA", "train_data_config": "train", "eval_data_config": "eval", "r": 8, "alpha": 16,
+                    "target_modules": ["q_proj", "k_proj"], "torch_dtype": "float32",
+                    "training_args": {"per_device_train_batch_size": 4, "max_steps": 30, "learning_rate": 1e-4}},
+              "c": {"type": "OnnxConversion", "torch_dtype": "float32"},
+              "e": {"type": "ExtractAdapters"},
+              "m": {"type": "ModelBuilder", "metadata_only": True, "precision": "fp32"}}
+    config = {"input_model": _MODEL, "output_dir": "models", "passes": passes, "data_configs": [
+        {**_TRAIN, "pre_process_data_config": {"text_cols": ["text"], "max_seq_len": 128, "strategy": "join"}},
+        {**_TRAIN, "name": "eval", "load_dataset_config": {"data_name": "timdettmers/openassistant-guanaco",
+                                                           "split": "train[4096:4224]"}}]}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    finetune, auto_opt = out.strip().split(" && ")
+    assert finetune == ("grove finetune --model_name_or_path some/model --output_path models/finetuned --train_split "
+                        "'train[:4096]' --data_name timdettmers/openassistant-guanaco --text_field text "
+                        "--max_seq_len 128 --method lora --lora_r 8 --lora_alpha 16.0 --lora_dropout 0.05 "
+                        "--target_modules q_proj,k_proj --torch_dtype float32 --eval_split 'train[4096:4224]' "
+                        "--batch_size 4 --max_steps 30 --learning_rate 0.0001"), finetune
+    assert auto_opt == ("grove auto-opt --model_name_or_path models/finetuned --output_path models/model "
+                        "--precision fp32"), auto_opt
+    assert "the adapter stays switchable" in err and "metadata_only: Grove's builder writes the graph" in err, err
+    del passes["e"]
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip().endswith("--precision fp32 --merge_adapter")
+
+
+def test_a_split_slice_reads_the_rows_datasets_would() -> None:
+    from grove.flows.request_finetune import split_rows
+    from grove.tasks._finetune_data import row_slice
+
+    rows = list(range(200))
+    assert split_rows("train") == ("train", None) and split_rows("train[:]") == ("train", None)
+    assert split_rows("train[4096:4224]") == ("train", "4096:4224")
+    assert rows[row_slice(":50", 200)] == rows[:50] and rows[row_slice("10%:20%", 200)] == rows[20:40]
+    assert rows[row_slice("-5:", 200)] == rows[-5:]
+    with pytest.raises(ValueError, match=r"split 'train\[:4k\]': write a split's name, or a slice of its rows"):
+        split_rows("train[:4k]")
