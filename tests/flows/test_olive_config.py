@@ -566,8 +566,8 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "and B); drop ExtractAdapters to merge it into the weights"),
     ({"input_model": _MODEL, "output_dir": "o", "data_configs": [_TRAIN], "passes": {
         "ft": {"type": "LoRA", "train_data_config": "train", "training_args": {"max_step": 3}}}},
-     "passes.ft.training_args: --max_step is neither a grove finetune flag nor a transformers TrainingArguments field; did you "
-     "mean --max_steps"),
+     "passes.ft.training_args: --max_step is neither a grove finetune flag nor a transformers TrainingArguments "
+     "field; did you mean --max_steps"),
     ({"input_model": _MODEL, "output_dir": "o", "data_configs": [_TRAIN, {**_TRAIN, "name": "other",
                                                                           "load_dataset_config": {"data_name": "a/b"}}],
       "passes": {"ft": {"type": "DoRA", "train_data_config": "train", "eval_data_config": "other"}}},
