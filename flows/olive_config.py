@@ -504,8 +504,8 @@ class QLoRA(LoRA):
 class _Lycoris(LoRA):
     """DoRA, LoHa, LoKr: peft's options of these passes, at peft's defaults (what Grove trains with)."""
 
-    rank_dropout: Literal[0, 0.0] = Field(0.0, description="Grove trains with peft's default (0)")
-    module_dropout: Literal[0, 0.0] = Field(0.0, description="Grove trains with peft's default (0)")
+    rank_dropout: float = Field(0.0, ge=0, le=0, description="Grove trains with peft's default (0)")
+    module_dropout: float = Field(0.0, ge=0, le=0, description="Grove trains with peft's default (0)")
     use_effective_conv2d: bool | None = Field(None, description="convolutions: not in the decoders Grove trains")
     exclude_modules: None = Field(None, description="name the modules to adapt in target_modules instead")
     init_weights: Literal[True] = Field(True, description="Grove trains from peft's initialization")

@@ -69,9 +69,9 @@ def entry() -> None:
             os._exit(expanded)
         *before, argv = expanded
         for step in before:  # a fine-tuning config: grove finetune first, in this process
-            if code := main(step):
+            if failed := main(step):
                 wind_down()
-                os._exit(code)
+                os._exit(failed)
     if argv[:1] == ["auto-opt"] and not {"-h", "--help"} & set(argv):
         from grove.shell import warm
 
