@@ -1151,6 +1151,10 @@ def _hub_name(name: str, where: str) -> tuple[str, str | None]:
     if "/" not in name and (new := _moved_dataset(name)) is not None:
         moved = f"{where}.load_dataset_config.data_name {name!r} is {new!r} on the hub now (its redirect)"
         name = new
+    elif "/" not in name and name in _MOVED_IN_2024:
+        moved = (f"{where}.load_dataset_config.data_name {name!r} is {_MOVED_IN_2024[name]!r} on the hub now (the hub "
+                 "could not be asked: from Grove's list of the datasets the hub moved under their authors in 2024)")
+        name = _MOVED_IN_2024[name]
     if name.count("/") != 1:
         asked = ", and the hub could not be asked where it moved" if "/" not in name else ""
         raise InvalidRequest(f"{where}.load_dataset_config.data_name {name!r}: hub datasets are named org/name "
@@ -1207,6 +1211,14 @@ def _finetune_data(ref: object, configs: dict[str, Any], where: str) -> tuple[di
         notes.append(f"{where}.pre_process_data_config: {', '.join(unused)} not used: Grove tokenizes the rows "
                      "itself (docs/finetune.md, Data)")
     return flags, notes
+
+
+# The hub moved its canonical datasets (no org in the name) under their authors' orgs in 2024, and
+# answers the old names with a redirect. Offline (a dry run on a machine without the hub) the redirect
+# cannot be asked for: these are the moves of the datasets olive-recipes and Olive's docs name.
+_MOVED_IN_2024 = {"glue": "nyu-mll/glue", "squad": "rajpurkar/squad", "imdb": "stanfordnlp/imdb",
+                  "wikitext": "Salesforce/wikitext", "speech_commands": "google/speech_commands",
+                  "cnn_dailymail": "abisee/cnn_dailymail", "c4": "allenai/c4", "gsm8k": "openai/gsm8k"}
 
 
 def _moved_dataset(name: str) -> str | None:

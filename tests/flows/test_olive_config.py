@@ -618,8 +618,8 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "file and set load_dataset_config.data_files to it"),
     ({**_EVAL, "data_configs": [{"name": "mrpc", "type": "TransformersDummyDataContainer"}]},
      "data_configs.mrpc is a TransformersDummyDataContainer, dummy inputs without labels"),
-    ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_name": "glue", "subset": "mrpc"}}]},
-     "data_configs.mrpc.load_dataset_config.data_name 'glue': hub datasets are named org/name (GLUE is "
+    ({**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_name": "my_glue", "subset": "mrpc"}}]},
+     "data_configs.mrpc.load_dataset_config.data_name 'my_glue': hub datasets are named org/name (GLUE is "
      "nyu-mll/glue), and the hub could not be asked where it moved; set that name"),  # offline
     ({**_EVAL, "data_configs": [{**_MRPC, "pre_process_data_config": {"input_cols": ["title", "body", "tags"]}}]},
      "data_configs.mrpc.pre_process_data_config.input_cols ['title', 'body', 'tags']: Grove reads one text column "
@@ -745,3 +745,18 @@ def test_a_split_slice_reads_the_rows_datasets_would() -> None:
     assert rows[row_slice("-5:", 200)] == rows[-5:]
     with pytest.raises(ValueError, match=r"split 'train\[:4k\]': write a split's name, or a slice of its rows"):
         split_rows("train[:4k]")
+
+
+def test_offline_a_moved_hub_dataset_is_read_under_its_new_name_from_grove_s_list(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No hub to ask (the tests run offline): 'glue' is read as nyu-mll/glue, and the note says where the
+    name came from; a name the list does not hold stays one error (above)."""
+    from grove.shell.cli import main
+
+    config = {**_EVAL, "data_configs": [{**_MRPC, "load_dataset_config": {"data_name": "glue", "subset": "mrpc",
+                                                                          "split": "validation"}}]}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "--eval_data 'hf://datasets/nyu-mll/glue@refs/convert/parquet/mrpc/validation/*.parquet" in out, out
+    assert ("data_name 'glue' is 'nyu-mll/glue' on the hub now (the hub could not be asked: from Grove's list of the "
+            "datasets the hub moved under their authors in 2024)") in err, err
