@@ -146,7 +146,8 @@ class ModelBuilder(_Pass):
     use_dynamo_exporter: bool | None = Field(None, description="the tutorial's key: the model builder writes the "
                                              "graph itself, no exporter involved")
     extra_options: dict[str, Any] | None = Field(None, description="the builder's options: Grove reads "
-                                                 "int4_accuracy_level, include_hidden_states and filename")
+                                                 "int4_accuracy_level, include_hidden_states, prune_lm_head and "
+                                                 "filename")
     enable_cuda_graph: bool | None = Field(None, description="a CUDA session option of the output")
 
     NOTE = ("ModelBuilder: Grove captures decoder LLMs with onnxruntime-genai's model builder (fp32 on cpu) and "
@@ -171,7 +172,7 @@ class ModelBuilder(_Pass):
 
     def notes(self, where: str) -> list[str]:
         extra = {k: v for k, v in (self.extra_options or {}).items() if k not in _BUILDER_SHAPE_OPTIONS
-                 and k in _BUILDER_OPTIONS and k not in ("int4_accuracy_level", "include_hidden_states")}
+                 and k in _BUILDER_OPTIONS and k not in _BUILDER_FLAGS}
         if self.enable_cuda_graph is not None:
             extra["enable_cuda_graph"] = self.enable_cuda_graph
         return [f"{where}: {', '.join(f'{k}={v}' for k, v in sorted(extra.items()))} not used: Grove names the "
@@ -186,8 +187,9 @@ class ModelBuilder(_Pass):
             flags["int4_algorithm"] = "rtn"
         if self.int4_is_symmetric:
             flags["symmetric"] = True
-        if str((self.extra_options or {}).get("include_hidden_states", "")).lower() in ("1", "true"):
-            flags["include_hidden_states"] = True
+        for key in ("include_hidden_states", "prune_lm_head"):
+            if str((self.extra_options or {}).get(key, "")).lower() in ("1", "true"):
+                flags[key] = True
         level: int | None = self.int4_accuracy_level
         if level is None and (self.extra_options or {}).get("int4_accuracy_level") is not None:
             level = int((self.extra_options or {})["int4_accuracy_level"])
@@ -195,13 +197,15 @@ class ModelBuilder(_Pass):
                                               ("accuracy_level", level)) if v is not None}}
 
 
-# onnxruntime-genai 0.18's model builder options (its --extra_options help), and those of them that
-# change the graph's inputs or outputs.
-_BUILDER_SHAPE_OPTIONS = {"exclude_embeds", "exclude_lm_head", "prune_lm_head",
+# onnxruntime-genai 0.18's model builder options (its --extra_options help), those of them that
+# change the graph's inputs or outputs in ways Grove's evaluation cannot read, and those that are
+# auto-opt flags.
+_BUILDER_FLAGS = ("int4_accuracy_level", "include_hidden_states", "prune_lm_head")
+_BUILDER_SHAPE_OPTIONS = {"exclude_embeds", "exclude_lm_head",
                           "config_only", "num_hidden_layers", "adapter_path", "exclude_mtp"}
 _BUILDER_OPTIONS = _BUILDER_SHAPE_OPTIONS | {
-    "int4_accuracy_level", "include_hidden_states", "filename", "enable_cuda_graph", "enable_dml_graph",
-    "enable_webgpu_graph",
+    "int4_accuracy_level", "include_hidden_states", "prune_lm_head", "filename", "enable_cuda_graph",
+    "enable_dml_graph", "enable_webgpu_graph",
     "accuracy_level", "block_size", "is_symmetric", "op_types_to_quantize", "nodes_to_exclude", "algo_config",
     "int4_block_size", "int4_is_symmetric", "int4_op_types_to_quantize", "int4_nodes_to_exclude", "int4_algo_config",
     "matmul_mixed_precision", "hf_token", "hf_remote", "shared_embeddings", "use_qdq", "use_8bits_moe",

@@ -86,6 +86,9 @@ class AutoOptRequest(OptRequestBase):
                                          "for onnxruntime)")
     include_hidden_states: bool = Field(False, description="decoders: the graph also outputs the last hidden states "
                                         "(embedding models built as decoders, e.g. Qwen3-Embedding)")
+    prune_lm_head: bool = Field(False, description="decoders: logits of the last position only (the builder's "
+                                "prune_lm_head: a prefill skips the lm_head for the prompt's other tokens; "
+                                "perplexity is then scored a token at a time)")
     int4_algorithm: Int4Algorithm | None = Field(None, description="affine, rtn, hqq, k_quant, builder "
                                                  "(docs/int4.md); gptq: GPTQ on the PyTorch weights before the "
                                                  "capture, calibrated on --calibration_data, the builder writing "
@@ -202,7 +205,7 @@ class AutoOptRequest(OptRequestBase):
 
         precision = "fp32" if self.execution_provider == "cpu" else "fp16"
         return CaptureConfig(precision=precision, execution_provider=self.execution_provider,
-                             include_hidden_states=self.include_hidden_states,
+                             include_hidden_states=self.include_hidden_states, prune_lm_head=self.prune_lm_head,
                              placement=self._placement("capture-onnx"))
 
     @property
@@ -215,7 +218,7 @@ class AutoOptRequest(OptRequestBase):
         return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider,
                              block_size=self.block_size if builder_int4 else None,
                              accuracy_level=self.accuracy_level if self.int4_algorithm_used == "gptq" else None,
-                             include_hidden_states=self.include_hidden_states,
+                             include_hidden_states=self.include_hidden_states, prune_lm_head=self.prune_lm_head,
                              placement=self._placement("capture-onnx"))
 
     @property

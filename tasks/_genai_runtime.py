@@ -84,7 +84,8 @@ _CUT_MARGIN_TOKENS = 64  # tokens past the limit that a prefix must reach (its c
 
 def logits(model: Any, tokens: list[int], min_cache: int = 0) -> np.ndarray:
     """Logits for every position of ``tokens`` from an empty KV cache: shape [len, vocab], fp32.
-    (onnxruntime-genai returns the whole prefill's logits, as onnxruntime computes them.)
+    (onnxruntime-genai returns the whole prefill's logits, as onnxruntime computes them; a graph built
+    with prune_lm_head returns the last position's only, so it is fed a token at a time.)
     ``min_cache``: the model's ``kv_floor``."""
     import onnxruntime_genai as og
 
@@ -93,7 +94,15 @@ def logits(model: Any, tokens: list[int], min_cache: int = 0) -> np.ndarray:
     generator = og.Generator(model, params)
     generator.append_tokens(tokens)
     out = np.asarray(generator.get_output("logits"))
-    return out.reshape(-1, out.shape[-1])[-len(tokens):].astype(np.float32, copy=False)
+    out = out.reshape(-1, out.shape[-1])
+    if len(out) < len(tokens):  # a pruned lm_head (the last position's logits only): a token at a time
+        generator = og.Generator(model, params)
+        rows = []
+        for token in tokens:
+            generator.append_tokens([token])
+            rows.append(np.asarray(generator.get_output("logits")).reshape(-1, out.shape[-1])[-1])
+        out = np.stack(rows)
+    return out[-len(tokens):].astype(np.float32, copy=False)
 
 
 def perplexity(model: Any, tokens: list[int], chunk: int, on_chunk: Callable[[float], None] | None = None,

@@ -39,10 +39,12 @@ class CaptureConfig(StepConfig):
                                                           "builder writes; None: its default (4 on cpu)")
     include_hidden_states: bool = Field(False, description="also output the last hidden states (the final norm's "
                                         "output), as embedding models built as decoders read them")
+    prune_lm_head: bool = Field(False, description="the logits of the last position only (the builder's "
+                                "prune_lm_head): a prefill skips the lm_head for the prompt's other tokens")
 
     def recipe(self) -> dict[str, object]:
         recipe = super().recipe()
-        for key in ("block_size", "include_hidden_states", "accuracy_level"):
+        for key in ("block_size", "include_hidden_states", "accuracy_level", "prune_lm_head"):
             if recipe[key] is None or recipe[key] is False:  # at the default: as the recipes written before it
                 del recipe[key]
         return recipe
@@ -66,7 +68,7 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
     (hf_dir,) = inputs
     options = [f"block_size={config.block_size}"] if config.block_size else []
     options += _prequantized_options(hf_dir) + (["include_hidden_states=true"] if config.include_hidden_states
-                                                 else [])
+                                                 else []) + (["prune_lm_head=true"] if config.prune_lm_head else [])
     if config.accuracy_level is not None:
         options.append(f"accuracy_level={config.accuracy_level}")
     model_type = run_builder(hf_dir, out, config.precision, config.execution_provider, options)

@@ -152,3 +152,32 @@ def test_builder_int4_takes_the_block_size(tiny_dir, tmp_path: Path, store: str)
     assert blocks == {16}
     target = json.loads((out / "grove_report.json").read_text())["target"]
     assert (target["int4_algorithm"], target["block_size"]) == ("builder", 16)
+
+
+def test_a_pruned_lm_head_scores_the_same_perplexity_a_token_at_a_time(tiny_dir, tmp_path: Path,  # noqa: ANN001
+                                                                        store: str) -> None:
+    """--prune_lm_head (the builder's prune_lm_head, olive-recipes' Qwen3.5 configs): the graph's logits
+    hold the last position only, so the evaluation feeds a token at a time; the int4 output's perplexity
+    and top-1 agreement are the unpruned output's (same weights, same scores up to kernel rounding)."""
+    import onnx
+    import onnxruntime_genai as og
+
+    from grove.tasks._genai_runtime import logits
+
+    full, pruned = tmp_path / "full", tmp_path / "pruned"
+    assert run_auto_opt_state(_request(tiny_dir("llama"), full, store)).is_completed()
+    assert run_auto_opt_state(_request(tiny_dir("llama"), pruned, store, prune_lm_head=True)).is_completed()
+    ids = [3, 14, 15, 92, 65, 35]
+    generator_logits = logits(og.Model(str(pruned)), ids)
+    assert generator_logits.shape[0] == len(ids)
+    np_full = logits(og.Model(str(full)), ids)
+    assert abs(generator_logits - np_full).max() < 1e-3 * abs(np_full).max()
+    for folder, positions in ((full, "sequence_length"), (pruned, 1)):
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        [out] = [o for o in graph.output if o.name == "logits"]
+        dim = out.type.tensor_type.shape.dim[1]
+        assert (dim.dim_param or dim.dim_value) == positions
+    a = json.loads((full / "grove_report.json").read_text())["metrics"]
+    b = json.loads((pruned / "grove_report.json").read_text())["metrics"]
+    assert abs(a["perplexity"] - b["perplexity"]) < 1e-3 * a["perplexity"], (a, b)
+    assert b["top1_agreement"] >= a["top1_agreement"] - 0.02
