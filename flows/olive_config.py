@@ -1279,11 +1279,13 @@ _REFUSED = {
 
 
 def translate(config: dict[str, Any], overrides: dict[str, object] | None = None, *,
-              require_output: bool = True) -> Translation:
+              default_output: str | None = None) -> Translation:
     """The auto-opt flags an Olive workflow ``config`` amounts to (``overrides``: flags given on the
     command line, which win, as ``olive run``'s -m and -o do), and notes on what Grove does
-    differently. Raises InvalidRequest naming what Grove cannot honour. ``require_output``: a
-    config without output_dir is an error (a deployed run may leave its output in the store)."""
+    differently. Raises InvalidRequest naming what Grove cannot honour. ``default_output``: the
+    output folder of a config without output_dir (Olive writes into the current folder; Grove writes
+    a new folder, never into one that holds other files); None: the output stays in the store (a
+    deployed run)."""
     overrides = overrides or {}
     for key in config:
         if key in _REFUSED:
@@ -1331,10 +1333,12 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
         out.notes.append("packaging_config: Grove writes the output as a folder (model, genai_config or tokenizer "
                          "files, grove_report.json), not a zip")
     out.flags.update(overrides)
+    if default_output is not None and "output_path" not in out.flags:
+        out.flags["output_path"] = default_output
+        out.notes.append(f"output_dir is not set: Olive writes into the current folder, Grove into a new one, "
+                         f"{default_output} (set output_dir, or pass -o)")
     if out.finetune is not None and "model_name_or_path" in out.flags:
         _finetune_paths(out.finetune, out)
-    if require_output and "output_path" not in out.flags:
-        problems.append("no output folder: set output_dir (at the top level, or under engine), or pass -o")
     if problems:
         raise InvalidRequest("; ".join(problems))
     return out

@@ -35,7 +35,7 @@ __all__ = ["olive_run"]
 def olive_run(config: dict[str, Any], output_path: str | None = None) -> dict[str, object]:
     """``config``: the workflow config's JSON; ``output_path``: a folder on the worker, instead of the
     config's output_dir (none: the output stays in the store, linked from the run's page)."""
-    translation = translate(config, {"output_path": output_path} if output_path else None, require_output=False)
+    translation = translate(config, {"output_path": output_path} if output_path else None)
     log = get_run_logger()
     for note in translation.notes:
         log.info("%s", note)

@@ -243,7 +243,8 @@ def _expand_run(argv: list[str]) -> list[list[str]] | int:
     overrides = {k: v for k, v in vars(args).items() if k in ("model_name_or_path", "task", "trust_remote_code",
                                                                "output_path", "log_level", "store") and v is not None}
     try:
-        translation = translate(load(args.config), overrides)
+        stem = os.path.splitext(os.path.basename(args.config))[0]  # noqa: PTH119, PTH122 - pathlib not imported here
+        translation = translate(load(args.config), overrides, default_output=f"{stem}-output")
     except GroveError as exc:
         return _fail(f"{args.config}: {exc}")
     if int(cast(Any, translation.flags.get("log_level", 1))) <= 1 or args.dry_run:  # info: what the config amounts to
