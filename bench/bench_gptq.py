@@ -4,7 +4,7 @@ group size, 8-bit lm_head and checkpoint layout, so the same size; only the roun
 the model builder (capture-onnx), then perplexity in onnxruntime-genai.
 
     .venv/bin/python bench/bench_gptq.py [--group_size 32] [--samples 32] [--tokens 2048] [--mixed 0.65 0.85]
-                                         [--variants rtn,gptq]
+                                         [--variants rtn,gptq,gptq-rotated] [--rotate_mixed]
 
 Perplexity is scored on the first --tokens tokens of the GPL-3 text (chunks of 512, each from an
 empty cache, as README's figures); calibration reads other texts (the Apache-2.0, LGPL, MPL and GFDL
@@ -32,7 +32,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=2048, help="GPL-3 tokens scored")
     parser.add_argument("--mixed", type=float, nargs="*", default=[], help="also gptq with these "
                         "mixed_precision_ratio values")
-    parser.add_argument("--variants", default="rtn,gptq", help="of rtn and gptq (fp32, the baseline, always runs)")
+    parser.add_argument("--variants", default="rtn,gptq", help="of rtn, gptq, rtn-rotated and gptq-rotated (QuaRot's "
+                        "rotation first); fp32, the baseline, always runs")
+    parser.add_argument("--rotate_mixed", action="store_true", help="rotate before the --mixed runs too")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gptq.json")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -65,8 +67,10 @@ def main() -> int:
     fp32.mkdir()
     _capture([hf], CaptureConfig(precision="fp32"), fp32)
     rows["fp32"] = score(fp32)
-    variants = [(v, {"algorithm": v}) for v in args.variants.split(",") if v]
-    variants += [(f"gptq mixed {r}", {"algorithm": "gptq", "mixed_precision_ratio": r}) for r in args.mixed]
+    variants = [(v, {"algorithm": v.removesuffix("-rotated"), "rotate": v.endswith("-rotated")})
+                for v in args.variants.split(",") if v]
+    variants += [(f"gptq mixed {r}{' rotated' if args.rotate_mixed else ''}",
+                  {"algorithm": "gptq", "mixed_precision_ratio": r, "rotate": args.rotate_mixed}) for r in args.mixed]
     for name, options in variants:
         config = qt.TorchQuantConfig(group_size=args.group_size, calibration=str(calibration),
                                      calibration_samples=args.samples, **options)

@@ -354,7 +354,7 @@ class Gptq(_Pass):
     device: str | None = Field(None, description="where to quantize: Grove's node runs on the CPU (or its GPU pool)")
     dynamic: dict[str, dict[str, Any]] | None = Field(None, description="GptqModel's per-module overrides: Grove "
                                                       "reads the lm_head's bits")
-    rotation: None = Field(None, description="Hadamard rotation (QuaRot) is not in Grove yet")
+    rotation: None = Field(None, description="rotate with a QuaRot pass before the Gptq one")
     moe_fallback_threshold: Any = None
     moe_fallback_min_k_multiple: Any = None
     NOTE = ("Gptq: Grove runs GPTQ on the PyTorch weights in its quantize-torch node (layer by layer, on the "
@@ -407,6 +407,22 @@ class Rtn(_Pass):
         others = [n for n in self.overrides or {} if n not in ("lm_head", "model.embed_tokens")]
         return [f"{where}.overrides: per-module bits for {', '.join(others)} are not in Grove (it reads lm_head and "
                 "model.embed_tokens); use SelectiveMixedPrecision to keep sensitive layers at 8 bits"] if others else []
+
+
+class QuaRot(_Pass):
+    """Olive's QuaRot pass: the offline Hadamard rotations of the PyTorch weights before GPTQ (Grove's
+    --rotate, in its quantize-torch node)."""
+
+    rotate_mode: Literal["hadamard"] = Field("hadamard", description="Grove rotates by randomized Hadamard "
+                                             "matrices (a random orthogonal one where no Hadamard of that size "
+                                             "exists)")
+    seed: Literal[0] = Field(0, description="Grove's rotation draws its signs from seed 0 (Olive's default)")
+    NOTE = ("QuaRot: Grove rotates the weights by randomized Hadamard matrices before its GPTQ (the offline "
+            "rotations: residual stream and attention heads; the online ones would need graph ops the model builder "
+            "does not write)")
+
+    def flags(self) -> dict[str, object]:
+        return {"rotate": True}
 
 
 class SelectiveMixedPrecision(_Pass):
@@ -563,7 +579,7 @@ PASSES: dict[str, type[_Pass]] = {cls.__name__.lower(): cls for cls in (
     ModelBuilder, OnnxConversion, OrtTransformersOptimization, OnnxQuantization, OnnxDynamicQuantization,
     OnnxStaticQuantization, OnnxFloatToFloat16, OnnxBlockWiseRtnQuantization, OnnxMatMul4Quantizer,
     OnnxHqqQuantization, OnnxKQuantQuantization, OrtSessionParamsTuning, Gptq, Rtn, SelectiveMixedPrecision,
-    OnnxPeepholeOptimizer, LoRA, QLoRA, DoRA, LoHa, LoKr, ExtractAdapters, MergeAdapterWeights)}
+    OnnxPeepholeOptimizer, LoRA, QLoRA, DoRA, LoHa, LoKr, ExtractAdapters, MergeAdapterWeights, QuaRot)}
 PASSES["gptqquantizer"] = PASSES["gptqmodel"] = Gptq
 PASSES["ortperftuning"] = OrtSessionParamsTuning  # its name before Olive 0.7
 PASSES["onnxmatmulnbits"] = OnnxBlockWiseRtnQuantization
@@ -571,9 +587,11 @@ PASSES["onnxmatmulnbits"] = OnnxBlockWiseRtnQuantization
 # Olive pass types a user may well write, and why Grove has no counterpart.
 _NOT_IN_GROVE = {
     "loftq": "LoftQ's quantization-aware initialization is not in Grove: use a QLoRA pass (LoRA on a 4-bit NF4 base)",
-    **dict.fromkeys(("autoawqquantizer", "awq", "quarot", "spinquant"),
-                    "rotating (QuaRot, SpinQuant) or AWQ-scaling the PyTorch weights is not in Grove yet: its GPTQ "
-                    "(a Gptq pass, --int4_algorithm gptq) calibrates the int4 weights without them"),
+    **dict.fromkeys(("autoawqquantizer", "awq"),
+                    "AWQ-scaling the PyTorch weights is not in Grove yet: its GPTQ (a Gptq pass, --int4_algorithm "
+                    "gptq) calibrates the int4 weights without it, and a QuaRot pass rotates their outliers away"),
+    "spinquant": "SpinQuant's trained rotations are not in Grove: a QuaRot pass rotates by randomized Hadamard "
+                 "matrices, untrained",
 }
 
 
@@ -795,7 +813,11 @@ def _before_capture(specs: dict[str, _Pass], out: Translation) -> list[str]:
     gptq = [s for s in specs.values() if isinstance(s, Gptq)]
     rtn = [(n, s) for n, s in specs.items() if isinstance(s, Rtn)]
     mixed = [n for n, s in specs.items() if isinstance(s, SelectiveMixedPrecision)]
+    rotated = [n for n, s in specs.items() if isinstance(s, QuaRot)]
     problems: list[str] = []
+    if rotated and not gptq:
+        problems.append(f"passes.{rotated[0]} (QuaRot): Grove rotates the weights in its GPTQ node; add a Gptq pass "
+                        "after it")
     if mixed and not gptq:
         problems.append(f"passes.{mixed[0]} (SelectiveMixedPrecision): Grove keeps the sensitive layers at 8 bits in "
                         "its GPTQ; add a Gptq pass after it")

@@ -109,6 +109,9 @@ class AutoOptRequest(OptRequestBase):
                                                 "layers at 4 bits; the others, those whose 4-bit output error on the "
                                                 "calibration text is largest, keep 8 bits (Olive's "
                                                 "SelectiveMixedPrecision ratio)")
+    rotate: bool = Field(False, description="gptq: rotate the weights first by a random Hadamard matrix "
+                         "(QuaRot's offline rotations, Olive's QuaRot pass: the same function, smaller outliers "
+                         "to round; llama, mistral, qwen2 and qwen3 families)")
     calibration_data: str | None = Field(None, description="gptq: text (or a table's text column) cut in windows "
                                          "of 512 tokens (default: the built-in GPL-3 text after its first 4,096 "
                                          "tokens, which the default evaluation scores); FILE#text=<column> names "
@@ -170,7 +173,8 @@ class AutoOptRequest(OptRequestBase):
             problems.append("--head_shortlist rescores with the 8-bit lm_head, and --head_bits 4 has none; "
                             "drop --head_shortlist, or pass --head_bits 8")
         if (calibrated := [f"--{f}" for f in ("mixed_precision_ratio", "calibration_data", "calibration_samples")
-                           if getattr(self, f) is not None]) and algorithm != "gptq":
+                           if getattr(self, f) is not None] + (["--rotate"] if self.rotate else [])) \
+                and algorithm != "gptq":
             problems.append(f"{', '.join(calibrated)}: for a decoder, calibration is GPTQ's; pass --int4_algorithm "
                             "gptq")
         if self.merge_adapter and self.adapter_path is None:
@@ -253,7 +257,7 @@ class AutoOptRequest(OptRequestBase):
         from grove.tasks.quantize_torch import TorchQuantConfig
 
         return TorchQuantConfig(group_size=self.block_size, symmetric=self.symmetric, head_bits=self.head_bits,
-                                mixed_precision_ratio=self.mixed_precision_ratio,
+                                mixed_precision_ratio=self.mixed_precision_ratio, rotate=self.rotate,
                                 calibration=self.calibration_data or BUILTIN_TEXT,
                                 calibration_sha256=calibration_sha256,
                                 calibration_samples=self.calibration_samples or 32,

@@ -54,11 +54,19 @@ class TorchQuantConfig(StepConfig):
     high_bits_layers: tuple[str, ...] = Field((), description="linear layers kept at 8 bits (mixed precision)")
     mixed_precision_ratio: float | None = Field(None, gt=0, le=1, description="share of the decoder's linear "
                                                 "layers kept at `bits`; the most sensitive others keep 8 bits")
+    rotate: bool = Field(False, description="rotate the weights first (QuaRot's offline Hadamard rotations, "
+                         "tasks/_rotate.py): the same function, smaller outliers to round")
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ: dampening, a share of the Hessian's mean diagonal")
     calibration: str = Field("builtin:GPL-3", description="calibration text: builtin:GPL-3, a file, or a table")
     calibration_sha256: str = Field("", description="digest of the calibration text (the cache key reads it)")
     calibration_samples: int = Field(32, ge=1, le=1024, description="windows of calibration tokens")
     calibration_seq_len: int = Field(512, ge=16, le=8192, description="tokens per calibration window")
+
+    def recipe(self) -> dict[str, object]:
+        recipe = super().recipe()
+        if not recipe["rotate"]:  # unrotated: the key of the checkpoints quantized before rotation existed
+            del recipe["rotate"]
+        return recipe
 
     @model_validator(mode="after")
     def _check(self) -> TorchQuantConfig:
@@ -264,7 +272,7 @@ def _linears(layer: Any, prefix: str) -> dict[str, Any]:
 
 
 def _layer_inputs(model: Any, layers: Any, tokens: Any) -> tuple[list[Any], list[dict[str, Any]]]:
-    """The first decoder layer's positional inputs and keyword arguments, one window at a time."""
+    """The first decoder layer's positional inputs and keyword arguments, a batch of windows at a time."""
     import torch
 
     class _Stop(Exception):
@@ -280,12 +288,17 @@ def _layer_inputs(model: Any, layers: Any, tokens: Any) -> tuple[list[Any], list
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for row in tokens:
+        for rows in tokens.split(_BATCH):  # windows of one length, no padding: a batch shares one set of kwargs
             with contextlib.suppress(_Stop), torch.no_grad():
-                model(input_ids=row[None, :], use_cache=False)
+                model(input_ids=rows, use_cache=False)
     finally:
         handle.remove()
     return args, kwargs
+
+
+# Calibration windows run through a layer together: one [8, 512] batch instead of eight [1, 512] calls
+# (the layer's small ops, rotary and norms, cost as much as its matmuls one window at a time).
+_BATCH = 8
 
 
 def _run_layer(layer: Any, x: Any, kwargs: dict[str, Any]) -> Any:
@@ -306,6 +319,13 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     model.eval()
+    if config.rotate:
+        from grove.tasks._rotate import rotate_model
+
+        rotation = rotate_model(model, seed=0)
+        log.info("rotated by %s matrices (hidden %s: %s, heads %s: %s)%s", "Hadamard" if rotation["r1"] == "hadamard"
+                 else "random orthogonal", rotation["hidden_size"], rotation["r1"], rotation["head_dim"],
+                 rotation["r2"], "; the lm_head untied from the embedding" if rotation["untied_lm_head"] else "")
     tokens, where = _calibration_tokens(config, folder)
     log.info("%s calibration: %s", config.algorithm.upper(), where)
     layers = _layers(model)
@@ -323,12 +343,15 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
         linears = _linears(layer, f"{prefix}.{index}")
         sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
+        last: list[Any] = [None, None]  # (input tensor, its X^T X): q, k and v (gate and up) read one input
 
         def hook(name: str) -> Any:
             def accumulate(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
-                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-                sums[name] += x.T @ x  # noqa: B023 - the hooks are removed before the next layer's loop
-                counts[name] += x.shape[0]  # noqa: B023
+                if inputs[0] is not last[0]:  # noqa: B023 - the hooks are removed before the next layer's loop
+                    x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                    last[:] = [inputs[0], x.T @ x]  # noqa: B023
+                sums[name] += last[1]  # noqa: B023
+                counts[name] += inputs[0].numel() // inputs[0].shape[-1]  # noqa: B023
             return accumulate
 
         handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
@@ -336,6 +359,7 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
             _run_layer(layer, x, kw)
         for h in handles:
             h.remove()
+        last.clear()
         for name, m in linears.items():
             h = 2 * sums[name] / max(counts[name], 1)
             w = m.weight.data
@@ -386,6 +410,7 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
         yield "lm_head.qzeros", pack(z, config.head_bits)
     yield "__stats__", {"layers_quantized": len(quantized), "layers_8bit": sorted(n for n, v in quantized.items()
                                                                                   if v[3] == 8),
+                        "tied": bool(getattr(model.config, "tie_word_embeddings", False)),
                         "output_error": round(errors[config.algorithm], 6), "calibration": where,
                         "calibration_tokens": int(tokens.numel())}
 
@@ -421,9 +446,12 @@ def _quantize(inputs: list[Path], config: TorchQuantConfig, out: Path) -> dict[s
                                         "embeds": False, "overrides": overrides or None}
     hf_config.pop("torch_dtype", None)
     hf_config["dtype"] = "float32"
+    if config.rotate:  # the rotation folded the final norm into the lm_head: no longer the embedding's rows
+        hf_config["tie_word_embeddings"] = stats["tied"]
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     node_logger().info("%s int%d, group %d%s: %d linear layers (%d at 8 bits), output error %.4g", config.algorithm,
                        config.bits, config.group_size, ", symmetric" if config.symmetric else "",
                        stats["layers_quantized"], len(stats["layers_8bit"]), stats["output_error"])
     return {"algorithm": config.algorithm, "bits": config.bits, "group_size": config.group_size,
-            **{k: v for k, v in stats.items() if k != "layers_8bit"}, "layers_8bit": len(stats["layers_8bit"])}
+            **{k: v for k, v in stats.items() if k not in ("layers_8bit", "tied")},
+            "layers_8bit": len(stats["layers_8bit"]), **({"rotated": True} if config.rotate else {})}

@@ -589,9 +589,14 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "int4_accuracy_level, int4_is_symmetric, int4_algo_config, metadata_only, search, use_ort_genai, "
      "use_dynamo_exporter, extra_options, enable_cuda_graph); passes.t: graph surgeries RemoveRopeMultiCache are "
      "not in Grove (it reads TieWordEmbeddings)"),
-    ({"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "QuaRot"}, "g": {"type": "Gptq"},
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "QuaRot"},
                                                             "m": {"type": "ModelBuilder", "precision": "int4"}}},
-     "passes q (QuaRot): rotating (QuaRot, SpinQuant) or AWQ-scaling the PyTorch weights is not in Grove yet"),
+     "passes.q (QuaRot): Grove rotates the weights in its GPTQ node; add a Gptq pass after it"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "QuaRot", "rotate_mode": "random"},
+                                                            "g": {"type": "Gptq"}}},
+     "passes.q.rotate_mode: Input should be 'hadamard' - Grove rotates by randomized Hadamard matrices"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "SpinQuant"}, "g": {"type": "Gptq"}}},
+     "passes q (SpinQuant): SpinQuant's trained rotations are not in Grove"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"g": {"type": "GptqModel", "group_size": -1}}},
      "passes.g.group_size: Input should be 16, 32, 64, 128 or 256 - weights per group: Grove's int4 is block-wise"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"s": {"type": "SelectiveMixedPrecision"},
