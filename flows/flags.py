@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-__all__ = ["Flag", "auto_opt_flags", "finetune_flags", "flags_of"]
+__all__ = ["Flag", "auto_opt_flags", "benchmark_flags", "finetune_flags", "flags_of"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +126,10 @@ def finetune_flags() -> list[Flag]:
     from grove.flows.request_finetune import FinetuneRequest
 
     return flags_of(FinetuneRequest, exclude=("training_args",), short=_FINETUNE_SHORT)
+
+
+def benchmark_flags() -> list[Flag]:
+    """``grove benchmark``'s flags: its request's fields, with Olive's names."""
+    from grove.flows.request_benchmark import BenchmarkRequest
+
+    return flags_of(BenchmarkRequest, short={"model_name_or_path": "-m", "output_path": "-o"})

@@ -40,6 +40,8 @@ class Translation:
     # A fine-tuning pass: grove finetune's flags (training_args among them), run before auto-opt, whose
     # -m then names the fine-tuning output (its base and adapter).
     finetune: dict[str, object] | None = None
+    # No passes and an LMEvaluator: grove benchmark's flags (the model's and the output's are flags').
+    benchmark: dict[str, object] | None = None
 
     def argv(self) -> list[str]:
         return _argv(self.flags)
@@ -55,7 +57,16 @@ class Translation:
                                                             [json.dumps(value) if isinstance(value, dict) else
                                                              str(value)]))]
 
+    def benchmark_argv(self) -> list[str]:
+        """grove benchmark's argv (the model, output and device from the flags), or [] without one."""
+        if self.benchmark is None:
+            return []
+        keep = ("model_name_or_path", "output_path", "revision", "trust_remote_code", "store", "device")
+        return _argv({**{k: v for k, v in self.flags.items() if k in keep}, **self.benchmark})
+
     def command(self) -> str:
+        if self.benchmark is not None:
+            return "grove benchmark " + shlex.join(self.benchmark_argv())
         auto_opt = "grove auto-opt " + shlex.join(self.argv())
         return f"grove finetune {shlex.join(self.finetune_argv())} && {auto_opt}" if self.finetune else auto_opt
 
@@ -595,7 +606,7 @@ _NOT_IN_GROVE = {
 }
 
 
-def _pass_errors(exc: ValidationError, where: str, cls: type[_Pass]) -> str:
+def _pass_errors(exc: ValidationError, where: str, cls: type[BaseModel]) -> str:
     """pydantic's errors for one pass as one line; an unknown option lists those Grove reads."""
     known = ", ".join(f.alias or n for n, f in cls.model_fields.items())
     why = {f.alias or n: f.description for n, f in cls.model_fields.items() if f.description}
@@ -644,7 +655,8 @@ def _section(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> None:
     if not passes:
         raise InvalidRequest('passes is empty: Grove needs at least one, e.g. "passes": {"convert": {"type": '
-                             '"ModelBuilder", "precision": "int4"}}')
+                             '"ModelBuilder", "precision": "int4"}}, or an LMEvaluator to score the input model on '
+                             'lm-eval tasks (grove benchmark)')
     precisions: dict[str, str] = {}
     specs: dict[str, _Pass] = {}
     problems: list[str] = []  # every pass Grove cannot honour, reported at once
@@ -973,6 +985,61 @@ _MEASURED = {"latency", "throughput"}  # Olive metric types that Grove's evaluat
 _ENTITY_F1 = "computed only for token classifiers with B-/I- tags, as entity F1"
 _SCORED = {"accuracy_score": "", "accuracy": "", "f1_score": _ENTITY_F1, "f1": _ENTITY_F1,  # torchmetrics', HF's
            "perplexity": ""}  # decoders
+
+
+def _lm_evaluator(config: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any] | None:
+    """The chosen evaluator when it is Olive's LMEvaluator (lm-eval tasks), else None."""
+    name = engine.get("evaluator")
+    chosen = name if isinstance(name, dict) else (config.get("evaluators") or {}).get(name) if isinstance(
+        name, str) else None
+    if isinstance(chosen, dict) and str(chosen.get("type", "")).lower() == "lmevaluator":
+        return chosen
+    return None
+
+
+class LMEvaluator(BaseModel):
+    """Olive's LMEvaluator options, as grove benchmark's flags."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+    tasks: list[str] = Field(min_length=1, description="lm-eval tasks")
+    batch_size: int | None = Field(None, ge=1)
+    max_length: int | None = Field(None, ge=16)
+    limit: float | None = Field(None, gt=0)
+    num_fewshot: int | None = Field(None, ge=0)
+    apply_chat_template: bool | None = None
+    fewshot_as_multiturn: bool | None = None
+    device: str | None = Field(None, description="the target's device is Grove's (systems)")
+    model_class: Literal["hf", "ortgenai"] | None = Field(None, description="Grove picks the model class from the "
+                                                          "model: hf for a Hugging Face model, ortgenai for an "
+                                                          "onnxruntime-genai folder")
+    bootstrap_iters: int | None = Field(None, description="Grove reports no bootstrap standard errors")
+    sample_log_num: int | None = Field(None, description="Grove keeps the harness's results, not its samples")
+    model_args: dict[str, Any] | None = Field(None, description="onnxruntime-genai options Grove sets itself")
+    metrics: None = Field(None, description="an LMEvaluator scores its tasks' own metrics")
+
+
+def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation) -> None:
+    """A config with no passes and an LMEvaluator: grove benchmark (lm-eval tasks) on the input model."""
+    chosen = _lm_evaluator(config, engine)
+    where = f"evaluators.{engine.get('evaluator')}" if isinstance(engine.get("evaluator"), str) else "evaluator"
+    try:
+        spec = LMEvaluator(**(chosen or {}))
+    except ValidationError as exc:
+        raise InvalidRequest(_pass_errors(exc, where, LMEvaluator)) from None
+    flags: dict[str, object] = {"tasks": spec.tasks}
+    for key in ("batch_size", "max_length", "limit", "num_fewshot"):
+        if (value := getattr(spec, key)) is not None:
+            flags[key] = value
+    for key in ("apply_chat_template", "fewshot_as_multiturn"):
+        if getattr(spec, key):
+            flags[key] = True
+    out.benchmark = flags
+    out.notes.append(f"{where}: no passes, so the input model is scored on lm-eval's {', '.join(spec.tasks)} "
+                     "(grove benchmark: the harness's own tasks and metrics, a cached evaluate-lm node)")
+    if unused := [k for k in ("bootstrap_iters", "sample_log_num", "model_args", "device") if getattr(spec, k)]:
+        out.notes.append(f"{where}: {', '.join(unused)} not used: Grove runs the harness without bootstrap errors "
+                         "or sample logs, on the target's device")
 
 
 def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, Any], out: Translation) -> None:
@@ -1334,8 +1401,11 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
         attempt(_input_model, model, out)
     attempt(_target, config, engine, out)
     if (data := attempt(_data_configs, config)) is not None:  # the passes and metrics name its configs
-        attempt(_passes, _section(config, "passes", ""), data, out)
-        attempt(_evaluator, config, engine, data, out)
+        if not _section(config, "passes", "") and _lm_evaluator(config, engine) is not None:
+            attempt(_benchmark, config, engine, out)  # evaluation only: lm-eval tasks on the input model
+        else:
+            attempt(_passes, _section(config, "passes", ""), data, out)
+            attempt(_evaluator, config, engine, data, out)
     if engine.get("output_dir"):
         out.flags["output_path"] = str(engine["output_dir"])
     if (level := engine.get("log_severity_level")) is not None:

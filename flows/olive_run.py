@@ -19,11 +19,13 @@ from prefect import flow, get_run_logger
 
 from grove.errors import InvalidRequest
 from grove.flows.auto_opt import auto_opt
+from grove.flows.benchmark import benchmark
 from grove.flows.finetune import finetune
 from grove.flows.launch import request_from_flags
 from grove.flows.olive_config import translate
 from grove.flows.optimize_encoder import optimize_encoder
 from grove.flows.optimize_onnx import optimize_onnx
+from grove.flows.request_benchmark import BenchmarkRequest
 from grove.flows.request_encoder import EncoderOptRequest
 from grove.flows.request_finetune import FinetuneRequest
 from grove.flows.request_graph import GraphOptRequest
@@ -45,6 +47,9 @@ def olive_run(config: dict[str, Any], output_path: str | None = None) -> dict[st
                  "output stays in the store, linked from this run's page")
     confine_paths({**flags, **{k: v for k, v in (translation.finetune or {}).items() if k in _READS}}, output_path)
     log.info("the config is: %s", translation.command())
+    if translation.benchmark is not None:  # no passes: lm-eval tasks on the input model
+        keep = ("model_name_or_path", "output_path", "revision", "trust_remote_code", "store", "device")
+        return benchmark(BenchmarkRequest(**{k: v for k, v in flags.items() if k in keep}, **translation.benchmark))
     if translation.finetune is None:
         return _optimize(flags)
     with tempfile.TemporaryDirectory(prefix="grove-olive-run-") as scratch:

@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
                    "run nothing")
 
     _finetune_parser(sub)
+    _benchmark_parser(sub)
     from grove.shell.adapter_commands import add_parsers
 
     add_parsers(sub)
@@ -254,8 +255,10 @@ def _expand_run(argv: list[str]) -> list[list[str]] | int:
     if args.dry_run:
         print(translation.command())
         return 0
-    finetune = [["finetune", *translation.finetune_argv(), "--log_level", str(translation.flags.get("log_level", 1))]
-                ] if translation.finetune is not None else []
+    level = ["--log_level", str(translation.flags.get("log_level", 1))]
+    if translation.benchmark is not None:
+        return [["benchmark", *translation.benchmark_argv(), *level]]
+    finetune = [["finetune", *translation.finetune_argv(), *level]] if translation.finetune is not None else []
     return [*finetune, ["auto-opt", *translation.argv()]]
 
 
@@ -413,6 +416,51 @@ def _finetune_parser(sub: Any) -> None:
     p.add_argument("--save_config_file", action="store_true", help="also write the request to "
                    "<output_path>/finetune_config.json, after the run")
     p.set_defaults(run=_finetune)
+
+
+def _benchmark_parser(sub: Any) -> None:
+    """``grove benchmark`` (Olive's): lm-evaluation-harness tasks on a model, its flags the request's fields."""
+    from grove.flows.flags import benchmark_flags
+
+    p = sub.add_parser("benchmark", help="score a model on lm-evaluation-harness tasks (Olive's benchmark)",
+                       description="Runs lm-eval's tasks (mmlu, hellaswag, arc_easy..., or one's own with "
+                       "--include_path) on a Hugging Face model (PyTorch) or an onnxruntime-genai folder (a grove "
+                       "auto-opt output), as a cached node (evaluate-lm). Writes results.json (the harness's) and "
+                       "grove_report.json.")
+    _add_flags(p, benchmark_flags())
+    p.add_argument("--log_level", type=int, choices=range(5), default=1, help="as for auto-opt")
+    p.add_argument("--dry_run", action="store_true", help="check every flag, print the request, run nothing")
+    p.set_defaults(run=_benchmark)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from grove.errors import one_line
+    from grove.flows.request_benchmark import BenchmarkRequest
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("run", "log_level", "dry_run") and v is not None}
+    try:
+        request = BenchmarkRequest(**fields)
+    except ValidationError as exc:
+        return _fail(f"invalid request: {one_line(exc, lambda loc: f'--{loc[0]}: ' if loc else '')}")
+    from grove.tasks.evaluate_lm import include_sha256
+
+    include_sha256(request.include_path)  # a missing task folder: one line now, not after the model's download
+    if args.dry_run:
+        print(json.dumps(request.model_dump(mode="json"), indent=2))
+        return 0
+    _configure_logging(args.log_level)
+    from grove.shell.local_run import run_benchmark
+
+    report = run_benchmark(request)
+    lines = [f"{task}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+             for task, metrics in cast(dict[str, dict[str, float]], report.get("metrics") or {}).items()]
+    print("\n".join([f"lm-eval on {request.model_name_or_path} ({report.get('backend')}):", *lines,
+                     f"written to {request.output_path}"]))
+    return 0
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags: list[Flag],

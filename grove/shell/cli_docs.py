@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from grove.flows.flags import Flag, auto_opt_flags, finetune_flags
+from grove.flows.flags import Flag, auto_opt_flags, benchmark_flags, finetune_flags
 
 __all__ = ["DOC", "render", "table"]
 
@@ -45,7 +45,7 @@ def _tables() -> dict[str, str]:
     auto = auto_opt_flags()
     return {"auto-opt": table([f for f in auto if f.group is None]),
             "auto-opt-encoders": table([f for f in auto if f.group is not None]),
-            "finetune": table(finetune_flags())}
+            "finetune": table(finetune_flags()), "benchmark": table(benchmark_flags())}
 
 
 def render(text: str) -> str:

@@ -42,6 +42,7 @@ DEPLOYMENTS = (
                "An Olive workflow config (the JSON of olive run --config), as the auto-opt it amounts to"),
     Deployment("flows/finetune.py:finetune", "finetune", "LoRA fine-tuning of one model on one dataset (grove "
                "finetune)"),
+    Deployment("flows/benchmark.py:benchmark", "benchmark", "lm-eval tasks on one model (grove benchmark)"),
     Deployment("flows/run_node.py:run_node_flow", "run-node", "One node on this pool (the dispatcher's target)"),
 )
 FLEET = Deployment("flows/fleet_refresh.py:fleet_refresh", "fleet-refresh",

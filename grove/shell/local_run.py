@@ -4,7 +4,7 @@ in a second), then the embedded API, and the flow itself configured by :mod:`gro
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from grove.errors import InvalidRequest
 from grove.flows.launch import check_provider, configured_flow, result_storage
@@ -17,9 +17,10 @@ if TYPE_CHECKING:
     from prefect.states import State
 
     from grove.artifacts import Source
+    from grove.flows.request_benchmark import BenchmarkRequest
     from grove.flows.request_finetune import FinetuneRequest
 
-__all__ = ["preflight", "preflight_finetune", "run_auto_opt", "run_auto_opt_state", "run_finetune",
+__all__ = ["preflight", "preflight_finetune", "run_auto_opt", "run_auto_opt_state", "run_benchmark", "run_finetune",
            "run_finetune_state"]
 
 
@@ -123,16 +124,31 @@ def run_finetune(request: FinetuneRequest) -> dict[str, object]:
 
 def run_finetune_state(request: FinetuneRequest) -> State:
     """Like run_finetune, but returns the flow run's final state (tests read its artifacts)."""
+    from grove.flows.finetune import finetune
+
+    return _run_state(finetune, request)
+
+
+def run_benchmark(request: BenchmarkRequest) -> dict[str, object]:
+    """Run the benchmark flow (lm-eval tasks) against the configured (or embedded) Prefect API; returns
+    the report."""
+    from grove.flows.benchmark import benchmark
+
+    report: dict[str, object] = _run_state(benchmark, request).result()
+    return report
+
+
+def _run_state(flow: Any, request: FinetuneRequest | BenchmarkRequest) -> State:
+    """``flow(request)`` with its node results in the request's store, against the embedded API."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from grove.flows.finetune import finetune
     from grove.node import RESULT_SERIALIZER
     from grove.shell.server import ensure_api
 
     with temporary_settings(updates={PREFECT_API_URL: ensure_api()}):
-        flow = finetune.with_options(result_storage=result_storage(request.store), result_serializer=RESULT_SERIALIZER,
-                                     persist_result=True)
-        return cast("State", flow(request, return_state=True))
+        configured = flow.with_options(result_storage=result_storage(request.store),
+                                       result_serializer=RESULT_SERIALIZER, persist_result=True)
+        return cast("State", configured(request, return_state=True))
 
 
 def preflight_finetune(request: FinetuneRequest) -> None:
