@@ -74,6 +74,8 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
     model_type = run_builder(hf_dir, out, config.precision, config.execution_provider, options)
     if _prequantized_options(hf_dir):
         _gather_scales_as_rows(out / "model.onnx")
+    elif _untied_quantized(hf_dir):
+        _embedding_8bit(out / "model.onnx")
     node_logger().info("captured %s at %s for %s", model_type, config.precision, config.execution_provider)
     return {"model_type": model_type, "precision": config.precision, "nodes": _node_count(out / "model.onnx")}
 
@@ -111,6 +113,59 @@ def _prequantized_options(hf_dir: Path) -> list[str]:
     if quant.get("quant_method") != "olive" or not quant.get("lm_head") or not config.get("tie_word_embeddings"):
         return []
     return ["shared_embeddings=true", "int4_op_types_to_quantize=MatMul/Gather"]
+
+
+def _untied_quantized(hf_dir: Path) -> bool:
+    """A checkpoint quantize-torch wrote whose embedding is not its lm_head (a model with its own head, or
+    one QuaRot's rotation untied): the builder leaves that table in fp32 (its GatherBlockQuantized takes
+    4 bits only), the largest tensor of a small model."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    return quant.get("quant_method") == "olive" and not config.get("tie_word_embeddings")
+
+
+_EMBED_BLOCK = 32
+
+
+def _embedding_8bit(path: Path) -> None:
+    """The embedding's fp32 Gather as an 8-bit GatherBlockQuantized: rows rounded to nearest in blocks of
+    32 (asymmetric, as the lm_head's 8 bits), a quarter of the bytes; the rows the graph reads are those
+    of Olive's Rtn pass with ``embeds`` at 8 bits."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    for index, node in enumerate(graph.node):
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2 \
+                or table.dims[1] % _EMBED_BLOCK:
+            continue
+        w = numpy_helper.to_array(table).astype(np.float32)
+        blocks = w.reshape(w.shape[0], -1, _EMBED_BLOCK)
+        low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)  # the range holds 0
+        scale = np.where(high > low, (high - low) / 255, 1).astype(np.float32)
+        zero = np.clip(np.round(-low / scale), 0, 255)
+        q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
+        names = [f"{table.name}_q8", f"{table.name}_q8_scales", f"{table.name}_q8_zeros"]
+        graph.initializer.remove(table)
+        graph.initializer.extend([numpy_helper.from_array(q.reshape(w.shape), names[0]),
+                                  numpy_helper.from_array(scale, names[1]),
+                                  numpy_helper.from_array(zero.astype(np.uint8), names[2])])
+        graph.node.remove(node)
+        graph.node.insert(index, helper.make_node(
+            "GatherBlockQuantized", [names[0], node.input[1], names[1], names[2]], list(node.output),
+            name=f"{node.name}_q8", domain="com.microsoft", bits=8, block_size=_EMBED_BLOCK, gather_axis=0,
+            quantize_axis=1))
+        for f in path.parent.glob(f"{path.name}.data"):
+            f.unlink()
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{path.name}.data", size_threshold=1024)
+        node_logger().info("embedding %s: 8-bit blocks of %d (%.0f MB instead of %.0f)", table.name, _EMBED_BLOCK,
+                           q.nbytes / 1e6 + scale.nbytes / 1e6 * 1.25, w.nbytes / 1e6)
+        return
 
 
 def _gather_scales_as_rows(path: Path) -> None:

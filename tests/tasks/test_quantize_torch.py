@@ -248,6 +248,13 @@ def test_rotating_first_lowers_the_int4_error_of_weights_with_outlier_channels(f
             assert json.loads((checkpoint / "config.json").read_text())["tie_word_embeddings"] is False
         _capture([checkpoint], CaptureConfig(precision="int4"), onnx_dir)
         errors[rotate] = float(np.abs(_genai_logits(onnx_dir, tokens) - reference).mean())
+        if rotate or family == "llama":  # an embedding of its own: 8-bit rows, not the builder's fp32 table
+            import onnx
+
+            [gather] = [n for n in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.node
+                        if n.op_type in ("Gather", "GatherBlockQuantized") and "embed_tokens" in n.name]
+            assert gather.op_type == "GatherBlockQuantized"
+            assert {a.name: a.i for a in gather.attribute}["bits"] == 8
     assert errors[True] < 0.8 * errors[False], errors
 
 
