@@ -1002,7 +1002,7 @@ class LMEvaluator(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: str
-    tasks: list[str] = Field(min_length=1, description="lm-eval tasks")
+    tasks: list[str | dict[str, Any]] = Field(min_length=1, description="lm-eval tasks")
     batch_size: int | None = Field(None, ge=1)
     max_length: int | None = Field(None, ge=16)
     limit: float | None = Field(None, gt=0)
@@ -1027,6 +1027,10 @@ def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation)
         spec = LMEvaluator(**(chosen or {}))
     except ValidationError as exc:
         raise InvalidRequest(_pass_errors(exc, where, LMEvaluator)) from None
+    if inline := [t for t in spec.tasks if not isinstance(t, str)]:
+        raise InvalidRequest(f"{where}.tasks: {len(inline)} task(s) defined inline ("
+                             f"{', '.join(str(t.get('task')) for t in inline)}): save each as a YAML file in a "
+                             "folder and run grove benchmark --tasks <its name> --include_path <that folder>")
     flags: dict[str, object] = {"tasks": spec.tasks}
     for key in ("batch_size", "max_length", "limit", "num_fewshot"):
         if (value := getattr(spec, key)) is not None:
