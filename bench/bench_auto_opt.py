@@ -45,7 +45,9 @@ ALGORITHMS = {"affine": ["--int4_algorithm", "affine"],
               "affine-h4": ["--int4_algorithm", "affine", "--head_bits", "4"],
               "rtn": ["--int4_algorithm", "rtn"],
               "rtn-sym": ["--int4_algorithm", "rtn", "--symmetric"], "hqq": ["--int4_algorithm", "hqq"],
-              "k_quant": ["--int4_algorithm", "k_quant"]}
+              "k_quant": ["--int4_algorithm", "k_quant"], "gptq": ["--int4_algorithm", "gptq"],
+              "gptq-rot": ["--int4_algorithm", "gptq", "--rotate"],
+              "gptq-rot-mixed": ["--int4_algorithm", "gptq", "--rotate", "--mixed_precision_ratio", "0.5"]}
 
 
 def _grove(args: list[str], env: dict[str, str]) -> float:
