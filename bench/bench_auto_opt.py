@@ -47,7 +47,9 @@ ALGORITHMS = {"affine": ["--int4_algorithm", "affine"],
               "rtn-sym": ["--int4_algorithm", "rtn", "--symmetric"], "hqq": ["--int4_algorithm", "hqq"],
               "k_quant": ["--int4_algorithm", "k_quant"], "gptq": ["--int4_algorithm", "gptq"],
               "gptq-rot": ["--int4_algorithm", "gptq", "--rotate"],
-              "gptq-rot-mixed": ["--int4_algorithm", "gptq", "--rotate", "--mixed_precision_ratio", "0.5"]}
+              **{f"gptq-rot-mixed{'' if r == '0.5' else '-' + r}": ["--int4_algorithm", "gptq", "--rotate",
+                                                                     "--mixed_precision_ratio", r]
+                 for r in ("0.5", "0.8", "0.9")}}
 
 
 def _grove(args: list[str], env: dict[str, str]) -> float:
