@@ -1031,7 +1031,8 @@ def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation)
         raise InvalidRequest(f"{where}.tasks: {len(inline)} task(s) defined inline ("
                              f"{', '.join(str(t.get('task')) for t in inline)}): save each as a YAML file in a "
                              "folder and run grove benchmark --tasks <its name> --include_path <that folder>")
-    flags: dict[str, object] = {"tasks": spec.tasks}
+    tasks = [str(t) for t in spec.tasks]
+    flags: dict[str, object] = {"tasks": tasks}
     for key in ("batch_size", "max_length", "limit", "num_fewshot"):
         if (value := getattr(spec, key)) is not None:
             flags[key] = value
@@ -1039,7 +1040,7 @@ def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation)
         if getattr(spec, key):
             flags[key] = True
     out.benchmark = flags
-    out.notes.append(f"{where}: no passes, so the input model is scored on lm-eval's {', '.join(spec.tasks)} "
+    out.notes.append(f"{where}: no passes, so the input model is scored on lm-eval's {', '.join(tasks)} "
                      "(grove benchmark: the harness's own tasks and metrics, a cached evaluate-lm node)")
     if unused := [k for k in ("bootstrap_iters", "sample_log_num", "model_args", "device") if getattr(spec, k)]:
         out.notes.append(f"{where}: {', '.join(unused)} not used: Grove runs the harness without bootstrap errors "
