@@ -40,8 +40,10 @@ class Translation:
     # A fine-tuning pass: grove finetune's flags (training_args among them), run before auto-opt, whose
     # -m then names the fine-tuning output (its base and adapter).
     finetune: dict[str, object] | None = None
-    # No passes and an LMEvaluator: grove benchmark's flags (the model's and the output's are flags').
+    # An LMEvaluator: grove benchmark's flags, run on the input model (no passes) or, ``benchmark_after``,
+    # on auto-opt's output (the model and output folders are the flags').
     benchmark: dict[str, object] | None = None
+    benchmark_after: bool = False
 
     def argv(self) -> list[str]:
         return _argv(self.flags)
@@ -58,17 +60,26 @@ class Translation:
                                                              str(value)]))]
 
     def benchmark_argv(self) -> list[str]:
-        """grove benchmark's argv (the model, output and device from the flags), or [] without one."""
-        if self.benchmark is None:
+        """grove benchmark's argv (the model, output and device from the flags; after auto-opt, its output
+        is the model), or [] without one (or, after auto-opt, without an output folder)."""
+        if self.benchmark is None or (self.benchmark_after and "output_path" not in self.flags):
             return []
-        keep = ("model_name_or_path", "output_path", "revision", "trust_remote_code", "store", "device")
-        return _argv({**{k: v for k, v in self.flags.items() if k in keep}, **self.benchmark})
+        flags = {k: v for k, v in self.flags.items() if k in ("model_name_or_path", "output_path", "revision",
+                                                              "trust_remote_code", "store", "device")}
+        if self.benchmark_after:
+            flags = {"model_name_or_path": flags["output_path"], "output_path": f"{flags['output_path']}/lm-eval",
+                     **{k: v for k, v in flags.items() if k in ("store", "device")}}
+        return _argv({**flags, **self.benchmark})
 
     def command(self) -> str:
-        if self.benchmark is not None:
+        if self.benchmark is not None and not self.benchmark_after:
             return "grove benchmark " + shlex.join(self.benchmark_argv())
-        auto_opt = "grove auto-opt " + shlex.join(self.argv())
-        return f"grove finetune {shlex.join(self.finetune_argv())} && {auto_opt}" if self.finetune else auto_opt
+        steps = ["grove auto-opt " + shlex.join(self.argv())]
+        if self.finetune:
+            steps.insert(0, "grove finetune " + shlex.join(self.finetune_argv()))
+        if self.benchmark_argv():
+            steps.append("grove benchmark " + shlex.join(self.benchmark_argv()))
+        return " && ".join(steps)
 
 
 def _argv(flags: dict[str, object]) -> list[str]:
@@ -1016,11 +1027,14 @@ class LMEvaluator(BaseModel):
     bootstrap_iters: int | None = Field(None, description="Grove reports no bootstrap standard errors")
     sample_log_num: int | None = Field(None, description="Grove keeps the harness's results, not its samples")
     model_args: dict[str, Any] | None = Field(None, description="onnxruntime-genai options Grove sets itself")
+    provider_options: dict[str, Any] | list[dict[str, Any]] | None = Field(
+        None, description="the execution provider's options are the ones Grove sets for the target's device")
     metrics: None = Field(None, description="an LMEvaluator scores its tasks' own metrics")
 
 
-def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation) -> None:
-    """A config with no passes and an LMEvaluator: grove benchmark (lm-eval tasks) on the input model."""
+def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation, after: bool) -> None:
+    """An LMEvaluator as grove benchmark: on the input model for a config with no passes, or (``after``)
+    on the passes' output, once auto-opt has written it."""
     chosen = _lm_evaluator(config, engine)
     where = f"evaluators.{engine.get('evaluator')}" if isinstance(engine.get("evaluator"), str) else "evaluator"
     try:
@@ -1028,9 +1042,12 @@ def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation)
     except ValidationError as exc:
         raise InvalidRequest(_pass_errors(exc, where, LMEvaluator)) from None
     if inline := [t for t in spec.tasks if not isinstance(t, str)]:
-        raise InvalidRequest(f"{where}.tasks: {len(inline)} task(s) defined inline ("
-                             f"{', '.join(str(t.get('task')) for t in inline)}): save each as a YAML file in a "
-                             "folder and run grove benchmark --tasks <its name> --include_path <that folder>")
+        fix = (f"{len(inline)} task(s) defined inline ({', '.join(str(t.get('task')) for t in inline)}): save each "
+               "as a YAML file in a folder and run grove benchmark --tasks <its name> --include_path <that folder>")
+        if not after:
+            raise InvalidRequest(f"{where}.tasks: {fix}")
+        out.notes.append(f"{where}.tasks: not scored: {fix}")
+        return
     tasks = [str(t) for t in spec.tasks]
     flags: dict[str, object] = {"tasks": tasks}
     for key in ("batch_size", "max_length", "limit", "num_fewshot"):
@@ -1039,12 +1056,15 @@ def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation)
     for key in ("apply_chat_template", "fewshot_as_multiturn"):
         if getattr(spec, key):
             flags[key] = True
-    out.benchmark = flags
-    out.notes.append(f"{where}: no passes, so the input model is scored on lm-eval's {', '.join(tasks)} "
-                     "(grove benchmark: the harness's own tasks and metrics, a cached evaluate-lm node)")
-    if unused := [k for k in ("bootstrap_iters", "sample_log_num", "model_args", "device") if getattr(spec, k)]:
+    out.benchmark, out.benchmark_after = flags, after
+    out.notes.append(f"{where}: " + ("the output is scored after auto-opt" if after else
+                                     "no passes, so the input model is scored")
+                     + f" on lm-eval's {', '.join(tasks)} (grove benchmark: the harness's own tasks and metrics, "
+                     "a cached evaluate-lm node" + (", written to <output>/lm-eval)" if after else ")"))
+    if unused := [k for k in ("bootstrap_iters", "sample_log_num", "model_args", "device", "provider_options")
+                  if getattr(spec, k)]:
         out.notes.append(f"{where}: {', '.join(unused)} not used: Grove runs the harness without bootstrap errors "
-                         "or sample logs, on the target's device")
+                         "or sample logs, on the target's device with the provider options it sets for it")
 
 
 def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, Any], out: Translation) -> None:
@@ -1078,7 +1098,6 @@ def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, A
                     others.append(f"{sub} ({metric.get('name')}{'; ' + _SCORED[sub] if _SCORED.get(sub) else ''})")
         else:
             others.append(f"{metric.get('name')} ({metric.get('type')})")
-    others += [f"lm-eval task {t}" for t in (chosen or {}).get("tasks") or []]  # Olive's LMEvaluator
     sources: dict[_Data, str] = {}  # the data -> the first metric scoring it
     for at, ref in labelled:
         sources.setdefault(_data_source(ref, data, f"{at}.data_config", for_labels=True), at)
@@ -1406,11 +1425,14 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
         attempt(_input_model, model, out)
     attempt(_target, config, engine, out)
     if (data := attempt(_data_configs, config)) is not None:  # the passes and metrics name its configs
-        if not _section(config, "passes", "") and _lm_evaluator(config, engine) is not None:
-            attempt(_benchmark, config, engine, out)  # evaluation only: lm-eval tasks on the input model
+        lm = _lm_evaluator(config, engine)
+        if not _section(config, "passes", "") and lm is not None:
+            attempt(_benchmark, config, engine, out, False)  # evaluation only: lm-eval tasks on the input model
         else:
             attempt(_passes, _section(config, "passes", ""), data, out)
             attempt(_evaluator, config, engine, data, out)
+            if lm is not None:  # the passes' output scored on lm-eval tasks after auto-opt
+                attempt(_benchmark, config, engine, out, True)
     if engine.get("output_dir"):
         out.flags["output_path"] = str(engine["output_dir"])
     if (level := engine.get("log_severity_level")) is not None:

@@ -47,17 +47,27 @@ def olive_run(config: dict[str, Any], output_path: str | None = None) -> dict[st
                  "output stays in the store, linked from this run's page")
     confine_paths({**flags, **{k: v for k, v in (translation.finetune or {}).items() if k in _READS}}, output_path)
     log.info("the config is: %s", translation.command())
-    if translation.benchmark is not None:  # no passes: lm-eval tasks on the input model
-        keep = ("model_name_or_path", "output_path", "revision", "trust_remote_code", "store", "device")
-        return benchmark(BenchmarkRequest(**{k: v for k, v in flags.items() if k in keep}, **translation.benchmark))
+    keep = ("model_name_or_path", "revision", "trust_remote_code", "store", "device")
+    if translation.benchmark is not None and not translation.benchmark_after:  # no passes: the input model
+        return benchmark(BenchmarkRequest(**{k: v for k, v in flags.items() if k in keep},
+                                          output_path=output_path, **translation.benchmark))
     if translation.finetune is None:
-        return _optimize(flags)
-    with tempfile.TemporaryDirectory(prefix="grove-olive-run-") as scratch:
-        tuning = {**translation.finetune}
-        if not output_path:  # the adapter's folder for auto-opt to read; its nodes' outputs stay in the store
-            tuning["output_path"] = flags["model_name_or_path"] = str(Path(scratch) / "finetuned")
-        finetune(FinetuneRequest(**tuning))
-        return _optimize(flags)
+        report = _optimize(flags)
+    else:
+        with tempfile.TemporaryDirectory(prefix="grove-olive-run-") as scratch:
+            tuning = {**translation.finetune}
+            if not output_path:  # the adapter's folder for auto-opt to read; its nodes' outputs stay in the store
+                tuning["output_path"] = flags["model_name_or_path"] = str(Path(scratch) / "finetuned")
+            finetune(FinetuneRequest(**tuning))
+            report = _optimize(flags)
+    if translation.benchmark is not None and output_path:  # the LMEvaluator scores the output
+        benchmark(BenchmarkRequest(model_name_or_path=output_path, output_path=f"{output_path}/lm-eval",
+                                   **{k: v for k, v in flags.items() if k in ("store", "device")},
+                                   **translation.benchmark))
+    elif translation.benchmark is not None:
+        log.info("lm-eval tasks not scored: the output stays in the store without an output_path; give one, or "
+                 "run grove benchmark on the output")
+    return report
 
 
 def _optimize(flags: dict[str, Any]) -> dict[str, object]:

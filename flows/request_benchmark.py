@@ -18,8 +18,9 @@ class BenchmarkRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model_name_or_path: str = Field(description="the model: hub id, local HF folder, .gguf file, s3:// folder, or an "
                                     "onnxruntime-genai folder (a grove auto-opt output)")
-    output_path: str = Field("benchmark-results", description="folder to write results.json (the harness's "
-                             "results) and grove_report.json to")
+    output_path: str | None = Field("benchmark-results", description="folder to write results.json (the "
+                                    "harness's results) and grove_report.json to (a deployed run without one: "
+                                    "they stay in the store)")
     tasks: list[str] = Field(min_length=1, description="lm-eval tasks or groups (mmlu, hellaswag, arc_easy...)")
     device: Literal["cpu", "gpu"] = Field("cpu", description="where the model runs: cpu, or gpu (CUDA)")
     batch_size: int = Field(1, ge=1, description="requests per forward pass (PyTorch models)")
@@ -38,10 +39,10 @@ class BenchmarkRequest(BaseModel):
 
     @field_validator("output_path")
     @classmethod
-    def _output_path(cls, value: str) -> str:
+    def _output_path(cls, value: str | None) -> str | None:
         from grove.flows.request import local_output_path  # imports the nodes (and Prefect): not at the CLI's start
 
-        return str(local_output_path(value))
+        return None if value is None else str(local_output_path(value))
 
     def lm_eval(self, include_sha256: str) -> Any:
         from grove.tasks.evaluate_lm import LmEvalConfig

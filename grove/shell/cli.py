@@ -256,10 +256,11 @@ def _expand_run(argv: list[str]) -> list[list[str]] | int:
         print(translation.command())
         return 0
     level = ["--log_level", str(translation.flags.get("log_level", 1))]
-    if translation.benchmark is not None:
-        return [["benchmark", *translation.benchmark_argv(), *level]]
+    benchmark = [["benchmark", *translation.benchmark_argv(), *level]] if translation.benchmark_argv() else []
+    if translation.benchmark is not None and not translation.benchmark_after:
+        return benchmark
     finetune = [["finetune", *translation.finetune_argv(), *level]] if translation.finetune is not None else []
-    return [*finetune, ["auto-opt", *translation.argv()]]
+    return [*finetune, ["auto-opt", *translation.argv()], *benchmark]
 
 
 def _server(args: argparse.Namespace) -> int:

@@ -137,3 +137,28 @@ def test_an_evaluation_only_config_is_grove_benchmark(tmp_path: Path, capsys: py
     (tmp_path / "c.json").write_text(json.dumps(config))
     assert main(["run", "--config", str(tmp_path / "c.json"), "--dry-run"]) == 2
     assert "or an LMEvaluator to score the input model on lm-eval tasks" in capsys.readouterr().err
+
+
+def test_a_config_with_passes_and_an_lm_evaluator_scores_the_output_after_auto_opt(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """olive-recipes' *_int4_with_eval.json shape: the passes' output, once written, is scored on the
+    evaluator's lm-eval tasks (grove benchmark -m <output>), its results in <output>/lm-eval."""
+    from grove.shell.cli import _expand_run, main
+
+    config = {"input_model": {"type": "HfModel", "model_path": "org/model"}, "output_dir": "models/int4",
+              "passes": {"mb": {"type": "ModelBuilder", "precision": "int4"}},
+              "evaluators": {"e": {"type": "LMEvaluator", "tasks": ["arc_easy"], "limit": 0.1,
+                                   "model_class": "ortgenai",
+                                   "provider_options": {"enable_skip_layer_norm_strict_mode": "1"}}}, "evaluator": "e"}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    assert main(["run", "--config", str(path), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    auto_opt, benchmark = out.strip().split(" && ")
+    assert auto_opt.startswith("grove auto-opt --model_name_or_path org/model --output_path models/int4"), out
+    assert benchmark == ("grove benchmark --model_name_or_path models/int4 --output_path models/int4/lm-eval "
+                         "--tasks arc_easy --limit 0.1"), benchmark
+    assert "the output is scored after auto-opt on lm-eval's arc_easy" in err and "not computed" not in err, err
+    assert "provider_options not used" in err, err
+    steps = _expand_run(["run", "--config", str(path)])
+    assert [s[0] for s in steps] == ["auto-opt", "benchmark"]  # type: ignore[index, union-attr]
