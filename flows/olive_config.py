@@ -44,6 +44,9 @@ class Translation:
     # on auto-opt's output (the model and output folders are the flags').
     benchmark: dict[str, object] | None = None
     benchmark_after: bool = False
+    # GraphSurgeries on the embedding and lm_head, which Grove's int4 honours with some algorithms only:
+    # (where, surgeons), checked once the passes have set the flags.
+    table_surgeries: list[tuple[str, list[str]]] = field(default_factory=list)
 
     def argv(self) -> list[str]:
         return _argv(self.flags)
@@ -158,8 +161,10 @@ class ModelBuilder(_Pass):
     int4_accuracy_level: Literal[1, 2, 3, 4] | None = Field(None, description="MatMulNBits compute type")
     int4_is_symmetric: bool | None = Field(None, description="symmetric (rtn) or asymmetric (rtn) int4 blocks "
                                            "instead of Grove's affine")
-    int4_algo_config: Literal["default", "rtn", "k_quant_mixed", "k_quant_last"] | None = Field(
-        None, description="the builder's int4 algorithm: rtn, or k_quant")
+    int4_algo_config: Literal["default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last",
+                              "k_quant_linear"] | None = Field(
+        None, description="the builder's int4 algorithm: rtn, or k_quant, with the int8 layers of its compound "
+        "names (_last, _mixed, _linear) noted")
     metadata_only: bool = Field(False, description="only the genai config for the ONNX model of an earlier "
                                 "OnnxConversion: Grove's builder writes the graph and its config together")
     search: dict[str, Any] | None = Field(None, description="generation defaults: Grove writes its own")
@@ -184,7 +189,9 @@ class ModelBuilder(_Pass):
         evaluation and package read them as the builder writes them by default), and ones the builder
         does not know."""
         problems = []
-        for key in sorted(self.extra_options or {}):
+        for key, value in sorted((self.extra_options or {}).items()):
+            if key in _BUILDER_SHAPE_OPTIONS and str(value).lower() in ("", "0", "false", "none"):
+                continue  # the builder's default, e.g. the recipes' "exclude_embeds": false
             if key in _BUILDER_SHAPE_OPTIONS:
                 problems.append(f"{where}.extra_options.{key}: changes the model's inputs or outputs, which Grove's "
                                 "evaluation reads as the builder writes them by default; not in Grove yet")
@@ -197,15 +204,21 @@ class ModelBuilder(_Pass):
                  and k in _BUILDER_OPTIONS and k not in _BUILDER_FLAGS}
         if self.enable_cuda_graph is not None:
             extra["enable_cuda_graph"] = self.enable_cuda_graph
-        return [f"{where}: {', '.join(f'{k}={v}' for k, v in sorted(extra.items()))} not used: Grove names the "
-                "graph model.onnx (genai_config.json points at it) and builds with the builder's defaults "
-                "otherwise"] if extra else []
+        notes = [f"{where}: {', '.join(f'{k}={v}' for k, v in sorted(extra.items()))} not used: Grove names the "
+                 "graph model.onnx (genai_config.json points at it) and builds with the builder's defaults "
+                 "otherwise"] if extra else []
+        if (algo := self.int4_algo_config or "") in _INT8_LAYERS:
+            base, head = (("k_quant", "but the lm_head, which keeps full precision") if algo.startswith("k_quant")
+                          else ("rtn", "the lm_head included"))
+            notes.append(f"{where}.int4_algo_config {algo}: Grove's {base} quantizes every MatMul at 4 bits, {head}; "
+                         f"the int8 layers {algo} adds ({_INT8_LAYERS[algo]}) are not chosen")
+        return notes
 
     def flags(self) -> dict[str, object]:
         flags: dict[str, object] = {}
-        if self.int4_algo_config in ("k_quant_mixed", "k_quant_last"):
+        if (self.int4_algo_config or "").startswith("k_quant"):
             flags["int4_algorithm"] = "k_quant"
-        elif self.int4_algo_config == "rtn" or self.int4_is_symmetric is not None:
+        elif (self.int4_algo_config or "").startswith("rtn") or self.int4_is_symmetric is not None:
             flags["int4_algorithm"] = "rtn"
         if self.int4_is_symmetric:
             flags["symmetric"] = True
@@ -218,6 +231,12 @@ class ModelBuilder(_Pass):
         return {**flags, **{k: v for k, v in (("block_size", self.int4_block_size),
                                               ("accuracy_level", level)) if v is not None}}
 
+
+# The builder's compound int4 algorithms: the layers each keeps at 8 bits besides the base method's.
+_INT8_LAYERS = {"rtn_last": "the last MatMul", "k_quant_last": "the last MatMul",
+                "k_quant_mixed": "the last MatMul, and the first and last eighth of the layers' and every third "
+                                 "layer's qkv, v and down projections",
+                "k_quant_linear": "the last MatMul, and the linear-attention projections and their MLPs"}
 
 # onnxruntime-genai 0.18's model builder options (its --extra_options help), those of them that
 # change the graph's inputs or outputs in ways Grove's evaluation cannot read, and those that are
@@ -631,15 +650,50 @@ def _pass_errors(exc: ValidationError, where: str, cls: type[BaseModel]) -> str:
     return "; ".join(lines)
 
 
+_TABLE_SURGEONS = ("QuantizeEmbeddingInt8", "ShareEmbeddingLmHead")
+
+
 def _surgeries(fields: dict[str, Any], where: str, out: Translation) -> str | None:
-    """Olive's GraphSurgeries: TieWordEmbeddings is what Grove's int4 does anyway (one 8-bit table
-    serves the embedding and a tied lm_head); another surgeon is a problem to report."""
+    """Olive's GraphSurgeries on a decoder's embedding and lm_head: TieWordEmbeddings, QuantizeEmbeddingInt8
+    and ShareEmbeddingLmHead are what Grove's int4 writes anyway (one 8-bit table serves the embedding and a
+    tied lm_head; ``_table_surgeries`` checks the algorithm that makes it); another surgeon is a problem."""
     surgeons = [str(s.get("surgeon")) if isinstance(s, dict) else str(s) for s in fields.get("surgeries") or []]
-    if others := [s for s in surgeons if s != "TieWordEmbeddings"]:
-        return f"{where}: graph surgeries {', '.join(others)} are not in Grove (it reads TieWordEmbeddings)"
-    out.notes.append(f"{where}: TieWordEmbeddings: Grove's int4 of a tied model reads one 8-bit table for the "
-                     "embedding and the lm_head")
+    if others := [s for s in surgeons if s != "TieWordEmbeddings" and s not in _TABLE_SURGEONS]:
+        return (f"{where}: graph surgeries {', '.join(others)} are not in Grove (it reads TieWordEmbeddings, "
+                f"{', '.join(_TABLE_SURGEONS)})")
+    out.table_surgeries.append((where, surgeons))
     return None
+
+
+def _table_surgeries(out: Translation) -> list[str]:
+    """QuantizeEmbeddingInt8 / ShareEmbeddingLmHead against the int4 the flags chose: Grove's affine, hqq
+    and gptq write the embedding as 8-bit blocks (GatherBlockQuantized) and a tied lm_head reads the same
+    table; onnxruntime's quantizers and the builder's own int4 (the GPU default) do not."""
+    problems = []
+    algorithm = out.flags.get("int4_algorithm") or ("affine" if out.flags.get("device", "cpu") == "cpu"
+                                                    else "builder")
+    eight_bit = out.flags.get("precision") == "int4" and algorithm in ("affine", "hqq", "gptq") \
+        and out.flags.get("head_bits") != 4
+    for where, surgeons in out.table_surgeries:
+        if "TieWordEmbeddings" in surgeons:
+            out.notes.append(f"{where}: TieWordEmbeddings: " + (
+                f"Grove's {algorithm} int4 of a tied model reads one 8-bit table for the embedding and the lm_head"
+                if eight_bit else f"not applied with {out.flags.get('precision')} {algorithm}: the output keeps the "
+                "embedding and lm_head tables that quantizer writes (the same outputs, a larger file); Grove's "
+                "affine, hqq and gptq int4 share one 8-bit table"))
+        if not (named := ", ".join(s for s in surgeons if s in _TABLE_SURGEONS)):
+            continue
+        if not eight_bit:
+            problems.append(f"{where}: {named}: Grove writes the 8-bit embedding table (shared with a tied lm_head) "
+                            "with its int4 algorithms affine (the CPU default), hqq and gptq at 8-bit head_bits, not "
+                            f"with {out.flags.get('precision')} {algorithm}: build for the CPU, or choose one of "
+                            "them")
+        else:
+            out.notes.append(f"{where}: {named}: Grove's {algorithm} int4 writes the embedding as 8-bit blocks "
+                             "(GatherBlockQuantized) and a tied lm_head reads the same 8-bit table; an untied "
+                             "model's lm_head keeps its own 8-bit weights (sharing the embedding's would change "
+                             "its logits)")
+    return problems
 
 
 def _fields(section: dict[str, Any], where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -764,6 +818,8 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
         raise InvalidRequest("passes ask for different precisions: " + ", ".join(f"{n} {p}" for n, p in
                              quantizing.items()) + "; Grove writes one output per run: keep one quantization pass")
     out.flags["precision"] = next(iter(quantizing.values()), "fp32")
+    if problems := _table_surgeries(out):
+        raise InvalidRequest("; ".join(problems))
 
 
 def _fine_tuning(specs: dict[str, _Pass], data: dict[str, Any], out: Translation) -> list[str]:

@@ -367,6 +367,13 @@ def test_a_hub_split_that_is_not_there_is_one_clear_error(tmp_path: Path) -> Non
      "--precision int4 --int4_algorithm rtn --block_size 128 --symmetric"),
     ({"mb": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant_mixed"}},
      "--precision int4 --int4_algorithm k_quant"),
+    ({"mb": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant_linear",
+             "extra_options": {"filename": "text.onnx", "prune_lm_head": True}}},  # olive-recipes' Qwen3.5
+     "--precision int4 --int4_algorithm k_quant --prune_lm_head"),
+    ({"m": {"type": "ModelBuilder", "precision": "int4", "extra_options": {"exclude_embeds": False}},
+      "q": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "QuantizeEmbeddingInt8"},
+                                                    {"surgeon": "ShareEmbeddingLmHead"}]}},  # what affine writes
+     "--precision int4"),
     ({"o": {"type": "OrtTransformersOptimization", "float16": True}}, "--precision fp16"),
     ({"c": {"type": "OnnxConversion"}}, "--precision fp32"),
     ({"q": {"type": "OnnxDynamicQuantization", "per_channel": True, "host": "local_system"}},  # a pass's own host
@@ -588,7 +595,18 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "passes.m: int4_block is not an option of ModelBuilder that Grove reads (it reads precision, int4_block_size, "
      "int4_accuracy_level, int4_is_symmetric, int4_algo_config, metadata_only, search, use_ort_genai, "
      "use_dynamo_exporter, extra_options, enable_cuda_graph); passes.t: graph surgeries RemoveRopeMultiCache are "
-     "not in Grove (it reads TieWordEmbeddings)"),
+     "not in Grove (it reads TieWordEmbeddings, QuantizeEmbeddingInt8, ShareEmbeddingLmHead)"),
+    ({"input_model": _MODEL, "output_dir": "o", "systems": {"s": {"type": "LocalSystem", "accelerators": [
+        {"device": "gpu", "execution_providers": ["CUDAExecutionProvider"]}]}}, "passes": {
+        "m": {"type": "ModelBuilder", "precision": "int4", "extra_options": {"exclude_embeds": False}},
+        "q": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "QuantizeEmbeddingInt8"},
+                                                      {"surgeon": "ShareEmbeddingLmHead"}]}}},
+     "passes.q: QuantizeEmbeddingInt8, ShareEmbeddingLmHead: Grove writes the 8-bit embedding table (shared with a "
+     "tied lm_head) with its int4 algorithms affine (the CPU default), hqq and gptq at 8-bit head_bits, not with "
+     "int4 builder"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {
+        "m": {"type": "ModelBuilder", "precision": "int4", "extra_options": {"exclude_embeds": True}}}},
+     "passes.m.extra_options.exclude_embeds: changes the model's inputs or outputs"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"q": {"type": "QuaRot"},
                                                             "m": {"type": "ModelBuilder", "precision": "int4"}}},
      "passes.q (QuaRot): Grove rotates the weights in its GPTQ node; add a Gptq pass after it"),
@@ -789,3 +807,26 @@ def test_the_builders_prune_lm_head_is_auto_opts_flag(tmp_path: Path, capsys: py
     out, err = capsys.readouterr()
     assert "--prune_lm_head" in out, out
     assert "passes.m: filename=t.onnx not used" in err and "prune_lm_head=True not used" not in err, err
+
+
+def test_embedding_surgeries_say_what_the_chosen_int4_writes(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """QuantizeEmbeddingInt8 and ShareEmbeddingLmHead are noted as what Grove's affine int4 writes;
+    TieWordEmbeddings with k_quant says the tables are not shared, instead of promising one 8-bit table."""
+    from grove.shell.cli import main
+
+    surgeries = {"type": "GraphSurgeries", "surgeries": [{"surgeon": "QuantizeEmbeddingInt8"},
+                                                         {"surgeon": "ShareEmbeddingLmHead"}]}
+    config = {"input_model": _MODEL, "output_dir": "o",
+              "passes": {"m": {"type": "ModelBuilder", "precision": "int4"}, "q": surgeries}}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "passes.q: QuantizeEmbeddingInt8, ShareEmbeddingLmHead: Grove's affine int4 writes the embedding as 8-bit " \
+           "blocks" in err, err
+    config["passes"] = {"m": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant_linear"},
+                        "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "TieWordEmbeddings"}]}}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "passes.t: TieWordEmbeddings: not applied with int4 k_quant" in err, err
+    assert "passes.m.int4_algo_config k_quant_linear: Grove's k_quant quantizes every MatMul at 4 bits, but the " \
+           "lm_head, which keeps full precision; the int8 layers k_quant_linear adds" in err, err
