@@ -376,7 +376,19 @@ class OnnxHqqQuantization(OnnxBlockWiseRtnQuantization):
 
 class OnnxKQuantQuantization(OnnxBlockWiseRtnQuantization):
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block (Olive's default)")
+    customized_weight_config: dict[str, dict[Literal["bits"], Literal[4, 8]]] | None = Field(  # type: ignore[assignment]
+        None, description="per-node bits, {<MatMul node name>: {\"bits\": 8}}: those MatMuls at 8 bits (--int8_nodes)")
     ALGORITHM = "k_quant"
+
+    def problems(self, where: str) -> list[str]:
+        if self.customized_weight_config and self.bits != 4:
+            return [f"{where}.customized_weight_config: per-node bits raise chosen MatMuls of a 4-bit model to 8 "
+                    f"bits; with bits {self.bits} every MatMul is 8-bit already: drop it, or set bits 4"]
+        return []
+
+    def flags(self) -> dict[str, object]:
+        eight = [n for n, c in (self.customized_weight_config or {}).items() if c.get("bits") == 8]
+        return {**super().flags(), **({"int8_nodes": eight} if eight and self.bits == 4 else {})}
 
 
 class Gptq(_Pass):
@@ -754,7 +766,7 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             problems.append(_pass_errors(exc, where, cls))
             continue
         specs[name] = spec
-        if isinstance(spec, Gptq | Rtn | ModelBuilder | _Lycoris):
+        if isinstance(spec, Gptq | Rtn | ModelBuilder | _Lycoris | OnnxKQuantQuantization):
             problems += spec.problems(where)
         if isinstance(spec, ModelBuilder) and spec.metadata_only:
             if not any(isinstance(s, OnnxConversion) for s in specs.values()):

@@ -109,6 +109,8 @@ class AutoOptRequest(OptRequestBase):
                                                 "layers at 4 bits; the others, those whose 4-bit output error on the "
                                                 "calibration text is largest, keep 8 bits (Olive's "
                                                 "SelectiveMixedPrecision ratio)")
+    int8_nodes: list[str] | None = Field(None, description="k_quant: MatMul nodes (graph node names) quantized at "
+                                         "8 bits instead of 4 (Olive's customized_weight_config)")
     rotate: bool = Field(False, description="gptq: rotate the weights first by a random Hadamard matrix "
                          "(QuaRot's offline rotations, Olive's QuaRot pass: the same function, smaller outliers "
                          "to round; llama, mistral, qwen2 and qwen3 families)")
@@ -177,6 +179,8 @@ class AutoOptRequest(OptRequestBase):
                 and algorithm != "gptq":
             problems.append(f"{', '.join(calibrated)}: for a decoder, calibration is GPTQ's; pass --int4_algorithm "
                             "gptq")
+        if self.int8_nodes and algorithm != "k_quant":
+            problems.append("--int8_nodes applies to --int4_algorithm k_quant")
         if self.merge_adapter and self.adapter_path is None:
             problems.append("--merge_adapter merges the adapter --adapter_path names: pass it too")
         if self.keeps_adapter and not (self.device == "cpu" and (self.precision == "fp32" or algorithm in ("affine",
@@ -248,7 +252,8 @@ class AutoOptRequest(OptRequestBase):
 
         return Int4Config(algorithm=algorithm, block_size=self.block_size, symmetric=self.symmetric,
                           accuracy_level=self.accuracy_level, placement=self._placement("quantize-int4"),
-                          head_bits=self.head_bits, head_shortlist=self.head_shortlist)
+                          head_bits=self.head_bits, head_shortlist=self.head_shortlist,
+                          int8_nodes=self.int8_nodes or [])
 
     def torch_quant(self, calibration_sha256: str) -> TorchQuantConfig:
         """The quantize-torch node's config (``--int4_algorithm gptq``: the weights are quantized before

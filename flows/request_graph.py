@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["GraphOptRequest"]
 
 # auto-opt flags that a graph takes (besides the shared ones).
-_GRAPH_FLAGS = ("precision", "int4_algorithm", "block_size", "symmetric", "accuracy_level", "min_cosine",
-                "eval_repeat", "task")
+_GRAPH_FLAGS = ("precision", "int4_algorithm", "block_size", "symmetric", "accuracy_level", "int8_nodes",
+                "min_cosine", "eval_repeat", "task")
 
 
 class GraphOptRequest(OptRequestBase):
@@ -36,6 +36,8 @@ class GraphOptRequest(OptRequestBase):
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block")
     symmetric: bool = Field(False, description="symmetric int4 blocks")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type")
+    int8_nodes: list[str] | None = Field(None, description="k_quant: MatMul nodes (graph node names) quantized at "
+                                         "8 bits instead of 4 (Olive's customized_weight_config)")
     min_cosine: float | None = Field(None, ge=-1, le=1, description="fail if an output's cosine to the input "
                                      "graph's, on the same synthetic inputs, is lower than this")
     eval_repeat: int = Field(20, ge=1, description="timed runs per latency measurement")
@@ -47,14 +49,16 @@ class GraphOptRequest(OptRequestBase):
         if others := [k for k in fields if k not in shared and k not in _GRAPH_FLAGS and k != "use_ort_genai"]:
             raise InvalidRequest(f"{', '.join('--' + k for k in others)}: not for an ONNX graph given as the model "
                                  "(it takes --precision int4, --int4_algorithm rtn or k_quant, --block_size, "
-                                 "--symmetric, --accuracy_level, --min_cosine); pass the Hugging Face model instead "
-                                 "for the rest")
+                                 "--symmetric, --accuracy_level, --int8_nodes, --min_cosine); pass the Hugging Face "
+                                 "model instead for the rest")
         if fields.get("precision", "int4") != "int4":
             raise InvalidRequest(f"--precision {fields['precision']}: an ONNX graph given as the model is quantized to "
                                  "int4 weights; for int8 or fp16, pass the Hugging Face model")
         if fields.get("int4_algorithm") not in (None, "rtn", "k_quant"):
             raise InvalidRequest(f"--int4_algorithm {fields['int4_algorithm']}: an ONNX graph takes rtn or k_quant "
                                  "(the others need to know the model: pass the Hugging Face model)")
+        if fields.get("int8_nodes") and fields.get("int4_algorithm") != "k_quant":
+            raise InvalidRequest("--int8_nodes applies to --int4_algorithm k_quant")
         if fields.get("task") not in (None, "", "text-generation", *typing.get_args(EncoderTask)):
             raise InvalidRequest(f"--task {fields['task']} is not a task Grove knows")
         return cls(**{k: v for k, v in fields.items() if k not in ("use_ort_genai", "task")})
@@ -75,7 +79,8 @@ class GraphOptRequest(OptRequestBase):
         from grove.tasks.quantize_int4 import Int4Config
 
         return Int4Config(algorithm=self.int4_algorithm, block_size=self.block_size, symmetric=self.symmetric,
-                          accuracy_level=self.accuracy_level, head_bits=8, head_shortlist=0)
+                          accuracy_level=self.accuracy_level, head_bits=8, head_shortlist=0,
+                          int8_nodes=self.int8_nodes or [])
 
     def evaluation(self, *, gate: bool) -> GraphEvalConfig:
         from grove.tasks.evaluate_graph import GraphEvalConfig

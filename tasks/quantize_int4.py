@@ -48,6 +48,15 @@ class Int4Config(StepConfig):
                                 "among them; decodes faster than reading the whole 8-bit head); 0 = the whole "
                                 "8-bit head for every token; default: 32, or 0 with a 4-bit head (no 8-bit rows)")
 
+    int8_nodes: list[str] = Field(default_factory=list, description="k_quant: MatMul nodes (graph node names) "
+                                  "quantized at 8 bits instead of 4 (Olive's customized_weight_config)")
+
+    def recipe(self) -> dict[str, object]:
+        recipe = super().recipe()
+        if not recipe["int8_nodes"]:  # at the default: as the recipes written before it
+            del recipe["int8_nodes"]
+        return recipe
+
     @model_validator(mode="before")
     @classmethod
     def _default_shortlist(cls, data: object) -> object:
@@ -64,6 +73,8 @@ class Int4Config(StepConfig):
             raise ValueError(f"symmetric=True applies to rtn only; {self.algorithm} chooses its own zero points")
         if self.head_bits != 8 and self.algorithm not in ("affine", "hqq"):
             raise ValueError(f"head_bits applies to the affine and hqq algorithms only, not {self.algorithm}")
+        if self.int8_nodes and self.algorithm != "k_quant":
+            raise ValueError(f"int8_nodes applies to the k_quant algorithm only, not {self.algorithm}")
         if self.head_shortlist and self.head_bits != 8:
             raise ValueError("head_shortlist rescores with the 8-bit lm_head; a 4-bit head has none")
         return self
@@ -104,7 +115,12 @@ def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]
     algo: mnq.WeightOnlyQuantConfig
     model, keep = onnx.load(str(src)), []
     if config.algorithm == "k_quant":
-        algo = mnq.KQuantWeightOnlyQuantConfig()
+        if missing := sorted(set(config.int8_nodes) - {n.name for n in model.graph.node if n.op_type == "MatMul"}):
+            names = sorted(n.name for n in model.graph.node if n.op_type == "MatMul")
+            raise InvalidRequest(f"int8_nodes: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                                 f"{'is not a MatMul' if len(missing) == 1 else 'are not MatMuls'} of this graph "
+                                 f"({len(names)} MatMuls, e.g. {', '.join(names[:3])}); name its MatMul nodes")
+        algo = mnq.KQuantWeightOnlyQuantConfig(customized_weight_config={n: {"bits": 8} for n in config.int8_nodes})
         # onnxruntime 1.32's k-quant drops a MatMul whose output is a graph output (the graph then names an
         # output nothing computes, and does not load): such a MatMul keeps its weights.
         outputs = {o.name for o in model.graph.output}
@@ -125,7 +141,7 @@ def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
     _rename_external_data(dst)
     n = sum(1 for node in quantizer.model.model.graph.node if node.op_type == "MatMulNBits")
-    return {"matmuls_quantized": n}
+    return {"matmuls_quantized": n, **({"int8_matmuls": len(config.int8_nodes)} if config.int8_nodes else {})}
 
 
 def _rename_external_data(model_path: Path) -> None:

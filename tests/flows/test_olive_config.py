@@ -374,6 +374,10 @@ def test_a_hub_split_that_is_not_there_is_one_clear_error(tmp_path: Path) -> Non
       "q": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "QuantizeEmbeddingInt8"},
                                                     {"surgeon": "ShareEmbeddingLmHead"}]}},  # what affine writes
      "--precision int4"),
+    ({"q": {"type": "OnnxKQuantQuantization", "customized_weight_config": {  # gemma-4's mixed/text.json
+        "decoder/model/layers.0/mlp/down_proj/MatMul_node_120": {"bits": 8}, "x/MatMul": {"bits": 4}}}},
+     "--precision int4 --int4_algorithm k_quant --block_size 32 --int8_nodes "
+     "decoder/model/layers.0/mlp/down_proj/MatMul_node_120"),
     ({"o": {"type": "OrtTransformersOptimization", "float16": True}}, "--precision fp16"),
     ({"c": {"type": "OnnxConversion"}}, "--precision fp32"),
     ({"q": {"type": "OnnxDynamicQuantization", "per_channel": True, "host": "local_system"}},  # a pass's own host
@@ -604,6 +608,10 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "passes.q: QuantizeEmbeddingInt8, ShareEmbeddingLmHead: Grove writes the 8-bit embedding table (shared with a "
      "tied lm_head) with its int4 algorithms affine (the CPU default), hqq and gptq at 8-bit head_bits, not with "
      "int4 builder"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"q": {
+        "type": "OnnxKQuantQuantization", "bits": 8, "customized_weight_config": {"a/MatMul": {"bits": 8}}}}},
+     "passes.q.customized_weight_config: per-node bits raise chosen MatMuls of a 4-bit model to 8 bits; with bits 8 "
+     "every MatMul is 8-bit already"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {
         "m": {"type": "ModelBuilder", "precision": "int4", "extra_options": {"exclude_embeds": True}}}},
      "passes.m.extra_options.exclude_embeds: changes the model's inputs or outputs"),

@@ -30,8 +30,8 @@ def _graph(path: Path, seed: int = 0) -> Path:
     weights = [numpy_helper.from_array((rng.standard_normal(s) * 0.05).astype(np.float32), n)
                for n, s in (("w1", (256, 256)), ("w2", (256, 32)))]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "w2"], ["y"])], "mlp",
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="layers.0/mlp/up_proj/MatMul"),
+         helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])], "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 256])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 32])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -103,18 +103,32 @@ def test_an_olive_onnx_model_config_runs_as_the_graph_path(tmp_path: Path, store
         "input_model": {"type": "ONNXModel", "model_path": str(graph.parent), "onnx_file_name": "model.onnx"},
         "systems": {"local_system": {"type": "LocalSystem", "accelerators": [
             {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
-        "passes": {"kquant": {"type": "OnnxKQuantQuantization"}},
+        "passes": {"kquant": {"type": "OnnxKQuantQuantization",  # its per-node bits: this MatMul at 8 bits
+                              "customized_weight_config": {"layers.0/mlp/up_proj/MatMul": {"bits": 8}}}},
         "target": "local_system", "output_dir": str(tmp_path / "out"), "log_severity_level": 1}))
     result = grove_cli("run", "--config", str(config), "--store", store)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "--int4_algorithm k_quant" in result.stderr
+    assert "--int4_algorithm k_quant --block_size 32 --int8_nodes layers.0/mlp/up_proj/MatMul" in result.stderr
     assert json.loads((tmp_path / "out" / "grove_report.json").read_text())["target"]["int4_algorithm"] == "k_quant"
+    bits = {n.input[0]: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits"}
+    assert bits == {"x": 8}, bits  # the MatMul writing the output is k_quant's to keep in fp32 (onnxruntime 1.32)
+
+    # a node name the graph lacks is one error naming the graph's MatMuls, and no output
+    wrong = grove_cli("auto-opt", "-m", str(graph), "-o", str(tmp_path / "wrong"), "--store", store,
+                      "--int4_algorithm", "k_quant", "--int8_nodes", "layers.0/mlp/down_proj/MatMul")
+    assert wrong.returncode == 2, wrong.stderr[-3000:]
+    assert "int8_nodes: layers.0/mlp/down_proj/MatMul is not a MatMul of this graph (2 MatMuls, e.g." \
+           in wrong.stderr, wrong.stderr[-3000:]
+    assert not (tmp_path / "wrong").exists()
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
     (["--precision", "int8"], "an ONNX graph given as the model is quantized to int4 weights"),
     (["--int4_algorithm", "affine"], "an ONNX graph takes rtn or k_quant"),
     (["--eval_tokens", "64"], "--eval_tokens: not for an ONNX graph given as the model"),
+    (["--int8_nodes", "a/MatMul"], "--int8_nodes applies to --int4_algorithm k_quant"),
 ])
 def test_what_a_graph_does_not_take_is_one_clear_error(extra: list[str], expected: str, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,6 +45,17 @@ def test_int4_flags_with_another_precision_or_algorithm_are_refused_by_flag_name
         "the builder's int4 is symmetric: the flag agrees with it"
 
 
+def test_int8_nodes_reach_k_quant_and_leave_other_recipes_unchanged() -> None:
+    int4 = AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="k_quant",
+                          int8_nodes=["/model/layers.0/mlp/down_proj/MatMul"]).int4
+    assert int4 is not None and int4.int8_nodes == ["/model/layers.0/mlp/down_proj/MatMul"]
+    assert "int8_nodes" in int4.recipe()
+    plain = AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="k_quant").int4
+    assert plain is not None and "int8_nodes" not in plain.recipe(), "k_quant runs without it keep their cache keys"
+    with pytest.raises(ValidationError, match="--int8_nodes applies to --int4_algorithm k_quant"):
+        AutoOptRequest(model_name_or_path="m", output_path="o", int8_nodes=["a/MatMul"])
+
+
 def test_head_bits_default_to_8_and_4_is_affine_or_hqq_only() -> None:
     int4 = AutoOptRequest(model_name_or_path="m", output_path="o").int4
     assert int4 is not None and (int4.algorithm, int4.head_bits) == ("affine", 8)
