@@ -47,6 +47,12 @@ ALGORITHMS = {"affine": ["--int4_algorithm", "affine"],
               "rtn-sym": ["--int4_algorithm", "rtn", "--symmetric"], "hqq": ["--int4_algorithm", "hqq"],
               "k_quant": ["--int4_algorithm", "k_quant"], "gptq": ["--int4_algorithm", "gptq"],
               "gptq-rot": ["--int4_algorithm", "gptq", "--rotate"],
+              "gptq-rot-sym": ["--int4_algorithm", "gptq", "--rotate", "--symmetric"],
+              "gptq-rot-sym-clip": ["--int4_algorithm", "gptq", "--rotate", "--symmetric", "--clip_search"],
+              "gptq-rot-sym-clip-full": ["--int4_algorithm", "gptq", "--rotate", "--symmetric", "--clip_search",
+                                         "--head_shortlist", "0"],  # the whole 8-bit head per token
+              "gptq-rot-sym-clip-h4": ["--int4_algorithm", "gptq", "--rotate", "--symmetric", "--clip_search",
+                                       "--head_bits", "4"],
               **{f"gptq-rot-mixed{'' if r == '0.5' else '-' + r}": ["--int4_algorithm", "gptq", "--rotate",
                                                                      "--mixed_precision_ratio", r]
                  for r in ("0.5", "0.8", "0.9")}}

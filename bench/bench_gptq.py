@@ -35,6 +35,9 @@ def main() -> int:
     parser.add_argument("--variants", default="rtn,gptq", help="of rtn, gptq, rtn-rotated and gptq-rotated (QuaRot's "
                         "rotation first); fp32, the baseline, always runs")
     parser.add_argument("--rotate_mixed", action="store_true", help="rotate before the --mixed runs too")
+    parser.add_argument("--symmetric", action="store_true", help="symmetric groups (the zero-point-free kernel)")
+    parser.add_argument("--clip_search", action="store_true", help="also each variant with clip_search (its name "
+                        "+ '+clip')")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gptq.json")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -71,9 +74,11 @@ def main() -> int:
                 for v in args.variants.split(",") if v]
     variants += [(f"gptq mixed {r}{' rotated' if args.rotate_mixed else ''}",
                   {"algorithm": "gptq", "mixed_precision_ratio": r, "rotate": args.rotate_mixed}) for r in args.mixed]
+    if args.clip_search:
+        variants += [(f"{name}+clip", {**options, "clip_search": True}) for name, options in variants]
     for name, options in variants:
         config = qt.TorchQuantConfig(group_size=args.group_size, calibration=str(calibration),
-                                     calibration_samples=args.samples, **options)
+                                     calibration_samples=args.samples, symmetric=args.symmetric, **options)
         q, onnx_dir = work / f"{name}-hf", work / f"{name}-onnx"
         q.mkdir()
         onnx_dir.mkdir()
@@ -88,7 +93,8 @@ def main() -> int:
         row["ppl_vs_fp32"] = round(float(row["perplexity"]) / float(base["perplexity"]), 4)  # type: ignore[arg-type]
         row["size_vs_fp32"] = round(float(row["size_mb"]) / float(base["size_mb"]), 3)  # type: ignore[arg-type]
     result = {"machine": machine(), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
-              "group_size": args.group_size, "calibration": f"{args.samples} x 512 tokens of {', '.join(CALIBRATION)}",
+              "group_size": args.group_size, "symmetric": args.symmetric,
+              "calibration": f"{args.samples} x 512 tokens of {', '.join(CALIBRATION)}",
               "scored": f"first {args.tokens} tokens of the GPL-3, chunks of 512", "rows": rows}
     print(json.dumps(result, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -560,3 +560,91 @@ def _write(model: onnx.ModelProto, src: Path, dst: Path) -> Path:
     onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
     return dst / "model.onnx"
+
+
+def shortlist_quantized_head(path: Path, head_shortlist: int) -> bool:
+    """The shortlist (see the module docstring) on a graph whose lm_head is already an 8-bit
+    ``MatMulNBits`` (the model builder's, from a quantize-torch checkpoint): a 4-bit symmetric copy of
+    its weights (rounded from the 8-bit ones) scores the vocabulary, and the ``head_shortlist`` best
+    tokens' logits are recomputed from the 8-bit rows it keeps. Rewrites ``path`` in place; returns
+    whether there was such a head (a 4-bit head, or an lm_head with a bias, is left as it is)."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    inits = {t.name: t for t in graph.initializer}
+    at, head = next(((i, n) for i, n in enumerate(graph.node) if n.op_type == "MatMulNBits" and n.domain == _MS
+                     and n.output[0] in outputs and len(n.input) in (3, 4)), (None, None))
+    attrs = {a.name: a.i for a in head.attribute} if head is not None else {}
+    if head is None or at is None or attrs.get("bits") != 8 or any(i not in inits for i in head.input[1:]):
+        return False
+    n, k, bs = attrs["N"], attrs["K"], attrs["block_size"]
+    q = numpy_helper.to_array(inits[head.input[1]]).reshape(n, k // bs, bs).astype(np.float32)
+    scales = numpy_helper.to_array(inits[head.input[2]]).astype(np.float32).reshape(n, k // bs)
+    zeros = (numpy_helper.to_array(inits[head.input[3]]).astype(np.float32).reshape(n, k // bs)
+             if len(head.input) == 4 else np.full((n, k // bs), 128, np.float32))
+    w = ((q - zeros[..., None]) * scales[..., None]).reshape(n, k).T  # [K, N], what the 8-bit head computes with
+    fast = quantize_weight(w, bs, "sym", 4)
+    x, logits, base = head.input[0], head.output[0], head.name or "lm_head"
+    new_inits = [numpy_helper.from_array(fast.packed, f"{base}/shortlist4_qweight"),
+                 numpy_helper.from_array(fast.scales, f"{base}/shortlist4_scales"),
+                 numpy_helper.from_array(np.array([min(head_shortlist, n)], np.int64), f"{base}/shortlist_k"),
+                 numpy_helper.from_array(np.array([n, -1], np.int64), f"{base}/rows_shape"),
+                 numpy_helper.from_array(np.array([-1], np.int64), f"{base}/last_axis")]
+    last = f"{base}/last_axis"
+    nodes = [
+        helper.make_node("Reshape", [head.input[1], f"{base}/rows_shape"], [f"{base}/rows_q"], name=f"{base}/rows_q"),
+        helper.make_node("Reshape", [head.input[2], f"{base}/rows_shape"], [f"{base}/rows_s"], name=f"{base}/rows_s"),
+        *([helper.make_node("Reshape", [head.input[3], f"{base}/rows_shape"], [f"{base}/rows_z"],
+                            name=f"{base}/rows_z")] if len(head.input) == 4 else []),
+        helper.make_node("MatMulNBits", [x, f"{base}/shortlist4_qweight", f"{base}/shortlist4_scales"],
+                         [f"{base}/shortlist_approx"], name=f"{base}/shortlist_approx", domain=_MS, K=k, N=n, bits=4,
+                         block_size=bs, accuracy_level=attrs.get("accuracy_level", 4)),
+        helper.make_node("TopK", [f"{base}/shortlist_approx", f"{base}/shortlist_k"],
+                         [f"{base}/shortlist_top", f"{base}/shortlist_ids"], name=f"{base}/shortlist_ids", axis=-1),
+        helper.make_node("GatherBlockQuantized", [f"{base}/rows_q", f"{base}/shortlist_ids", f"{base}/rows_s",
+                                                  *([f"{base}/rows_z"] if len(head.input) == 4 else [])],
+                         [f"{base}/shortlist_rows"], name=f"{base}/shortlist_rows", domain=_MS, bits=8,
+                         block_size=bs, gather_axis=0, quantize_axis=1),
+        helper.make_node("Unsqueeze", [x, last], [f"{base}/shortlist_x"], name=f"{base}/shortlist_x"),
+        helper.make_node("MatMul", [f"{base}/shortlist_rows", f"{base}/shortlist_x"], [f"{base}/shortlist_exact_col"],
+                         name=f"{base}/shortlist_exact_col"),
+        helper.make_node("Squeeze", [f"{base}/shortlist_exact_col", last], [f"{base}/shortlist_exact"],
+                         name=f"{base}/shortlist_exact"),
+        helper.make_node("ScatterElements", [f"{base}/shortlist_approx", f"{base}/shortlist_ids",
+                                             f"{base}/shortlist_exact"], [logits], name=f"{base}/shortlist", axis=-1)]
+    graph.node.remove(head)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(at + offset, node)
+    graph.initializer.extend(new_inits)
+    (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
+    log.info("lm_head: a 4-bit pass shortlists %d tokens, rescored from the 8-bit rows", min(head_shortlist, n))
+    return True
+
+
+def drop_implicit_zero_points(path: Path) -> int:
+    """Remove the zero-point input of every ``MatMulNBits`` whose zero points are all the implicit
+    2^(bits-1) (the model builder writes them for a symmetric checkpoint): the same arithmetic, on the
+    kernel's zero-point-free path. Rewrites ``path`` in place; returns how many were dropped."""
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    dropped = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) != 4 or node.input[3] not in inits:
+            continue
+        bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+        implicit = 0x88 if bits == 4 else 1 << (bits - 1)  # two 4-bit 8s per byte, or one 8-bit 128
+        if np.all(numpy_helper.to_array(inits[node.input[3]]) == implicit):
+            del node.input[3]
+            dropped += 1
+    if dropped:
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # onnx appends to an existing data file
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+        log.info("%d MatMulNBits: zero points all implicit, dropped", dropped)
+    return dropped

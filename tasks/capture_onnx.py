@@ -41,9 +41,14 @@ class CaptureConfig(StepConfig):
                                         "output), as embedding models built as decoders read them")
     prune_lm_head: bool = Field(False, description="the logits of the last position only (the builder's "
                                 "prune_lm_head): a prefill skips the lm_head for the prompt's other tokens")
+    head_shortlist: int = Field(0, ge=0, le=1024, description="a quantize-torch checkpoint's 8-bit lm_head: a "
+                                "4-bit copy scores the vocabulary and this many best tokens get their logits from "
+                                "the 8-bit rows (quantize-int4's head_shortlist); 0 = the whole 8-bit head")
 
     def recipe(self) -> dict[str, object]:
         recipe = super().recipe()
+        if not recipe["head_shortlist"]:
+            del recipe["head_shortlist"]
         for key in ("block_size", "include_hidden_states", "accuracy_level", "prune_lm_head"):
             if recipe[key] is None or recipe[key] is False:  # at the default: as the recipes written before it
                 del recipe[key]
@@ -76,6 +81,12 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
         _gather_scales_as_rows(out / "model.onnx")
     elif _untied_quantized(hf_dir):
         _embedding_8bit(out / "model.onnx")
+    if _quantized(hf_dir):
+        from grove.tasks._int4_grids import drop_implicit_zero_points, shortlist_quantized_head
+
+        drop_implicit_zero_points(out / "model.onnx")  # a symmetric checkpoint's: the kernel's faster path
+        if config.head_shortlist:
+            shortlist_quantized_head(out / "model.onnx", config.head_shortlist)
     node_logger().info("captured %s at %s for %s", model_type, config.precision, config.execution_provider)
     return {"model_type": model_type, "precision": config.precision, "nodes": _node_count(out / "model.onnx")}
 
@@ -122,6 +133,12 @@ def _untied_quantized(hf_dir: Path) -> bool:
     config = json.loads((hf_dir / "config.json").read_text())
     quant = config.get("quantization_config") or {}
     return quant.get("quant_method") == "olive" and not config.get("tie_word_embeddings")
+
+
+def _quantized(hf_dir: Path) -> bool:
+    """A checkpoint quantize-torch wrote (Olive's format)."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method") == "olive"
 
 
 _EMBED_BLOCK = 32

@@ -43,19 +43,23 @@ _BUILDER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_pr
 
 class TorchQuantConfig(StepConfig):
     NODE = "quantize-torch"
-    VERSION = 1
+    VERSION = 2  # 2: symmetric groups put the weight of largest magnitude on -2^(bits-1) (a signed scale);
+    # gptq quantizes an lm_head of its own with GPTQ too
     algorithm: Literal["gptq", "rtn"] = Field("gptq", description="gptq: error-compensating rounding on the "
                                               "calibration data's Hessian; rtn: round to nearest")
     bits: Literal[4, 8] = Field(4, description="bits of the decoder layers' weights")
     group_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weights per quantization group (block)")
     symmetric: bool = Field(False, description="symmetric groups (zero point 8) instead of min/max ones")
     head_bits: Literal[4, 8] | None = Field(8, description="bits of the lm_head (round to nearest, as Olive's Rtn "
-                                            "pass with an lm_head override); None: the builder quantizes it")
+                                            "pass with an lm_head override; gptq: GPTQ too, for a head not tied to "
+                                            "the embedding); None: the builder quantizes it")
     high_bits_layers: tuple[str, ...] = Field((), description="linear layers kept at 8 bits (mixed precision)")
     mixed_precision_ratio: float | None = Field(None, gt=0, le=1, description="share of the decoder's linear "
                                                 "layers kept at `bits`; the most sensitive others keep 8 bits")
     rotate: bool = Field(False, description="rotate the weights first (QuaRot's offline Hadamard rotations, "
                          "tasks/_rotate.py): the same function, smaller outliers to round")
+    clip_search: bool = Field(False, description="shrink each group's range to the factor (1.0 to 0.6) with the "
+                              "least rounding error (GPTQ's mse option) instead of taking its min and max")
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ: dampening, a share of the Hessian's mean diagonal")
     calibration: str = Field("builtin:GPL-3", description="calibration text: builtin:GPL-3, a file, or a table")
     calibration_sha256: str = Field("", description="digest of the calibration text (the cache key reads it)")
@@ -64,8 +68,9 @@ class TorchQuantConfig(StepConfig):
 
     def recipe(self) -> dict[str, object]:
         recipe = super().recipe()
-        if not recipe["rotate"]:  # unrotated: the key of the checkpoints quantized before rotation existed
-            del recipe["rotate"]
+        for key in ("rotate", "clip_search"):  # off: the key of the checkpoints quantized before it existed
+            if not recipe[key]:
+                del recipe[key]
         return recipe
 
     @model_validator(mode="after")
@@ -83,21 +88,40 @@ def quantize_torch(model: Artifact, config: TorchQuantConfig) -> Artifact:
 
 # -- the algorithms ---------------------------------------------------------------------------------
 
-def _qparams(w: Any, bits: int, symmetric: bool) -> tuple[Any, Any]:
+def _qparams(w: Any, bits: int, symmetric: bool, search: bool = False) -> tuple[Any, Any]:
     """Scales and zero points per row of ``w`` [rows, group] (unsigned grid 0..2^bits - 1; the range
-    always holds 0, as Olive's quantizer does)."""
+    always holds 0, as Olive's quantizer does). ``search``: the range is shrunk, per row, by the factor
+    of 1.0, 0.98, ..., 0.6 whose rounding error (sum of |error|^2.4, GPTQ's own ``mse`` option) is least:
+    clipping a row's few largest weights buys a finer grid for all the others."""
     import torch
 
     maxq = 2 ** bits - 1
     lo = torch.minimum(w.min(-1).values, torch.zeros(()))
     hi = torch.maximum(w.max(-1).values, torch.zeros(()))
-    if symmetric:
-        hi = torch.maximum(lo.abs(), hi)
-        lo = -hi
     flat = (lo == 0) & (hi == 0)
     lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
-    scale = (hi - lo) / maxq
-    zero = torch.full_like(scale, (maxq + 1) // 2) if symmetric else torch.round(-lo / scale).clamp(0, maxq)
+    if symmetric:  # the weight of largest magnitude lands on -2^(bits-1) exactly, whatever its sign (a negative
+        # scale for a positive one): the grid's extra negative level serves either side (Q4_0's and onnxruntime's)
+        hi = torch.where(hi >= lo.abs(), hi, lo)
+
+    def grid(lo: Any, hi: Any) -> tuple[Any, Any]:
+        if symmetric:
+            scale = hi / -((maxq + 1) // 2)
+            return scale, torch.full_like(scale, (maxq + 1) // 2)
+        scale = (hi - lo) / maxq
+        return scale, torch.round(-lo / scale).clamp(0, maxq)
+
+    scale, zero = grid(lo, hi)
+    if not search:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for step in range(21):
+        s, z = grid(lo * (1 - step / 50), hi * (1 - step / 50))
+        error = ((_round(w, s[..., None], z[..., None], bits) - z[..., None]) * s[..., None] - w).abs_()
+        error = error.pow_(2.4).sum(-1)
+        better = error < best
+        best, scale, zero = torch.where(better, error, best), torch.where(better, s, scale), \
+            torch.where(better, z, zero)
     return scale, zero
 
 
@@ -107,17 +131,17 @@ def _round(w: Any, scale: Any, zero: Any, bits: int) -> Any:
     return torch.clamp(torch.round(w / scale + zero), 0, 2 ** bits - 1)
 
 
-def rtn(w: Any, bits: int, group_size: int, symmetric: bool) -> tuple[Any, Any, Any]:
+def rtn(w: Any, bits: int, group_size: int, symmetric: bool, search: bool = False) -> tuple[Any, Any, Any]:
     """Round to nearest: (q [out, in] integers, scales [out, groups], zeros [out, groups])."""
     out, k = w.shape
     g = w.float().reshape(out, k // group_size, group_size)
-    scale, zero = _qparams(g, bits, symmetric)
+    scale, zero = _qparams(g, bits, symmetric, search)
     q = _round(g, scale[..., None], zero[..., None], bits)
     return q.reshape(out, k), scale, zero
 
 
 def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, damp: float = 0.01,
-         block: int = 128) -> tuple[Any, Any, Any]:
+         block: int = 128, search: bool = False) -> tuple[Any, Any, Any]:
     """GPTQ on one weight [out, in] with the Hessian ``h`` = 2 X^T X / n of its inputs [in, in]:
     the columns are rounded in order, and each one's rounding error is spread over the columns not
     yet rounded through the inverse Hessian's Cholesky factor, so that the layer's output on the
@@ -128,13 +152,13 @@ def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, damp: floa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of small column updates: 13x faster than 2 threads' handoffs (measured)
     try:
-        return _gptq(w, h, bits, group_size, symmetric, damp, block)
+        return _gptq(w, h, bits, group_size, symmetric, damp, block, search)
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, damp: float, block: int
-          ) -> tuple[Any, Any, Any]:
+def _gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, damp: float, block: int,
+          search: bool) -> tuple[Any, Any, Any]:
     import torch
 
     w = w.float().clone()
@@ -157,7 +181,7 @@ def _gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, damp: flo
             if col % group_size == 0:  # the group's columns as updated so far (within this block, or past it)
                 ahead = w1[:, i:i + group_size] if i + group_size <= end - start else \
                     torch.cat([w1[:, i:], w[:, end:]], 1)[:, :group_size]
-                scales[:, col // group_size], zeros[:, col // group_size] = _qparams(ahead, bits, symmetric)
+                scales[:, col // group_size], zeros[:, col // group_size] = _qparams(ahead, bits, symmetric, search)
             s, z = scales[:, col // group_size], zeros[:, col // group_size]
             qc = _round(w1[:, i], s, z, bits)
             q[:, col] = qc
@@ -383,6 +407,7 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
         yield from quantize_model(folder, config.model_copy(update={"mixed_precision_ratio": None,
                                                                     "high_bits_layers": tuple(sorted(high))}))
         return
+    head = _head_gptq(model, xs, config) if config.algorithm == "gptq" and config.head_bits is not None else None
     state = model.state_dict()
     for name, tensor in state.items():
         module = name.rsplit(".", 1)[0]
@@ -396,7 +421,7 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
                 yield name, tensor.contiguous()
         elif name == "lm_head.weight" and config.head_bits is not None:
             group = config.group_size if tensor.shape[1] % config.group_size == 0 else tensor.shape[1]
-            q, s, z = rtn(tensor, config.head_bits, group, config.symmetric)
+            q, s, z = head or rtn(tensor, config.head_bits, group, config.symmetric)
             yield "lm_head.qweight", pack(q, config.head_bits)
             yield "lm_head.scales", s.contiguous()
             yield "lm_head.qzeros", pack(z, config.head_bits)
@@ -411,14 +436,38 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
     yield "__stats__", {"layers_quantized": len(quantized), "layers_8bit": sorted(n for n, v in quantized.items()
                                                                                   if v[3] == 8),
                         "tied": bool(getattr(model.config, "tie_word_embeddings", False)),
+                        "lm_head": None if config.head_bits is None else "gptq" if head else "rtn",
                         "output_error": round(errors[config.algorithm], 6), "calibration": where,
                         "calibration_tokens": int(tokens.numel())}
 
 
+def _head_gptq(model: Any, xs: list[Any], config: TorchQuantConfig) -> tuple[Any, Any, Any] | None:
+    """GPTQ on an lm_head of its own (untied, or untied by the rotation), on the final norm's outputs
+    for the calibration windows (``xs``: the last layer's outputs). A head tied to the embedding keeps
+    round to nearest: the embedding reads the same rows, and GPTQ's rows fit the head's inputs only."""
+    import torch
+
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if head is None or norm is None or head.weight is embedding.weight or head.bias is not None \
+            or head.weight.shape[1] % config.group_size:
+        return None
+    k = head.weight.shape[1]
+    h, count = torch.zeros(k, k), 0
+    with torch.no_grad():
+        for x in xs:
+            y = norm(x).reshape(-1, k).float()
+            h += y.T @ y
+            count += y.shape[0]
+    node_logger().info("lm_head: GPTQ at %d bits on the final norm's outputs", config.head_bits)
+    return gptq(head.weight.data, 2 * h / max(count, 1), config.head_bits or 8, config.group_size, config.symmetric,
+                config.damp, search=config.clip_search)
+
+
 def _quantize_one(w: Any, h: Any, bits: int, config: TorchQuantConfig) -> tuple[Any, Any, Any]:
     if config.algorithm == "gptq":
-        return gptq(w, h, bits, config.group_size, config.symmetric, config.damp)
-    return rtn(w, bits, config.group_size, config.symmetric)
+        return gptq(w, h, bits, config.group_size, config.symmetric, config.damp, search=config.clip_search)
+    return rtn(w, bits, config.group_size, config.symmetric, config.clip_search)
 
 
 def _quantize(inputs: list[Path], config: TorchQuantConfig, out: Path) -> dict[str, object]:

@@ -78,8 +78,10 @@ def test_head_shortlist_defaults_to_32_on_8bit_heads_and_is_refused_where_nothin
     assert shortlist(head_bits=4) == 0 and shortlist(head_bits=4, head_shortlist=0) == 0
     with pytest.raises(ValidationError, match="--head_shortlist rescores with the 8-bit lm_head, and --head_bits 4"):
         AutoOptRequest(model_name_or_path="m", output_path="o", head_bits=4, head_shortlist=16)
-    for flags in ({"int4_algorithm": "rtn"}, {"precision": "int8"}, {"device": "gpu"}):
-        with pytest.raises(ValidationError, match="--head_shortlist applies to Grove's affine and hqq int4"):
+    for flags in ({"int4_algorithm": "rtn"}, {"precision": "int8"}, {"device": "gpu"},
+                  {"device": "gpu", "int4_algorithm": "gptq"}):
+        with pytest.raises(ValidationError, match="--head_shortlist applies to Grove's affine, hqq and gptq int4 on "
+                                                  "cpu"):
             AutoOptRequest(model_name_or_path="m", output_path="o", head_shortlist=16, **flags)  # type: ignore[arg-type]
 
 

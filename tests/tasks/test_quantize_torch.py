@@ -49,6 +49,43 @@ def test_gptq_keeps_its_grid() -> None:
     assert s.shape == z.shape == (32, 2)
 
 
+def test_a_symmetric_group_puts_its_largest_weight_on_the_grid_whatever_its_sign() -> None:
+    """Symmetric groups have the levels -8..7 (times the scale): the weight of largest magnitude is the
+    -8 level exactly, through a negative scale when it is positive, so no group clips its extreme."""
+    w = torch.randn(16, 64)
+    w[0, 5], w[1, 40] = 9.0, -9.0  # one positive and one negative extreme
+    q, s, z = qt.rtn(w, 4, 32, True)
+    back = qt.dequantize(q, s, z, 32)
+    assert torch.equal(z, torch.full_like(z, 8))
+    assert back[0, 5] == pytest.approx(9.0) and back[1, 40] == pytest.approx(-9.0)
+    assert s[0, 0] < 0 < s[1, 1] and q[0, 5] == q[1, 40] == 0
+    top = w.reshape(16, 2, 32).abs().argmax(-1)  # every group's extreme is exact
+    assert torch.allclose(back.reshape(16, 2, 32).gather(-1, top[..., None]), w.reshape(16, 2, 32).gather(
+        -1, top[..., None]), atol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_rounds_no_worse_than_min_max_and_keeps_gptq_ahead_of_rtn(symmetric: bool) -> None:
+    """The range search tries the min/max range itself (factor 1.0), so a group's rounding error (sum of
+    |error|^2.4, what it minimizes) is never larger; on heavy-tailed weights it is smaller overall, and
+    GPTQ on the searched grid still beats round to nearest on the calibration inputs."""
+    torch.manual_seed(3)
+    w = torch.distributions.StudentT(3).sample((96, 128)) * 0.02
+
+    def group_error(search: bool) -> torch.Tensor:
+        back = qt.dequantize(*qt.rtn(w, 4, 32, symmetric, search), 32)
+        return (back - w).abs().pow(2.4).reshape(96, 4, 32).sum(-1)
+
+    plain, searched = group_error(False), group_error(True)
+    assert bool((searched <= plain * (1 + 1e-5)).all())
+    assert float(searched.sum()) < 0.97 * float(plain.sum())
+    x = _correlated_inputs(128)
+    h = 2 * x.T @ x / x.shape[0]
+    rtn = qt.output_error(w, qt.dequantize(*qt.rtn(w, 4, 32, symmetric, True), 32), h)
+    gptq = qt.output_error(w, qt.dequantize(*qt.gptq(w, h, 4, 32, symmetric, search=True), 32), h)
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
 def test_pack_puts_the_first_value_in_the_low_bits() -> None:
     values = torch.tensor([[1, 2, 3, 15, 0]])
     assert qt.pack(values, 4).tolist() == [[0x21, 0xF3, 0x00]]
@@ -85,9 +122,11 @@ def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return torch.stack(parts, -1).reshape(packed.shape[0], -1)[:, :n].to(torch.int32)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # an lm_head of its own; one tied to the embedding
-def test_the_builder_writes_the_checkpoints_integers_and_genai_runs_them(family: str, tiny_dir,  # noqa: ANN001
-                                                                        tmp_path: Path) -> None:
+@pytest.mark.parametrize(("family", "symmetric"), [
+    ("llama", False), ("qwen2", False),  # an lm_head of its own; one tied to the embedding
+    ("qwen2", True)])  # symmetric groups with signed scales, searched ranges, the tied 8-bit table too
+def test_the_builder_writes_the_checkpoints_integers_and_genai_runs_them(family: str, symmetric: bool,
+                                                                        tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
     import onnx
     from onnx import numpy_helper
 
@@ -97,8 +136,11 @@ def test_the_builder_writes_the_checkpoints_integers_and_genai_runs_them(family:
     checkpoint, onnx_dir = tmp_path / "q", tmp_path / "onnx"
     checkpoint.mkdir()
     onnx_dir.mkdir()
-    stats = qt._quantize([src], qt.TorchQuantConfig(**CONFIG), checkpoint)
+    stats = qt._quantize([src], qt.TorchQuantConfig(**CONFIG, symmetric=symmetric, clip_search=symmetric),
+                         checkpoint)
     assert stats["layers_quantized"] == 14 and "GPL-3" in stats["calibration"]
+    # a head of its own is GPTQ's too; one tied to the embedding keeps round to nearest (the embedding reads it)
+    assert stats["lm_head"] == ("rtn" if family == "qwen2" else "gptq"), stats
     _capture([checkpoint], CaptureConfig(precision="int4"), onnx_dir)
 
     graph = onnx.load(str(onnx_dir / "model.onnx"))
@@ -112,6 +154,8 @@ def test_the_builder_writes_the_checkpoints_integers_and_genai_runs_them(family:
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.graph.node
             if n.op_type == "MatMulNBits"}
     assert bits["/lm_head/MatMulNBits"] == 8 and bits["/model/layers.1/mlp/down_proj/MatMulNBits"] == 4
+    # symmetric: the builder's all-8 (all-128) zero points are dropped, the kernel's zero-point-free path
+    assert {len(n.input) for n in graph.graph.node if n.op_type == "MatMulNBits"} == {3 if symmetric else 4}
     if family == "qwen2":  # tied: the embedding reads the lm_head's 8-bit rows, no float table
         assert any(n.op_type == "GatherBlockQuantized" for n in graph.graph.node)
 
@@ -122,6 +166,31 @@ def test_the_builder_writes_the_checkpoints_integers_and_genai_runs_them(family:
     spread = float(np.abs(expected).mean())
     assert np.abs(got - expected).mean() < 0.05 * spread, "genai does not compute with the checkpoint's weights"
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_shortlisted_8_bit_head_gives_the_full_heads_logits_for_its_best_tokens(family: str, tiny_dir,  # noqa: ANN001
+                                                                                  tmp_path: Path) -> None:
+    """capture-onnx's head_shortlist on a GPTQ checkpoint: a 4-bit pass picks each position's best
+    tokens and their logits are the whole 8-bit head's; so is every position's argmax, and the graph
+    still loads the tied embedding's rows from the same 8-bit table."""
+    from grove.tasks.capture_onnx import CaptureConfig, _capture
+
+    checkpoint = tmp_path / "q"
+    checkpoint.mkdir()
+    qt._quantize([tiny_dir(family)], qt.TorchQuantConfig(**CONFIG, symmetric=True), checkpoint)
+    logits = {}
+    for shortlist in (0, 8):
+        out = tmp_path / f"onnx{shortlist}"
+        out.mkdir()
+        # fp32 activations (accuracy level 0): the whole head's logits are exact, as the rescored ones are
+        _capture([checkpoint], CaptureConfig(precision="int4", head_shortlist=shortlist, accuracy_level=0), out)
+        logits[shortlist] = _genai_logits(out, list(range(3, 40)))
+    full, short = logits[0], logits[8]
+    exact = (np.abs(short - full) < 1e-4).sum(-1)  # the 8 rescored logits of each position (or a few more)
+    assert (exact >= 8).all() and (exact < full.shape[-1] // 2).all(), exact
+    assert (short.argmax(-1) == full.argmax(-1)).all()
+    assert 0 < np.abs(short - full).max() < 0.5 * np.abs(full).max(), "the others are the 4-bit pass's"
 
 
 def test_mixed_precision_keeps_the_most_sensitive_layers_at_8_bits(tmp_path: Path) -> None:
@@ -198,6 +267,13 @@ def test_auto_opt_gptq_flags_reach_the_nodes_and_calibration_flags_need_gptq() -
             config.calibration_samples) == (64, True, 4, 0.8, "c.txt", 8)
     assert AutoOptRequest(model_name_or_path="m", output_path="o", device="gpu", int4_algorithm="gptq").capture \
         .execution_provider == "cuda"
+    fast = AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="gptq", symmetric=True,
+                          clip_search=True)
+    assert fast.torch_quant("abc").clip_search and fast.capture.head_shortlist == 32, "the 8-bit head's shortlist"
+    assert AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="gptq", head_shortlist=0).capture \
+        .recipe().get("head_shortlist") is None, "no shortlist: the capture keeps its cache key"
+    with pytest.raises(ValidationError, match="--clip_search: for a decoder, calibration is GPTQ's"):
+        AutoOptRequest(model_name_or_path="m", output_path="o", clip_search=True)
     with pytest.raises(ValidationError, match="--mixed_precision_ratio, --calibration_data: for a decoder, "
                                               "calibration is GPTQ's; pass --int4_algorithm gptq"):
         AutoOptRequest(model_name_or_path="m", output_path="o", mixed_precision_ratio=0.8, calibration_data="c.txt")
