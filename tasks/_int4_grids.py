@@ -178,6 +178,27 @@ def dequantize(qw: QuantizedWeight, block_size: int = 32) -> np.ndarray:
     return w.reshape(len(w), -1).T.astype(np.float32)
 
 
+def _rescore(x: str, approx: str, ranked: str, k_name: str, rows: list[str], last: str, bits: int, block_size: int,
+             output: str, prefix: str | None = None) -> list[onnx.NodeProto]:
+    """The shortlist's second half: the ``k_name`` best tokens of ``ranked`` (TopK), their ``bits``-bit
+    rows (``rows``: GatherBlockQuantized's table, scales and zero points) times ``x``, scattered over
+    the 4-bit pass's logits ``approx`` into ``output``; the other names start with ``prefix``
+    (default: ``output``)."""
+    p = prefix or output
+    top = p + "/shortlist_ids"
+    return [helper.make_node("TopK", [ranked, k_name], [p + "/shortlist_top", top], name=top, axis=-1),
+            helper.make_node("GatherBlockQuantized", [rows[0], top, *rows[1:]], [p + "/shortlist_rows"],
+                             name=p + "/shortlist_rows", domain=_MS, bits=bits, block_size=block_size,
+                             gather_axis=0, quantize_axis=1),
+            helper.make_node("Unsqueeze", [x, last], [p + "/shortlist_x"], name=p + "/shortlist_x"),
+            helper.make_node("MatMul", [p + "/shortlist_rows", p + "/shortlist_x"], [p + "/shortlist_exact_col"],
+                             name=p + "/shortlist_exact_col"),
+            helper.make_node("Squeeze", [p + "/shortlist_exact_col", last], [p + "/shortlist_exact"],
+                             name=p + "/shortlist_exact"),
+            helper.make_node("ScatterElements", [approx, top, p + "/shortlist_exact"], [output],
+                             name=p + "/shortlist" if prefix else output, axis=-1)]
+
+
 class _Rewriter:
     """Rewrites one graph in place; caches what several nodes share."""
 
@@ -361,19 +382,11 @@ class _Rewriter:
         approx = self.node("MatMulNBits", [x, *self.register(fast)], output + "/shortlist_approx", _MS,
                            K=qw.scales.shape[1] * self.bs, N=qw.packed.shape[0], bits=4, block_size=self.bs,
                            accuracy_level=self.accuracy_level)
-        top, k_name = output + "/shortlist_ids", self.add_init(f"int4_shortlist_k_{k}", np.array([k], np.int64))
+        k_name = self.add_init(f"int4_shortlist_k_{k}", np.array([k], np.int64))
         ranked = approx if (bias := self.head_bias.get(w_name)) is None else self.node(
             "Add", [approx, bias], output + "/shortlist_biased")
-        self.nodes.append(helper.make_node("TopK", [ranked, k_name], [output + "/shortlist_top", top],
-                                           name=top, axis=-1))
-        rows = self.node("GatherBlockQuantized", [self.table(w_name), top, *self.register(w_name)[1:]],
-                         output + "/shortlist_rows", _MS, bits=qw.bits, block_size=self.bs,
-                         gather_axis=0, quantize_axis=1)
-        last = self.add_init("int4_last_axis", np.array([-1], np.int64))
-        column = self.node("Unsqueeze", [x, last], output + "/shortlist_x")
-        exact = self.node("MatMul", [rows, column], output + "/shortlist_exact_col")
-        exact = self.node("Squeeze", [exact, last], output + "/shortlist_exact")
-        self.node("ScatterElements", [approx, top, exact], output, axis=-1)
+        self.nodes += _rescore(x, approx, ranked, k_name, [self.table(w_name), *self.register(w_name)[1:]],
+                               self.add_init("int4_last_axis", np.array([-1], np.int64)), qw.bits, self.bs, output)
 
     def register(self, name: str) -> list[str]:
         """Register weight ``name``'s MatMulNBits initializers; return them in the op's input order."""
@@ -562,13 +575,24 @@ def _write(model: onnx.ModelProto, src: Path, dst: Path) -> Path:
     return dst / "model.onnx"
 
 
-def shortlist_quantized_head(path: Path, head_shortlist: int) -> bool:
+def rewrite_quantized(path: Path, head_shortlist: int) -> None:
+    """A graph the model builder wrote from a quantize-torch checkpoint, loaded and saved once:
+    implicit zero points dropped, then the 8-bit lm_head shortlisted when ``head_shortlist`` > 0."""
+    model = onnx.load(str(path))
+    changed = drop_implicit_zero_points(model) > 0
+    changed = bool(head_shortlist and shortlist_quantized_head(model, head_shortlist)) or changed
+    if changed:
+        (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # onnx appends to an existing data file
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+
+
+def shortlist_quantized_head(model: onnx.ModelProto, head_shortlist: int) -> bool:
     """The shortlist (see the module docstring) on a graph whose lm_head is already an 8-bit
     ``MatMulNBits`` (the model builder's, from a quantize-torch checkpoint): a 4-bit symmetric copy of
     its weights (rounded from the 8-bit ones) scores the vocabulary, and the ``head_shortlist`` best
-    tokens' logits are recomputed from the 8-bit rows it keeps. Rewrites ``path`` in place; returns
-    whether there was such a head (a 4-bit head, or an lm_head with a bias, is left as it is)."""
-    model = onnx.load(str(path))
+    tokens' logits are recomputed from the 8-bit rows it keeps. Returns whether there was such a head
+    (a 4-bit head, or an lm_head with a bias, is left as it is)."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     inits = {t.name: t for t in graph.initializer}
@@ -585,49 +609,30 @@ def shortlist_quantized_head(path: Path, head_shortlist: int) -> bool:
     w = ((q - zeros[..., None]) * scales[..., None]).reshape(n, k).T  # [K, N], what the 8-bit head computes with
     fast = quantize_weight(w, bs, "sym", 4)
     x, logits, base = head.input[0], head.output[0], head.name or "lm_head"
-    new_inits = [numpy_helper.from_array(fast.packed, f"{base}/shortlist4_qweight"),
-                 numpy_helper.from_array(fast.scales, f"{base}/shortlist4_scales"),
-                 numpy_helper.from_array(np.array([min(head_shortlist, n)], np.int64), f"{base}/shortlist_k"),
-                 numpy_helper.from_array(np.array([n, -1], np.int64), f"{base}/rows_shape"),
-                 numpy_helper.from_array(np.array([-1], np.int64), f"{base}/last_axis")]
-    last = f"{base}/last_axis"
-    nodes = [
-        helper.make_node("Reshape", [head.input[1], f"{base}/rows_shape"], [f"{base}/rows_q"], name=f"{base}/rows_q"),
-        helper.make_node("Reshape", [head.input[2], f"{base}/rows_shape"], [f"{base}/rows_s"], name=f"{base}/rows_s"),
-        *([helper.make_node("Reshape", [head.input[3], f"{base}/rows_shape"], [f"{base}/rows_z"],
-                            name=f"{base}/rows_z")] if len(head.input) == 4 else []),
-        helper.make_node("MatMulNBits", [x, f"{base}/shortlist4_qweight", f"{base}/shortlist4_scales"],
-                         [f"{base}/shortlist_approx"], name=f"{base}/shortlist_approx", domain=_MS, K=k, N=n, bits=4,
-                         block_size=bs, accuracy_level=attrs.get("accuracy_level", 4)),
-        helper.make_node("TopK", [f"{base}/shortlist_approx", f"{base}/shortlist_k"],
-                         [f"{base}/shortlist_top", f"{base}/shortlist_ids"], name=f"{base}/shortlist_ids", axis=-1),
-        helper.make_node("GatherBlockQuantized", [f"{base}/rows_q", f"{base}/shortlist_ids", f"{base}/rows_s",
-                                                  *([f"{base}/rows_z"] if len(head.input) == 4 else [])],
-                         [f"{base}/shortlist_rows"], name=f"{base}/shortlist_rows", domain=_MS, bits=8,
-                         block_size=bs, gather_axis=0, quantize_axis=1),
-        helper.make_node("Unsqueeze", [x, last], [f"{base}/shortlist_x"], name=f"{base}/shortlist_x"),
-        helper.make_node("MatMul", [f"{base}/shortlist_rows", f"{base}/shortlist_x"], [f"{base}/shortlist_exact_col"],
-                         name=f"{base}/shortlist_exact_col"),
-        helper.make_node("Squeeze", [f"{base}/shortlist_exact_col", last], [f"{base}/shortlist_exact"],
-                         name=f"{base}/shortlist_exact"),
-        helper.make_node("ScatterElements", [f"{base}/shortlist_approx", f"{base}/shortlist_ids",
-                                             f"{base}/shortlist_exact"], [logits], name=f"{base}/shortlist", axis=-1)]
+    graph.initializer.extend([numpy_helper.from_array(fast.packed, f"{base}/shortlist4_qweight"),
+                              numpy_helper.from_array(fast.scales, f"{base}/shortlist4_scales"),
+                              numpy_helper.from_array(np.array([min(head_shortlist, n)], np.int64), f"{base}/k"),
+                              numpy_helper.from_array(np.array([n, -1], np.int64), f"{base}/rows_shape"),
+                              numpy_helper.from_array(np.array([-1], np.int64), f"{base}/last_axis")])
+    rows = [f"{base}/rows_{i}" for i in range(1, len(head.input))]  # data, scales (and zero points) as [N, -1]
+    approx = f"{base}/shortlist_approx"
+    nodes = [*(helper.make_node("Reshape", [src, f"{base}/rows_shape"], [dst], name=dst)
+               for src, dst in zip(head.input[1:], rows, strict=True)),
+             helper.make_node("MatMulNBits", [x, f"{base}/shortlist4_qweight", f"{base}/shortlist4_scales"], [approx],
+                              name=approx, domain=_MS, K=k, N=n, bits=4, block_size=bs,
+                              accuracy_level=attrs.get("accuracy_level", 4)),
+             *_rescore(x, approx, approx, f"{base}/k", rows, f"{base}/last_axis", 8, bs, logits, prefix=base)]
     graph.node.remove(head)
     for offset, node in enumerate(nodes):
         graph.node.insert(at + offset, node)
-    graph.initializer.extend(new_inits)
-    (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
     log.info("lm_head: a 4-bit pass shortlists %d tokens, rescored from the 8-bit rows", min(head_shortlist, n))
     return True
 
 
-def drop_implicit_zero_points(path: Path) -> int:
+def drop_implicit_zero_points(model: onnx.ModelProto) -> int:
     """Remove the zero-point input of every ``MatMulNBits`` whose zero points are all the implicit
     2^(bits-1) (the model builder writes them for a symmetric checkpoint): the same arithmetic, on the
-    kernel's zero-point-free path. Rewrites ``path`` in place; returns how many were dropped."""
-    model = onnx.load(str(path))
+    kernel's zero-point-free path. Returns how many were dropped."""
     inits = {t.name: t for t in model.graph.initializer}
     dropped = 0
     for node in model.graph.node:
@@ -643,8 +648,5 @@ def drop_implicit_zero_points(path: Path) -> int:
         keep = [t for t in model.graph.initializer if t.name in used]
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
-        (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # onnx appends to an existing data file
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=1024)
         log.info("%d MatMulNBits: zero points all implicit, dropped", dropped)
     return dropped

@@ -81,12 +81,10 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
         _gather_scales_as_rows(out / "model.onnx")
     elif _untied_quantized(hf_dir):
         _embedding_8bit(out / "model.onnx")
-    if _quantized(hf_dir):
-        from grove.tasks._int4_grids import drop_implicit_zero_points, shortlist_quantized_head
+    if _quantized(hf_dir):  # a symmetric checkpoint's zero points dropped (the kernel's faster path); the shortlist
+        from grove.tasks._int4_grids import rewrite_quantized
 
-        drop_implicit_zero_points(out / "model.onnx")  # a symmetric checkpoint's: the kernel's faster path
-        if config.head_shortlist:
-            shortlist_quantized_head(out / "model.onnx", config.head_shortlist)
+        rewrite_quantized(out / "model.onnx", config.head_shortlist)
     node_logger().info("captured %s at %s for %s", model_type, config.precision, config.execution_provider)
     return {"model_type": model_type, "precision": config.precision, "nodes": _node_count(out / "model.onnx")}
 
