@@ -4,6 +4,7 @@ group size, 8-bit lm_head and checkpoint layout, so the same size; only the roun
 the model builder (capture-onnx), then perplexity in onnxruntime-genai.
 
     .venv/bin/python bench/bench_gptq.py [--group_size 32] [--samples 32] [--tokens 2048] [--mixed 0.65 0.85]
+                                         [--mixed_algorithms output_error kld_gradient snr ...]
                                          [--variants rtn,gptq,gptq-rotated] [--rotate_mixed]
 
 Perplexity is scored on the first --tokens tokens of the GPL-3 text (chunks of 512, each from an
@@ -34,6 +35,9 @@ def main() -> int:
                         "mixed_precision_ratio values")
     parser.add_argument("--variants", default="rtn,gptq", help="of rtn, gptq, rtn-rotated and gptq-rotated (QuaRot's "
                         "rotation first); fp32, the baseline, always runs")
+    parser.add_argument("--mixed_algorithms", nargs="*", default=["output_error"], help="how the --mixed runs "
+                        "choose their 8-bit layers (tasks/_mixed_precision.py); a high_precision_* heuristic runs "
+                        "once, without a ratio")
     parser.add_argument("--rotate_mixed", action="store_true", help="rotate before the --mixed runs too")
     parser.add_argument("--symmetric", action="store_true", help="symmetric groups (the zero-point-free kernel)")
     parser.add_argument("--clip_search", action="store_true", help="also each variant with clip_search (its name "
@@ -72,8 +76,16 @@ def main() -> int:
     rows["fp32"] = score(fp32)
     variants = [(v, {"algorithm": v.removesuffix("-rotated"), "rotate": v.endswith("-rotated")})
                 for v in args.variants.split(",") if v]
-    variants += [(f"gptq mixed {r}{' rotated' if args.rotate_mixed else ''}",
-                  {"algorithm": "gptq", "mixed_precision_ratio": r, "rotate": args.rotate_mixed}) for r in args.mixed]
+    rotated = " rotated" if args.rotate_mixed else ""
+    for algo in args.mixed_algorithms:
+        label = "" if algo == "output_error" else f" {algo}"
+        if algo.startswith("high_precision_"):
+            variants.append((f"gptq{label}{rotated}", {"algorithm": "gptq", "mixed_precision_algorithm": algo,
+                                                       "rotate": args.rotate_mixed}))
+            continue
+        variants += [(f"gptq mixed {r}{label}{rotated}", {"algorithm": "gptq", "mixed_precision_ratio": r,
+                                                          "mixed_precision_algorithm": algo,
+                                                          "rotate": args.rotate_mixed}) for r in args.mixed]
     if args.clip_search:
         variants += [(f"{name}+clip", {**options, "clip_search": True}) for name, options in variants]
     for name, options in variants:
@@ -100,10 +112,11 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nSmolLM2-135M int4 group {args.group_size}, 8-bit lm_head; perplexity on {result['scored']}")
-    print(f"{'variant':18} {'perplexity':>10} {'vs fp32':>8} {'size MB':>8} {'vs fp32':>8} {'quantize s':>11} "
+    width = max(map(len, rows))
+    print(f"{'variant':{width}} {'perplexity':>10} {'vs fp32':>8} {'size MB':>8} {'vs fp32':>8} {'quantize s':>11} "
           f"{'layer output error':>19}")
     for name, row in rows.items():
-        print(f"{name:18} {row['perplexity']:10.3f} {row['ppl_vs_fp32']:8.4f} {row['size_mb']:8.1f} "
+        print(f"{name:{width}} {row['perplexity']:10.3f} {row['ppl_vs_fp32']:8.4f} {row['size_mb']:8.1f} "
               f"{row['size_vs_fp32']:8.3f} {row.get('quantize_s', '-'):>11} {row.get('output_error', '-'):>19}")
     return 0
 

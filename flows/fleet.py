@@ -30,14 +30,16 @@ class Target(BaseModel):
         None, description="None: the model's path default (int4 for decoder LLMs, int8 for encoders)")
     int4_algorithm: Literal["affine", "rtn", "hqq", "k_quant", "builder", "gptq"] | None = None
     block_size: Literal[16, 32, 64, 128, 256] = 32
-    mixed_precision_ratio: float | None = Field(None, gt=0, le=1, description="gptq: share of the linear layers "
-                                                "at 4 bits, the most sensitive others at 8 (auto-opt's flag)")
+    mixed_precision_ratio: float | None = Field(None, gt=0, le=1, description="gptq: share of the linear layers' "
+                                                "weights at 4 bits, the most sensitive others at 8 (auto-opt's flag)")
+    mixed_precision_algorithm: str | None = Field(None, description="gptq: how the 8-bit layers are chosen "
+                                                  "(auto-opt's flag, which checks the name)")
 
     def versioned(self) -> dict[str, object]:
         """What an entry's version hashes: the fields, those added since versions began left out while unset
         (a manifest that does not use them keeps its versions: nothing to refresh after an upgrade)."""
-        return self.model_dump(mode="json", exclude={"mixed_precision_ratio"} if self.mixed_precision_ratio is None
-                               else set())
+        return self.model_dump(mode="json", exclude={f for f in ("mixed_precision_ratio", "mixed_precision_algorithm")
+                                                     if getattr(self, f) is None})
 
 
 class FleetModel(BaseModel):

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from grove.errors import InvalidRequest
 from grove.flows.request import PROVIDER_DEVICE
+from grove.tasks._mixed_precision import OLIVE_ALIASES, SCORED
 
 __all__ = ["PASSES", "Translation", "load", "translate"]
 
@@ -479,15 +480,19 @@ class QuaRot(_Pass):
 
 
 class SelectiveMixedPrecision(_Pass):
-    """Olive's SelectiveMixedPrecision: which linear layers keep ``high_bits`` (8); Grove's GPTQ keeps
-    the layers whose 4-bit output error on the calibration text is largest (--mixed_precision_ratio)."""
+    """Olive's SelectiveMixedPrecision: which linear layers keep ``high_bits`` (8), by the same algorithm
+    (--mixed_precision_algorithm, tasks/_mixed_precision.py) on the calibration data Grove is given."""
 
-    algorithm: Literal["kld_gradient", "iqe", "iqe_relative", "snr", "snr_relative", "k_quant_down",
-                       "k_quant_mixed", "k_quant_last"] = Field("kld_gradient", description="how Olive measures "
-                                                               "sensitivity; Grove measures each layer's output error")
+    algorithm: Literal["kld_gradient", "iqe", "iqe_relative", "snr", "snr_relative", "high_precision_lm_head",
+                       "high_precision_mlp_down", "high_precision_mlp_down_qkv", "k_quant_down", "k_quant_mixed",
+                       "k_quant_last"] = Field(description="how the layers are chosen, which Olive requires too: "
+                                                           "kld_gradient, snr, snr_relative, iqe or iqe_relative with "
+                                                           "a ratio, or a high_precision_* heuristic (k_quant_* their "
+                                                           "former names)")
     bits: Literal[4] = Field(4, description="the low bits (Grove's int4)")
     high_bits: Literal[8] = Field(8, description="the high bits (Grove's 8)")
-    ratio: float = Field(0.65, gt=0, le=1, description="share of layers kept at the low bits")
+    ratio: float | None = Field(None, gt=0, lt=1, description="share of the weights kept at the low bits (the "
+                                "scores; the heuristics take none)")
     group_size: Literal[16, 32, 64, 128, 256] | None = None
     sym: bool | None = None
     high_group_size: int | None = None
@@ -495,8 +500,22 @@ class SelectiveMixedPrecision(_Pass):
     kld_memory_mode: Any = None
     data_config: Any = Field(None, description="the calibration data (the Gptq pass's, when it has one)")
 
+    @model_validator(mode="after")
+    def _ratio(self) -> SelectiveMixedPrecision:
+        if self.ratio is None and self.algorithm in SCORED:
+            raise ValueError(f"algorithm {self.algorithm} ranks the layers: give ratio, the share of weights left "
+                             "at 4 bits (olive-recipes use 0.65)")
+        return self
+
     def flags(self) -> dict[str, object]:
-        return {"mixed_precision_ratio": self.ratio}
+        algorithm = OLIVE_ALIASES.get(self.algorithm, self.algorithm)
+        return {"mixed_precision_algorithm": algorithm} | (
+            {"mixed_precision_ratio": self.ratio} if algorithm in SCORED else {})
+
+    def notes(self, where: str) -> list[str]:
+        return [f"{where}: ratio {self.ratio} is not read by {self.algorithm}, which picks its "
+                "layers by position (as in Olive)"] if self.ratio is not None and self.algorithm not in SCORED \
+            else []
 
 
 class OnnxPeepholeOptimizer(_Accepted):
@@ -654,7 +673,8 @@ def _pass_errors(exc: ValidationError, where: str, cls: type[BaseModel]) -> str:
     why = {f.alias or n: f.description for n, f in cls.model_fields.items() if f.description}
     errors = [e for e in exc.errors() if e["type"] != "extra_forbidden"]
     lines = [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}"  # a refused value: why Grove has only these
-             + (f" - {why[str(e['loc'][0])]}" if e["type"] == "literal_error" and str(e["loc"][0]) in why else "")
+             + (f" - {why[str(e['loc'][0])]}" if e["type"] in ("literal_error", "missing") and str(e["loc"][0]) in why
+                else "")
              for e in errors]
     if unknown := [str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden"]:
         lines.append(f"{where}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} "
@@ -776,7 +796,7 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             else:
                 out.notes.append(f"{where}.metadata_only: Grove's builder writes the graph and its genai config "
                                  "together, the model OnnxConversion and metadata_only make in Olive")
-        if isinstance(spec, ModelBuilder | OnnxBlockWiseRtnQuantization):
+        if isinstance(spec, ModelBuilder | OnnxBlockWiseRtnQuantization | SelectiveMixedPrecision):
             out.notes += spec.notes(where)
         if isinstance(spec, Gptq | SelectiveMixedPrecision) and spec.data_config is not None \
                 and "calibration_data" not in out.flags:
@@ -912,10 +932,11 @@ def _before_capture(specs: dict[str, _Pass], out: Translation) -> list[str]:
     if mixed and not gptq:
         problems.append(f"passes.{mixed[0]} (SelectiveMixedPrecision): Grove keeps the sensitive layers at 8 bits in "
                         "its GPTQ; add a Gptq pass after it")
-    elif mixed:
-        out.notes.append(f"{mixed[0]} (SelectiveMixedPrecision): Grove ranks the linear layers by the error 4-bit "
-                         "rounding adds to their output on the calibration text, and keeps the worst share at 8 bits "
-                         "in its GPTQ (Olive's algorithm option is not used)")
+    elif mixed and (smp := specs[mixed[0]]) and isinstance(smp, SelectiveMixedPrecision) \
+            and smp.algorithm == "kld_gradient":
+        out.notes.append(f"{mixed[0]} (SelectiveMixedPrecision): kld_gradient scores the layers on the calibration "
+                         "data Grove calibrates GPTQ with (Olive's pass reads wikitext-2 from the hub whatever its "
+                         "data config)")
     for name, spec in rtn:
         head = spec.head_bits() if not gptq else spec.head_bits() or spec.bits  # after Gptq: what it left, the head
         if spec.body() and not gptq:

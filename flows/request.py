@@ -106,9 +106,18 @@ class AutoOptRequest(OptRequestBase):
                                        "logits recomputed from the 8-bit rows; 0 = the whole 8-bit lm_head for every "
                                        "token (default: 32; gptq: on cpu; docs/int4.md)")
     mixed_precision_ratio: float | None = Field(None, gt=0, le=1, description="gptq: share of the decoder's linear "
-                                                "layers at 4 bits; the others, those whose 4-bit output error on the "
-                                                "calibration text is largest, keep 8 bits (Olive's "
+                                                "layers' weights at 4 bits; the other layers, the most sensitive by "
+                                                "--mixed_precision_algorithm, keep 8 bits (Olive's "
                                                 "SelectiveMixedPrecision ratio)")
+    mixed_precision_algorithm: Literal["output_error", "kld_gradient", "snr", "snr_relative", "iqe", "iqe_relative",
+                                       "high_precision_lm_head", "high_precision_mlp_down",
+                                       "high_precision_mlp_down_qkv"] | None = Field(
+        None, description="gptq: how the 8-bit layers are chosen: a score ranks them for --mixed_precision_ratio "
+        "(kld_gradient, the default: how much the model's next-token distribution moves when the layer is at 4 "
+        "bits, from the gradient of that divergence on the calibration text; Olive's snr, snr_relative, iqe, "
+        "iqe_relative; Grove's output_error, each layer's own 4-bit output error), or a fixed heuristic picks "
+        "them by position, without a ratio (high_precision_lm_head, _mlp_down, _mlp_down_qkv: llama.cpp's "
+        "k-quant mixes); docs/olive-compatibility.md")
     int8_nodes: list[str] | None = Field(None, description="k_quant: MatMul nodes (graph node names) quantized at "
                                          "8 bits instead of 4 (Olive's customized_weight_config)")
     rotate: bool = Field(False, description="gptq: rotate the weights first by a random Hadamard matrix "
@@ -178,12 +187,20 @@ class AutoOptRequest(OptRequestBase):
         elif self.head_shortlist and self.head_bits != 8:
             problems.append("--head_shortlist rescores with the 8-bit lm_head, and --head_bits 4 has none; "
                             "drop --head_shortlist, or pass --head_bits 8")
-        if (calibrated := [f"--{f}" for f in ("mixed_precision_ratio", "calibration_data", "calibration_samples")
+        if (calibrated := [f"--{f}" for f in ("mixed_precision_ratio", "mixed_precision_algorithm",
+                                              "calibration_data", "calibration_samples")
                            if getattr(self, f) is not None] + (["--rotate"] if self.rotate else [])
                           + (["--clip_search"] if self.clip_search else [])) \
                 and algorithm != "gptq":
             problems.append(f"{', '.join(calibrated)}: for a decoder, calibration is GPTQ's; pass --int4_algorithm "
                             "gptq")
+        if (mixed := self.mixed_precision_algorithm) is not None and mixed.startswith("high_precision_") \
+                and self.mixed_precision_ratio is not None:
+            problems.append(f"--mixed_precision_algorithm {mixed} picks its layers by position: drop "
+                            "--mixed_precision_ratio")
+        elif mixed is not None and not mixed.startswith("high_precision_") and self.mixed_precision_ratio is None:
+            problems.append(f"--mixed_precision_algorithm {mixed} ranks the layers: pass --mixed_precision_ratio "
+                            "(the share of weights left at 4 bits, e.g. 0.65)")
         if self.int8_nodes and algorithm != "k_quant":
             problems.append("--int8_nodes applies to --int4_algorithm k_quant")
         if self.merge_adapter and self.adapter_path is None:
@@ -276,7 +293,8 @@ class AutoOptRequest(OptRequestBase):
         from grove.tasks.quantize_torch import TorchQuantConfig
 
         return TorchQuantConfig(group_size=self.block_size, symmetric=self.symmetric, head_bits=self.head_bits,
-                                mixed_precision_ratio=self.mixed_precision_ratio, rotate=self.rotate,
+                                mixed_precision_ratio=self.mixed_precision_ratio,
+                                mixed_precision_algorithm=self.mixed_precision_algorithm, rotate=self.rotate,
                                 clip_search=self.clip_search, calibration=self.calibration_data or BUILTIN_TEXT,
                                 calibration_sha256=calibration_sha256,
                                 calibration_samples=self.calibration_samples or 32,

@@ -13,10 +13,10 @@ the layer's input Hessian. Layers are processed one decoder layer at a time on t
 tokens, each layer's inputs being the outputs of the already quantized layers before it (as the
 reference implementation does), so memory stays at one layer's activations.
 
-Mixed precision (``high_bits_layers``): the linear layers named there keep ``high_bits`` (8) bits,
-Olive's SelectiveMixedPrecision output. ``sensitivity()`` ranks layers by the error 4-bit
-quantization adds to their output on the calibration data (the Hessian-weighted squared error,
-trace((W - Q) H (W - Q)^T)), and ``choose_high_bits`` keeps the worst share at 8 bits."""
+Mixed precision (``high_bits_layers``): the linear layers named there keep 8 bits, Olive's
+SelectiveMixedPrecision output; ``mixed_precision_algorithm`` chooses them (tasks/_mixed_precision.py:
+Olive's heuristics and scores, kld_gradient among them, and Grove's ``output_error``, which ranks layers by
+the error 4-bit rounding adds to their output on the calibration data, trace((W - Q) H (W - Q)^T))."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
 
-__all__ = ["TorchQuantConfig", "gptq", "quantize_torch", "rtn", "sensitivity"]
+__all__ = ["TorchQuantConfig", "gptq", "output_stats", "quantize_torch", "rtn"]
 
 # The linear layers of a decoder layer that the builder reads from a quantized checkpoint.
 _BUILDER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
@@ -44,7 +44,8 @@ _BUILDER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_pr
 class TorchQuantConfig(StepConfig):
     NODE = "quantize-torch"
     VERSION = 2  # 2: symmetric groups put the weight of largest magnitude on -2^(bits-1) (a signed scale);
-    # gptq quantizes an lm_head of its own with GPTQ too
+    # gptq quantizes an lm_head of its own with GPTQ too. A mixed_precision_ratio, once a share of layers, is a
+    # share of weights since mixed_precision_algorithm joined the key (always set with a ratio).
     algorithm: Literal["gptq", "rtn"] = Field("gptq", description="gptq: error-compensating rounding on the "
                                               "calibration data's Hessian; rtn: round to nearest")
     bits: Literal[4, 8] = Field(4, description="bits of the decoder layers' weights")
@@ -55,7 +56,13 @@ class TorchQuantConfig(StepConfig):
                                             "the embedding); None: the builder quantizes it")
     high_bits_layers: tuple[str, ...] = Field((), description="linear layers kept at 8 bits (mixed precision)")
     mixed_precision_ratio: float | None = Field(None, gt=0, le=1, description="share of the decoder's linear "
-                                                "layers kept at `bits`; the most sensitive others keep 8 bits")
+                                                "layers' weights kept at `bits`; the most sensitive others keep 8 "
+                                                "bits (Olive's SelectiveMixedPrecision ratio)")
+    mixed_precision_algorithm: Literal["output_error", "kld_gradient", "snr", "snr_relative", "iqe", "iqe_relative",
+                                       "high_precision_lm_head", "high_precision_mlp_down",
+                                       "high_precision_mlp_down_qkv"] | None = Field(
+        None, description="how the 8-bit layers are chosen (tasks/_mixed_precision.py): a score, with "
+        "mixed_precision_ratio (default kld_gradient), or a fixed high_precision_* heuristic, without")
     rotate: bool = Field(False, description="rotate the weights first (QuaRot's offline Hadamard rotations, "
                          "tasks/_rotate.py): the same function, smaller outliers to round")
     clip_search: bool = Field(False, description="shrink each group's range to the factor (1.0 to 0.6) with the "
@@ -68,15 +75,26 @@ class TorchQuantConfig(StepConfig):
 
     def recipe(self) -> dict[str, object]:
         recipe = super().recipe()
-        for key in ("rotate", "clip_search"):  # off: the key of the checkpoints quantized before it existed
-            if not recipe[key]:
+        for key in ("rotate", "clip_search", "mixed_precision_algorithm"):  # off: the key of the checkpoints
+            if not recipe[key]:  # quantized before it existed
                 del recipe[key]
         return recipe
 
     @model_validator(mode="after")
     def _check(self) -> TorchQuantConfig:
-        if self.high_bits_layers and self.mixed_precision_ratio is not None:
-            raise ValueError("name the 8-bit layers or give a mixed_precision_ratio, not both")
+        from grove.tasks._mixed_precision import HEURISTICS
+
+        mixed = self.mixed_precision_ratio is not None or self.mixed_precision_algorithm is not None
+        if self.high_bits_layers and mixed:
+            raise ValueError("name the 8-bit layers or choose them (mixed_precision_ratio / _algorithm), not both")
+        if self.mixed_precision_algorithm in HEURISTICS and self.mixed_precision_ratio is not None:
+            raise ValueError(f"{self.mixed_precision_algorithm} picks its layers by position: it takes no "
+                             "mixed_precision_ratio")
+        if self.mixed_precision_algorithm not in (None, *HEURISTICS) and self.mixed_precision_ratio is None:
+            raise ValueError(f"{self.mixed_precision_algorithm} ranks the layers: give the share of weights left at "
+                             f"{self.bits} bits (mixed_precision_ratio)")
+        if self.mixed_precision_ratio is not None and self.mixed_precision_algorithm is None:
+            object.__setattr__(self, "mixed_precision_algorithm", "kld_gradient")  # the best measured (docs)
         return self
 
 
@@ -111,18 +129,13 @@ def _qparams(w: Any, bits: int, symmetric: bool, search: bool = False) -> tuple[
         scale = (hi - lo) / maxq
         return scale, torch.round(-lo / scale).clamp(0, maxq)
 
-    scale, zero = grid(lo, hi)
     if not search:
-        return scale, zero
-    best = torch.full_like(scale, float("inf"))
-    for step in range(21):
-        s, z = grid(lo * (1 - step / 50), hi * (1 - step / 50))
-        error = ((_round(w, s[..., None], z[..., None], bits) - z[..., None]) * s[..., None] - w).abs_()
-        error = error.pow_(2.4).sum(-1)
-        better = error < best
-        best, scale, zero = torch.where(better, error, best), torch.where(better, s, scale), \
-            torch.where(better, z, zero)
-    return scale, zero
+        return grid(lo, hi)
+    shrink = (1 - torch.arange(21) / 50).reshape(-1, *[1] * lo.dim())  # 1.0, 0.98, ..., 0.6: all at once
+    s, z = grid(lo * shrink, hi * shrink)  # [21, rows]
+    error = ((_round(w, s[..., None], z[..., None], bits) - z[..., None]) * s[..., None] - w).abs_()
+    best = error.pow_(2.4).sum(-1).argmin(0, keepdim=True)  # the first of equal errors: the widest range
+    return s.gather(0, best)[0], z.gather(0, best)[0]
 
 
 def _round(w: Any, scale: Any, zero: Any, bits: int) -> Any:
@@ -146,19 +159,12 @@ def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, damp: floa
     the columns are rounded in order, and each one's rounding error is spread over the columns not
     yet rounded through the inverse Hessian's Cholesky factor, so that the layer's output on the
     calibration inputs moves as little as possible. A group's scale and zero point are set when its
-    first column is reached, from the weights as updated so far. Returns what ``rtn`` returns."""
-    import torch
+    first column is reached, from the weights as updated so far. Returns what ``rtn`` returns.
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of small column updates: 13x faster than 2 threads' handoffs (measured)
-    try:
-        return _gptq(w, h, bits, group_size, symmetric, damp, block, search)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, damp: float, block: int,
-          search: bool) -> tuple[Any, Any, Any]:
+    Its column loop runs on torch's threads: the linears reading one input come stacked (hundreds to
+    thousands of rows), where 2 threads beat 1 by 1.2-1.9x on this 2-core box (192 to 3,072 rows of 576,
+    with and without the range search). On SmolLM2 the node's time is mostly the calibration windows'
+    two passes through each decoder layer (before and after its quantization), not this loop."""
     import torch
 
     w = w.float().clone()
@@ -204,35 +210,20 @@ def output_error(w: Any, w_q: Any, h: Any) -> float:
     return float(((d @ h.float()) * d).sum())
 
 
-def sensitivity(w: Any, h: Any, bits: int, group_size: int, symmetric: bool) -> float:
-    """A layer's sensitivity to ``bits``-bit rounding: its output error on the calibration data,
-    relative to its output's size (so that wide and narrow layers compare)."""
+def output_stats(w: Any, h: Any, bits: int, group_size: int, symmetric: bool) -> dict[str, float]:
+    """``output_error``'s stats for one layer: the error ``bits``-bit rounding adds to its output on the
+    calibration data, and its output's size (their ratio ranks it: wide and narrow layers compare)."""
     q, s, z = rtn(w, bits, group_size, symmetric)
-    return output_error(w, dequantize(q, s, z, group_size), h) / max(float(((w.float() @ h.float()) * w.float())
-                                                                            .sum()), 1e-12)
+    return {"error": output_error(w, dequantize(q, s, z, group_size), h),
+            "output": float(((w.float() @ h.float()) * w.float()).sum())}
 
 
-# Projections the builder fuses into one MatMulNBits, which has one bit width: they keep the same bits.
-_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def choose_high_bits(scores: dict[str, float], ratio: float) -> tuple[str, ...]:
-    """Olive's SelectiveMixedPrecision ``ratio``: the share of layers kept at low bits; the rest, the
-    most sensitive, keep 8 bits. Projections the builder fuses into one MatMulNBits (q/k/v, gate/up)
-    are one unit, as sensitive as its most sensitive member: units are taken, most sensitive first,
-    until the 8-bit layers reach their share."""
-    units: dict[str, list[str]] = {}
-    for name in scores:
-        module, _, leaf = name.rpartition(".")
-        group = next((g for g in _FUSED if leaf in g), (leaf,))
-        units.setdefault(f"{module}.{'+'.join(group)}", []).append(name)
-    keep = len(scores) - round(ratio * len(scores))
-    chosen: list[str] = []
-    for members in sorted(units.values(), key=lambda m: -max(scores[n] for n in m)):
-        if len(chosen) >= keep:
-            break
-        chosen += members
-    return tuple(sorted(chosen))
+def fake_quantize(group_size: int, symmetric: bool) -> Any:
+    """Round to nearest at the node's grid, dequantized: what the mixed-precision scores compare."""
+    def fake(w: Any, bits: int) -> Any:
+        group = group_size if w.shape[1] % group_size == 0 else w.shape[1]
+        return dequantize(*rtn(w, bits, group, symmetric), group)
+    return fake
 
 
 # -- the checkpoint ---------------------------------------------------------------------------------
@@ -357,23 +348,29 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
     if prefix is None:
         raise InvalidRequest(f"{type(model).__name__}: the builder reads quantized checkpoints of model.layers "
                              "decoders; quantize this one after the capture (--int4_algorithm rtn)")
-    xs, kws = _layer_inputs(model, layers, tokens)
     high = set(config.high_bits_layers)
-    scores: dict[str, float] = {}
+    algorithm = config.mixed_precision_algorithm
+    if algorithm not in (None, "output_error"):  # chosen up front; output_error needs the layer pass below
+        high = set(_choose_high_bits(model, layers, prefix, tokens, config))
+        config = config.model_copy(update={"mixed_precision_ratio": None, "mixed_precision_algorithm": None})
+    xs, kws = _layer_inputs(model, layers, tokens)
+    scores: dict[str, dict[str, float]] = {}
+    numels: dict[str, int] = {}
     errors = {"gptq": 0.0, "rtn": 0.0}
     quantized: dict[str, tuple[Any, Any, Any, int]] = {}
-    hessians: dict[str, Any] = {}
     for index, layer in enumerate(layers):
         linears = _linears(layer, f"{prefix}.{index}")
         sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
-        last: list[Any] = [None, None]  # (input tensor, its X^T X): q, k and v (gate and up) read one input
+        last: list[Any] = [None, None, None]  # (input, its X^T X, first reader): q, k and v (gate, up) read one
+        readers: dict[str, str] = {}  # linear -> the first linear reading the same input
 
         def hook(name: str) -> Any:
             def accumulate(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
                 if inputs[0] is not last[0]:  # noqa: B023 - the hooks are removed before the next layer's loop
                     x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-                    last[:] = [inputs[0], x.T @ x]  # noqa: B023
+                    last[:] = [inputs[0], x.T @ x, name]  # noqa: B023
+                readers.setdefault(name, last[2])  # noqa: B023
                 sums[name] += last[1]  # noqa: B023
                 counts[name] += inputs[0].numel() // inputs[0].shape[-1]  # noqa: B023
             return accumulate
@@ -384,6 +381,7 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
         for h in handles:
             h.remove()
         last.clear()
+        batches: dict[tuple[str, int], list[str]] = {}  # one input, one bit width: one GPTQ over their rows
         for name, m in linears.items():
             h = 2 * sums[name] / max(counts[name], 1)
             w = m.weight.data
@@ -391,21 +389,32 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
                 raise InvalidRequest(f"{name}: {w.shape[1]} inputs are not a multiple of the group size "
                                      f"{config.group_size}; pass a group size that divides it (e.g. 32)")
             if config.mixed_precision_ratio is not None:
-                scores[name] = sensitivity(w, h, config.bits, config.group_size, config.symmetric)
-                hessians[name] = h
+                scores[name] = output_stats(w, h, config.bits, config.group_size, config.symmetric)
+                numels[name] = w.numel()
                 continue
-            layer_bits = 8 if name in high else config.bits
-            q, s, z = _quantize_one(w, h, layer_bits, config)
-            errors[config.algorithm] += output_error(w, dequantize(q, s, z, config.group_size), h)
-            quantized[name] = (q, s, z, layer_bits)
-            m.weight.data = dequantize(q, s, z, config.group_size).to(w.dtype)
+            batches.setdefault((readers.get(name, name), 8 if name in high else config.bits), []).append(name)
+        for (reader, layer_bits), names in batches.items():
+            # GPTQ treats rows independently given the Hessian: the linears reading one input (q, k, v; gate,
+            # up) are one weight of stacked rows, one column loop instead of three (the loop's cost is per column)
+            h = 2 * sums[reader] / max(counts[reader], 1)
+            ws = [linears[n].weight.data for n in names]
+            q_all, s_all, z_all = _quantize_one(torch.cat(ws), h, layer_bits, config)
+            start = 0
+            for name, w in zip(names, ws, strict=True):
+                rows = slice(start, start + w.shape[0])
+                start += w.shape[0]
+                q, s, z = q_all[rows], s_all[rows], z_all[rows]
+                errors[config.algorithm] += output_error(w, dequantize(q, s, z, config.group_size), h)
+                quantized[name] = (q, s, z, layer_bits)
+                linears[name].weight.data = dequantize(q, s, z, config.group_size).to(w.dtype)
         xs = [_run_layer(layer, x, kw) for x, kw in zip(xs, kws, strict=True)]  # the next layer's inputs
     if config.mixed_precision_ratio is not None:  # second pass: chosen layers at 8 bits, the rest at `bits`
-        high = set(choose_high_bits(scores, config.mixed_precision_ratio))
-        log.info("mixed precision: %d of %d linear layers keep 8 bits (most sensitive: %s)", len(high), len(scores),
-                 ", ".join(sorted(high, key=lambda n: -scores[n])[:3]))
-        yield from quantize_model(folder, config.model_copy(update={"mixed_precision_ratio": None,
-                                                                    "high_bits_layers": tuple(sorted(high))}))
+        from grove.tasks._mixed_precision import promote
+
+        high = set(promote("output_error", scores, numels, config.mixed_precision_ratio))
+        _log_choice(log, "output_error", high, numels)
+        yield from quantize_model(folder, config.model_copy(update={
+            "mixed_precision_ratio": None, "mixed_precision_algorithm": None, "high_bits_layers": tuple(sorted(high))}))
         return
     head = _head_gptq(model, xs, config) if config.algorithm == "gptq" and config.head_bits is not None else None
     state = model.state_dict()
@@ -439,6 +448,44 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
                         "lm_head": None if config.head_bits is None else "gptq" if head else "rtn",
                         "output_error": round(errors[config.algorithm], 6), "calibration": where,
                         "calibration_tokens": int(tokens.numel())}
+
+
+def _choose_high_bits(model: Any, layers: Any, prefix: str, tokens: Any, config: TorchQuantConfig) -> tuple[str, ...]:
+    """The 8-bit layers of an algorithm other than output_error (tasks/_mixed_precision.py), before any
+    layer is quantized: a heuristic by position, a weight-only score, or kld_gradient on ``tokens``."""
+    from grove.tasks import _mixed_precision as mp
+
+    log = node_logger()
+    algorithm = config.mixed_precision_algorithm or "output_error"
+    per_layer = [_linears(layer, f"{prefix}.{index}") for index, layer in enumerate(layers)]
+    if algorithm in mp.HEURISTICS:
+        high = mp.heuristic(algorithm, [list(linears) for linears in per_layer])
+        log.info("mixed precision %s: %d of %d linear layers keep 8 bits (layers %s of %d)", algorithm, len(high),
+                 sum(map(len, per_layer)), ", ".join(str(i) for i in range(len(per_layer))
+                                                     if mp.selected_by_position(i, len(per_layer))), len(per_layer))
+        return high
+    modules = {name: m for linears in per_layer for name, m in linears.items()}
+    fake = fake_quantize(config.group_size, config.symmetric)
+    if algorithm == "kld_gradient":
+        step = max(1, tokens.shape[0] // 8)
+
+        def progress(done: int, total: int) -> None:
+            if done % step == 0 or done == total:
+                log.info("kld_gradient: %d of %d calibration windows", done, total)
+
+        stats = mp.kld_stats(model, modules, tokens, fake, config.bits, progress)
+    else:
+        stats = {name: mp.weight_stats(algorithm, m.weight.data, fake, config.bits) for name, m in modules.items()}
+    numels = {name: m.weight.numel() for name, m in modules.items()}
+    high = mp.promote(algorithm, stats, numels, config.mixed_precision_ratio or 1.0)
+    _log_choice(log, algorithm, set(high), numels)
+    return high
+
+
+def _log_choice(log: Any, algorithm: str, high: set[str], numels: dict[str, int]) -> None:
+    share = sum(numels[n] for n in high) / max(sum(numels.values()), 1)
+    log.info("mixed precision %s: %d of %d linear layers (%.0f%% of their weights) keep 8 bits: %s%s", algorithm,
+             len(high), len(numels), 100 * share, ", ".join(sorted(high)[:4]), ", ..." if len(high) > 4 else "")
 
 
 def _head_gptq(model: Any, xs: list[Any], config: TorchQuantConfig) -> tuple[Any, Any, Any] | None:

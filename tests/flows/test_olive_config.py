@@ -92,7 +92,8 @@ def test_olive_recipes_llm_chain_runs_as_grove_gptq_with_mixed_precision(tiny_di
     result = grove_cli("run", "--config", str(_write(tmp_path, config)), env={"GROVE_STORE": store}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     [command] = [x for x in result.stderr.splitlines() if " is: grove auto-opt " in x]
-    assert {"--int4_algorithm gptq", "--block_size 32", "--mixed_precision_ratio 0.65"} <= set(
+    assert {"--int4_algorithm gptq", "--block_size 32", "--mixed_precision_ratio 0.65",
+            "--mixed_precision_algorithm kld_gradient"} <= set(
         " ".join(pair) for pair in zip(command.split()[::1], command.split()[1:], strict=False)), command
     assert "GPTQ calibration: Grove's built-in text" in result.stderr
     out = tmp_path / "model"
@@ -354,7 +355,12 @@ def test_a_hub_split_that_is_not_there_is_one_clear_error(tmp_path: Path) -> Non
             "overrides": {"lm_head": {"bits": 8}, "model.embed_tokens": {"bits": 8}}},
       "m": {"type": "ModelBuilder", "precision": "int4"},
       "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "TieWordEmbeddings"}]}},
-     "--precision int4 --int4_algorithm gptq --block_size 32 --mixed_precision_ratio 0.65"),
+     "--precision int4 --int4_algorithm gptq --block_size 32 --mixed_precision_algorithm kld_gradient "
+     "--mixed_precision_ratio 0.65"),
+    ({"s": {"type": "SelectiveMixedPrecision", "algorithm": "k_quant_mixed"},  # a heuristic by its former name
+      "g": {"type": "Gptq", "bits": 4, "group_size": 128}, "m": {"type": "ModelBuilder", "precision": "int4"}},
+     "--precision int4 --int4_algorithm gptq --block_size 128 --mixed_precision_algorithm "
+     "high_precision_mlp_down_qkv"),
     ({"g": {"type": "GptqModel", "bits": 4, "group_size": 128, "sym": True, "dynamic": {"+:.*lm_head*": {"bits": 4}}},
       "m": {"type": "ModelBuilder", "precision": "int4"}},
      "--precision int4 --int4_algorithm gptq --block_size 128 --symmetric --head_bits 4"),
@@ -599,6 +605,8 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
         "s": {"type": "SelectiveMixedPrecision"}, "g": {"type": "gptq", "bits": 4}, "r": {"type": "rtn"},
         "m": {"type": "ModelBuilder", "precision": "int4", "int4_block": 32},
         "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "RemoveRopeMultiCache"}]}}},
+     "passes.s.algorithm: Field required - how the layers are chosen, which Olive requires too: kld_gradient, snr, "
+     "snr_relative, iqe or iqe_relative with a ratio, or a high_precision_* heuristic (k_quant_* their former names); "
      "passes.m: int4_block is not an option of ModelBuilder that Grove reads (it reads precision, int4_block_size, "
      "int4_accuracy_level, int4_is_symmetric, int4_algo_config, metadata_only, search, use_ort_genai, "
      "use_dynamo_exporter, extra_options, enable_cuda_graph); passes.t: graph surgeries RemoveRopeMultiCache are "
@@ -628,8 +636,9 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "passes q (SpinQuant): SpinQuant's trained rotations are not in Grove"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"g": {"type": "GptqModel", "group_size": -1}}},
      "passes.g.group_size: Input should be 16, 32, 64, 128 or 256 - weights per group: Grove's int4 is block-wise"),
-    ({"input_model": _MODEL, "output_dir": "o", "passes": {"s": {"type": "SelectiveMixedPrecision"},
-                                                            "m": {"type": "ModelBuilder", "precision": "int4"}}},
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {
+        "s": {"type": "SelectiveMixedPrecision", "algorithm": "k_quant_last"},
+        "m": {"type": "ModelBuilder", "precision": "int4"}}},
      "passes.s (SelectiveMixedPrecision): Grove keeps the sensitive layers at 8 bits in its GPTQ; add a Gptq pass"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {
         "type": "ModelBuilder", "precision": "int4", "extra_options": {"exclude_embeds": True, "fast_mode": 1}}}},

@@ -193,53 +193,6 @@ def test_a_shortlisted_8_bit_head_gives_the_full_heads_logits_for_its_best_token
     assert 0 < np.abs(short - full).max() < 0.5 * np.abs(full).max(), "the others are the 4-bit pass's"
 
 
-def test_mixed_precision_keeps_the_most_sensitive_layers_at_8_bits(tmp_path: Path) -> None:
-    """A tiny llama whose layer-1 down_proj has outlier weights: the sensitivity ranks it first, it
-    keeps 8 bits in the checkpoint and in the graph, and the others stay at 4."""
-    from safetensors.torch import load_file, save_file
-
-    from grove.tasks.capture_onnx import CaptureConfig, _capture
-    from tests import tiny_models
-
-    src = tiny_models.build("llama", tmp_path / "src")
-    weights = load_file(str(src / "model.safetensors"))
-    name = "model.layers.1.mlp.down_proj"
-    w = weights[f"{name}.weight"].clone()
-    w[:, ::32] = 3.0  # one outlier in every group of 32 stretches that group's grid
-    weights[f"{name}.weight"] = w
-    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
-
-    config = qt.TorchQuantConfig(mixed_precision_ratio=13 / 14, **CONFIG)
-    checkpoint, onnx_dir = tmp_path / "q", tmp_path / "onnx"
-    checkpoint.mkdir()
-    onnx_dir.mkdir()
-    stats = qt._quantize([src], config, checkpoint)
-    assert stats["layers_8bit"] == 1
-    overrides = json.loads((checkpoint / "config.json").read_text())["quantization_config"]["overrides"]
-    assert overrides[name] == {"bits": 8}
-    assert set(overrides) == {name, "lm_head"}
-    _capture([checkpoint], CaptureConfig(precision="int4"), onnx_dir)
-    import onnx
-
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
-            for n in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.node
-            if n.op_type == "MatMulNBits"}
-    assert bits["/model/layers.1/mlp/down_proj/MatMulNBits"] == 8
-    assert bits["/model/layers.0/mlp/down_proj/MatMulNBits"] == 4
-
-
-def test_choose_high_bits_keeps_the_worst_share_with_fused_projections_together() -> None:
-    scores = {"l.a": 0.1, "l.b": 5.0, "l.c": 0.3, "l.d": 2.0}
-    assert qt.choose_high_bits(scores, 0.5) == ("l.b", "l.d")
-    assert qt.choose_high_bits(scores, 1.0) == ()
-    fused = {"l.self_attn.q_proj": 0.1, "l.self_attn.k_proj": 9.0, "l.self_attn.v_proj": 0.2, "l.mlp.gate_proj": 3.0,
-             "l.mlp.up_proj": 0.1, "l.mlp.down_proj": 1.0}
-    assert qt.choose_high_bits(fused, 5 / 6) == ("l.self_attn.k_proj", "l.self_attn.q_proj", "l.self_attn.v_proj")
-    assert qt.choose_high_bits(fused, 0.5) == ("l.self_attn.k_proj", "l.self_attn.q_proj", "l.self_attn.v_proj")
-    assert qt.choose_high_bits(fused, 1 / 3) == ("l.mlp.gate_proj", "l.mlp.up_proj", "l.self_attn.k_proj",
-                                                 "l.self_attn.q_proj", "l.self_attn.v_proj")
-
-
 def test_a_calibration_text_shorter_than_one_window_is_one_clear_error(tiny_dir,  # noqa: ANN001
                                                                       tmp_path: Path) -> None:
     from grove.errors import InvalidRequest
@@ -277,6 +230,17 @@ def test_auto_opt_gptq_flags_reach_the_nodes_and_calibration_flags_need_gptq() -
     with pytest.raises(ValidationError, match="--mixed_precision_ratio, --calibration_data: for a decoder, "
                                               "calibration is GPTQ's; pass --int4_algorithm gptq"):
         AutoOptRequest(model_name_or_path="m", output_path="o", mixed_precision_ratio=0.8, calibration_data="c.txt")
+    kld = AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="gptq", mixed_precision_ratio=0.65,
+                         mixed_precision_algorithm="kld_gradient")
+    assert kld.torch_quant("abc").recipe()["mixed_precision_algorithm"] == "kld_gradient"
+    with pytest.raises(ValidationError, match="--mixed_precision_algorithm kld_gradient ranks the layers: pass "
+                                              "--mixed_precision_ratio"):
+        AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="gptq",
+                       mixed_precision_algorithm="kld_gradient")
+    with pytest.raises(ValidationError, match="high_precision_mlp_down picks its layers by position: drop "
+                                              "--mixed_precision_ratio"):
+        AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="gptq", mixed_precision_ratio=0.5,
+                       mixed_precision_algorithm="high_precision_mlp_down")
 
 
 def test_a_missing_calibration_file_stops_auto_opt_before_any_work(tiny_dir, tmp_path: Path,  # noqa: ANN001
