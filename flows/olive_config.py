@@ -1130,15 +1130,14 @@ def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation,
         spec = LMEvaluator(**(chosen or {}))
     except ValidationError as exc:
         raise InvalidRequest(_pass_errors(exc, where, LMEvaluator)) from None
-    if inline := [t for t in spec.tasks if not isinstance(t, str)]:
-        fix = (f"{len(inline)} task(s) defined inline ({', '.join(str(t.get('task')) for t in inline)}): save each "
-               "as a YAML file in a folder and run grove benchmark --tasks <its name> --include_path <that folder>")
-        if not after:
-            raise InvalidRequest(f"{where}.tasks: {fix}")
-        out.notes.append(f"{where}.tasks: not scored: {fix}")
-        return
-    tasks = [str(t) for t in spec.tasks]
+    inline = [t for t in spec.tasks if not isinstance(t, str)]
+    if unnamed := [i for i, t in enumerate(spec.tasks) if isinstance(t, dict) and not isinstance(t.get("task"), str)]:
+        raise InvalidRequest(f"{where}.tasks[{unnamed[0]}]: an inline task config needs its \"task\" name, as "
+                             "lm-eval's task YAML files have")
+    tasks = [t if isinstance(t, str) else str(t["task"]) for t in spec.tasks]
     flags: dict[str, object] = {"tasks": tasks}
+    if inline:  # lm-eval task configs given whole: the node writes them as the YAML files the harness reads
+        flags["task_definitions"] = [json.dumps(t, sort_keys=True) for t in inline]
     for key in ("batch_size", "max_length", "limit", "num_fewshot"):
         if (value := getattr(spec, key)) is not None:
             flags[key] = value
@@ -1149,7 +1148,9 @@ def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation,
     out.notes.append(f"{where}: " + ("the output is scored after auto-opt" if after else
                                      "no passes, so the input model is scored")
                      + f" on lm-eval's {', '.join(tasks)} (grove benchmark: the harness's own tasks and metrics, "
-                     "a cached evaluate-lm node" + (", written to <output>/lm-eval)" if after else ")"))
+                     "a cached evaluate-lm node" + (", written to <output>/lm-eval)" if after else ")")
+                     + (f"; {', '.join(str(t['task']) for t in inline)} defined in the config, passed whole "
+                        "(--task_definitions)" if inline else ""))
     if unused := [k for k in ("bootstrap_iters", "sample_log_num", "model_args", "device", "provider_options")
                   if getattr(spec, k)]:
         out.notes.append(f"{where}: {', '.join(unused)} not used: Grove runs the harness without bootstrap errors "

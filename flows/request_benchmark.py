@@ -3,6 +3,7 @@ before any work and turned into the evaluate-lm node's config."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,6 +33,9 @@ class BenchmarkRequest(BaseModel):
     fewshot_as_multiturn: bool = Field(False, description="with --apply_chat_template: few-shot examples as turns")
     include_path: str | None = Field(None, description="a folder of lm-eval task YAML files of one's own (their "
                                      "data local files or hub datasets)")
+    task_definitions: list[str] | None = Field(None, description="tasks of one's own given whole, each an lm-eval "
+                                               "task config as a JSON object (its task name joins --tasks): what an "
+                                               "Olive config's inline LMEvaluator tasks become")
     revision: str | None = Field(None, description="hub revision of the model")
     trust_remote_code: bool = Field(False, description="Olive's flag, accepted: Grove loads native transformers "
                                     "architectures only")
@@ -44,10 +48,29 @@ class BenchmarkRequest(BaseModel):
 
         return None if value is None else str(local_output_path(value))
 
+    @field_validator("task_definitions")
+    @classmethod
+    def _task_definitions(cls, value: list[str] | None) -> list[str] | None:
+        for text in value or []:
+            try:
+                task = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON object ({exc.msg} at column {exc.colno}): {text[:60]}") from None
+            if not isinstance(task, dict) or not isinstance(task.get("task"), str) or not task["task"].strip():
+                raise ValueError(f"an lm-eval task config is a JSON object with a \"task\" name: {text[:60]}")
+            if "/" in task["task"] or task["task"].startswith("."):
+                raise ValueError(f"task name {task['task']!r}: a plain name (it names the task's YAML file)")
+        return value
+
+    def definitions(self) -> list[dict[str, Any]]:
+        return [json.loads(text) for text in self.task_definitions or []]
+
     def lm_eval(self, include_sha256: str) -> Any:
         from grove.tasks.evaluate_lm import LmEvalConfig
 
-        return LmEvalConfig(tasks=self.tasks, limit=self.limit, num_fewshot=self.num_fewshot,
+        defined = [d["task"] for d in self.definitions() if d["task"] not in self.tasks]
+        return LmEvalConfig(tasks=[*self.tasks, *defined], task_definitions=self.definitions(), limit=self.limit,
+                            num_fewshot=self.num_fewshot,
                             batch_size=self.batch_size, max_length=self.max_length,
                             apply_chat_template=self.apply_chat_template,
                             fewshot_as_multiturn=self.fewshot_as_multiturn, include_path=self.include_path,

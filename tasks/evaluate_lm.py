@@ -43,7 +43,16 @@ class LmEvalConfig(MeasureConfig):
     fewshot_as_multiturn: bool = Field(False, description="with a chat template: each few-shot example a turn")
     include_path: str | None = Field(None, description="a folder of task YAML files of one's own")
     include_sha256: str = Field("", description="sha256 of that folder's files (filled in by the flow)")
+    task_definitions: list[dict[str, Any]] = Field(default_factory=list, description="tasks defined in the request "
+                                                   "itself (an Olive config's inline tasks): lm-eval task configs, "
+                                                   "written as YAML files where the node runs")
     seed: int = Field(1234, description="the harness's few-shot sampling and random seeds")
+
+    def recipe(self) -> dict[str, object]:
+        recipe = super().recipe()
+        if not recipe["task_definitions"]:  # the key of the runs before inline tasks existed
+            del recipe["task_definitions"]
+        return recipe
 
 
 def include_sha256(folder: str | None) -> str:
@@ -71,7 +80,16 @@ def _evaluate(inputs: list[Path], config: LmEvalConfig, out: Path) -> dict[str, 
 
     (model_dir,) = inputs
     log = node_logger()
-    manager = TaskManager(include_path=str(Path(config.include_path).expanduser()) if config.include_path else None)
+    include = [str(Path(config.include_path).expanduser())] if config.include_path else []
+    if config.task_definitions:  # the request's own tasks as the YAML files the harness reads, kept in the artifact
+        import yaml
+
+        defined = out / "tasks"
+        defined.mkdir()
+        for definition in config.task_definitions:
+            (defined / f"{definition['task']}.yaml").write_text(yaml.safe_dump(definition, sort_keys=False))
+        include.append(str(defined))
+    manager = TaskManager(include_path=include or None)
     if unknown := [t for t in config.tasks if t not in manager.all_tasks]:
         raise InvalidRequest(f"--tasks {', '.join(unknown)}: not lm-eval tasks or groups (the harness lists them: "
                              "lm_eval --tasks list); a task of one's own is a YAML file in --include_path")

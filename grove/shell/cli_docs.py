@@ -26,7 +26,7 @@ def _spelled(flag: Flag) -> str:
     if flag.choices:
         return f"{names} {{{','.join(str(c) for c in flag.choices)}}}"
     if flag.many:
-        return f"{names} NAME..."
+        return f"{names} {'JSON' if flag.name.endswith('_definitions') else 'NAME'}..."
     value = {int: "N", float: "X"}.get(flag.type or str) or ("PATH" if flag.name.endswith(("_path", "_or_path")) else
                                                       "FILE" if flag.name.endswith("_data") else "VALUE")
     return f"{names} {value}"

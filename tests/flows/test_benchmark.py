@@ -162,3 +162,59 @@ def test_a_config_with_passes_and_an_lm_evaluator_scores_the_output_after_auto_o
     assert "provider_options not used" in err, err
     steps = _expand_run(["run", "--config", str(path)])
     assert [s[0] for s in steps] == ["auto-opt", "benchmark"]  # type: ignore[index, union-attr]
+
+
+def test_an_inline_task_of_a_config_is_scored_and_kept_with_its_results(tiny_llama: Path, tmp_path: Path,
+                                                                         store: str) -> None:
+    """olive-recipes' HY-MT shape: an LMEvaluator whose task is a whole lm-eval config inside the Olive
+    config. `grove run` scores the model on it (the node writes it as the harness's YAML, which the
+    artifact keeps), with the same accuracy as the same task from a YAML folder; a changed definition is
+    a new node, not the cached one."""
+    folder = _tasks(tmp_path / "tasks")
+    task = {"task": "inline_choice", "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(folder / "rows.jsonl")}}, "test_split": "test",
+            "output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc", "aggregation": "mean",
+                                                             "higher_is_better": True}], "metadata": {"version": 1.0}}
+    config = {"input_model": {"type": "HfModel", "model_path": str(tiny_llama)}, "output_dir": "scores",
+              "evaluators": {"e": {"type": "LMEvaluator", "tasks": [task], "batch_size": 1}}, "evaluator": "e"}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    env = {"GROVE_STORE": store}
+    result = grove_cli("run", "--config", str(tmp_path / "c.json"), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "inline_choice defined in the config, passed whole" in result.stderr, result.stderr[-3000:]
+    report = json.loads((tmp_path / "scores" / "grove_report.json").read_text())
+    assert set(report["metrics"]) == {"inline_choice"}
+    reference = grove_cli("benchmark", "-m", str(tiny_llama), "--tasks", "grove_choice", "--include_path",
+                          str(folder), "-o", str(tmp_path / "reference"), "--store", store)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = json.loads((tmp_path / "reference" / "grove_report.json").read_text())["metrics"]["grove_choice"]
+    assert report["metrics"]["inline_choice"]["acc"] == expected["acc"]
+    import yaml
+
+    [kept] = Path(store).glob("artifacts/evaluate-lm/*/tasks/inline_choice.yaml")  # the reference has no tasks/
+    assert yaml.safe_load(kept.read_text()) == task
+    task["metadata"] = {"version": 2.0}
+    config["evaluators"]["e"]["tasks"] = [task]
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    again = grove_cli("run", "--config", str(tmp_path / "c.json"), env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(list(Path(store).glob("artifacts/evaluate-lm/*/tasks/inline_choice.yaml"))) == 2, "a new node"
+
+
+def test_a_task_definition_that_is_not_a_named_task_config_is_one_clear_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from grove.shell.cli import main
+
+    for definition, expected in (('{"task": "a"', "--task_definitions: not a JSON object"),
+                                 ('["a"]', 'an lm-eval task config is a JSON object with a "task" name'),
+                                 ('{"task": "../x"}', "task name '../x': a plain name")):
+        assert main(["benchmark", "-m", "org/model", "--tasks", "a", "--task_definitions", definition,
+                     "--dry_run"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+    config = {"input_model": {"type": "HfModel", "model_path": "org/model"}, "output_dir": "scores",
+              "evaluators": {"e": {"type": "LMEvaluator", "tasks": [{"dataset_path": "json"}]}}, "evaluator": "e"}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    assert main(["run", "--config", str(tmp_path / "c.json"), "--dry-run"]) == 2
+    assert 'evaluators.e.tasks[0]: an inline task config needs its "task" name' in capsys.readouterr().err
