@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 __all__ = ["ALGORITHMS", "HEURISTICS", "OLIVE_ALIASES", "SCORED", "heuristic", "kld_stats", "promote",
@@ -98,6 +99,7 @@ def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant,
     import torch
     import torch.nn.functional as F  # noqa: N812 - torch's own alias
 
+    _check_memory(model, modules)
     student = copy.deepcopy(model)
     student.requires_grad_(False)
     copies = dict(student.named_modules())
@@ -125,6 +127,31 @@ def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant,
             stats[name] = {"alignment": float((grad.float() * (low[name].float() - high)).sum()) / windows}
     del student
     return stats
+
+
+def available_bytes() -> int | None:
+    """Memory this machine can still hand out (Linux's MemAvailable), or None where it is not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_memory(model: Any, modules: dict[str, Any]) -> None:
+    """kld_gradient holds a second copy of the model and a gradient per scored weight: one clear error
+    before the copy, rather than the kernel's OOM kill halfway through."""
+    from grove.errors import InvalidRequest
+
+    copy_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    grad_bytes = sum(m.weight.numel() * m.weight.element_size() for m in modules.values())
+    need, free = copy_bytes + grad_bytes, available_bytes()
+    if free is not None and need > free:
+        raise InvalidRequest(f"kld_gradient needs {need / 1e9:.1f} GB more memory (a 4-bit copy of the model and "
+                             f"its layers' gradients) and this machine has {free / 1e9:.1f} GB free: choose "
+                             "--mixed_precision_algorithm snr or output_error (no copy), or a machine with more memory")
 
 
 def _sum(stats: list[dict[str, float]]) -> dict[str, float]:

@@ -143,3 +143,20 @@ def test_a_heuristic_needs_no_ratio_and_a_score_needs_one() -> None:
         qt.TorchQuantConfig(mixed_precision_algorithm="kld_gradient")
     assert qt.TorchQuantConfig(mixed_precision_ratio=0.5).mixed_precision_algorithm == "kld_gradient"
     assert "mixed_precision_algorithm" not in qt.TorchQuantConfig().recipe()  # the key of unmixed runs unchanged
+
+
+def test_kld_gradient_without_the_memory_for_its_copy_is_one_clear_error(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine with less free memory than the 4-bit copy and its gradients: one error naming the need
+    and the way out, before the copy is made (not the kernel's OOM kill halfway through)."""
+    from transformers import AutoModelForCausalLM
+
+    from grove.errors import InvalidRequest
+
+    model = AutoModelForCausalLM.from_pretrained(str(_tiny_llama(tmp_path)), dtype=torch.float32)
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    assert (mp.available_bytes() or 0) > 1e8, "this machine's MemAvailable is read"
+    monkeypatch.setattr(mp, "available_bytes", lambda: 1000)
+    with pytest.raises(InvalidRequest, match=r"kld_gradient needs 0\.0 GB more memory .* choose "
+                                             "--mixed_precision_algorithm snr or output_error"):
+        mp.kld_stats(model, modules, torch.zeros(1, 8, dtype=torch.long), qt.fake_quantize(32, False), 4)
