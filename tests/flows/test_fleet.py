@@ -159,3 +159,8 @@ def test_a_gptq_target_and_the_versions_of_targets_that_do_not_use_it() -> None:
     request = AutoOptRequest(model_name_or_path="m", output_path="o",
                              **gptq.model_dump(exclude_none=True, exclude_defaults=True))
     assert request.int4_algorithm_used == "gptq" and request.mixed_precision_ratio == 0.7
+    heuristic = Target(int4_algorithm="gptq", mixed_precision_algorithm="high_precision_mlp_down")
+    assert entry_version(digest, heuristic) != entry_version(digest, Target(int4_algorithm="gptq"))
+    fields = heuristic.model_dump(exclude_none=True, exclude_defaults=True)
+    chosen = AutoOptRequest(model_name_or_path="m", output_path="o", **fields).torch_quant("c")
+    assert chosen.mixed_precision_algorithm == "high_precision_mlp_down"
