@@ -129,8 +129,13 @@ def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant,
     return stats
 
 
-def available_bytes() -> int | None:
-    """Memory this machine can still hand out (Linux's MemAvailable), or None where it is not known."""
+def available_bytes(device: str = "cpu") -> int | None:
+    """Memory ``device`` can still hand out (the GPU's free memory; Linux's MemAvailable), or None where it
+    is not known."""
+    if device != "cpu":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -145,12 +150,14 @@ def _check_memory(model: Any, modules: dict[str, Any]) -> None:
     before the copy, rather than the kernel's OOM kill halfway through."""
     from grove.errors import InvalidRequest
 
+    device = str(next(model.parameters()).device)
     copy_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     grad_bytes = sum(m.weight.numel() * m.weight.element_size() for m in modules.values())
-    need, free = copy_bytes + grad_bytes, available_bytes()
+    need, free = copy_bytes + grad_bytes, available_bytes(device)
     if free is not None and need > free:
+        where = "this machine has" if device == "cpu" else f"{device} has"
         raise InvalidRequest(f"kld_gradient needs {need / 1e9:.1f} GB more memory (a 4-bit copy of the model and "
-                             f"its layers' gradients) and this machine has {free / 1e9:.1f} GB free: choose "
+                             f"its layers' gradients) and {where} {free / 1e9:.1f} GB free: choose "
                              "--mixed_precision_algorithm snr or output_error (no copy), or a machine with more memory")
 
 

@@ -114,8 +114,8 @@ def _qparams(w: Any, bits: int, symmetric: bool, search: bool = False) -> tuple[
     import torch
 
     maxq = 2 ** bits - 1
-    lo = torch.minimum(w.min(-1).values, torch.zeros(()))
-    hi = torch.maximum(w.max(-1).values, torch.zeros(()))
+    lo = torch.minimum(w.min(-1).values, w.new_zeros(()))
+    hi = torch.maximum(w.max(-1).values, w.new_zeros(()))
     flat = (lo == 0) & (hi == 0)
     lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
     if symmetric:  # the weight of largest magnitude lands on -2^(bits-1) exactly, whatever its sign (a negative
@@ -131,7 +131,7 @@ def _qparams(w: Any, bits: int, symmetric: bool, search: bool = False) -> tuple[
 
     if not search:
         return grid(lo, hi)
-    shrink = (1 - torch.arange(21) / 50).reshape(-1, *[1] * lo.dim())  # 1.0, 0.98, ..., 0.6: all at once
+    shrink = (1 - torch.arange(21, device=w.device) / 50).reshape(-1, *[1] * lo.dim())  # 1.0 ... 0.6 at once
     s, z = grid(lo * shrink, hi * shrink)  # [21, rows]
     error = ((_round(w, s[..., None], z[..., None], bits) - z[..., None]) * s[..., None] - w).abs_()
     best = error.pow_(2.4).sum(-1).argmin(0, keepdim=True)  # the first of equal errors: the widest range
@@ -173,14 +173,14 @@ def gptq(w: Any, h: Any, bits: int, group_size: int, symmetric: bool, damp: floa
     dead = torch.diag(h) == 0  # inputs that never fire: their weights cannot matter
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += torch.eye(k) * damp * torch.mean(torch.diag(h))
+    h += torch.eye(k, device=h.device) * damp * torch.mean(torch.diag(h))
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
-    scales = torch.zeros(out, k // group_size)
-    zeros = torch.zeros(out, k // group_size)
+    scales = torch.zeros(out, k // group_size, device=w.device)
+    zeros = torch.zeros(out, k // group_size, device=w.device)
     for start in range(0, k, block):
         end = min(start + block, k)
-        w1, err = w[:, start:end].clone(), torch.zeros(out, end - start)
+        w1, err = w[:, start:end].clone(), torch.zeros(out, end - start, device=w.device)
         hinv1 = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
@@ -354,13 +354,16 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
         high = set(_choose_high_bits(model, layers, prefix, tokens, config))
         config = config.model_copy(update={"mixed_precision_ratio": None, "mixed_precision_algorithm": None})
     xs, kws = _layer_inputs(model, layers, tokens)
+    device = _compute_device(config)
+    xs, kws = _to(xs, device), _to(kws, device)
     scores: dict[str, dict[str, float]] = {}
     numels: dict[str, int] = {}
     errors = {"gptq": 0.0, "rtn": 0.0}
     quantized: dict[str, tuple[Any, Any, Any, int]] = {}
     for index, layer in enumerate(layers):
+        layer.to(device)
         linears = _linears(layer, f"{prefix}.{index}")
-        sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
+        sums = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
         last: list[Any] = [None, None, None]  # (input, its X^T X, first reader): q, k and v (gate, up) read one
         readers: dict[str, str] = {}  # linear -> the first linear reading the same input
@@ -405,9 +408,10 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
                 start += w.shape[0]
                 q, s, z = q_all[rows], s_all[rows], z_all[rows]
                 errors[config.algorithm] += output_error(w, dequantize(q, s, z, config.group_size), h)
-                quantized[name] = (q, s, z, layer_bits)
+                quantized[name] = (q.cpu(), s.cpu(), z.cpu(), layer_bits)
                 linears[name].weight.data = dequantize(q, s, z, config.group_size).to(w.dtype)
         xs = [_run_layer(layer, x, kw) for x, kw in zip(xs, kws, strict=True)]  # the next layer's inputs
+        layer.to("cpu")
     if config.mixed_precision_ratio is not None:  # second pass: chosen layers at 8 bits, the rest at `bits`
         from grove.tasks._mixed_precision import promote
 
@@ -473,7 +477,11 @@ def _choose_high_bits(model: Any, layers: Any, prefix: str, tokens: Any, config:
             if done % step == 0 or done == total:
                 log.info("kld_gradient: %d of %d calibration windows", done, total)
 
-        stats = mp.kld_stats(model, modules, tokens, fake, config.bits, progress)
+        device = _compute_device(config)
+        try:
+            stats = mp.kld_stats(model.to(device), modules, tokens.to(device), fake, config.bits, progress)
+        finally:
+            model.to("cpu")
     else:
         stats = {name: mp.weight_stats(algorithm, m.weight.data, fake, config.bits) for name, m in modules.items()}
     numels = {name: m.weight.numel() for name, m in modules.items()}
@@ -499,16 +507,45 @@ def _head_gptq(model: Any, xs: list[Any], config: TorchQuantConfig) -> tuple[Any
     if head is None or norm is None or head.weight is embedding.weight or head.bias is not None \
             or head.weight.shape[1] % config.group_size:
         return None
-    k = head.weight.shape[1]
-    h, count = torch.zeros(k, k), 0
+    k, device = head.weight.shape[1], xs[0].device
+    h, count = torch.zeros(k, k, device=device), 0
+    norm.to(device)
     with torch.no_grad():
         for x in xs:
             y = norm(x).reshape(-1, k).float()
             h += y.T @ y
             count += y.shape[0]
+    norm.to("cpu")
     node_logger().info("lm_head: GPTQ at %d bits on the final norm's outputs", config.head_bits)
-    return gptq(head.weight.data, 2 * h / max(count, 1), config.head_bits or 8, config.group_size, config.symmetric,
-                config.damp, search=config.clip_search)
+    q, s, z = gptq(head.weight.data.to(device), 2 * h / max(count, 1), config.head_bits or 8, config.group_size,
+                   config.symmetric, config.damp, search=config.clip_search)
+    return q.cpu(), s.cpu(), z.cpu()
+
+
+def _compute_device(config: TorchQuantConfig) -> str:
+    """cuda on a GPU pool's node (the layers visit the GPU one at a time), else cpu; a GPU node whose torch
+    has no CUDA says so and runs on the CPU."""
+    import torch
+
+    if config.placement != "gpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        node_logger().info("%s on %s", config.algorithm.upper(), torch.cuda.get_device_name())
+        return "cuda"
+    node_logger().warning("quantize-torch placed on the GPU pool, but this torch has no CUDA: running on the CPU "
+                          "(install the CUDA build of torch on GPU workers)")
+    return "cpu"
+
+
+def _to(value: Any, device: str) -> Any:
+    """Tensors in (nested lists, tuples and dicts of) ``value`` moved to ``device``."""
+    if hasattr(value, "to") and hasattr(value, "device"):
+        return value.to(device)
+    if isinstance(value, list | tuple):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 def _quantize_one(w: Any, h: Any, bits: int, config: TorchQuantConfig) -> tuple[Any, Any, Any]:

@@ -47,3 +47,38 @@ def test_cuda_int4_output_is_built_by_the_builder_and_measured_on_the_gpu(tiny_d
     while not generator.is_done():
         generator.generate_next_token()
     assert len(generator.get_sequence(0)) == 16
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _torch_cuda(), reason="needs a CUDA GPU and the CUDA build of torch")
+def test_gptq_on_a_gpu_node_runs_on_cuda_and_matches_the_cpu(tmp_path: Path) -> None:
+    """quantize-torch on the GPU pool takes each decoder layer to CUDA (GPTQ, its Hessians, the kld_gradient
+    scores): the checkpoint it writes is the CPU run's up to float rounding (nearly every integer the same,
+    the same layers at 8 bits), and the GPU run says where it ran."""
+    import torch
+    from safetensors.torch import load_file
+
+    from grove.tasks import quantize_torch as qt
+    from tests import tiny_models
+
+    src = tiny_models.build("llama", tmp_path / "src")
+    outs = {}
+    for placement in ("cpu", "gpu"):
+        out = tmp_path / placement
+        out.mkdir()
+        config = qt.TorchQuantConfig(rotate=True, symmetric=True, clip_search=True, mixed_precision_ratio=0.8,
+                                     calibration_samples=4, calibration_seq_len=64, placement=placement)
+        outs[placement] = (qt._quantize([src], config, out), load_file(str(out / "model.safetensors")))
+    (cpu_stats, cpu), (gpu_stats, gpu) = outs["cpu"], outs["gpu"]
+    assert cpu_stats["layers_8bit"] == gpu_stats["layers_8bit"] and set(cpu) == set(gpu)
+    for name in (n for n in cpu if n.endswith(".qweight")):
+        same = (cpu[name] == gpu[name]).float().mean().item()
+        assert same > 0.9, (name, same)
+    assert gpu_stats["output_error"] == pytest.approx(cpu_stats["output_error"], rel=0.05)
+    assert torch.cuda.max_memory_allocated() > 0, "the work ran on the GPU"

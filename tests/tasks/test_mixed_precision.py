@@ -156,7 +156,7 @@ def test_kld_gradient_without_the_memory_for_its_copy_is_one_clear_error(tmp_pat
     model = AutoModelForCausalLM.from_pretrained(str(_tiny_llama(tmp_path)), dtype=torch.float32)
     modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     assert (mp.available_bytes() or 0) > 1e8, "this machine's MemAvailable is read"
-    monkeypatch.setattr(mp, "available_bytes", lambda: 1000)
+    monkeypatch.setattr(mp, "available_bytes", lambda _device="cpu": 1000)
     with pytest.raises(InvalidRequest, match=r"kld_gradient needs 0\.0 GB more memory .* choose "
                                              "--mixed_precision_algorithm snr or output_error"):
         mp.kld_stats(model, modules, torch.zeros(1, 8, dtype=torch.long), qt.fake_quantize(32, False), 4)

@@ -306,3 +306,14 @@ def test_rotate_needs_gptq_and_changes_the_key_only_when_on() -> None:
     assert "rotate" not in qt.TorchQuantConfig().recipe() and qt.TorchQuantConfig(rotate=True).recipe()["rotate"]
     with pytest.raises(ValidationError, match="--rotate: for a decoder, calibration is GPTQ's; pass --int4_algorithm"):
         AutoOptRequest(model_name_or_path="m", output_path="o", rotate=True)
+
+
+def test_a_gpu_node_without_cuda_in_its_torch_says_so_and_runs_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine's torch has CUDA: tests/tasks/test_gpu.py runs the GPU path")
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        assert qt._compute_device(qt.TorchQuantConfig(placement="gpu")) == "cpu"
+    assert "placed on the GPU pool, but this torch has no CUDA: running on the CPU" in caplog.text
+    assert qt._compute_device(qt.TorchQuantConfig()) == "cpu"
