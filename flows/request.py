@@ -122,7 +122,7 @@ class AutoOptRequest(OptRequestBase):
                                          "8 bits instead of 4 (Olive's customized_weight_config)")
     rotate: bool = Field(False, description="gptq: rotate the weights first by a random Hadamard matrix "
                          "(QuaRot's offline rotations, Olive's QuaRot pass: the same function, smaller outliers "
-                         "to round; llama, mistral, qwen2 and qwen3 families)")
+                         "to round; llama, mistral, qwen2, qwen3 and phi3 families)")
     clip_search: bool = Field(False, description="gptq: each group's range shrunk to the factor (1.0 to 0.6) with "
                               "the least rounding error instead of its min and max (GPTQ's mse option; SmolLM2, "
                               "rotated, symmetric: perplexity 1.048x fp32 instead of 1.055x; ~15% longer)")

@@ -16,7 +16,8 @@ This is written here because no maintained library offers these rotations for pl
 without CUDA kernels: QuaRot's and SpinQuant's code bases rotate inside their own model classes with
 fast-Hadamard CUDA extensions.
 
-Only RMSNorm decoders are supported (llama, mistral, qwen2, qwen3): a LayerNorm subtracts the mean
+Only RMSNorm decoders are supported (llama, mistral, qwen2, qwen3, and phi3, whose q/k/v and gate/up
+projections are each one fused linear: its value rows are a slice of qkv_proj's): a LayerNorm subtracts the mean
 and adds a bias, which do not commute with a rotation without rewriting the model, and Gemma's norm
 scales by (1 + w) on a scaled embedding."""
 
@@ -31,16 +32,17 @@ __all__ = ["SUPPORTED", "hadamard", "orthogonal", "rotate_model"]
 
 # config.model_type of the decoders whose layers are the llama layout with RMSNorm (qwen2: q/k/v biases;
 # qwen3: per-head q/k norms after q_proj/k_proj, which a rotation of their inputs leaves alone).
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 _REASONS = {  # why some well-known families are refused, beyond "not in the list"
     "gemma": "its norm scales by (1 + w) and its embedding is scaled by sqrt(hidden)",
     "gemma2": "its norm scales by (1 + w), with norms after attention and the MLP too",
     "gemma3_text": "its norm scales by (1 + w), with norms after attention and the MLP too",
-    "phi3": "its attention and MLP inputs are fused (qkv_proj, gate_up_proj)",
 }
-_READ_ATTN = ("q_proj", "k_proj", "v_proj")  # read input_layernorm's output
-_READ_MLP = ("gate_proj", "up_proj")  # read post_attention_layernorm's output
+# The linears that read input_layernorm's output (q, k, v; phi3's fused qkv_proj) and post_attention_layernorm's
+# (gate, up; phi3's gate_up_proj): a layer has one spelling or the other.
+_READ_ATTN = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
+_READ_MLP = (("gate_proj", "up_proj"), ("gate_up_proj",))
 _MAX_PALEY = 1024  # the largest Paley order tried: larger ones are rare in hidden sizes and slow to check
 _CHUNK = 4096  # rows (or columns) rotated at a time: float64 copies of a whole lm_head would be gigabytes
 
@@ -80,7 +82,8 @@ def rotate_model(model: Any, *, seed: int = 0, mode: Literal["hadamard", "random
         "r1": r1_kind,
         "r2": r2_kind,
         "untied_lm_head": untied,
-        "rotated": ["embed_tokens", *_READ_ATTN, "o_proj", *_READ_MLP, "down_proj", "lm_head"],
+        "rotated": ["embed_tokens", *_names(parts["layers"][0].self_attn, _READ_ATTN), "o_proj",
+                    *_names(parts["layers"][0].mlp, _READ_MLP), "down_proj", "lm_head"],
         "norms_fused": ["input_layernorm", "post_attention_layernorm", "norm"],
     }
 
@@ -112,8 +115,9 @@ def _parts(model: Any) -> dict[str, Any]:
     for i, layer in enumerate(layers):
         _check_norm(layer.input_layernorm, f"layers.{i}.input_layernorm", arch)
         _check_norm(layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm", arch)
-        for name, module in [*((n, getattr(layer.self_attn, n, None)) for n in (*_READ_ATTN, "o_proj")),
-                             *((n, getattr(layer.mlp, n, None)) for n in (*_READ_MLP, "down_proj"))]:
+        for name, module in [*((n, getattr(layer.self_attn, n, None)) for n in (*_names(layer.self_attn, _READ_ATTN),
+                                                                              "o_proj")),
+                             *((n, getattr(layer.mlp, n, None)) for n in (*_names(layer.mlp, _READ_MLP), "down_proj"))]:
             if not isinstance(module, torch.nn.Linear) or not module.weight.is_floating_point():
                 raise InvalidRequest(f"cannot rotate {arch}: layers.{i}.{name} is not a plain floating-point "
                                      "Linear (already quantized?)")
@@ -123,7 +127,27 @@ def _parts(model: Any) -> dict[str, Any]:
             raise InvalidRequest(f"cannot rotate {arch}: its layers have different head sizes")
         head_dim = dim
     return {"embed": decoder.embed_tokens, "layers": list(layers), "norm": decoder.norm, "lm_head": lm_head,
-            "head_dim": int(head_dim or 0)}
+            "head_dim": int(head_dim or 0), "config": config}
+
+
+def _names(block: Any, spellings: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
+    """The spelling of ``block``'s input linears that it has (the separate ones, else the fused one)."""
+    return next((names for names in spellings if all(hasattr(block, n) for n in names)), spellings[0])
+
+
+def _readers(block: Any, spellings: tuple[tuple[str, ...], ...]) -> list[Any]:
+    return [getattr(block, n) for n in _names(block, spellings)]
+
+
+def _values(attn: Any, config: Any, head_dim: int) -> tuple[Any, slice]:
+    """The linear whose output rows are the values, and which rows: v_proj's all, or qkv_proj's last
+    (num_key_value_heads x head_dim) after the queries' and keys'."""
+    if hasattr(attn, "v_proj"):
+        return attn.v_proj, slice(None)
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    start = (heads + kv) * head_dim
+    return attn.qkv_proj, slice(start, start + kv * head_dim)
 
 
 def _check_norm(norm: Any, name: str, arch: str) -> None:
@@ -156,8 +180,8 @@ def _fuse_norms(parts: dict[str, Any]) -> None:
     """W (w * x_hat) = (W diag(w)) x_hat: each norm's scale moves into the columns of the layers that
     read it, and the norm keeps only x / rms(x), which a rotation of x does not change."""
     for layer in parts["layers"]:
-        _fold(layer.input_layernorm, [getattr(layer.self_attn, n) for n in _READ_ATTN])
-        _fold(layer.post_attention_layernorm, [getattr(layer.mlp, n) for n in _READ_MLP])
+        _fold(layer.input_layernorm, _readers(layer.self_attn, _READ_ATTN))
+        _fold(layer.post_attention_layernorm, _readers(layer.mlp, _READ_MLP))
     _fold(parts["norm"], [parts["lm_head"]])
 
 
@@ -175,7 +199,7 @@ def _rotate_residual(parts: dict[str, Any], q: Any) -> None:
     weights W Q (W is [out, in]), the writers' weights and biases Q^T W and Q^T b."""
     _right(parts["embed"].weight, q)
     for layer in parts["layers"]:
-        for linear in [*(getattr(layer.self_attn, n) for n in _READ_ATTN), *(getattr(layer.mlp, n) for n in _READ_MLP)]:
+        for linear in [*_readers(layer.self_attn, _READ_ATTN), *_readers(layer.mlp, _READ_MLP)]:
             _right(linear.weight, q)
         for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
             _left(linear.weight, q)
@@ -190,11 +214,12 @@ def _rotate_heads(parts: dict[str, Any], h: Any) -> None:
     H for all heads makes grouped-query attention exact: a kv head and each query head reading it agree."""
     d = h.shape[0]
     for layer in parts["layers"]:
-        v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
-        w = v.weight.double().reshape(-1, d, v.weight.shape[1])  # [kv heads, head_dim, hidden]
-        v.weight.copy_((h.T @ w).reshape(v.weight.shape).to(v.weight.dtype))
+        (v, rows), o = _values(layer.self_attn, parts["config"], d), layer.self_attn.o_proj
+        values = v.weight[rows]
+        w = values.double().reshape(-1, d, values.shape[1])  # [kv heads, head_dim, hidden]
+        v.weight[rows] = (h.T @ w).reshape(values.shape).to(v.weight.dtype)
         if v.bias is not None:
-            v.bias.copy_((v.bias.double().reshape(-1, d) @ h).reshape(-1).to(v.bias.dtype))
+            v.bias[rows] = (v.bias[rows].double().reshape(-1, d) @ h).reshape(-1).to(v.bias.dtype)
         w = o.weight.double().reshape(o.weight.shape[0], -1, d)  # [hidden, heads, head_dim]
         o.weight.copy_((w @ h).reshape(o.weight.shape).to(o.weight.dtype))
 

@@ -427,9 +427,10 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
         if module in quantized:
             if name.endswith(".weight"):
                 q, s, z, bits = quantized[module]
-                yield f"{module}.qweight", pack(q, bits)
-                yield f"{module}.scales", s.to(torch.float32).contiguous()
-                yield f"{module}.qzeros", pack(z, bits)
+                for part, rows in _builder_names(module, q.shape[0], model):
+                    yield f"{part}.qweight", pack(q[rows], bits)
+                    yield f"{part}.scales", s[rows].to(torch.float32).contiguous()
+                    yield f"{part}.qzeros", pack(z[rows], bits)
             else:
                 yield name, tensor.contiguous()
         elif name == "lm_head.weight" and config.head_bits is not None:
@@ -446,8 +447,9 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
         yield "lm_head.qweight", pack(q, config.head_bits)
         yield "lm_head.scales", s.contiguous()
         yield "lm_head.qzeros", pack(z, config.head_bits)
-    yield "__stats__", {"layers_quantized": len(quantized), "layers_8bit": sorted(n for n, v in quantized.items()
-                                                                                  if v[3] == 8),
+    yield "__stats__", {"layers_quantized": len(quantized),
+                        "layers_8bit": sorted(part for n, v in quantized.items() if v[3] == 8
+                                              for part, _ in _builder_names(n, v[0].shape[0], model)),
                         "tied": bool(getattr(model.config, "tie_word_embeddings", False)),
                         "lm_head": None if config.head_bits is None else "gptq" if head else "rtn",
                         "output_error": round(errors[config.algorithm], 6), "calibration": where,
@@ -520,6 +522,24 @@ def _head_gptq(model: Any, xs: list[Any], config: TorchQuantConfig) -> tuple[Any
     q, s, z = gptq(head.weight.data.to(device), 2 * h / max(count, 1), config.head_bits or 8, config.group_size,
                    config.symmetric, config.damp, search=config.clip_search)
     return q.cpu(), s.cpu(), z.cpu()
+
+
+def _builder_names(module: str, rows: int, model: Any) -> list[tuple[str, slice]]:
+    """The names (and rows) a quantized linear is written under: phi3's fused qkv_proj and gate_up_proj
+    as the q/k/v and gate/up the builder splits them into anyway, because onnxruntime-genai 0.18 splits a
+    fused layer's packed Olive zero points at the packed row count (intermediate_size / 2 for 4 bits), which
+    gives gate_proj and up_proj zero points of the wrong size (onnxruntime refuses the graph)."""
+    parent, _, leaf = module.rpartition(".")
+    if leaf == "gate_up_proj":
+        return [(f"{parent}.gate_proj", slice(0, rows // 2)), (f"{parent}.up_proj", slice(rows // 2, rows))]
+    if leaf == "qkv_proj":
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        q = config.num_attention_heads * head_dim
+        kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+        return [(f"{parent}.q_proj", slice(0, q)), (f"{parent}.k_proj", slice(q, q + kv)),
+                (f"{parent}.v_proj", slice(q + kv, rows))]
+    return [(module, slice(None))]
 
 
 def _compute_device(config: TorchQuantConfig) -> str:

@@ -106,13 +106,20 @@ def _dequantized_model(src: Path, checkpoint: Path) -> torch.nn.Module:
     config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
     tensors = load_file(str(checkpoint / "model.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # written apart
     for name, module in model.named_modules():
-        if f"{name}.qweight" in tensors:
-            bits = (config["overrides"] or {}).get(name, {}).get("bits", config["bits"])
-            q = _unpack(tensors[f"{name}.qweight"], bits, module.weight.shape[1])
-            z = _unpack(tensors[f"{name}.qzeros"], bits, tensors[f"{name}.scales"].shape[1])
-            group = module.weight.shape[1] // tensors[f"{name}.scales"].shape[1]
-            module.weight.data = qt.dequantize(q.float(), tensors[f"{name}.scales"], z.float(), group)
+        parent, _, leaf = name.rpartition(".")
+        parts = [name] if f"{name}.qweight" in tensors else [f"{parent}.{p}" for p in fused.get(leaf, ())]
+        if not parts or not all(f"{part}.qweight" in tensors for part in parts):
+            continue
+        rows = []
+        for part in parts:
+            bits = (config["overrides"] or {}).get(part, {}).get("bits", config["bits"])
+            q = _unpack(tensors[f"{part}.qweight"], bits, module.weight.shape[1])
+            z = _unpack(tensors[f"{part}.qzeros"], bits, tensors[f"{part}.scales"].shape[1])
+            group = module.weight.shape[1] // tensors[f"{part}.scales"].shape[1]
+            rows.append(qt.dequantize(q.float(), tensors[f"{part}.scales"], z.float(), group))
+        module.weight.data = torch.cat(rows)
     return model.eval()
 
 
@@ -124,6 +131,7 @@ def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(("family", "symmetric"), [
     ("llama", False), ("qwen2", False),  # an lm_head of its own; one tied to the embedding
+    ("phi3", False),  # fused qkv_proj and gate_up_proj, written as the q/k/v and gate/up the builder reads
     ("qwen2", True)])  # symmetric groups with signed scales, searched ranges, the tied 8-bit table too
 def test_the_builder_writes_the_checkpoints_integers_and_genai_runs_them(family: str, symmetric: bool,
                                                                         tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
@@ -138,7 +146,7 @@ def test_the_builder_writes_the_checkpoints_integers_and_genai_runs_them(family:
     onnx_dir.mkdir()
     stats = qt._quantize([src], qt.TorchQuantConfig(**CONFIG, symmetric=symmetric, clip_search=symmetric),
                          checkpoint)
-    assert stats["layers_quantized"] == 14 and "GPL-3" in stats["calibration"]
+    assert stats["layers_quantized"] == (8 if family == "phi3" else 14) and "GPL-3" in stats["calibration"]
     # a head of its own is GPTQ's too; one tied to the embedding keeps round to nearest (the embedding reads it)
     assert stats["lm_head"] == ("rtn" if family == "qwen2" else "gptq"), stats
     _capture([checkpoint], CaptureConfig(precision="int4"), onnx_dir)
@@ -254,7 +262,7 @@ def test_a_missing_calibration_file_stops_auto_opt_before_any_work(tiny_dir, tmp
     assert not (tmp_path / "out").exists() and not any(Path(store).rglob("manifest.json"))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # an lm_head of its own; one tied to the embedding
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])  # an lm_head of its own; one tied; fused projections
 def test_rotating_first_lowers_the_int4_error_of_weights_with_outlier_channels(family: str, tmp_path: Path) -> None:
     """QuaRot before GPTQ (--rotate) on a tiny decoder whose linear layers have outlier input channels,
     as trained LLMs do: the rotated checkpoint is the same function (the builder captures it as it is,

@@ -58,6 +58,11 @@ CASES = {  # name: (family, config overrides, mode, expected R1 kind, expected R
     "qwen2-biases-tied": ("qwen2", dict(tie_word_embeddings=True), "hadamard", "hadamard", "hadamard"),
     "qwen3-qk-norms": ("qwen3", dict(head_dim=16, tie_word_embeddings=True), "hadamard", "hadamard", "hadamard"),
     "mistral": ("mistral", dict(sliding_window=None), "hadamard", "hadamard", "hadamard"),
+    # fused qkv_proj (the values its last rows) and gate_up_proj; tied, as Phi-4-mini; partial rotary too
+    "phi3-fused": ("phi3", dict(tie_word_embeddings=True, original_max_position_embeddings=64), "hadamard",
+                   "hadamard", "hadamard"),
+    "phi3-partial-rotary": ("phi3", dict(partial_rotary_factor=0.5, original_max_position_embeddings=64),
+                            "hadamard", "hadamard", "hadamard"),
     # 96 = 8 x 12: Sylvester's 8 kron Paley's 12; head_dim 24 = Paley's (p = 23)
     "llama-96": ("llama", dict(hidden_size=96), "hadamard", "hadamard", "hadamard"),
     # 90 = 2 x 45 and head_dim 30: no Hadamard matrix of either order exists, so random orthogonal ones
