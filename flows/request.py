@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grove.store import default_store_uri
-from grove.tasks._choices import Int4Algorithm
+from grove.tasks._choices import Int4Algorithm, MixedPrecisionAlgorithm
 
 if TYPE_CHECKING:  # the nodes import Prefect: imported where a request is split into their configs
     from grove.tasks.capture_onnx import CaptureConfig
@@ -109,9 +109,7 @@ class AutoOptRequest(OptRequestBase):
                                                 "layers' weights at 4 bits; the other layers, the most sensitive by "
                                                 "--mixed_precision_algorithm, keep 8 bits (Olive's "
                                                 "SelectiveMixedPrecision ratio)")
-    mixed_precision_algorithm: Literal["output_error", "kld_gradient", "snr", "snr_relative", "iqe", "iqe_relative",
-                                       "high_precision_lm_head", "high_precision_mlp_down",
-                                       "high_precision_mlp_down_qkv"] | None = Field(
+    mixed_precision_algorithm: MixedPrecisionAlgorithm | None = Field(
         None, description="gptq: how the 8-bit layers are chosen: a score ranks them for --mixed_precision_ratio "
         "(kld_gradient, the default: how much the model's next-token distribution moves when the layer is at 4 "
         "bits, from the gradient of that divergence on the calibration text; Olive's snr, snr_relative, iqe, "

@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
+from grove.tasks._choices import MixedPrecisionAlgorithm
 
 __all__ = ["TorchQuantConfig", "gptq", "output_stats", "quantize_torch", "rtn"]
 
@@ -58,9 +59,7 @@ class TorchQuantConfig(StepConfig):
     mixed_precision_ratio: float | None = Field(None, gt=0, le=1, description="share of the decoder's linear "
                                                 "layers' weights kept at `bits`; the most sensitive others keep 8 "
                                                 "bits (Olive's SelectiveMixedPrecision ratio)")
-    mixed_precision_algorithm: Literal["output_error", "kld_gradient", "snr", "snr_relative", "iqe", "iqe_relative",
-                                       "high_precision_lm_head", "high_precision_mlp_down",
-                                       "high_precision_mlp_down_qkv"] | None = Field(
+    mixed_precision_algorithm: MixedPrecisionAlgorithm | None = Field(
         None, description="how the 8-bit layers are chosen (tasks/_mixed_precision.py): a score, with "
         "mixed_precision_ratio (default kld_gradient), or a fixed high_precision_* heuristic, without")
     rotate: bool = Field(False, description="rotate the weights first (QuaRot's offline Hadamard rotations, "

@@ -137,6 +137,11 @@ def test_each_score_keeps_a_layer_with_outliers_at_8_bits_in_the_graph(tmp_path:
 
 
 def test_a_heuristic_needs_no_ratio_and_a_score_needs_one() -> None:
+    from typing import get_args
+
+    from grove.tasks._choices import MixedPrecisionAlgorithm
+
+    assert set(get_args(MixedPrecisionAlgorithm)) == {*mp.SCORED, *mp.HEURISTICS} == set(mp._RANK) | set(mp.HEURISTICS)
     with pytest.raises(ValueError, match="picks its layers by position"):
         qt.TorchQuantConfig(mixed_precision_algorithm="high_precision_mlp_down", mixed_precision_ratio=0.5)
     with pytest.raises(ValueError, match="ranks the layers"):
