@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from grove.flows.request import local_output_path
 from grove.store import default_store_uri
 
 __all__ = ["BenchmarkRequest"]
@@ -41,12 +42,7 @@ class BenchmarkRequest(BaseModel):
                                     "architectures only")
     store: str = Field(default_factory=default_store_uri, description="artifact store URI (file path or s3://)")
 
-    @field_validator("output_path")
-    @classmethod
-    def _output_path(cls, value: str | None) -> str | None:
-        from grove.flows.request import local_output_path  # imports the nodes (and Prefect): not at the CLI's start
-
-        return None if value is None else str(local_output_path(value))
+    _output_path = field_validator("output_path")(local_output_path)
 
     @field_validator("task_definitions")
     @classmethod

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grove.errors import InvalidRequest
+from grove.flows.request import local_output_path
 from grove.store import default_store_uri
 
 __all__ = ["FinetuneRequest", "split_rows", "training_arguments"]
@@ -74,12 +75,7 @@ class FinetuneRequest(BaseModel):
     checkpoint_steps: int = Field(50, ge=1, description="steps between checkpoints kept in the store (a killed "
                                   "training resumes from the last)")
 
-    @field_validator("output_path")
-    @classmethod
-    def _output_path(cls, value: str) -> str:
-        from grove.flows.request import local_output_path  # imports the nodes (and Prefect): not at the CLI's start
-
-        return str(local_output_path(value))
+    _output_path = field_validator("output_path")(local_output_path)
 
     @field_validator("training_args")
     @classmethod
