@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -359,6 +360,7 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
     numels: dict[str, int] = {}
     errors = {"gptq": 0.0, "rtn": 0.0}
     quantized: dict[str, tuple[Any, Any, Any, int]] = {}
+    started = time.perf_counter()
     for index, layer in enumerate(layers):
         layer.to(device)
         linears = _linears(layer, f"{prefix}.{index}")
@@ -411,6 +413,9 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
                 linears[name].weight.data = dequantize(q, s, z, config.group_size).to(w.dtype)
         xs = [_run_layer(layer, x, kw) for x, kw in zip(xs, kws, strict=True)]  # the next layer's inputs
         layer.to("cpu")
+        if (index + 1) % max(1, len(layers) // 8) == 0 or index + 1 == len(layers):
+            log.info("%s: decoder layer %d of %d (%.0f s)", "scoring" if config.mixed_precision_ratio is not None
+                     else config.algorithm.upper(), index + 1, len(layers), time.perf_counter() - started)
     if config.mixed_precision_ratio is not None:  # second pass: chosen layers at 8 bits, the rest at `bits`
         from grove.tasks._mixed_precision import promote
 
