@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from grove import __version__
 from grove.store import default_store_uri
+from grove.tasks._choices import MixedPrecisionAlgorithm
 
 __all__ = ["FleetManifest", "FleetModel", "Target", "entry_row", "entry_version", "fleet_entries", "model_version",
            "unchanged_rows"]
@@ -32,8 +33,8 @@ class Target(BaseModel):
     block_size: Literal[16, 32, 64, 128, 256] = 32
     mixed_precision_ratio: float | None = Field(None, gt=0, le=1, description="gptq: share of the linear layers' "
                                                 "weights at 4 bits, the most sensitive others at 8 (auto-opt's flag)")
-    mixed_precision_algorithm: str | None = Field(None, description="gptq: how the 8-bit layers are chosen "
-                                                  "(auto-opt's flag, which checks the name)")
+    mixed_precision_algorithm: MixedPrecisionAlgorithm | None = Field(None, description="gptq: how the 8-bit "
+                                                                      "layers are chosen (auto-opt's flag)")
 
     def versioned(self) -> dict[str, object]:
         """What an entry's version hashes: the fields, those added since versions began left out while unset

@@ -67,6 +67,8 @@ def test_only_changed_models_refresh_and_a_broken_one_fails_alone(tiny_dir, tmp_
      "is invalid: models.0.name: String should match pattern"),
     ("targets: {cpu: {device: cpu}}\nmodels: [{name: a, source: x, targets: [gpu]}]\n",
      "is invalid: top level: model 'a' names unknown target 'gpu'; known: cpu"),
+    ("targets: {cpu: {int4_algorithm: gptq, mixed_precision_algorithm: kld}}\nmodels: []\n",
+     "is invalid: targets.cpu.mixed_precision_algorithm: Input should be 'output_error', 'kld_gradient'"),
     (None, "cannot be read: No such file or directory"),
 ])
 def test_a_bad_manifest_is_one_line_and_exit_2(content: str | None, expected: str, tmp_path: Path,
