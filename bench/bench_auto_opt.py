@@ -53,6 +53,10 @@ ALGORITHMS = {"affine": ["--int4_algorithm", "affine"],
                                          "--head_shortlist", "0"],  # the whole 8-bit head per token
               "gptq-rot-sym-clip-h4": ["--int4_algorithm", "gptq", "--rotate", "--symmetric", "--clip_search",
                                        "--head_bits", "4"],
+              # kld_gradient mixed precision: the recipes' form (asymmetric), and on the fast kernel's grid
+              "gptq-kld": ["--int4_algorithm", "gptq", "--mixed_precision_ratio", "0.65"],
+              "gptq-rot-sym-clip-kld": ["--int4_algorithm", "gptq", "--rotate", "--symmetric", "--clip_search",
+                                        "--mixed_precision_ratio", "0.8"],
               **{f"gptq-rot-mixed{'' if r == '0.5' else '-' + r}": ["--int4_algorithm", "gptq", "--rotate",
                                                                      "--mixed_precision_ratio", r]
                  for r in ("0.5", "0.8", "0.9")}}
