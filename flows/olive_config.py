@@ -932,8 +932,7 @@ def _before_capture(specs: dict[str, _Pass], out: Translation) -> list[str]:
     if mixed and not gptq:
         problems.append(f"passes.{mixed[0]} (SelectiveMixedPrecision): Grove keeps the sensitive layers at 8 bits in "
                         "its GPTQ; add a Gptq pass after it")
-    elif mixed and (smp := specs[mixed[0]]) and isinstance(smp, SelectiveMixedPrecision) \
-            and smp.algorithm == "kld_gradient":
+    elif mixed and cast(SelectiveMixedPrecision, specs[mixed[0]]).algorithm == "kld_gradient":
         out.notes.append(f"{mixed[0]} (SelectiveMixedPrecision): kld_gradient scores the layers on the calibration "
                          "data Grove calibrates GPTQ with (Olive's pass reads wikitext-2 from the hub whatever its "
                          "data config)")

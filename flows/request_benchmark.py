@@ -64,8 +64,9 @@ class BenchmarkRequest(BaseModel):
     def lm_eval(self, include_sha256: str) -> Any:
         from grove.tasks.evaluate_lm import LmEvalConfig
 
-        defined = [d["task"] for d in self.definitions() if d["task"] not in self.tasks]
-        return LmEvalConfig(tasks=[*self.tasks, *defined], task_definitions=self.definitions(), limit=self.limit,
+        definitions = self.definitions()
+        defined = [d["task"] for d in definitions if d["task"] not in self.tasks]
+        return LmEvalConfig(tasks=[*self.tasks, *defined], task_definitions=definitions, limit=self.limit,
                             num_fewshot=self.num_fewshot,
                             batch_size=self.batch_size, max_length=self.max_length,
                             apply_chat_template=self.apply_chat_template,

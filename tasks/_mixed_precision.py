@@ -102,11 +102,9 @@ def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant,
     student = copy.deepcopy(model)
     student.requires_grad_(False)
     copies = dict(student.named_modules())
-    low: dict[str, Any] = {}
     with torch.no_grad():
         for name, module in modules.items():
-            low[name] = fake(module.weight.data, bits).to(module.weight.dtype)
-            copies[name].weight.data = low[name].clone()
+            copies[name].weight.data = fake(module.weight.data, bits).to(module.weight.dtype)
             copies[name].weight.requires_grad_(True)
     windows = tokens.shape[0]
     for i, row in enumerate(tokens):
@@ -121,9 +119,9 @@ def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant,
     stats = {}
     with torch.no_grad():
         for name, module in modules.items():
-            grad = copies[name].weight.grad
+            weight = copies[name].weight  # still the 4-bit values: nothing steps the copy
             high = fake(module.weight.data, 8).float()
-            stats[name] = {"alignment": float((grad.float() * (low[name].float() - high)).sum()) / windows}
+            stats[name] = {"alignment": float((weight.grad.float() * (weight.float() - high)).sum()) / windows}
     del student
     return stats
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from grove.errors import InvalidRequest
 
-__all__ = ["SUPPORTED", "hadamard", "orthogonal", "rotate_model"]
+__all__ = ["SUPPORTED", "hadamard", "orthogonal", "qkv_rows", "rotate_model"]
 
 # config.model_type of the decoders whose layers are the llama layout with RMSNorm (qwen2: q/k/v biases;
 # qwen3: per-head q/k norms after q_proj/k_proj, which a rotation of their inputs leaves alone).
@@ -139,15 +139,20 @@ def _readers(block: Any, spellings: tuple[tuple[str, ...], ...]) -> list[Any]:
     return [getattr(block, n) for n in _names(block, spellings)]
 
 
+def qkv_rows(config: Any, head_dim: int | None = None) -> tuple[slice, slice, slice]:
+    """The query, key and value rows of a fused qkv_proj (phi3's layout: the queries, then the keys, then
+    the values, num_key_value_heads x head_dim each for the last two)."""
+    heads = config.num_attention_heads
+    d = head_dim or getattr(config, "head_dim", None) or config.hidden_size // heads
+    q, kv = heads * d, (getattr(config, "num_key_value_heads", None) or heads) * d
+    return slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)
+
+
 def _values(attn: Any, config: Any, head_dim: int) -> tuple[Any, slice]:
-    """The linear whose output rows are the values, and which rows: v_proj's all, or qkv_proj's last
-    (num_key_value_heads x head_dim) after the queries' and keys'."""
+    """The linear whose output rows are the values, and which rows: v_proj's all, or qkv_proj's last."""
     if hasattr(attn, "v_proj"):
         return attn.v_proj, slice(None)
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    start = (heads + kv) * head_dim
-    return attn.qkv_proj, slice(start, start + kv * head_dim)
+    return attn.qkv_proj, qkv_rows(config, head_dim)[2]
 
 
 def _check_norm(norm: Any, name: str, arch: str) -> None:

@@ -350,11 +350,11 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
                              "decoders; quantize this one after the capture (--int4_algorithm rtn)")
     high = set(config.high_bits_layers)
     algorithm = config.mixed_precision_algorithm
+    device = _compute_device(config)
     if algorithm not in (None, "output_error"):  # chosen up front; output_error needs the layer pass below
-        high = set(_choose_high_bits(model, layers, prefix, tokens, config))
+        high = set(_choose_high_bits(model, layers, prefix, tokens, config, device))
         config = config.model_copy(update={"mixed_precision_ratio": None, "mixed_precision_algorithm": None})
     xs, kws = _layer_inputs(model, layers, tokens)
-    device = _compute_device(config)
     xs, kws = _to(xs, device), _to(kws, device)
     scores: dict[str, dict[str, float]] = {}
     numels: dict[str, int] = {}
@@ -460,7 +460,8 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
                         "calibration_tokens": int(tokens.numel())}
 
 
-def _choose_high_bits(model: Any, layers: Any, prefix: str, tokens: Any, config: TorchQuantConfig) -> tuple[str, ...]:
+def _choose_high_bits(model: Any, layers: Any, prefix: str, tokens: Any, config: TorchQuantConfig,
+                      device: str) -> tuple[str, ...]:
     """The 8-bit layers of an algorithm other than output_error (tasks/_mixed_precision.py), before any
     layer is quantized: a heuristic by position, a weight-only score, or kld_gradient on ``tokens``."""
     from grove.tasks import _mixed_precision as mp
@@ -483,7 +484,6 @@ def _choose_high_bits(model: Any, layers: Any, prefix: str, tokens: Any, config:
             if done % step == 0 or done == total:
                 log.info("kld_gradient: %d of %d calibration windows", done, total)
 
-        device = _compute_device(config)
         try:
             stats = mp.kld_stats(model.to(device), modules, tokens.to(device), fake, config.bits, progress)
         finally:
@@ -537,12 +537,10 @@ def _builder_names(module: str, rows: int, model: Any) -> list[tuple[str, slice]
     if leaf == "gate_up_proj":
         return [(f"{parent}.gate_proj", slice(0, rows // 2)), (f"{parent}.up_proj", slice(rows // 2, rows))]
     if leaf == "qkv_proj":
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        q = config.num_attention_heads * head_dim
-        kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
-        return [(f"{parent}.q_proj", slice(0, q)), (f"{parent}.k_proj", slice(q, q + kv)),
-                (f"{parent}.v_proj", slice(q + kv, rows))]
+        from grove.tasks._rotate import qkv_rows
+
+        return [(f"{parent}.{part}", r) for part, r in zip(("q_proj", "k_proj", "v_proj"), qkv_rows(model.config),
+                                                            strict=True)]
     return [(module, slice(None))]
 
 
