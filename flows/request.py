@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grove.store import default_store_uri
-from grove.tasks._choices import Int4Algorithm, MixedPrecisionAlgorithm
-from grove.tasks._mixed_precision import HEURISTICS
+from grove.tasks._choices import MIXED_PRECISION_HEURISTICS, Int4Algorithm, MixedPrecisionAlgorithm
 
 if TYPE_CHECKING:  # the nodes import Prefect: imported where a request is split into their configs
     from grove.tasks.capture_onnx import CaptureConfig
@@ -193,10 +192,11 @@ class AutoOptRequest(OptRequestBase):
                 and algorithm != "gptq":
             problems.append(f"{', '.join(calibrated)}: for a decoder, calibration is GPTQ's; pass --int4_algorithm "
                             "gptq")
-        if (mixed := self.mixed_precision_algorithm) in HEURISTICS and self.mixed_precision_ratio is not None:
+        mixed, positional = self.mixed_precision_algorithm, MIXED_PRECISION_HEURISTICS
+        if mixed in positional and self.mixed_precision_ratio is not None:
             problems.append(f"--mixed_precision_algorithm {mixed} picks its layers by position: drop "
                             "--mixed_precision_ratio")
-        elif mixed is not None and mixed not in HEURISTICS and self.mixed_precision_ratio is None:
+        elif mixed is not None and mixed not in positional and self.mixed_precision_ratio is None:
             problems.append(f"--mixed_precision_algorithm {mixed} ranks the layers: pass --mixed_precision_ratio "
                             "(the share of weights left at 4 bits, e.g. 0.65)")
         if self.int8_nodes and algorithm != "k_quant":

@@ -37,10 +37,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from grove.tasks._choices import MIXED_PRECISION_HEURISTICS
+
 __all__ = ["HEURISTICS", "OLIVE_ALIASES", "SCORED", "heuristic", "kld_stats", "promote",
            "selected_by_position", "weight_stats"]
 
-HEURISTICS = ("high_precision_lm_head", "high_precision_mlp_down", "high_precision_mlp_down_qkv")
+HEURISTICS = MIXED_PRECISION_HEURISTICS
 WEIGHT_SCORES = ("snr", "snr_relative", "iqe", "iqe_relative")
 SCORED = ("output_error", "kld_gradient", *WEIGHT_SCORES)
 OLIVE_ALIASES = {"k_quant_last": "high_precision_lm_head", "k_quant_down": "high_precision_mlp_down",
