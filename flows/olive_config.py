@@ -166,6 +166,8 @@ class ModelBuilder(_Pass):
                               "k_quant_linear"] | None = Field(
         None, description="the builder's int4 algorithm: rtn, or k_quant, with the int8 layers of its compound "
         "names (_last, _mixed, _linear) noted")
+    int4_op_types_to_quantize: list[str] | None = Field(
+        None, description="the op types whose weights get int4 (`olive optimize` writes MatMul and Gather)")
     metadata_only: bool = Field(False, description="only the genai config for the ONNX model of an earlier "
                                 "OnnxConversion: Grove's builder writes the graph and its config together")
     search: dict[str, Any] | None = Field(None, description="generation defaults: Grove writes its own")
@@ -190,6 +192,14 @@ class ModelBuilder(_Pass):
         evaluation and package read them as the builder writes them by default), and ones the builder
         does not know."""
         problems = []
+        if (ops := self.int4_op_types_to_quantize) is not None:
+            if unknown := [op for op in ops if op not in ("MatMul", "Gather")]:
+                problems.append(f"{where}.int4_op_types_to_quantize: {', '.join(unknown)}: the builder quantizes the "
+                                "weights of MatMul and Gather (the token embedding) only")
+            elif "MatMul" not in ops:
+                problems.append(f"{where}.int4_op_types_to_quantize {ops}: Grove's int4 quantizes every MatMul; a "
+                                "graph with only its embedding at 4 bits (for an NPU's own quantizer after) is not "
+                                "in Grove")
         for key, value in sorted((self.extra_options or {}).items()):
             if key in _BUILDER_SHAPE_OPTIONS and str(value).lower() in ("", "0", "false", "none"):
                 continue  # the builder's default, e.g. the recipes' "exclude_embeds": false
@@ -208,6 +218,10 @@ class ModelBuilder(_Pass):
         notes = [f"{where}: {', '.join(f'{k}={v}' for k, v in sorted(extra.items()))} not used: Grove names the "
                  "graph model.onnx (genai_config.json points at it) and builds with the builder's defaults "
                  "otherwise"] if extra else []
+        if self.int4_op_types_to_quantize:
+            notes.append(f"{where}.int4_op_types_to_quantize {self.int4_op_types_to_quantize}: Grove's int4 quantizes "
+                         "every MatMul, and the token embedding (Gather) as its algorithm does: affine, hqq and gptq "
+                         "as 8-bit blocks (--head_bits), the others not at all")
         if (algo := self.int4_algo_config or "") in _INT8_LAYERS:
             base, head = (("k_quant", "but the lm_head, which keeps full precision") if algo.startswith("k_quant")
                           else ("rtn", "the lm_head included"))

@@ -376,6 +376,9 @@ def test_a_hub_split_that_is_not_there_is_one_clear_error(tmp_path: Path) -> Non
      "--precision int4 --int4_algorithm rtn --block_size 128 --symmetric"),
     ({"mb": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant_mixed"}},
      "--precision int4 --int4_algorithm k_quant"),
+    ({"mb": {"type": "ModelBuilder", "precision": "int4", "int4_block_size": 32, "int4_accuracy_level": 4,
+             "int4_op_types_to_quantize": ["MatMul", "Gather"]}},  # what `olive optimize` writes
+     "--precision int4 --block_size 32 --accuracy_level 4"),
     ({"mb": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant_linear",
              "extra_options": {"filename": "text.onnx", "prune_lm_head": True}}},  # olive-recipes' Qwen3.5
      "--precision int4 --int4_algorithm k_quant --prune_lm_head"),
@@ -598,6 +601,13 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "ModelBuilder", "metadata_only": True}}},
      "passes.m.metadata_only: writes only the genai config of the ONNX model an earlier OnnxConversion made, and "
      "there is none"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "ModelBuilder", "precision": "int4",
+                                                                 "int4_op_types_to_quantize": ["DummyOPType"]}}},
+     "passes.m.int4_op_types_to_quantize: DummyOPType: the builder quantizes the weights of MatMul and Gather (the "
+     "token embedding) only"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "ModelBuilder", "precision": "int4",
+                                                                 "int4_op_types_to_quantize": ["Gather"]}}},
+     "passes.m.int4_op_types_to_quantize ['Gather']: Grove's int4 quantizes every MatMul"),
     ({"input_model": _MODEL, "passes": {"x": {"type": "SparseGPT"}}, "output_dir": "o"},
      "passes x (SparseGPT): not read by Grove, which reads DoRA, ExtractAdapters, Gptq, LoHa, LoKr, LoRA, "
      "MergeAdapterWeights, ModelBuilder, OnnxBlockWiseRtnQuantization"),
@@ -608,7 +618,8 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "passes.s.algorithm: Field required - how the layers are chosen, which Olive requires too: kld_gradient, snr, "
      "snr_relative, iqe or iqe_relative with a ratio, or a high_precision_* heuristic (k_quant_* their former names); "
      "passes.m: int4_block is not an option of ModelBuilder that Grove reads (it reads precision, int4_block_size, "
-     "int4_accuracy_level, int4_is_symmetric, int4_algo_config, metadata_only, search, use_ort_genai, "
+     "int4_accuracy_level, int4_is_symmetric, int4_algo_config, int4_op_types_to_quantize, metadata_only, search, "
+     "use_ort_genai, "
      "use_dynamo_exporter, extra_options, enable_cuda_graph); passes.t: graph surgeries RemoveRopeMultiCache are "
      "not in Grove (it reads TieWordEmbeddings, QuantizeEmbeddingInt8, ShareEmbeddingLmHead)"),
     ({"input_model": _MODEL, "output_dir": "o", "systems": {"s": {"type": "LocalSystem", "accelerators": [
