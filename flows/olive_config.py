@@ -1100,14 +1100,37 @@ _SCORED = {"accuracy_score": "", "accuracy": "", "f1_score": _ENTITY_F1, "f1": _
            "perplexity": ""}  # decoders
 
 
-def _lm_evaluator(config: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any] | None:
-    """The chosen evaluator when it is Olive's LMEvaluator (lm-eval tasks), else None."""
+def _chosen_evaluator(config: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any] | None:
+    """The evaluator the engine names (inline, or by its name among ``evaluators``), if any."""
     name = engine.get("evaluator")
     chosen = name if isinstance(name, dict) else (config.get("evaluators") or {}).get(name) if isinstance(
         name, str) else None
-    if isinstance(chosen, dict) and str(chosen.get("type", "")).lower() == "lmevaluator":
-        return chosen
-    return None
+    return chosen if isinstance(chosen, dict) else None
+
+
+def _evaluator_where(engine: dict[str, Any]) -> str:
+    """How messages name the chosen evaluator: by its key in ``evaluators``, or inline."""
+    return f"evaluators.{engine.get('evaluator')}" if isinstance(engine.get("evaluator"), str) else "evaluator"
+
+
+def _evaluator_kind(chosen: dict[str, Any] | None) -> str:
+    return str((chosen or {}).get("type") or "OliveEvaluator")
+
+
+def _lm_evaluator(config: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any] | None:
+    """The chosen evaluator when it is Olive's LMEvaluator (lm-eval tasks), else None."""
+    chosen = _chosen_evaluator(config, engine)
+    return chosen if _evaluator_kind(chosen).lower() == "lmevaluator" else None
+
+
+def _other_evaluator(chosen: dict[str, Any] | None, where: str) -> str | None:
+    """An evaluator of a kind whose scores Grove does not compute (MTEB's), as the report's note names it."""
+    if (kind := _evaluator_kind(chosen)).lower() in ("oliveevaluator", "lmevaluator"):
+        return None
+    tasks = [str(t) for t in (chosen or {}).get("tasks") or []]
+    return (f"{where} ({kind}{': ' + ', '.join(tasks) if tasks else ''}"
+            + ("; MTEB's benchmark is not in Grove: an encoder's report compares its embeddings with PyTorch's by "
+               "cosine" if kind.lower() == "mtebevaluator" else "") + ")")
 
 
 class LMEvaluator(BaseModel):
@@ -1138,7 +1161,7 @@ def _benchmark(config: dict[str, Any], engine: dict[str, Any], out: Translation,
     """An LMEvaluator as grove benchmark: on the input model for a config with no passes, or (``after``)
     on the passes' output, once auto-opt has written it."""
     chosen = _lm_evaluator(config, engine)
-    where = f"evaluators.{engine.get('evaluator')}" if isinstance(engine.get("evaluator"), str) else "evaluator"
+    where = _evaluator_where(engine)
     try:
         spec = LMEvaluator(**(chosen or {}))
     except ValidationError as exc:
@@ -1175,8 +1198,8 @@ def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, A
     name = engine.get("evaluator")
     if isinstance(name, str) and name not in evaluators:
         raise InvalidRequest(f"evaluator {name!r} is not among evaluators ({', '.join(evaluators) or 'none'})")
-    chosen = name if isinstance(name, dict) else evaluators.get(name) if name else None
-    where = "evaluator" if isinstance(name, dict) else f"evaluators.{name}"
+    chosen = _chosen_evaluator(config, engine)
+    where = _evaluator_where(engine)
     metrics = [m for m in (chosen or {}).get("metrics") or [] if isinstance(m, dict)]
     others: list[str] = []
     labelled: list[tuple[str, object]] = []  # (where, data config) of the accuracy metrics
@@ -1201,6 +1224,8 @@ def _evaluator(config: dict[str, Any], engine: dict[str, Any], data: dict[str, A
                     others.append(f"{sub} ({metric.get('name')}{'; ' + _SCORED[sub] if _SCORED.get(sub) else ''})")
         else:
             others.append(f"{metric.get('name')} ({metric.get('type')})")
+    if other := _other_evaluator(chosen, where):
+        others.append(other)
     sources: dict[_Data, str] = {}  # the data -> the first metric scoring it
     for at, ref in labelled:
         sources.setdefault(_data_source(ref, data, f"{at}.data_config", for_labels=True), at)
@@ -1531,6 +1556,10 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
         lm = _lm_evaluator(config, engine)
         if not _section(config, "passes", "") and lm is not None:
             attempt(_benchmark, config, engine, out, False)  # evaluation only: lm-eval tasks on the input model
+        elif not _section(config, "passes", "") and (other := _other_evaluator(
+                _chosen_evaluator(config, engine), _evaluator_where(engine))):
+            problems.append(f"passes is empty: a config that only evaluates the input model runs in Grove with an "
+                            f"LMEvaluator (lm-eval tasks, grove benchmark), not {other}")
         else:
             attempt(_passes, _section(config, "passes", ""), data, out)
             attempt(_evaluator, config, engine, data, out)

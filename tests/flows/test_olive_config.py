@@ -539,6 +539,27 @@ def test_a_perplexity_metrics_data_config_is_the_decoders_text(tmp_path: Path,
     assert "evaluators.e.metrics[0]: max_samples without max_seq_len: Grove scores the text's first 1024 tokens" in err
 
 
+def test_an_mteb_evaluator_is_named_as_not_computed_not_dropped(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """olive-recipes' embedding configs choose an MTEBEvaluator: after passes the run goes on and the note
+    names it among what Grove does not compute; with no passes (the baseline shape) the config is refused
+    with that reason, not as an empty pass list."""
+    from grove.shell.cli import main
+
+    mteb = {"evaluators": {"mteb": {"type": "MTEBEvaluator", "tasks": ["STS17", "SciFact"], "batch_size": 32}},
+            "evaluator": "mteb"}
+    config = {"input_model": {**_MODEL, "task": "feature-extraction"}, "output_dir": "o", **mteb,
+              "passes": {"q": {"type": "OnnxDynamicQuantization"}}}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    assert ("not computed: evaluators.mteb (MTEBEvaluator: STS17, SciFact; MTEB's benchmark is not in Grove: an "
+            "encoder's report compares its embeddings with PyTorch's by cosine)") in capsys.readouterr().err
+    del config["passes"]
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) != 0
+    err = capsys.readouterr().err
+    assert "passes is empty: a config that only evaluates the input model runs in Grove with an LMEvaluator " \
+           "(lm-eval tasks, grove benchmark), not evaluators.mteb (MTEBEvaluator: STS17, SciFact" in err, err
+
+
 def test_a_text_generation_models_accuracy_metric_is_scored_as_perplexity(tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """A decoder's accuracy metric other than perplexity (e.g. accuracy_score on a data config with
