@@ -9,8 +9,8 @@ SelectiveMixedPrecision algorithms, and Grove's own output error (the quantize-t
 - Four weight-only scores, each from the layer's 4-bit round-to-nearest error (and its 8-bit one for the
   ``_relative`` forms): ``snr`` (signal-to-noise of the weights, dB), ``snr_relative`` (its loss against
   8 bits), ``iqe`` (the worst row's mean squared error) and ``iqe_relative`` (its ratio to 8 bits').
-- ``kld_gradient`` (mlx-lm's dynamic quantization, Olive's default): a copy of the model with every
-  linear layer at 4 bits is run on the calibration windows, the KL divergence of its next-token
+- ``kld_gradient`` (mlx-lm's dynamic quantization, Olive's default): the model with every linear layer
+  at 4 bits is run on the calibration windows, the KL divergence of its next-token
   distribution from the original model's is back-propagated, and each layer scores the first-order
   drop of that divergence were it 8-bit, sum(grad * (W4 - W8)), per million weights.
 - ``output_error`` (Grove's first measure): the layer's 4-bit output error on the calibration inputs,
@@ -31,7 +31,7 @@ algorithms are each a few lines of tensor arithmetic on what quantize-torch alre
 
 from __future__ import annotations
 
-import copy
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -93,39 +93,84 @@ def weight_stats(algorithm: str, w: Any, fake: FakeQuant, bits: int) -> dict[str
 
 def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant, bits: int,
               progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, float]]:
-    """``kld_gradient``'s stats: ``modules`` (name -> the model's nn.Linear) at ``bits`` in a copy of
-    ``model``, the KL divergence of the copy's next-token distribution from the model's on each window
-    of ``tokens`` [windows, seq] back-propagated to those weights; a layer's alignment is the mean
-    gradient dotted with (W_low - W_8bit)."""
+    """``kld_gradient``'s stats: on each window of ``tokens`` [windows, seq], ``model`` is run as it is
+    (the teacher), then with ``modules`` (name -> its nn.Linear) at ``bits`` (the student), and the KL
+    divergence of the student's next-token distribution from the teacher's is back-propagated; a layer's
+    alignment is its weight gradient dotted with (W_low - W_8bit), averaged over the windows.
+
+    No copy of the model: the student is the same model whose scored layers, while it runs, multiply by
+    their low-bit weights (kept at 16 bits, with W_low - W_8bit beside them) in an autograd function whose
+    backward folds the layer's gradient into its alignment at once, so no weight gradient is stored either.
+    Extra memory: two 16-bit tensors per scored weight (an fp32 model's linear layers' size), where a
+    4-bit copy of the model plus its gradients took twice the model's."""
     import torch
     import torch.nn.functional as F  # noqa: N812 - torch's own alias
 
     _check_memory(model, modules)
-    student = copy.deepcopy(model)
-    student.requires_grad_(False)
-    copies = dict(student.named_modules())
+    weight = next(iter(modules.values())).weight
+    store = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    low, delta = {}, {}
     with torch.no_grad():
         for name, module in modules.items():
-            copies[name].weight.data = fake(module.weight.data, bits).to(module.weight.dtype)
-            copies[name].weight.requires_grad_(True)
+            w_low, w_high = fake(module.weight.data, bits), fake(module.weight.data, 8)
+            low[name], delta[name] = w_low.to(store), (w_low.float() - w_high.float()).to(store)
+            del w_low, w_high
+    alignment = dict.fromkeys(modules, 0.0)
+    function = _low_bits_function()
+    anchor = torch.zeros((), device=weight.device, requires_grad=True)  # makes the student's outputs need grads
+
+    def student_forward(name: str, module: Any) -> Callable[[Any], Any]:
+        return lambda x: function.apply(x, anchor, low[name], delta[name], module.bias, name, alignment)
+
+    trained = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)  # no parameter gradient is wanted: the alignments are summed in the backward
     windows = tokens.shape[0]
-    for i, row in enumerate(tokens):
-        with torch.no_grad():
-            teacher = F.log_softmax(model(input_ids=row[None], use_cache=False).logits.float(), -1)
-        logits = student(input_ids=row[None], use_cache=False).logits.float()
-        loss = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="none").sum(-1).mean()
-        loss.backward()  # the gradients add up over the windows
-        del teacher, logits, loss
-        if progress is not None:
-            progress(i + 1, windows)
-    stats = {}
-    with torch.no_grad():
-        for name, module in modules.items():
-            weight = copies[name].weight  # still the 4-bit values: nothing steps the copy
-            high = fake(module.weight.data, 8).float()
-            stats[name] = {"alignment": float((weight.grad.float() * (weight.float() - high)).sum()) / windows}
-    del student
-    return stats
+    try:
+        for i, row in enumerate(tokens):
+            with torch.no_grad():
+                teacher = F.log_softmax(model(input_ids=row[None], use_cache=False).logits.float(), -1)
+            for name, module in modules.items():  # an instance attribute: nn.Module.__call__ calls it
+                module.forward = student_forward(name, module)
+            try:
+                logits = model(input_ids=row[None], use_cache=False).logits.float()
+            finally:
+                for module in modules.values():
+                    del module.forward  # the class's forward again
+            loss = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="none").sum(-1).mean()
+            loss.backward()
+            del teacher, logits, loss
+            if progress is not None:
+                progress(i + 1, windows)
+    finally:
+        for parameter, flag in trained.items():
+            parameter.requires_grad_(flag)
+    return {name: {"alignment": value / windows} for name, value in alignment.items()}
+
+
+@functools.cache
+def _low_bits_function() -> Any:
+    """y = x W_low^T (+ bias) whose backward adds (dL/dW) . (W_low - W_8bit) to the layer's alignment, with
+    dL/dW = g^T x of this window, computed and dropped one layer at a time."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812 - torch's own alias
+
+    class LowBits(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, anchor: Any, low: Any, delta: Any, bias: Any, name: str,
+                    sink: dict[str, float]) -> Any:
+            ctx.save_for_backward(x)
+            ctx.low, ctx.delta, ctx.name, ctx.sink = low, delta, name, sink
+            return F.linear(x, low.to(x.dtype), bias)
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> tuple[Any, ...]:
+            (x,) = ctx.saved_tensors
+            grad_w = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+            ctx.sink[ctx.name] += float((grad_w * ctx.delta.float()).sum())
+            grad_x = g @ ctx.low.to(g.dtype) if ctx.needs_input_grad[0] else None
+            return grad_x, None, None, None, None, None, None
+
+    return LowBits
 
 
 def available_bytes(device: str = "cpu") -> int | None:
@@ -145,19 +190,19 @@ def available_bytes(device: str = "cpu") -> int | None:
 
 
 def _check_memory(model: Any, modules: dict[str, Any]) -> None:
-    """kld_gradient holds a second copy of the model and a gradient per scored weight: one clear error
-    before the copy, rather than the kernel's OOM kill halfway through."""
+    """kld_gradient holds two 16-bit tensors per scored weight (its low-bit weights, their distance to 8
+    bits): one clear error before they are made, rather than the kernel's OOM kill halfway through."""
     from grove.errors import InvalidRequest
 
     device = str(next(model.parameters()).device)
-    copy_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    grad_bytes = sum(m.weight.numel() * m.weight.element_size() for m in modules.values())
-    need, free = copy_bytes + grad_bytes, available_bytes(device)
+    need = sum(m.weight.numel() * 2 * 2 for m in modules.values())
+    free = available_bytes(device)
     if free is not None and need > free:
         where = "this machine has" if device == "cpu" else f"{device} has"
-        raise InvalidRequest(f"kld_gradient needs {need / 1e9:.1f} GB more memory (a 4-bit copy of the model and "
-                             f"its layers' gradients) and {where} {free / 1e9:.1f} GB free: choose "
-                             "--mixed_precision_algorithm snr or output_error (no copy), or a machine with more memory")
+        raise InvalidRequest(f"kld_gradient needs {need / 1e9:.1f} GB more memory (its layers' 4-bit weights and "
+                             f"their distance to 8 bits, at 16 bits) and {where} {free / 1e9:.1f} GB free: choose "
+                             "--mixed_precision_algorithm snr or output_error (nothing held), or a machine with more "
+                             "memory")
 
 
 def _sum(stats: list[dict[str, float]]) -> dict[str, float]:

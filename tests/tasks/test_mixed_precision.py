@@ -110,6 +110,42 @@ def test_kld_gradient_predicts_which_layer_at_8_bits_lowers_the_divergence_most(
     assert rank > 0.9, (rank, predicted, real)
 
 
+def test_kld_gradient_without_a_copy_matches_autograd_on_a_4_bit_copy(tmp_path: Path) -> None:
+    """The alignments, computed in place (16-bit low weights, each layer's gradient folded in during the
+    backward), against the plain way: a deep copy with 4-bit weights whose weight gradients autograd sums
+    over the windows. The model is left as it was: same outputs, same requires_grad, no gradients."""
+    import torch.nn.functional as F  # noqa: N812
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(_tiny_llama(tmp_path)), dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (3, 48), generator=torch.Generator().manual_seed(1))
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    fake = qt.fake_quantize(32, False)
+    before = model(input_ids=tokens[:1]).logits.detach()
+
+    student = copy.deepcopy(model)
+    copies = dict(student.named_modules())
+    student.requires_grad_(False)
+    for name, module in modules.items():
+        copies[name].weight.data = fake(module.weight.data, 4)
+        copies[name].weight.requires_grad_(True)
+    for row in tokens:
+        with torch.no_grad():
+            teacher = F.log_softmax(model(input_ids=row[None]).logits, -1)
+        F.kl_div(F.log_softmax(student(input_ids=row[None]).logits, -1), teacher, log_target=True,
+                 reduction="none").sum(-1).mean().backward()
+    expected = {n: float((copies[n].weight.grad * (copies[n].weight.data - fake(m.weight.data, 8))).sum()) / len(tokens)
+                for n, m in modules.items()}
+
+    got = {n: s["alignment"] for n, s in mp.kld_stats(model, modules, tokens, fake, 4).items()}
+    scale = max(abs(v) for v in expected.values())  # the 16-bit low weights: 0.08% of it measured
+    assert all(abs(got[n] - expected[n]) <= 0.005 * scale for n in modules), (got, expected)
+    assert sorted(modules, key=got.__getitem__) == sorted(modules, key=expected.__getitem__)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert all("forward" not in m.__dict__ for m in modules.values())
+    assert torch.equal(model(input_ids=tokens[:1]).logits.detach(), before)
+
+
 @pytest.mark.parametrize("algorithm", ["output_error", "snr", "iqe", "kld_gradient"])
 def test_each_score_keeps_a_layer_with_outliers_at_8_bits_in_the_graph(tmp_path: Path, algorithm: str) -> None:
     """A tiny llama whose layer-1 down_proj has outlier weights: the score ranks it first, it keeps 8
@@ -152,8 +188,9 @@ def test_a_heuristic_needs_no_ratio_and_a_score_needs_one() -> None:
 
 def test_kld_gradient_without_the_memory_for_its_copy_is_one_clear_error(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A machine with less free memory than the 4-bit copy and its gradients: one error naming the need
-    and the way out, before the copy is made (not the kernel's OOM kill halfway through)."""
+    """A machine with less free memory than kld_gradient's 16-bit low weights and their distance to 8
+    bits: one error naming the need and the way out, before they are made (not the kernel's OOM kill
+    halfway through)."""
     from transformers import AutoModelForCausalLM
 
     from grove.errors import InvalidRequest
