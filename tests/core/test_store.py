@@ -291,7 +291,9 @@ def test_a_timing_says_how_much_cpu_other_processes_used_meanwhile(tmp_path: Pat
         spinner.kill()
         spinner.wait()
     busy, cpus = load["cpu_busy_elsewhere"], os.cpu_count() or 1
-    assert busy is not None and 0.6 / cpus <= busy <= 1.5 / cpus, (busy, cpus)
+    # the spinner is 1 / cpus; counting our own loop too would be 2 / cpus. The margin above 1 / cpus is
+    # for whatever else the machine runs meanwhile (the test server, a neighbour): 0.755 seen on a busy box
+    assert busy is not None and 0.6 / cpus <= busy <= 1.7 / cpus, (busy, cpus)
 
 
 def test_grove_processes_ask_glibc_for_transparent_huge_pages() -> None:
