@@ -115,7 +115,7 @@ def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant,
             w_low, w_high = fake(module.weight.data, bits), fake(module.weight.data, 8)
             low[name], delta[name] = w_low.to(store), (w_low.float() - w_high.float()).to(store)
             del w_low, w_high
-    alignment = dict.fromkeys(modules, 0.0)
+    alignment: dict[str, Any] = dict.fromkeys(modules, 0.0)  # 0-d tensors once a backward has run
     function = _low_bits_function()
     anchor = torch.zeros((), device=weight.device, requires_grad=True)  # makes the student's outputs need grads
 
@@ -144,7 +144,7 @@ def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant,
     finally:
         for parameter, flag in trained.items():
             parameter.requires_grad_(flag)
-    return {name: {"alignment": value / windows} for name, value in alignment.items()}
+    return {name: {"alignment": float(value) / windows} for name, value in alignment.items()}
 
 
 @functools.cache
@@ -157,7 +157,7 @@ def _low_bits_function() -> Any:
     class LowBits(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, x: Any, anchor: Any, low: Any, delta: Any, bias: Any, name: str,
-                    sink: dict[str, float]) -> Any:
+                    sink: dict[str, Any]) -> Any:
             ctx.save_for_backward(x)
             ctx.low, ctx.delta, ctx.name, ctx.sink = low, delta, name, sink
             return F.linear(x, low.to(x.dtype), bias)
@@ -166,7 +166,7 @@ def _low_bits_function() -> Any:
         def backward(ctx: Any, g: Any) -> tuple[Any, ...]:
             (x,) = ctx.saved_tensors
             grad_w = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-            ctx.sink[ctx.name] += float((grad_w * ctx.delta.float()).sum())
+            ctx.sink[ctx.name] = ctx.sink[ctx.name] + (grad_w * ctx.delta.float()).sum()  # no device sync here
             grad_x = g @ ctx.low.to(g.dtype) if ctx.needs_input_grad[0] else None
             return grad_x, None, None, None, None, None, None
 
