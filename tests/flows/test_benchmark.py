@@ -136,7 +136,8 @@ def test_an_evaluation_only_config_is_grove_benchmark(tmp_path: Path, capsys: py
     config["evaluators"]["e"]["type"] = "MTEBEvaluator"
     (tmp_path / "c.json").write_text(json.dumps(config))
     assert main(["run", "--config", str(tmp_path / "c.json"), "--dry-run"]) == 2
-    assert "or an LMEvaluator to score the input model on lm-eval tasks" in capsys.readouterr().err
+    assert "passes is empty: a config that only evaluates the input model runs in Grove with an LMEvaluator " \
+           "(lm-eval tasks, grove benchmark), not evaluators.e (MTEBEvaluator: hellaswag" in capsys.readouterr().err
 
 
 def test_a_config_with_passes_and_an_lm_evaluator_scores_the_output_after_auto_opt(
