@@ -324,6 +324,21 @@ def _run_layer(layer: Any, x: Any, kwargs: dict[str, Any]) -> Any:
     return y[0] if isinstance(y, tuple) else y
 
 
+def _check_group_size(layers: Any, prefix: str, group_size: int) -> None:
+    """Every quantized layer's inputs split into whole groups, checked before any calibration pass (on a
+    large model the scoring and GPTQ passes take an hour before the first layer would find out)."""
+    widths = {name: m.in_features for index, layer in enumerate(layers)
+              for name, m in _linears(layer, f"{prefix}.{index}").items()}
+    if not (bad := {name: k for name, k in widths.items() if k % group_size}):
+        return
+    name, k = next(iter(bad.items()))
+    fits = [g for g in (256, 128, 64, 32, 16) if g < group_size and all(w % g == 0 for w in widths.values())]
+    raise InvalidRequest(f"{name}: {k} inputs are not a multiple of the group size {group_size} ({len(bad)} "
+                         f"layer{'s' if len(bad) > 1 else ''} of {len(widths)}); choose a group size (auto-opt's "
+                         "--block_size, a recipe's group_size) that divides every layer's inputs"
+                         + (f": {fits[0]}" if fits else ""))
+
+
 def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str, Any]]:
     """Yields (checkpoint name, tensor) for the quantized checkpoint, after running the algorithm
     layer by layer; the last item is ("__stats__", dict)."""
@@ -341,13 +356,14 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
         log.info("rotated by %s matrices (hidden %s: %s, heads %s: %s)%s", "Hadamard" if rotation["r1"] == "hadamard"
                  else "random orthogonal", rotation["hidden_size"], rotation["r1"], rotation["head_dim"],
                  rotation["r2"], "; the lm_head untied from the embedding" if rotation["untied_lm_head"] else "")
-    tokens, where = _calibration_tokens(config, folder)
-    log.info("%s calibration: %s", config.algorithm.upper(), where)
     layers = _layers(model)
     prefix = "model.layers" if getattr(getattr(model, "model", None), "layers", None) is layers else None
     if prefix is None:
         raise InvalidRequest(f"{type(model).__name__}: the builder reads quantized checkpoints of model.layers "
                              "decoders; quantize this one after the capture (--int4_algorithm rtn)")
+    _check_group_size(layers, prefix, config.group_size)
+    tokens, where = _calibration_tokens(config, folder)
+    log.info("%s calibration: %s", config.algorithm.upper(), where)
     high = set(config.high_bits_layers)
     algorithm = config.mixed_precision_algorithm
     device = _compute_device(config)
@@ -389,9 +405,6 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
         for name, m in linears.items():
             h = 2 * sums[name] / max(counts[name], 1)
             w = m.weight.data
-            if w.shape[1] % config.group_size:
-                raise InvalidRequest(f"{name}: {w.shape[1]} inputs are not a multiple of the group size "
-                                     f"{config.group_size}; pass a group size that divides it (e.g. 32)")
             if config.mixed_precision_ratio is not None:
                 scores[name] = output_stats(w, h, config.bits, config.group_size, config.symmetric)
                 numels[name] = w.numel()

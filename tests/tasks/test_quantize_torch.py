@@ -213,6 +213,24 @@ def test_a_calibration_text_shorter_than_one_window_is_one_clear_error(tiny_dir,
         qt._quantize([tiny_dir("llama")], qt.TorchQuantConfig(calibration=str(short), **CONFIG), out)
 
 
+def test_a_group_size_that_does_not_divide_the_layers_is_refused_before_calibration(tiny_dir,  # noqa: ANN001
+                                                                                     tmp_path: Path) -> None:
+    """olive-recipes' group_size 128 on a model 64 wide (SmolLM2 is 576): one error naming the layer and a
+    group size that fits every layer, raised before the calibration text is even read (here too short to
+    calibrate on), so a large model does not score and calibrate for an hour first."""
+    from grove.errors import InvalidRequest
+
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    out = tmp_path / "q"
+    out.mkdir()
+    config = qt.TorchQuantConfig(calibration=str(short), group_size=128, mixed_precision_ratio=0.65, **CONFIG)
+    with pytest.raises(InvalidRequest, match=r"model\.layers\.0\.self_attn\.q_proj: 64 inputs are not a multiple "
+                                             r"of the group size 128 \(12 layers of 14\); choose a group size .*: 64$"):
+        qt._quantize([tiny_dir("llama")], config, out)
+    assert not list(out.iterdir()), "nothing half-written"
+
+
 def test_auto_opt_gptq_flags_reach_the_nodes_and_calibration_flags_need_gptq() -> None:
     from pydantic import ValidationError
 
