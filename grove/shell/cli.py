@@ -182,12 +182,20 @@ class _RunFormatter(logging.Formatter):
         return f"{self.formatTime(record, self.datefmt)} {f'{who} | ' if who else ''}{level}{record.getMessage()}"
 
 
+def _not_event_transport(record: logging.LogRecord) -> bool:
+    """Prefect's event client logs five DEBUG lines for each event it sends (over a hundred in a one-minute
+    run, most of --log_level 0's output, which 176 olive-recipes files ask for): its transport, not the run.
+    A filter on Grove's handler, since Prefect's logging setup resets its loggers' levels."""
+    return record.levelno >= logging.INFO or not record.name.startswith("prefect.events.clients")
+
+
 def _configure_logging(log_level: int) -> None:
     """Prefect's run loggers and Grove's at ``log_level`` (0-4), one compact line each (_RunFormatter)."""
     os.environ["PREFECT_LOGGING_LEVEL"] = _LOG_LEVELS[log_level]
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     handler = logging.StreamHandler()
     handler.setFormatter(_RunFormatter())
+    handler.addFilter(_not_event_transport)
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("grove").setLevel(_LOG_LEVELS[log_level])
     if "prefect.context" in sys.modules:  # imported before these settings (the warm runner): re-read them

@@ -92,3 +92,21 @@ def test_building_the_command_line_imports_neither_prefect_nor_the_nodes() -> No
             f"or (m.startswith('grove.tasks') and m not in {light!r})))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_log_level_0_shows_the_runs_debug_lines_without_prefects_event_transport() -> None:
+    """olive-recipes mostly set log_severity_level 0: Grove's and Prefect's run DEBUG lines show, the
+    event client's five lines per event sent do not, even after Prefect's own logging setup (which resets
+    its loggers' levels) runs."""
+    import subprocess
+    import sys
+
+    code = ("import logging, grove.shell.cli as c; c._configure_logging(0); import prefect.logging.configuration as p; "
+            "p.setup_logging(incremental=False); "
+            "[logging.getLogger(n).debug('line from %s', n) for n in "
+            "('prefect.events.clients', 'prefect.flow_runs', 'grove.tasks')]; "
+            "logging.getLogger('prefect.events.clients').warning('a warning from the event client')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "DEBUG: line from prefect.flow_runs" in err and "DEBUG: line from grove.tasks" in err, err
+    assert "line from prefect.events.clients" not in err, err
+    assert "WARNING: a warning from the event client" in err, err
