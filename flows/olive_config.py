@@ -1553,15 +1553,15 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
         attempt(_input_model, model, out)
     attempt(_target, config, engine, out)
     if (data := attempt(_data_configs, config)) is not None:  # the passes and metrics name its configs
-        lm = _lm_evaluator(config, engine)
-        if not _section(config, "passes", "") and lm is not None:
+        lm, passes = _lm_evaluator(config, engine), _section(config, "passes", "")
+        other = _other_evaluator(_chosen_evaluator(config, engine), _evaluator_where(engine))
+        if not passes and lm is not None:
             attempt(_benchmark, config, engine, out, False)  # evaluation only: lm-eval tasks on the input model
-        elif not _section(config, "passes", "") and (other := _other_evaluator(
-                _chosen_evaluator(config, engine), _evaluator_where(engine))):
+        elif not passes and other:
             problems.append(f"passes is empty: a config that only evaluates the input model runs in Grove with an "
                             f"LMEvaluator (lm-eval tasks, grove benchmark), not {other}")
         else:
-            attempt(_passes, _section(config, "passes", ""), data, out)
+            attempt(_passes, passes, data, out)
             attempt(_evaluator, config, engine, data, out)
             if lm is not None:  # the passes' output scored on lm-eval tasks after auto-opt
                 attempt(_benchmark, config, engine, out, True)

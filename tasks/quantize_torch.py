@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from grove.tasks._choices import MixedPrecisionAlgorithm
+from grove.tasks._choices import MIXED_PRECISION_HEURISTICS, MixedPrecisionAlgorithm
 
 __all__ = ["TorchQuantConfig", "gptq", "output_stats", "quantize_torch", "rtn"]
 
@@ -82,15 +82,14 @@ class TorchQuantConfig(StepConfig):
 
     @model_validator(mode="after")
     def _check(self) -> TorchQuantConfig:
-        from grove.tasks._mixed_precision import HEURISTICS
-
         mixed = self.mixed_precision_ratio is not None or self.mixed_precision_algorithm is not None
         if self.high_bits_layers and mixed:
             raise ValueError("name the 8-bit layers or choose them (mixed_precision_ratio / _algorithm), not both")
-        if self.mixed_precision_algorithm in HEURISTICS and self.mixed_precision_ratio is not None:
+        if self.mixed_precision_algorithm in MIXED_PRECISION_HEURISTICS and self.mixed_precision_ratio is not None:
             raise ValueError(f"{self.mixed_precision_algorithm} picks its layers by position: it takes no "
                              "mixed_precision_ratio")
-        if self.mixed_precision_algorithm not in (None, *HEURISTICS) and self.mixed_precision_ratio is None:
+        if self.mixed_precision_algorithm not in (None, *MIXED_PRECISION_HEURISTICS) \
+                and self.mixed_precision_ratio is None:
             raise ValueError(f"{self.mixed_precision_algorithm} ranks the layers: give the share of weights left at "
                              f"{self.bits} bits (mixed_precision_ratio)")
         if self.mixed_precision_ratio is not None and self.mixed_precision_algorithm is None:
