@@ -16,8 +16,10 @@ bench/results/fleet-scale.json.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -66,12 +68,14 @@ def main() -> int:
     if "--scale" in sys.argv[1:]:
         return _scale(sys.argv[1:])
     os.environ["GROVE_HOME"] = tempfile.mkdtemp(prefix="grove-bench-fleet-")
+    atexit.register(shutil.rmtree, os.environ["GROVE_HOME"], True)
     os.environ.pop("PREFECT_API_URL", None)
     sys.path.insert(0, str(ROOT))
     from grove.shell.stack import stack_down, stack_up
     from tests import tiny_models
 
     base = Path(tempfile.mkdtemp(prefix="grove-bench-models-"))
+    atexit.register(shutil.rmtree, base, True)
     models = {f"m-{f}": tiny_models.build(f, base / f) for f in FAMILIES}
     state = stack_up(workers=False)
     env = dict(state["env"])  # type: ignore[arg-type]

