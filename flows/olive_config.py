@@ -180,9 +180,9 @@ class ModelBuilder(_Pass):
                                                  "filename")
     enable_cuda_graph: bool | None = Field(None, description="a CUDA session option of the output")
 
-    NOTE = ("ModelBuilder: Grove captures decoder LLMs with onnxruntime-genai's model builder (fp32 on cpu) and "
-            "quantizes int4 with its own quantizer (affine by default on cpu: see docs/int4.md; --int4_algorithm "
-            "builder takes the builder's own)")
+    NOTE = ("ModelBuilder: Grove captures decoder LLMs with onnxruntime-genai's model builder (fp32 on cpu, fp16 "
+            "on gpu); int4 is Grove's affine on cpu (docs/int4.md) and the builder's own on gpu (--int4_algorithm "
+            "picks another)")
 
     def precision(self) -> str | None:
         return self.precision_
@@ -714,26 +714,37 @@ def _surgeries(fields: dict[str, Any], where: str, out: Translation) -> str | No
 def _table_surgeries(out: Translation) -> list[str]:
     """QuantizeEmbeddingInt8 / ShareEmbeddingLmHead against the int4 the flags chose: Grove's affine, hqq
     and gptq write the embedding as 8-bit blocks (GatherBlockQuantized) and a tied lm_head reads the same
-    table; onnxruntime's quantizers and the builder's own int4 (the GPU default) do not."""
+    table; the builder's own int4 (the GPU default) does with --embedding_int8; onnxruntime's quantizers
+    do not."""
     problems = []
     algorithm = out.flags.get("int4_algorithm") or ("affine" if out.flags.get("device", "cpu") == "cpu"
                                                     else "builder")
-    eight_bit = out.flags.get("precision") == "int4" and algorithm in ("affine", "hqq", "gptq") \
-        and out.flags.get("head_bits") != 4
+    int4 = out.flags.get("precision") == "int4"
+    if int4 and algorithm == "builder" and any(set(s) & set(_TABLE_SURGEONS) for _, s in out.table_surgeries):
+        out.flags["embedding_int8"] = True
+    eight_bit = int4 and (algorithm in ("affine", "hqq", "gptq") and out.flags.get("head_bits") != 4
+                          or algorithm == "builder" and bool(out.flags.get("embedding_int8")))
     for where, surgeons in out.table_surgeries:
         if "TieWordEmbeddings" in surgeons:
             out.notes.append(f"{where}: TieWordEmbeddings: " + (
                 f"Grove's {algorithm} int4 of a tied model reads one 8-bit table for the embedding and the lm_head"
-                if eight_bit else f"not applied with {out.flags.get('precision')} {algorithm}: the output keeps the "
+                if eight_bit else "the builder's int4 of a tied model reads the lm_head's 4-bit rows for the "
+                "embedding (one table; --embedding_int8 makes it an 8-bit one)" if int4 and algorithm == "builder"
+                else f"not applied with {out.flags.get('precision')} {algorithm}: the output keeps the "
                 "embedding and lm_head tables that quantizer writes (the same outputs, a larger file); Grove's "
                 "affine, hqq and gptq int4 share one 8-bit table"))
         if not (named := ", ".join(s for s in surgeons if s in _TABLE_SURGEONS)):
             continue
         if not eight_bit:
             problems.append(f"{where}: {named}: Grove writes the 8-bit embedding table (shared with a tied lm_head) "
-                            "with its int4 algorithms affine (the CPU default), hqq and gptq at 8-bit head_bits, not "
-                            f"with {out.flags.get('precision')} {algorithm}: build for the CPU, or choose one of "
-                            "them")
+                            "with its int4 algorithms affine (the CPU default), hqq and gptq at 8-bit head_bits, and "
+                            f"the builder's (--embedding_int8), not with {out.flags.get('precision')} {algorithm}: "
+                            "choose one of them")
+        elif algorithm == "builder":
+            out.notes.append(f"{where}: {named}: the builder's int4 with --embedding_int8: the embedding as 8-bit "
+                             "blocks (GatherBlockQuantized, from the checkpoint's float table) and a tied lm_head "
+                             "reads the same table as an 8-bit MatMulNBits; an untied model's lm_head keeps the "
+                             "builder's 4-bit weights (sharing the embedding's would change its logits)")
         else:
             out.notes.append(f"{where}: {named}: Grove's {algorithm} int4 writes the embedding as 8-bit blocks "
                              "(GatherBlockQuantized) and a tied lm_head reads the same 8-bit table; an untied "

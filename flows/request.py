@@ -101,6 +101,10 @@ class AutoOptRequest(OptRequestBase):
     head_bits: Literal[4, 8] = Field(8, description="affine/hqq int4: bits of the lm_head and the tied embedding; "
                                      "8 keeps them near-exact (SmolLM2: top-1 0.967 vs fp32), 4 is 10% smaller "
                                      "(perplexity 1.045x, top-1 0.83)")
+    embedding_int8: bool = Field(False, description="builder int4 (the GPU default): the embedding as 8-bit "
+                                 "blocks, which a tied lm_head reads too (Olive's QuantizeEmbeddingInt8 + "
+                                 "ShareEmbeddingLmHead surgeries; the builder writes both at 4 bits); affine, hqq "
+                                 "and gptq write 8-bit tables by default (--head_bits)")
     head_shortlist: int | None = Field(None, ge=0, le=1024, description="affine/hqq/gptq int4 with 8-bit heads: a "
                                        "4-bit pass scores the vocabulary, the K best tokens per position get their "
                                        "logits recomputed from the 8-bit rows; 0 = the whole 8-bit lm_head for every "
@@ -179,6 +183,9 @@ class AutoOptRequest(OptRequestBase):
                             "--int4_algorithm affine, rtn, hqq or k_quant)")
         if self.head_bits != 8 and algorithm not in ("affine", "hqq", "gptq"):
             problems.append("--head_bits applies to Grove's affine and hqq int4 (--precision int4 on cpu), and gptq")
+        if self.embedding_int8 and algorithm != "builder":
+            problems.append("--embedding_int8 applies to --int4_algorithm builder (the GPU default); affine, hqq "
+                            "and gptq write the 8-bit table by default (--head_bits 8)")
         if self.head_shortlist is not None and (algorithm not in ("affine", "hqq", "gptq") or self.device != "cpu"):
             problems.append("--head_shortlist applies to Grove's affine, hqq and gptq int4 on cpu (their 8-bit "
                             "lm_head)")
@@ -245,6 +252,7 @@ class AutoOptRequest(OptRequestBase):
         builder_int4 = self.int4_algorithm_used == "builder"
         return CaptureConfig(precision=self.precision, execution_provider=self.execution_provider,
                              block_size=self.block_size if builder_int4 else None,
+                             embedding_int8=self.embedding_int8,
                              accuracy_level=self.accuracy_level if self.int4_algorithm_used == "gptq" else None,
                              head_shortlist=self._gptq_shortlist,
                              include_hidden_states=self.include_hidden_states, prune_lm_head=self.prune_lm_head,
@@ -315,4 +323,5 @@ class AutoOptRequest(OptRequestBase):
                              reference_precision=self.reference_capture.precision, target={
             "device": self.device, "provider": self.execution_provider, "precision": self.precision,
             "int4_algorithm": self.int4_algorithm_used,
-            "block_size": self.block_size if self.int4_algorithm_used else None})
+            "block_size": self.block_size if self.int4_algorithm_used else None,
+            **({"embedding_int8": True} if self.embedding_int8 else {})})

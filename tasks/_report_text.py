@@ -45,7 +45,8 @@ def format_report(report: dict[str, object], output_path: str) -> str:
     assert isinstance(target, dict)
     head = (f"Optimized {report.get('model')} -> {output_path}\n"
             f"target: {target.get('device')}/{target.get('provider')} {target.get('precision')}"
-            + (f" ({target.get('int4_algorithm')}, block {target.get('block_size')})"
+            + (f" ({target.get('int4_algorithm')}, block {target.get('block_size')}"
+               + (", 8-bit embedding" if target.get("embedding_int8") else "") + ")"
                if target.get("block_size") else "")
             + (f", {target['task']}" if target.get("task") else ""))
     metrics, reference = report.get("metrics") or {}, report.get("reference") or {}

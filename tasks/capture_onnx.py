@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import task
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from grove.artifacts import Artifact, StepConfig
-from grove.errors import ModelSourceError
+from grove.errors import InvalidRequest, ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from grove.tasks.architectures import arch_spec
 
@@ -44,15 +44,26 @@ class CaptureConfig(StepConfig):
     head_shortlist: int = Field(0, ge=0, le=1024, description="a quantize-torch checkpoint's 8-bit lm_head: a "
                                 "4-bit copy scores the vocabulary and this many best tokens get their logits from "
                                 "the 8-bit rows (quantize-int4's head_shortlist); 0 = the whole 8-bit head")
+    embedding_int8: bool = Field(False, description="precision int4 (the builder quantizes): the embedding as "
+                                 "8-bit blocks of 32 (GatherBlockQuantized, re-rounded from the checkpoint's "
+                                 "float table), which a tied lm_head reads too as an 8-bit MatMulNBits (Olive's "
+                                 "QuantizeEmbeddingInt8 and ShareEmbeddingLmHead surgeries)")
 
     def recipe(self) -> dict[str, object]:
         recipe = super().recipe()
-        if not recipe["head_shortlist"]:
-            del recipe["head_shortlist"]
+        for key in ("head_shortlist", "embedding_int8"):
+            if not recipe[key]:  # at the default: as the recipes written before it
+                del recipe[key]
         for key in ("block_size", "include_hidden_states", "accuracy_level", "prune_lm_head"):
             if recipe[key] is None or recipe[key] is False:  # at the default: as the recipes written before it
                 del recipe[key]
         return recipe
+
+    @model_validator(mode="after")
+    def _check(self) -> CaptureConfig:
+        if self.embedding_int8 and self.precision != "int4":
+            raise ValueError(f"embedding_int8 applies to precision int4 (the builder's), not {self.precision}")
+        return self
 
     @classmethod
     def cpu(cls) -> CaptureConfig:
@@ -71,12 +82,17 @@ def capture_onnx(model: Artifact, config: CaptureConfig) -> Artifact:
 
 def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, object]:
     (hf_dir,) = inputs
+    if config.embedding_int8 and _quantized(hf_dir):
+        raise InvalidRequest("embedding_int8 re-rounds the builder's int4 embedding; this checkpoint was quantized "
+                             "before the capture (quantize-torch), whose head_bits set its tables")
     options = [f"block_size={config.block_size}"] if config.block_size else []
     options += _prequantized_options(hf_dir) + (["include_hidden_states=true"] if config.include_hidden_states
                                                  else []) + (["prune_lm_head=true"] if config.prune_lm_head else [])
     if config.accuracy_level is not None:
         options.append(f"accuracy_level={config.accuracy_level}")
     model_type = run_builder(hf_dir, out, config.precision, config.execution_provider, options)
+    if config.embedding_int8:
+        _table_int8(out / "model.onnx", hf_dir)
     if _prequantized_options(hf_dir):
         _gather_scales_as_rows(out / "model.onnx")
     elif _untied_quantized(hf_dir):
@@ -181,6 +197,99 @@ def _embedding_8bit(path: Path) -> None:
         node_logger().info("embedding %s: 8-bit blocks of %d (%.0f MB instead of %.0f)", table.name, _EMBED_BLOCK,
                            q.nbytes / 1e6 + scale.nbytes / 1e6 * 1.25, w.nbytes / 1e6)
         return
+
+
+def _float_embedding(hf_dir: Path) -> tuple[Any, bool]:
+    """The checkpoint's token embedding [vocab, hidden] in fp32, and whether the lm_head is that table
+    (tied: no ``lm_head.weight`` of its own, or the config says so)."""
+    import numpy as np
+    from safetensors import safe_open
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    table, has_head = None, False
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if key.endswith("embed_tokens.weight") and table is None:
+                    table = f.get_tensor(key).float().numpy().astype(np.float32)
+                has_head |= key == "lm_head.weight"
+    if table is None:
+        raise ModelSourceError(f"{hf_dir.name}: no *.embed_tokens.weight in its safetensors files, so the "
+                               "embedding cannot be re-rounded to 8 bits; build without embedding_int8")
+    return table, bool(config.get("tie_word_embeddings")) or not has_head
+
+
+def _table_int8(path: Path, hf_dir: Path) -> None:
+    """The builder's int4 graph with an 8-bit embedding table (symmetric blocks of 32, the Q8_0 grid of
+    Grove's 8-bit heads) that a tied lm_head reads too, as an 8-bit MatMulNBits: Olive's
+    QuantizeEmbeddingInt8 + ShareEmbeddingLmHead. The builder writes a tied model's embedding as its 4-bit
+    lm_head's rows (or a float Gather when untied); the rows are re-rounded from the checkpoint's float
+    table, not from those 4 bits. An untied lm_head keeps the builder's 4-bit weights (reading the
+    embedding's would change its logits)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from grove.tasks._int4_grids import quantize_weight
+
+    table, tied = _float_embedding(hf_dir)
+    vocab, hidden = table.shape
+    if hidden % _EMBED_BLOCK:
+        raise ModelSourceError(f"{hf_dir.name}: hidden size {hidden} is not a multiple of {_EMBED_BLOCK}, the "
+                               "8-bit table's block; build without embedding_int8")
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    embed = next((n for n in graph.node if n.name.startswith("/model/embed_tokens/")
+                  and n.op_type in ("Gather", "GatherBlockQuantized")), None)
+    head = next((n for n in graph.node if n.name.startswith("/lm_head/") and n.op_type == "MatMulNBits"), None)
+    if embed is None or (tied and head is None):
+        raise ModelSourceError("the builder's graph has no embedding Gather or no lm_head MatMulNBits where "
+                               "embedding_int8 expects them; build without embedding_int8")
+    # The io dtype (fp16 on GPU): the scales' dtype is GatherBlockQuantized's and MatMulNBits' output dtype.
+    io = inits[head.input[2]].data_type if head is not None else inits[embed.input[0]].data_type
+    qw = quantize_weight(table.T, _EMBED_BLOCK, bits=8)  # packed [vocab, blocks, 32], scales [vocab, blocks]
+    name = "model.embed_tokens.weight_Q8"
+    graph.initializer.extend([
+        numpy_helper.from_array(qw.packed, name),
+        numpy_helper.from_array(qw.scales.astype(helper.tensor_dtype_to_np_dtype(io)), name + "_scales"),
+        numpy_helper.from_array(np.array([vocab, hidden], np.int64), name + "_rows_shape")])
+    rows = helper.make_node("Reshape", [name, name + "_rows_shape"], [name + "_rows"], name=name + "/Reshape")
+    gather = helper.make_node("GatherBlockQuantized", [name + "_rows", embed.input[1], name + "_scales"],
+                              list(embed.output), name="/model/embed_tokens/GatherBlockQuantized_Q8",
+                              domain="com.microsoft", bits=8, block_size=_EMBED_BLOCK, gather_axis=0, quantize_axis=1)
+    replaced = {id(embed): gather}
+    if tied and head is not None:
+        level = [a.i for a in head.attribute if a.name == "accuracy_level"]
+        replaced[id(head)] = helper.make_node(
+            "MatMulNBits", [head.input[0], name, name + "_scales"], list(head.output), name="/lm_head/MatMul_Q8",
+            domain="com.microsoft", K=hidden, N=vocab, bits=8, block_size=_EMBED_BLOCK,
+            **({"accuracy_level": level[0]} if level else {}))
+    nodes = [rows, *(replaced.get(id(node), node) for node in graph.node)]
+    _drop_unread(graph, nodes)
+    for f in path.parent.glob(f"{path.name}.data"):
+        f.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=f"{path.name}.data", size_threshold=1024)
+    size = qw.packed.nbytes + qw.scales.size * (2 if io == onnx.TensorProto.FLOAT16 else 4)
+    node_logger().info("embedding: 8-bit blocks of %d (%.0f MB)%s", _EMBED_BLOCK, size / 1e6,
+                       ", read by the tied lm_head as an 8-bit MatMulNBits" if tied else
+                       "; the untied lm_head keeps the builder's 4-bit weights")
+
+
+def _drop_unread(graph: Any, nodes: list[Any]) -> None:
+    """Set the graph's nodes to ``nodes`` less those (and the initializers) nothing reads any more."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = outputs | {i for n in nodes for i in n.input}
+        kept = [n for n in nodes if any(o in read for o in n.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for t in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(t)
 
 
 def _gather_scales_as_rows(path: Path) -> None:

@@ -26,7 +26,7 @@ class PackageConfig(StepConfig):
     NODE = "package-genai"
     VERSION = 3  # 2: the report's file list includes grove_report.json; 3: "reference" names its precision
     model: str = Field(description="what the user asked for (hub id or path), for the report")
-    target: dict[str, str | int | None] = Field(description="device, provider, precision, algorithm, block size")
+    target: dict[str, str | bool | int | None] = Field(description="device, provider, precision, algorithm, block size")
     reference_precision: str = Field("fp32", description="precision of the reference model the output is compared with")
 
 

@@ -154,6 +154,27 @@ def test_builder_int4_takes_the_block_size(tiny_dir, tmp_path: Path, store: str)
     assert (target["int4_algorithm"], target["block_size"]) == ("builder", 16)
 
 
+def test_builder_int4_with_embedding_int8_says_so_in_its_report(tiny_dir, tmp_path: Path,  # noqa: ANN001
+                                                                 store: str) -> None:
+    """--embedding_int8 (the builder's int4 with Olive's embedding surgeries) reaches the capture: one 8-bit
+    table for the embedding and the tied lm_head, and the report's target names it."""
+    import onnx
+
+    from grove.tasks._report_text import format_report
+
+    out = tmp_path / "out"
+    state = run_auto_opt_state(_request(tiny_dir("qwen2"), out, store, int4_algorithm="builder", embedding_int8=True))
+
+    assert state.is_completed()
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    bits = {n.op_type: a.i for n in graph.node if n.op_type in ("GatherBlockQuantized", "MatMulNBits")
+            and n.name.startswith(("/model/embed_tokens/", "/lm_head/")) for a in n.attribute if a.name == "bits"}
+    assert bits == {"GatherBlockQuantized": 8, "MatMulNBits": 8}
+    report = json.loads((out / "grove_report.json").read_text())
+    assert report["target"]["embedding_int8"] is True
+    assert "int4 (builder, block 32, 8-bit embedding)" in format_report(report, str(out))
+
+
 def test_a_pruned_lm_head_scores_the_same_perplexity_a_token_at_a_time(tiny_dir, tmp_path: Path,  # noqa: ANN001
                                                                         store: str) -> None:
     """--prune_lm_head (the builder's prune_lm_head, olive-recipes' Qwen3.5 configs): the graph's logits

@@ -643,14 +643,13 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "use_ort_genai, "
      "use_dynamo_exporter, extra_options, enable_cuda_graph); passes.t: graph surgeries RemoveRopeMultiCache are "
      "not in Grove (it reads TieWordEmbeddings, QuantizeEmbeddingInt8, ShareEmbeddingLmHead)"),
-    ({"input_model": _MODEL, "output_dir": "o", "systems": {"s": {"type": "LocalSystem", "accelerators": [
-        {"device": "gpu", "execution_providers": ["CUDAExecutionProvider"]}]}}, "passes": {
-        "m": {"type": "ModelBuilder", "precision": "int4", "extra_options": {"exclude_embeds": False}},
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {
+        "m": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant"},
         "q": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "QuantizeEmbeddingInt8"},
                                                       {"surgeon": "ShareEmbeddingLmHead"}]}}},
      "passes.q: QuantizeEmbeddingInt8, ShareEmbeddingLmHead: Grove writes the 8-bit embedding table (shared with a "
-     "tied lm_head) with its int4 algorithms affine (the CPU default), hqq and gptq at 8-bit head_bits, not with "
-     "int4 builder"),
+     "tied lm_head) with its int4 algorithms affine (the CPU default), hqq and gptq at 8-bit head_bits, and the "
+     "builder's (--embedding_int8), not with int4 k_quant"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"q": {
         "type": "OnnxKQuantQuantization", "bits": 8, "customized_weight_config": {"a/MatMul": {"bits": 8}}}}},
      "passes.q.customized_weight_config: per-node bits raise chosen MatMuls of a 4-bit model to 8 bits; with bits 8 "
@@ -875,6 +874,14 @@ def test_embedding_surgeries_say_what_the_chosen_int4_writes(tmp_path: Path,
     err = capsys.readouterr().err
     assert "passes.q: QuantizeEmbeddingInt8, ShareEmbeddingLmHead: Grove's affine int4 writes the embedding as 8-bit " \
            "blocks" in err, err
+    # On a GPU, the builder's int4 (olive-recipes' Qwen3.5 CUDA layout) writes the 8-bit table with --embedding_int8.
+    gpu = {**config, "systems": {"s": {"type": "LocalSystem", "accelerators": [
+        {"device": "gpu", "execution_providers": ["CUDAExecutionProvider"]}]}}, "passes": {
+        "m": {"type": "ModelBuilder", "precision": "int4", "extra_options": {"exclude_embeds": False}}, "q": surgeries}}
+    assert main(["run", "--config", str(_write(tmp_path, gpu)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "--device gpu" in out and "--embedding_int8" in out, out
+    assert "passes.q: QuantizeEmbeddingInt8, ShareEmbeddingLmHead: the builder's int4 with --embedding_int8" in err, err
     config["passes"] = {"m": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant_linear"},
                         "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "TieWordEmbeddings"}]}}
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0

@@ -85,6 +85,18 @@ def test_head_shortlist_defaults_to_32_on_8bit_heads_and_is_refused_where_nothin
             AutoOptRequest(model_name_or_path="m", output_path="o", head_shortlist=16, **flags)  # type: ignore[arg-type]
 
 
+def test_embedding_int8_reaches_the_builders_capture_and_nothing_else() -> None:
+    gpu = AutoOptRequest(model_name_or_path="m", output_path="o", device="gpu", embedding_int8=True)
+    assert gpu.int4_algorithm_used == "builder" and gpu.capture.embedding_int8
+    assert not gpu.reference_capture.embedding_int8, "the fp16 reference keeps its float tables"
+    cpu = AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="builder", embedding_int8=True)
+    assert cpu.capture.embedding_int8 and cpu.capture.precision == "int4"
+    assert not AutoOptRequest(model_name_or_path="m", output_path="o", device="gpu").capture.embedding_int8
+    for flags in ({}, {"int4_algorithm": "rtn"}, {"device": "gpu", "precision": "fp16"}):
+        with pytest.raises(ValidationError, match="--embedding_int8 applies to --int4_algorithm builder"):
+            AutoOptRequest(model_name_or_path="m", output_path="o", embedding_int8=True, **flags)  # type: ignore[arg-type]
+
+
 def test_decoder_only_flags_on_an_encoder_are_named() -> None:
     with pytest.raises(InvalidRequest, match="--block_size, --accuracy_level apply to decoder LLMs"):
         EncoderOptRequest.from_flags({"model_name_or_path": "m", "output_path": "o", "block_size": 64,

@@ -22,18 +22,20 @@ def _cuda() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU with onnxruntime-gpu and onnxruntime-genai-cuda")
+@pytest.mark.parametrize("embedding_int8", [False, True])  # True: 8-bit GatherBlockQuantized + MatMulNBits on CUDA
 def test_cuda_int4_output_is_built_by_the_builder_and_measured_on_the_gpu(tiny_dir, tmp_path: Path,  # noqa: ANN001
-                                                                          store: str) -> None:
+                                                                          store: str, embedding_int8: bool) -> None:
     import onnxruntime_genai as og
 
     out = tmp_path / "out"
     result = grove_cli("auto-opt", "-m", str(tiny_dir("qwen2")), "-o", str(out), "--device", "gpu", "--provider",
-                       "CUDAExecutionProvider", "--precision", "int4", "--eval_tokens", "64", "--store", store)
+                       "CUDAExecutionProvider", "--precision", "int4", "--eval_tokens", "64", "--store", store,
+                       *(["--embedding_int8"] if embedding_int8 else []))
 
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "grove_report.json").read_text())
     assert report["target"] == {"device": "gpu", "provider": "cuda", "precision": "int4", "int4_algorithm": "builder",
-                                "block_size": 32}
+                                "block_size": 32, **({"embedding_int8": True} if embedding_int8 else {})}
     assert report["metrics"]["decode_tok_s"] > 0 and report["reference"]["perplexity"] > 1
     assert report["reference"]["precision"] == "fp16"  # the builder's CUDA reference, named as such
     config = og.Config(str(out))
