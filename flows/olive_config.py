@@ -993,7 +993,8 @@ def _before_capture(specs: dict[str, _Pass], out: Translation) -> list[str]:
 _CUSTOM_CODE = ("model_script", "script_dir", "model_loader", "dummy_inputs_func")
 
 
-def _input_model(section: dict[str, Any], out: Translation) -> None:
+def _input_model(section: dict[str, Any], out: Translation, model_given: bool = False) -> None:
+    """``model_given``: -m names the model, so a model_path Grove cannot read is not a problem."""
     where = "input_model"
     if not section:
         raise InvalidRequest("input_model is missing: add {\"type\": \"HfModel\", \"model_path\": \"<hub id or "
@@ -1019,10 +1020,16 @@ def _input_model(section: dict[str, Any], out: Translation) -> None:
     # Olive passes unknown load_kwargs on to from_pretrained through extra_args
     loading.update(_object(loading.get("extra_args"), f"{where}.load_kwargs.extra_args"))
     model = hf.get("model_name") or fields.get("model_path")
-    if not model or not isinstance(model, str):
+    if isinstance(model, dict) and str(model.get("type", "")).startswith("azureml") and not model_given:
+        named = ": " + " ".join(str(model[k]) for k in ("name", "version") if model.get(k))
+        raise InvalidRequest(f"{where}.model_path is an Azure ML resource ({model['type']}{named.rstrip(': ')}), "
+                             "which Grove does not fetch: download it and point model_path at the folder, use its "
+                             "hub id, or pass -m")
+    if (not model or not isinstance(model, str)) and not model_given:
         raise InvalidRequest(f"{where} names no model: set {where}.model_path (hub id, local folder, .gguf or "
                              "s3:// folder), or pass -m")
-    out.flags["model_name_or_path"] = model
+    if not model_given:
+        out.flags["model_name_or_path"] = model
     if task := hf.get("task") or fields.get("task"):
         out.flags["task"] = task
     if revision := loading.get("revision"):
@@ -1561,7 +1568,7 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
 
     model = _section(config, "input_model", "")
     if model or "model_name_or_path" not in overrides:
-        attempt(_input_model, model, out)
+        attempt(_input_model, model, out, "model_name_or_path" in overrides)
     attempt(_target, config, engine, out)
     if (data := attempt(_data_configs, config)) is not None:  # the passes and metrics name its configs
         lm, passes = _lm_evaluator(config, engine), _section(config, "passes", "")

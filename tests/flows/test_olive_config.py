@@ -762,6 +762,23 @@ def test_what_grove_cannot_honour_is_one_error_naming_the_key(config: dict, expe
     assert ("log_severity_level 7: Olive's levels are 0" in err) == (config.get("log_severity_level") == 7), err
 
 
+def test_a_model_grove_cannot_fetch_is_named_and_m_replaces_it(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """olive-recipes' Azure ML configs name a registry model: one error saying so; with -m the rest runs."""
+    from grove.shell.cli import main
+
+    registry = {"type": "azureml_registry_model", "registry_name": "azureml", "name": "bert-x", "version": "3"}
+    path = _write(tmp_path, {"input_model": {**_MODEL, "model_path": registry, "task": "text-classification"},
+                             "passes": {"q": {"type": "OnnxDynamicQuantization"}}, "output_dir": "o"})
+    assert main(["run", "--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"grove: error: {path}: input_model.model_path is an Azure ML resource "
+                          "(azureml_registry_model: bert-x 3), which Grove does not fetch"), err
+    assert main(["run", "--config", str(path), "--dry-run", "-m", "org/bert-x"]) == 0
+    out = capsys.readouterr().out
+    assert "--model_name_or_path org/bert-x" in out and "--task text-classification" in out, out
+
+
 def test_a_config_file_that_cannot_be_read_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from grove.shell.cli import main
 
