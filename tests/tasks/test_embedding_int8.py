@@ -61,11 +61,14 @@ def test_the_embedding_is_one_8bit_table_a_tied_lm_head_reads_too(family: str, t
         assert not [name for name in inits if name.startswith("lm_head.")]
 
     reference = runtime.logits(runtime.genai_model(fp32), TOKENS, runtime.kv_floor(fp32))
-    assert _error(table8, reference) < _error(plain, reference)
+    error, before = _error(table8, reference), _error(plain, reference)
+    if tied:  # 8-bit rows instead of the builder's 4-bit ones, for the lookup and the logits
+        assert error < 0.9 * before
+    else:  # the float table became 8 bits (a quarter of its bytes) and the 4-bit lm_head is the builder's
+        assert abs(error - before) < 0.02 * before
+        assert runtime.model_size(table8) < runtime.model_size(plain)
     timing = runtime.generation_timing(table8, "What is machine learning?", new_tokens=8)
     assert timing["generated_tokens"] == 8
-    if not tied:  # the float table became 8 bits; tied, the 8-bit rows replace the 4-bit ones
-        assert runtime.model_size(table8) < runtime.model_size(plain)
 
 
 def test_a_gpu_build_keeps_fp16_scales(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
