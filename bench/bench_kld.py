@@ -1,11 +1,13 @@
 """kld_gradient's memory and time on SmolLM2-135M-Instruct: Grove's in-place scoring
 (tasks/_mixed_precision.py: the scored layers multiply by 16-bit low weights in an autograd function
 that folds each layer's gradient into its alignment) against the plain way it replaced (a deep copy of
-the model at 4 bits, whose weight gradients autograd sums over the windows), in the same run.
+the model at 4 bits, whose weight gradients autograd sums over the windows), and against itself keeping
+every decoder layer's activations for the backward (all_activations: before the layers were
+checkpointed), in the same run.
 
     .venv/bin/python bench/bench_kld.py [--windows 8] [--rounds 3]
 
-Each method runs in a fresh process, the two alternating, ``--rounds`` times; a process loads the fp32
+Each method runs in a fresh process, in alternating order, ``--rounds`` times; a process loads the fp32
 model, resets its peak-memory mark (/proc/self/clear_refs), scores the windows, and reports its peak
 resident memory above the loaded model's and its time; what each method holds besides the activations
 (the copy and its gradients, or the two 16-bit tensors) is printed beside it: that part scales with the
@@ -31,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("copy", "in_place")
+# copy: a 4-bit deep copy whose weight gradients autograd sums (the plain way); all_activations: the in-place
+# scorer keeping every layer's activations for the backward; in_place: Grove's (the layers checkpointed).
+METHODS = ("copy", "all_activations", "in_place")
 
 
 def _rss_mb(field: str) -> float:
@@ -61,8 +65,9 @@ def worker(method: str, folder: Path, windows: int) -> dict[str, object]:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: the scoring's own peak
     loaded = _rss_mb("VmRSS")
     start = time.perf_counter()
-    if method == "in_place":
-        stats = mp.kld_stats(model, modules, tokens, fake, 4)
+    if method in ("in_place", "all_activations"):
+        layers = model.model.layers if method == "in_place" else ()
+        stats = mp.kld_stats(model, modules, tokens, fake, 4, layers=layers)
         alignment = {n: s["alignment"] for n, s in stats.items()}
     else:  # the plain way: a 4-bit deep copy whose weight gradients autograd sums
         student = copy.deepcopy(model)
@@ -136,8 +141,9 @@ def main() -> int:
     result = {"machine": machine(), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
               "model_mb": runs["copy"][0]["model_mb"], "windows": f"{args.windows} x 512 tokens",
               "rounds": args.rounds, "rows": rows,
-              "in_place_vs_copy": {"extra_mb": round(rows["in_place"]["extra_mb"] / rows["copy"]["extra_mb"], 3),
-                                   "seconds": round(rows["in_place"]["seconds"] / rows["copy"]["seconds"], 3)},
+              **{f"in_place_vs_{m}": {"extra_mb": round(rows["in_place"]["extra_mb"] / rows[m]["extra_mb"], 3),
+                                      "seconds": round(rows["in_place"]["seconds"] / rows[m]["seconds"], 3)}
+                 for m in ("copy", "all_activations")},
               "alignment_max_deviation": round(float(np.max(np.abs(a - b)) / np.max(np.abs(a))), 5),
               "alignment_rank_correlation": round(rank, 4)}
     print(json.dumps(result, indent=2))
@@ -145,11 +151,13 @@ def main() -> int:
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nkld_gradient on {result['model']} ({result['model_mb']} MB), {result['windows']}, median of "
           f"{args.rounds} alternating processes")
-    print(f"{'method':10} {'peak MB above the model':>24} {'of it held (not activations)':>29} {'seconds':>8}")
+    print(f"{'method':15} {'peak MB above the model':>24} {'of it held (not activations)':>29} {'seconds':>8}")
     for m in METHODS:
-        print(f"{m:10} {rows[m]['extra_mb']:24.1f} {rows[m]['held_mb']:29.1f} {rows[m]['seconds']:8.2f}")
-    print(f"in_place / copy: memory {result['in_place_vs_copy']['extra_mb']}x, time "
-          f"{result['in_place_vs_copy']['seconds']}x; alignments: max deviation "
+        print(f"{m:15} {rows[m]['extra_mb']:24.1f} {rows[m]['held_mb']:29.1f} {rows[m]['seconds']:8.2f}")
+    for m in ("copy", "all_activations"):
+        ratio = result[f"in_place_vs_{m}"]
+        print(f"in_place / {m}: memory {ratio['extra_mb']}x, time {ratio['seconds']}x")  # type: ignore[index]
+    print(f"alignments against copy's: max deviation "
           f"{result['alignment_max_deviation']} of the largest, rank correlation "
           f"{result['alignment_rank_correlation']}")
     return 0

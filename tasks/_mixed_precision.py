@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,8 @@ def weight_stats(algorithm: str, w: Any, fake: FakeQuant, bits: int) -> dict[str
 
 
 def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant, bits: int,
-              progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, float]]:
+              progress: Callable[[int, int], None] | None = None,
+              layers: Iterable[Any] = ()) -> dict[str, dict[str, float]]:
     """``kld_gradient``'s stats: on each window of ``tokens`` [windows, seq], ``model`` is run as it is
     (the teacher), then with ``modules`` (name -> its nn.Linear) at ``bits`` (the student), and the KL
     divergence of the student's next-token distribution from the teacher's is back-propagated; a layer's
@@ -102,7 +103,10 @@ def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant,
     their low-bit weights (kept at 16 bits, with W_low - W_8bit beside them) in an autograd function whose
     backward folds the layer's gradient into its alignment at once, so no weight gradient is stored either.
     Extra memory: two 16-bit tensors per scored weight (an fp32 model's linear layers' size), where a
-    4-bit copy of the model plus its gradients took twice the model's."""
+    4-bit copy of the model plus its gradients took twice the model's.
+
+    ``layers`` (the decoder layers) are checkpointed in the student's pass: each keeps only its input for
+    the backward, which runs it again, instead of every intermediate tensor of every layer."""
     import torch
     import torch.nn.functional as F  # noqa: N812 - torch's own alias
 
@@ -124,20 +128,24 @@ def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant,
 
     trained = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)  # no parameter gradient is wanted: the alignments are summed in the backward
-    windows = tokens.shape[0]
+    windows, layers = tokens.shape[0], list(layers)
     try:
         for i, row in enumerate(tokens):
             with torch.no_grad():
                 teacher = F.log_softmax(model(input_ids=row[None], use_cache=False).logits.float(), -1)
-            for name, module in modules.items():  # an instance attribute: nn.Module.__call__ calls it
+            # Instance attributes (nn.Module.__call__ calls them), kept through the backward: a checkpointed
+            # layer runs its student forward again there.
+            for name, module in modules.items():
                 module.forward = student_forward(name, module)
+            for layer in layers:
+                layer.forward = _checkpointed(layer)
             try:
                 logits = model(input_ids=row[None], use_cache=False).logits.float()
+                loss = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="none").sum(-1).mean()
+                loss.backward()
             finally:
-                for module in modules.values():
+                for module in (*modules.values(), *layers):
                     del module.forward  # the class's forward again
-            loss = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="none").sum(-1).mean()
-            loss.backward()
             del teacher, logits, loss
             if progress is not None:
                 progress(i + 1, windows)
@@ -145,6 +153,14 @@ def kld_stats(model: Any, modules: dict[str, Any], tokens: Any, fake: FakeQuant,
         for parameter, flag in trained.items():
             parameter.requires_grad_(flag)
     return {name: {"alignment": float(value) / windows} for name, value in alignment.items()}
+
+
+def _checkpointed(layer: Any) -> Callable[..., Any]:
+    """``layer``'s own forward under activation checkpointing (non-reentrant: its input needs no grad)."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = type(layer).forward
+    return lambda *args, **kwargs: checkpoint(forward, layer, *args, use_reentrant=False, **kwargs)
 
 
 @functools.cache

@@ -497,7 +497,8 @@ def _choose_high_bits(model: Any, layers: Any, prefix: str, tokens: Any, config:
                 log.info("kld_gradient: %d of %d calibration windows", done, total)
 
         try:
-            stats = mp.kld_stats(model.to(device), modules, tokens.to(device), fake, config.bits, progress)
+            stats = mp.kld_stats(model.to(device), modules, tokens.to(device), fake, config.bits, progress,
+                                 layers=_layers(model))
         finally:
             model.to("cpu")
     else:

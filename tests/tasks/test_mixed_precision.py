@@ -137,12 +137,16 @@ def test_kld_gradient_without_a_copy_matches_autograd_on_a_4_bit_copy(tmp_path: 
     expected = {n: float((copies[n].weight.grad * (copies[n].weight.data - fake(m.weight.data, 8))).sum()) / len(tokens)
                 for n, m in modules.items()}
 
-    got = {n: s["alignment"] for n, s in mp.kld_stats(model, modules, tokens, fake, 4).items()}
+    # As quantize-torch runs it: the decoder layers checkpointed (run again in the backward), the same numbers.
+    got = {n: s["alignment"] for n, s in mp.kld_stats(model, modules, tokens, fake, 4,
+                                                      layers=model.model.layers).items()}
+    kept = {n: s["alignment"] for n, s in mp.kld_stats(model, modules, tokens, fake, 4).items()}
     scale = max(abs(v) for v in expected.values())  # the 16-bit low weights: 0.08% of it measured
     assert all(abs(got[n] - expected[n]) <= 0.005 * scale for n in modules), (got, expected)
+    assert all(abs(got[n] - kept[n]) <= 1e-5 * scale for n in modules), (got, kept)
     assert sorted(modules, key=got.__getitem__) == sorted(modules, key=expected.__getitem__)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
-    assert all("forward" not in m.__dict__ for m in modules.values())
+    assert all("forward" not in m.__dict__ for m in [*modules.values(), *model.model.layers])
     assert torch.equal(model(input_ids=tokens[:1]).logits.detach(), before)
 
 
