@@ -206,17 +206,22 @@ def _float_embedding(hf_dir: Path) -> tuple[Any, bool]:
     from safetensors import safe_open
 
     config = json.loads((hf_dir / "config.json").read_text())
-    table, has_head = None, False
+    found: dict[str, Path] = {}
     for shard in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if key.endswith("embed_tokens.weight") and table is None:
-                    table = f.get_tensor(key).float().numpy().astype(np.float32)
-                has_head |= key == "lm_head.weight"
-    if table is None:
-        raise ModelSourceError(f"{hf_dir.name}: no *.embed_tokens.weight in its safetensors files, so the "
-                               "embedding cannot be re-rounded to 8 bits; build without embedding_int8")
-    return table, bool(config.get("tie_word_embeddings")) or not has_head
+            found.update({key: shard for key in f.keys() if key.endswith("embed_tokens.weight")  # noqa: SIM118
+                          or key == "lm_head.weight"})
+    tables = sorted(k for k in found if k.endswith("embed_tokens.weight"))
+    # the decoder's own table first (a multimodal checkpoint's text model is model.language_model)
+    key = next((k for k in ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight") if k in found),
+               tables[0] if len(tables) == 1 else None)
+    if key is None:
+        raise ModelSourceError(f"{hf_dir.name}: {'no' if not tables else 'more than one'} *.embed_tokens.weight "
+                               f"in its safetensors files ({', '.join(tables) or 'none'}), so the embedding cannot "
+                               "be re-rounded to 8 bits; build without embedding_int8")
+    with safe_open(str(found[key]), framework="pt") as f:
+        table = f.get_tensor(key).float().numpy().astype(np.float32)
+    return table, bool(config.get("tie_word_embeddings")) or "lm_head.weight" not in found
 
 
 def _table_int8(path: Path, hf_dir: Path) -> None:
