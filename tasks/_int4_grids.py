@@ -455,12 +455,8 @@ class _Rewriter:
             log.warning("%d weight(s) left in fp32: their input size (%s) is not a multiple of the block size %d "
                         "(e.g. %s); a smaller --block_size quantizes them", len(self.skipped), sizes, self.bs,
                         next(iter(self.skipped)))
-        del self.graph.node[:]
-        self.graph.node.extend(_live_nodes(self.prelude + self.nodes, outputs))
-        used = {i for n in self.graph.node for i in n.input}
-        kept = [t for t in list(self.graph.initializer) + self.new_inits if t.name in used]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(kept)
+        self.graph.initializer.extend(self.new_inits)
+        keep_live(self.graph, self.prelude + self.nodes)
 
 
 # Ops the builder may put between the lm_head and the logits, each with constant other inputs
@@ -523,6 +519,25 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Nod
     return live[::-1]
 
 
+def keep_live(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Set ``graph``'s nodes to those of ``nodes`` the outputs still read, and drop the initializers no
+    node reads any more."""
+    del graph.node[:]
+    graph.node.extend(_live_nodes(nodes, {o.name for o in graph.output}))
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def save_in_place(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` over ``path`` with its tensors in ``<name>.data`` (the old data file removed first:
+    onnx appends to an existing one)."""
+    (path.parent / f"{path.name}.data").unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
+
+
 def quantize(
     model_in_dir: str | Path,
     model_out_dir: str | Path,
@@ -582,9 +597,7 @@ def rewrite_quantized(path: Path, head_shortlist: int) -> None:
     changed = drop_implicit_zero_points(model) > 0
     changed = bool(head_shortlist and shortlist_quantized_head(model, head_shortlist)) or changed
     if changed:
-        (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # onnx appends to an existing data file
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=1024)
+        save_in_place(model, path)
 
 
 def shortlist_quantized_head(model: onnx.ModelProto, head_shortlist: int) -> bool:

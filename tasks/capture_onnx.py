@@ -166,6 +166,8 @@ def _embedding_8bit(path: Path) -> None:
     import onnx
     from onnx import helper, numpy_helper
 
+    from grove.tasks._int4_grids import save_in_place
+
     model = onnx.load(str(path))
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -190,10 +192,7 @@ def _embedding_8bit(path: Path) -> None:
             "GatherBlockQuantized", [names[0], node.input[1], names[1], names[2]], list(node.output),
             name=f"{node.name}_q8", domain="com.microsoft", bits=8, block_size=_EMBED_BLOCK, gather_axis=0,
             quantize_axis=1))
-        for f in path.parent.glob(f"{path.name}.data"):
-            f.unlink()
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=f"{path.name}.data", size_threshold=1024)
+        save_in_place(model, path)
         node_logger().info("embedding %s: 8-bit blocks of %d (%.0f MB instead of %.0f)", table.name, _EMBED_BLOCK,
                            q.nbytes / 1e6 + scale.nbytes / 1e6 * 1.25, w.nbytes / 1e6)
         return
@@ -235,7 +234,7 @@ def _table_int8(path: Path, hf_dir: Path) -> None:
     import onnx
     from onnx import helper, numpy_helper
 
-    from grove.tasks._int4_grids import quantize_weight
+    from grove.tasks._int4_grids import keep_live, quantize_weight, save_in_place
 
     table, tied = _float_embedding(hf_dir)
     vocab, hidden = table.shape
@@ -270,31 +269,12 @@ def _table_int8(path: Path, hf_dir: Path) -> None:
             "MatMulNBits", [head.input[0], name, name + "_scales"], list(head.output), name="/lm_head/MatMul_Q8",
             domain="com.microsoft", K=hidden, N=vocab, bits=8, block_size=_EMBED_BLOCK,
             **({"accuracy_level": level[0]} if level else {}))
-    nodes = [rows, *(replaced.get(id(node), node) for node in graph.node)]
-    _drop_unread(graph, nodes)
-    for f in path.parent.glob(f"{path.name}.data"):
-        f.unlink()
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=f"{path.name}.data", size_threshold=1024)
+    keep_live(graph, [rows, *(replaced.get(id(node), node) for node in graph.node)])
+    save_in_place(model, path)
     size = qw.packed.nbytes + qw.scales.size * (2 if io == onnx.TensorProto.FLOAT16 else 4)
     node_logger().info("embedding: 8-bit blocks of %d (%.0f MB)%s", _EMBED_BLOCK, size / 1e6,
                        ", read by the tied lm_head as an 8-bit MatMulNBits" if tied else
                        "; the untied lm_head keeps the builder's 4-bit weights")
-
-
-def _drop_unread(graph: Any, nodes: list[Any]) -> None:
-    """Set the graph's nodes to ``nodes`` less those (and the initializers) nothing reads any more."""
-    outputs = {o.name for o in graph.output}
-    while True:
-        read = outputs | {i for n in nodes for i in n.input}
-        kept = [n for n in nodes if any(o in read for o in n.output)]
-        if len(kept) == len(nodes):
-            break
-        nodes = kept
-    del graph.node[:]
-    graph.node.extend(nodes)
-    for t in [t for t in graph.initializer if t.name not in read]:
-        graph.initializer.remove(t)
 
 
 def _gather_scales_as_rows(path: Path) -> None:

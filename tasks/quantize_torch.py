@@ -498,7 +498,7 @@ def _choose_high_bits(model: Any, layers: Any, prefix: str, tokens: Any, config:
 
         try:
             stats = mp.kld_stats(model.to(device), modules, tokens.to(device), fake, config.bits, progress,
-                                 layers=_layers(model))
+                                 layers=layers)
         finally:
             model.to("cpu")
     else:

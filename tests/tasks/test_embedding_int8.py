@@ -4,6 +4,7 @@ reads that same table at 8 bits, an untied one keeps the builder's 4 bits; onnxr
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +86,7 @@ def test_a_gpu_build_keeps_fp16_scales(tiny_dir, tmp_path: Path) -> None:  # noq
 def test_only_the_builders_int4_takes_it(tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="embedding_int8 applies to precision int4"):
         CaptureConfig(precision="fp16", embedding_int8=True)
-    checkpoint = tmp_path / "gptq"
-    checkpoint.mkdir()
-    src = tiny_dir("qwen2")
-    for f in src.iterdir():
-        (checkpoint / f.name).write_bytes(f.read_bytes())
+    checkpoint = Path(shutil.copytree(tiny_dir("qwen2"), tmp_path / "gptq"))
     config = (checkpoint / "config.json").read_text()
     (checkpoint / "config.json").write_text(config.replace('"model_type"', '"quantization_config": '
                                                            '{"quant_method": "olive"}, "model_type"', 1))
