@@ -6,7 +6,9 @@ is one entry here plus a tiny model in ``tests/tiny_models.py`` that proves it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from grove.errors import UnsupportedArchitecture
@@ -14,7 +16,7 @@ from grove.errors import UnsupportedArchitecture
 if TYPE_CHECKING:
     from grove.artifacts import Source
 
-__all__ = ["ARCHITECTURES", "GRAPH", "ArchSpec", "arch_spec", "encoder_spec", "from_gguf", "source_spec"]
+__all__ = ["ARCHITECTURES", "GRAPH", "ArchSpec", "arch_spec", "encoder_spec", "from_gguf", "source_spec", "torch_spec"]
 
 _NO_SEGMENTS = ("input_ids", "attention_mask")
 
@@ -25,6 +27,10 @@ class ArchSpec:
     path: Literal["decoder", "encoder", "graph"]
     gguf: bool = False  # transformers can load this architecture from a GGUF file
     gguf_name: str | None = None  # a GGUF file's general.architecture, where it is not the model_type
+    # Decoders only: the text decoder of an image-text checkpoint. The builder exports the language model
+    # (a text-in, text-out graph genai runs as "<type>_text"); the vision tower is not exported, and the
+    # PyTorch-side work (GPTQ, RTN, QuaRot, mixed precision, fine-tuning) is refused by name (torch_spec).
+    multimodal: bool = False
     # Encoders only:
     inputs: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")  # the graph's inputs
     own_mask: bool = False  # builds its attention mask from the 0 / 1 padding mask itself (see capture_encoder)
@@ -57,6 +63,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "ernie4_5": ArchSpec("decoder"),
     "hunyuan_v1_dense": ArchSpec("decoder"),
     "lfm2": ArchSpec("decoder"),  # hybrid: short convolution layers and attention layers
+    "gemma3": ArchSpec("decoder", multimodal=True),  # Gemma 3 4B-27B, TranslateGemma
+    "mistral3": ArchSpec("decoder", multimodal=True),  # Ministral 3, Mistral Small 3.1+
+    "qwen2_5_vl": ArchSpec("decoder", multimodal=True),  # Qwen2.5-VL, Fara: MRoPE, equal sections for text
+    "qwen3_vl": ArchSpec("decoder", multimodal=True),
+    "qwen3_5": ArchSpec("decoder", multimodal=True),  # hybrid: gated linear-attention and full-attention layers
     "bert": _encoder(),
     "electra": _encoder(),
     "roberta": _encoder(**_ROBERTA),
@@ -92,6 +103,22 @@ def arch_spec(model_type: str) -> ArchSpec:
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         raise UnsupportedArchitecture(model_type, sorted(ARCHITECTURES))
+    return spec
+
+
+def torch_spec(model: str | Path, work: str) -> ArchSpec:
+    """The spec for ``model`` (a model_type, or an HF folder) where ``work`` (e.g. "GPTQ") loads the
+    checkpoint in PyTorch as a causal LM: the text decoder of a multimodal checkpoint is refused by name,
+    with what does run."""
+    model_type = model if isinstance(model, str) else json.loads((model / "config.json").read_text())["model_type"]
+    spec = arch_spec(model_type)
+    if spec.multimodal:
+        text_only = sorted(m for m, s in ARCHITECTURES.items() if s.path == "decoder" and not s.multimodal)
+        raise UnsupportedArchitecture(
+            model_type, text_only, path=work,
+            fix=f"A {model_type} checkpoint is image-text: Grove exports its text decoder with the model builder "
+                "(auto-opt's default int4, --int4_algorithm rtn / hqq / affine / builder, fp16, fp32), but loads no "
+                "multimodal checkpoint in PyTorch; drop the PyTorch-side pass, or start from a text-only model.")
     return spec
 
 

@@ -116,16 +116,19 @@ def run_builder(hf_dir: Path, out: Path, precision: str, execution_provider: str
     chatter = io.StringIO()
     # The builder prints progress to stdout; keep it for the log instead of the terminal.
     with (_builder_adapted(builder), tempfile.TemporaryDirectory(prefix="grove-builder-") as cache,
+          _text_tie_for_builder(hf_dir, Path(cache)) as source,
           contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter)):
         try:
-            extra = builder.parse_extra_options(None, str(hf_dir), str(out), precision, execution_provider,
+            extra = builder.parse_extra_options(None, str(source), str(out), precision, execution_provider,
                                                 str(cache), options)
-            builder.create_model(None, str(hf_dir), str(out), precision, execution_provider, str(cache), **extra)
+            builder.create_model(None, str(source), str(out), precision, execution_provider, str(cache), **extra)
         except (ValueError, NotImplementedError, KeyError) as exc:
             raise ModelSourceError(f"the onnxruntime-genai model builder cannot export this {model_type} model "
                                    f"({exc.__class__.__name__}: {exc})") from exc
     logging.getLogger("grove.builder").debug(chatter.getvalue()[-4000:])
     _copy_chat_template(hf_dir, out)
+    _keep_tokenizer_class(hf_dir, out)
+    _llama4_scaled_context(hf_dir, out)
     return str(model_type)
 
 
@@ -315,19 +318,23 @@ _BUILDER = threading.Lock()
 @contextlib.contextmanager
 def _builder_adapted(builder: Any) -> Iterator[None]:
     """While the builder (onnxruntime-genai 0.18) runs, let it read what it misreads: a LayerNorm model's
-    epsilon (``_norm_eps_for_builder``), transformers 5's Gemma 3 config, and OLMo's norms. The builder
-    expects transformers 4's layout, the global layers' RoPE in ``rope_parameters`` and the sliding
-    layers' theta in ``rope_local_base_freq``; transformers 5 nests both by layer type and the builder
-    stops (``KeyError: 'rope_type'``). Its ``AutoConfig`` is wrapped (other configs pass through as they
-    are) so that it sees the old layout; fp32 logits then match PyTorch's (tests/tasks/test_families).
-    What it replaces is put back on exit: nothing else in the process sees the builder changed."""
+    epsilon (``_norm_eps_for_builder``), transformers 5's Gemma 3 config, Gemma 3's sliding RoPE, YaRN, and
+    OLMo's norms. The builder expects transformers 4's layout, the global layers' RoPE in
+    ``rope_parameters`` and the sliding layers' theta in ``rope_local_base_freq``; transformers 5 nests
+    both by layer type and the builder stops (``KeyError: 'rope_type'``). Its ``AutoConfig`` is wrapped
+    (other configs pass through as they are) so that it sees the old layout; fp32 logits then match
+    PyTorch's (tests/tasks/test_families). What it replaces is put back on exit: nothing else in the
+    process sees the builder changed."""
     with _BUILDER:
-        auto, olmo = builder.AutoConfig, builder.OLMoModel
+        auto, olmo, gemma3 = builder.AutoConfig, builder.OLMoModel, builder.Gemma3Model
+        base_model = builder.Model  # every builder class's base: its YaRN ramp (see _yarn_inv_freq)
+        ntk = base_model.make_inv_freq_rescaled_with_ntk
 
         class AdaptedAutoConfig:
             @staticmethod
             def from_pretrained(*args: Any, **kwargs: Any) -> Any:
-                return _norm_eps_for_builder(_gemma3_rope_for_builder(auto.from_pretrained(*args, **kwargs)))
+                config = _gemma3_rope_for_builder(auto.from_pretrained(*args, **kwargs))
+                return _norm_eps_for_builder(_yarn_for_builder(config))
 
         class OLMoLayerNormModel(olmo):  # type: ignore[misc,valid-type]
             """OLMo's norms are LayerNorms without weights, at epsilon 1e-5 (transformers' OlmoLayerNorm);
@@ -342,11 +349,29 @@ def _builder_adapted(builder: Any) -> Iterator[None]:
                 self.layernorm_attrs["simple"] = False
                 self.layernorm_attrs["epsilon"] = 1e-5
 
-        builder.AutoConfig, builder.OLMoModel = AdaptedAutoConfig, OLMoLayerNormModel
+        class Gemma3SlidingRoPEModel(gemma3):  # type: ignore[misc,valid-type]
+            """Gemma 3's RoPE scaling (linear x8 on the 4B and larger) is the global layers' only: the
+            sliding layers keep plain RoPE at their own theta. The builder scaled both (a tiny Gemma 3's
+            logits 2.4 off PyTorch's); the sliding caches are made unscaled here."""
+
+            def make_rotary_embedding_multi_cache(self) -> None:
+                self.cos_cache_global_name, self.sin_cache_global_name = "cos_cache_global", "sin_cache_global"
+                base: Any = super(gemma3, self)  # the caches as Gemma 2 makes them, named as Gemma 3 names them
+                base.make_rotary_embedding_caches(cos_cache_name=self.cos_cache_global_name,
+                                                  sin_cache_name=self.sin_cache_global_name)
+                self.rope_attrs.update(create_caches=True, theta=self.rope_local_theta, rescale_factors=1)
+                self.cos_cache_local_name, self.sin_cache_local_name = "cos_cache_local", "sin_cache_local"
+                base.make_rotary_embedding_caches(cos_cache_name=self.cos_cache_local_name,
+                                                  sin_cache_name=self.sin_cache_local_name)
+
+        builder.AutoConfig, builder.OLMoModel, builder.Gemma3Model = (AdaptedAutoConfig, OLMoLayerNormModel,
+                                                                      Gemma3SlidingRoPEModel)
+        base_model.make_inv_freq_rescaled_with_ntk = _yarn_inv_freq
         try:
             yield
         finally:
-            builder.AutoConfig, builder.OLMoModel = auto, olmo
+            builder.AutoConfig, builder.OLMoModel, builder.Gemma3Model = auto, olmo, gemma3
+            base_model.make_inv_freq_rescaled_with_ntk = ntk
 
 
 # Where configs other than RMSNorm models' keep their norms' epsilon (phi: layer_norm_eps; nemotron: norm_eps).
@@ -367,19 +392,113 @@ def _norm_eps_for_builder(config: Any) -> Any:
 
 
 def _gemma3_rope_for_builder(config: Any) -> Any:
-    rope: Any = getattr(config, "rope_parameters", None)
-    if getattr(config, "model_type", "") != "gemma3_text" or not isinstance(rope, dict) or "full_attention" not in rope:
+    # An image-text Gemma 3 (model_type gemma3) keeps its text decoder's config in text_config, which the
+    # builder copies to the top level after this.
+    text = config.text_config if getattr(config, "model_type", "") == "gemma3" else config
+    rope: Any = getattr(text, "rope_parameters", None)
+    if getattr(text, "model_type", "") != "gemma3_text" or not isinstance(rope, dict) or "full_attention" not in rope:
         return config
     full: dict[str, Any] = rope["full_attention"]
     local: dict[str, Any] = rope.get("sliding_attention", full)
-    if {full.get("rope_type", "default"), local.get("rope_type", "default")} != {"default"}:
-        # The builder would scale the sliding layers' RoPE too (a tiny model's logits 2.4 off PyTorch's).
-        raise NotImplementedError(f"Gemma 3 with scaled RoPE ({full.get('rope_type')} x{full.get('factor')} on the "
-                                  "global layers) is exported wrong by this builder, so Grove does not export it; "
-                                  "Gemma 3 text models with plain RoPE (270M, 1B) are supported")
-    config.rope_local_base_freq = local["rope_theta"]
-    config.rope_parameters = dict(full)
+    if full.get("rope_type", "default") not in ("default", "linear") or local.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"Gemma 3 with {full.get('rope_type')} RoPE on its global layers and "
+                                  f"{local.get('rope_type', 'default')} on its sliding ones is not exported by this "
+                                  "builder; Gemma 3 with plain or linear-scaled global RoPE (270M to 27B) is")
+    text.rope_local_base_freq = local["rope_theta"]
+    text.rope_parameters = dict(full)
     return config
+
+
+@contextlib.contextmanager
+def _text_tie_for_builder(hf_dir: Path, scratch: Path) -> Iterator[Path]:
+    """The folder the builder reads. transformers ties an image-text model's lm_head to its embedding by the
+    top-level ``tie_word_embeddings``; the builder loads some of them (Qwen3.5) as their text model, which
+    reads text_config's (False by default): a tied checkpoint's lm_head was then a random matrix (a tiny
+    Qwen3.5's logits 3.0 off PyTorch's). Where the two differ, the builder gets a folder of links to
+    ``hf_dir`` whose config.json carries the top-level value into text_config; elsewhere ``hf_dir`` itself."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    text, tied = config.get("text_config"), config.get("tie_word_embeddings")
+    if not isinstance(text, dict) or not isinstance(tied, bool) or text.get("tie_word_embeddings", False) == tied:
+        yield hf_dir
+        return
+    folder = scratch / "model"
+    folder.mkdir()
+    for f in hf_dir.iterdir():
+        if f.name != "config.json":
+            (folder / f.name).symlink_to(f.resolve())
+    (folder / "config.json").write_text(json.dumps({**config, "text_config": {**text, "tie_word_embeddings": tied}}))
+    yield folder
+
+
+def _yarn_for_builder(config: Any) -> Any:
+    """The builder reads YaRN's pretraining context from the config's ``original_max_position_embeddings``
+    (transformers 4's place) and, without it, takes ``max_position_embeddings``: transformers 5 keeps it in
+    ``rope_parameters`` (Ministral 3: 16,384 of 262,144), so the ramp was placed for the wrong context."""
+    text = getattr(config, "text_config", None) or config
+    rope: Any = getattr(text, "rope_parameters", None)
+    if not isinstance(rope, dict) or rope.get("rope_type") != "yarn":
+        return config
+    if rope.get("truncate") is False:
+        raise NotImplementedError("YaRN with truncate false (an unrounded ramp) is not exported by Grove's fix of "
+                                  "the builder's YaRN, which rounds it as transformers does by default")
+    if rope.get("original_max_position_embeddings") and getattr(text, "original_max_position_embeddings", None) is None:
+        text.original_max_position_embeddings = rope["original_max_position_embeddings"]
+    return config
+
+
+def _yarn_inv_freq(self: Any, inv_freq: Any) -> Any:
+    """YaRN's frequencies as transformers computes them (``_compute_yarn_parameters``): the ramp between the
+    dimensions that turn beta_fast and beta_slow times over the pretraining context, its ends rounded out to
+    whole dimensions (transformers' ``truncate``; a config that turns it off is refused in _yarn_for_builder)
+    and kept inside the rotary half. The builder (0.18) left them unrounded and asserted they fell strictly
+    inside, which a small head fails."""
+    import math
+
+    import torch
+
+    attrs = self.rope_attrs["rescale_inv_freq"]
+    half = len(inv_freq)
+    theta, context = self.rope_attrs["theta"], self.original_context_length
+
+    def dimension(turns: float) -> float:
+        return half * math.log(context / (turns * 2 * math.pi)) / math.log(theta)
+
+    low = max(math.floor(dimension(attrs["ntk_beta"])), 0)  # beta_fast
+    high = min(math.ceil(dimension(attrs["ntk_alpha"])), 2 * half - 1)  # beta_slow
+    ramp = ((torch.arange(half, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    return inv_freq / attrs["factor"] * ramp + inv_freq * (1 - ramp)
+
+
+def _llama4_scaled_context(hf_dir: Path, out: Path) -> None:
+    """Ministral 3 scales its queries by 1 + beta * log(1 + floor(position / the pretraining context))
+    (``llama_4_scaling_beta``), which the builder does not export: below that context the factor is 1 and
+    the export is exact, so the model's context is capped there (genai stops a longer sequence) instead of
+    drifting past it."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    rope = config.get("text_config", config).get("rope_parameters") or {}
+    if not rope.get("llama_4_scaling_beta") or not (limit := rope.get("original_max_position_embeddings")):
+        return
+    path = out / "genai_config.json"
+    genai = json.loads(path.read_text())
+    if genai["model"].get("context_length", limit + 1) > limit:
+        genai["model"]["context_length"] = limit
+        genai.setdefault("search", {})["max_length"] = min(genai.get("search", {}).get("max_length", limit), limit)
+        path.write_text(json.dumps(genai, indent=4))
+        node_logger().info("context capped at %d tokens: past it the model scales its queries (llama_4_scaling_beta "
+                           "%s), which the model builder does not export", limit, rope["llama_4_scaling_beta"])
+
+
+def _keep_tokenizer_class(hf_dir: Path, out: Path) -> None:
+    """The builder re-saves the tokenizer through transformers, which names its class after the model
+    (Qwen3.5's: ``Qwen3_5Tokenizer``) where the checkpoint named a class genai reads; onnxruntime-genai then
+    refuses to load it ("Unsupported tokenizer class"). The checkpoint's own name is put back."""
+    src, dst = hf_dir / "tokenizer_config.json", out / "tokenizer_config.json"
+    if not src.is_file() or not dst.is_file():
+        return
+    shipped = json.loads(src.read_text()).get("tokenizer_class")
+    written = json.loads(dst.read_text())
+    if shipped and written.get("tokenizer_class") != shipped:
+        dst.write_text(json.dumps({**written, "tokenizer_class": shipped}, indent=2))
 
 
 def _copy_chat_template(hf_dir: Path, out: Path) -> None:

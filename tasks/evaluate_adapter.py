@@ -13,6 +13,7 @@ from prefect import task
 
 from grove.artifacts import Artifact, StepConfig
 from grove.node import RECIPE_CACHE, node_logger, report_progress, run_node
+from grove.tasks.architectures import torch_spec
 from grove.tasks.prepare_data import load_blocks
 
 __all__ = ["AdapterEvalConfig", "evaluate_adapter", "mean_loss"]
@@ -55,6 +56,7 @@ def _evaluate(inputs: list[Path], config: AdapterEvalConfig, out: Path) -> dict[
 
     model_dir, data_dir, adapter_dir = inputs
     blocks = load_blocks(data_dir, "eval")
+    torch_spec(model_dir, "evaluating an adapter")
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     n = len(blocks)
     before = mean_loss(base, blocks, lambda i: report_progress(i / (2 * n), f"base model, block {i}/{n}"))

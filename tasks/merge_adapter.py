@@ -11,6 +11,7 @@ from prefect import task
 
 from grove.artifacts import Artifact, StepConfig
 from grove.node import RECIPE_CACHE, node_logger, run_node
+from grove.tasks.architectures import torch_spec
 
 __all__ = ["MergeConfig", "merge_adapter"]
 
@@ -34,6 +35,7 @@ def _merge(inputs: list[Path], config: MergeConfig, out: Path) -> dict[str, obje
     from transformers import AutoModelForCausalLM
 
     model_dir, adapter_dir = inputs
+    torch_spec(model_dir, "merging an adapter")
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_dir / "adapter")).merge_and_unload()
     merged.save_pretrained(str(out))

@@ -35,6 +35,7 @@ from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from grove.tasks._choices import MIXED_PRECISION_HEURISTICS, MixedPrecisionAlgorithm
+from grove.tasks.architectures import torch_spec
 
 __all__ = ["TorchQuantConfig", "gptq", "output_stats", "quantize_torch", "rtn"]
 
@@ -345,6 +346,7 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
     from transformers import AutoModelForCausalLM
 
     log = node_logger()
+    torch_spec(folder, "GPTQ / RTN / QuaRot / mixed-precision")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     model.eval()

@@ -28,6 +28,7 @@ from grove.artifacts import Artifact, Device, StepConfig
 from grove.errors import InvalidRequest, MissingExtra
 from grove.node import RECIPE_CACHE, node_logger, node_scratch, report_progress, run_node
 from grove.tasks._checkpoints import StoreCheckpoints
+from grove.tasks.architectures import torch_spec
 from grove.tasks.prepare_data import load_blocks
 
 __all__ = ["OLIVE_TRAINING_DEFAULTS", "TrainConfig", "cpu_has_bf16", "linear_names", "peft_config", "resolve_targets",
@@ -141,6 +142,7 @@ def skeleton(source: Any) -> Any | None:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     else:
         return None
+    torch_spec(config.model_type, "fine-tuning")
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -211,6 +213,7 @@ def _load_base(model_dir: Path, config: TrainConfig, cuda: bool) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch_spec(model_dir, "fine-tuning")
     dtype = getattr(torch, config.torch_dtype)
     if config.method != "qlora":
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)

@@ -21,6 +21,8 @@ _COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=64, intermediate_si
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
+_VISION: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
 FAMILIES: dict[str, dict[str, Any]] = {
     # Real checkpoints' RoPE bases, not the default 10^4 (SmolLM2: 10^5; Qwen2.5: 10^6): the builder must read them.
     "llama": dict(tie_word_embeddings=False, rope_theta=1e5),
@@ -43,6 +45,40 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "ernie4_5": dict(head_dim=16, tie_word_embeddings=True),  # interleaved RoPE
     "hunyuan_v1_dense": dict(head_dim=16, tie_word_embeddings=True),  # query/key norms
     "lfm2": dict(layer_types=["conv", "full_attention"], tie_word_embeddings=True),
+    # Image-text checkpoints: a tiny text decoder (text_config, on top of _COMMON) beside a one-layer vision
+    # tower that Grove does not export; their text is what the builder writes and genai runs.
+    "gemma3": dict(text_config=dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=24,
+                                    layer_types=["sliding_attention", "full_attention"]),
+                   vision_config=dict(_VISION, image_size=28, patch_size=14), mm_tokens_per_image=4,
+                   tie_word_embeddings=True),
+    # Ministral 3's text decoder: YaRN (x16 over a pretraining context, here 64 tokens) and Llama 4's query
+    # scaling past that context, as the real checkpoint's rope_parameters have them.
+    "mistral3": dict(text_config=dict(model_type="ministral3", head_dim=16, sliding_window=None,
+                                      rope_parameters=dict(rope_type="yarn", factor=16.0, rope_theta=1e6,
+                                                           original_max_position_embeddings=64, beta_fast=32.0,
+                                                           beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                                           llama_4_scaling_beta=0.1)),
+                     vision_config=dict(_VISION, model_type="pixtral", image_size=28, patch_size=14, head_dim=16),
+                     tie_word_embeddings=False),
+    # Qwen's MRoPE: text tokens share one position on all three sections, which the builder's 2-D positions give.
+    "qwen2_5_vl": dict(text_config=dict(head_dim=16, rope_theta=1e6,
+                                        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+                       vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                          out_hidden_size=64, fullatt_block_indexes=[0]), tie_word_embeddings=True),
+    "qwen3_vl": dict(text_config=dict(head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                                 "mrope_interleaved": True}),
+                     vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                        deepstack_visual_indexes=[0]), tie_word_embeddings=True),
+    # Qwen3.5: gated linear-attention layers (a short convolution and a delta-rule state) beside gated full
+    # attention, (1 + w) norms, interleaved partial MRoPE; the image-text checkpoint is the only kind.
+    "qwen3_5": dict(text_config=dict(head_dim=16, layer_types=["linear_attention", "full_attention"],
+                                     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                                     linear_num_value_heads=4,
+                                     rope_parameters=dict(rope_type="default", rope_theta=1e7,
+                                                          partial_rotary_factor=0.25, mrope_interleaved=True,
+                                                          mrope_section=[1, 1, 0])),
+                    vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
+                    tie_word_embeddings=True),
 }
 
 
@@ -67,13 +103,18 @@ def tokenizer(folder: Path) -> None:
 
 def build(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
     """Save a tiny random ``family`` model (safetensors + tokenizer) to ``folder``; ``overrides``
-    replace config fields."""
+    replace config fields (an image-text model's text_config fields)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family], **overrides})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    spec = FAMILIES[family]
+    if "text_config" in spec:
+        text = {**_COMMON, **spec["text_config"], **overrides}
+        config = AutoConfig.for_model(family, **{**spec, "text_config": text})
+    else:
+        config = AutoConfig.for_model(family, **{**_COMMON, **spec, **overrides})
+    model = torch_class(family).from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random init is near-uniform; widen it so logits have a clear top-1
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -83,6 +124,13 @@ def build(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer(folder)
     return folder
+
+
+def torch_class(family: str) -> Any:
+    """The transformers auto class that loads ``family`` with its LM head (image-text ones: ImageTextToText)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if "text_config" in FAMILIES[family] else AutoModelForCausalLM
 
 
 def minilm_dir() -> Path:

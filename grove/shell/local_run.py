@@ -29,7 +29,7 @@ def preflight(request: AutoOptRequest | EncoderOptRequest | GraphOptRequest, sou
     architecture, output path, store, evaluation text. Raises a GroveError naming the cause and the fix."""
     from grove.tasks._data_sources import BUILTIN_TEXT, read_text
     from grove.tasks._encoder_io import calibration_texts
-    from grove.tasks.architectures import arch_spec
+    from grove.tasks.architectures import arch_spec, torch_spec
     from grove.tasks.download_model import check_safetensors
     from grove.tasks.package_genai import REPORT
 
@@ -38,6 +38,11 @@ def preflight(request: AutoOptRequest | EncoderOptRequest | GraphOptRequest, sou
     if path != "graph" and arch_spec(source.model_type).path != path:
         raise InvalidRequest(f"{request.model_name_or_path} is a {source.model_type} model, which Grove optimizes "
                              f"on the {arch_spec(source.model_type).path} path, not the {path} path")
+    if isinstance(request, AutoOptRequest):  # what loads the checkpoint in PyTorch (not image-text ones)
+        if request.int4_algorithm_used == "gptq":
+            torch_spec(source.model_type, "GPTQ / RTN / QuaRot / mixed-precision")
+        if request.adapter_path is not None and request.merge_adapter:
+            torch_spec(source.model_type, "merging an adapter")
     if source.kind == "local":
         check_safetensors(Path(source.location))
     out = Path(request.output_path).expanduser() if request.output_path is not None else None
@@ -158,13 +163,14 @@ def preflight_finetune(request: FinetuneRequest) -> None:
     from grove.tasks import _finetune_data as fd
     from grove.tasks import _sources
     from grove.tasks._report import REPORT
-    from grove.tasks.architectures import source_spec
+    from grove.tasks.architectures import source_spec, torch_spec
     from grove.tasks.package_finetune import MODEL_CONFIG
 
     source = _sources.resolve(request.model_name_or_path, request.revision)
     if source_spec(source).path != "decoder":
         raise InvalidRequest(f"{request.model_name_or_path} is a {source.model_type} model; grove finetune trains "
                              "decoder LLMs (text generation)")
+    torch_spec(source.model_type, "fine-tuning")
     out = Path(request.output_path).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).exists()
                                               and not (out / MODEL_CONFIG).exists())):

@@ -152,6 +152,30 @@ def test_a_builder_then_8_bit_k_quant_chain_writes_8_bit_blocks(tiny_dir, tmp_pa
     assert bits == {8}, bits
 
 
+_QWEN35_TEXT = {"m": {"type": "ModelBuilder", "precision": "int4", "int4_accuracy_level": 4,
+                       "int4_algo_config": "k_quant_linear",
+                       "extra_options": {"filename": "text.onnx", "prune_lm_head": True}},
+                "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "TieWordEmbeddings"}]}}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "mistral3", "qwen3_5"])
+def test_an_image_text_models_text_recipe_writes_its_text_decoder(family: str, tiny_dir, tmp_path: Path,  # noqa: ANN001
+                                                                  store: str) -> None:
+    """olive-recipes' text.json of an image-text model (Qwen2.5-VL, Qwen3-VL, Fara, Ministral 3: a ModelBuilder
+    at int4 on the whole checkpoint; Qwen3.5's with a pruned lm_head and TieWordEmbeddings) on a tiny one:
+    the output is its text decoder, as genai's text type, and it generates."""
+    passes = _QWEN35_TEXT if family == "qwen3_5" else {
+        "convert": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant_mixed",
+                    "extra_options": {"filename": "text.onnx"}}}
+    config = {"input_model": {"type": "HfModel", "model_path": str(tiny_dir(family))}, "passes": passes,
+              "output_dir": "model"}
+    result = grove_cli("run", "--config", str(_write(tmp_path, config)), env={"GROVE_STORE": store}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    genai = json.loads((tmp_path / "model" / "genai_config.json").read_text())
+    assert genai["model"]["type"] == f"{family}_text", genai["model"]["type"]
+    _generates_twelve_tokens(tmp_path / "model")
+
+
 def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path, store: str) -> None:
     """Olive >= 0.7's flat style (HfModel, options beside "type", engine keys at the top), as YAML:
     the dynamic quantization pass's options reach the int8 node; a command-line -o wins over output_dir."""

@@ -54,6 +54,9 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str] | Callabl
             lambda: ["-m", str(tiny_models.write_gguf(tiny_dir("gemma"), tmp_path / "gemma.gguf"))],
             "model_type 'gemma' is not supported for the GGUF path; supported: gemma2, gemma3_text, llama, mistral, "
             "phi3, qwen2, qwen3. transformers cannot read a gemma GGUF; pass the model's Hugging Face folder"),
+        "gptq on an image-text checkpoint": (["-m", str(tiny_dir("qwen2_5_vl")), "--int4_algorithm", "gptq"],
+                                             "model_type 'qwen2_5_vl' is not supported for the GPTQ / RTN / QuaRot / "
+                                             "mixed-precision path; supported: ernie4_5, gemma, gemma2, gemma3_text,"),
         "sentence-transformers module not computed": (  # built only for its case (a torch model)
             lambda: ["-m", str(tiny_models.build_sentence_transformer(tmp_path / "st-dense", ["Pooling", "Dense"]))],
             "sentence-transformers module(s) ['sentence_transformers.models.Dense'] are not supported"),
