@@ -16,6 +16,12 @@ per file), and the refusals are grouped by reason: the error split into its part
 config's names and values masked. Prints JSON and a table, writes bench/results/recipes.json, and
 compares with ``--baseline`` (default: bench/recipes_baseline.json, the figures before issue
 25's work) when it exists.
+
+A dry run does not fetch the model, so an accepted file may still name a model whose architecture Grove
+does not serve (the run itself stops with the supported list). The run-level view says which: each
+accepted file's model, by its model_type from bench/recipe_model_types.json (a snapshot written by hand:
+the bench runs offline), is served when tasks/architectures.py has it; an ONNX input is the graph path's,
+served whatever its architecture; a model not in the snapshot (a placeholder path) is unknown.
 """
 
 from __future__ import annotations
@@ -161,6 +167,31 @@ def dry_run(path: Path) -> tuple[int, str]:
     return code, message.removeprefix(f"{path}: ")
 
 
+MODEL_TYPES = ROOT / "bench" / "recipe_model_types.json"
+
+
+def _model_named(config: dict) -> tuple[str, str]:
+    """(the input model's type, lower case; its hub id or path) as the config names them."""
+    model = config.get("input_model") or {}
+    inner = model.get("config") or {}
+    path = model.get("model_path") or inner.get("model_path") or (inner.get("hf_config") or {}).get("model_name")
+    return str(model.get("type", "")).lower(), str(path)
+
+
+def served(path: Path, model_types: dict[str, str]) -> str:
+    """What a run of the accepted config at ``path`` meets: "served", "unknown", or the model_type Grove's
+    paths do not serve."""
+    from grove.tasks.architectures import ARCHITECTURES
+
+    kind, name = _model_named(json.loads(path.read_text(encoding="utf-8")))
+    if kind == "onnxmodel":
+        return "served"
+    model_type = model_types.get(name)
+    if model_type is None:
+        return "unknown"
+    return "served" if model_type in ARCHITECTURES else model_type
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipes", type=Path, default=DEFAULT_RECIPES, help="olive-recipes checkout")
@@ -179,6 +210,8 @@ def main() -> int:
     grouped: dict[str, list[str]] = {}
     files: dict[str, dict[str, object]] = {}
     media: dict[str, bool] = {}  # the speech / multimodal evaluation configs: accepted or not
+    model_types = {k: v for k, v in json.loads(MODEL_TYPES.read_text()).items() if not k.startswith("_")}
+    runs: Counter[str] = Counter()  # the accepted files, by what their run meets (served())
     for path in sorted(args.recipes.rglob("*.json")):
         target, why = classify(path)
         if target is None:
@@ -193,6 +226,9 @@ def main() -> int:
         row = per_target.setdefault(target, {"accepted": 0, "refused": 0})
         row["accepted" if code == 0 else "refused"] += 1
         files[name] = {"target": target, "accepted": code == 0, **({} if code == 0 else {"error": message})}
+        if code == 0:
+            files[name]["run"] = run = served(path, model_types)
+            runs[run] += 1
         if code:
             for reason in dict.fromkeys(reasons(message)):
                 grouped.setdefault(reason, []).append(name)
@@ -206,6 +242,9 @@ def main() -> int:
         "with_media_evaluations": {"counted": total + len(media), "accepted": accepted + sum(media.values()),
                                    "accepted_share": round((accepted + sum(media.values())) / (total + len(media)), 3)
                                    if total + len(media) else None},
+        # Accepted, and the model's architecture one Grove serves (the rest: by model_type, or unknown).
+        "served": runs["served"], "served_share": round(runs["served"] / total, 3) if total else None,
+        "accepted_not_served": {k: v for k, v in runs.most_common() if k != "served"},
         "left_out": dict(left_out.most_common()),
         "refusal_reasons": {r: len(f) for r, f in sorted(grouped.items(), key=lambda kv: -len(kv[1]))},
         "files": files,
@@ -229,6 +268,9 @@ def main() -> int:
           f"({100 * (accepted + sum(media.values())) / max(total + len(media), 1):.0f}%)"
           + (f"; baseline {baseline['accepted']}/{baseline['counted']} ({100 * baseline['accepted_share']:.0f}%)"
              if baseline else ""))
+    print(f"of those, the model's architecture served (the run can build it): {runs['served']}/{total} "
+          f"({100 * runs['served'] / max(total, 1):.0f}%); accepted, not served: "
+          + ", ".join(f"{k} {v}" for k, v in runs.most_common() if k != "served"))
     print(f"{'target':8} {'accepted':>9} {'refused':>8}" + (f" {'baseline accepted':>18}" if baseline else ""))
     for target, row in sorted(per_target.items()):
         was = baseline["per_target"].get(target, {}).get("accepted", 0) if baseline else None
