@@ -7,6 +7,7 @@ is one entry here plus a tiny model in ``tests/tiny_models.py`` that proves it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -16,7 +17,8 @@ from grove.errors import UnsupportedArchitecture
 if TYPE_CHECKING:
     from grove.artifacts import Source
 
-__all__ = ["ARCHITECTURES", "GRAPH", "ArchSpec", "arch_spec", "encoder_spec", "from_gguf", "source_spec", "torch_spec"]
+__all__ = ["ARCHITECTURES", "GRAPH", "ArchSpec", "arch_spec", "encoder_spec", "from_gguf", "keeps_dense", "source_spec",
+           "torch_spec"]
 
 _NO_SEGMENTS = ("input_ids", "attention_mask")
 
@@ -60,6 +62,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "phi": ArchSpec("decoder"),  # LayerNorm decoders: the builder's epsilon (and OLMo's norm) set right in capture
     "nemotron": ArchSpec("decoder"),
     "olmo": ArchSpec("decoder"),
+    "olmo2": ArchSpec("decoder"),  # norms after each block, whole-projection query/key norms (_builder_olmo2)
+    "olmo3": ArchSpec("decoder"),  # OLMo 2's layers, sliding-window layers, YaRN on the full layers only
     "ernie4_5": ArchSpec("decoder"),
     "hunyuan_v1_dense": ArchSpec("decoder"),
     "lfm2": ArchSpec("decoder"),  # hybrid: short convolution layers and attention layers
@@ -81,6 +85,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "deberta-v2": _encoder(inputs=_NO_SEGMENTS, own_mask=True),
     "modernbert": _encoder(inputs=_NO_SEGMENTS, own_mask=True),
 }
+
+
+# MatMuls (by the node names the model builder gives them) that the builder keeps in float at every
+# precision (its exclude_node_from_quantization), and Grove's int4 quantizers too: Qwen3.5's
+# linear-attention gates, whose outputs feed an exponential (the state's decay) and a sigmoid (beta).
+_DENSE_MATMULS = re.compile(r"/linear_attn/[ab]_proj/MatMul$")
+
+
+def keeps_dense(node_name: str) -> bool:
+    """Whether the MatMul named ``node_name`` keeps its float weights whatever the precision."""
+    return _DENSE_MATMULS.search(node_name) is not None
 
 
 # An ONNX graph given as the model (-m model.onnx): no architecture to know, the graph path serves it.

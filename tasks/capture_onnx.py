@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest, ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
+from grove.tasks._builder_olmo2 import OLMO2_TYPES, olmo2_model
 from grove.tasks.architectures import arch_spec
 
 __all__ = ["CaptureConfig", "capture_onnx", "run_builder"]
@@ -319,7 +320,8 @@ _BUILDER = threading.Lock()
 def _builder_adapted(builder: Any) -> Iterator[None]:
     """While the builder (onnxruntime-genai 0.18) runs, let it read what it misreads: a LayerNorm model's
     epsilon (``_norm_eps_for_builder``), transformers 5's Gemma 3 config, Gemma 3's sliding RoPE, YaRN, and
-    OLMo's norms. The builder expects transformers 4's layout, the global layers' RoPE in
+    OLMo's norms; and let it build OLMo 2 and 3, which it does not know (``_builder_olmo2``). The builder
+    expects transformers 4's layout, the global layers' RoPE in
     ``rope_parameters`` and the sliding layers' theta in ``rope_local_base_freq``; transformers 5 nests
     both by layer type and the builder stops (``KeyError: 'rope_type'``). Its ``AutoConfig`` is wrapped
     (other configs pass through as they are) so that it sees the old layout; fp32 logits then match
@@ -333,7 +335,7 @@ def _builder_adapted(builder: Any) -> Iterator[None]:
         class AdaptedAutoConfig:
             @staticmethod
             def from_pretrained(*args: Any, **kwargs: Any) -> Any:
-                config = _gemma3_rope_for_builder(auto.from_pretrained(*args, **kwargs))
+                config = _olmo2_for_builder(_gemma3_rope_for_builder(auto.from_pretrained(*args, **kwargs)))
                 return _norm_eps_for_builder(_yarn_for_builder(config))
 
         class OLMoLayerNormModel(olmo):  # type: ignore[misc,valid-type]
@@ -364,7 +366,13 @@ def _builder_adapted(builder: Any) -> Iterator[None]:
                 base.make_rotary_embedding_caches(cos_cache_name=self.cos_cache_local_name,
                                                   sin_cache_name=self.sin_cache_local_name)
 
-        builder.AutoConfig, builder.OLMoModel, builder.Gemma3Model = (AdaptedAutoConfig, OLMoLayerNormModel,
+        olmo2 = olmo2_model(builder)
+
+        def olmo_family(config: Any, *args: Any, **kwargs: Any) -> Any:
+            """OLMo 2 and 3 reach the builder as OLMo (_olmo2_for_builder) and are built by their own class."""
+            return (olmo2 if config.model_type in OLMO2_TYPES else OLMoLayerNormModel)(config, *args, **kwargs)
+
+        builder.AutoConfig, builder.OLMoModel, builder.Gemma3Model = (AdaptedAutoConfig, olmo_family,
                                                                       Gemma3SlidingRoPEModel)
         base_model.make_inv_freq_rescaled_with_ntk = _yarn_inv_freq
         try:
@@ -428,6 +436,25 @@ def _text_tie_for_builder(hf_dir: Path, scratch: Path) -> Iterator[Path]:
             (folder / f.name).symlink_to(f.resolve())
     (folder / "config.json").write_text(json.dumps({**config, "text_config": {**text, "tie_word_embeddings": tied}}))
     yield folder
+
+
+def _olmo2_for_builder(config: Any) -> Any:
+    """OLMo 2 / 3 go to the builder as OLMo, whose class Grove swaps for _builder_olmo2's; OLMo 3's RoPE,
+    nested by layer type in transformers 5, is handed over as the full layers' (scaling included) plus the
+    sliding layers' theta, as Gemma 3's is."""
+    if getattr(config, "model_type", "") not in OLMO2_TYPES:
+        return config
+    config.architectures = ["OlmoForCausalLM"]
+    rope: Any = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "full_attention" in rope:
+        local: dict[str, Any] = rope.get("sliding_attention") or rope["full_attention"]
+        if local.get("rope_type", "default") != "default":
+            raise NotImplementedError(f"OLMo 3 with {local['rope_type']} RoPE on its sliding layers is not exported "
+                                      "by Grove's OLMo 3 builder; scaling on the full layers is")
+        if any(t == "sliding_attention" for t in getattr(config, "layer_types", None) or ()):
+            config.rope_local_base_freq = local["rope_theta"]
+        config.rope_parameters = dict(rope["full_attention"])
+    return config
 
 
 def _yarn_for_builder(config: Any) -> Any:

@@ -42,6 +42,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "phi": dict(hidden_size=128, intermediate_size=256, tie_word_embeddings=False),
     "nemotron": dict(hidden_size=128, intermediate_size=256, tie_word_embeddings=False),
     "olmo": dict(tie_word_embeddings=True),
+    "olmo2": dict(tie_word_embeddings=False, rope_theta=5e5),
+    # OLMo 3: a sliding layer and a full one; YaRN (x8 over a 64-token pretraining context) on the full one only.
+    "olmo3": dict(tie_word_embeddings=False, sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+                  rope_theta=5e5, rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=64,
+                                                    beta_fast=32.0, beta_slow=1.0)),
     "ernie4_5": dict(head_dim=16, tie_word_embeddings=True),  # interleaved RoPE
     "hunyuan_v1_dense": dict(head_dim=16, tie_word_embeddings=True),  # query/key norms
     "lfm2": dict(layer_types=["conv", "full_attention"], tie_word_embeddings=True),
@@ -101,9 +106,10 @@ def tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def build(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
+def build(family: str, folder: Path, seed: int = 0, conv_std: float | None = None, **overrides: Any) -> Path:
     """Save a tiny random ``family`` model (safetensors + tokenizer) to ``folder``; ``overrides``
-    replace config fields (an image-text model's text_config fields)."""
+    replace config fields (an image-text model's text_config fields); ``conv_std``: Qwen3.5's
+    linear-attention convolution taps drawn at that spread instead of transformers' init."""
     import torch
     from transformers import AutoConfig
 
@@ -121,6 +127,8 @@ def build(family: str, folder: Path, seed: int = 0, **overrides: Any) -> Path:
                 p.normal_(0.0, 0.08)
             elif name.endswith(".bias"):  # initialised to 0, where an export that drops a bias goes unseen
                 p.normal_(0.0, 0.05)
+            elif conv_std is not None and name.endswith("linear_attn.conv1d.weight"):
+                p.normal_(0.0, conv_std)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer(folder)
     return folder

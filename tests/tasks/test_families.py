@@ -20,10 +20,9 @@ from tests import tiny_models
 from tests.tiny_models import FAMILIES
 
 FP32_ATOL = 1e-4  # measured ~2e-6 on these models: same math, different kernels
-# Qwen3.5's linear-attention layers, exported as onnxruntime's LinearAttention / CausalConvWithState /
-# GatedRMSNorm ops: measured 1.4e-3 off PyTorch's logits (scale ~2), where transformers' chunked and
-# recurrent delta rules agree to 3e-6 and a model of its full-attention layers only to 2e-6: the difference
-# is the export's (not traced further); a dropped or misread weight lands near 1 (its tied lm_head: 3.0).
+# Qwen3.5 at init: its gated norm divides its linear attention's output (RMS ~4e-4) by sqrt(mean square + 1e-6),
+# so the epsilon dominates and float noise shows magnified (1.4e-3); with wider taps the export is within 1e-4
+# (test_qwen3_5_export_matches_pytorch_once_its_linear_attention_outgrows_the_norm_epsilon).
 FP32_ATOL_FAMILY = {"qwen3_5": 3e-3}
 INT4_MIN_COSINE = 0.8
 TOKENS = list(range(3, 60))
@@ -31,7 +30,7 @@ TOKENS = list(range(3, 60))
 ALGORITHM = {"qwen2": "affine", "gemma": "hqq", "phi3": "hqq", "gemma2": "affine", "gemma3_text": "affine",
              "granite": "affine", "smollm3": "affine", "phi": "affine", "nemotron": "hqq", "olmo": "affine",
              "ernie4_5": "affine", "hunyuan_v1_dense": "hqq", "lfm2": "affine", "gemma3": "affine",
-             "mistral3": "hqq", "qwen2_5_vl": "affine", "qwen3_vl": "affine"}
+             "mistral3": "hqq", "qwen2_5_vl": "affine", "qwen3_vl": "affine", "olmo2": "affine", "olmo3": "hqq"}
 
 
 def test_every_decoder_architecture_has_its_tiny_model() -> None:
@@ -125,6 +124,37 @@ def test_image_text_checkpoints_refuse_pytorch_side_work_by_name(family: str, ti
         quantize_torch.fn(hf, TorchQuantConfig())
     with pytest.raises(UnsupportedArchitecture, match=rf"'{family}' is not supported for the fine-tuning path"):
         skeleton(resolve(str(folder)))
+
+
+def test_qwen3_5_export_matches_pytorch_once_its_linear_attention_outgrows_the_norm_epsilon(tmp_path,  # noqa: ANN001
+                                                                                          store: str) -> None:
+    """The family test's tolerance for Qwen3.5 is the tiny model's numerics, not the export's: with its
+    convolution taps wider (the gated norm's input RMS 4e-3 instead of 4e-4, above its 1e-6 epsilon) the
+    fp32 logits are within the other families' 1e-4 of PyTorch's (measured 5.6e-5; at init 1.4e-3)."""
+    import torch
+
+    folder = tiny_models.build("qwen3_5", tmp_path / "qwen3_5-wide", conv_std=3.0)
+    fp32 = capture_onnx.fn(download_model.fn(resolve(str(folder)), DownloadConfig(), store), CaptureConfig.cpu())
+    fp32_dir = store_for(store).fetch(fp32.node, fp32.digest)
+    onnx_logits = runtime.logits(runtime.genai_model(fp32_dir), TOKENS, runtime.kv_floor(fp32_dir))
+    with torch.no_grad():
+        torch_logits = tiny_models.torch_class("qwen3_5").from_pretrained(folder).eval()(torch.tensor([TOKENS])).logits
+    assert np.abs(onnx_logits - torch_logits[0].numpy()).max() < FP32_ATOL
+
+
+@pytest.mark.parametrize("algorithm", ["affine", "hqq", "rtn", "k_quant"])
+def test_qwen3_5_linear_attention_gates_stay_dense(algorithm: str, tiny_dir, store: str) -> None:  # noqa: ANN001
+    """The builder keeps Qwen3.5's decay and beta gate projections in float at every precision (they feed an
+    exponential and a sigmoid); each of Grove's int4 quantizers keeps them too, and quantizes the rest."""
+    fp32 = capture_onnx.fn(download_model.fn(resolve(str(tiny_dir("qwen3_5"))), DownloadConfig(), store),
+                           CaptureConfig.cpu())
+    int4 = quantize_int4.fn(fp32, Int4Config(algorithm=algorithm))
+    graph = onnx.load(str(store_for(store).fetch(int4.node, int4.digest) / "model.onnx"),
+                      load_external_data=False).graph
+    gates = ("a_proj/MatMul", "b_proj/MatMul")
+    dense = {n.name for n in graph.node if n.op_type == "MatMul" and n.name.endswith(gates)}
+    assert dense == {"/model/layers.0/linear_attn/a_proj/MatMul", "/model/layers.0/linear_attn/b_proj/MatMul"}
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) >= 5  # the other projections, 4-bit
 
 
 def test_ministral3_context_stops_where_its_query_scaling_starts(tiny_dir, store: str) -> None:  # noqa: ANN001
