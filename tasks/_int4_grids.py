@@ -54,6 +54,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from grove.tasks.architectures import keeps_dense
+
 log = logging.getLogger(__name__)
 
 MODES = ("affine", "hqq", "asym", "sym")
@@ -276,6 +278,10 @@ class _Rewriter:
             return False
         return True
 
+    def rewritable(self, node: onnx.NodeProto) -> bool:
+        """A MatMul whose weight is quantizable, and not one the builder keeps dense (keeps_dense)."""
+        return node.op_type == "MatMul" and not keeps_dense(node.name) and self.quantizable(node.input[1])
+
     def quantize(self, name: str) -> QuantizedWeight:
         """Quantize (once) and register the MatMulNBits initializers of weight ``name``."""
         if name not in self.quantized:
@@ -433,7 +439,7 @@ class _Rewriter:
         outputs = {o.name for o in self.graph.output}
         self.head_bias = heads = _lm_heads(self.graph, outputs)
         self.head_weights = set(heads)
-        matmuls = [n for n in self.graph.node if n.op_type == "MatMul" and self.quantizable(n.input[1])]
+        matmuls = [n for n in self.graph.node if self.rewritable(n)]
         groups = self.fuse_siblings(matmuls)
         member_of = {m.output[0]: name for name, members in groups.items() for m in members}
         shortlists = [h + _SHORTLIST for h in heads if self.head_shortlist and self.head_bits == 8]
@@ -443,7 +449,7 @@ class _Rewriter:
                 if member_of[node.output[0]] in groups:  # the group's first member: write it once
                     name = member_of[node.output[0]]
                     self.rewrite_fused(name, groups.pop(name))
-            elif node.op_type == "MatMul" and self.quantizable(node.input[1]):
+            elif self.rewritable(node):
                 rewrite = self.rewrite_head if node.input[1] in heads else self.rewrite_matmul
                 rewrite(node.input[0], node.input[1], node.output[0])
             elif node.op_type == "Gather" and embedding != "keep" and (w := self.embedding_weight(node, producers)):

@@ -15,6 +15,7 @@ from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from grove.tasks._choices import Int4Algorithm
+from grove.tasks.architectures import keeps_dense
 
 __all__ = ["INT4_ALGORITHMS", "Int4Config", "quantize_int4"]
 
@@ -134,6 +135,7 @@ def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]
     else:
         algo = mnq.DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
                                                 accuracy_level=config.accuracy_level)
+    keep += [n.name for n in model.graph.node if n.op_type == "MatMul" and keeps_dense(n.name)]
     quantizer = mnq.MatMulNBitsQuantizer(model, block_size=config.block_size, is_symmetric=config.symmetric,
                                          accuracy_level=config.accuracy_level, algo_config=algo,
                                          nodes_to_exclude=keep)
