@@ -113,7 +113,9 @@ def run_builder(hf_dir: Path, out: Path, precision: str, execution_provider: str
     from onnxruntime_genai.models import builder
 
     model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type", "")
-    arch_spec(model_type)  # raises UnsupportedArchitecture with the supported list
+    if arch_spec(model_type).multimodal:  # raises UnsupportedArchitecture with the supported list
+        node_logger().info("%s is an image-text checkpoint: its text decoder is exported (text in, text out); "
+                           "its vision tower is not", model_type)
     chatter = io.StringIO()
     # The builder prints progress to stdout; keep it for the log instead of the terminal.
     with (_builder_adapted(builder), tempfile.TemporaryDirectory(prefix="grove-builder-") as cache,

@@ -173,6 +173,7 @@ def test_an_image_text_models_text_recipe_writes_its_text_decoder(family: str, t
     assert result.returncode == 0, result.stderr[-3000:]
     genai = json.loads((tmp_path / "model" / "genai_config.json").read_text())
     assert genai["model"]["type"] == f"{family}_text", genai["model"]["type"]
+    assert f"{family} is an image-text checkpoint: its text decoder is exported" in result.stderr
     _generates_twelve_tokens(tmp_path / "model")
 
 
