@@ -38,6 +38,10 @@ _REASONS = {  # why some well-known families are refused, beyond "not in the lis
     "gemma": "its norm scales by (1 + w) and its embedding is scaled by sqrt(hidden)",
     "gemma2": "its norm scales by (1 + w), with norms after attention and the MLP too",
     "gemma3_text": "its norm scales by (1 + w), with norms after attention and the MLP too",
+    # OLMo 2 / 3: each block's output is normalized before the residual add, and nothing normalizes its
+    # input, so no norm scale can be folded into the layers that read the stream.
+    "olmo2": "its norms follow attention and the MLP (none precedes them)",
+    "olmo3": "its norms follow attention and the MLP (none precedes them)",
 }
 # The linears that read input_layernorm's output (q, k, v; phi3's fused qkv_proj) and post_attention_layernorm's
 # (gate, up; phi3's gate_up_proj): a layer has one spelling or the other.

@@ -132,6 +132,7 @@ def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 @pytest.mark.parametrize(("family", "symmetric"), [
     ("llama", False), ("qwen2", False),  # an lm_head of its own; one tied to the embedding
     ("phi3", False),  # fused qkv_proj and gate_up_proj, written as the q/k/v and gate/up the builder reads
+    ("olmo3", False),  # Grove's own builder class (norms after each block) reading a quantized checkpoint
     ("qwen2", True)])  # symmetric groups with signed scales, searched ranges, the tied 8-bit table too
 def test_the_builder_writes_the_checkpoints_integers_and_genai_runs_them(family: str, symmetric: bool,
                                                                         tiny_dir, tmp_path: Path) -> None:  # noqa: ANN001

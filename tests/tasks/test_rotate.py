@@ -188,6 +188,13 @@ def test_gemma_is_refused_for_its_one_plus_w_norm() -> None:
         rot.rotate_model(model)
 
 
+@pytest.mark.parametrize("family", ["olmo2", "olmo3"])
+def test_olmo_2_and_3_are_refused_for_their_norms_after_each_block(family: str) -> None:
+    model = _tiny(family, tie_word_embeddings=False)
+    with pytest.raises(InvalidRequest, match=rf"{family}.*norms follow attention and the MLP"):
+        rot.rotate_model(model)
+
+
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(InvalidRequest, match="mode"):
         rot.rotate_model(_tiny("llama"), mode="walsh")  # type: ignore[arg-type]
