@@ -132,8 +132,9 @@ def torch_spec(model: str | Path, work: str) -> ArchSpec:
         raise UnsupportedArchitecture(
             model_type, text_only, path=work,
             fix=f"A {model_type} checkpoint is image-text: Grove exports its text decoder with the model builder "
-                "(auto-opt's default int4, --int4_algorithm rtn / hqq / affine / builder, fp16, fp32), but loads no "
-                "multimodal checkpoint in PyTorch; drop the PyTorch-side pass, or start from a text-only model.")
+                "(auto-opt's default int4, --int4_algorithm affine / hqq / rtn / k_quant / builder, fp16, fp32), "
+                "but loads no multimodal checkpoint in PyTorch; drop the PyTorch-side pass, or start from a "
+                "text-only model.")
     return spec
 
 
