@@ -20,9 +20,22 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["OLMO2_TYPES", "olmo2_model"]
+__all__ = ["OLMO2_TYPES", "olmo2_model", "split_rope_caches"]
 
 OLMO2_TYPES = ("olmo2", "olmo3")
+
+
+def split_rope_caches(model: Any, make_caches: Any) -> None:
+    """A builder model's two cos/sin caches, named as Gemma 3's builder names them: the full ("global")
+    layers' with the config's scaling (linear, YaRN and its magnitude), then the sliding ("local") layers'
+    plain, at their own theta (``model.rope_local_theta``). ``make_caches`` is the builder's own cache maker
+    (the class's parent's, not an override that picks a cache by layer)."""
+    model.cos_cache_global_name, model.sin_cache_global_name = "cos_cache_global", "sin_cache_global"
+    make_caches(cos_cache_name=model.cos_cache_global_name, sin_cache_name=model.sin_cache_global_name)
+    model.rope_attrs.pop("rescale_inv_freq", None)
+    model.rope_attrs.update(create_caches=True, theta=model.rope_local_theta, rescale_factors=1, mscale=1)
+    model.cos_cache_local_name, model.sin_cache_local_name = "cos_cache_local", "sin_cache_local"
+    make_caches(cos_cache_name=model.cos_cache_local_name, sin_cache_name=model.sin_cache_local_name)
 
 
 def olmo2_model(builder: Any) -> type:
@@ -39,15 +52,7 @@ def olmo2_model(builder: Any) -> type:
 
         # -- RoPE: a scaled cache for the full layers, a plain one for the sliding layers -----------------
         def make_rotary_embedding_multi_cache(self) -> None:
-            self.cos_cache_global_name, self.sin_cache_global_name = "cos_cache_global", "sin_cache_global"
-            base: Any = super()
-            base.make_rotary_embedding_caches(cos_cache_name=self.cos_cache_global_name,
-                                              sin_cache_name=self.sin_cache_global_name)
-            self.rope_attrs.pop("rescale_inv_freq", None)
-            self.rope_attrs.update(create_caches=True, theta=self.rope_local_theta, rescale_factors=1, mscale=1)
-            self.cos_cache_local_name, self.sin_cache_local_name = "cos_cache_local", "sin_cache_local"
-            base.make_rotary_embedding_caches(cos_cache_name=self.cos_cache_local_name,
-                                              sin_cache_name=self.sin_cache_local_name)
+            split_rope_caches(self, super().make_rotary_embedding_caches)
 
         def make_rotary_embedding_caches(self, **kwargs: Any) -> Any:
             if getattr(self, "rope_local_theta", None) is not None and "cos_cache_name" not in kwargs:

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest, ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
-from grove.tasks._builder_olmo2 import OLMO2_TYPES, olmo2_model
+from grove.tasks._builder_olmo2 import OLMO2_TYPES, olmo2_model, split_rope_caches
 from grove.tasks.architectures import arch_spec
 
 __all__ = ["CaptureConfig", "capture_onnx", "run_builder"]
@@ -112,14 +112,15 @@ def run_builder(hf_dir: Path, out: Path, precision: str, execution_provider: str
     Grove does not support, or one the builder cannot export, is one error."""
     from onnxruntime_genai.models import builder
 
-    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type", "")
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    model_type = hf_config.get("model_type", "")
     if arch_spec(model_type).multimodal:  # raises UnsupportedArchitecture with the supported list
         node_logger().info("%s is an image-text checkpoint: its text decoder is exported (text in, text out); "
                            "its vision tower is not", model_type)
     chatter = io.StringIO()
     # The builder prints progress to stdout; keep it for the log instead of the terminal.
     with (_builder_adapted(builder), tempfile.TemporaryDirectory(prefix="grove-builder-") as cache,
-          _text_tie_for_builder(hf_dir, Path(cache)) as source,
+          _text_tie_for_builder(hf_dir, hf_config, Path(cache)) as source,
           contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter)):
         try:
             extra = builder.parse_extra_options(None, str(source), str(out), precision, execution_provider,
@@ -131,7 +132,7 @@ def run_builder(hf_dir: Path, out: Path, precision: str, execution_provider: str
     logging.getLogger("grove.builder").debug(chatter.getvalue()[-4000:])
     _copy_chat_template(hf_dir, out)
     _keep_tokenizer_class(hf_dir, out)
-    _llama4_scaled_context(hf_dir, out)
+    _llama4_scaled_context(hf_config, out)
     return str(model_type)
 
 
@@ -359,14 +360,9 @@ def _builder_adapted(builder: Any) -> Iterator[None]:
             logits 2.4 off PyTorch's); the sliding caches are made unscaled here."""
 
             def make_rotary_embedding_multi_cache(self) -> None:
-                self.cos_cache_global_name, self.sin_cache_global_name = "cos_cache_global", "sin_cache_global"
-                base: Any = super(gemma3, self)  # the caches as Gemma 2 makes them, named as Gemma 3 names them
-                base.make_rotary_embedding_caches(cos_cache_name=self.cos_cache_global_name,
-                                                  sin_cache_name=self.sin_cache_global_name)
-                self.rope_attrs.update(create_caches=True, theta=self.rope_local_theta, rescale_factors=1)
-                self.cos_cache_local_name, self.sin_cache_local_name = "cos_cache_local", "sin_cache_local"
-                base.make_rotary_embedding_caches(cos_cache_name=self.cos_cache_local_name,
-                                                  sin_cache_name=self.sin_cache_local_name)
+                # The caches as Gemma 2 makes them (Gemma 3's own maker picks a cache by layer).
+                base: Any = super(gemma3, self)
+                split_rope_caches(self, base.make_rotary_embedding_caches)
 
         olmo2 = olmo2_model(builder)
 
@@ -401,10 +397,14 @@ def _norm_eps_for_builder(config: Any) -> Any:
     return config
 
 
+def _text_config(config: Any) -> Any:
+    """An image-text config's text decoder part (text_config, which the builder copies to the top level
+    after the fixes below), or a text model's config itself."""
+    return getattr(config, "text_config", None) or config
+
+
 def _gemma3_rope_for_builder(config: Any) -> Any:
-    # An image-text Gemma 3 (model_type gemma3) keeps its text decoder's config in text_config, which the
-    # builder copies to the top level after this.
-    text = config.text_config if getattr(config, "model_type", "") == "gemma3" else config
+    text = _text_config(config)
     rope: Any = getattr(text, "rope_parameters", None)
     if getattr(text, "model_type", "") != "gemma3_text" or not isinstance(rope, dict) or "full_attention" not in rope:
         return config
@@ -420,13 +420,12 @@ def _gemma3_rope_for_builder(config: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _text_tie_for_builder(hf_dir: Path, scratch: Path) -> Iterator[Path]:
+def _text_tie_for_builder(hf_dir: Path, config: dict[str, Any], scratch: Path) -> Iterator[Path]:
     """The folder the builder reads. transformers ties an image-text model's lm_head to its embedding by the
     top-level ``tie_word_embeddings``; the builder loads some of them (Qwen3.5) as their text model, which
     reads text_config's (False by default): a tied checkpoint's lm_head was then a random matrix (a tiny
     Qwen3.5's logits 3.0 off PyTorch's). Where the two differ, the builder gets a folder of links to
     ``hf_dir`` whose config.json carries the top-level value into text_config; elsewhere ``hf_dir`` itself."""
-    config = json.loads((hf_dir / "config.json").read_text())
     text, tied = config.get("text_config"), config.get("tie_word_embeddings")
     if not isinstance(text, dict) or not isinstance(tied, bool) or text.get("tie_word_embeddings", False) == tied:
         yield hf_dir
@@ -463,7 +462,7 @@ def _yarn_for_builder(config: Any) -> Any:
     """The builder reads YaRN's pretraining context from the config's ``original_max_position_embeddings``
     (transformers 4's place) and, without it, takes ``max_position_embeddings``: transformers 5 keeps it in
     ``rope_parameters`` (Ministral 3: 16,384 of 262,144), so the ramp was placed for the wrong context."""
-    text = getattr(config, "text_config", None) or config
+    text = _text_config(config)
     rope: Any = getattr(text, "rope_parameters", None)
     if not isinstance(rope, dict) or rope.get("rope_type") != "yarn":
         return config
@@ -498,12 +497,11 @@ def _yarn_inv_freq(self: Any, inv_freq: Any) -> Any:
     return inv_freq / attrs["factor"] * ramp + inv_freq * (1 - ramp)
 
 
-def _llama4_scaled_context(hf_dir: Path, out: Path) -> None:
+def _llama4_scaled_context(config: dict[str, Any], out: Path) -> None:
     """Ministral 3 scales its queries by 1 + beta * log(1 + floor(position / the pretraining context))
     (``llama_4_scaling_beta``), which the builder does not export: below that context the factor is 1 and
     the export is exact, so the model's context is capped there (genai stops a longer sequence) instead of
     drifting past it."""
-    config = json.loads((hf_dir / "config.json").read_text())
     rope = config.get("text_config", config).get("rope_parameters") or {}
     if not rope.get("llama_4_scaling_beta") or not (limit := rope.get("original_max_position_embeddings")):
         return
