@@ -33,6 +33,9 @@ class ArchSpec:
     # (a text-in, text-out graph genai runs as "<type>_text"); the vision tower is not exported, and the
     # PyTorch-side work (GPTQ, RTN, QuaRot, mixed precision, fine-tuning) is refused by name (torch_spec).
     multimodal: bool = False
+    # Decoders only: what writes the graph. "builder": onnxruntime-genai's model builder; "mobius": mobius
+    # (tasks/_mobius.py), for what the builder cannot export; it writes fp32 / fp16, quantized on the graph.
+    exporter: Literal["builder", "mobius"] = "builder"
     # Encoders only:
     inputs: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")  # the graph's inputs
     own_mask: bool = False  # builds its attention mask from the 0 / 1 padding mask itself (see capture_encoder)
@@ -72,6 +75,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2_5_vl": ArchSpec("decoder", multimodal=True),  # Qwen2.5-VL, Fara: MRoPE, equal sections for text
     "qwen3_vl": ArchSpec("decoder", multimodal=True),
     "qwen3_5": ArchSpec("decoder", multimodal=True),  # hybrid: gated linear-attention and full-attention layers
+    # Gemma 4 (E2B, E4B, 31B): per-layer inputs, KV shared across layers, full layers with their own head size
+    "gemma4": ArchSpec("decoder", multimodal=True, exporter="mobius"),
     "bert": _encoder(),
     "electra": _encoder(),
     "roberta": _encoder(**_ROBERTA),
@@ -128,13 +133,14 @@ def torch_spec(model: str | Path, work: str) -> ArchSpec:
     model_type = model if isinstance(model, str) else json.loads((model / "config.json").read_text())["model_type"]
     spec = arch_spec(model_type)
     if spec.multimodal:
+        builder = spec.exporter == "builder"
         text_only = sorted(m for m, s in ARCHITECTURES.items() if s.path == "decoder" and not s.multimodal)
         raise UnsupportedArchitecture(
             model_type, text_only, path=work,
-            fix=f"A {model_type} checkpoint is image-text: Grove exports its text decoder with the model builder "
-                "(auto-opt's default int4, --int4_algorithm affine / hqq / rtn / k_quant / builder, fp16, fp32), "
-                "but loads no multimodal checkpoint in PyTorch; drop the PyTorch-side pass, or start from a "
-                "text-only model.")
+            fix=f"A {model_type} checkpoint is image-text: Grove exports its text decoder with the "
+                f"{'model builder' if builder else 'mobius exporter'} (auto-opt's default int4, --int4_algorithm "
+                f"affine / hqq / rtn / k_quant{' / builder' if builder else ''}, fp16, fp32), but loads no "
+                "multimodal checkpoint in PyTorch; drop the PyTorch-side pass, or start from a text-only model.")
     return spec
 
 

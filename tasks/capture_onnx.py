@@ -21,6 +21,7 @@ from grove.artifacts import Artifact, StepConfig
 from grove.errors import InvalidRequest, ModelSourceError
 from grove.node import RECIPE_CACHE, node_logger, run_node
 from grove.tasks._builder_olmo2 import OLMO2_TYPES, olmo2_model, split_rope_caches
+from grove.tasks._mobius import run_mobius
 from grove.tasks.architectures import arch_spec
 
 __all__ = ["CaptureConfig", "capture_onnx", "run_builder"]
@@ -109,12 +110,17 @@ def _capture(inputs: list[Path], config: CaptureConfig, out: Path) -> dict[str, 
 def run_builder(hf_dir: Path, out: Path, precision: str, execution_provider: str, options: list[str]) -> str:
     """The onnxruntime-genai model builder on ``hf_dir`` with its ``extra_options`` (``key=value``), its
     chatter kept for the debug log, the chat template copied; returns the model type. An architecture
-    Grove does not support, or one the builder cannot export, is one error."""
+    Grove does not support, or one the builder cannot export, is one error. The architectures the builder
+    cannot export go to mobius (tasks/_mobius.py) instead."""
     from onnxruntime_genai.models import builder
 
     hf_config = json.loads((hf_dir / "config.json").read_text())
     model_type = hf_config.get("model_type", "")
-    if arch_spec(model_type).multimodal:  # raises UnsupportedArchitecture with the supported list
+    if arch_spec(model_type).exporter == "mobius":  # raises UnsupportedArchitecture with the supported list
+        model_type = run_mobius(hf_dir, out, precision, execution_provider, options)
+        _copy_chat_template(hf_dir, out)
+        return model_type
+    if arch_spec(model_type).multimodal:
         node_logger().info("%s is an image-text checkpoint: its text decoder is exported (text in, text out); "
                            "its vision tower is not", model_type)
     chatter = io.StringIO()

@@ -132,6 +132,15 @@ def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]
         if keep:
             node_logger().info("k_quant: %d MatMul(s) computing a graph output keep their weights (%s)", len(keep),
                                ", ".join(keep))
+        # It also fails on a weight with an odd number of blocks per column (its zero points, two to a byte, do
+        # not reshape: "cannot reshape array of size 32 into shape (64,newaxis)"): such a MatMul keeps its weights.
+        shapes = {t.name: t.dims for t in model.graph.initializer}
+        if odd := [n.name for n in model.graph.node if n.op_type == "MatMul" and len(shapes.get(n.input[1], ())) == 2
+                   and -(-shapes[n.input[1]][0] // config.block_size) % 2 == 1]:
+            keep += odd
+            node_logger().warning("k_quant: %d MatMul(s) keep their weights: an odd number of %d-weight blocks per "
+                                  "column, which onnxruntime's k-quant cannot pack (e.g. %s); another --block_size "
+                                  "quantizes them", len(odd), config.block_size, odd[0])
     else:
         algo = mnq.DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
                                                 accuracy_level=config.accuracy_level)

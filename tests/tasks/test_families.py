@@ -25,12 +25,16 @@ FP32_ATOL = 1e-4  # measured ~2e-6 on these models: same math, different kernels
 # (test_qwen3_5_export_matches_pytorch_once_its_linear_attention_outgrows_the_norm_epsilon).
 FP32_ATOL_FAMILY = {"qwen3_5": 3e-3}
 INT4_MIN_COSINE = 0.8
+# Gemma 4's attention is its query and key norms' alone (scaling 1.0), which a random model's 4-bit q / k rounding
+# moves most: measured 0.75 (affine) and 0.78 (hqq) at the worst of 57 positions, median 0.95.
+INT4_MIN_COSINE_FAMILY = {"gemma4": 0.7}
 TOKENS = list(range(3, 60))
 # Each int4 quantizer on at least one family (tied and untied embeddings), the rest on rtn.
 ALGORITHM = {"qwen2": "affine", "gemma": "hqq", "phi3": "hqq", "gemma2": "affine", "gemma3_text": "affine",
              "granite": "affine", "smollm3": "affine", "phi": "affine", "nemotron": "hqq", "olmo": "affine",
              "ernie4_5": "affine", "hunyuan_v1_dense": "hqq", "lfm2": "affine", "gemma3": "affine",
-             "mistral3": "hqq", "qwen2_5_vl": "affine", "qwen3_vl": "affine", "olmo2": "affine", "olmo3": "hqq"}
+             "mistral3": "hqq", "qwen2_5_vl": "affine", "qwen3_vl": "affine", "olmo2": "affine", "olmo3": "hqq",
+             "gemma4": "hqq"}
 
 
 def test_every_decoder_architecture_has_its_tiny_model() -> None:
@@ -63,14 +67,17 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
     assert busy is None or 0 <= busy <= 1
     assert runtime.model_size(int4_dir) < runtime.model_size(fp32_dir)
     if algorithm != "rtn":  # Grove's grids: the lm_head found (gemma2's sits before its soft-capping) and
-        # given the default 8-bit shortlist, its weight shared with the embedding's 8-bit table
+        # given the default 8-bit shortlist, its weight shared with the embedding's 8-bit table (Gemma 4's
+        # per-layer embedding table is a third)
         ops = [n.op_type for n in onnx.load(str(int4_dir / "model.onnx"), load_external_data=False).graph.node]
-        assert ops.count("TopK") == 1 and ops.count("GatherBlockQuantized") == 2, family
+        tables = 3 if family == "gemma4" else 2
+        assert ops.count("TopK") == 1 and ops.count("GatherBlockQuantized") == tables, family
     # Random Gaussian weights are the worst case for 4-bit blocks (measured: logit cosine
     # 0.89-0.99 with rtn, affine or hqq); a broken quantizer lands near 0.
     a, b = runtime.logits(runtime.genai_model(int4_dir), TOKENS, runtime.kv_floor(int4_dir)), onnx_logits
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-    assert cosine.min() > INT4_MIN_COSINE, f"int4 {algorithm} {family}: logit cosine vs fp32 down to {cosine.min():.3f}"
+    floor = INT4_MIN_COSINE_FAMILY.get(family, INT4_MIN_COSINE)
+    assert cosine.min() > floor, f"int4 {algorithm} {family}: logit cosine vs fp32 down to {cosine.min():.3f}"
 
     # The evaluate node as auto-opt runs it, in perplexity chunks shorter than gemma2's sliding
     # window (as a real Gemma 2's 512-token chunks are shorter than its 4096): the fp32 perplexity
