@@ -48,6 +48,7 @@ class Translation:
     # GraphSurgeries on the embedding and lm_head, which Grove's int4 honours with some algorithms only:
     # (where, surgeons), checked once the passes have set the flags.
     table_surgeries: list[tuple[str, list[str]]] = field(default_factory=list)
+    graph: bool = False  # an ONNXModel input: auto-opt takes the graph path
 
     def argv(self) -> list[str]:
         return _argv(self.flags)
@@ -245,6 +246,32 @@ class ModelBuilder(_Pass):
             level = int((self.extra_options or {})["int4_accuracy_level"])
         return {**flags, **{k: v for k, v in (("block_size", self.int4_block_size),
                                               ("accuracy_level", level)) if v is not None}}
+
+
+class MobiusBuilder(_Pass):
+    """Olive's MobiusBuilder: mobius exports the model at fp32 / fp16 (a quantizer after it makes int4). Grove
+    picks the exporter by architecture (tasks/architectures.py): mobius for Gemma 4, which the model builder
+    cannot export, the model builder for the others; both write the graph genai runs."""
+
+    precision_: Literal["fp32", "fp16"] = Field("fp32", alias="precision", description="mobius writes fp32 or fp16 "
+                                                "(bf16: not in Grove); int4 is the quantizer after it")
+    components_to_export: list[str] | None = Field(None, description="Grove exports the text decoder (genai's "
+                                                   "text-in, text-out model), not the vision, audio or embedding "
+                                                   "components")
+
+    NOTE = ("MobiusBuilder: Grove exports a decoder's text model with mobius where the model builder cannot (Gemma "
+            "4) and with the model builder otherwise (the same graph for genai); a multimodal checkpoint's vision "
+            "and audio towers are not exported")
+
+    def precision(self) -> str | None:
+        return self.precision_
+
+    def problems(self, where: str) -> list[str]:
+        if self.components_to_export is not None and set(self.components_to_export) - {"model", "decoder"}:
+            return [f"{where}.components_to_export {self.components_to_export}: Grove exports a model's text decoder "
+                    "(one graph genai runs), not its vision, audio or embedding components; drop it to export the "
+                    "decoder"]
+        return []
 
 
 # The builder's compound int4 algorithms: the layers each keeps at 8 bits besides the base method's.
@@ -662,7 +689,7 @@ class MergeAdapterWeights(_Pass):
 
 # Olive's pass types that Grove reads (matched without case, as Olive does).
 PASSES: dict[str, type[_Pass]] = {cls.__name__.lower(): cls for cls in (
-    ModelBuilder, OnnxConversion, OrtTransformersOptimization, OnnxQuantization, OnnxDynamicQuantization,
+    ModelBuilder, MobiusBuilder, OnnxConversion, OrtTransformersOptimization, OnnxQuantization, OnnxDynamicQuantization,
     OnnxStaticQuantization, OnnxFloatToFloat16, OnnxBlockWiseRtnQuantization, OnnxMatMul4Quantizer,
     OnnxHqqQuantization, OnnxKQuantQuantization, OrtSessionParamsTuning, Gptq, Rtn, SelectiveMixedPrecision,
     OnnxPeepholeOptimizer, LoRA, QLoRA, DoRA, LoHa, LoKr, ExtractAdapters, MergeAdapterWeights, QuaRot)}
@@ -811,7 +838,7 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             problems.append(_pass_errors(exc, where, cls))
             continue
         specs[name] = spec
-        if isinstance(spec, Gptq | Rtn | ModelBuilder | _Lycoris | OnnxKQuantQuantization):
+        if isinstance(spec, Gptq | Rtn | ModelBuilder | MobiusBuilder | _Lycoris | OnnxKQuantQuantization):
             problems += spec.problems(where)
         if isinstance(spec, ModelBuilder) and spec.metadata_only:
             if not any(isinstance(s, OnnxConversion) for s in specs.values()):
@@ -864,10 +891,11 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
     if problems:
         raise InvalidRequest("; ".join(problems) + ("; remove those passes to run the rest" if unread else ""))
     builders = [n for n, spec in specs.items()
-                if isinstance(spec, ModelBuilder) and spec.precision_ in ("fp32", "fp16")]
+                if isinstance(spec, ModelBuilder | MobiusBuilder) and spec.precision_ in ("fp32", "fp16")]
     if builders and (later := [n for n in list(specs)[list(specs).index(builders[0]) + 1:]
                                if precisions.get(n) in ("int4", "int8")]):  # a chain: the last quantizer decides
-        out.notes.append(f"{builders[0]} (ModelBuilder) writes {precisions[builders[0]]} and {later[-1]} quantizes it: "
+        kind = type(specs[builders[0]]).__name__
+        out.notes.append(f"{builders[0]} ({kind}) writes {precisions[builders[0]]} and {later[-1]} quantizes it: "
                          f"the output is {precisions[later[-1]]}, as in Olive's chain")
         precisions.pop(builders[0])
     quantizing = {n: p for n, p in precisions.items() if p != "fp32"}
@@ -1001,6 +1029,7 @@ def _input_model(section: dict[str, Any], out: Translation, model_given: bool = 
                              "folder>\"}, or pass -m")
     kind = str(section.get("type", "")).lower().removesuffix("handler")
     if kind == "onnxmodel":  # the graph path: -m model.onnx
+        out.graph = True
         _onnx_input(_fields(section, where), out)
         return
     if kind not in ("hfmodel", "pytorchmodel"):

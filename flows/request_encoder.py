@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the nodes import Prefect: imported where a request is split
 __all__ = ["EncoderOptRequest", "infer_task", "refuse_encoder_flags"]
 
 # auto-opt flags (and fleet target fields) that only the decoder path takes.
-_DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", "head_bits", "head_shortlist",
+DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", "head_bits", "head_shortlist",
                  "eval_tokens", "min_top1_agreement", "mixed_precision_ratio", "mixed_precision_algorithm",
                  "include_hidden_states", "prune_lm_head", "rotate", "int8_nodes", "clip_search", "embedding_int8")
 
@@ -117,7 +117,7 @@ class EncoderOptRequest(OptRequestBase):
     def from_flags(cls, fields: dict[str, object]) -> EncoderOptRequest:
         """The encoder request from ``grove auto-opt``'s flags (or a fleet target), refusing the
         decoder-only ones by name."""
-        _refuse(fields, _DECODER_ONLY, "to decoder LLMs; this model takes the encoder path (--precision int8, "
+        _refuse(fields, DECODER_ONLY, "to decoder LLMs; this model takes the encoder path (--precision int8, "
                 "fp16 or fp32)")
         if fields.get("precision") == "int4":
             raise InvalidRequest("--precision int4 is for decoder LLMs; encoders take int8 (default), fp16 or fp32")

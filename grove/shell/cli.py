@@ -256,6 +256,8 @@ def _expand_run(argv: list[str]) -> list[list[str]] | int:
         translation = translate(load(args.config), overrides, default_output=f"{stem}-output")
     except GroveError as exc:
         return _fail(f"{args.config}: {exc}")
+    if problem := _request_problem(translation):
+        return _fail(f"{args.config}: {problem}")
     if int(cast(Any, translation.flags.get("log_level", 1))) <= 1 or args.dry_run:  # info: what the config amounts to
         for note in translation.notes:
             print(f"grove run: {note}", file=sys.stderr)
@@ -269,6 +271,37 @@ def _expand_run(argv: list[str]) -> list[list[str]] | int:
         return benchmark
     finetune = [["finetune", *translation.finetune_argv(), *level]] if translation.finetune is not None else []
     return [*finetune, ["auto-opt", *translation.argv()], *benchmark]
+
+
+def _request_problem(translation: Any) -> str | None:
+    """What auto-opt would refuse in the flags a config amounts to, found before any work (a dry run
+    included). The model is not fetched, so whether a decoder or an encoder serves it is not known yet:
+    the config is refused when neither request takes its flags, with the decoder's reason when a flag
+    only decoders take is set, else the encoder's (an ONNXModel input: the graph path's)."""
+    from pydantic import ValidationError
+
+    from grove.errors import one_line
+    from grove.flows.request import AutoOptRequest
+    from grove.flows.request_encoder import DECODER_ONLY, EncoderOptRequest
+    from grove.flows.request_graph import GraphOptRequest
+
+    if translation.finetune is not None or (translation.benchmark is not None and not translation.benchmark_after):
+        return None  # auto-opt's -m is the fine-tuning output, or there is no auto-opt
+    parsed = vars(_parser().parse_args(["auto-opt", *translation.argv()]))
+    fields = {k: v for k, v in parsed.items() if k not in ("run", "log_level") and v is not None}
+    makers: list[Callable[[], object]] = [lambda: GraphOptRequest.from_flags(fields)] if translation.graph else [
+        lambda: AutoOptRequest(**fields), lambda: EncoderOptRequest.from_flags(fields)]
+    reasons = []
+    for make in makers:
+        try:
+            make()
+            return None
+        except ValidationError as exc:
+            reasons.append(one_line(exc, lambda loc: f"--{loc[0]}: " if loc else ""))
+        except GroveError as exc:
+            reasons.append(str(exc))
+    decoder = translation.graph or fields.get("precision") == "int4" or any(k in fields for k in DECODER_ONLY)
+    return f"the auto-opt it amounts to is refused: {reasons[0] if decoder else reasons[1]}"
 
 
 def _server(args: argparse.Namespace) -> int:

@@ -177,6 +177,26 @@ def test_an_image_text_models_text_recipe_writes_its_text_decoder(family: str, t
     _generates_twelve_tokens(tmp_path / "model")
 
 
+def test_gemma4s_mobius_recipe_writes_its_text_decoder_and_k_quant_int4(tiny_dir, tmp_path: Path,  # noqa: ANN001
+                                                                       store: str) -> None:
+    """olive-recipes' Gemma 4 cpu/int4 config (MobiusBuilder at fp32, then OnnxKQuantQuantization at 4 bits) on
+    a tiny Gemma 4: mobius writes its text decoder as genai's gemma4_text, k-quant makes it int4, and it
+    generates; the report's reference is the fp32 graph."""
+    passes = {"mobius_build": {"type": "MobiusBuilder", "precision": "fp32"},
+              "int4_quantize": {"type": "OnnxKQuantQuantization", "bits": 4, "block_size": 32,
+                                "save_as_external_data": True}}
+    config = {"input_model": {"type": "HfModel", "model_path": str(tiny_dir("gemma4"))}, "passes": passes,
+              "output_dir": "model"}
+    result = grove_cli("run", "--config", str(_write(tmp_path, config)), env={"GROVE_STORE": store}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "model"
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "gemma4_text"
+    assert "gemma4 is an image-text checkpoint: its text decoder is exported" in result.stderr
+    report = json.loads((out / "grove_report.json").read_text())
+    assert report["target"]["int4_algorithm"] == "k_quant", report["target"]
+    _generates_twelve_tokens(out)
+
+
 def test_an_encoder_config_in_yaml_with_its_quantization_options(tmp_path: Path, store: str) -> None:
     """Olive >= 0.7's flat style (HfModel, options beside "type", engine keys at the top), as YAML:
     the dynamic quantization pass's options reach the int8 node; a command-line -o wins over output_dir."""
@@ -439,7 +459,9 @@ def test_a_model_builder_pass_builds_a_text_generator_whatever_the_task(tmp_path
     from grove.shell.cli import main
 
     config = {"input_model": {"type": "HfModel", "model_path": "some/model", "task": "text-classification"},
-              "output_dir": "o", "passes": {"builder": {"type": "ModelBuilder", "precision": "fp16"}}}
+              "output_dir": "o", "passes": {"builder": {"type": "ModelBuilder", "precision": "fp16"}},
+              "systems": {"g": {"type": "LocalSystem", "accelerators": [
+                  {"device": "gpu", "execution_providers": ["CUDAExecutionProvider"]}]}}, "target": "g"}
     assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert out.strip().endswith("--precision fp16 --task text-generation"), out
@@ -656,7 +678,7 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "passes.m.int4_op_types_to_quantize ['Gather']: Grove's int4 quantizes every MatMul"),
     ({"input_model": _MODEL, "passes": {"x": {"type": "SparseGPT"}}, "output_dir": "o"},
      "passes x (SparseGPT): not read by Grove, which reads DoRA, ExtractAdapters, Gptq, LoHa, LoKr, LoRA, "
-     "MergeAdapterWeights, ModelBuilder, OnnxBlockWiseRtnQuantization"),
+     "MergeAdapterWeights, MobiusBuilder, ModelBuilder, OnnxBlockWiseRtnQuantization"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {  # a recent olive-recipes layout, all reported at once
         "s": {"type": "SelectiveMixedPrecision"}, "g": {"type": "gptq", "bits": 4}, "r": {"type": "rtn"},
         "m": {"type": "ModelBuilder", "precision": "int4", "int4_block": 32},
@@ -774,6 +796,21 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "input_model.load_kwargs must be an object, not str"),
     ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "log_severity_level": 5},
      "log_severity_level 5: Olive's levels are 0 (verbose) to 4 (fatal)"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "MobiusBuilder", "components_to_export": [
+        "vision_encoder", "embedding"]}}},  # olive-recipes' Ministral 3 vision_embedding_export.json
+     "passes.m.components_to_export ['vision_encoder', 'embedding']: Grove exports a model's text decoder"),
+    ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "MobiusBuilder", "precision": "bf16"}}},
+     "passes.m.precision: Input should be 'fp32' or 'fp16' - mobius writes fp32 or fp16"),
+    # A config whose passes Grove reads, but whose auto-opt is refused: found at once, a dry run included
+    # (olive-recipes' CUDA Llama rtn.json: a graph quantizer after an fp16 builder on a GPU).
+    ({"input_model": _MODEL, "output_dir": "o", "systems": {"g": {"type": "LocalSystem", "accelerators": [
+        {"device": "gpu", "execution_providers": ["CUDAExecutionProvider"]}]}}, "target": "g",
+      "passes": {"m": {"type": "ModelBuilder", "precision": "fp16"}, "q": {"type": "OnnxBlockWiseRtnQuantization"}}},
+     "the auto-opt it amounts to is refused: --int4_algorithm rtn is for CPU graphs; on gpu use 'builder' or 'gptq'"),
+    ({"input_model": {**_MODEL, "task": "audio-classification"}, "output_dir": "o",
+      "passes": {"q": {"type": "OnnxDynamicQuantization"}}},
+     "the auto-opt it amounts to is refused: --task: Input should be 'feature-extraction', 'text-classification' or "
+     "'token-classification'"),
 ])
 def test_what_grove_cannot_honour_is_one_error_naming_the_key(config: dict, expected: str, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
