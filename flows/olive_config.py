@@ -383,7 +383,8 @@ class OnnxBlockWiseRtnQuantization(_Pass):
 
     def notes(self, where: str) -> list[str]:
         notes = [f"{where}: 8-bit block-wise weights are --precision int8: a decoder's model builder writes 8-bit "
-                 "MatMulNBits blocks (round to nearest, block 32), an encoder gets Grove's int8"
+                 "MatMulNBits blocks (round to nearest, block 32), an ONNX graph gets them at this pass's block size "
+                 "and symmetry, an encoder gets Grove's int8"
                  ] if self.bits == 8 else []
         if self.external_data_name:
             notes.append(f"{where}: external_data_name {self.external_data_name!r} not used: Grove names the weights "
@@ -393,6 +394,10 @@ class OnnxBlockWiseRtnQuantization(_Pass):
     def flags(self) -> dict[str, object]:
         if self.bits == 8:
             return {}
+        return self.block_flags()
+
+    def block_flags(self) -> dict[str, object]:
+        """The blocks' flags; an ONNX graph at 8 bits takes them too (``_passes``)."""
         flags: dict[str, object] = {"int4_algorithm": self.ALGORITHM, "block_size": self.block_size}
         if self.is_symmetric and self.ALGORITHM == "rtn":
             flags["symmetric"] = True
@@ -885,6 +890,8 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
         if (precision := spec.precision()) is not None:
             precisions[name] = precision
         out.flags.update(spec.flags())
+        if out.graph and isinstance(spec, OnnxBlockWiseRtnQuantization) and spec.bits == 8:  # the graph's own blocks
+            out.flags.update({k: v for k, v in spec.block_flags().items() if k != "int4_algorithm"})
     problems += _before_capture(specs, out)
     problems += _fine_tuning(specs, data, out)
     problems += [f"passes {', '.join(names)}: {why}" for why, names in unread.items()]

@@ -30,7 +30,8 @@ _GRAPH_FLAGS = ("precision", "int4_algorithm", "block_size", "symmetric", "accur
 class GraphOptRequest(OptRequestBase):
     """What ``grove auto-opt`` was asked to do for an ONNX graph."""
 
-    precision: Literal["int4"] = Field("int4", description="int4 weights (MatMulNBits) for the graph's MatMuls")
+    precision: Literal["int4", "int8"] = Field("int4", description="int4 weights (MatMulNBits) for the graph's "
+                                               "MatMuls; int8: 8-bit blocks, round to nearest")
     int4_algorithm: Literal["rtn", "k_quant"] = Field("rtn", description="onnxruntime's round-to-nearest (Olive's "
                                                       "OnnxBlockWiseRtnQuantization) or k-quant")
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block")
@@ -48,12 +49,16 @@ class GraphOptRequest(OptRequestBase):
         shared = set(OptRequestBase.model_fields)
         if others := [k for k in fields if k not in shared and k not in _GRAPH_FLAGS and k != "use_ort_genai"]:
             raise InvalidRequest(f"{', '.join('--' + k for k in others)}: not for an ONNX graph given as the model "
-                                 "(it takes --precision int4, --int4_algorithm rtn or k_quant, --block_size, "
+                                 "(it takes --precision int4 or int8, --int4_algorithm rtn or k_quant, --block_size, "
                                  "--symmetric, --accuracy_level, --int8_nodes, --min_cosine); pass the Hugging Face "
                                  "model instead for the rest")
-        if fields.get("precision", "int4") != "int4":
-            raise InvalidRequest(f"--precision {fields['precision']}: an ONNX graph given as the model is quantized to "
-                                 "int4 weights; for int8 or fp16, pass the Hugging Face model")
+        if fields.get("precision", "int4") not in ("int4", "int8"):
+            raise InvalidRequest(f"--precision {fields['precision']}: an ONNX graph given as the model gets int4 or "
+                                 "8-bit block-wise weights (int8); for fp16, pass the Hugging Face model")
+        if fields.get("precision") == "int8" and (fields.get("int4_algorithm") not in (None, "rtn")
+                                                  or fields.get("int8_nodes")):
+            raise InvalidRequest("--precision int8 on an ONNX graph is 8-bit blocks rounded to nearest (rtn): "
+                                 "--int4_algorithm k_quant and --int8_nodes apply to int4")
         if fields.get("int4_algorithm") not in (None, "rtn", "k_quant"):
             raise InvalidRequest(f"--int4_algorithm {fields['int4_algorithm']}: an ONNX graph takes rtn or k_quant "
                                  "(the others need to know the model: pass the Hugging Face model)")
@@ -80,7 +85,7 @@ class GraphOptRequest(OptRequestBase):
 
         return Int4Config(algorithm=self.int4_algorithm, block_size=self.block_size, symmetric=self.symmetric,
                           accuracy_level=self.accuracy_level, head_bits=8, head_shortlist=0,
-                          int8_nodes=self.int8_nodes or [])
+                          int8_nodes=self.int8_nodes or [], bits=8 if self.precision == "int8" else 4)
 
     def evaluation(self, *, gate: bool) -> GraphEvalConfig:
         from grove.tasks.evaluate_graph import GraphEvalConfig

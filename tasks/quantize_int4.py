@@ -51,11 +51,15 @@ class Int4Config(StepConfig):
 
     int8_nodes: list[str] = Field(default_factory=list, description="k_quant: MatMul nodes (graph node names) "
                                   "quantized at 8 bits instead of 4 (Olive's customized_weight_config)")
+    bits: Literal[4, 8] = Field(4, description="rtn: 8 writes 8-bit blocks (Olive's OnnxBlockWiseRtnQuantization "
+                                "bits 8; an ONNX graph given as the model at --precision int8)")
 
     def recipe(self) -> dict[str, object]:
         recipe = super().recipe()
         if not recipe["int8_nodes"]:  # at the default: as the recipes written before it
             del recipe["int8_nodes"]
+        if recipe["bits"] == 4:
+            del recipe["bits"]
         return recipe
 
     @model_validator(mode="before")
@@ -74,6 +78,8 @@ class Int4Config(StepConfig):
             raise ValueError(f"symmetric=True applies to rtn only; {self.algorithm} chooses its own zero points")
         if self.head_bits != 8 and self.algorithm not in ("affine", "hqq"):
             raise ValueError(f"head_bits applies to the affine and hqq algorithms only, not {self.algorithm}")
+        if self.bits == 8 and self.algorithm != "rtn":
+            raise ValueError(f"bits=8 applies to the rtn algorithm only, not {self.algorithm}")
         if self.int8_nodes and self.algorithm != "k_quant":
             raise ValueError(f"int8_nodes applies to the k_quant algorithm only, not {self.algorithm}")
         if self.head_shortlist and self.head_bits != 8:
@@ -143,16 +149,18 @@ def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]
                                   "quantizes them", len(odd), config.block_size, odd[0])
     else:
         algo = mnq.DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
-                                                accuracy_level=config.accuracy_level)
+                                                accuracy_level=config.accuracy_level, bits=config.bits)
     keep += [n.name for n in model.graph.node if n.op_type == "MatMul" and keeps_dense(n.name)]
-    quantizer = mnq.MatMulNBitsQuantizer(model, block_size=config.block_size, is_symmetric=config.symmetric,
+    quantizer = mnq.MatMulNBitsQuantizer(model, bits=config.bits, block_size=config.block_size,
+                                         is_symmetric=config.symmetric,
                                          accuracy_level=config.accuracy_level, algo_config=algo,
                                          nodes_to_exclude=keep)
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
     _rename_external_data(dst)
     n = sum(1 for node in quantizer.model.model.graph.node if node.op_type == "MatMulNBits")
-    return {"matmuls_quantized": n, **({"int8_matmuls": len(config.int8_nodes)} if config.int8_nodes else {})}
+    return {"matmuls_quantized": n, **({"int8_matmuls": len(config.int8_nodes)} if config.int8_nodes else {}),
+            **({"bits": 8} if config.bits == 8 else {})}
 
 
 def _rename_external_data(model_path: Path) -> None:

@@ -124,8 +124,35 @@ def test_an_olive_onnx_model_config_runs_as_the_graph_path(tmp_path: Path, store
     assert not (tmp_path / "wrong").exists()
 
 
+def test_an_8_bit_block_wise_recipe_on_a_graph_writes_8_bit_blocks(tmp_path: Path, store: str) -> None:
+    """olive-recipes' vision / audio / embedding configs of Gemma 4 and Ministral 3 (an ONNXModel input, then
+    OnnxBlockWiseRtnQuantization at 8 bits, symmetric, block 128): the graph's MatMuls become 8-bit blocks of
+    that size, near the graph's outputs (8-bit rounding), and half the size of fp32 or less."""
+    graph = _graph(tmp_path / "models" / "vision_encoder" / "model.onnx", seed=3)
+    config = tmp_path / "vision.json"
+    config.write_text(json.dumps({
+        "input_model": {"type": "ONNXModel", "model_path": str(graph)},
+        "passes": {"int8": {"type": "OnnxBlockWiseRtnQuantization", "bits": 8, "block_size": 128,
+                            "is_symmetric": True, "accuracy_level": 4, "save_as_external_data": True,
+                            "external_data_name": "model.onnx.data"}},
+        "no_artifacts": True, "output_dir": str(tmp_path / "out")}))
+    result = grove_cli("run", "--config", str(config), "--store", store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--precision int8 --block_size 128 --symmetric --accuracy_level 4" in result.stderr, result.stderr[-2000:]
+    nodes = [n for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nodes]
+    assert len(nodes) == 2 and all(a["bits"] == 8 and a["block_size"] == 128 for a in attrs), attrs
+    report = json.loads((tmp_path / "out" / "grove_report.json").read_text())
+    assert report["target"]["precision"] == "int8", report["target"]
+    assert report["metrics"]["min_cosine"] > 0.999, report["metrics"]  # 4-bit blocks: > 0.98
+    assert 0.2 < report["ratios"]["size_vs_reference"] < 0.5, report["ratios"]
+
+
 @pytest.mark.parametrize(("extra", "expected"), [
-    (["--precision", "int8"], "an ONNX graph given as the model is quantized to int4 weights"),
+    (["--precision", "fp16"], "an ONNX graph given as the model gets int4 or 8-bit block-wise weights (int8); for "
+                              "fp16, pass the Hugging Face model"),
+    (["--precision", "int8", "--int4_algorithm", "k_quant"], "--precision int8 on an ONNX graph is 8-bit blocks"),
     (["--int4_algorithm", "affine"], "an ONNX graph takes rtn or k_quant"),
     (["--eval_tokens", "64"], "--eval_tokens: not for an ONNX graph given as the model"),
     (["--int8_nodes", "a/MatMul"], "--int8_nodes applies to --int4_algorithm k_quant"),
