@@ -165,9 +165,10 @@ class AutoOptRequest(OptRequestBase):
         if self.precision == "fp16" and self.device == "cpu":
             problems.append("--precision fp16 targets GPUs (onnxruntime's CPU kernels for these graphs are fp32); "
                             "for CPU pass --precision int4, int8 or fp32")
-        if self.device == "gpu" and self.int4_algorithm not in (None, "builder", "gptq"):
-            problems.append(f"--int4_algorithm {self.int4_algorithm} is for CPU graphs; on gpu use 'builder' or "
-                            "'gptq'")
+        if self.device == "gpu" and self.int4_algorithm in ("affine", "hqq"):  # their block-sum correction
+            problems.append(f"--int4_algorithm {self.int4_algorithm} is for CPU graphs (a zero-point-free kernel plus "
+                            "a correction); on gpu use 'builder' (the default), 'gptq', or onnxruntime's 'rtn' or "
+                            "'k_quant' on the fp16 graph")
         if self.precision != "int4" and self.int4_algorithm is not None:
             problems.append(f"--int4_algorithm applies to --precision int4, not {self.precision}")
         if self.precision != "int4" and (int4_only := [f for f, on in (("--block_size", self.block_size != 32),

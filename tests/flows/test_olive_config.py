@@ -802,11 +802,13 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "MobiusBuilder", "precision": "bf16"}}},
      "passes.m.precision: Input should be 'fp32' or 'fp16' - mobius writes fp32 or fp16"),
     # A config whose passes Grove reads, but whose auto-opt is refused: found at once, a dry run included
-    # (olive-recipes' CUDA Llama rtn.json: a graph quantizer after an fp16 builder on a GPU).
+    # (olive-recipes' CUDA Llama hqq.json: Grove's hqq after an fp16 builder on a GPU).
     ({"input_model": _MODEL, "output_dir": "o", "systems": {"g": {"type": "LocalSystem", "accelerators": [
         {"device": "gpu", "execution_providers": ["CUDAExecutionProvider"]}]}}, "target": "g",
-      "passes": {"m": {"type": "ModelBuilder", "precision": "fp16"}, "q": {"type": "OnnxBlockWiseRtnQuantization"}}},
-     "the auto-opt it amounts to is refused: --int4_algorithm rtn is for CPU graphs; on gpu use 'builder' or 'gptq'"),
+      "passes": {"m": {"type": "ModelBuilder", "precision": "fp16"}, "q": {"type": "OnnxHqqQuantization"}}},
+     "the auto-opt it amounts to is refused: --int4_algorithm hqq is for CPU graphs (a zero-point-free kernel plus "
+     "a correction); on gpu use 'builder' (the default), 'gptq', or onnxruntime's 'rtn' or 'k_quant' on the fp16 "
+     "graph"),
     ({"input_model": {**_MODEL, "task": "audio-classification"}, "output_dir": "o",
       "passes": {"q": {"type": "OnnxDynamicQuantization"}}},
      "the auto-opt it amounts to is refused: --task: Input should be 'feature-extraction', 'text-classification' or "

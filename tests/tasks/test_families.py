@@ -240,3 +240,36 @@ def test_eval_text_is_tokenized_only_as_far_as_it_is_scored(tiny_dir, store: str
         assert max(seen) < len(text) / 10, (limit, seen, len(text))
     short = "a short text"
     assert runtime.tokenize(model_dir, short, model, limit=1024) == runtime.tokenize(model_dir, short, model)
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "k_quant"])
+def test_onnxruntimes_int4_quantizers_take_the_fp16_graph_of_a_gpu_target(algorithm: str, tiny_dir,  # noqa: ANN001
+                                                                          store: str) -> None:
+    """On a GPU the reference is the fp16 CUDA graph, and olive-recipes' CUDA configs quantize it with
+    onnxruntime's rtn or k-quant (auto-opt --device gpu --int4_algorithm rtn / k_quant). That graph is written
+    here without a GPU, and genai runs it on the CPU with its providers cleared: the int4 graph's
+    MatMulNBits read fp16 and its last logits stay near the fp16 graph's (measured cosine 0.97 on a tiny
+    Llama). The CUDA kernels themselves run in tests/tasks/test_gpu.py where a GPU is present."""
+    import onnxruntime_genai as og
+
+    fp16 = capture_onnx.fn(download_model.fn(resolve(str(tiny_dir("llama"))), DownloadConfig(), store),
+                           CaptureConfig.cuda())
+    int4 = quantize_int4.fn(fp16, Int4Config(algorithm=algorithm))
+
+    def last_logits(artifact) -> np.ndarray:  # noqa: ANN001
+        config = og.Config(str(store_for(store).fetch(artifact.node, artifact.digest)))
+        config.clear_providers()  # the CUDA graph on the CPU
+        model = og.Model(config)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=64)
+        generator = og.Generator(model, params)
+        generator.append_tokens(TOKENS[:37])
+        return np.array(generator.get_logits())[0, -1].astype(np.float32)
+
+    graph = onnx.load(str(store_for(store).fetch(int4.node, int4.digest) / "model.onnx"), load_external_data=False)
+    types = {i.name: i.data_type for i in graph.graph.initializer}
+    quantized = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert len(quantized) >= 10  # every layer's, the lm_head too (k_quant keeps the one that writes the logits)
+    assert {types[n.input[2]] for n in quantized} == {onnx.TensorProto.FLOAT16}  # the scales: fp16, as the graph
+    a, b = last_logits(int4), last_logits(fp16)
+    assert float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)) > 0.9

@@ -51,6 +51,24 @@ def test_cuda_int4_output_is_built_by_the_builder_and_measured_on_the_gpu(tiny_d
     assert len(generator.get_sequence(0)) == 16
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU with onnxruntime-gpu and onnxruntime-genai-cuda")
+@pytest.mark.parametrize("algorithm", ["rtn", "k_quant"])
+def test_onnxruntimes_int4_of_the_fp16_cuda_graph_runs_on_the_gpu(algorithm: str, tiny_dir, tmp_path: Path,  # noqa: ANN001
+                                                                  store: str) -> None:
+    """olive-recipes' CUDA chains (a builder at fp16, then OnnxBlockWiseRtnQuantization or
+    OnnxKQuantQuantization): the int4 graph is measured on the GPU, near the fp16 reference."""
+    out = tmp_path / "out"
+    result = grove_cli("auto-opt", "-m", str(tiny_dir("qwen2")), "-o", str(out), "--device", "gpu", "--provider",
+                       "CUDAExecutionProvider", "--precision", "int4", "--int4_algorithm", algorithm,
+                       "--eval_tokens", "64", "--store", store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "grove_report.json").read_text())
+    assert report["target"]["int4_algorithm"] == algorithm and report["reference"]["precision"] == "fp16"
+    assert report["metrics"]["decode_tok_s"] > 0
+    assert report["metrics"]["perplexity"] < 1.2 * report["reference"]["perplexity"]
+
+
 def _torch_cuda() -> bool:
     import torch
 
