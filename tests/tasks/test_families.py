@@ -115,6 +115,22 @@ def test_gemma3_with_scaled_rope_matches_pytorch(family: str, tmp_path, store: s
     assert np.abs(onnx_logits - torch_logits).max() < FP32_ATOL
 
 
+def test_gemma4_with_one_projection_for_keys_and_values_matches_pytorch(tmp_path, store: str) -> None:  # noqa: ANN001
+    """Gemma 4 31B's full layers read keys and values from one projection with fewer heads
+    (attention_k_eq_v, num_global_key_value_heads), which transformers 5.24 keeps per layer: mobius is
+    handed them as the checkpoint's fields, and the export matches PyTorch."""
+    import torch
+
+    folder = tiny_models.build("gemma4", tmp_path / "gemma4-k-eq-v", attention_k_eq_v=True,
+                               num_global_key_value_heads=1)
+    fp32 = capture_onnx.fn(download_model.fn(resolve(str(folder)), DownloadConfig(), store), CaptureConfig.cpu())
+    fp32_dir = store_for(store).fetch(fp32.node, fp32.digest)
+    onnx_logits = runtime.logits(runtime.genai_model(fp32_dir), TOKENS, runtime.kv_floor(fp32_dir))
+    with torch.no_grad():
+        torch_logits = tiny_models.torch_class("gemma4").from_pretrained(folder).eval()(torch.tensor([TOKENS])).logits
+    assert np.abs(onnx_logits - torch_logits[0].numpy()).max() < FP32_ATOL
+
+
 @pytest.mark.parametrize("family", sorted(f for f in FAMILIES if ARCHITECTURES[f].multimodal))
 def test_image_text_checkpoints_refuse_pytorch_side_work_by_name(family: str, tiny_dir, store: str) -> None:  # noqa: ANN001
     """Their text decoder is the builder's to export; what loads them in PyTorch as a causal LM (GPTQ and
