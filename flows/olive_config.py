@@ -16,7 +16,7 @@ import json
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -1644,6 +1644,10 @@ def translate(config: dict[str, Any], overrides: dict[str, object] | None = None
                          f"{default_output} (set output_dir, or pass -o)")
     if out.finetune is not None and "model_name_or_path" in out.flags:
         _finetune_paths(out.finetune, out)
+    graph = PurePath(str(out.flags.get("model_name_or_path", "")))
+    if out.graph and (output := out.flags.get("output_path")) and PurePath(str(output)) in (graph, graph.parent):
+        out.notes.append(f"output_dir {output!r} holds the input graph: Olive writes over it, Grove writes a new "
+                         "folder and refuses one that holds other files; pass -o with a new folder")
     if problems:
         raise InvalidRequest("; ".join(problems))
     return out

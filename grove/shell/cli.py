@@ -19,6 +19,7 @@ from grove.errors import GroveError
 
 if TYPE_CHECKING:
     from grove.flows.flags import Flag
+    from grove.flows.olive_config import Translation
 
 __all__ = ["entry", "main", "wind_down"]
 
@@ -273,7 +274,7 @@ def _expand_run(argv: list[str]) -> list[list[str]] | int:
     return [*finetune, ["auto-opt", *translation.argv()], *benchmark]
 
 
-def _request_problem(translation: Any) -> str | None:
+def _request_problem(translation: Translation) -> str | None:
     """What auto-opt would refuse in the flags a config amounts to, found before any work (a dry run
     included). The model is not fetched, so whether a decoder or an encoder serves it is not known yet:
     the config is refused when neither request takes its flags, with the decoder's reason when a flag

@@ -139,6 +139,7 @@ def test_an_8_bit_block_wise_recipe_on_a_graph_writes_8_bit_blocks(tmp_path: Pat
     result = grove_cli("run", "--config", str(config), "--store", store)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--precision int8 --block_size 128 --symmetric --accuracy_level 4" in result.stderr, result.stderr[-2000:]
+    assert "holds the input graph" not in result.stderr  # a new folder: no note (the recipe's own writes over it)
     nodes = [n for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node
              if n.op_type == "MatMulNBits"]
     attrs = [{a.name: a.i for a in n.attribute} for n in nodes]
@@ -147,6 +148,20 @@ def test_an_8_bit_block_wise_recipe_on_a_graph_writes_8_bit_blocks(tmp_path: Pat
     assert report["target"]["precision"] == "int8", report["target"]
     assert report["metrics"]["min_cosine"] > 0.999, report["metrics"]  # 4-bit blocks: > 0.98
     assert 0.2 < report["ratios"]["size_vs_reference"] < 0.5, report["ratios"]
+
+
+def test_an_olive_config_writing_over_its_input_graph_says_grove_will_not(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """olive-recipes' vision / audio / embedding configs write their output over the input graph's folder;
+    Grove writes a new folder (and refuses one holding other files before any work): the dry run says so."""
+    graph = _graph(tmp_path / "models" / "vision_encoder" / "model.onnx")
+    config = tmp_path / "vision.json"
+    config.write_text(json.dumps({"input_model": {"type": "ONNXModel", "model_path": str(graph)},
+                                  "passes": {"int8": {"type": "OnnxBlockWiseRtnQuantization", "bits": 8}},
+                                  "output_dir": str(graph.parent)}))
+    assert main(["run", "--config", str(config), "--dry-run"]) == 0
+    assert f"output_dir '{graph.parent}' holds the input graph: Olive writes over it, Grove writes a new folder" \
+           in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
