@@ -7,6 +7,7 @@ flow itself. The shell's commands and the flows that launch flows (olive-run, fl
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from pathlib import Path
@@ -47,6 +48,13 @@ def request_from_flags(fields: dict[str, Any], source: Source | None = None,
         _check_adapter_base(str(fields["adapter_path"]), source, switchable=not fields.get("merge_adapter"))
     if source_spec(source).path == "decoder":
         refuse_encoder_flags(fields, str(fields["model_name_or_path"]))
+        if (source_spec(source).exporter == "mobius" and fields.get("device") == "gpu"
+                and fields.get("precision", "int4") == "int4" and not fields.get("int4_algorithm")):
+            # The GPU default, the builder's own int4, is not there for what mobius exports: onnxruntime's
+            # k-quant on its fp16 graph instead (olive-recipes' Gemma 4 CUDA config).
+            logging.getLogger("grove").info("%s is exported with mobius: its int4 on the GPU is onnxruntime's "
+                                            "k_quant (--int4_algorithm rtn for round to nearest)", source.model_type)
+            fields = {**fields, "int4_algorithm": "k_quant"}
         return AutoOptRequest(**fields, **(decoder_fields or {})), source
     return EncoderOptRequest.from_flags(fields).resolved(source), source
 

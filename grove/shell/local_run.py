@@ -43,6 +43,15 @@ def preflight(request: AutoOptRequest | EncoderOptRequest | GraphOptRequest, sou
             torch_spec(source.model_type, "GPTQ / RTN / QuaRot / mixed-precision")
         if request.adapter_path is not None and request.merge_adapter:
             torch_spec(source.model_type, "merging an adapter")
+        if arch_spec(source.model_type).exporter == "mobius" and (request.int4_algorithm_used == "builder"
+                                                                  or request.include_hidden_states
+                                                                  or request.prune_lm_head or request.adapter_path):
+            asked = ("--int4_algorithm builder" if request.int4_algorithm_used == "builder" else
+                     "--include_hidden_states / --prune_lm_head" if not request.adapter_path else "--adapter_path")
+            raise InvalidRequest(f"{asked}: a {source.model_type} model is exported with mobius, not the model "
+                                 "builder, and mobius writes an fp32 / fp16 graph with none of the builder's "
+                                 "options; its int4 is onnxruntime's (--int4_algorithm k_quant or rtn; on CPU also "
+                                 "affine, the default, or hqq)")
     if source.kind == "local":
         check_safetensors(Path(source.location))
     out = Path(request.output_path).expanduser() if request.output_path is not None else None

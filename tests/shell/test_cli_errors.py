@@ -57,6 +57,9 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str] | Callabl
         "gptq on an image-text checkpoint": (["-m", str(tiny_dir("qwen2_5_vl")), "--int4_algorithm", "gptq"],
                                              "model_type 'qwen2_5_vl' is not supported for the GPTQ / RTN / QuaRot / "
                                              "mixed-precision path; supported: ernie4_5, gemma, gemma2, gemma3_text,"),
+        "the builder's int4 on a model mobius exports": (
+            ["-m", str(tiny_dir("gemma4")), "--int4_algorithm", "builder"],
+            "--int4_algorithm builder: a gemma4 model is exported with mobius, not the model builder"),
         "sentence-transformers module not computed": (  # built only for its case (a torch model)
             lambda: ["-m", str(tiny_models.build_sentence_transformer(tmp_path / "st-dense", ["Pooling", "Dense"]))],
             "sentence-transformers module(s) ['sentence_transformers.models.Dense'] are not supported"),
@@ -67,7 +70,8 @@ CASES = ["missing path", "unknown hub id offline", "corrupt safetensors", "trunc
          "unsupported architecture", "contradictory flags", "fp16 on cpu", "gpu target without CUDA",
          "eval text is a pipe", "empty eval text", "revision of a folder", "too few eval tokens",
          "hub eval text offline", "output where no folder can be made", "flag of another int4 algorithm",
-         "sentence-transformers module not computed", "gguf transformers cannot read"]
+         "sentence-transformers module not computed", "gguf transformers cannot read",
+         "gptq on an image-text checkpoint", "the builder's int4 on a model mobius exports"]
 
 
 def _has_cuda() -> bool:
