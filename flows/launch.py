@@ -48,6 +48,11 @@ def request_from_flags(fields: dict[str, Any], source: Source | None = None,
         _check_adapter_base(str(fields["adapter_path"]), source, switchable=not fields.get("merge_adapter"))
     if source_spec(source).path == "decoder":
         refuse_encoder_flags(fields, str(fields["model_name_or_path"]))
+        if (source_spec(source).builder_int4 and fields.get("precision", "int4") == "int4"
+                and not fields.get("int4_algorithm")):  # its experts: only the builder's int4 quantizes them
+            logging.getLogger("grove").info("%s: its int4 is the model builder's, which quantizes its experts",
+                                            source.model_type)
+            fields = {**fields, "int4_algorithm": "builder"}
         if (source_spec(source).exporter == "mobius" and fields.get("device") == "gpu"
                 and fields.get("precision", "int4") == "int4" and not fields.get("int4_algorithm")):
             # The GPU default, the builder's own int4, is not there for what mobius exports: onnxruntime's

@@ -36,6 +36,9 @@ class ArchSpec:
     # Decoders only: what writes the graph. "builder": onnxruntime-genai's model builder; "mobius": mobius
     # (tasks/_mobius.py), for what the builder cannot export; it writes fp32 / fp16, quantized on the graph.
     exporter: Literal["builder", "mobius"] = "builder"
+    # Decoders only: the builder's own int4 is the only one (the default whatever the device): a mixture of
+    # experts, whose expert weights the builder writes into its MoE ops, which the graph quantizers leave in float.
+    builder_int4: bool = False
     # Encoders only:
     inputs: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")  # the graph's inputs
     own_mask: bool = False  # builds its attention mask from the 0 / 1 padding mask itself (see capture_encoder)
@@ -75,6 +78,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2_5_vl": ArchSpec("decoder", multimodal=True),  # Qwen2.5-VL, Fara: MRoPE, equal sections for text
     "qwen3_vl": ArchSpec("decoder", multimodal=True),
     "qwen3_5": ArchSpec("decoder", multimodal=True),  # hybrid: gated linear-attention and full-attention layers
+    "qwen3_5_moe": ArchSpec("decoder", multimodal=True, builder_int4=True),  # Qwen3.5-35B-A3B: experts in QMoE ops
     # Gemma 4 (E2B, E4B, 31B): per-layer inputs, KV shared across layers, full layers with their own head size
     "gemma4": ArchSpec("decoder", multimodal=True, exporter="mobius"),
     "bert": _encoder(),

@@ -96,7 +96,14 @@ def quantize_int4(model: Artifact, config: Int4Config) -> Artifact:
 
 
 def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, object]:
+    import onnx
+
     (src,) = inputs
+    if experts := [n.name for n in onnx.load(str(src / "model.onnx"), load_external_data=False).graph.node
+                   if n.op_type in ("MoE", "QMoE")]:
+        raise InvalidRequest(f"this graph's experts are weights of {len(experts)} MoE op(s) (e.g. {experts[0]}), "
+                             f"which {config.algorithm} would leave in float; the builder's own int4 quantizes them: "
+                             "--int4_algorithm builder")
     for f in src.iterdir():
         if f.is_file() and not f.name.startswith("model.onnx") and f.name != "manifest.json":
             shutil.copy2(f, out / f.name)

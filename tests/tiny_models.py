@@ -84,6 +84,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
                                                           mrope_section=[1, 1, 0])),
                     vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
                     tie_word_embeddings=True),
+    # Qwen3.5's mixture of experts (35B-A3B): Qwen3.5's layers, each MLP four routed experts (two per token)
+    # beside a shared one; the builder writes them into its MoE ops.
+    "qwen3_5_moe": dict(text_config=dict(head_dim=16, layer_types=["linear_attention", "full_attention"],
+                                         linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                                         linear_num_value_heads=4, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                         rope_parameters=dict(rope_type="default", rope_theta=1e7,
+                                                              partial_rotary_factor=0.25, mrope_interleaved=True,
+                                                              mrope_section=[1, 1, 0])),
+                        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                           out_hidden_size=64), tie_word_embeddings=False),
     # Gemma 4 (E2B's shape): per-layer inputs, the last two layers reading the KV of earlier ones, full-attention
     # layers with a wider head (global_head_dim) and partial proportional RoPE, soft-capped logits; mobius exports
     # it. Its audio tower keeps mobius 0.1's fixed subsampling channels and 8 heads.

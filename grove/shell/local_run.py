@@ -43,6 +43,10 @@ def preflight(request: AutoOptRequest | EncoderOptRequest | GraphOptRequest, sou
             torch_spec(source.model_type, "GPTQ / RTN / QuaRot / mixed-precision")
         if request.adapter_path is not None and request.merge_adapter:
             torch_spec(source.model_type, "merging an adapter")
+        if arch_spec(source.model_type).builder_int4 and request.int4_algorithm_used not in (None, "builder"):
+            raise InvalidRequest(f"--int4_algorithm {request.int4_algorithm_used}: a {source.model_type} model's "
+                                 "experts are weights of the model builder's MoE ops, which only the builder's own "
+                                 "int4 quantizes: drop --int4_algorithm (its default is builder)")
         if arch_spec(source.model_type).exporter == "mobius" and (request.int4_algorithm_used == "builder"
                                                                   or request.include_hidden_states
                                                                   or request.prune_lm_head or request.adapter_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 
 from tests.conftest import ROOT, grove_cli
@@ -158,13 +159,17 @@ _QWEN35_TEXT = {"m": {"type": "ModelBuilder", "precision": "int4", "int4_accurac
                 "t": {"type": "GraphSurgeries", "surgeries": [{"surgeon": "TieWordEmbeddings"}]}}
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "mistral3", "qwen3_5"])
+_MOE_TEXT = {"m": {"type": "ModelBuilder", "precision": "int4", "int4_block_size": 128, "int4_accuracy_level": 4,
+                   "extra_options": {"filename": "text.onnx"}}}  # Qwen3.5-35B-A3B's text.json
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "mistral3", "qwen3_5", "qwen3_5_moe"])
 def test_an_image_text_models_text_recipe_writes_its_text_decoder(family: str, tiny_dir, tmp_path: Path,  # noqa: ANN001
                                                                   store: str) -> None:
     """olive-recipes' text.json of an image-text model (Qwen2.5-VL, Qwen3-VL, Fara, Ministral 3: a ModelBuilder
     at int4 on the whole checkpoint; Qwen3.5's with a pruned lm_head and TieWordEmbeddings) on a tiny one:
     the output is its text decoder, as genai's text type, and it generates."""
-    passes = _QWEN35_TEXT if family == "qwen3_5" else {
+    passes = _QWEN35_TEXT if family == "qwen3_5" else _MOE_TEXT if family == "qwen3_5_moe" else {
         "convert": {"type": "ModelBuilder", "precision": "int4", "int4_algo_config": "k_quant_mixed",
                     "extra_options": {"filename": "text.onnx"}}}
     config = {"input_model": {"type": "HfModel", "model_path": str(tiny_dir(family))}, "passes": passes,
@@ -174,6 +179,12 @@ def test_an_image_text_models_text_recipe_writes_its_text_decoder(family: str, t
     genai = json.loads((tmp_path / "model" / "genai_config.json").read_text())
     assert genai["model"]["type"] == f"{family}_text", genai["model"]["type"]
     assert f"{family} is an image-text checkpoint: its text decoder is exported" in result.stderr
+    if family == "qwen3_5_moe":  # its experts: the builder's own int4 (QMoE), the default for it
+        report = json.loads((tmp_path / "model" / "grove_report.json").read_text())
+        assert report["target"]["int4_algorithm"] == "builder", report["target"]
+        graph = onnx.load(str(tmp_path / "model" / "model.onnx"), load_external_data=False).graph
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("QMoE") == 2 and "MoE" not in ops
     _generates_twelve_tokens(tmp_path / "model")
 
 

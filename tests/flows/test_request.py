@@ -160,18 +160,21 @@ def test_int8_options_need_int8_and_calibration_options_need_static() -> None:
     assert EncoderOptRequest(**{**every, **base, "precision": "fp16"}).fp16 is not None
 
 
-def test_on_a_gpu_a_model_mobius_exports_gets_onnxruntimes_k_quant_by_default(tiny_dir) -> None:  # noqa: ANN001
+def test_the_default_int4_follows_what_the_architecture_allows(tiny_dir) -> None:  # noqa: ANN001
     """The GPU's default int4, the builder's own, is not there for Gemma 4 (mobius writes its fp16 graph):
-    its default there is onnxruntime's k-quant on that graph, as olive-recipes' Gemma 4 CUDA config asks;
-    a model the builder exports keeps the builder's, and an algorithm given is kept."""
+    its default there is onnxruntime's k-quant on that graph, as olive-recipes' Gemma 4 CUDA config asks.
+    A mixture of experts (Qwen3.5-35B-A3B) takes the builder's on the CPU too: only it quantizes the
+    experts. The others keep the device's default, and an algorithm given is kept."""
     from grove.flows.launch import request_from_flags
 
-    def used(model: str, **flags: object) -> str | None:
+    def used(model: str, device: str = "gpu", **flags: object) -> str | None:
         request, _ = request_from_flags({"model_name_or_path": str(tiny_dir(model)), "output_path": "o",
-                                         "device": "gpu", **flags})
+                                         "device": device, **flags})
         assert isinstance(request, AutoOptRequest)
         return request.int4_algorithm_used
 
     assert used("gemma4") == "k_quant"
     assert used("gemma4", int4_algorithm="rtn") == "rtn"
-    assert used("qwen2") == "builder"
+    assert used("gemma4", "cpu") == "affine"
+    assert used("qwen3_5_moe", "cpu") == used("qwen3_5_moe") == "builder"
+    assert used("qwen2") == "builder" and used("qwen2", "cpu") == "affine"

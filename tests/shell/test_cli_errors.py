@@ -60,6 +60,9 @@ def _bad_inputs(tmp_path: Path, tiny_dir) -> dict[str, tuple[list[str] | Callabl
         "the builder's int4 on a model mobius exports": (
             ["-m", str(tiny_dir("gemma4")), "--int4_algorithm", "builder"],
             "--int4_algorithm builder: a gemma4 model is exported with mobius, not the model builder"),
+        "a graph int4 on a mixture of experts": (["-m", str(tiny_dir("qwen3_5_moe")), "--int4_algorithm", "rtn"],
+                                                 "--int4_algorithm rtn: a qwen3_5_moe model's experts are weights of "
+                                                 "the model builder's MoE ops"),
         "sentence-transformers module not computed": (  # built only for its case (a torch model)
             lambda: ["-m", str(tiny_models.build_sentence_transformer(tmp_path / "st-dense", ["Pooling", "Dense"]))],
             "sentence-transformers module(s) ['sentence_transformers.models.Dense'] are not supported"),
@@ -71,7 +74,8 @@ CASES = ["missing path", "unknown hub id offline", "corrupt safetensors", "trunc
          "eval text is a pipe", "empty eval text", "revision of a folder", "too few eval tokens",
          "hub eval text offline", "output where no folder can be made", "flag of another int4 algorithm",
          "sentence-transformers module not computed", "gguf transformers cannot read",
-         "gptq on an image-text checkpoint", "the builder's int4 on a model mobius exports"]
+         "gptq on an image-text checkpoint", "the builder's int4 on a model mobius exports",
+         "a graph int4 on a mixture of experts"]
 
 
 def _has_cuda() -> bool:

@@ -23,7 +23,7 @@ FP32_ATOL = 1e-4  # measured ~2e-6 on these models: same math, different kernels
 # Qwen3.5 at init: its gated norm divides its linear attention's output (RMS ~4e-4) by sqrt(mean square + 1e-6),
 # so the epsilon dominates and float noise shows magnified (1.4e-3); with wider taps the export is within 1e-4
 # (test_qwen3_5_export_matches_pytorch_once_its_linear_attention_outgrows_the_norm_epsilon).
-FP32_ATOL_FAMILY = {"qwen3_5": 3e-3}
+FP32_ATOL_FAMILY = {"qwen3_5": 3e-3, "qwen3_5_moe": 5e-3}  # the MoE: 2.5e-3 at init, 5e-6 with wider taps
 INT4_MIN_COSINE = 0.8
 # Gemma 4's attention is its query and key norms' alone (scaling 1.0), which a random model's 4-bit q / k rounding
 # moves most: measured 0.75 (affine) and 0.78 (hqq) at the worst of 57 positions, median 0.95.
@@ -50,8 +50,12 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
     folder = tiny_dir(family)
     hf = download_model.fn(resolve(str(folder)), DownloadConfig(), store)
     fp32 = capture_onnx.fn(hf, CaptureConfig.cpu())
-    algorithm = ALGORITHM.get(family, "rtn")
-    int4 = quantize_int4.fn(fp32, Int4Config(algorithm=algorithm))
+    if ARCHITECTURES[family].builder_int4:  # experts in the builder's MoE ops: its own int4 (QMoE)
+        algorithm = "builder"
+        int4 = capture_onnx.fn(hf, CaptureConfig(precision="int4", execution_provider="cpu"))
+    else:
+        algorithm = ALGORITHM.get(family, "rtn")
+        int4 = quantize_int4.fn(fp32, Int4Config(algorithm=algorithm))
     fp32_dir = store_for(store).fetch(fp32.node, fp32.digest)
     int4_dir = store_for(store).fetch(int4.node, int4.digest)
 
@@ -66,9 +70,9 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
     busy = timing["cpu_busy_elsewhere"]  # the machine's state while timed (None: too short to sample)
     assert busy is None or 0 <= busy <= 1
     assert runtime.model_size(int4_dir) < runtime.model_size(fp32_dir)
-    if algorithm != "rtn":  # Grove's grids: the lm_head found (gemma2's sits before its soft-capping) and
-        # given the default 8-bit shortlist, its weight shared with the embedding's 8-bit table (Gemma 4's
-        # per-layer embedding table is a third)
+    if algorithm not in ("rtn", "builder"):  # Grove's grids: the lm_head found (gemma2's sits before its
+        # soft-capping) and given the default 8-bit shortlist, its weight shared with the embedding's 8-bit table
+        # (Gemma 4's per-layer embedding table is a third)
         ops = [n.op_type for n in onnx.load(str(int4_dir / "model.onnx"), load_external_data=False).graph.node]
         tables = 3 if family == "gemma4" else 2
         assert ops.count("TopK") == 1 and ops.count("GatherBlockQuantized") == tables, family
@@ -149,20 +153,36 @@ def test_image_text_checkpoints_refuse_pytorch_side_work_by_name(family: str, ti
         skeleton(resolve(str(folder)))
 
 
-def test_qwen3_5_export_matches_pytorch_once_its_linear_attention_outgrows_the_norm_epsilon(tmp_path,  # noqa: ANN001
-                                                                                          store: str) -> None:
-    """The family test's tolerance for Qwen3.5 is the tiny model's numerics, not the export's: with its
-    convolution taps wider (the gated norm's input RMS 4e-3 instead of 4e-4, above its 1e-6 epsilon) the
-    fp32 logits are within the other families' 1e-4 of PyTorch's (measured 5.6e-5; at init 1.4e-3)."""
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_export_matches_pytorch_once_its_linear_attention_outgrows_the_norm_epsilon(
+        family: str, tmp_path, store: str) -> None:  # noqa: ANN001
+    """The family test's tolerance for Qwen3.5 (and its mixture of experts) is the tiny model's numerics, not
+    the export's: with its convolution taps wider (the gated norm's input RMS 4e-3 instead of 4e-4, above its
+    1e-6 epsilon) the fp32 logits are within the other families' 1e-4 of PyTorch's (measured 5.6e-5, the MoE
+    5e-6; at init 1.4e-3 and 2.5e-3)."""
     import torch
 
-    folder = tiny_models.build("qwen3_5", tmp_path / "qwen3_5-wide", conv_std=3.0)
+    folder = tiny_models.build(family, tmp_path / f"{family}-wide", conv_std=3.0)
     fp32 = capture_onnx.fn(download_model.fn(resolve(str(folder)), DownloadConfig(), store), CaptureConfig.cpu())
     fp32_dir = store_for(store).fetch(fp32.node, fp32.digest)
     onnx_logits = runtime.logits(runtime.genai_model(fp32_dir), TOKENS, runtime.kv_floor(fp32_dir))
     with torch.no_grad():
-        torch_logits = tiny_models.torch_class("qwen3_5").from_pretrained(folder).eval()(torch.tensor([TOKENS])).logits
+        torch_logits = tiny_models.torch_class(family).from_pretrained(folder).eval()(torch.tensor([TOKENS])).logits
     assert np.abs(onnx_logits - torch_logits[0].numpy()).max() < FP32_ATOL
+
+
+def test_a_graph_quantizer_refuses_a_graph_whose_experts_it_would_leave_in_float(tiny_dir,  # noqa: ANN001
+                                                                                   store: str) -> None:
+    """The builder writes a mixture of experts' expert weights into its MoE ops, which no graph quantizer
+    reads: quantize-int4 on such a graph is one error naming the builder's int4, not a model with its
+    experts (most of its weights) still fp32."""
+    from grove.errors import InvalidRequest
+
+    fp32 = capture_onnx.fn(download_model.fn(resolve(str(tiny_dir("qwen3_5_moe"))), DownloadConfig(), store),
+                           CaptureConfig.cpu())
+    with pytest.raises(InvalidRequest, match=r"this graph's experts are weights of 2 MoE op\(s\).*"
+                                             r"--int4_algorithm builder"):
+        quantize_int4.fn(fp32, Int4Config(algorithm="affine"))
 
 
 @pytest.mark.parametrize("algorithm", ["affine", "hqq", "rtn", "k_quant"])
