@@ -135,6 +135,18 @@ def test_gemma4_with_one_projection_for_keys_and_values_matches_pytorch(tmp_path
     assert np.abs(onnx_logits - torch_logits[0].numpy()).max() < FP32_ATOL
 
 
+def test_gemma4s_mixture_of_experts_is_refused_by_name(tmp_path, store: str) -> None:  # noqa: ANN001
+    """mobius 0.1 exports Gemma 4 26B-A4B's mixture of experts wrong (a tiny one's logits 0.59 off PyTorch's):
+    one error naming it, not a wrong model."""
+    from grove.errors import ModelSourceError
+
+    folder = tiny_models.build("gemma4", tmp_path / "gemma4-moe", enable_moe_block=True, num_experts=4,
+                               top_k_experts=2, moe_intermediate_size=32)
+    with pytest.raises(ModelSourceError, match=r"mixture of experts \(Gemma 4 26B-A4B\), which mobius 0.1 does not "
+                                               r"export right"):
+        capture_onnx.fn(download_model.fn(resolve(str(folder)), DownloadConfig(), store), CaptureConfig.cpu())
+
+
 @pytest.mark.parametrize("family", sorted(f for f in FAMILIES if ARCHITECTURES[f].multimodal))
 def test_image_text_checkpoints_refuse_pytorch_side_work_by_name(family: str, tiny_dir, store: str) -> None:  # noqa: ANN001
     """Their text decoder is the builder's to export; what loads them in PyTorch as a causal LM (GPTQ and
