@@ -79,7 +79,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3_vl": ArchSpec("decoder", multimodal=True),
     "qwen3_5": ArchSpec("decoder", multimodal=True),  # hybrid: gated linear-attention and full-attention layers
     "qwen3_5_moe": ArchSpec("decoder", multimodal=True, builder_int4=True),  # Qwen3.5-35B-A3B: experts in QMoE ops
-    # Gemma 4 (E2B, E4B, 31B): per-layer inputs, KV shared across layers, full layers with their own head size
+    # Gemma 4 (E2B, E4B, 31B; its 26B-A4B MoE is refused): per-layer inputs, KV shared across layers, full
+    # layers with their own head size
     "gemma4": ArchSpec("decoder", multimodal=True, exporter="mobius"),
     "bert": _encoder(),
     "electra": _encoder(),
