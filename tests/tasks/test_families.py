@@ -290,17 +290,18 @@ def test_eval_text_is_tokenized_only_as_far_as_it_is_scored(tiny_dir, store: str
     assert runtime.tokenize(model_dir, short, model, limit=1024) == runtime.tokenize(model_dir, short, model)
 
 
-@pytest.mark.parametrize("algorithm", ["rtn", "k_quant"])
-def test_onnxruntimes_int4_quantizers_take_the_fp16_graph_of_a_gpu_target(algorithm: str, tiny_dir,  # noqa: ANN001
-                                                                          store: str) -> None:
+@pytest.mark.parametrize(("family", "algorithm"), [("llama", "rtn"), ("llama", "k_quant"), ("gemma4", "k_quant")])
+def test_onnxruntimes_int4_quantizers_take_the_fp16_graph_of_a_gpu_target(family: str, algorithm: str,
+                                                                          tiny_dir, store: str) -> None:  # noqa: ANN001
     """On a GPU the reference is the fp16 CUDA graph, and olive-recipes' CUDA configs quantize it with
     onnxruntime's rtn or k-quant (auto-opt --device gpu --int4_algorithm rtn / k_quant). That graph is written
-    here without a GPU, and genai runs it on the CPU with its providers cleared: the int4 graph's
-    MatMulNBits read fp16 and its last logits stay near the fp16 graph's (measured cosine 0.97 on a tiny
-    Llama). The CUDA kernels themselves run in tests/tasks/test_gpu.py where a GPU is present."""
+    here without a GPU (Gemma 4's by mobius, for CUDA), and genai runs it on the CPU with its providers
+    cleared: the int4 graph's MatMulNBits read fp16 and its last logits stay near the fp16 graph's (measured
+    cosine 0.97 on a tiny Llama, 0.95 on a tiny Gemma 4: olive-recipes' Gemma 4 cuda/int4 config). The CUDA
+    kernels themselves run in tests/tasks/test_gpu.py where a GPU is present."""
     import onnxruntime_genai as og
 
-    fp16 = capture_onnx.fn(download_model.fn(resolve(str(tiny_dir("llama"))), DownloadConfig(), store),
+    fp16 = capture_onnx.fn(download_model.fn(resolve(str(tiny_dir(family))), DownloadConfig(), store),
                            CaptureConfig.cuda())
     int4 = quantize_int4.fn(fp16, Int4Config(algorithm=algorithm))
 
