@@ -139,12 +139,13 @@ def torch_spec(model: str | Path, work: str) -> ArchSpec:
     spec = arch_spec(model_type)
     if spec.multimodal:
         builder = spec.exporter == "builder"
+        int4 = ("the builder's own int4, its default" if spec.builder_int4 else
+                f"auto-opt's default int4, --int4_algorithm affine / hqq / rtn / k_quant{' / builder' * builder}")
         text_only = sorted(m for m, s in ARCHITECTURES.items() if s.path == "decoder" and not s.multimodal)
         raise UnsupportedArchitecture(
             model_type, text_only, path=work,
             fix=f"A {model_type} checkpoint is image-text: Grove exports its text decoder with the "
-                f"{'model builder' if builder else 'mobius exporter'} (auto-opt's default int4, --int4_algorithm "
-                f"affine / hqq / rtn / k_quant{' / builder' if builder else ''}, fp16, fp32), but loads no "
+                f"{'model builder' if builder else 'mobius exporter'} ({int4}, fp16, fp32), but loads no "
                 "multimodal checkpoint in PyTorch; drop the PyTorch-side pass, or start from a text-only model.")
     return spec
 
