@@ -82,6 +82,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # Gemma 4 (E2B, E4B, 31B; its 26B-A4B MoE is refused): per-layer inputs, KV shared across layers, full
     # layers with their own head size
     "gemma4": ArchSpec("decoder", multimodal=True, exporter="mobius"),
+    "gemma4_text": ArchSpec("decoder", exporter="mobius"),  # Gemma 4's text model saved alone (Gemma4ForCausalLM)
     "bert": _encoder(),
     "electra": _encoder(),
     "roberta": _encoder(**_ROBERTA),
@@ -133,17 +134,25 @@ def arch_spec(model_type: str) -> ArchSpec:
 
 def torch_spec(model: str | Path, work: str) -> ArchSpec:
     """The spec for ``model`` (a model_type, or an HF folder) where ``work`` (e.g. "GPTQ") loads the
-    checkpoint in PyTorch as a causal LM: the text decoder of a multimodal checkpoint is refused by name,
-    with what does run."""
+    checkpoint in PyTorch as a causal LM: the text decoder of a multimodal checkpoint, and what mobius exports
+    (which reads no quantize-torch checkpoint, and which Grove's PyTorch-side passes are not tested on), are
+    refused by name, with what does run."""
     model_type = model if isinstance(model, str) else json.loads((model / "config.json").read_text())["model_type"]
     spec = arch_spec(model_type)
+    torch_side = sorted(m for m, s in ARCHITECTURES.items()
+                        if s.path == "decoder" and not s.multimodal and s.exporter == "builder")
+    if spec.exporter == "mobius" and not spec.multimodal:
+        raise UnsupportedArchitecture(
+            model_type, torch_side, path=work,
+            fix=f"A {model_type} checkpoint is exported with mobius (auto-opt's default int4, --int4_algorithm "
+                "affine / hqq / rtn / k_quant, fp16, fp32), and Grove's PyTorch-side passes do not take it; drop the "
+                "PyTorch-side pass.")
     if spec.multimodal:
         builder = spec.exporter == "builder"
         int4 = ("the builder's own int4, its default" if spec.builder_int4 else
                 f"auto-opt's default int4, --int4_algorithm affine / hqq / rtn / k_quant{' / builder' * builder}")
-        text_only = sorted(m for m, s in ARCHITECTURES.items() if s.path == "decoder" and not s.multimodal)
         raise UnsupportedArchitecture(
-            model_type, text_only, path=work,
+            model_type, torch_side, path=work,
             fix=f"A {model_type} checkpoint is image-text: Grove exports its text decoder with the "
                 f"{'model builder' if builder else 'mobius exporter'} ({int4}, fp16, fp32), but loads no "
                 "multimodal checkpoint in PyTorch; drop the PyTorch-side pass, or start from a text-only model.")

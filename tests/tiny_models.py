@@ -23,6 +23,13 @@ _COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=64, intermediate_si
 
 _VISION: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 
+# Gemma 4's text model in E2B's shape: per-layer inputs, the last two layers reading the KV of earlier ones,
+# full-attention layers with a wider head (global_head_dim) and partial proportional RoPE, soft-capped logits.
+_GEMMA4_TEXT: dict[str, Any] = dict(num_hidden_layers=4, head_dim=16, global_head_dim=32, sliding_window=24,
+                                    layer_types=["sliding_attention", "full_attention"] * 2,
+                                    hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
+                                    num_kv_shared_layers=2, use_double_wide_mlp=True, final_logit_softcapping=30.0)
+
 FAMILIES: dict[str, dict[str, Any]] = {
     # Real checkpoints' RoPE bases, not the default 10^4 (SmolLM2: 10^5; Qwen2.5: 10^6): the builder must read them.
     "llama": dict(tie_word_embeddings=False, rope_theta=1e5),
@@ -95,16 +102,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
                                                               mrope_section=[1, 1, 0])),
                         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                            out_hidden_size=64), tie_word_embeddings=False),
-    # Gemma 4 (E2B's shape): per-layer inputs, the last two layers reading the KV of earlier ones, full-attention
-    # layers with a wider head (global_head_dim) and partial proportional RoPE, soft-capped logits; mobius exports
-    # it. Its audio tower keeps mobius 0.1's fixed subsampling channels and 8 heads.
-    "gemma4": dict(text_config=dict(num_hidden_layers=4, head_dim=16, global_head_dim=32, sliding_window=24,
-                                    layer_types=["sliding_attention", "full_attention"] * 2,
-                                    hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
-                                    num_kv_shared_layers=2, use_double_wide_mlp=True, final_logit_softcapping=30.0),
-                   vision_config=dict(_VISION, num_key_value_heads=2, head_dim=16),
+    # Gemma 4 (E2B's text model, above), exported by mobius. Its audio tower keeps mobius 0.1's fixed subsampling
+    # channels and 8 heads.
+    "gemma4": dict(text_config=_GEMMA4_TEXT, vision_config=dict(_VISION, num_key_value_heads=2, head_dim=16),
                    audio_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=8, output_proj_dims=32),
                    tie_word_embeddings=True),
+    # Its text model saved alone (Gemma4ForCausalLM: a fine-tuned one, say).
+    "gemma4_text": dict(_GEMMA4_TEXT, tie_word_embeddings=True),
 }
 
 
@@ -150,7 +154,7 @@ def build(family: str, folder: Path, seed: int = 0, conv_std: float | None = Non
                 p.normal_(0.0, 0.05)
             elif conv_std is not None and name.endswith("linear_attn.conv1d.weight"):
                 p.normal_(0.0, conv_std)
-            elif family == "gemma4" and name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+            elif family.startswith("gemma4") and name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
                 # Gemma 4 scores attention by 1.0, its query and key norms (weights 1 at init) setting the scale:
                 # at init the scores spread as sqrt(head_dim) and any rounding flips a random model's argmax.
                 # As trained ones do, the norms here scale the scores by 1 / sqrt(head_dim).

@@ -27,14 +27,14 @@ FP32_ATOL_FAMILY = {"qwen3_5": 3e-3, "qwen3_5_moe": 5e-3}  # the MoE: 2.5e-3 at 
 INT4_MIN_COSINE = 0.8
 # Gemma 4's attention is its query and key norms' alone (scaling 1.0), which a random model's 4-bit q / k rounding
 # moves most: measured 0.75 (affine) and 0.78 (hqq) at the worst of 57 positions, median 0.95.
-INT4_MIN_COSINE_FAMILY = {"gemma4": 0.7}
+INT4_MIN_COSINE_FAMILY = {"gemma4": 0.7, "gemma4_text": 0.7}
 TOKENS = list(range(3, 60))
 # Each int4 quantizer on at least one family (tied and untied embeddings), the rest on rtn.
 ALGORITHM = {"qwen2": "affine", "gemma": "hqq", "phi3": "hqq", "gemma2": "affine", "gemma3_text": "affine",
              "granite": "affine", "smollm3": "affine", "phi": "affine", "nemotron": "hqq", "olmo": "affine",
              "ernie4_5": "affine", "hunyuan_v1_dense": "hqq", "lfm2": "affine", "gemma3": "affine",
              "mistral3": "hqq", "qwen2_5_vl": "affine", "qwen3_vl": "affine", "olmo2": "affine", "olmo3": "hqq",
-             "gemma4": "hqq"}
+             "gemma4": "hqq", "gemma4_text": "affine"}
 
 
 def test_every_decoder_architecture_has_its_tiny_model() -> None:
@@ -74,7 +74,7 @@ def test_family_fp32_parity_and_int4_generates(family: str, tiny_dir, store: str
         # soft-capping) and given the default 8-bit shortlist, its weight shared with the embedding's 8-bit table
         # (Gemma 4's per-layer embedding table is a third)
         ops = [n.op_type for n in onnx.load(str(int4_dir / "model.onnx"), load_external_data=False).graph.node]
-        tables = 3 if family == "gemma4" else 2
+        tables = 3 if family.startswith("gemma4") else 2
         assert ops.count("TopK") == 1 and ops.count("GatherBlockQuantized") == tables, family
     # Random Gaussian weights are the worst case for 4-bit blocks (measured: logit cosine
     # 0.89-0.99 with rtn, affine or hqq); a broken quantizer lands near 0.
@@ -162,6 +162,22 @@ def test_image_text_checkpoints_refuse_pytorch_side_work_by_name(family: str, ti
                                                       rf"mixed-precision path; .* A {family} checkpoint is image-text"):
         quantize_torch.fn(hf, TorchQuantConfig())
     with pytest.raises(UnsupportedArchitecture, match=rf"'{family}' is not supported for the fine-tuning path"):
+        skeleton(resolve(str(folder)))
+
+
+def test_a_text_model_mobius_exports_refuses_pytorch_side_work_by_name(tiny_dir, store: str) -> None:  # noqa: ANN001
+    """mobius reads no quantize-torch checkpoint, and Grove's PyTorch-side passes are not tested on Gemma 4:
+    GPTQ and fine-tuning on a text-only Gemma 4 are one error naming what runs instead."""
+    from grove.errors import UnsupportedArchitecture
+    from grove.tasks.quantize_torch import TorchQuantConfig, quantize_torch
+    from grove.tasks.train_adapter import skeleton
+
+    folder = tiny_dir("gemma4_text")
+    hf = download_model.fn(resolve(str(folder)), DownloadConfig(), store)
+    with pytest.raises(UnsupportedArchitecture, match=r"'gemma4_text' is not supported for the GPTQ .* A gemma4_text "
+                                                      r"checkpoint is exported with mobius"):
+        quantize_torch.fn(hf, TorchQuantConfig())
+    with pytest.raises(UnsupportedArchitecture, match=r"'gemma4_text' is not supported for the fine-tuning path"):
         skeleton(resolve(str(folder)))
 
 
