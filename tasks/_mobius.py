@@ -41,10 +41,10 @@ _DTYPES = {"fp32": "f32", "fp16": "f16"}
 _MOBIUS = threading.Lock()  # the AutoConfig wrapper is process-wide while it is in place
 
 
-def run_mobius(hf_dir: Path, out: Path, precision: str, execution_provider: str, options: list[str]) -> str:
-    """mobius on ``hf_dir``: ``model.onnx`` + ``model.onnx.data`` + ``genai_config.json`` + tokenizer
-    files in ``out``; returns the checkpoint's model type."""
-    hf_config = json.loads((hf_dir / "config.json").read_text())
+def run_mobius(hf_dir: Path, hf_config: dict[str, Any], out: Path, precision: str, execution_provider: str,
+               options: list[str]) -> str:
+    """mobius on ``hf_dir`` (``hf_config``: its config.json): ``model.onnx`` + ``model.onnx.data`` +
+    ``genai_config.json`` + tokenizer files in ``out``; returns the checkpoint's model type."""
     model_type = str(hf_config.get("model_type", ""))
     if precision not in _DTYPES:
         raise InvalidRequest(f"{model_type} is exported with mobius, which writes fp32 or fp16 weights, not "

@@ -116,11 +116,10 @@ def run_builder(hf_dir: Path, out: Path, precision: str, execution_provider: str
 
     hf_config = json.loads((hf_dir / "config.json").read_text())
     model_type = hf_config.get("model_type", "")
-    if arch_spec(model_type).exporter == "mobius":  # raises UnsupportedArchitecture with the supported list
-        model_type = run_mobius(hf_dir, out, precision, execution_provider, options)
-        _copy_chat_template(hf_dir, out)
-        return model_type
-    if arch_spec(model_type).multimodal:
+    spec = arch_spec(model_type)  # raises UnsupportedArchitecture with the supported list
+    if spec.exporter == "mobius":  # it copies the tokenizer files and chat template itself
+        return run_mobius(hf_dir, hf_config, out, precision, execution_provider, options)
+    if spec.multimodal:
         node_logger().info("%s is an image-text checkpoint: its text decoder is exported (text in, text out); "
                            "its vision tower is not", model_type)
     chatter = io.StringIO()

@@ -147,37 +147,26 @@ def test_gemma4s_mixture_of_experts_is_refused_by_name(tmp_path, store: str) -> 
         capture_onnx.fn(download_model.fn(resolve(str(folder)), DownloadConfig(), store), CaptureConfig.cpu())
 
 
-@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if ARCHITECTURES[f].multimodal))
-def test_image_text_checkpoints_refuse_pytorch_side_work_by_name(family: str, tiny_dir, store: str) -> None:  # noqa: ANN001
-    """Their text decoder is the builder's to export; what loads them in PyTorch as a causal LM (GPTQ and
-    the other passes on the weights, fine-tuning) is one error naming the architecture and what does run,
-    in the node itself (a preflight also catches it: tests/shell/test_cli_errors.py)."""
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if ARCHITECTURES[f].multimodal
+                                           or ARCHITECTURES[f].exporter == "mobius"))
+def test_image_text_and_mobius_checkpoints_refuse_pytorch_side_work_by_name(family: str, tiny_dir,  # noqa: ANN001
+                                                                           store: str) -> None:
+    """An image-text checkpoint's text decoder is the exporter's; what loads it in PyTorch as a causal LM (GPTQ
+    and the other passes on the weights, fine-tuning) is one error naming the architecture and what does run,
+    in the node itself (a preflight also catches it: tests/shell/test_cli_errors.py). So is it for a text model
+    mobius exports (Gemma 4's alone): mobius reads no quantize-torch checkpoint, and those passes are untested
+    on it."""
     from grove.errors import UnsupportedArchitecture
     from grove.tasks.quantize_torch import TorchQuantConfig, quantize_torch
     from grove.tasks.train_adapter import skeleton
 
+    why = "is image-text" if ARCHITECTURES[family].multimodal else "is exported with mobius"
     folder = tiny_dir(family)
     hf = download_model.fn(resolve(str(folder)), DownloadConfig(), store)
     with pytest.raises(UnsupportedArchitecture, match=rf"'{family}' is not supported for the GPTQ / RTN / QuaRot / "
-                                                      rf"mixed-precision path; .* A {family} checkpoint is image-text"):
+                                                      rf"mixed-precision path; .* A {family} checkpoint {why}"):
         quantize_torch.fn(hf, TorchQuantConfig())
     with pytest.raises(UnsupportedArchitecture, match=rf"'{family}' is not supported for the fine-tuning path"):
-        skeleton(resolve(str(folder)))
-
-
-def test_a_text_model_mobius_exports_refuses_pytorch_side_work_by_name(tiny_dir, store: str) -> None:  # noqa: ANN001
-    """mobius reads no quantize-torch checkpoint, and Grove's PyTorch-side passes are not tested on Gemma 4:
-    GPTQ and fine-tuning on a text-only Gemma 4 are one error naming what runs instead."""
-    from grove.errors import UnsupportedArchitecture
-    from grove.tasks.quantize_torch import TorchQuantConfig, quantize_torch
-    from grove.tasks.train_adapter import skeleton
-
-    folder = tiny_dir("gemma4_text")
-    hf = download_model.fn(resolve(str(folder)), DownloadConfig(), store)
-    with pytest.raises(UnsupportedArchitecture, match=r"'gemma4_text' is not supported for the GPTQ .* A gemma4_text "
-                                                      r"checkpoint is exported with mobius"):
-        quantize_torch.fn(hf, TorchQuantConfig())
-    with pytest.raises(UnsupportedArchitecture, match=r"'gemma4_text' is not supported for the fine-tuning path"):
         skeleton(resolve(str(folder)))
 
 
