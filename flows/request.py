@@ -165,10 +165,10 @@ class AutoOptRequest(OptRequestBase):
         if self.precision == "fp16" and self.device == "cpu":
             problems.append("--precision fp16 targets GPUs (onnxruntime's CPU kernels for these graphs are fp32); "
                             "for CPU pass --precision int4, int8 or fp32")
-        if self.device == "gpu" and self.int4_algorithm in ("affine", "hqq"):  # their block-sum correction
-            problems.append(f"--int4_algorithm {self.int4_algorithm} is for CPU graphs (a zero-point-free kernel plus "
-                            "a correction); on gpu use 'builder' (the default), 'gptq', or onnxruntime's 'rtn' or "
-                            "'k_quant' on the fp16 graph")
+        if self.device == "gpu" and self.int4_algorithm == "affine":  # its block-sum correction
+            problems.append("--int4_algorithm affine is for CPU graphs (a zero-point-free kernel plus a correction); "
+                            "on gpu use 'builder' (the default), 'gptq', or onnxruntime's 'rtn', 'k_quant' or 'hqq' "
+                            "on the fp16 graph")
         if self.precision != "int4" and self.int4_algorithm is not None:
             problems.append(f"--int4_algorithm applies to --precision int4, not {self.precision}")
         if self.precision != "int4" and (int4_only := [f for f, on in (("--block_size", self.block_size != 32),
@@ -182,7 +182,8 @@ class AutoOptRequest(OptRequestBase):
         if self.accuracy_level != 4 and algorithm in (None, "builder"):
             problems.append("--accuracy_level applies to Grove's int4 quantizer (--precision int4 on cpu, "
                             "--int4_algorithm affine, rtn, hqq or k_quant)")
-        if self.head_bits != 8 and algorithm not in ("affine", "hqq", "gptq"):
+        if self.head_bits != 8 and (algorithm not in ("affine", "hqq", "gptq") or (algorithm == "hqq"
+                                                                                   and self.device == "gpu")):
             problems.append("--head_bits applies to Grove's affine and hqq int4 (--precision int4 on cpu), and gptq")
         if self.embedding_int8 and algorithm != "builder":
             problems.append("--embedding_int8 applies to --int4_algorithm builder (the GPU default); affine, hqq "

@@ -32,7 +32,8 @@ class Int4Config(StepConfig):
         "affine",
         description="affine: min/max blocks with a float zero point, run on the zero-point-free integer kernel "
         "plus a block-sum correction (Grove); hqq: the same layout with zero points refined by half-quadratic "
-        "optimization (HQQ; lower error than min/max on full-precision weights, slower to quantize); rtn: "
+        "optimization (HQQ; lower error than min/max on full-precision weights, slower to quantize), and on an "
+        "fp16 graph (the GPU's) onnxruntime's HQQ quantizer, whose float zero points CUDA's kernel reads; rtn: "
         "onnxruntime round-to-nearest; k_quant: onnxruntime k-quant; builder: onnxruntime-genai builder's own int4",
     )
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weights per quantization block; "
@@ -107,7 +108,7 @@ def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, ob
     for f in src.iterdir():
         if f.is_file() and not f.name.startswith("model.onnx") and f.name != "manifest.json":
             shutil.copy2(f, out / f.name)
-    if config.algorithm in ("affine", "hqq"):
+    if config.algorithm == "affine" or (config.algorithm == "hqq" and not _float16_weights(src / "model.onnx")):
         from grove.tasks import _int4_grids
 
         # fp16 correction terms: the same perplexity as fp32 ones, half their size (measured)
@@ -154,6 +155,8 @@ def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]
             node_logger().warning("k_quant: %d MatMul(s) keep their weights: an odd number of %d-weight blocks per "
                                   "column, which onnxruntime's k-quant cannot pack (e.g. %s); another --block_size "
                                   "quantizes them", len(odd), config.block_size, odd[0])
+    elif config.algorithm == "hqq":  # the GPU's fp16 graph: float zero points, which CUDA's MatMulNBits reads
+        algo = mnq.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=config.bits)
     else:
         algo = mnq.DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
                                                 accuracy_level=config.accuracy_level, bits=config.bits)
@@ -168,6 +171,15 @@ def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]
     n = sum(1 for node in quantizer.model.model.graph.node if node.op_type == "MatMulNBits")
     return {"matmuls_quantized": n, **({"int8_matmuls": len(config.int8_nodes)} if config.int8_nodes else {}),
             **({"bits": 8} if config.bits == 8 else {})}
+
+
+def _float16_weights(model_path: Path) -> bool:
+    """Whether the graph's MatMul weights are fp16 (the builder's CUDA graph), read without the weights' bytes."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    return any(types.get(n.input[1]) == onnx.TensorProto.FLOAT16 for n in graph.node if n.op_type == "MatMul")
 
 
 def _rename_external_data(model_path: Path) -> None:

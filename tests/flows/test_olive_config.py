@@ -494,6 +494,22 @@ def test_a_target_systems_accelerator_sets_device_and_provider(tmp_path: Path,
     assert "--device gpu --provider CUDAExecutionProvider --precision int4" in capsys.readouterr().out
 
 
+def test_a_cuda_chain_of_an_fp16_builder_and_hqq_is_hqq_on_the_gpus_fp16_graph(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """olive-recipes' CUDA Llama hqq.json: the builder at fp16, then onnxruntime's HQQ on that graph."""
+    from grove.shell.cli import main
+
+    config = {"input_model": {"type": "HfModel", "model_path": "some/model"}, "output_dir": "o",
+              "systems": {"s": {"type": "LocalSystem", "accelerators": [
+                  {"device": "gpu", "execution_providers": ["CUDAExecutionProvider"]}]}},
+              "passes": {"m": {"type": "ModelBuilder", "precision": "fp16"}, "q": {"type": "OnnxHqqQuantization"}}}
+    assert main(["run", "--config", str(_write(tmp_path, config)), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().endswith("--device gpu --provider CUDAExecutionProvider --precision int4 --int4_algorithm hqq "
+                                "--block_size 128"), out
+    assert "m (ModelBuilder) writes fp16 and q quantizes it: the output is int4" in err, err
+
+
 def test_what_grove_does_differently_is_said_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Keys Grove reads but does not follow are notes on stderr, never dropped in silence."""
     from grove.shell.cli import main
@@ -812,14 +828,7 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
      "passes.m.components_to_export ['vision_encoder', 'embedding']: Grove exports a model's text decoder"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "MobiusBuilder", "precision": "bf16"}}},
      "passes.m.precision: Input should be 'fp32' or 'fp16' - mobius writes fp32 or fp16"),
-    # A config whose passes Grove reads, but whose auto-opt is refused: found at once, a dry run included
-    # (olive-recipes' CUDA Llama hqq.json: Grove's hqq after an fp16 builder on a GPU).
-    ({"input_model": _MODEL, "output_dir": "o", "systems": {"g": {"type": "LocalSystem", "accelerators": [
-        {"device": "gpu", "execution_providers": ["CUDAExecutionProvider"]}]}}, "target": "g",
-      "passes": {"m": {"type": "ModelBuilder", "precision": "fp16"}, "q": {"type": "OnnxHqqQuantization"}}},
-     "the auto-opt it amounts to is refused: --int4_algorithm hqq is for CPU graphs (a zero-point-free kernel plus "
-     "a correction); on gpu use 'builder' (the default), 'gptq', or onnxruntime's 'rtn' or 'k_quant' on the fp16 "
-     "graph"),
+    # A config whose passes Grove reads, but whose auto-opt is refused: found at once, a dry run included.
     ({"input_model": {**_MODEL, "task": "audio-classification"}, "output_dir": "o",
       "passes": {"q": {"type": "OnnxDynamicQuantization"}}},
      "the auto-opt it amounts to is refused: --task: Input should be 'feature-extraction', 'text-classification' or "

@@ -67,6 +67,19 @@ def test_head_bits_default_to_8_and_4_is_affine_or_hqq_only() -> None:
         AutoOptRequest(model_name_or_path="m", output_path="o", int4_algorithm="rtn", head_bits=4)
 
 
+def test_hqq_on_a_gpu_is_onnxruntimes_on_the_fp16_graph_and_affine_is_refused() -> None:
+    """On a GPU the reference is the fp16 graph; hqq quantizes it (onnxruntime's HQQ, float zero points CUDA's
+    kernel reads), so Grove's 8-bit heads do not apply. affine's correction is a CPU graph's."""
+    gpu = {"model_name_or_path": "m", "output_path": "o", "device": "gpu"}
+    int4 = AutoOptRequest(**gpu, int4_algorithm="hqq").int4
+    assert int4 is not None and int4.algorithm == "hqq"
+    with pytest.raises(ValidationError, match="--head_bits applies to Grove's affine and hqq int4 \\(--precision "
+                                              "int4 on cpu\\)"):
+        AutoOptRequest(**gpu, int4_algorithm="hqq", head_bits=4)
+    with pytest.raises(ValidationError, match="--int4_algorithm affine is for CPU graphs .* or 'hqq' on the fp16"):
+        AutoOptRequest(**gpu, int4_algorithm="affine")
+
+
 def test_head_shortlist_defaults_to_32_on_8bit_heads_and_is_refused_where_nothing_rescores() -> None:
     def shortlist(**flags: object) -> int:
         int4 = AutoOptRequest(model_name_or_path="m", output_path="o", **flags).int4  # type: ignore[arg-type]

@@ -295,11 +295,13 @@ def test_eval_text_is_tokenized_only_as_far_as_it_is_scored(tiny_dir, store: str
     assert runtime.tokenize(model_dir, short, model, limit=1024) == runtime.tokenize(model_dir, short, model)
 
 
-@pytest.mark.parametrize(("family", "algorithm"), [("llama", "rtn"), ("llama", "k_quant"), ("gemma4", "k_quant")])
+@pytest.mark.parametrize(("family", "algorithm"), [("llama", "rtn"), ("llama", "k_quant"), ("llama", "hqq"),
+                                                   ("gemma4", "k_quant")])
 def test_onnxruntimes_int4_quantizers_take_the_fp16_graph_of_a_gpu_target(family: str, algorithm: str,
                                                                           tiny_dir, store: str) -> None:  # noqa: ANN001
     """On a GPU the reference is the fp16 CUDA graph, and olive-recipes' CUDA configs quantize it with
-    onnxruntime's rtn or k-quant (auto-opt --device gpu --int4_algorithm rtn / k_quant). That graph is written
+    onnxruntime's rtn, k-quant or HQQ (auto-opt --device gpu --int4_algorithm rtn / k_quant / hqq; HQQ's zero
+    points are fp16 too, which CUDA's MatMulNBits reads natively). That graph is written
     here without a GPU (Gemma 4's by mobius, for CUDA), and genai runs it on the CPU with its providers
     cleared: the int4 graph's MatMulNBits read fp16 and its last logits stay near the fp16 graph's (measured
     cosine 0.97 on a tiny Llama, 0.95 on a tiny Gemma 4: olive-recipes' Gemma 4 cuda/int4 config). The CUDA
@@ -325,5 +327,7 @@ def test_onnxruntimes_int4_quantizers_take_the_fp16_graph_of_a_gpu_target(family
     quantized = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
     assert len(quantized) >= 10  # every layer's, the lm_head too (k_quant keeps the one that writes the logits)
     assert {types[n.input[2]] for n in quantized} == {onnx.TensorProto.FLOAT16}  # the scales: fp16, as the graph
+    if algorithm == "hqq":
+        assert {types[n.input[3]] for n in quantized} == {onnx.TensorProto.FLOAT16}  # HQQ's float zero points
     a, b = last_logits(int4), last_logits(fp16)
     assert float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)) > 0.9

@@ -53,7 +53,7 @@ def test_cuda_int4_output_is_built_by_the_builder_and_measured_on_the_gpu(tiny_d
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU with onnxruntime-gpu and onnxruntime-genai-cuda")
-@pytest.mark.parametrize("algorithm", ["rtn", "k_quant"])
+@pytest.mark.parametrize("algorithm", ["rtn", "k_quant", "hqq"])
 def test_onnxruntimes_int4_of_the_fp16_cuda_graph_runs_on_the_gpu(algorithm: str, tiny_dir, tmp_path: Path,  # noqa: ANN001
                                                                   store: str) -> None:
     """olive-recipes' CUDA chains (a builder at fp16, then OnnxBlockWiseRtnQuantization or
