@@ -1,6 +1,7 @@
 """The auto-opt request for an ONNX graph given as the model (``-m model.onnx``, or a folder holding one;
 Olive's ``ONNXModel`` input): the shared fields, and what applies to a graph of unknown architecture:
-int4 weights by onnxruntime's quantizers (MatMulNBits), measured against the graph itself."""
+int4 or 8-bit weights by onnxruntime's quantizers (MatMulNBits), or onnxruntime's fp16 conversion, measured
+against the graph itself."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from grove.flows.request import EP_SHORT, OptRequestBase
 from grove.tasks._choices import EncoderTask
 
 if TYPE_CHECKING:
+    from grove.tasks.convert_fp16 import Fp16Config
     from grove.tasks.evaluate_graph import GraphEvalConfig
     from grove.tasks.import_onnx import ImportOnnxConfig
     from grove.tasks.package_graph import GraphPackageConfig
@@ -30,8 +32,10 @@ _GRAPH_FLAGS = ("precision", "int4_algorithm", "block_size", "symmetric", "accur
 class GraphOptRequest(OptRequestBase):
     """What ``grove auto-opt`` was asked to do for an ONNX graph."""
 
-    precision: Literal["int4", "int8"] = Field("int4", description="int4 weights (MatMulNBits) for the graph's "
-                                               "MatMuls; int8: 8-bit blocks, round to nearest")
+    precision: Literal["int4", "int8", "fp16"] = Field("int4", description="int4 weights (MatMulNBits) for the "
+                                                       "graph's MatMuls; int8: 8-bit blocks, round to nearest; "
+                                                       "fp16: onnxruntime's float16 conversion (inputs and outputs "
+                                                       "stay fp32)")
     int4_algorithm: Literal["rtn", "k_quant"] = Field("rtn", description="onnxruntime's round-to-nearest (Olive's "
                                                       "OnnxBlockWiseRtnQuantization) or k-quant")
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 weights per block")
@@ -49,12 +53,18 @@ class GraphOptRequest(OptRequestBase):
         shared = set(OptRequestBase.model_fields)
         if others := [k for k in fields if k not in shared and k not in _GRAPH_FLAGS and k != "use_ort_genai"]:
             raise InvalidRequest(f"{', '.join('--' + k for k in others)}: not for an ONNX graph given as the model "
-                                 "(it takes --precision int4 or int8, --int4_algorithm rtn or k_quant, --block_size, "
+                                 "(it takes --precision int4, int8 or fp16, --int4_algorithm rtn or k_quant, "
+                                 "--block_size, "
                                  "--symmetric, --accuracy_level, --int8_nodes, --min_cosine); pass the Hugging Face "
                                  "model instead for the rest")
-        if fields.get("precision", "int4") not in ("int4", "int8"):
+        if fields.get("precision", "int4") not in ("int4", "int8", "fp16"):
             raise InvalidRequest(f"--precision {fields['precision']}: an ONNX graph given as the model gets int4 or "
-                                 "8-bit block-wise weights (int8); for fp16, pass the Hugging Face model")
+                                 "8-bit block-wise weights (int8), or fp16")
+        if fields.get("precision") == "fp16" and (weights := [f"--{k}" for k in ("int4_algorithm", "block_size",
+                                                                                 "symmetric", "accuracy_level",
+                                                                                 "int8_nodes") if fields.get(k)]):
+            raise InvalidRequest(f"{', '.join(weights)}: for int4 or int8 weights, not --precision fp16 (a float16 "
+                                 "conversion of the whole graph)")
         if fields.get("precision") == "int8" and (fields.get("int4_algorithm") not in (None, "rtn")
                                                   or fields.get("int8_nodes")):
             raise InvalidRequest("--precision int8 on an ONNX graph is 8-bit blocks rounded to nearest (rtn): "
@@ -80,6 +90,12 @@ class GraphOptRequest(OptRequestBase):
         return ImportOnnxConfig()
 
     @property
+    def fp16(self) -> Fp16Config:
+        from grove.tasks.convert_fp16 import Fp16Config
+
+        return Fp16Config()
+
+    @property
     def int4(self) -> Int4Config:
         from grove.tasks.quantize_int4 import Int4Config
 
@@ -99,4 +115,5 @@ class GraphOptRequest(OptRequestBase):
 
         return GraphPackageConfig(model=self.model_name_or_path, target={
             "device": self.device, "provider": self.execution_provider, "precision": self.precision,
-            "int4_algorithm": self.int4_algorithm, "block_size": self.block_size})
+            **({"int4_algorithm": self.int4_algorithm, "block_size": self.block_size} if self.precision != "fp16"
+               else {})})

@@ -1,4 +1,5 @@
-"""Node ``convert-fp16``: onnxruntime's float16 conversion of an encoder graph. Inputs and
+"""Node ``convert-fp16``: onnxruntime's float16 conversion of an encoder graph, or of an ONNX graph given
+as the model (its weights stay in ``model.onnx.data``). Inputs and
 outputs stay fp32 (``keep_io_types``), so callers feed and read the same arrays as before;
 ops that overflow or lose too much in fp16 stay fp32 (``op_block_list``)."""
 
@@ -44,12 +45,20 @@ def _convert(inputs: list[Path], config: Fp16Config, out: Path) -> dict[str, obj
     # onnxruntime's converter (not onnxconverter-common's) knows its contrib ops (Attention,
     # SkipLayerNormalization, BiasGelu) and inserts the Casts around blocked ops itself.
     model.convert_float_to_float16(keep_io_types=config.keep_io_types, op_block_list=list(config.op_block_list))
-    model.save_model_to_file(str(out / "model.onnx"))
+    external = (src / "model.onnx.data").is_file()  # an imported graph (import-onnx) keeps its weights apart
+    if external:
+        onnx.save_model(model.model, str(out / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    else:
+        model.save_model_to_file(str(out / "model.onnx"))
     for f in src.iterdir():
-        if f.is_file() and f.name not in ("model.onnx", "manifest.json"):
+        if f.is_file() and not f.name.startswith("model.onnx") and f.name != "manifest.json":
             shutil.copy2(f, out / f.name)
     casts = sum(1 for n in model.model.graph.node if n.op_type == "Cast")
-    size = (out / "model.onnx").stat().st_size / 1e6
-    node_logger().info("fp16: %.1f MB -> %.1f MB, %d Cast nodes", (src / "model.onnx").stat().st_size / 1e6, size,
-                       casts)
+
+    def size_mb(folder: Path) -> float:
+        return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
+
+    size = size_mb(out)
+    node_logger().info("fp16: %.1f MB -> %.1f MB, %d Cast nodes", size_mb(src), size, casts)
     return {"size_mb": round(size, 2), "casts": casts, "op_block_list": list(config.op_block_list)}

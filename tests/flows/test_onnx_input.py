@@ -150,6 +150,38 @@ def test_an_8_bit_block_wise_recipe_on_a_graph_writes_8_bit_blocks(tmp_path: Pat
     assert 0.2 < report["ratios"]["size_vs_reference"] < 0.5, report["ratios"]
 
 
+def test_an_fp16_conversion_of_a_graph_keeps_its_io_and_stays_near_it(tmp_path: Path, store: str) -> None:
+    """olive-recipes' SAM 2 mask decoder config (an ONNXModel input, then OnnxFloatToFloat16): onnxruntime's
+    float16 conversion of the whole graph, its inputs and outputs kept fp32 (callers feed the same arrays),
+    measured against the graph: fp16 rounding of the weights, about half the size, the weights still apart."""
+    graph = _graph(tmp_path / "models" / "decoder.onnx", seed=4)
+    config = tmp_path / "sam.json"
+    config.write_text(json.dumps({"input_model": {"type": "ONNXModel", "model_path": str(graph)},
+                                  "systems": {"host_system": {"type": "LocalSystem"}},
+                                  "passes": {"f16": {"type": "OnnxFloatToFloat16", "save_as_external_data": True}},
+                                  "output_dir": str(tmp_path / "out")}))
+    result = grove_cli("run", "--config", str(config), "--store", store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("--precision fp16") >= 1, result.stderr[-2000:]
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"decoder.onnx", "decoder.onnx.data", "grove_report.json"}
+    model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert set(types.values()) == {TensorProto.FLOAT16}, types
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # inputs and outputs stay fp32
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    report = json.loads((out / "grove_report.json").read_text())
+    assert report["target"]["precision"] == "fp16" and "int4_algorithm" not in report["target"], report["target"]
+    assert report["metrics"]["min_cosine"] > 0.9999, report["metrics"]  # fp16 rounding only
+    assert 0.45 < report["ratios"]["size_vs_reference"] < 0.55, report["ratios"]
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((1, 3, 256)).astype(np.float32)
+    got = ort.InferenceSession(str(out / "decoder.onnx")).run(None, {"x": x})[0]
+    want = ort.InferenceSession(str(graph)).run(None, {"x": x})[0]
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-2 * np.abs(want).max()
+
+
 def test_an_olive_config_writing_over_its_input_graph_says_grove_will_not(tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """olive-recipes' vision / audio / embedding configs write their output over the input graph's folder;
@@ -165,8 +197,9 @@ def test_an_olive_config_writing_over_its_input_graph_says_grove_will_not(tmp_pa
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
-    (["--precision", "fp16"], "an ONNX graph given as the model gets int4 or 8-bit block-wise weights (int8); for "
-                              "fp16, pass the Hugging Face model"),
+    (["--precision", "fp32"], "an ONNX graph given as the model gets int4 or 8-bit block-wise weights (int8), or "
+                              "fp16"),
+    (["--precision", "fp16", "--block_size", "64"], "--block_size: for int4 or int8 weights, not --precision fp16"),
     (["--precision", "int8", "--int4_algorithm", "k_quant"], "--precision int8 on an ONNX graph is 8-bit blocks"),
     (["--int4_algorithm", "affine"], "an ONNX graph takes rtn or k_quant"),
     (["--eval_tokens", "64"], "--eval_tokens: not for an ONNX graph given as the model"),
