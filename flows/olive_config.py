@@ -525,6 +525,43 @@ class QuaRot(_Pass):
         return {"rotate": True}
 
 
+class SparseGPT(_Pass):
+    """Olive's SparseGPT pass: SparseGPT on the PyTorch weights before the capture, Grove's prune-torch node
+    (--sparsity), calibrated on its data config's text."""
+
+    sparsity: float | list[int] = Field(description="a share of the weights (0.5), or [N, M] (N of every M inputs)")
+    blocksize: Literal[128] = Field(128, description="columns per mask block: Grove's is 128, Olive's default")
+    percdamp: float = Field(0.01, description="dampening: Grove's is 0.01, Olive's default")
+    min_layer: None = Field(None, description="Grove prunes every decoder layer")
+    max_layer: None = Field(None, description="Grove prunes every decoder layer")
+    layer_name_filter: None = Field(None, description="Grove prunes every linear layer the builder reads")
+    data_config: Any = Field(None, description="calibration data: a data config's text")
+    device: str | None = Field(None, description="where to prune: Grove's node runs on the CPU")
+    NOTE = ("SparseGPT: Grove prunes the PyTorch weights in its prune-torch node (layer by layer, on the calibration "
+            "text), then captures the pruned model")
+
+    def flags(self) -> dict[str, object]:
+        value = (f"{self.sparsity[0]}:{self.sparsity[1]}" if isinstance(self.sparsity, list)
+                 else str(self.sparsity))
+        return {"sparsity": value}
+
+    def problems(self, where: str) -> list[str]:
+        from grove.tasks.prune_torch import parse_sparsity
+
+        problems = []
+        if isinstance(self.sparsity, list) and len(self.sparsity) != 2:
+            problems.append(f"{where}.sparsity {self.sparsity}: [N, M], N of every M inputs (e.g. [2, 4])")
+        else:
+            try:
+                parse_sparsity(str(self.flags()["sparsity"]))
+            except ValueError as exc:
+                problems.append(f"{where}.{exc}")
+        if self.percdamp != 0.01:
+            problems.append(f"{where}.percdamp {self.percdamp}: Grove's SparseGPT dampens by 0.01 (Olive's default); "
+                            "drop it")
+        return problems
+
+
 class SelectiveMixedPrecision(_Pass):
     """Olive's SelectiveMixedPrecision: which linear layers keep ``high_bits`` (8), by the same algorithm
     (--mixed_precision_algorithm, tasks/_mixed_precision.py) on the calibration data Grove is given."""
@@ -697,7 +734,7 @@ PASSES: dict[str, type[_Pass]] = {cls.__name__.lower(): cls for cls in (
     ModelBuilder, MobiusBuilder, OnnxConversion, OrtTransformersOptimization, OnnxQuantization, OnnxDynamicQuantization,
     OnnxStaticQuantization, OnnxFloatToFloat16, OnnxBlockWiseRtnQuantization, OnnxMatMul4Quantizer,
     OnnxHqqQuantization, OnnxKQuantQuantization, OrtSessionParamsTuning, Gptq, Rtn, SelectiveMixedPrecision,
-    OnnxPeepholeOptimizer, LoRA, QLoRA, DoRA, LoHa, LoKr, ExtractAdapters, MergeAdapterWeights, QuaRot)}
+    OnnxPeepholeOptimizer, LoRA, QLoRA, DoRA, LoHa, LoKr, ExtractAdapters, MergeAdapterWeights, QuaRot, SparseGPT)}
 PASSES["gptqquantizer"] = PASSES["gptqmodel"] = Gptq
 PASSES["ortperftuning"] = OrtSessionParamsTuning  # its name before Olive 0.7
 PASSES["onnxmatmulnbits"] = OnnxBlockWiseRtnQuantization
@@ -843,7 +880,7 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             problems.append(_pass_errors(exc, where, cls))
             continue
         specs[name] = spec
-        if isinstance(spec, Gptq | Rtn | ModelBuilder | MobiusBuilder | _Lycoris | OnnxKQuantQuantization):
+        if isinstance(spec, Gptq | Rtn | ModelBuilder | MobiusBuilder | _Lycoris | OnnxKQuantQuantization | SparseGPT):
             problems += spec.problems(where)
         if isinstance(spec, ModelBuilder) and spec.metadata_only:
             if not any(isinstance(s, OnnxConversion) for s in specs.values()):
@@ -855,7 +892,7 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
                                  "together, the model OnnxConversion and metadata_only make in Olive")
         if isinstance(spec, ModelBuilder | OnnxBlockWiseRtnQuantization | SelectiveMixedPrecision):
             out.notes += spec.notes(where)
-        if isinstance(spec, Gptq | SelectiveMixedPrecision) and spec.data_config is not None \
+        if isinstance(spec, Gptq | SelectiveMixedPrecision | SparseGPT) and spec.data_config is not None \
                 and "calibration_data" not in out.flags:
             calibration = _data_source(spec.data_config, data, f"{where}.data_config", for_labels=False)
             out.flags["calibration_data"] = calibration.source

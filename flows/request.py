@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the nodes import Prefect: imported where a request is split
     from grove.tasks.download_model import DownloadConfig
     from grove.tasks.evaluate import EvalConfig
     from grove.tasks.package_genai import PackageConfig
+    from grove.tasks.prune_torch import PruneConfig
     from grove.tasks.quantize_int4 import Int4Config
     from grove.tasks.quantize_torch import TorchQuantConfig
 
@@ -128,11 +129,17 @@ class AutoOptRequest(OptRequestBase):
     clip_search: bool = Field(False, description="gptq: each group's range shrunk to the factor (1.0 to 0.6) with "
                               "the least rounding error instead of its min and max (GPTQ's mse option; SmolLM2, "
                               "rotated, symmetric: perplexity 1.048x fp32 instead of 1.055x; ~15% longer)")
-    calibration_data: str | None = Field(None, description="gptq: text (or a table's text column) cut in windows "
+    sparsity: str | None = Field(None, description="SparseGPT before the capture (Olive's SparseGPT pass): a share "
+                                 "of each decoder layer's linear weights set to zero (0.5), or N:M, N of every M "
+                                 "consecutive inputs (2:4), the kept weights updated on --calibration_data to keep "
+                                 "each layer's output; then the capture and --precision as usual")
+    calibration_data: str | None = Field(None, description="gptq, --sparsity: text (or a table's text column) cut "
+                                         "in windows "
                                          "of 512 tokens (default: the built-in GPL-3 text after its first 4,096 "
                                          "tokens, which the default evaluation scores); FILE#text=<column> names "
                                          "a table's column")
-    calibration_samples: int | None = Field(None, ge=1, le=1024, description="gptq: windows of 512 calibration "
+    calibration_samples: int | None = Field(None, ge=1, le=1024, description="gptq, --sparsity: windows of 512 "
+                                            "calibration "
                                             "tokens (default: 32)")
     eval_data: str | None = Field(None, description="UTF-8 text for perplexity: a path, s3://..., or a hub dataset "
                                   "file hf://datasets/<repo>/<file>; a table (.parquet, e.g. a split's shards "
@@ -195,12 +202,26 @@ class AutoOptRequest(OptRequestBase):
             problems.append("--head_shortlist rescores with the 8-bit lm_head, and --head_bits 4 has none; "
                             "drop --head_shortlist, or pass --head_bits 8")
         if (calibrated := [f"--{f}" for f in ("mixed_precision_ratio", "mixed_precision_algorithm",
-                                              "calibration_data", "calibration_samples")
+                                              *(("calibration_data", "calibration_samples") if self.sparsity is None
+                                                else ()))
                            if getattr(self, f) is not None] + (["--rotate"] if self.rotate else [])
                           + (["--clip_search"] if self.clip_search else [])) \
                 and algorithm != "gptq":
             problems.append(f"{', '.join(calibrated)}: for a decoder, calibration is GPTQ's; pass --int4_algorithm "
                             "gptq")
+        if self.sparsity is not None:
+            from grove.tasks.prune_torch import parse_sparsity
+
+            try:
+                parse_sparsity(self.sparsity)
+            except ValueError as exc:
+                problems.append(f"--{exc}")
+            if algorithm == "gptq":
+                problems.append("--sparsity with --int4_algorithm gptq: GPTQ's updates would fill the pruned weights "
+                                "back in; use another int4 algorithm, or --precision fp32 / fp16")
+            if self.keeps_adapter:
+                problems.append("--sparsity prunes the model an adapter was trained on: pass --merge_adapter to prune "
+                                "the merged weights")
         mixed, positional = self.mixed_precision_algorithm, MIXED_PRECISION_HEURISTICS
         if mixed in positional and self.mixed_precision_ratio is not None:
             problems.append(f"--mixed_precision_algorithm {mixed} picks its layers by position: drop "
@@ -294,6 +315,16 @@ class AutoOptRequest(OptRequestBase):
                           head_bits=self.head_bits, head_shortlist=self.head_shortlist,
                           int8_nodes=self.int8_nodes or [])
 
+    def pruning(self, calibration_sha256: str) -> PruneConfig | None:
+        """The prune-torch node's config (``--sparsity``: SparseGPT before the capture), or None."""
+        if self.sparsity is None:
+            return None
+        from grove.tasks._data_sources import BUILTIN_TEXT
+        from grove.tasks.prune_torch import PruneConfig
+
+        return PruneConfig(sparsity=self.sparsity, calibration=self.calibration_data or BUILTIN_TEXT,
+                           calibration_sha256=calibration_sha256, calibration_samples=self.calibration_samples or 32)
+
     def torch_quant(self, calibration_sha256: str) -> TorchQuantConfig:
         """The quantize-torch node's config (``--int4_algorithm gptq``: the weights are quantized before
         the capture)."""
@@ -326,4 +357,5 @@ class AutoOptRequest(OptRequestBase):
             "device": self.device, "provider": self.execution_provider, "precision": self.precision,
             "int4_algorithm": self.int4_algorithm_used,
             "block_size": self.block_size if self.int4_algorithm_used else None,
-            **({"embedding_int8": True} if self.embedding_int8 else {})})
+            **({"embedding_int8": True} if self.embedding_int8 else {}),
+            **({"sparsity": self.sparsity} if self.sparsity is not None else {})})

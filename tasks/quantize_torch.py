@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from prefect import task
 from pydantic import Field, model_validator
@@ -243,7 +243,18 @@ def pack(values: Any, bits: int) -> Any:
     return out
 
 
-def _calibration_tokens(config: TorchQuantConfig, folder: Path) -> tuple[Any, str]:
+class Calibrated(Protocol):
+    """What the calibration windows are cut from: quantize-torch's and prune-torch's fields."""
+
+    @property
+    def calibration(self) -> str: ...
+    @property
+    def calibration_samples(self) -> int: ...
+    @property
+    def calibration_seq_len(self) -> int: ...
+
+
+def _calibration_tokens(config: Calibrated, folder: Path) -> tuple[Any, str]:
     """[samples, seq_len] token windows of the calibration text, and where they came from (logged)."""
     import torch
     from transformers import AutoTokenizer

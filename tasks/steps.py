@@ -27,8 +27,10 @@ from grove.tasks import (
     package_finetune,
     package_genai,
     prepare_data,
+    prune_torch,
     quantize_int4,
     quantize_int8,
+    quantize_torch,
     train_adapter,
 )
 
@@ -44,6 +46,8 @@ class Step:
 STEPS: dict[str, Step] = {
     "capture-onnx": Step(capture_onnx.CaptureConfig, capture_onnx._capture),  # noqa: SLF001
     "quantize-int4": Step(quantize_int4.Int4Config, quantize_int4._quantize),  # noqa: SLF001
+    "quantize-torch": Step(quantize_torch.TorchQuantConfig, quantize_torch._quantize),  # noqa: SLF001
+    "prune-torch": Step(prune_torch.PruneConfig, prune_torch._prune),  # noqa: SLF001
     "evaluate": Step(evaluate.EvalConfig, evaluate._evaluate),  # noqa: SLF001
     "package-genai": Step(package_genai.PackageConfig, package_genai._package),  # noqa: SLF001
     "capture-encoder": Step(capture_encoder.CaptureEncoderConfig, capture_encoder._capture),  # noqa: SLF001

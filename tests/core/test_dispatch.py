@@ -23,6 +23,10 @@ def _decoder_configs(request: AutoOptRequest) -> dict[str, StepConfig]:
                                       "package-genai": request.package}
     if request.int4 is not None:
         configs["quantize-int4"] = request.int4
+    if request.int4_algorithm_used == "gptq":
+        configs["quantize-torch"] = request.torch_quant("0" * 64)
+    if (pruning := request.pruning("0" * 64)) is not None:
+        configs["prune-torch"] = pruning
     return configs
 
 
@@ -72,10 +76,11 @@ def test_placement_is_policy_not_recipe() -> None:
     assert plain.int4.recipe() == placed.int4.recipe() and placed.int4.device == "gpu"
 
 
-@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+@pytest.mark.parametrize("kind", ["decoder", "gptq", "sparsity", "encoder"])
 def test_run_node_can_build_every_node_the_dispatcher_may_send(kind: str) -> None:
-    configs = (_decoder_configs(AutoOptRequest(model_name_or_path="m", output_path="o")) if kind == "decoder"
-               else {**_encoder_configs(EncoderOptRequest(model_name_or_path="m", output_path="o",
+    flags = {"gptq": {"int4_algorithm": "gptq", "gpu_nodes": ["quantize-int4"]}, "sparsity": {"sparsity": "2:4"}}
+    configs = (_decoder_configs(AutoOptRequest(model_name_or_path="m", output_path="o", **flags.get(kind, {})))
+               if kind != "encoder" else {**_encoder_configs(EncoderOptRequest(model_name_or_path="m", output_path="o",
                                                           task="text-classification")),
                      "convert-fp16": EncoderOptRequest(model_name_or_path="m", output_path="o",
                                                        precision="fp16").fp16})
