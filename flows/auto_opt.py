@@ -9,9 +9,12 @@ from grove.tasks.capture_adapter import CaptureAdapterConfig, capture_adapter
 from grove.tasks.capture_onnx import capture_onnx
 from grove.tasks.download_model import download_model, resolve_source
 from grove.tasks.evaluate import evaluate, fingerprint_text
+from grove.tasks.evaluate_components import evaluate_components
+from grove.tasks.export_components import export_components
 from grove.tasks.extract_adapter import ExtractAdapterConfig, extract_adapter
 from grove.tasks.import_adapter import ImportAdapterConfig, import_adapter, resolve_adapter
 from grove.tasks.merge_adapter import MergeConfig, merge_adapter
+from grove.tasks.package_components import package_components
 from grove.tasks.package_genai import export_output, package_genai
 from grove.tasks.prune_torch import prune_torch
 from grove.tasks.publish_model import publish_model
@@ -28,6 +31,13 @@ def auto_opt(request: AutoOptRequest) -> dict[str, object]:
     source = resolve_source(request.model_name_or_path, request.revision)
     text_sha = fingerprint_text(request.eval_data or "builtin:GPL-3")
     hf_model = download_model(source, request.download, request.store)
+    if request.components is not None:  # a multimodal checkpoint's components, as mobius writes them
+        exported = export_components(hf_model, request.exported)
+        package = package_components(exported, evaluate_components(exported, request.components_evaluation),
+                                     request.components_package)
+        report = export_output(package, request.output_path)
+        publish_report(report, request.output_path, package)
+        return report
     adapter = (import_adapter(resolve_adapter(request.adapter_path), ImportAdapterConfig(), request.store)
                if request.adapter_path is not None else None)
     if adapter is not None and request.merge_adapter:

@@ -48,13 +48,23 @@ def request_from_flags(fields: dict[str, Any], source: Source | None = None,
         _check_adapter_base(str(fields["adapter_path"]), source, switchable=not fields.get("merge_adapter"))
     if source_spec(source).path == "decoder":
         refuse_encoder_flags(fields, str(fields["model_name_or_path"]))
+        if fields.get("components") == ["all"] and not source_spec(source).multimodal:
+            logging.getLogger("grove").info("%s is a text model: its one component is the text decoder, which "
+                                            "auto-opt exports and evaluates", source.model_type)
+            fields = {k: v for k, v in fields.items() if k != "components"}
+        if fields.get("components") and not source_spec(source).multimodal:
+            raise InvalidRequest(f"--components: this {source.model_type} model is a text model, one component; drop "
+                                 "--components (Olive's components_to_export) and auto-opt exports, quantizes and "
+                                 "evaluates it")
         if (source_spec(source).builder_int4 and fields.get("precision", "int4") == "int4"
-                and not fields.get("int4_algorithm")):  # its experts: only the builder's int4 quantizes them
+                and not fields.get("components") and not fields.get("int4_algorithm")):
+            # its experts: only the builder's int4 quantizes them
             logging.getLogger("grove").info("%s: its int4 is the model builder's, which quantizes its experts",
                                             source.model_type)
             fields = {**fields, "int4_algorithm": "builder"}
         if (source_spec(source).exporter == "mobius" and fields.get("device") == "gpu"
-                and fields.get("precision", "int4") == "int4" and not fields.get("int4_algorithm")):
+                and fields.get("precision", "int4") == "int4" and not fields.get("int4_algorithm")
+                and not fields.get("components")):
             # The GPU default, the builder's own int4, is not there for what mobius exports: onnxruntime's
             # k-quant on its fp16 graph instead (olive-recipes' Gemma 4 CUDA config).
             logging.getLogger("grove").info("%s is exported with mobius: its int4 on the GPU is onnxruntime's "

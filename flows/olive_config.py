@@ -250,28 +250,29 @@ class ModelBuilder(_Pass):
 
 class MobiusBuilder(_Pass):
     """Olive's MobiusBuilder: mobius exports the model at fp32 / fp16 (a quantizer after it makes int4). Grove
-    picks the exporter by architecture (tasks/architectures.py): mobius for Gemma 4, which the model builder
-    cannot export, the model builder for the others; both write the graph genai runs."""
+    picks the exporter of a text decoder by architecture (tasks/architectures.py): mobius for Gemma 4, which the
+    model builder cannot export, the model builder for the others; both write the graph genai runs. With no
+    quantizer after it, or with components_to_export, it is Olive's export of a multimodal checkpoint's
+    components (auto-opt --components, all of them by default): a text model's one component is the text
+    decoder, which auto-opt exports and evaluates."""
 
     precision_: Literal["fp32", "fp16"] = Field("fp32", alias="precision", description="mobius writes fp32 or fp16 "
                                                 "(bf16: not in Grove); int4 is the quantizer after it")
-    components_to_export: list[str] | None = Field(None, description="Grove exports the text decoder (genai's "
-                                                   "text-in, text-out model), not the vision, audio or embedding "
-                                                   "components")
+    components_to_export: list[str] | None = Field(None, min_length=1, description="the components to write "
+                                                   "(--components): decoder, vision_encoder, audio_encoder, "
+                                                   "embedding; default: all")
+    runtime: str | None = Field(None, description="the runtime config written beside the graphs: Grove writes "
+                                "mobius's genai config with all components, none with a subset (as Olive)")
 
     NOTE = ("MobiusBuilder: Grove exports a decoder's text model with mobius where the model builder cannot (Gemma "
-            "4) and with the model builder otherwise (the same graph for genai); a multimodal checkpoint's vision "
-            "and audio towers are not exported")
+            "4) and with the model builder otherwise (the same graph for genai); on its own, or with "
+            "components_to_export, it writes a multimodal checkpoint's components as mobius lays them out")
 
     def precision(self) -> str | None:
         return self.precision_
 
-    def problems(self, where: str) -> list[str]:
-        if self.components_to_export is not None and set(self.components_to_export) - {"model", "decoder"}:
-            return [f"{where}.components_to_export {self.components_to_export}: Grove exports a model's text decoder "
-                    "(one graph genai runs), not its vision, audio or embedding components; drop it to export the "
-                    "decoder"]
-        return []
+    def flags(self) -> dict[str, object]:
+        return {"components": list(self.components_to_export)} if self.components_to_export else {}
 
 
 # The builder's compound int4 algorithms: the layers each keeps at 8 bits besides the base method's.
@@ -532,9 +533,10 @@ class SparseGPT(_Pass):
     sparsity: float | list[int] = Field(description="a share of the weights (0.5), or [N, M] (N of every M inputs)")
     blocksize: Literal[128] = Field(128, description="columns per mask block: Grove's is 128, Olive's default")
     percdamp: float = Field(0.01, description="dampening: Grove's is 0.01, Olive's default")
-    min_layer: None = Field(None, description="Grove prunes every decoder layer")
-    max_layer: None = Field(None, description="Grove prunes every decoder layer")
-    layer_name_filter: None = Field(None, description="Grove prunes every linear layer the builder reads")
+    min_layer: int | None = Field(None, description="Grove prunes every decoder layer")
+    max_layer: int | None = Field(None, description="Grove prunes every decoder layer")
+    layer_name_filter: str | list[str] | None = Field(None, description="Grove prunes every linear layer the builder "
+                                                      "reads")
     data_config: Any = Field(None, description="calibration data: a data config's text")
     device: str | None = Field(None, description="where to prune: Grove's node runs on the CPU")
     NOTE = ("SparseGPT: Grove prunes the PyTorch weights in its prune-torch node (layer by layer, on the calibration "
@@ -556,6 +558,9 @@ class SparseGPT(_Pass):
                 parse_sparsity(str(self.flags()["sparsity"]))
             except ValueError as exc:
                 problems.append(f"{where}.{exc}")
+        if chosen := [k for k in ("min_layer", "max_layer", "layer_name_filter") if getattr(self, k) is not None]:
+            problems.append(f"{where}: {', '.join(chosen)}: Grove prunes every linear layer of every decoder layer; "
+                            "drop them")
         if self.percdamp != 0.01:
             problems.append(f"{where}.percdamp {self.percdamp}: Grove's SparseGPT dampens by 0.01 (Olive's default); "
                             "drop it")
@@ -880,7 +885,7 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
             problems.append(_pass_errors(exc, where, cls))
             continue
         specs[name] = spec
-        if isinstance(spec, Gptq | Rtn | ModelBuilder | MobiusBuilder | _Lycoris | OnnxKQuantQuantization | SparseGPT):
+        if isinstance(spec, Gptq | Rtn | ModelBuilder | _Lycoris | OnnxKQuantQuantization | SparseGPT):
             problems += spec.problems(where)
         if isinstance(spec, ModelBuilder) and spec.metadata_only:
             if not any(isinstance(s, OnnxConversion) for s in specs.values()):
@@ -942,6 +947,10 @@ def _passes(passes: dict[str, Any], data: dict[str, Any], out: Translation) -> N
         out.notes.append(f"{builders[0]} ({kind}) writes {precisions[builders[0]]} and {later[-1]} quantizes it: "
                          f"the output is {precisions[later[-1]]}, as in Olive's chain")
         precisions.pop(builders[0])
+    mobius = [n for n, spec in specs.items() if isinstance(spec, MobiusBuilder)]
+    if mobius and "components" not in out.flags and not [n for n in list(specs)[list(specs).index(mobius[0]) + 1:]
+                                                         if precisions.get(n) in ("int4", "int8")]:
+        out.flags["components"] = ["all"]  # Olive's export of every component; a text model's one is its decoder
     quantizing = {n: p for n, p in precisions.items() if p != "fp32"}
     if len(set(quantizing.values())) > 1:
         raise InvalidRequest("passes ask for different precisions: " + ", ".join(f"{n} {p}" for n, p in

@@ -14,6 +14,9 @@ if TYPE_CHECKING:  # the nodes import Prefect: imported where a request is split
     from grove.tasks.capture_onnx import CaptureConfig
     from grove.tasks.download_model import DownloadConfig
     from grove.tasks.evaluate import EvalConfig
+    from grove.tasks.evaluate_components import ComponentsEvalConfig
+    from grove.tasks.export_components import ExportComponentsConfig
+    from grove.tasks.package_components import ComponentsPackageConfig
     from grove.tasks.package_genai import PackageConfig
     from grove.tasks.prune_torch import PruneConfig
     from grove.tasks.quantize_int4 import Int4Config
@@ -133,6 +136,11 @@ class AutoOptRequest(OptRequestBase):
                                  "of each decoder layer's linear weights set to zero (0.5), or N:M, N of every M "
                                  "consecutive inputs (2:4), the kept weights updated on --calibration_data to keep "
                                  "each layer's output; then the capture and --precision as usual")
+    components: list[str] | None = Field(None, description="a multimodal checkpoint's ONNX components as mobius "
+                                         "writes them (Olive's MobiusBuilder components_to_export): all, or some "
+                                         "of decoder, vision_encoder, audio_encoder, embedding, each in a folder "
+                                         "of its own at --precision fp32 (default) or fp16, measured alone; each "
+                                         "is then an ONNX graph for auto-opt -m <output>/<component>/model.onnx")
     calibration_data: str | None = Field(None, description="gptq, --sparsity: text (or a table's text column) cut "
                                          "in windows "
                                          "of 512 tokens (default: the built-in GPL-3 text after its first 4,096 "
@@ -162,14 +170,24 @@ class AutoOptRequest(OptRequestBase):
         default_factory=list, description="on a deployed stack: nodes to run on the gpu pool (others run where "
         "they naturally do); ignored when running locally")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _components_precision(cls, data: object) -> object:
+        """Components are exported at full precision by default (Olive's MobiusBuilder: fp32), fp16 on a GPU."""
+        if isinstance(data, dict) and data.get("components") and data.get("precision") is None:
+            data = {**data, "precision": "fp16" if data.get("device") == "gpu" else "fp32"}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> AutoOptRequest:
         problems = []
+        if self.components is not None:
+            problems += self._components_problems()
         if self.provider and PROVIDER_DEVICE[self.provider] != self.device:
             problems.append(f"--provider {self.provider} runs on {PROVIDER_DEVICE[self.provider]}, not "
                             f"--device {self.device}; pass --device {PROVIDER_DEVICE[self.provider]} "
                             "or another provider")
-        if self.precision == "fp16" and self.device == "cpu":
+        if self.precision == "fp16" and self.device == "cpu" and self.components is None:
             problems.append("--precision fp16 targets GPUs (onnxruntime's CPU kernels for these graphs are fp32); "
                             "for CPU pass --precision int4, int8 or fp32")
         if self.device == "gpu" and self.int4_algorithm == "affine":  # its block-sum correction
@@ -243,6 +261,25 @@ class AutoOptRequest(OptRequestBase):
             raise ValueError("; ".join(problems))
         return self
 
+    def _components_problems(self) -> list[str]:
+        problems = []
+        if not self.components or ("all" in self.components and len(self.components) > 1):
+            problems.append("--components: all, or the components to write (decoder, vision_encoder, audio_encoder, "
+                            "embedding)")
+        if self.precision not in ("fp32", "fp16"):
+            problems.append(f"--components writes fp32 or fp16 graphs, not {self.precision}: quantize each one after "
+                            "(auto-opt -m <output>/<component>/model.onnx --precision int4 or int8)")
+        defaults = AutoOptRequest.model_fields
+        pipeline = [f for f in ("int4_algorithm", "adapter_path", "sparsity", "include_hidden_states", "prune_lm_head",
+                                "eval_data", "min_top1_agreement", "calibration_data", "publish_as")
+                    if getattr(self, f) != defaults[f].get_default()]
+        if pipeline:
+            problems.append(f"{', '.join('--' + f for f in pipeline)}: for auto-opt's text decoder, not --components "
+                            "(each component is exported and measured alone)")
+        if self.execution_provider == "dml":
+            problems.append("--components: mobius builds for cpu or cuda, not DirectML")
+        return problems
+
     # -- node configs -------------------------------------------------------------------------
     def _placement(self, node: str) -> Literal["gpu"] | None:
         return "gpu" if node in self.gpu_nodes else None
@@ -288,6 +325,31 @@ class AutoOptRequest(OptRequestBase):
         if self.int4_algorithm_used != "gptq" or self.head_bits != 8 or self.device != "cpu":
             return 0
         return 32 if self.head_shortlist is None else self.head_shortlist
+
+    @property
+    def exported(self) -> ExportComponentsConfig:
+        """The export-components node's config (``--components``)."""
+        from grove.tasks.export_components import ExportComponentsConfig
+
+        wanted = [] if self.components in (None, ["all"]) else list(self.components or [])
+        return ExportComponentsConfig(components=wanted, precision=self.precision,
+                                      execution_provider=self.execution_provider,
+                                      placement=self._placement("capture-onnx"))
+
+    @property
+    def components_evaluation(self) -> ComponentsEvalConfig:
+        from grove.tasks.evaluate_components import ComponentsEvalConfig
+
+        return ComponentsEvalConfig(provider=self.execution_provider,
+                                    placement=self._placement("evaluate"))
+
+    @property
+    def components_package(self) -> ComponentsPackageConfig:
+        from grove.tasks.package_components import ComponentsPackageConfig
+
+        return ComponentsPackageConfig(model=self.model_name_or_path, placement=self._placement("package-genai"),
+                                       target={"device": self.device, "provider": self.execution_provider,
+                                               "precision": self.precision, "components": list(self.components or [])})
 
     @property
     def keeps_adapter(self) -> bool:

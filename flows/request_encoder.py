@@ -31,7 +31,7 @@ __all__ = ["EncoderOptRequest", "infer_task", "refuse_encoder_flags"]
 DECODER_ONLY = ("int4_algorithm", "block_size", "symmetric", "accuracy_level", "head_bits", "head_shortlist",
                  "eval_tokens", "min_top1_agreement", "mixed_precision_ratio", "mixed_precision_algorithm",
                  "include_hidden_states", "prune_lm_head", "rotate", "int8_nodes", "clip_search", "embedding_int8",
-                 "sparsity")
+                 "sparsity", "components")
 
 # auto-opt flags that only the encoder path takes.
 _ENCODER_ONLY = ("int8_mode", "per_channel", "op_types_to_quantize", "nodes_to_exclude", "quant_format",

@@ -43,6 +43,9 @@ def table_rows(report: dict[str, object]) -> list[dict[str, object]]:
 def format_report(report: dict[str, object], output_path: str) -> str:
     target = report.get("target") or {}
     assert isinstance(target, dict)
+    metrics = report.get("metrics") or {}
+    if isinstance(metrics, dict) and isinstance(components := metrics.get("components"), dict):
+        return _format_components(report, target, components, output_path)
     head = (f"Optimized {report.get('model')} -> {output_path}\n"
             f"target: {target.get('device')}/{target.get('provider')} {target.get('precision')}"
             + (f" ({target.get('int4_algorithm')}, block {target.get('block_size')}"
@@ -71,6 +74,24 @@ def format_report(report: dict[str, object], output_path: str) -> str:
     tail = f"\nsample answer to the evaluation prompt:\n  {sample!s:.300}" if sample else ""
     files = ", ".join(str(f) for f in cast("list[object]", report.get("files") or []))
     return f"{head}\n\n" + "\n".join(lines) + f"\n\nfiles: {files}{tail}"
+
+
+def _format_components(report: dict[str, object], target: dict[str, object], components: dict[str, dict[str, object]],
+                       output_path: str) -> str:
+    """auto-opt --components: each exported component's size, and whether and how fast it runs."""
+    head = (f"Exported {report.get('model')} -> {output_path}\n"
+            f"target: {target.get('device')}/{target.get('provider')} {target.get('precision')}; each component "
+            "measured alone, on synthetic inputs where they fit it")
+    cells = [[name, _fmt(c.get("size_mb")), "yes" if c.get("loads") else "no",
+              _fmt(c.get("latency_ms_avg")) if c.get("runs") else f"not run: {c.get('reason')!s:.70}"]
+             for name, c in components.items()]
+    cols = ["component", "size (MB)", "loads", "run (ms)"]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    files = ", ".join(str(f) for f in cast("list[object]", report.get("files") or []))
+    return f"{head}\n\n" + "\n".join(lines) + f"\n\nfiles: {files}\nnext: grove auto-opt -m {output_path}/<component>" \
+        "/model.onnx -o <folder> --precision int8 (or int4): its weights quantized and measured against it"
 
 
 def markdown_report(report: dict[str, object], output_path: str) -> str:

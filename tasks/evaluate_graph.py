@@ -28,7 +28,7 @@ _PAST = 4  # tokens already in a KV cache (a "past" dimension); a "total" one is
 
 class GraphEvalConfig(MeasureConfig):
     NODE = "evaluate-graph"
-    VERSION = 1
+    VERSION = 2  # 2: a free dimension written as a sum ("past_seq_len + seq_len") is past and new tokens
     repeat: int = Field(20, ge=1, description="timed runs for the latency")
     min_cosine: float | None = Field(None, ge=-1, le=1, description="fail if an output's cosine to the reference "
                                      "graph's is lower than this")
@@ -84,7 +84,7 @@ def _head_size(folder: Path) -> int | None:
 def _free(dimension: str) -> int:
     if "batch" in dimension:
         return 1
-    if "total" in dimension:
+    if "total" in dimension or "+" in dimension:  # e.g. mobius's "past_seq_len + seq_len"
         return _PAST + _SEQUENCE
     return _PAST if "past" in dimension else _SEQUENCE
 

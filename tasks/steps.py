@@ -18,11 +18,14 @@ from grove.tasks import (
     convert_fp16,
     evaluate,
     evaluate_adapter,
+    evaluate_components,
     evaluate_encoder,
     evaluate_graph,
+    export_components,
     extract_adapter,
     merge_adapter,
     optimize_graph,
+    package_components,
     package_encoder,
     package_finetune,
     package_genai,
@@ -65,4 +68,7 @@ STEPS: dict[str, Step] = {
     "capture-adapter": Step(capture_adapter.CaptureAdapterConfig, capture_adapter._capture),  # noqa: SLF001
     "extract-adapter": Step(extract_adapter.ExtractAdapterConfig, extract_adapter._extract),  # noqa: SLF001
     "evaluate-graph": Step(evaluate_graph.GraphEvalConfig, evaluate_graph._evaluate),  # noqa: SLF001
+    "export-components": Step(export_components.ExportComponentsConfig, export_components._export),  # noqa: SLF001
+    "evaluate-components": Step(evaluate_components.ComponentsEvalConfig, evaluate_components._evaluate),  # noqa: SLF001
+    "package-components": Step(package_components.ComponentsPackageConfig, package_components._package),  # noqa: SLF001
 }

@@ -27,6 +27,9 @@ def _decoder_configs(request: AutoOptRequest) -> dict[str, StepConfig]:
         configs["quantize-torch"] = request.torch_quant("0" * 64)
     if (pruning := request.pruning("0" * 64)) is not None:
         configs["prune-torch"] = pruning
+    if request.components is not None:
+        configs.update({"export-components": request.exported, "evaluate-components": request.components_evaluation,
+                        "package-components": request.components_package})
     return configs
 
 
@@ -76,9 +79,10 @@ def test_placement_is_policy_not_recipe() -> None:
     assert plain.int4.recipe() == placed.int4.recipe() and placed.int4.device == "gpu"
 
 
-@pytest.mark.parametrize("kind", ["decoder", "gptq", "sparsity", "encoder"])
+@pytest.mark.parametrize("kind", ["decoder", "gptq", "sparsity", "components", "encoder"])
 def test_run_node_can_build_every_node_the_dispatcher_may_send(kind: str) -> None:
-    flags = {"gptq": {"int4_algorithm": "gptq", "gpu_nodes": ["quantize-int4"]}, "sparsity": {"sparsity": "2:4"}}
+    flags = {"gptq": {"int4_algorithm": "gptq", "gpu_nodes": ["quantize-int4"]}, "sparsity": {"sparsity": "2:4"},
+             "components": {"components": ["vision_encoder"], "device": "gpu"}}
     configs = (_decoder_configs(AutoOptRequest(model_name_or_path="m", output_path="o", **flags.get(kind, {})))
                if kind != "encoder" else {**_encoder_configs(EncoderOptRequest(model_name_or_path="m", output_path="o",
                                                           task="text-classification")),

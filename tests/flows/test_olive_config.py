@@ -703,9 +703,13 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "ModelBuilder", "precision": "int4",
                                                                  "int4_op_types_to_quantize": ["Gather"]}}},
      "passes.m.int4_op_types_to_quantize ['Gather']: Grove's int4 quantizes every MatMul"),
-    ({"input_model": _MODEL, "passes": {"x": {"type": "SparseGPT"}}, "output_dir": "o"},
-     "passes x (SparseGPT): not read by Grove, which reads DoRA, ExtractAdapters, Gptq, LoHa, LoKr, LoRA, "
+    ({"input_model": _MODEL, "passes": {"x": {"type": "SliceGPT"}}, "output_dir": "o"},
+     "passes x (SliceGPT): not read by Grove, which reads DoRA, ExtractAdapters, Gptq, LoHa, LoKr, LoRA, "
      "MergeAdapterWeights, MobiusBuilder, ModelBuilder, OnnxBlockWiseRtnQuantization"),
+    ({"input_model": _MODEL, "passes": {"x": {"type": "SparseGPT"}}, "output_dir": "o"},
+     "passes.x.sparsity: Field required - a share of the weights (0.5), or [N, M]"),
+    ({"input_model": _MODEL, "passes": {"x": {"type": "SparseGPT", "sparsity": [2, 4], "min_layer": 2}},
+      "output_dir": "o"}, "passes.x: min_layer: Grove prunes every linear layer of every decoder layer; drop them"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {  # a recent olive-recipes layout, all reported at once
         "s": {"type": "SelectiveMixedPrecision"}, "g": {"type": "gptq", "bits": 4}, "r": {"type": "rtn"},
         "m": {"type": "ModelBuilder", "precision": "int4", "int4_block": 32},
@@ -824,8 +828,9 @@ def test_a_static_quantization_data_config_is_the_calibration_text(tmp_path: Pat
     ({"input_model": _MODEL, "passes": _INT4, "output_dir": "o", "log_severity_level": 5},
      "log_severity_level 5: Olive's levels are 0 (verbose) to 4 (fatal)"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "MobiusBuilder", "components_to_export": [
-        "vision_encoder", "embedding"]}}},  # olive-recipes' Ministral 3 vision_embedding_export.json
-     "passes.m.components_to_export ['vision_encoder', 'embedding']: Grove exports a model's text decoder"),
+        "vision_encoder", "embedding"]}, "q": {"type": "OnnxKQuantQuantization"}}},
+     "the auto-opt it amounts to is refused: --components writes fp32 or fp16 graphs, not int4: quantize each one "
+     "after"),
     ({"input_model": _MODEL, "output_dir": "o", "passes": {"m": {"type": "MobiusBuilder", "precision": "bf16"}}},
      "passes.m.precision: Input should be 'fp32' or 'fp16' - mobius writes fp32 or fp16"),
     # A config whose passes Grove reads, but whose auto-opt is refused: found at once, a dry run included.
