@@ -51,7 +51,8 @@ def format_report(report: dict[str, object], output_path: str) -> str:
             + (f" ({target.get('int4_algorithm')}, block {target.get('block_size')}"
                + (", 8-bit embedding" if target.get("embedding_int8") else "") + ")"
                if target.get("block_size") else "")
-            + (f", {target['task']}" if target.get("task") else ""))
+            + (f", {target['task']}" if target.get("task") else "")
+            + (f", SparseGPT {target['sparsity']}" if target.get("sparsity") else ""))
     metrics, reference = report.get("metrics") or {}, report.get("reference") or {}
     assert isinstance(metrics, dict) and isinstance(reference, dict)
     if metrics.get("threads"):
@@ -66,10 +67,7 @@ def format_report(report: dict[str, object], output_path: str) -> str:
     head += "; reference: the input graph" if precision == "input graph" else f"; reference: the {precision} model"
     rows = table_rows(report)
     cols = ["metric", "output", "reference", "ratio"]
-    cells = [[_fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines = _table(cols, [[_fmt(r[c]) for c in cols] for r in rows])
     sample = metrics.get("sample")
     tail = f"\nsample answer to the evaluation prompt:\n  {sample!s:.300}" if sample else ""
     files = ", ".join(str(f) for f in cast("list[object]", report.get("files") or []))
@@ -85,10 +83,7 @@ def _format_components(report: dict[str, object], target: dict[str, object], com
     cells = [[name, _fmt(c.get("size_mb")), "yes" if c.get("loads") else "no",
               _fmt(c.get("latency_ms_avg")) if c.get("runs") else f"not run: {c.get('reason')!s:.70}"]
              for name, c in components.items()]
-    cols = ["component", "size (MB)", "loads", "run (ms)"]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines = _table(["component", "size (MB)", "loads", "run (ms)"], cells)
     files = ", ".join(str(f) for f in cast("list[object]", report.get("files") or []))
     return f"{head}\n\n" + "\n".join(lines) + f"\n\nfiles: {files}\nnext: grove auto-opt -m {output_path}/<component>" \
         "/model.onnx -o <folder> --precision int8 (or int4): its weights quantized and measured against it"
@@ -96,6 +91,12 @@ def _format_components(report: dict[str, object], target: dict[str, object], com
 
 def markdown_report(report: dict[str, object], output_path: str) -> str:
     return "```\n" + format_report(report, output_path) + "\n```"
+
+
+def _table(cols: list[str], cells: list[list[str]]) -> list[str]:
+    """A header and rows, each column as wide as its widest cell."""
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    return ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in [cols, *cells]]
 
 
 def _fmt(v: object) -> str:
