@@ -46,23 +46,22 @@ def auto_opt(request: AutoOptRequest) -> dict[str, object]:
     reference_eval = evaluate(reference, request.evaluation(text_sha, gate=False))
     calibration_sha = (fingerprint_text(request.calibration_data or "builtin:GPL-3")
                        if request.sparsity is not None or request.int4_algorithm_used == "gptq" else "")
-    pruned = reference
     if (pruning := request.pruning(calibration_sha)) is not None:
         hf_model = prune_torch(hf_model, pruning)  # SparseGPT: the output is built from the pruned weights
-        pruned = capture_onnx(hf_model, request.reference_capture)
 
     if adapter is not None and request.keeps_adapter:  # the LoRA path stays beside the base, switchable
         with_lora = capture_adapter(hf_model, adapter, CaptureAdapterConfig(**request.reference_capture.model_dump()))
         model = extract_adapter(quantize_int4(with_lora, request.int4) if request.int4 is not None else with_lora,
                                 ExtractAdapterConfig())
     elif request.int4 is not None:
-        model = quantize_int4(pruned, request.int4)
+        model = quantize_int4(reference if pruning is None else capture_onnx(hf_model, request.reference_capture),
+                              request.int4)
     elif request.int4_algorithm_used == "gptq":  # quantized before the capture; the builder keeps its integers
         model = capture_onnx(quantize_torch(hf_model, request.torch_quant(calibration_sha)), request.capture)
-    elif request.capture != request.reference_capture:
+    elif request.capture != request.reference_capture or pruning is not None:
         model = capture_onnx(hf_model, request.capture)
     else:
-        model = pruned
+        model = reference
     evaluation = (
         evaluate(model, request.evaluation(text_sha, gate=True), reference=reference_eval)
         if model is not reference
