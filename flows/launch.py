@@ -52,19 +52,19 @@ def request_from_flags(fields: dict[str, Any], source: Source | None = None,
             logging.getLogger("grove").info("%s is a text model: its one component is the text decoder, which "
                                             "auto-opt exports and evaluates", source.model_type)
             fields = {k: v for k, v in fields.items() if k != "components"}
-        if fields.get("components") and not source_spec(source).multimodal:
-            raise InvalidRequest(f"--components: this {source.model_type} model is a text model, one component; drop "
-                                 "--components (Olive's components_to_export) and auto-opt exports, quantizes and "
-                                 "evaluates it")
+        if fields.get("components"):  # exported as they are: no int4 default to choose
+            if not source_spec(source).multimodal:
+                raise InvalidRequest(f"--components: this {source.model_type} model is a text model, one component; "
+                                     "drop --components (Olive's components_to_export) and auto-opt exports, quantizes "
+                                     "and evaluates it")
+            return AutoOptRequest(**fields, **(decoder_fields or {})), source
         if (source_spec(source).builder_int4 and fields.get("precision", "int4") == "int4"
-                and not fields.get("components") and not fields.get("int4_algorithm")):
-            # its experts: only the builder's int4 quantizes them
+                and not fields.get("int4_algorithm")):  # its experts: only the builder's int4 quantizes them
             logging.getLogger("grove").info("%s: its int4 is the model builder's, which quantizes its experts",
                                             source.model_type)
             fields = {**fields, "int4_algorithm": "builder"}
         if (source_spec(source).exporter == "mobius" and fields.get("device") == "gpu"
-                and fields.get("precision", "int4") == "int4" and not fields.get("int4_algorithm")
-                and not fields.get("components")):
+                and fields.get("precision", "int4") == "int4" and not fields.get("int4_algorithm")):
             # The GPU default, the builder's own int4, is not there for what mobius exports: onnxruntime's
             # k-quant on its fp16 graph instead (olive-recipes' Gemma 4 CUDA config).
             logging.getLogger("grove").info("%s is exported with mobius: its int4 on the GPU is onnxruntime's "

@@ -33,7 +33,7 @@ from typing import Any
 from grove.errors import InvalidRequest, MissingExtra, ModelSourceError
 from grove.node import node_logger
 
-__all__ = ["TEXT_TYPES", "run_mobius"]
+__all__ = ["TEXT_TYPES", "context_length", "mobius_api", "refuse_moe", "run_mobius"]
 
 # An image-text model_type -> the text-only one mobius and genai know its language model by.
 TEXT_TYPES = {"gemma4": "gemma4_text"}
@@ -53,42 +53,62 @@ def run_mobius(hf_dir: Path, hf_config: dict[str, Any], out: Path, precision: st
     if options:
         raise InvalidRequest(f"{model_type} is exported with mobius, which has none of the builder's options "
                              f"({', '.join(o.split('=')[0] for o in options)}); drop them for this model")
+    if model_type in TEXT_TYPES:
+        node_logger().info("%s is an image-text checkpoint: its text decoder is exported (text in, text out); its "
+                           "vision and audio towers are not", model_type)
+    with (tempfile.TemporaryDirectory(prefix="grove-mobius-", dir=out.parent) as scratch,
+          mobius_api(model_type) as (build, write_ort_genai_config)):
+        source = _text_folder(hf_dir, hf_config, Path(scratch) / "model")
+        text = json.loads((source / "config.json").read_text())
+        package = build(str(source), dtype=_DTYPES[precision], execution_provider=execution_provider,
+                        load_weights=True)
+        if list(package) != ["model"]:
+            raise ValueError(f"mobius built the components {list(package)}, not one text decoder")
+        package.save(str(out))
+        write_ort_genai_config(package, str(out), ep=execution_provider, local_config_dir=str(source),
+                               context_length=context_length(text))
+    return model_type
+
+
+@contextlib.contextmanager
+def mobius_api(model_type: str) -> Iterator[tuple[Any, Any]]:
+    """mobius's ``build`` and ``write_ort_genai_config``, used inside: Gemma 4's configs read as mobius reads
+    them, its chatter kept off the terminal (logged at debug level), and its failures one ModelSourceError
+    naming the model."""
     try:
         from mobius import build
         from mobius.integrations.ort_genai import write_ort_genai_config
     except ImportError as exc:
         raise MissingExtra("mobius-onnx", "reinstall Grove (scripts/setup.sh), which installs it") from exc
-    if model_type in TEXT_TYPES:
-        node_logger().info("%s is an image-text checkpoint: its text decoder is exported (text in, text out); its "
-                           "vision and audio towers are not", model_type)
     chatter = io.StringIO()
-    with (tempfile.TemporaryDirectory(prefix="grove-mobius-", dir=out.parent) as scratch,
-          _legacy_gemma4_config(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter)):
-        source = _text_folder(hf_dir, hf_config, Path(scratch) / "model")
-        text = json.loads((source / "config.json").read_text())
-        try:
-            package = build(str(source), dtype=_DTYPES[precision], execution_provider=execution_provider,
-                            load_weights=True)
-            if list(package) != ["model"]:
-                raise ValueError(f"mobius built the components {list(package)}, not one text decoder")
-            package.save(str(out))
-            write_ort_genai_config(package, str(out), ep=execution_provider, local_config_dir=str(source),
-                                   context_length=int(text.get("max_position_embeddings") or 4096))
-        except (ValueError, NotImplementedError, KeyError, AttributeError) as exc:
-            raise ModelSourceError(f"mobius cannot export this {model_type} model "
-                                   f"({exc.__class__.__name__}: {exc})") from exc
-    logging.getLogger("grove.mobius").debug(chatter.getvalue()[-4000:])
-    return model_type
+    try:
+        with _legacy_gemma4_config(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            yield build, write_ort_genai_config
+    except (ValueError, NotImplementedError, KeyError, AttributeError) as exc:
+        raise ModelSourceError(f"mobius cannot export this {model_type} model "
+                               f"({exc.__class__.__name__}: {exc})") from exc
+    finally:
+        logging.getLogger("grove.mobius").debug(chatter.getvalue()[-4000:])
+
+
+def refuse_moe(config: dict[str, Any]) -> None:
+    """Gemma 4's mixture of experts (26B-A4B), which mobius 0.1 exports wrong, refused by name."""
+    if (config.get("text_config") or config).get("enable_moe_block"):
+        raise ModelSourceError(f"this {config.get('model_type')} model is a mixture of experts (Gemma 4 26B-A4B), "
+                               "which mobius 0.1 does not export right (a tiny one's logits 0.59 off PyTorch's): not "
+                               "served; Gemma 4 E2B, E4B and 31B are")
+
+
+def context_length(config: dict[str, Any]) -> int:
+    """The context genai's config gets: the (text) config's max_position_embeddings, else 4096."""
+    return int((config.get("text_config") or config).get("max_position_embeddings") or 4096)
 
 
 def _text_folder(hf_dir: Path, config: dict[str, Any], folder: Path) -> Path:
     """``hf_dir`` as mobius reads a text model: the checkpoint itself when it is one, else a folder of hard
     links (copies across file systems) whose config.json is the text_config."""
     model_type = config.get("model_type")
-    if (config.get("text_config") or config).get("enable_moe_block"):
-        raise ModelSourceError(f"this {model_type} model is a mixture of experts (Gemma 4 26B-A4B), which mobius 0.1 "
-                               "does not export right (a tiny one's logits 0.59 off PyTorch's): not served; Gemma 4 "
-                               "E2B, E4B and 31B are")
+    refuse_moe(config)
     if model_type not in TEXT_TYPES:
         return hf_dir
     text = {**config["text_config"], "model_type": TEXT_TYPES[model_type],

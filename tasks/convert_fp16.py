@@ -13,6 +13,7 @@ from pydantic import Field
 
 from grove.artifacts import Artifact, StepConfig
 from grove.node import RECIPE_CACHE, node_logger, run_node
+from grove.tasks._genai_runtime import model_size
 
 __all__ = ["DEFAULT_FP16_BLOCK_LIST", "Fp16Config", "convert_fp16"]
 
@@ -55,10 +56,6 @@ def _convert(inputs: list[Path], config: Fp16Config, out: Path) -> dict[str, obj
         if f.is_file() and not f.name.startswith("model.onnx") and f.name != "manifest.json":
             shutil.copy2(f, out / f.name)
     casts = sum(1 for n in model.model.graph.node if n.op_type == "Cast")
-
-    def size_mb(folder: Path) -> float:
-        return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
-
-    size = size_mb(out)
-    node_logger().info("fp16: %.1f MB -> %.1f MB, %d Cast nodes", size_mb(src), size, casts)
+    size = model_size(out) / 1e6
+    node_logger().info("fp16: %.1f MB -> %.1f MB, %d Cast nodes", model_size(src) / 1e6, size, casts)
     return {"size_mb": round(size, 2), "casts": casts, "op_block_list": list(config.op_block_list)}

@@ -8,7 +8,6 @@ with PyTorch is mobius's to test; Grove measures what the later graph configs do
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,8 @@ def evaluate_components(model: Artifact, config: ComponentsEvalConfig) -> Artifa
 def _evaluate(inputs: list[Path], config: ComponentsEvalConfig, out: Path) -> dict[str, object]:
     import onnxruntime as ort
 
-    from grove.tasks.evaluate_graph import _head_size, _session, synthetic_inputs
+    from grove.tasks._genai_runtime import model_size
+    from grove.tasks.evaluate_graph import _head_size, _session, latency_ms, synthetic_inputs
 
     (folder,) = inputs
     head_size = _head_size(folder)
@@ -46,8 +46,7 @@ def _evaluate(inputs: list[Path], config: ComponentsEvalConfig, out: Path) -> di
     components: dict[str, dict[str, Any]] = {}
     for graph in sorted(folder.glob("*/model.onnx")):
         name = graph.parent.name
-        entry: dict[str, Any] = {"size_mb": round(sum(p.stat().st_size for p in graph.parent.glob("model.onnx*"))
-                                                  / 1e6, 2)}
+        entry: dict[str, Any] = {"size_mb": round(model_size(graph.parent) / 1e6, 2)}
         session = _session(graph.parent, config.provider, f"the exported {name}")
         entry["loads"] = True
         try:
@@ -58,13 +57,8 @@ def _evaluate(inputs: list[Path], config: ComponentsEvalConfig, out: Path) -> di
             message = str(exc).split("Status Message:")[-1].strip().splitlines()[0][:160]
             entry["reason"] = f"synthetic inputs do not fit it ({message})"
         else:
-            times = []
-            for _ in range(config.repeat):
-                start = time.perf_counter()
-                session.run(None, feeds)
-                times.append(1000 * (time.perf_counter() - start))
             entry["runs"] = True
-            entry["latency_ms_avg"] = round(sum(times) / len(times), 3)
+            entry["latency_ms_avg"] = latency_ms(session, feeds, config.repeat)
         components[name] = entry
         node_logger().info("%s: %.1f MB, loads%s", name, entry["size_mb"],
                            f", runs in {entry['latency_ms_avg']} ms" if entry["runs"] else f"; {entry['reason']}")

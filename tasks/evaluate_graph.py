@@ -19,7 +19,7 @@ from grove.artifacts import Artifact, MeasureConfig
 from grove.errors import GroveError, ParityError
 from grove.node import RECIPE_CACHE, node_logger, run_node
 
-__all__ = ["GraphEvalConfig", "evaluate_graph", "synthetic_inputs"]
+__all__ = ["GraphEvalConfig", "evaluate_graph", "latency_ms", "synthetic_inputs"]
 
 EVAL_JSON = "eval.json"
 _SEQUENCE = 8  # tokens (or any other free dimension) fed to the graph
@@ -121,12 +121,7 @@ def _evaluate(inputs: list[Path], config: GraphEvalConfig, out: Path) -> dict[st
         metrics["parity"] = {"measured": False, "reason": reason}
         (out / EVAL_JSON).write_text(json.dumps(metrics, indent=2))
         return {"size_mb": metrics["size_mb"], "parity": reason}
-    times = []
-    for _ in range(config.repeat):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(1000 * (time.perf_counter() - start))
-    metrics["latency_ms_avg"] = round(float(np.mean(times)), 3)
+    metrics["latency_ms_avg"] = latency_ms(session, feeds, config.repeat)
     if reference_dir:
         expected = _session(reference_dir[0], config.provider, "the graph given as the model").run(None, feeds)
         names = [o.name for o in session.get_outputs()]
@@ -141,6 +136,16 @@ def _evaluate(inputs: list[Path], config: GraphEvalConfig, out: Path) -> dict[st
     (out / EVAL_JSON).write_text(json.dumps(metrics, indent=2))
     flat = {k: v for k, v in metrics.items() if k != "parity"}  # eval.json has each output's numbers
     return {**flat, "min_cosine": metrics["parity"]["min_cosine"]} if "parity" in metrics else flat
+
+
+def latency_ms(session: Any, feeds: dict[str, Any], repeat: int) -> float:
+    """The average of ``repeat`` timed runs of ``session`` on ``feeds``, in milliseconds."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(1000 * (time.perf_counter() - start))
+    return round(sum(times) / len(times), 3)
 
 
 def _closeness(got: Any, want: Any) -> dict[str, float]:

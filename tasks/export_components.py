@@ -12,10 +12,7 @@ decoder alone (tasks/capture_onnx.py), which it evaluates and quantizes."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +20,7 @@ from prefect import task
 from pydantic import Field
 
 from grove.artifacts import Artifact, StepConfig
-from grove.errors import InvalidRequest, MissingExtra, ModelSourceError
+from grove.errors import InvalidRequest
 from grove.node import RECIPE_CACHE, node_logger, run_node
 
 __all__ = ["ExportComponentsConfig", "export_components"]
@@ -49,27 +46,16 @@ def export_components(model: Artifact, config: ExportComponentsConfig) -> Artifa
 
 
 def _export(inputs: list[Path], config: ExportComponentsConfig, out: Path) -> dict[str, object]:
-    from grove.tasks._mobius import _legacy_gemma4_config
+    from grove.tasks._genai_runtime import model_size
+    from grove.tasks._mobius import context_length, mobius_api, refuse_moe
 
     (hf_dir,) = inputs
     hf_config = json.loads((hf_dir / "config.json").read_text())
     model_type = str(hf_config.get("model_type", ""))
-    if (hf_config.get("text_config") or hf_config).get("enable_moe_block"):
-        raise ModelSourceError(f"this {model_type} model is a mixture of experts (Gemma 4 26B-A4B), which mobius 0.1 "
-                               "does not export right: not served")
-    try:
-        from mobius import build
-        from mobius.integrations.ort_genai import write_ort_genai_config
-    except ImportError as exc:
-        raise MissingExtra("mobius-onnx", "reinstall Grove (scripts/setup.sh), which installs it") from exc
-    chatter = io.StringIO()
-    with _legacy_gemma4_config(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        try:
-            package = build(str(hf_dir), dtype=_DTYPES[config.precision], execution_provider=config.execution_provider,
-                            load_weights=True)
-        except (ValueError, NotImplementedError, KeyError, AttributeError) as exc:
-            raise ModelSourceError(f"mobius cannot export this {model_type} model "
-                                   f"({exc.__class__.__name__}: {exc})") from exc
+    refuse_moe(hf_config)
+    with mobius_api(model_type) as (build, write_ort_genai_config):
+        package = build(str(hf_dir), dtype=_DTYPES[config.precision], execution_provider=config.execution_provider,
+                        load_weights=True)
         available = list(package)
         if len(available) == 1:
             raise InvalidRequest(f"this {model_type} model is one component ({available[0]}): drop --components "
@@ -80,11 +66,9 @@ def _export(inputs: list[Path], config: ExportComponentsConfig, out: Path) -> di
         wanted = [c for c in available if not config.components or c in config.components]
         package.save(str(out), components=lambda name: name in wanted)
         if not config.components:
-            text = hf_config.get("text_config") or hf_config
             write_ort_genai_config(package, str(out), ep=config.execution_provider, local_config_dir=str(hf_dir),
-                                   context_length=int(text.get("max_position_embeddings") or 4096))
-    logging.getLogger("grove.mobius").debug(chatter.getvalue()[-4000:])
-    sizes = {c: round(sum(p.stat().st_size for p in (out / c).glob("model.onnx*")) / 1e6, 2) for c in wanted}
+                                   context_length=context_length(hf_config))
+    sizes = {c: round(model_size(out / c) / 1e6, 2) for c in wanted}
     node_logger().info("%s: exported %s at %s for %s%s", model_type,
                        ", ".join(f"{c} ({mb} MB)" for c, mb in sizes.items()), config.precision,
                        config.execution_provider, "" if config.components else ", with genai_config.json")

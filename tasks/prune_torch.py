@@ -168,21 +168,7 @@ def _prune(inputs: list[Path], config: PruneConfig, out: Path) -> dict[str, obje
     started = time.perf_counter()
     for index, layer in enumerate(layers):
         linears = qt._linears(layer, f"{prefix}.{index}")  # noqa: SLF001
-        sums = {name: torch.zeros(lin.in_features, lin.in_features) for name, lin in linears.items()}
-        counts = dict.fromkeys(linears, 0)
-
-        def hook(name: str) -> Any:
-            def accumulate(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
-                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-                sums[name] += x.T @ x  # noqa: B023 - the hooks are removed before the next layer's loop
-                counts[name] += x.shape[0]  # noqa: B023
-            return accumulate
-
-        handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
-        for x, kw in zip(xs, kws, strict=True):
-            qt._run_layer(layer, x, kw)  # noqa: SLF001
-        for handle in handles:
-            handle.remove()
+        sums, counts, _ = qt.layer_hessians(layer, linears, xs, kws)
         for name, lin in linears.items():
             h = 2 * sums[name] / max(counts[name], 1)
             w = lin.weight.data

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import task
 from pydantic import Field, model_validator
@@ -100,15 +100,15 @@ def _quantize(inputs: list[Path], config: Int4Config, out: Path) -> dict[str, ob
     import onnx
 
     (src,) = inputs
-    if experts := [n.name for n in onnx.load(str(src / "model.onnx"), load_external_data=False).graph.node
-                   if n.op_type in ("MoE", "QMoE")]:
+    graph = onnx.load(str(src / "model.onnx"), load_external_data=False).graph  # its ops, not its weights' bytes
+    if experts := [n.name for n in graph.node if n.op_type in ("MoE", "QMoE")]:
         raise InvalidRequest(f"this graph's experts are weights of {len(experts)} MoE op(s) (e.g. {experts[0]}), "
                              f"which {config.algorithm} would leave in float; the builder's own int4 quantizes them: "
                              "--int4_algorithm builder")
     for f in src.iterdir():
         if f.is_file() and not f.name.startswith("model.onnx") and f.name != "manifest.json":
             shutil.copy2(f, out / f.name)
-    if config.algorithm == "affine" or (config.algorithm == "hqq" and not _float16_weights(src / "model.onnx")):
+    if config.algorithm == "affine" or (config.algorithm == "hqq" and not _float16_weights(graph)):
         from grove.tasks import _int4_grids
 
         # fp16 correction terms: the same perplexity as fp32 ones, half their size (measured)
@@ -173,11 +173,10 @@ def _quantize_ort(src: Path, dst: Path, config: Int4Config) -> dict[str, object]
             **({"bits": 8} if config.bits == 8 else {})}
 
 
-def _float16_weights(model_path: Path) -> bool:
-    """Whether the graph's MatMul weights are fp16 (the builder's CUDA graph), read without the weights' bytes."""
+def _float16_weights(graph: Any) -> bool:
+    """Whether the graph's MatMul weights are fp16 (the builder's CUDA graph)."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     types = {t.name: t.data_type for t in graph.initializer}
     return any(types.get(n.input[1]) == onnx.TensorProto.FLOAT16 for n in graph.node if n.op_type == "MatMul")
 

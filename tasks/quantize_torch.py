@@ -37,7 +37,7 @@ from grove.node import RECIPE_CACHE, node_logger, run_node
 from grove.tasks._choices import MIXED_PRECISION_HEURISTICS, MixedPrecisionAlgorithm
 from grove.tasks.architectures import torch_spec
 
-__all__ = ["TorchQuantConfig", "gptq", "output_stats", "quantize_torch", "rtn"]
+__all__ = ["TorchQuantConfig", "gptq", "layer_hessians", "output_stats", "quantize_torch", "rtn"]
 
 # The linear layers of a decoder layer that the builder reads from a quantized checkpoint.
 _BUILDER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
@@ -327,6 +327,38 @@ def _layer_inputs(model: Any, layers: Any, tokens: Any) -> tuple[list[Any], list
 _BATCH = 8
 
 
+def layer_hessians(layer: Any, linears: dict[str, Any], xs: list[Any], kws: list[dict[str, Any]],
+                   device: str = "cpu") -> tuple[dict[str, Any], dict[str, int], dict[str, str]]:
+    """One pass of the calibration inputs through ``layer``: for each of its ``linears``, the sum of X^T X over
+    its inputs and their count (H = 2 * sum / count), and the first linear reading the same input (q, k and v
+    read one; gate and up another), whose X^T X is computed once for all of them."""
+    import torch
+
+    sums = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+    last: list[Any] = [None, None, None]  # (input, its X^T X, first reader)
+    readers: dict[str, str] = {}
+
+    def hook(name: str) -> Any:
+        def accumulate(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
+            if inputs[0] is not last[0]:
+                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                last[:] = [inputs[0], x.T @ x, name]
+            readers.setdefault(name, last[2])
+            sums[name] += last[1]
+            counts[name] += inputs[0].numel() // inputs[0].shape[-1]
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    try:
+        for x, kw in zip(xs, kws, strict=True):
+            _run_layer(layer, x, kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums, counts, readers
+
+
 def _run_layer(layer: Any, x: Any, kwargs: dict[str, Any]) -> Any:
     import torch
 
@@ -392,27 +424,7 @@ def quantize_model(folder: Path, config: TorchQuantConfig) -> Iterator[tuple[str
     for index, layer in enumerate(layers):
         layer.to(device)
         linears = _linears(layer, f"{prefix}.{index}")
-        sums = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
-        counts = dict.fromkeys(linears, 0)
-        last: list[Any] = [None, None, None]  # (input, its X^T X, first reader): q, k and v (gate, up) read one
-        readers: dict[str, str] = {}  # linear -> the first linear reading the same input
-
-        def hook(name: str) -> Any:
-            def accumulate(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
-                if inputs[0] is not last[0]:  # noqa: B023 - the hooks are removed before the next layer's loop
-                    x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-                    last[:] = [inputs[0], x.T @ x, name]  # noqa: B023
-                readers.setdefault(name, last[2])  # noqa: B023
-                sums[name] += last[1]  # noqa: B023
-                counts[name] += inputs[0].numel() // inputs[0].shape[-1]  # noqa: B023
-            return accumulate
-
-        handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-        for x, kw in zip(xs, kws, strict=True):
-            _run_layer(layer, x, kw)
-        for h in handles:
-            h.remove()
-        last.clear()
+        sums, counts, readers = layer_hessians(layer, linears, xs, kws, device)
         batches: dict[tuple[str, int], list[str]] = {}  # one input, one bit width: one GPTQ over their rows
         for name, m in linears.items():
             h = 2 * sums[name] / max(counts[name], 1)
